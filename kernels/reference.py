@@ -26,9 +26,10 @@ import torch
 
 BLOCK_SIZE = 128
 
-# Upper bound on the elements of one [heads, queries, keys] score tensor: queries are processed in
-# chunks so a long prefill over a long context never materializes more than ~256 MB of scores.
-_MAX_SCORE_ELEMENTS = 1 << 26
+# Upper bound on the elements of one [heads, queries, keys] score or mask tensor: queries are
+# processed in chunks small enough to stay in cache, and a long prefill over a long context never
+# materializes a quadratic tensor.
+_MAX_SCORE_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -87,23 +88,26 @@ def select_blocks(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_table: t
     for span in _spans(seq_lens, cu_seqlens_q):
         # [H_ik, Di, S]; H_ik == 1 broadcasts over the groups in the matmul below.
         keys = _gather_tokens(k_idx_cache, block_table, span, acc).permute(1, 2, 0)
-        key_pos = torch.arange(span.seq_len, device=q_idx.device)
-        padded_len = span.num_pages * BLOCK_SIZE
-        for start, end in span.query_chunks(num_groups * padded_len):
+        for start, end in span.query_chunks(num_groups * span.seq_len):
             pos = span.positions(start, end, q_idx.device)
+            # Causal: blocks after the chunk's last query are never visible, so never scored.
+            key_end = int(pos[-1]) + 1
+            num_pages = -(-key_end // BLOCK_SIZE)
+            key_pos = torch.arange(key_end, device=q_idx.device)
             queries = q_idx[start:end].to(acc).transpose(0, 1)  # [Hkv, t, Di]
-            scores = (queries @ keys) / math.sqrt(index_dim)  # [Hkv, t, S]
+            scores = (queries @ keys[..., :key_end]) / math.sqrt(index_dim)  # [Hkv, t, S']
             scores = scores.masked_fill(key_pos[None, None, :] > pos[None, :, None], -math.inf)
-            scores = torch.nn.functional.pad(scores, (0, padded_len - span.seq_len), value=-math.inf)
-            block_scores = scores.view(num_groups, end - start, span.num_pages, BLOCK_SIZE).amax(-1)
+            scores = torch.nn.functional.pad(scores, (0, num_pages * BLOCK_SIZE - key_end),
+                                             value=-math.inf)
+            block_scores = scores.view(num_groups, end - start, num_pages, BLOCK_SIZE).amax(-1)
             block_scores = block_scores.transpose(0, 1)  # [t, Hkv, pages]
 
             local = (pos // BLOCK_SIZE)[:, None].expand(-1, num_groups)  # [t, Hkv]
-            block_ids = torch.arange(span.num_pages, device=q_idx.device)
+            block_ids = torch.arange(num_pages, device=q_idx.device)
             historical = block_ids[None, None, :] < local[..., None]
             block_scores = block_scores.masked_fill(~historical, -math.inf)
 
-            slots = min(topk - 1, span.num_pages)
+            slots = min(topk - 1, num_pages)
             if slots > 0:
                 best, best_ids = block_scores.topk(slots, dim=-1)
                 # Only -inf (non-historical) blocks lose; they sort last, so valid ids come first.
@@ -119,8 +123,8 @@ def select_blocks(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_table: t
 
 def _attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                block_table: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
-               blocks: torch.Tensor | None, softmax_scale: float | None,
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               blocks: torch.Tensor | None, softmax_scale: float | None, return_lse: bool,
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal attention of each query head over its group's selected blocks (all if None)."""
     total_q, num_heads, head_dim = q.shape
     num_groups = k_cache.shape[2]
@@ -128,32 +132,40 @@ def _attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     scale = head_dim ** -0.5 if softmax_scale is None else softmax_scale
     acc = _accumulation_dtype(q)
     out = torch.zeros_like(q)
-    lse = torch.full((total_q, num_heads), -math.inf, dtype=torch.float32, device=q.device)
+    lse = (torch.full((total_q, num_heads), -math.inf, dtype=torch.float32, device=q.device)
+           if return_lse else None)
     for span in _spans(seq_lens, cu_seqlens_q):
-        keys = _gather_tokens(k_cache, block_table, span, acc).permute(1, 2, 0)[:, None]
+        keys = _gather_tokens(k_cache, block_table, span, acc).transpose(0, 1)[:, None]
         values = _gather_tokens(v_cache, block_table, span, acc).transpose(0, 1)[:, None]
-        key_pos = torch.arange(span.seq_len, device=q.device)
         for start, end in span.query_chunks(num_heads * span.seq_len):
             t = end - start
             pos = span.positions(start, end, q.device)
-            visible = (key_pos[None, :] <= pos[:, None])[None]  # [1, t, S]
+            # Causal: no key after the chunk's last query is visible, so none is read.
+            key_end = int(pos[-1]) + 1
+            key_pos = torch.arange(key_end, device=q.device)
+            visible = (key_pos[None, :] <= pos[:, None])[None]  # [1, t, S']
             if blocks is not None:
+                num_pages = -(-key_end // BLOCK_SIZE)
                 chosen = blocks[start:end].long()  # [t, Hkv, topk]
-                chosen = torch.where(chosen < 0, span.num_pages, chosen)
-                page_mask = torch.zeros(t, num_groups, span.num_pages + 1, dtype=torch.bool,
+                chosen = torch.where((chosen < 0) | (chosen >= num_pages), num_pages, chosen)
+                page_mask = torch.zeros(t, num_groups, num_pages + 1, dtype=torch.bool,
                                         device=q.device)
                 page_mask.scatter_(-1, chosen, True)
-                token_mask = page_mask[..., key_pos // BLOCK_SIZE]  # [t, Hkv, S]
-                visible = visible & token_mask.transpose(0, 1)  # [Hkv, t, S]
+                token_mask = page_mask[..., key_pos // BLOCK_SIZE]  # [t, Hkv, S']
+                visible = visible & token_mask.transpose(0, 1)  # [Hkv, t, S']
             queries = q[start:end].to(acc).view(t, num_groups, group_size, head_dim)
-            scores = (queries.permute(1, 2, 0, 3) @ keys) * scale  # [Hkv, G, t, S]
-            scores = scores.masked_fill(~visible[:, None], -math.inf)
-            row_lse = torch.logsumexp(scores, dim=-1)  # [Hkv, G, t]
-            # A row that sees nothing (only possible with malformed selections) yields 0, lse -inf.
-            probs = torch.exp(scores - row_lse.nan_to_num(neginf=0.0)[..., None])
-            chunk_out = probs @ values  # [Hkv, G, t, D]
+            queries = queries.permute(1, 2, 0, 3)  # [Hkv, G, t, D]
+            k = keys[:, :, :key_end].expand(-1, group_size, -1, -1)
+            v = values[:, :, :key_end].expand(-1, group_size, -1, -1)
+            chunk_out = torch.nn.functional.scaled_dot_product_attention(
+                queries, k, v, attn_mask=visible[:, None], scale=scale)
+            # A row that sees nothing (only possible with malformed selections) yields 0.
+            chunk_out = chunk_out.nan_to_num(0.0)
             out[start:end] = chunk_out.permute(2, 0, 1, 3).reshape(t, num_heads, head_dim).to(q.dtype)
-            lse[start:end] = row_lse.permute(2, 0, 1).reshape(t, num_heads).float()
+            if lse is not None:
+                scores = (queries @ k.transpose(-1, -2)) * scale
+                row_lse = scores.masked_fill(~visible[:, None], -math.inf).logsumexp(dim=-1)
+                lse[start:end] = row_lse.permute(2, 0, 1).reshape(t, num_heads).float()
     return out, lse
 
 
@@ -163,7 +175,7 @@ def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      softmax_scale: float | None = None, return_lse: bool = False):
     """Main branch: exact softmax attention over the tokens of each group's selected blocks."""
     out, lse = _attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, blocks,
-                          softmax_scale)
+                          softmax_scale, return_lse)
     return (out, lse) if return_lse else out
 
 
@@ -172,5 +184,5 @@ def dense_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     softmax_scale: float | None = None, return_lse: bool = False):
     """Dense causal attention over the same paged layout (dense layers, fallback, tests)."""
     out, lse = _attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, None,
-                          softmax_scale)
+                          softmax_scale, return_lse)
     return (out, lse) if return_lse else out

@@ -1,0 +1,158 @@
+"""`msa-serve`: the command line.
+
+    msa-serve generate "prompt"      stream one completion (chat-templated unless --raw)
+    msa-serve chat                   interactive chat
+    msa-serve make-tiny-model DIR    write a tiny random MSA checkpoint (tests, demos)
+    msa-serve bench-engine           offline throughput / prefix-cache benchmark of the engine
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from worker.errors import MSAServeError
+
+
+def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="checkpoint dir or .gguf (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--dtype", default="auto",
+                        choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--kv-cache-memory", default=None, help="e.g. 512MiB, 2GiB")
+    parser.add_argument("--topk", type=int, default=None, help="override the model's MSA topk")
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None)
+
+
+def _engine(args):
+    from worker.config import EngineConfig
+    from worker.engine import LLMEngine
+
+    return LLMEngine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
+                                  kv_cache_memory=args.kv_cache_memory, topk=args.topk))
+
+
+def _sampling(args):
+    from worker.sequence import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                          top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+
+
+def _stream(engine, prompt, params) -> str:
+    """Prints a request's text as it is generated; returns the whole text."""
+    request_id = engine.add_request(prompt, params)
+    text = ""
+    while engine.has_unfinished_requests:
+        for out in engine.step():
+            if out.request_id == request_id:
+                sys.stdout.write(out.delta)
+                sys.stdout.flush()
+                text = out.text
+    sys.stdout.write("\n")
+    return text
+
+
+def cmd_generate(args) -> None:
+    engine = _engine(args)
+    prompt = args.prompt
+    if not args.raw:
+        prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    _stream(engine, prompt, _sampling(args))
+
+
+def cmd_chat(args) -> None:
+    engine = _engine(args)
+    params = _sampling(args)
+    history = []
+    print(f"Chatting with {engine.model_name}. Empty line or Ctrl-D to quit.", flush=True)
+    while True:
+        try:
+            user = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if not user.strip():
+            return
+        history.append({"role": "user", "content": user})
+        prompt = engine.tokenizer.apply_chat_template(history)
+        try:
+            answer = _stream(engine, prompt, params)
+        except MSAServeError as exc:  # e.g. the conversation outgrew the context
+            print(f"error: {exc}", file=sys.stderr)
+            history.pop()
+            continue
+        history.append({"role": "assistant", "content": answer})
+
+
+def cmd_make_tiny_model(args) -> None:
+    from worker.tiny_model import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(args.dir, seed=args.seed, topk=args.topk)
+    print(f"wrote a tiny MSA checkpoint to {path}")
+
+
+def cmd_bench_engine(args) -> None:
+    from deployments.bench_engine import run_engine_benchmark
+
+    run_engine_benchmark(_engine(args), num_requests=args.num_requests,
+                         prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="msa-serve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="stream one completion")
+    p.add_argument("prompt")
+    p.add_argument("--raw", action="store_true", help="no chat template")
+    _add_engine_args(p)
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat")
+    _add_engine_args(p)
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("make-tiny-model", help="write a tiny random MSA checkpoint")
+    p.add_argument("dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--topk", type=int, default=4)
+    p.set_defaults(func=cmd_make_tiny_model)
+
+    p = sub.add_parser("bench-engine", help="offline engine throughput and prefix-cache TTFT")
+    _add_engine_args(p)
+    p.add_argument("--num-requests", type=int, default=16)
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--output-tokens", type=int, default=64)
+    p.set_defaults(func=cmd_bench_engine)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        args.func(args)
+    except MSAServeError as exc:
+        print(f"msa-serve: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Model replica internals: model, paged KV cache, scheduler and engine."""

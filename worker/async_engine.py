@@ -1,0 +1,155 @@
+"""AsyncLLMEngine: the step loop on a background thread, one async iterator per request.
+
+Requests are validated on the caller's thread (errors raise immediately), then handed to the
+loop thread through a queue; only that thread touches the engine. Outputs travel back with
+`call_soon_threadsafe`. A consumer slower than the engine never blocks it: undelivered outputs
+of a request are coalesced into one, so memory stays bounded by the text itself
+(back-pressure without stalling other requests). A consumer that goes away aborts its request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from worker.engine import LLMEngine, RequestOutput
+from worker.errors import EngineDeadError, RequestNotFoundError
+from worker.prefix_hash import MultimodalSpan
+from worker.sequence import SamplingParams, Sequence
+
+logger = logging.getLogger(__name__)
+
+
+class _RequestStream:
+    """Outputs of one request, waiting to be read on the consumer's event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.pending: RequestOutput | None = None
+        self.error: BaseException | None = None
+        self.ready = asyncio.Event()
+
+    def put(self, output: RequestOutput) -> None:  # on the consumer's loop
+        self.pending = output if self.pending is None else self.pending.merge(output)
+        self.ready.set()
+
+    def fail(self, error: BaseException) -> None:  # on the consumer's loop
+        self.error = error
+        self.ready.set()
+
+    async def get(self) -> RequestOutput:
+        await self.ready.wait()
+        self.ready.clear()
+        if self.pending is None:
+            raise self.error
+        output, self.pending = self.pending, None
+        return output
+
+
+@dataclass
+class _Add:
+    seq: Sequence
+    stream: _RequestStream
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _RequestStream] = {}
+        self._wakeup = threading.Event()
+        self._stopping = False
+        self._dead: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="msa-engine-loop", daemon=True)
+        self._thread.start()
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._streams)
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams,
+                       request_id: str | None = None,
+                       mm_spans: tuple[MultimodalSpan, ...] = ()) -> AsyncIterator[RequestOutput]:
+        """Streams a request's outputs; raises InvalidRequestError & co. before the first one."""
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine loop has stopped: {self._dead}")
+        seq = self.engine.make_sequence(prompt, params, request_id, mm_spans)
+        stream = _RequestStream(asyncio.get_running_loop())
+        self._send(_Add(seq, stream))
+        finished = False
+        try:
+            while not finished:
+                output = await stream.get()
+                finished = output.finished
+                yield output
+        finally:
+            if not finished:  # the consumer left (cancelled, disconnected, or broke out)
+                self._send(_Abort(seq.request_id))
+
+    def abort(self, request_id: str) -> None:
+        self._send(_Abort(request_id))
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._wakeup.set()
+        self._thread.join(timeout=30)
+
+    def _send(self, command) -> None:
+        self._commands.put(command)
+        self._wakeup.set()
+
+    # -- the loop thread ------------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while not self._stopping:
+                self._drain_commands()
+                if not self.engine.has_unfinished_requests:
+                    self._wakeup.wait()
+                    self._wakeup.clear()
+                    continue
+                for output in self.engine.step():
+                    self._deliver(output)
+        except BaseException as exc:  # surface the failure to every waiting request
+            logger.exception("engine loop failed")
+            self._dead = exc
+            error = EngineDeadError(f"the engine loop failed: {exc!r}")
+            for request_id in list(self._streams):
+                stream = self._streams.pop(request_id)
+                stream.loop.call_soon_threadsafe(stream.fail, error)
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(command, _Add):
+                try:
+                    self.engine.add_sequence(command.seq)
+                except Exception as exc:
+                    command.stream.loop.call_soon_threadsafe(command.stream.fail, exc)
+                    continue
+                self._streams[command.seq.request_id] = command.stream
+            else:
+                try:
+                    self.engine.abort(command.request_id)
+                except RequestNotFoundError:
+                    pass  # finished on its own meanwhile
+                self._streams.pop(command.request_id, None)
+
+    def _deliver(self, output: RequestOutput) -> None:
+        stream = self._streams.get(output.request_id)
+        if stream is None:
+            return
+        if output.finished:
+            del self._streams[output.request_id]
+        stream.loop.call_soon_threadsafe(stream.put, output)

@@ -1,0 +1,170 @@
+"""The page pool: refcounts, prefix caching by chained hash, LRU eviction, events.
+
+A page is in exactly one of three states:
+    free        no content worth keeping                      (in `_free`)
+    cached      full page with a hash, no sequence uses it      (in `_evictable`, LRU order)
+    in use      referenced by >= 1 sequence, maybe hashed       (refcount > 0)
+Free pages are handed out first; when none are left the least recently used cached page is
+evicted (its hash is dropped and a `removed` event emitted).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from kernels import BLOCK_SIZE
+from worker.sequence import Sequence
+
+
+@dataclass(frozen=True)
+class PageEvent:
+    """Published so that routers know which replica holds which prefix pages."""
+
+    kind: Literal["stored", "removed"]
+    hashes: tuple[str, ...]
+
+
+PageEventListener = Callable[[PageEvent], None]
+
+
+def pages_for(num_tokens: int) -> int:
+    return -(-num_tokens // BLOCK_SIZE)
+
+
+class BlockManager:
+    def __init__(self, num_pages: int, salt: str, enable_prefix_caching: bool = True,
+                 listener: PageEventListener | None = None, debug_checks: bool = False):
+        self.num_pages = num_pages
+        self.salt = salt
+        self.enable_prefix_caching = enable_prefix_caching
+        self.listener = listener
+        self.debug_checks = debug_checks
+        self._ref_counts = [0] * num_pages
+        self._page_hash: list[str | None] = [None] * num_pages
+        self._free: deque[int] = deque(range(num_pages))
+        self._cached: dict[str, int] = {}  # hash -> page holding that prefix page
+        self._evictable: OrderedDict[int, None] = OrderedDict()
+
+    # -- queries ------------------------------------------------------------------------------
+    @property
+    def num_available_pages(self) -> int:
+        """Pages a new allocation can get: free ones plus evictable cached ones."""
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_available_pages / self.num_pages
+
+    def cached_hashes(self) -> list[str]:
+        return list(self._cached)
+
+    # -- sequence lifecycle ---------------------------------------------------------------------
+    def match_prefix(self, seq: Sequence) -> None:
+        """Takes the cached pages of the longest cached prefix of a new sequence.
+
+        At least one token is always left to compute, so the step produces logits.
+        """
+        assert not seq.page_ids, "match_prefix is for sequences without pages"
+        if not self.enable_prefix_caching:
+            return
+        matchable = (seq.num_tokens - 1) // BLOCK_SIZE
+        for page_hash in seq.page_hashes(self.salt)[:matchable]:
+            page = self._cached.get(page_hash)
+            if page is None:
+                break
+            self._acquire(page)
+            seq.page_ids.append(page)
+        seq.num_computed_tokens = len(seq.page_ids) * BLOCK_SIZE
+        seq.num_registered_pages = len(seq.page_ids)
+        self._check()
+
+    def reserve(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """Gives seq the pages for its next num_new_tokens; False (and nothing taken) if short."""
+        needed = pages_for(seq.num_computed_tokens + num_new_tokens) - len(seq.page_ids)
+        if needed > self.num_available_pages:
+            return False
+        for _ in range(needed):
+            seq.page_ids.append(self._take_fresh_page())
+        self._check()
+        return True
+
+    def register_full_pages(self, seq: Sequence) -> None:
+        """Publishes the pages that became full and computed in the last step."""
+        full = seq.num_computed_tokens // BLOCK_SIZE
+        if not self.enable_prefix_caching or full <= seq.num_registered_pages:
+            return
+        hashes = seq.page_hashes(self.salt)
+        stored = []
+        for index in range(seq.num_registered_pages, full):
+            page, page_hash = seq.page_ids[index], hashes[index]
+            # If another sequence published the same prefix first, keep theirs: ours stays
+            # unhashed and returns to the free list when released.
+            if page_hash not in self._cached and self._page_hash[page] is None:
+                self._cached[page_hash] = page
+                self._page_hash[page] = page_hash
+                stored.append(page_hash)
+        seq.num_registered_pages = full
+        self._emit("stored", stored)
+
+    def free(self, seq: Sequence) -> None:
+        """Drops seq's references; hashed pages stay cached (evictable), the rest are freed."""
+        # Release the tail first so that, at equal age, a prefix outlives its continuation.
+        for page in reversed(seq.page_ids):
+            self._ref_counts[page] -= 1
+            if self._ref_counts[page] == 0:
+                if self._page_hash[page] is not None:
+                    self._evictable[page] = None
+                else:
+                    self._free.append(page)
+        seq.page_ids = []
+        self._check()
+
+    # -- internals ------------------------------------------------------------------------------
+    def _acquire(self, page: int) -> None:
+        if self._ref_counts[page] == 0:
+            del self._evictable[page]
+        self._ref_counts[page] += 1
+
+    def _take_fresh_page(self) -> int:
+        if self._free:
+            page = self._free.popleft()
+        else:
+            page, _ = self._evictable.popitem(last=False)
+            evicted = self._page_hash[page]
+            del self._cached[evicted]
+            self._page_hash[page] = None
+            self._emit("removed", [evicted])
+        self._ref_counts[page] = 1
+        return page
+
+    def _emit(self, kind: Literal["stored", "removed"], hashes: list[str]) -> None:
+        if hashes and self.listener is not None:
+            self.listener(PageEvent(kind, tuple(hashes)))
+
+    def _check(self) -> None:
+        if self.debug_checks:
+            self.check_invariants()
+
+    def check_invariants(self, live_sequences: list[Sequence] | None = None) -> None:
+        """Raises AssertionError if the pool's bookkeeping is inconsistent."""
+        free, evictable = set(self._free), set(self._evictable)
+        assert len(free) == len(self._free), "a page is on the free list twice"
+        assert not free & evictable, "a page is both free and cached"
+        for page, refs in enumerate(self._ref_counts):
+            assert refs >= 0, f"page {page} has refcount {refs}"
+            if refs > 0:
+                assert page not in free and page not in evictable, f"page {page} in use and free"
+            else:
+                assert page in free or page in evictable, f"page {page} is lost"
+        for page_hash, page in self._cached.items():
+            assert self._page_hash[page] == page_hash, f"hash map and page {page} disagree"
+        assert all(self._page_hash[p] is not None for p in evictable), "unhashed evictable page"
+        if live_sequences is not None:
+            expected = [0] * self.num_pages
+            for seq in live_sequences:
+                for page in seq.page_ids:
+                    expected[page] += 1
+            assert expected == self._ref_counts, "refcounts differ from the live sequences' pages"

@@ -1,0 +1,253 @@
+"""LLMEngine: requests in, token/text deltas out, one `step()` at a time (synchronous).
+
+The engine owns the model, the KV cache and the scheduling state; it is not thread-safe.
+`AsyncLLMEngine` drives it from a background thread for servers.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from kernels import BLOCK_SIZE
+from worker.block_manager import BlockManager, PageEventListener, pages_for
+from worker.config import EngineConfig
+from worker.errors import CapacityError, InvalidRequestError, RequestNotFoundError
+from worker.kv_cache import KVCache
+from worker.loader import load_model
+from worker.model_runner import ModelRunner
+from worker.prefix_hash import MultimodalSpan
+from worker.sampler import Sampler
+from worker.scheduler import Scheduler
+from worker.sequence import (
+    FinishReason,
+    SamplingParams,
+    Sequence,
+    SequenceStatus,
+    TokenLogprob,
+)
+from worker.tokenizer import IncrementalDetokenizer
+
+logger = logging.getLogger(__name__)
+
+_DEFAULT_CPU_KV_MEMORY = 1 << 30
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int  # prompt tokens served from the prefix cache
+
+
+@dataclass
+class RequestOutput:
+    """What one request produced since its previous output (deltas), plus running totals."""
+
+    request_id: str
+    new_token_ids: list[int]
+    delta: str
+    text: str  # all text emitted so far
+    finished: bool
+    finish_reason: FinishReason | None
+    usage: Usage
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    def merge(self, later: "RequestOutput") -> "RequestOutput":
+        """Coalesces two consecutive outputs of one request (for slow consumers)."""
+        return RequestOutput(self.request_id, self.new_token_ids + later.new_token_ids,
+                             self.delta + later.delta, later.text, later.finished,
+                             later.finish_reason, later.usage, self.logprobs + later.logprobs)
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    prompt_tokens_computed: int = 0  # prefill work actually done (prefix hits excluded)
+    prompt_tokens_cached: int = 0
+    generated_tokens: int = 0
+    preemptions: int = 0
+
+
+def resolve_device_and_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
+    device = config.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise InvalidRequestError("device 'cuda' was asked for but no CUDA device is visible")
+    dtype = config.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    return torch.device(device), getattr(torch, dtype)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, page_listener: PageEventListener | None = None):
+        self.config = config
+        self.device, self.dtype = resolve_device_and_dtype(config)
+        loaded = load_model(config.model, self.dtype, self.device, config.served_model_name)
+        self.model_name = loaded.name
+        self.model_config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        num_pages = self._num_pages()
+        self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
+                                 self.model_config.max_position_embeddings,
+                                 num_pages * BLOCK_SIZE)
+        self.block_manager = BlockManager(num_pages, salt=loaded.fingerprint,
+                                          enable_prefix_caching=config.enable_prefix_caching,
+                                          listener=page_listener, debug_checks=config.debug_checks)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
+                                   config.max_num_batched_tokens)
+        self.cache = KVCache(self.model_config, num_pages, self.dtype, self.device)
+        self.runner = ModelRunner(loaded.model, self.cache, Sampler(config.seed, self.device),
+                                  topk=config.topk)
+        self.requests: dict[str, Sequence] = {}
+        self.stats = EngineStats()
+        logger.info("engine ready: model=%s device=%s dtype=%s kv_pages=%d kv_tokens=%d "
+                    "max_model_len=%d topk=%d", self.model_name, self.device,
+                    str(self.dtype).removeprefix("torch."), num_pages, num_pages * BLOCK_SIZE,
+                    self.max_model_len, config.topk or self.model_config.msa.topk)
+
+    def _num_pages(self) -> int:
+        page_bytes = KVCache.bytes_per_page(self.model_config, self.dtype)
+        budget = self.config.kv_cache_memory
+        if budget is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                budget = int(free * self.config.gpu_memory_fraction)
+            else:
+                budget = _DEFAULT_CPU_KV_MEMORY
+        num_pages = budget // page_bytes
+        if num_pages < 1:
+            raise CapacityError(f"kv_cache_memory of {budget} bytes holds no page; one page of "
+                                f"this model needs {page_bytes} bytes")
+        return num_pages
+
+    # -- requests -------------------------------------------------------------------------------
+    def make_sequence(self, prompt: str | list[int], params: SamplingParams,
+                      request_id: str | None = None,
+                      mm_spans: tuple[MultimodalSpan, ...] = ()) -> Sequence:
+        """Validates and tokenizes a request without touching engine state (thread-safe)."""
+        if isinstance(prompt, str):
+            token_ids = self.tokenizer.encode(prompt)
+        else:
+            token_ids = list(prompt)
+        if not token_ids:
+            raise InvalidRequestError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in token_ids):
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})")
+        if len(token_ids) >= self.max_model_len:
+            limit = self.max_model_len
+            if pages_for(len(token_ids) + 1) > self.block_manager.num_pages:
+                raise CapacityError(
+                    f"the prompt has {len(token_ids)} tokens but this replica's KV cache holds "
+                    f"at most {self.block_manager.num_pages * BLOCK_SIZE}; raise kv_cache_memory")
+            raise InvalidRequestError(
+                f"the prompt has {len(token_ids)} tokens; this model's context is {limit} tokens "
+                f"(prompt + at least one generated token must fit)")
+        detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids)
+        return Sequence(request_id or uuid.uuid4().hex, token_ids, params, detokenizer, mm_spans)
+
+    def add_sequence(self, seq: Sequence) -> None:
+        if seq.request_id in self.requests:
+            raise InvalidRequestError(f"request id {seq.request_id!r} is already in use")
+        self.requests[seq.request_id] = seq
+        self.scheduler.add(seq)
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        seq = self.make_sequence(prompt, params or SamplingParams(), request_id)
+        self.add_sequence(seq)
+        return seq.request_id
+
+    def abort(self, request_id: str) -> RequestOutput:
+        seq = self.requests.get(request_id)
+        if seq is None:
+            raise RequestNotFoundError(f"no live request {request_id!r}")
+        return self._finish(seq, FinishReason.ABORT, [], None)
+
+    @property
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # -- the step ---------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        self.stats.preemptions += batch.num_preempted
+        if not batch:
+            return []
+        for seq, num_tokens in zip(batch.sequences, batch.num_tokens):
+            start = seq.num_computed_tokens
+            self.stats.prompt_tokens_computed += max(0, min(start + num_tokens,
+                                                            seq.num_prompt_tokens) - start)
+        result = self.runner.run(batch)
+        self.stats.steps += 1
+        for seq in batch.sequences:
+            self.block_manager.register_full_pages(seq)
+        return [self._append_token(seq, token, logprob) for seq, token, logprob in
+                zip(result.sequences, result.token_ids, result.logprobs)]
+
+    def _append_token(self, seq: Sequence, token: int,
+                      logprob: TokenLogprob | None) -> RequestOutput:
+        if seq.num_output_tokens == 0:
+            self.stats.prompt_tokens_cached += seq.num_cached_tokens
+        seq.token_ids.append(token)
+        self.stats.generated_tokens += 1
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        params = seq.params
+        if not params.ignore_eos and token in self.tokenizer.eos_token_ids:
+            return self._finish(seq, FinishReason.STOP, [token], logprob)
+        seq.detokenizer.push(token)
+        if token in params.stop_token_ids:
+            return self._finish(seq, FinishReason.STOP, [token], logprob)
+        if params.stop:
+            text = seq.detokenizer.text
+            hits = [i for i in (text.find(s) for s in params.stop) if i >= 0]
+            if hits:
+                # The stop string and anything after it are not part of the answer.
+                seq.detokenizer.text = text[: min(hits)]
+                return self._finish(seq, FinishReason.STOP, [token], logprob)
+        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return self._finish(seq, FinishReason.LENGTH, [token], logprob)
+        return self._output(seq, [token], logprob)
+
+    def _finish(self, seq: Sequence, reason: FinishReason, new_tokens: list[int],
+                logprob: TokenLogprob | None) -> RequestOutput:
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        self.scheduler.remove(seq)
+        del self.requests[seq.request_id]
+        return self._output(seq, new_tokens, logprob)
+
+    def _output(self, seq: Sequence, new_tokens: list[int],
+                logprob: TokenLogprob | None) -> RequestOutput:
+        text = seq.detokenizer.text
+        # While running, hold back a tail that could still grow into a stop string.
+        holdback = 0 if seq.is_finished else max((len(s) - 1 for s in seq.params.stop), default=0)
+        emit_to = max(seq.num_emitted_chars, len(text) - holdback)
+        delta = text[seq.num_emitted_chars:emit_to]
+        seq.num_emitted_chars = emit_to
+        usage = Usage(seq.num_prompt_tokens, seq.num_output_tokens, seq.num_cached_tokens)
+        return RequestOutput(seq.request_id, new_tokens, delta, text[:emit_to], seq.is_finished,
+                             seq.finish_reason, usage, [logprob] if logprob else [])
+
+    # -- offline batches ----------------------------------------------------------------------------
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams],
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Runs prompts to completion; returns one cumulative output per prompt, in order."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        merged: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm) as bar:
+            while self.has_unfinished_requests:
+                for out in self.step():
+                    merged[out.request_id] = (merged[out.request_id].merge(out)
+                                              if out.request_id in merged else out)
+                    bar.update(int(out.finished))
+        return [merged[i] for i in ids]

@@ -1,0 +1,68 @@
+"""The paged KV cache of one replica and the per-step metadata that addresses it.
+
+One page = one MSA block = 128 tokens, shared by K, V and the index keys of every layer, so one
+page id from the BlockManager names the same slot range in all of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels import BLOCK_SIZE
+from worker.config import ModelConfig
+
+
+@dataclass
+class AttentionMetadata:
+    """The spec's paged metadata for one mixed step (prefill chunks and decodes packed)."""
+
+    cu_seqlens_q: torch.Tensor  # int32 [B + 1]
+    seq_lens: torch.Tensor  # int32 [B], this step's tokens included
+    block_table: torch.Tensor  # int32 [B, max_pages]
+    slot_mapping: torch.Tensor  # int64 [total_q]: page * 128 + offset of each new token
+    max_seq_len: int  # host copy, so layers can pick dense attention without a device sync
+
+
+class KVCache:
+    """K, V and (for a learned indexer) index-key pages for every layer."""
+
+    def __init__(self, config: ModelConfig, num_pages: int, dtype: torch.dtype,
+                 device: torch.device):
+        self.config = config
+        self.num_pages = num_pages
+        shape = (config.num_hidden_layers, num_pages, BLOCK_SIZE, config.num_key_value_heads,
+                 config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k_idx = None
+        if config.msa.indexer == "learned":
+            self.k_idx = torch.zeros(config.num_hidden_layers, num_pages, BLOCK_SIZE,
+                                     config.msa.index_key_heads, config.msa.index_head_dim,
+                                     dtype=dtype, device=device)
+
+    @staticmethod
+    def bytes_per_page(config: ModelConfig, dtype: torch.dtype) -> int:
+        per_token = 2 * config.num_key_value_heads * config.head_dim
+        if config.msa.indexer == "learned":
+            per_token += config.msa.index_key_heads * config.msa.index_head_dim
+        element = torch.empty((), dtype=dtype).element_size()
+        return config.num_hidden_layers * BLOCK_SIZE * per_token * element
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(k_cache, v_cache, k_idx_cache) of one layer, each [num_pages, 128, H, dim].
+
+        A derived indexer scores with the layer's own keys, so its index cache *is* k_cache.
+        """
+        k, v = self.k[index], self.v[index]
+        return k, v, (k if self.k_idx is None else self.k_idx[index])
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              k_idx: torch.Tensor | None) -> None:
+        """Stores this step's new tokens at their slots (page * 128 + offset)."""
+        k_cache, v_cache, k_idx_cache = self.layer(layer)
+        k_cache.view(-1, *k_cache.shape[2:])[slots] = k.to(k_cache.dtype)
+        v_cache.view(-1, *v_cache.shape[2:])[slots] = v.to(v_cache.dtype)
+        if k_idx is not None:
+            k_idx_cache.view(-1, *k_idx_cache.shape[2:])[slots] = k_idx.to(k_idx_cache.dtype)

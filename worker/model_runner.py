@@ -1,0 +1,83 @@
+"""Runs one scheduled step: packs tokens, builds the spec's paged metadata, forwards, samples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels import BLOCK_SIZE
+from worker.kv_cache import AttentionMetadata, KVCache
+from worker.model import MSAForCausalLM
+from worker.sampler import Sampler
+from worker.scheduler import ScheduledBatch
+from worker.sequence import Sequence, TokenLogprob
+
+
+@dataclass
+class StepResult:
+    """The sequences whose last token was computed this step, with what they sampled."""
+
+    sequences: list[Sequence]
+    token_ids: list[int]
+    logprobs: list[TokenLogprob | None]
+
+
+class ModelRunner:
+    def __init__(self, model: MSAForCausalLM, cache: KVCache, sampler: Sampler,
+                 topk: int | None = None):
+        self.model = model
+        self.cache = cache
+        self.sampler = sampler
+        self.topk = topk
+        self.device = cache.k.device
+
+    def prepare(self, batch: ScheduledBatch):
+        """(input_ids, positions, metadata, rows whose logits are sampled) for a mixed step."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        cu_seqlens_q = [0]
+        seq_lens = []
+        sample_rows = []
+        max_pages = max(len(s.page_ids) for s in batch.sequences)
+        block_table = torch.zeros(len(batch), max_pages, dtype=torch.int32)
+        for b, (seq, num_tokens) in enumerate(zip(batch.sequences, batch.num_tokens)):
+            start = seq.num_computed_tokens
+            end = start + num_tokens
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(seq.page_ids[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE
+                         for p in range(start, end))
+            cu_seqlens_q.append(cu_seqlens_q[-1] + num_tokens)
+            seq_lens.append(end)
+            block_table[b, : len(seq.page_ids)] = torch.tensor(seq.page_ids, dtype=torch.int32)
+            if end == seq.num_tokens:  # the chunk reaches the newest token: sample the next
+                sample_rows.append(b)
+
+        def to_device(values, dtype):
+            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
+        metadata = AttentionMetadata(
+            cu_seqlens_q=to_device(cu_seqlens_q, torch.int32),
+            seq_lens=to_device(seq_lens, torch.int32),
+            block_table=block_table.to(self.device, non_blocking=True),
+            slot_mapping=to_device(slots, torch.long),
+            max_seq_len=max(seq_lens),
+        )
+        logit_rows = [cu_seqlens_q[b + 1] - 1 for b in sample_rows]
+        return (to_device(input_ids, torch.long), to_device(positions, torch.long), metadata,
+                sample_rows, logit_rows)
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> StepResult:
+        input_ids, positions, metadata, sample_rows, logit_rows = self.prepare(batch)
+        hidden = self.model(input_ids, positions, metadata, self.cache, self.topk)
+        for seq, num_tokens in zip(batch.sequences, batch.num_tokens):
+            seq.num_computed_tokens += num_tokens
+        if not sample_rows:
+            return StepResult([], [], [])
+        logits = self.model.compute_logits(hidden[torch.tensor(logit_rows, device=self.device)])
+        sequences = [batch.sequences[b] for b in sample_rows]
+        token_ids, logprobs = self.sampler(logits, sequences)
+        return StepResult(sequences, token_ids, logprobs)

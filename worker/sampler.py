@@ -1,0 +1,80 @@
+"""Batched sampling on the logits' device: greedy, temperature, top-k, top-p, min-p, seeds.
+
+Sampling uses the exponential-race form (argmax of p / E with E ~ Exp(1)), which equals a
+categorical draw and lets each seeded request draw its noise from its own generator.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from worker.sequence import Sequence, TokenLogprob
+
+
+class Sampler:
+    def __init__(self, seed: int, device: torch.device):
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.device = device
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence],
+                 ) -> tuple[list[int], list[TokenLogprob | None]]:
+        """logits [B, V] float32 -> one token id (and optional logprobs) per sequence."""
+        params = [s.params for s in seqs]
+        tokens = logits.argmax(dim=-1)
+        sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
+        if sampled_rows:
+            rows = torch.tensor(sampled_rows, device=logits.device)
+            tokens[rows] = self._sample(logits[rows], [seqs[i] for i in sampled_rows])
+        token_list = tokens.tolist()
+        return token_list, self._logprobs(logits, seqs, token_list)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        def column(values, dtype=torch.float32):
+            return torch.tensor(values, dtype=dtype, device=logits.device)[:, None]
+
+        params = [s.params for s in seqs]
+        logits = logits / column([p.temperature for p in params])
+        vocab = logits.shape[-1]
+        top_k = column([p.top_k if p.top_k > 0 else vocab for p in params], torch.long)
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        ranks = torch.arange(vocab, device=logits.device)[None, :]
+        drop = ranks >= top_k
+        sorted_probs = torch.softmax(sorted_logits.masked_fill(drop, -torch.inf), dim=-1)
+        # top-p: keep the smallest prefix whose mass reaches p (the best token always stays).
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs
+        drop |= mass_before >= column([p.top_p for p in params])
+        drop |= sorted_probs < column([p.min_p for p in params]) * sorted_probs[:, :1]
+        drop[:, 0] = False
+        sorted_logits = sorted_logits.masked_fill(drop, -torch.inf)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        noise = torch.empty_like(probs)
+        for i, seq in enumerate(seqs):
+            noise[i].exponential_(generator=self._generator_for(seq))
+        choice = (probs / noise).argmax(dim=-1, keepdim=True)
+        return order.gather(-1, choice).squeeze(-1)
+
+    def _generator_for(self, seq: Sequence) -> torch.Generator:
+        if seq.params.seed is None:
+            return self.generator
+        if seq.generator is None:
+            seq.generator = torch.Generator(device=self.device).manual_seed(seq.params.seed)
+        return seq.generator
+
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, seqs: list[Sequence],
+                  tokens: list[int]) -> list[TokenLogprob | None]:
+        wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        result: list[TokenLogprob | None] = [None] * len(seqs)
+        if not wanted:
+            return result
+        rows = torch.tensor(wanted, device=logits.device)
+        logp = torch.log_softmax(logits[rows], dim=-1)
+        top_n = max(seqs[i].params.logprobs for i in wanted)
+        top_values, top_ids = logp.topk(max(top_n, 1), dim=-1)
+        chosen = logp.gather(-1, torch.tensor([tokens[i] for i in wanted],
+                                              device=logits.device)[:, None]).squeeze(-1)
+        for j, i in enumerate(wanted):
+            n = seqs[i].params.logprobs
+            result[i] = TokenLogprob(tokens[i], float(chosen[j]),
+                                     list(zip(top_ids[j, :n].tolist(), top_values[j, :n].tolist())))
+        return result

@@ -1,0 +1,100 @@
+"""Continuous batching: which sequences run this step, and how many of their tokens.
+
+Every step has a token budget. Running sequences go first, oldest first (decodes and the next
+chunk of long prompts alike), then waiting ones are admitted while budget, sequence slots and
+pages remain; a prompt longer than what is left is chunked across steps. When pages run out the
+newest running sequence is preempted (its pages freed, recomputed later from its tokens), so the
+oldest requests always make progress.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from worker.block_manager import BlockManager
+from worker.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    sequences: list[Sequence] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)  # tokens to compute, per sequence
+    num_preempted: int = 0
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def add(self, seq: Sequence, num_tokens: int) -> None:
+        self.sequences.append(seq)
+        self.num_tokens.append(num_tokens)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int,
+                 max_num_batched_tokens: int):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()  # arrival order
+        self.running: list[Sequence] = []  # arrival order
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Takes a finished or aborted sequence out and releases its pages."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        index = 0
+        while index < len(self.running) and budget > 0:
+            seq = self.running[index]
+            num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.block_manager.reserve(seq, num_tokens):
+                victim = self.running[-1]
+                self._preempt(victim)
+                batch.num_preempted += 1
+                if victim is seq:
+                    break
+            else:
+                batch.add(seq, num_tokens)
+                budget -= num_tokens
+                index += 1
+        # Admitting new work right after a preemption would only thrash the cache.
+        if batch.num_preempted == 0:
+            self._admit(batch, budget)
+        return batch
+
+    def _admit(self, batch: ScheduledBatch, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            self.block_manager.match_prefix(seq)
+            seq.num_cached_tokens = max(seq.num_cached_tokens, seq.num_computed_tokens)
+            num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self.block_manager.reserve(seq, num_tokens):
+                self.block_manager.free(seq)  # give the matched prefix pages back
+                seq.reset_for_recompute()
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.add(seq, num_tokens)
+            budget -= num_tokens
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.reset_for_recompute()
+        # It arrived before everything still waiting, so it goes to the front.
+        self.waiting.appendleft(seq)

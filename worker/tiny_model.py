@@ -1,0 +1,85 @@
+"""Writes a tiny random MSA checkpoint in the Hugging Face layout, for tests and demos.
+
+It has everything a real MSA checkpoint has: a learned index branch (one shared index-key head),
+mixture-of-experts layers beside a dense-MLP layer, a dense-attention layer, a byte-level BPE
+tokenizer with a ChatML template. topk is small so that a few hundred tokens are already sparse.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+from worker.config import ModelConfig
+from worker.model import MSAForCausalLM
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _byte_level_tokenizer() -> Tokenizer:
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    vocab.update({ch: len(SPECIAL_TOKENS) + i for i, ch in enumerate(sorted(alphabet))})
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                  for t in SPECIAL_TOKENS])
+    return tokenizer
+
+
+def tiny_config_dict(vocab_size: int, topk: int = 4) -> dict:
+    return {
+        "model_type": "msa",
+        "architectures": ["MSAForCausalLM"],
+        "vocab_size": vocab_size,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 8192,
+        "tie_word_embeddings": False,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 64,
+        "mlp_only_layers": [0],
+        "msa_config": {"indexer": "learned", "index_head_dim": 16, "index_key_heads": 1,
+                       "topk": topk, "dense_layers": [0]},
+    }
+
+
+def make_tiny_checkpoint(path: str | Path, seed: int = 0, topk: int = 4) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = _byte_level_tokenizer()
+    tokenizer.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": None, "eos_token": "<|im_end|>", "add_bos_token": False,
+        "chat_template": CHATML_TEMPLATE}, indent=2))
+    raw = tiny_config_dict(tokenizer.get_vocab_size(), topk)
+    (path / "config.json").write_text(json.dumps(raw, indent=2))
+    torch.manual_seed(seed)
+    model = MSAForCausalLM(ModelConfig.from_hf_dict(raw))
+    with torch.no_grad():
+        # Larger-than-default weights give peaked, input-dependent outputs, so tests that
+        # compare generations actually discriminate.
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                continue
+            param.normal_(0.0, 1.0 if "embed" in name else 1.5 / param.shape[-1] ** 0.5)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(path / "model.safetensors"))
+    return path
