@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import subprocess
 import time
@@ -29,6 +30,9 @@ def device_description() -> str:
 
 
 def git_commit() -> str:
+    # A device machine gets the working tree without .git: the caller passes the commit.
+    if os.environ.get("MSA_BENCH_COMMIT"):
+        return os.environ["MSA_BENCH_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
@@ -48,15 +52,18 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
-def write_results(name: str, title: str, table: str, notes: str = "") -> Path:
-    """Prints the table and writes bench/results/<name>.md with device, commit and date."""
+def write_results(name: str, title: str, table: str, notes: str = "",
+                  directory: Path | None = None) -> Path:
+    """Prints the table and writes <directory or bench/results>/<name>.md with device, commit
+    and date (a device machine writes elsewhere and the file is copied back)."""
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     text = (f"# {title}\n\n- device: {device_description()}\n- commit: {git_commit()}\n"
             f"- date: {stamp}\n- torch: {torch.__version__}\n\n{table}\n")
     if notes:
         text += f"\n{notes.strip()}\n"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.md"
+    directory = directory or RESULTS
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.md"
     path.write_text(text)
     print(text)
     return path

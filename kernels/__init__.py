@@ -7,6 +7,8 @@ PyTorch reference otherwise) or forced with `backend="reference" | "triton"`.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from kernels import reference
@@ -19,7 +21,10 @@ _BACKENDS = ("reference", "triton")
 
 
 def _triton_module():
-    # Imported lazily: triton is optional on machines that only run the reference.
+    # Imported lazily: triton is optional on machines that only run the reference. Without a
+    # GPU the kernels run under Triton's interpreter, which triton reads when first imported.
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     try:
         from kernels import triton_backend
     except ImportError as exc:

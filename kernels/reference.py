@@ -74,6 +74,30 @@ def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def topk_with_local_block(block_scores: torch.Tensor, positions: torch.Tensor,
+                          topk: int) -> torch.Tensor:
+    """The spec's selection rule from block scores [t, Hkv, pages] -> int32 [t, Hkv, topk].
+
+    Only historical blocks (before the query's own) compete; the local block takes the last
+    valid slot; -1 pads. Shared by every backend: they differ only in how they score blocks.
+    """
+    num_rows, num_groups, num_pages = block_scores.shape
+    local = (positions // BLOCK_SIZE)[:, None].expand(-1, num_groups)  # [t, Hkv]
+    block_ids = torch.arange(num_pages, device=block_scores.device)
+    historical = block_ids[None, None, :] < local[..., None]
+    block_scores = block_scores.masked_fill(~historical, -math.inf)
+    selected = torch.full((num_rows, num_groups, topk), -1, dtype=torch.int32,
+                          device=block_scores.device)
+    slots = min(topk - 1, num_pages)
+    if slots > 0:
+        best, best_ids = block_scores.topk(slots, dim=-1)
+        # Only -inf (non-historical) blocks lose; they sort last, so valid ids come first.
+        selected[..., :slots] = torch.where(best > -math.inf, best_ids, -1).to(torch.int32)
+    num_valid = torch.clamp(local, max=topk - 1)  # == historical blocks taken
+    selected.scatter_(-1, num_valid[..., None], local[..., None].to(torch.int32))
+    return selected
+
+
 def select_blocks(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_table: torch.Tensor,
                   seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
                   topk: int = 16) -> torch.Tensor:
@@ -102,22 +126,7 @@ def select_blocks(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_table: t
             block_scores = scores.view(num_groups, end - start, num_pages, BLOCK_SIZE).amax(-1)
             block_scores = block_scores.transpose(0, 1)  # [t, Hkv, pages]
 
-            local = (pos // BLOCK_SIZE)[:, None].expand(-1, num_groups)  # [t, Hkv]
-            block_ids = torch.arange(num_pages, device=q_idx.device)
-            historical = block_ids[None, None, :] < local[..., None]
-            block_scores = block_scores.masked_fill(~historical, -math.inf)
-
-            slots = min(topk - 1, num_pages)
-            if slots > 0:
-                best, best_ids = block_scores.topk(slots, dim=-1)
-                # Only -inf (non-historical) blocks lose; they sort last, so valid ids come first.
-                row = torch.where(best > -math.inf, best_ids, -1)
-            else:
-                row = local.new_empty((end - start, num_groups, 0))
-            num_valid = torch.clamp(local, max=topk - 1)  # == historical blocks taken
-            out = selected[start:end]
-            out[..., :slots] = row.to(torch.int32)
-            out.scatter_(-1, num_valid[..., None], local[..., None].to(torch.int32))
+            selected[start:end] = topk_with_local_block(block_scores, pos, topk)
     return selected
 
 

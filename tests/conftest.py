@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-import pytest
+import os
 
-from worker.config import EngineConfig
-from worker.engine import LLMEngine
-from worker.tiny_model import make_tiny_checkpoint
+import torch
+
+# Without a GPU the Triton kernels run under Triton's interpreter, which triton reads at import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from worker.config import EngineConfig  # noqa: E402
+from worker.engine import LLMEngine  # noqa: E402
+from worker.tiny_model import make_tiny_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")

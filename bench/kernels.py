@@ -1,0 +1,242 @@
+"""GPU benchmark of the MSA kernels against dense attention and the bandwidth/MMA ceilings.
+
+Shapes from shared/workloads.md: the M3-like per-GPU shard (Hq 16, Hkv 2) and the full layer
+(Hq 64, Hkv 4), D = Di = 128, one shared index-key head, topk 16, bf16. Every figure is a median
+of CUDA-event timings (triton.testing.do_bench) over inputs rotated so each call reads data
+that is not in L2. Ceilings (device-to-device copy bandwidth, bf16 matmul rate) are measured in
+the same run.
+
+Usage (on a CUDA machine): python bench/kernels.py [--out-dir DIR] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import kernels  # noqa: E402
+from bench.common import markdown_table, write_results  # noqa: E402
+
+PAGE = 128
+TOPK = 16
+L2_ROTATION_BYTES = 512 << 20  # rotate among input sets until each call's data is out of L2
+
+
+@dataclass(frozen=True)
+class Heads:
+    name: str
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int = 128
+    index_dim: int = 128
+
+
+SHARD = Heads("shard Hq16/Hkv2", 16, 2)
+FULL = Heads("full Hq64/Hkv4", 64, 4)
+
+
+def bench(fn, rep_ms: int = 200) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median") / 1e3
+
+
+def ceilings() -> tuple[float, float]:
+    """(copy bandwidth B/s counting read + write, bf16 matmul FLOP/s) on random data."""
+    src = torch.randn(1 << 30, dtype=torch.bfloat16, device="cuda")  # 2 GiB
+    dst = torch.empty_like(src)
+    copy_s = bench(lambda: dst.copy_(src))
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    mm_s = bench(lambda: a @ b)
+    return 2 * src.numel() * 2 / copy_s, 2 * 8192**3 / mm_s
+
+
+class PagedInputs:
+    """One set of paged caches + queries for a batch of (q_len, seq_len) sequences."""
+
+    def __init__(self, heads: Heads, seq_lens: list[int], q_lens: list[int], seed: int):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        pages = [math.ceil(n / PAGE) for n in seq_lens]
+        num_pages = sum(pages)
+        perm = torch.randperm(num_pages, generator=g, device="cuda").to(torch.int32)
+        self.block_table = torch.zeros(len(seq_lens), max(pages), dtype=torch.int32, device="cuda")
+        offset = 0
+        for b, n in enumerate(pages):
+            self.block_table[b, :n] = perm[offset:offset + n]
+            offset += n
+
+        def rand(*shape):
+            return torch.randn(*shape, generator=g, device="cuda", dtype=torch.bfloat16)
+
+        total_q = sum(q_lens)
+        self.q = rand(total_q, heads.num_heads, heads.head_dim)
+        self.q_idx = rand(total_q, heads.num_kv_heads, heads.index_dim)
+        self.k_cache = rand(num_pages, PAGE, heads.num_kv_heads, heads.head_dim)
+        self.v_cache = rand(num_pages, PAGE, heads.num_kv_heads, heads.head_dim)
+        self.k_idx_cache = rand(num_pages, PAGE, 1, heads.index_dim)
+        self.seq_lens = torch.tensor(seq_lens, dtype=torch.int32, device="cuda")
+        cu = [0]
+        for n in q_lens:
+            cu.append(cu[-1] + n)
+        self.cu_seqlens_q = torch.tensor(cu, dtype=torch.int32, device="cuda")
+        self.layout = (self.block_table, self.seq_lens, self.cu_seqlens_q)
+        self.bytes = sum(t.numel() * t.element_size() for t in
+                         (self.q, self.k_cache, self.v_cache, self.k_idx_cache))
+
+    def select(self):
+        return kernels.select_blocks(self.q_idx, self.k_idx_cache, *self.layout, topk=TOPK,
+                                     backend="triton")
+
+    def attend(self, blocks):
+        return kernels.sparse_attention(self.q, self.k_cache, self.v_cache, *self.layout, blocks,
+                                        backend="triton")
+
+
+def rotated(make, per_set_bytes: int, max_sets: int = 6) -> list:
+    count = max(1, min(max_sets, math.ceil(L2_ROTATION_BYTES / max(per_set_bytes, 1))))
+    return [make(seed) for seed in range(count)]
+
+
+def time_rotating(sets: list, fn) -> float:
+    state = {"i": 0}
+
+    def step():
+        fn(sets[state["i"] % len(sets)])
+        state["i"] += 1
+
+    return bench(step)
+
+
+def decode_case(heads: Heads, batch: int, context: int, q_len: int, copy_bw: float) -> list:
+    seq_lens, q_lens = [context] * batch, [q_len] * batch
+    per_set = batch * context * (2 * heads.num_kv_heads * heads.head_dim + heads.index_dim) * 2
+    sets = rotated(lambda s: PagedInputs(heads, seq_lens, q_lens, s), per_set)
+    for s in sets:
+        s.blocks = s.select()
+    t_select = time_rotating(sets, lambda s: s.select())
+    t_attend = time_rotating(sets, lambda s: s.attend(s.blocks))
+    t_step = time_rotating(sets, lambda s: s.attend(s.select()))
+    del sets
+
+    # Dense baseline: SDPA over contiguous K/V (the most favourable layout for it).
+    def dense_set(seed):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+
+        def rand(*shape):
+            return torch.randn(*shape, generator=g, device="cuda", dtype=torch.bfloat16)
+
+        return (rand(batch, heads.num_heads, q_len, heads.head_dim),
+                rand(batch, heads.num_kv_heads, context, heads.head_dim),
+                rand(batch, heads.num_kv_heads, context, heads.head_dim))
+
+    dense_bytes = batch * context * 2 * heads.num_kv_heads * heads.head_dim * 2
+    dense_sets = rotated(dense_set, dense_bytes)
+    t_dense = time_rotating(dense_sets, lambda s: F.scaled_dot_product_attention(
+        *s, enable_gqa=True))
+    del dense_sets
+    # The bytes MSA must move: every index key once, the selected K/V pages once per group.
+    ideal_bytes = (batch * context * heads.index_dim * 2
+                   + batch * heads.num_kv_heads * min(TOPK, math.ceil(context / PAGE)) * PAGE
+                   * heads.head_dim * 2 * 2)
+    ideal = ideal_bytes / copy_bw
+    index_bw = batch * context * heads.index_dim * 2 / t_select
+    return [heads.name, f"{batch} x {context // 1024}K" + (f" x q{q_len}" if q_len > 1 else ""),
+            f"{t_dense * 1e6:.0f}", f"{t_select * 1e6:.0f}", f"{t_attend * 1e6:.0f}",
+            f"{t_step * 1e6:.0f}", f"{t_dense / t_step:.2f}x", f"{t_step / ideal:.2f}",
+            f"{index_bw / copy_bw:.0%}"]
+
+
+def prefill_case(heads: Heads, chunks: list[tuple[int, int]], label: str) -> list:
+    """chunks: (new query tokens, cached prefix tokens) per sequence."""
+    q_lens = [q for q, _ in chunks]
+    seq_lens = [q + p for q, p in chunks]
+    inputs = PagedInputs(heads, seq_lens, q_lens, seed=0)
+    blocks = inputs.select()
+    t_select = bench(inputs.select, rep_ms=400)
+    t_attend = bench(lambda: inputs.attend(blocks), rep_ms=400)
+    del inputs, blocks
+    # Dense baseline: flash SDPA with bottom-right causal alignment (queries after the prefix).
+    from torch.nn.attention.bias import causal_lower_right
+
+    t_dense = 0.0
+    for q_len, seq_len in zip(q_lens, seq_lens):
+        q = torch.randn(1, heads.num_heads, q_len, heads.head_dim, dtype=torch.bfloat16,
+                        device="cuda")
+        k = torch.randn(1, heads.num_heads, seq_len, heads.head_dim, dtype=torch.bfloat16,
+                        device="cuda")
+        v = torch.randn_like(k)
+        mask = causal_lower_right(q_len, seq_len)
+        t_dense += bench(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+                         rep_ms=400)
+        del q, k, v
+    t_msa = t_select + t_attend
+    return [heads.name, label, f"{t_dense * 1e3:.2f}", f"{t_select * 1e3:.2f}",
+            f"{t_attend * 1e3:.2f}", f"{t_dense / t_msa:.2f}x"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out-dir", default=None, help="where to write kernels_<gpu>.md")
+    parser.add_argument("--quick", action="store_true", help="a few cases only")
+    args = parser.parse_args()
+    assert torch.cuda.is_available(), "bench/kernels.py needs a CUDA GPU"
+    torch.manual_seed(0)
+    copy_bw, mma = ceilings()
+    print(f"ceilings: copy {copy_bw / 1e12:.2f} TB/s, bf16 matmul {mma / 1e12:.0f} TFLOP/s",
+          flush=True)
+
+    decode_cases = [(SHARD, 8, 4096, 1), (SHARD, 64, 4096, 1), (SHARD, 8, 32768, 1),
+                    (SHARD, 32, 32768, 1), (SHARD, 8, 131072, 1), (SHARD, 1, 1 << 20, 1),
+                    (FULL, 8, 131072, 1), (SHARD, 8, 32768, 8)]
+    if not args.quick:
+        decode_cases += [(SHARD, 32, 4096, 1), (SHARD, 128, 4096, 1), (SHARD, 64, 32768, 1),
+                         (SHARD, 32, 131072, 1), (FULL, 32, 32768, 1)]
+    decode_rows = []
+    for heads, batch, context, q_len in decode_cases:
+        decode_rows.append(decode_case(heads, batch, context, q_len, copy_bw))
+        print(" | ".join(decode_rows[-1]), flush=True)
+        torch.cuda.empty_cache()
+
+    prefill_cases = [(SHARD, [(171, 55_000)], "171 + 55K prefix"),
+                     (SHARD, [(1626, 91_000)], "1,626 + 91K"),
+                     (SHARD, [(9844, 39_000)], "9,844 + 39K"),
+                     (SHARD, [(16384, 68_000)], "16,384 + 68K"),
+                     (SHARD, [(350, 55_000)] * 8, "8 x (350 + 55K)")]
+    if not args.quick:
+        prefill_cases += [(SHARD, [(16384, 158_000)], "16,384 + 158K"),
+                          (FULL, [(16384, 68_000)], "16,384 + 68K")]
+    prefill_rows = []
+    for heads, chunks, label in prefill_cases:
+        prefill_rows.append(prefill_case(heads, chunks, label))
+        print(" | ".join(prefill_rows[-1]), flush=True)
+        torch.cuda.empty_cache()
+
+    decode_table = markdown_table(
+        ["shape", "batch x context", "dense SDPA (us)", "select (us)", "attend (us)",
+         "MSA step (us)", "vs dense", "step / bandwidth ideal", "index scan % of copy BW"],
+        decode_rows)
+    prefill_table = markdown_table(
+        ["shape", "chunk", "dense flash SDPA (ms)", "select (ms)", "query-major attend (ms)",
+         "MSA vs dense"], prefill_rows)
+    gpu = torch.cuda.get_device_name().split()[-1].lower().replace(" ", "_")
+    notes = (f"Ceilings measured in this run: device-to-device copy {copy_bw / 1e12:.2f} TB/s "
+             f"(read + write), bf16 matmul {mma / 1e12:.0f} TFLOP/s. topk {TOPK}, block {PAGE}, "
+             "bf16, one shared index-key head. 'MSA step' = select_blocks + sparse_attention "
+             "(Triton). 'step / bandwidth ideal' = measured step time over (index keys + selected "
+             "K/V pages) / copy bandwidth. Prefill uses the query-major kernel; the KV-major "
+             "kernel is not written yet.")
+    write_results(f"kernels_{gpu}", "MSA kernels on GPU", "## Decode\n\n" + decode_table
+                  + "\n\n## Prefill (chunk after a cached prefix)\n\n" + prefill_table, notes,
+                  directory=Path(args.out_dir) if args.out_dir else None)
+
+
+if __name__ == "__main__":
+    main()

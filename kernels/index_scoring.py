@@ -1,0 +1,98 @@
+"""Triton: index scoring (the bandwidth-bound half of `select_blocks`).
+
+One program scores one tile of a sequence's query rows against a range of its index-key pages.
+The rows that share a key head (a tile's tokens x the KV groups of that head) are packed into
+the MMA's M dimension, so each index-key page is read from HBM once per query tile; pages are
+split across programs, so a single long decode sequence still fills the GPU (split-K). Each
+program writes the max-pooled score of every (row, group, page) it covers; the exp-free top-k
+with the local block forced last then runs on the device through
+`reference.topk_with_local_block`, the rule every backend shares.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.reference import BLOCK_SIZE, topk_with_local_block
+from kernels.triton_layout import QueryTiles, dot_precision, query_positions, target_programs
+
+
+@triton.jit
+def _index_block_scores_kernel(
+    q_idx, k_idx, block_table, seq_lens, cu_seqlens_q, tile_seq, tile_start, tile_end, scores,
+    stride_qt, stride_qg, stride_kp, stride_kt, stride_kh, stride_bt, stride_st, stride_sg,
+    scale, pages_per_split,
+    GROUPS_PER_KEY: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
+    INDEX_DIM: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    key_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq = tl.load(tile_seq + tile)
+    row_begin = tl.load(tile_start + tile)
+    row_end = tl.load(tile_end + tile)
+    seq_len = tl.load(seq_lens + seq)
+    q_begin = tl.load(cu_seqlens_q + seq)
+    q_len = tl.load(cu_seqlens_q + seq + 1) - q_begin
+    first_pos = seq_len - q_len - q_begin  # + row = the row's position
+
+    # Pages this split covers, clipped to those the tile's last query can see.
+    num_pages = (first_pos + row_end - 1) // PAGE + 1
+    page_begin = split * pages_per_split
+    page_end = tl.minimum(page_begin + pages_per_split, num_pages)
+
+    m = tl.arange(0, BLOCK_M)
+    rows = row_begin + m // GROUPS_PER_KEY
+    groups = key_head * GROUPS_PER_KEY + m % GROUPS_PER_KEY
+    valid = (m < BLOCK_T * GROUPS_PER_KEY) & (rows < row_end)
+    positions = first_pos + rows
+    dims = tl.arange(0, INDEX_DIM)
+    q = tl.load(q_idx + rows[:, None] * stride_qt + groups[:, None] * stride_qg + dims[None, :],
+                mask=valid[:, None], other=0.0)
+    tokens = tl.arange(0, PAGE)
+    for page in range(page_begin, page_end):
+        physical = tl.load(block_table + seq * stride_bt + page).to(tl.int64)
+        k = tl.load(k_idx + physical * stride_kp + tokens[:, None] * stride_kt
+                    + key_head * stride_kh + dims[None, :])
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_M, PAGE]
+        visible = (page * PAGE + tokens)[None, :] <= positions[:, None]
+        best = tl.max(tl.where(visible, s, float("-inf")), axis=1)
+        tl.store(scores + rows * stride_st + groups * stride_sg + page, best, mask=valid)
+
+
+def index_block_scores(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_table: torch.Tensor,
+                       seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor) -> torch.Tensor:
+    """Max-pooled index scores float32 [total_q, Hkv, max_pages]; -inf where never visible."""
+    total_q, num_groups, index_dim = q_idx.shape
+    key_heads = k_idx_cache.shape[2]
+    groups_per_key = num_groups // key_heads
+    max_pages = block_table.shape[1]
+    scores = torch.full((total_q, num_groups, max_pages), -math.inf, dtype=torch.float32,
+                        device=q_idx.device)
+    # Up to 64 packed rows per program: enough to reuse each page, few enough to stay in registers.
+    tiles = QueryTiles.build(cu_seqlens_q, max_rows=max(1, 64 // groups_per_key))
+    if tiles.num_tiles == 0:
+        return scores
+    block_m = max(16, triton.next_power_of_2(tiles.rows_per_tile * groups_per_key))
+    splits = max(1, min(max_pages, target_programs(q_idx.device) // (tiles.num_tiles * key_heads)))
+    pages_per_split = triton.cdiv(max_pages, splits)
+    grid = (tiles.num_tiles, key_heads, triton.cdiv(max_pages, pages_per_split))
+    _index_block_scores_kernel[grid](
+        q_idx, k_idx_cache, block_table, seq_lens, cu_seqlens_q, tiles.seq, tiles.start, tiles.end,
+        scores, q_idx.stride(0), q_idx.stride(1), k_idx_cache.stride(0), k_idx_cache.stride(1),
+        k_idx_cache.stride(2), block_table.stride(0), scores.stride(0), scores.stride(1),
+        1.0 / math.sqrt(index_dim), pages_per_split,
+        GROUPS_PER_KEY=groups_per_key, BLOCK_T=tiles.rows_per_tile, BLOCK_M=block_m,
+        INDEX_DIM=index_dim, PAGE=BLOCK_SIZE, PRECISION=dot_precision(q_idx.dtype))
+    return scores
+
+
+def select_blocks(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_table: torch.Tensor,
+                  seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, topk: int) -> torch.Tensor:
+    scores = index_block_scores(q_idx, k_idx_cache, block_table, seq_lens, cu_seqlens_q)
+    positions = query_positions(seq_lens, cu_seqlens_q, q_idx.shape[0])
+    return topk_with_local_block(scores, positions, topk)

@@ -1,0 +1,113 @@
+"""Triton: query-major sparse attention (paged decode, and prefill's baseline / short chunks).
+
+One program per (query row, KV group, split of the row's selected blocks). The group's G query
+heads are packed into the MMA's M dimension, so each selected page is loaded once for all of
+them; an online softmax runs over the pages of the split. With several splits (small batches:
+split-K across the top-k blocks so the GPU fills), each split writes a partial output and its
+log-sum-exp and the partials are merged exactly by LSE.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.reference import BLOCK_SIZE
+from kernels.triton_layout import dot_precision, query_positions, row_sequences, target_programs
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _query_major_kernel(
+    q, k_cache, v_cache, block_table, row_seq, row_pos, blocks, out, lse,
+    stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_bt, stride_blt, stride_blg,
+    stride_os, stride_ot, stride_oh, stride_ls, stride_lt,
+    scale_log2, blocks_per_split,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, TOPK: tl.constexpr,
+    PAGE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    group = tl.program_id(1)
+    split = tl.program_id(2)
+    seq = tl.load(row_seq + row)
+    pos = tl.load(row_pos + row)
+
+    h = tl.arange(0, BLOCK_G)
+    heads = group * GROUP + h
+    head_ok = h < GROUP
+    dims = tl.arange(0, HEAD_DIM)
+    query = tl.load(q + row * stride_qt + heads[:, None] * stride_qh + dims[None, :],
+                    mask=head_ok[:, None], other=0.0)
+    tokens = tl.arange(0, PAGE)
+
+    running_max = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    running_sum = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    first = split * blocks_per_split
+    for slot in range(first, tl.minimum(first + blocks_per_split, TOPK)):
+        block = tl.load(blocks + row * stride_blt + group * stride_blg + slot)
+        if block >= 0:
+            physical = tl.load(block_table + seq * stride_bt + block).to(tl.int64)
+            offsets = physical * stride_kp + tokens[:, None] * stride_kt + group * stride_kh \
+                + dims[None, :]
+            k = tl.load(k_cache + offsets)
+            v = tl.load(v_cache + offsets)
+            s = tl.dot(query, tl.trans(k), input_precision=PRECISION) * scale_log2
+            s = tl.where((block * PAGE + tokens)[None, :] <= pos, s, float("-inf"))
+            new_max = tl.maximum(running_max, tl.max(s, axis=1))
+            # A row that has seen nothing yet keeps a finite reference point (no inf - inf).
+            ref = tl.where(new_max == float("-inf"), 0.0, new_max)
+            p = tl.exp2(s - ref[:, None])
+            alpha = tl.exp2(running_max - ref)
+            running_sum = running_sum * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            running_max = new_max
+
+    seen = running_sum > 0
+    result = acc / tl.where(seen, running_sum, 1.0)[:, None]
+    # running_max is in log2 units (scores were scaled by log2(e)); the lse is in natural log.
+    row_lse = tl.where(seen, running_max * 0.6931471805599453
+                       + tl.log(tl.where(seen, running_sum, 1.0)), float("-inf"))
+    tl.store(out + split * stride_os + row * stride_ot + heads[:, None] * stride_oh + dims[None, :],
+             result, mask=head_ok[:, None])
+    tl.store(lse + split * stride_ls + row * stride_lt + heads, row_lse, mask=head_ok)
+
+
+def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     block_table: torch.Tensor, seq_lens: torch.Tensor,
+                     cu_seqlens_q: torch.Tensor, blocks: torch.Tensor,
+                     softmax_scale: float | None = None, return_lse: bool = False):
+    total_q, num_heads, head_dim = q.shape
+    num_groups = k_cache.shape[2]
+    group = num_heads // num_groups
+    topk = blocks.shape[2]
+    scale = head_dim ** -0.5 if softmax_scale is None else softmax_scale
+    splits = max(1, min(topk, target_programs(q.device) // max(1, total_q * num_groups)))
+    blocks_per_split = triton.cdiv(topk, splits)
+    splits = triton.cdiv(topk, blocks_per_split)
+    partial_out = torch.empty(splits, total_q, num_heads, head_dim, dtype=torch.float32,
+                              device=q.device)
+    partial_lse = torch.empty(splits, total_q, num_heads, dtype=torch.float32, device=q.device)
+    if total_q:
+        _query_major_kernel[(total_q, num_groups, splits)](
+            q, k_cache, v_cache, block_table, row_sequences(cu_seqlens_q, total_q),
+            query_positions(seq_lens, cu_seqlens_q, total_q), blocks, partial_out, partial_lse,
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            block_table.stride(0), blocks.stride(0), blocks.stride(1),
+            partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
+            partial_lse.stride(0), partial_lse.stride(1),
+            scale * _LOG2E, blocks_per_split,
+            GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+            TOPK=topk, PAGE=BLOCK_SIZE, PRECISION=dot_precision(q.dtype))
+    if splits == 1:
+        out, row_lse = partial_out[0], partial_lse[0]
+    else:
+        row_lse = torch.logsumexp(partial_lse, dim=0)
+        weights = torch.exp(partial_lse - row_lse.nan_to_num(neginf=0.0)).nan_to_num(0.0)
+        out = (weights[..., None] * partial_out.nan_to_num(0.0)).sum(0)
+    out = out.to(q.dtype)
+    return (out, row_lse) if return_lse else out
