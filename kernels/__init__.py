@@ -67,8 +67,15 @@ def _check_paged_cache(name: str, cache: torch.Tensor, backend: str | None) -> N
 
 
 def _validate_layout(queries: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor,
-                     seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor) -> torch.Tensor:
-    """Checks the packed/paged metadata; returns each query row's page count [total_q]."""
+                     seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     check_indices: bool) -> torch.Tensor | None:
+    """Checks the packed/paged metadata.
+
+    Shapes, dtypes and devices are checked always (host-side, free). The index checks read the
+    tensors, which on a GPU costs device syncs and prevents CUDA-graph capture: trusted callers
+    (the engine's own ModelRunner on CUDA) pass check_indices=False. Returns each query row's
+    page count [total_q] when the indices were checked.
+    """
     device = queries.device
     for name, t in (("cache", cache), ("block_table", block_table), ("seq_lens", seq_lens),
                     ("cu_seqlens_q", cu_seqlens_q)):
@@ -81,6 +88,8 @@ def _validate_layout(queries: torch.Tensor, cache: torch.Tensor, block_table: to
            f"block_table has {block_table.shape[0]} rows but seq_lens has {batch} sequences")
     _check(cu_seqlens_q.shape[0] == batch + 1,
            f"cu_seqlens_q must have batch + 1 = {batch + 1} entries, got {cu_seqlens_q.shape[0]}")
+    if not check_indices:
+        return None
 
     cu = cu_seqlens_q.long()
     q_lens = cu[1:] - cu[:-1]
@@ -104,7 +113,7 @@ def _validate_layout(queries: torch.Tensor, cache: torch.Tensor, block_table: to
 
 def select_blocks(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_table: torch.Tensor,
                   seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, topk: int = 16,
-                  backend: str | None = None) -> torch.Tensor:
+                  backend: str | None = None, check_indices: bool = True) -> torch.Tensor:
     """Top-k logical blocks per (query token, KV group): int32 [total_q, Hkv, topk]."""
     _check_float("q_idx", q_idx, backend)
     _check(q_idx.dim() == 3, f"q_idx must be [total_q, Hkv, Di], got {tuple(q_idx.shape)}")
@@ -115,12 +124,13 @@ def select_blocks(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_table: t
     _check(k_idx_cache.shape[3] == index_dim,
            f"index head dims differ: q_idx {index_dim}, k_idx_cache {k_idx_cache.shape[3]}")
     _check(isinstance(topk, int) and topk >= 1, f"topk must be a positive int, got {topk!r}")
-    _validate_layout(q_idx, k_idx_cache, block_table, seq_lens, cu_seqlens_q)
+    _validate_layout(q_idx, k_idx_cache, block_table, seq_lens, cu_seqlens_q, check_indices)
     impl = _resolve_backend(backend, q_idx.device)
     return impl.select_blocks(q_idx, k_idx_cache, block_table, seq_lens, cu_seqlens_q, topk)
 
 
-def _validate_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, backend):
+def _validate_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, backend,
+                        check_indices):
     _check_float("q", q, backend)
     _check(q.dim() == 3, f"q must be [total_q, Hq, D], got {tuple(q.shape)}")
     _check_paged_cache("k_cache", k_cache, backend)
@@ -135,25 +145,26 @@ def _validate_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q
     _check(k_cache.shape[3] == head_dim,
            f"head dims differ: q {head_dim}, k_cache {k_cache.shape[3]}")
     _check(v_cache.device == q.device, f"v_cache is on {v_cache.device}, q on {q.device}")
-    return _validate_layout(q, k_cache, block_table, seq_lens, cu_seqlens_q)
+    return _validate_layout(q, k_cache, block_table, seq_lens, cu_seqlens_q, check_indices)
 
 
 def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_table: torch.Tensor, seq_lens: torch.Tensor,
                      cu_seqlens_q: torch.Tensor, blocks: torch.Tensor,
                      softmax_scale: float | None = None, return_lse: bool = False,
-                     backend: str | None = None):
+                     backend: str | None = None, check_indices: bool = True):
     """Exact attention over the selected blocks: out [total_q, Hq, D] (, lse [total_q, Hq])."""
     pages_per_query = _validate_attention(q, k_cache, v_cache, block_table, seq_lens,
-                                          cu_seqlens_q, backend)
+                                          cu_seqlens_q, backend, check_indices)
     _check_int32("blocks", blocks, 3)
     _check(blocks.shape[:2] == (q.shape[0], k_cache.shape[2]),
            f"blocks must be [total_q, Hkv, topk] = [{q.shape[0]}, {k_cache.shape[2]}, topk], "
            f"got {tuple(blocks.shape)}")
     _check(blocks.device == q.device, f"blocks is on {blocks.device}, q on {q.device}")
-    in_range = (blocks >= -1) & (blocks.long() < pages_per_query[:, None, None])
-    _check(bool(in_range.all()),
-           "blocks holds ids outside [-1, pages of the query's sequence)")
+    if pages_per_query is not None:
+        in_range = (blocks >= -1) & (blocks.long() < pages_per_query[:, None, None])
+        _check(bool(in_range.all()),
+               "blocks holds ids outside [-1, pages of the query's sequence)")
     impl = _resolve_backend(backend, q.device)
     return impl.sparse_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
                                  blocks, softmax_scale, return_lse)
@@ -162,9 +173,10 @@ def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 def dense_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_table: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
                     softmax_scale: float | None = None, return_lse: bool = False,
-                    backend: str | None = None):
+                    backend: str | None = None, check_indices: bool = True):
     """Dense causal attention over the paged layout: out [total_q, Hq, D] (, lse)."""
-    _validate_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, backend)
+    _validate_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, backend,
+                        check_indices)
     impl = _resolve_backend(backend, q.device)
     return impl.dense_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
                                 softmax_scale, return_lse)

@@ -28,6 +28,7 @@ def _index_block_scores_kernel(
     scale, pages_per_split,
     GROUPS_PER_KEY: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
     INDEX_DIM: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     tile = tl.program_id(0)
     key_head = tl.program_id(1)
@@ -40,8 +41,9 @@ def _index_block_scores_kernel(
     q_len = tl.load(cu_seqlens_q + seq + 1) - q_begin
     first_pos = seq_len - q_len - q_begin  # + row = the row's position
 
-    # Pages this split covers, clipped to those the tile's last query can see.
-    num_pages = (first_pos + row_end - 1) // PAGE + 1
+    # Pages this split covers, clipped to those the tile's last query can see (none for the
+    # spare, empty tiles of the grid's upper bound).
+    num_pages = tl.where(row_begin < row_end, (first_pos + row_end - 1) // PAGE + 1, 0)
     page_begin = split * pages_per_split
     page_end = tl.minimum(page_begin + pages_per_split, num_pages)
 
@@ -54,7 +56,7 @@ def _index_block_scores_kernel(
     q = tl.load(q_idx + rows[:, None] * stride_qt + groups[:, None] * stride_qg + dims[None, :],
                 mask=valid[:, None], other=0.0)
     tokens = tl.arange(0, PAGE)
-    for page in range(page_begin, page_end):
+    for page in tl.range(page_begin, page_end, num_stages=NUM_STAGES):
         physical = tl.load(block_table + seq * stride_bt + page).to(tl.int64)
         k = tl.load(k_idx + physical * stride_kp + tokens[:, None] * stride_kt
                     + key_head * stride_kh + dims[None, :])
@@ -74,7 +76,7 @@ def index_block_scores(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_tab
     scores = torch.full((total_q, num_groups, max_pages), -math.inf, dtype=torch.float32,
                         device=q_idx.device)
     # Up to 64 packed rows per program: enough to reuse each page, few enough to stay in registers.
-    tiles = QueryTiles.build(cu_seqlens_q, max_rows=max(1, 64 // groups_per_key))
+    tiles = QueryTiles.build(cu_seqlens_q, total_q, max_rows=max(1, 64 // groups_per_key))
     if tiles.num_tiles == 0:
         return scores
     block_m = max(16, triton.next_power_of_2(tiles.rows_per_tile * groups_per_key))
@@ -87,7 +89,7 @@ def index_block_scores(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_tab
         k_idx_cache.stride(2), block_table.stride(0), scores.stride(0), scores.stride(1),
         1.0 / math.sqrt(index_dim), pages_per_split,
         GROUPS_PER_KEY=groups_per_key, BLOCK_T=tiles.rows_per_tile, BLOCK_M=block_m,
-        INDEX_DIM=index_dim, PAGE=BLOCK_SIZE, PRECISION=dot_precision(q_idx.dtype))
+        INDEX_DIM=index_dim, PAGE=BLOCK_SIZE, PRECISION=dot_precision(q_idx.dtype), NUM_STAGES=3)
     return scores
 
 

@@ -28,7 +28,7 @@ def _query_major_kernel(
     stride_os, stride_ot, stride_oh, stride_ls, stride_lt,
     scale_log2, blocks_per_split,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, TOPK: tl.constexpr,
-    PAGE: tl.constexpr, PRECISION: tl.constexpr,
+    PAGE: tl.constexpr, PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1)
@@ -48,24 +48,25 @@ def _query_major_kernel(
     running_sum = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
     first = split * blocks_per_split
-    for slot in range(first, tl.minimum(first + blocks_per_split, TOPK)):
+    # Masked loads instead of a branch on the -1 padding keep the loop software-pipelinable.
+    for slot in tl.range(first, tl.minimum(first + blocks_per_split, TOPK), num_stages=NUM_STAGES):
         block = tl.load(blocks + row * stride_blt + group * stride_blg + slot)
-        if block >= 0:
-            physical = tl.load(block_table + seq * stride_bt + block).to(tl.int64)
-            offsets = physical * stride_kp + tokens[:, None] * stride_kt + group * stride_kh \
-                + dims[None, :]
-            k = tl.load(k_cache + offsets)
-            v = tl.load(v_cache + offsets)
-            s = tl.dot(query, tl.trans(k), input_precision=PRECISION) * scale_log2
-            s = tl.where((block * PAGE + tokens)[None, :] <= pos, s, float("-inf"))
-            new_max = tl.maximum(running_max, tl.max(s, axis=1))
-            # A row that has seen nothing yet keeps a finite reference point (no inf - inf).
-            ref = tl.where(new_max == float("-inf"), 0.0, new_max)
-            p = tl.exp2(s - ref[:, None])
-            alpha = tl.exp2(running_max - ref)
-            running_sum = running_sum * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            running_max = new_max
+        chosen = block >= 0
+        physical = tl.load(block_table + seq * stride_bt + tl.maximum(block, 0)).to(tl.int64)
+        offsets = physical * stride_kp + tokens[:, None] * stride_kt + group * stride_kh \
+            + dims[None, :]
+        k = tl.load(k_cache + offsets, mask=chosen, other=0.0)
+        v = tl.load(v_cache + offsets, mask=chosen, other=0.0)
+        s = tl.dot(query, tl.trans(k), input_precision=PRECISION) * scale_log2
+        s = tl.where(chosen & ((block * PAGE + tokens)[None, :] <= pos), s, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(s, axis=1))
+        # A row that has seen nothing yet keeps a finite reference point (no inf - inf).
+        ref = tl.where(new_max == float("-inf"), 0.0, new_max)
+        p = tl.exp2(s - ref[:, None])
+        alpha = tl.exp2(running_max - ref)
+        running_sum = running_sum * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        running_max = new_max
 
     seen = running_sum > 0
     result = acc / tl.where(seen, running_sum, 1.0)[:, None]
@@ -102,7 +103,7 @@ def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             partial_lse.stride(0), partial_lse.stride(1),
             scale * _LOG2E, blocks_per_split,
             GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-            TOPK=topk, PAGE=BLOCK_SIZE, PRECISION=dot_precision(q.dtype))
+            TOPK=topk, PAGE=BLOCK_SIZE, PRECISION=dot_precision(q.dtype), NUM_STAGES=2)
     if splits == 1:
         out, row_lse = partial_out[0], partial_lse[0]
     else:

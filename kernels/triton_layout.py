@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -10,7 +11,11 @@ import triton
 
 @dataclass
 class QueryTiles:
-    """Tiles of consecutive query rows that never cross a sequence boundary."""
+    """Tiles of consecutive query rows that never cross a sequence boundary.
+
+    Built on the device without a host sync (so a decode step can be captured in a CUDA graph):
+    the grid is an upper bound on the tile count, and spare tiles are empty (start == end).
+    """
 
     seq: torch.Tensor  # int32 [num_tiles]: the tile's sequence
     start: torch.Tensor  # int32 [num_tiles]: first packed query row
@@ -22,23 +27,26 @@ class QueryTiles:
         return self.seq.shape[0]
 
     @classmethod
-    def build(cls, cu_seqlens_q: torch.Tensor, max_rows: int) -> "QueryTiles":
-        # One small host copy: the grid size depends on it.
-        cu = cu_seqlens_q.tolist()
-        q_lens = [b - a for a, b in zip(cu, cu[1:])]
-        rows = min(max_rows, triton.next_power_of_2(max(q_lens, default=1)))
-        seqs, starts, ends = [], [], []
-        for b, (begin, q_len) in enumerate(zip(cu, q_lens)):
-            for first in range(begin, begin + q_len, rows):
-                seqs.append(b)
-                starts.append(first)
-                ends.append(min(first + rows, begin + q_len))
-        device = cu_seqlens_q.device
-
-        def tensor(values):
-            return torch.tensor(values, dtype=torch.int32, device=device)
-
-        return cls(tensor(seqs), tensor(starts), tensor(ends), rows)
+    def build(cls, cu_seqlens_q: torch.Tensor, total_q: int, max_rows: int) -> "QueryTiles":
+        batch = cu_seqlens_q.shape[0] - 1
+        if total_q == 0 or batch == 0:
+            empty = torch.zeros(0, dtype=torch.int32, device=cu_seqlens_q.device)
+            return cls(empty, empty, empty, 1)
+        # Shapes are all the host knows: uniform decode (q_len 1..16 everywhere) gets tiles of
+        # its q_len; anything longer gets full tiles.
+        rows = min(max_rows, triton.next_power_of_2(triton.cdiv(total_q, batch)))
+        upper = total_q if rows == 1 else triton.cdiv(total_q, rows) + batch
+        cu = cu_seqlens_q.long()
+        tiles_per_seq = (cu[1:] - cu[:-1] + rows - 1) // rows
+        tiles_end = torch.cumsum(tiles_per_seq, 0)
+        index = torch.arange(upper, device=cu.device)
+        seq = torch.searchsorted(tiles_end, index, right=True)
+        real = seq < batch
+        seq = seq.clamp(max=batch - 1)
+        start = cu[seq] + (index - (tiles_end[seq] - tiles_per_seq[seq])) * rows
+        end = torch.minimum(start + rows, cu[seq + 1])
+        start, end = torch.where(real, start, 0), torch.where(real, end, 0)
+        return cls(seq.to(torch.int32), start.to(torch.int32), end.to(torch.int32), rows)
 
 
 def row_sequences(cu_seqlens_q: torch.Tensor, total_q: int) -> torch.Tensor:
@@ -57,6 +65,7 @@ def query_positions(seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
                                                                               device=cu.device)
 
 
+@functools.lru_cache(maxsize=None)
 def target_programs(device: torch.device) -> int:
     """Enough programs to fill the GPU a few times over (few under the CPU interpreter)."""
     if device.type != "cuda":

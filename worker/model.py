@@ -92,12 +92,14 @@ class MSAAttention(nn.Module):
         cache.write(self.layer_index, attn.slot_mapping, k, v, k_idx)
         k_cache, v_cache, k_idx_cache = cache.layer(self.layer_index)
         layout = (attn.block_table, attn.seq_lens, attn.cu_seqlens_q)
+        # The ModelRunner built this metadata itself; re-reading it on a GPU would cost syncs.
+        checks = {"check_indices": not x.is_cuda}
         # With at most topk blocks visible, MSA selects everything and equals dense attention.
         if self.dense or attn.max_seq_len <= topk * kernels.BLOCK_SIZE:
-            out = kernels.dense_attention(q, k_cache, v_cache, *layout)
+            out = kernels.dense_attention(q, k_cache, v_cache, *layout, **checks)
         else:
-            blocks = kernels.select_blocks(q_idx, k_idx_cache, *layout, topk=topk)
-            out = kernels.sparse_attention(q, k_cache, v_cache, *layout, blocks)
+            blocks = kernels.select_blocks(q_idx, k_idx_cache, *layout, topk=topk, **checks)
+            out = kernels.sparse_attention(q, k_cache, v_cache, *layout, blocks, **checks)
         return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))
 
 
