@@ -242,7 +242,8 @@ def main() -> None:
     prefill_table = markdown_table(
         ["shape", "chunk", "dense flash SDPA (ms)", "select (ms)", "query-major attend (ms)",
          "MSA vs dense"], prefill_rows)
-    gpu = torch.cuda.get_device_name().split()[-1].lower().replace(" ", "_")
+    name = torch.cuda.get_device_name()
+    gpu = next((kind for kind in ("h100", "h200") if kind in name.lower()), "gpu")
     notes = (f"Ceilings measured in this run: device-to-device copy {copy_bw / 1e12:.2f} TB/s "
              f"(read + write), bf16 matmul {mma / 1e12:.0f} TFLOP/s. topk {TOPK}, block {PAGE}, "
              "bf16, one shared index-key head. 'MSA step' = select_blocks + sparse_attention "
