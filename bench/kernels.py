@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import kernels  # noqa: E402
+from kernels import prefill_kv_major, query_major  # noqa: E402
 from bench.common import markdown_table, write_results  # noqa: E402
 
 PAGE = 128
@@ -100,6 +101,10 @@ class PagedInputs:
         return kernels.sparse_attention(self.q, self.k_cache, self.v_cache, *self.layout, blocks,
                                         backend="triton", check_indices=False)
 
+    def attend_with(self, impl, blocks):
+        """One attention kernel forced (the public function dispatches between them)."""
+        return impl.sparse_attention(self.q, self.k_cache, self.v_cache, *self.layout, blocks)
+
 
 def rotated(make, per_set_bytes: int, max_sets: int = 6) -> list:
     count = max(1, min(max_sets, math.ceil(L2_ROTATION_BYTES / max(per_set_bytes, 1))))
@@ -176,7 +181,12 @@ def prefill_case(heads: Heads, chunks: list[tuple[int, int]], label: str) -> lis
     inputs = PagedInputs(heads, seq_lens, q_lens, seed=0)
     blocks = inputs.select()
     t_select = bench(inputs.select, rep_ms=400)
+    t_query_major = bench(lambda: inputs.attend_with(query_major, blocks), rep_ms=400)
+    t_kv_major = bench(lambda: inputs.attend_with(prefill_kv_major, blocks), rep_ms=400)
     t_attend = bench(lambda: inputs.attend(blocks), rep_ms=400)
+    # Achieved rate over the selected blocks: 4 * D flops per (query head, visible key).
+    visible = sum(min(TOPK * PAGE, p + q) * q for q, p in chunks)  # upper bound on keys/row
+    tflops = 4 * heads.head_dim * heads.num_heads * visible / t_kv_major / 1e12
     del inputs, blocks
     # Dense baseline: flash SDPA with bottom-right causal alignment (queries after the prefix).
     from torch.nn.attention.bias import causal_lower_right
@@ -194,7 +204,8 @@ def prefill_case(heads: Heads, chunks: list[tuple[int, int]], label: str) -> lis
         del q, k, v
     t_msa = t_select + t_attend
     return [heads.name, label, f"{t_dense * 1e3:.2f}", f"{t_select * 1e3:.2f}",
-            f"{t_attend * 1e3:.2f}", f"{t_dense / t_msa:.2f}x"]
+            f"{t_query_major * 1e3:.2f}", f"{t_kv_major * 1e3:.2f}",
+            f"{t_query_major / t_kv_major:.2f}x", f"{tflops:.0f}", f"{t_dense / t_msa:.2f}x"]
 
 
 def main() -> None:
@@ -227,7 +238,11 @@ def main() -> None:
                      (SHARD, [(350, 55_000)] * 8, "8 x (350 + 55K)")]
     if not args.quick:
         prefill_cases += [(SHARD, [(16384, 158_000)], "16,384 + 158K"),
-                          (FULL, [(16384, 68_000)], "16,384 + 68K")]
+                          (FULL, [(16384, 68_000)], "16,384 + 68K"),
+                          (SHARD, [(512, 30_000)], "512 + 30K"),
+                          (SHARD, [(1024, 30_000)], "1,024 + 30K"),
+                          (SHARD, [(4096, 30_000)], "4,096 + 30K"),
+                          (SHARD, [(131_072, 0)], "plain 128K prompt")]
     prefill_rows = []
     for heads, chunks, label in prefill_cases:
         prefill_rows.append(prefill_case(heads, chunks, label))
@@ -240,16 +255,18 @@ def main() -> None:
          "graph / bandwidth ideal", "index scan % of copy BW (eager)"],
         decode_rows)
     prefill_table = markdown_table(
-        ["shape", "chunk", "dense flash SDPA (ms)", "select (ms)", "query-major attend (ms)",
-         "MSA vs dense"], prefill_rows)
+        ["shape", "chunk", "dense flash SDPA (ms)", "select (ms)", "query-major (ms)",
+         "KV-major (ms)", "KV-major vs query-major", "KV-major TFLOP/s (selected)",
+         "MSA (select + dispatched attend) vs dense"], prefill_rows)
     name = torch.cuda.get_device_name()
     gpu = next((kind for kind in ("h100", "h200") if kind in name.lower()), "gpu")
     notes = (f"Ceilings measured in this run: device-to-device copy {copy_bw / 1e12:.2f} TB/s "
              f"(read + write), bf16 matmul {mma / 1e12:.0f} TFLOP/s. topk {TOPK}, block {PAGE}, "
              "bf16, one shared index-key head. 'MSA step' = select_blocks + sparse_attention "
              "(Triton), eager and replayed as a CUDA graph. 'graph / bandwidth ideal' = graph "
-             "step time over (index keys + selected K/V pages) / copy bandwidth. Prefill uses the query-major kernel; the KV-major "
-             "kernel is not written yet.")
+             "step time over (index keys + selected K/V pages) / copy bandwidth. KV-major TFLOP/s "
+             "counts 4*D flops per (query head, selected key), keys per row capped at topk*128; "
+             "compare it with the matmul ceiling above.")
     write_results(f"kernels_{gpu}", "MSA kernels on GPU", "## Decode\n\n" + decode_table
                   + "\n\n## Prefill (chunk after a cached prefix)\n\n" + prefill_table, notes,
                   directory=Path(args.out_dir) if args.out_dir else None)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import kernels
+from kernels import prefill_kv_major, query_major
 from tests.kernels.paged_batch import check_selection, make_batch, relative_error
 
 # (seq_lens, q_lens): fresh prefill, prefix + chunk, decode, multi-token decode; pages scattered,
@@ -44,13 +45,15 @@ def test_select_blocks_triton_matches_reference(layout, heads):
     check_selection(ours, batch, topk)
 
 
+@pytest.mark.parametrize("impl", [query_major, prefill_kv_major],
+                         ids=["query-major", "kv-major"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"Hq{h[0]}-Hkv{h[1]}-Hik{h[2]}")
-def test_sparse_attention_triton_matches_reference(layout, heads):
+def test_sparse_attention_triton_matches_reference(impl, layout, heads):
     batch = _batch(layout, heads, seed=1)
     blocks = kernels.select_blocks(batch.q_idx, batch.k_idx_cache, *batch.layout(), topk=3)
-    out, lse = kernels.sparse_attention(batch.q, batch.k_cache, batch.v_cache, *batch.layout(),
-                                        blocks, return_lse=True, backend="triton")
+    out, lse = impl.sparse_attention(batch.q, batch.k_cache, batch.v_cache, *batch.layout(),
+                                     blocks, return_lse=True)
     ref_out, ref_lse = kernels.sparse_attention(batch.q.double(), batch.k_cache.double(),
                                                 batch.v_cache.double(), *batch.layout(), blocks,
                                                 return_lse=True, backend="reference")
@@ -59,13 +62,42 @@ def test_sparse_attention_triton_matches_reference(layout, heads):
     assert torch.allclose(lse, ref_lse.float(), atol=1e-4)
 
 
-def test_triton_attention_with_all_blocks_equals_dense():
+def test_kv_major_splits_a_block_chosen_by_many_queries():
+    """400 query rows all choose the first page: more entries than one work item holds."""
+    batch = make_batch([900], [400], 4, 1, 16, 16, 1, seed=4)
+    blocks = kernels.select_blocks(batch.q_idx, batch.k_idx_cache, *batch.layout(), topk=2)
+    row_seq = torch.zeros(400, dtype=torch.int32)
+    work = prefill_kv_major.BlockWork.build(blocks, row_seq, batch.block_table.shape[1], rows=16)
+    assert int(work.count.max()) == 16 and int((work.block == work.block[0]).sum()) > 1
+    out = prefill_kv_major.sparse_attention(batch.q, batch.k_cache, batch.v_cache,
+                                            *batch.layout(), blocks)
+    ref = kernels.sparse_attention(batch.q.double(), batch.k_cache.double(),
+                                   batch.v_cache.double(), *batch.layout(), blocks,
+                                   backend="reference")
+    assert relative_error(out, ref) < 1e-5
+
+
+def test_kv_major_in_row_chunks(monkeypatch):
+    """A long prefill is processed in row chunks that bound the partials' memory."""
+    batch = _batch("multi-token-decode", (8, 2, 1), seed=5)
+    blocks = kernels.select_blocks(batch.q_idx, batch.k_idx_cache, *batch.layout(), topk=3)
+    monkeypatch.setattr(prefill_kv_major, "_PARTIAL_BYTES", 7 * 8 * 3 * 16 * 4)  # 7 rows/chunk
+    out = prefill_kv_major.sparse_attention(batch.q, batch.k_cache, batch.v_cache,
+                                            *batch.layout(), blocks)
+    ref = kernels.sparse_attention(batch.q.double(), batch.k_cache.double(),
+                                   batch.v_cache.double(), *batch.layout(), blocks,
+                                   backend="reference")
+    assert relative_error(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("impl", [query_major, prefill_kv_major],
+                         ids=["query-major", "kv-major"])
+def test_triton_attention_with_all_blocks_equals_dense(impl):
     batch = _batch("chunk-after-prefix", (8, 2, 1), seed=2)
     topk = 8  # >= every sequence's page count: MSA is dense attention
     blocks = kernels.select_blocks(batch.q_idx, batch.k_idx_cache, *batch.layout(), topk=topk,
                                    backend="triton")
-    sparse = kernels.sparse_attention(batch.q, batch.k_cache, batch.v_cache, *batch.layout(),
-                                      blocks, backend="triton")
+    sparse = impl.sparse_attention(batch.q, batch.k_cache, batch.v_cache, *batch.layout(), blocks)
     dense = kernels.dense_attention(batch.q, batch.k_cache, batch.v_cache, *batch.layout())
     assert relative_error(sparse, dense.double()) < 1e-5
 
@@ -102,11 +134,11 @@ def test_kernels_at_real_shapes_bf16(heads, shape):
     # bf16 scores may reorder near-ties: compare the kept sets, allowing a few swaps.
     agree = (ours.sort(-1).values == ref.sort(-1).values).float().mean().item()
     assert agree > 0.97
-    _poison_allocator()
-    out = kernels.sparse_attention(batch.q, batch.k_cache, batch.v_cache, *batch.layout(), ref,
-                                   backend="triton")
     expected = kernels.sparse_attention(batch.q.float(), batch.k_cache.float(),
                                         batch.v_cache.float(), *batch.layout(), ref,
                                         backend="reference")
-    assert not out.isnan().any()
-    assert relative_error(out.float(), expected.double()) < 1e-2
+    for impl in (query_major, prefill_kv_major):
+        _poison_allocator()
+        out = impl.sparse_attention(batch.q, batch.k_cache, batch.v_cache, *batch.layout(), ref)
+        assert not out.isnan().any(), impl.__name__
+        assert relative_error(out.float(), expected.double()) < 1e-2, impl.__name__

@@ -1,0 +1,212 @@
+"""Triton: KV-block-major sparse prefill ("KV outer, gather Q").
+
+Query-major attention reloads a popular block once for every query that chose it. Here the
+selection is inverted first: for each (sequence, KV group, block) the list of (query row, slot)
+entries that chose it, a CSR built on the GPU by one sort. One program then loads its K/V page
+from HBM once and attends all of its queries and the group's G query heads at once (rows x heads
+packed into the MMA's M dimension), writing a partial output and log-sum-exp per (row, group,
+slot). Blocks chosen by many queries are cut into several work items (load balance). A second
+kernel merges each row's top-k partials by LSE, exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.reference import BLOCK_SIZE
+from kernels.triton_layout import dot_precision, query_positions, row_sequences
+
+_LOG2E = 1.4426950408889634
+_PACKED_ROWS = 64  # M of one program: query rows x query heads of the group
+# Query rows per launch, bounding the float32 partials (rows x Hq x topk x D) to ~2 GiB: a 128K
+# prompt is then a few launches, each still loading a block once for all of its rows.
+_PARTIAL_BYTES = 2 << 30
+
+
+@dataclass
+class BlockWork:
+    """Work items: one K/V page of one (sequence, group) and up to `rows` entries that chose it."""
+
+    seq: torch.Tensor  # int32 [items]
+    group: torch.Tensor  # int32 [items]
+    block: torch.Tensor  # int32 [items]: logical page
+    start: torch.Tensor  # int32 [items]: first entry in entry_row / entry_slot
+    count: torch.Tensor  # int32 [items]
+    entry_row: torch.Tensor  # int32 [entries]: query row, sorted by (seq, group, block, row)
+    entry_slot: torch.Tensor  # int32 [entries]: the row's selection slot of that block
+
+    @property
+    def num_items(self) -> int:
+        return self.seq.shape[0]
+
+    @classmethod
+    def build(cls, blocks: torch.Tensor, row_seq: torch.Tensor, max_pages: int,
+              rows: int) -> "BlockWork":
+        """blocks [t, Hkv, topk] of some query rows, row_seq [t] their sequences."""
+        num_groups = blocks.shape[1]
+        rows_of, groups_of, slots_of = (blocks >= 0).nonzero(as_tuple=True)
+        seq_of = row_seq.long()[rows_of]
+        key = (seq_of * num_groups + groups_of) * max_pages + blocks[rows_of, groups_of, slots_of]
+        order = torch.argsort(key, stable=True)  # stable: rows stay ascending within a block
+        key = key[order]
+        unique_keys, counts = torch.unique_consecutive(key, return_counts=True)
+        segment_start = torch.cumsum(counts, 0) - counts
+        chunks = (counts + rows - 1) // rows
+        segment_of_item = torch.repeat_interleave(torch.arange(unique_keys.shape[0],
+                                                               device=blocks.device), chunks)
+        chunk = (torch.arange(segment_of_item.shape[0], device=blocks.device)
+                 - (torch.cumsum(chunks, 0) - chunks)[segment_of_item])
+        block = unique_keys % max_pages
+        seq_group = unique_keys // max_pages
+
+        def i32(t):
+            return t.to(torch.int32)
+
+        return cls(
+            seq=i32((seq_group // num_groups)[segment_of_item]),
+            group=i32((seq_group % num_groups)[segment_of_item]),
+            block=i32(block[segment_of_item]),
+            start=i32(segment_start[segment_of_item] + chunk * rows),
+            count=i32(torch.clamp(counts[segment_of_item] - chunk * rows, max=rows)),
+            entry_row=i32(rows_of[order]),
+            entry_slot=i32(slots_of[order]),
+        )
+
+
+@triton.jit
+def _kv_block_partials_kernel(
+    q, k_cache, v_cache, block_table, row_pos, work_seq, work_group, work_block, work_start,
+    work_count, entry_row, entry_slot, partial_out, partial_lse,
+    stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_bt,
+    num_groups, scale_log2,
+    GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+    TOPK: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    item = tl.program_id(0)
+    seq = tl.load(work_seq + item)
+    group = tl.load(work_group + item)
+    block = tl.load(work_block + item)
+    start = tl.load(work_start + item)
+    count = tl.load(work_count + item)
+
+    # The one HBM read of this K/V page for all the queries that chose it.
+    physical = tl.load(block_table + seq * stride_bt + block).to(tl.int64)
+    tokens = tl.arange(0, PAGE)
+    dims = tl.arange(0, HEAD_DIM)
+    offsets = physical * stride_kp + tokens[:, None] * stride_kt + group * stride_kh + dims[None, :]
+    k = tl.load(k_cache + offsets)
+    v = tl.load(v_cache + offsets)
+
+    m = tl.arange(0, BLOCK_M)
+    entry = m // GROUP
+    head = m % GROUP
+    valid = (entry < count) & (m < ROWS * GROUP)
+    row = tl.load(entry_row + start + entry, mask=valid, other=0).to(tl.int64)
+    slot = tl.load(entry_slot + start + entry, mask=valid, other=0).to(tl.int64)
+    pos = tl.load(row_pos + row, mask=valid, other=0)
+    query = tl.load(q + row[:, None] * stride_qt + (group * GROUP + head)[:, None] * stride_qh
+                    + dims[None, :], mask=valid[:, None], other=0.0)
+    s = tl.dot(query, tl.trans(k), input_precision=PRECISION) * scale_log2  # [BLOCK_M, PAGE]
+    s = tl.where((block * PAGE + tokens)[None, :] <= pos[:, None], s, float("-inf"))
+    row_max = tl.max(s, axis=1)
+    ref = tl.where(row_max == float("-inf"), 0.0, row_max)
+    p = tl.exp2(s - ref[:, None])
+    row_sum = tl.sum(p, axis=1)
+    out = tl.dot(p.to(v.dtype), v, input_precision=PRECISION) \
+        / tl.where(row_sum > 0, row_sum, 1.0)[:, None]
+    lse = tl.where(row_sum > 0, ref * 0.6931471805599453 + tl.log(tl.where(row_sum > 0, row_sum,
+                                                                           1.0)), float("-inf"))
+    # Partials are laid out [row, group, slot, head, dim]: the merge reads a row contiguously.
+    partial = ((row * num_groups + group) * TOPK + slot) * GROUP + head
+    tl.store(partial_out + partial[:, None] * HEAD_DIM + dims[None, :], out, mask=valid[:, None])
+    tl.store(partial_lse + partial, lse, mask=valid)
+
+
+@triton.jit
+def _merge_partials_kernel(
+    partial_out, partial_lse, blocks, out, lse, stride_ot, stride_oh, stride_lt, num_groups,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, TOPK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    group = tl.program_id(1)
+    h = tl.arange(0, BLOCK_G)
+    head_ok = h < GROUP
+    dims = tl.arange(0, HEAD_DIM)
+    total_max = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    total_sum = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    base = (row * num_groups + group) * TOPK
+    for slot in range(TOPK):
+        chosen = tl.load(blocks + base + slot) >= 0
+        part_lse = tl.load(partial_lse + (base + slot) * GROUP + h, mask=head_ok & chosen,
+                           other=float("-inf"))
+        part_out = tl.load(partial_out + ((base + slot) * GROUP + h)[:, None] * HEAD_DIM
+                           + dims[None, :], mask=(head_ok & chosen)[:, None], other=0.0)
+        new_max = tl.maximum(total_max, part_lse)
+        ref = tl.where(new_max == float("-inf"), 0.0, new_max)
+        alpha = tl.exp(total_max - ref)
+        weight = tl.exp(part_lse - ref)
+        total_sum = total_sum * alpha + weight
+        acc = acc * alpha[:, None] + weight[:, None] * part_out
+        total_max = new_max
+    seen = total_sum > 0
+    result = acc / tl.where(seen, total_sum, 1.0)[:, None]
+    row_lse = tl.where(seen, total_max + tl.log(tl.where(seen, total_sum, 1.0)), float("-inf"))
+    heads = group * GROUP + h
+    tl.store(out + row * stride_ot + heads[:, None] * stride_oh + dims[None, :],
+             result.to(out.dtype.element_ty), mask=head_ok[:, None])
+    tl.store(lse + row * stride_lt + heads, row_lse, mask=head_ok)
+
+
+def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     block_table: torch.Tensor, seq_lens: torch.Tensor,
+                     cu_seqlens_q: torch.Tensor, blocks: torch.Tensor,
+                     softmax_scale: float | None = None, return_lse: bool = False):
+    total_q, num_heads, head_dim = q.shape
+    num_groups = k_cache.shape[2]
+    group = num_heads // num_groups
+    topk = blocks.shape[2]
+    scale = head_dim ** -0.5 if softmax_scale is None else softmax_scale
+    rows = max(1, _PACKED_ROWS // group)
+    out = torch.empty_like(q)
+    lse = torch.empty(total_q, num_heads, dtype=torch.float32, device=q.device)
+    blocks = blocks.contiguous()
+    row_seq = row_sequences(cu_seqlens_q, total_q)
+    row_pos = query_positions(seq_lens, cu_seqlens_q, total_q)
+    chunk = max(1, _PARTIAL_BYTES // (num_heads * topk * head_dim * 4))
+    for first in range(0, total_q, chunk):
+        last = min(first + chunk, total_q)
+        _attend_rows(q[first:last], k_cache, v_cache, block_table, row_seq[first:last],
+                     row_pos[first:last], blocks[first:last], out[first:last], lse[first:last],
+                     scale, rows)
+    return (out, lse) if return_lse else out
+
+
+def _attend_rows(q, k_cache, v_cache, block_table, row_seq, row_pos, blocks, out, lse, scale,
+                 rows) -> None:
+    """Partials then merge for a contiguous slice of query rows (row ids local to the slice)."""
+    total_q, num_heads, head_dim = q.shape
+    num_groups = k_cache.shape[2]
+    group = num_heads // num_groups
+    topk = blocks.shape[2]
+    work = BlockWork.build(blocks, row_seq, block_table.shape[1], rows)
+    partial_out = torch.empty(total_q * num_groups * topk * group, head_dim, dtype=torch.float32,
+                              device=q.device)
+    partial_lse = torch.empty(total_q * num_groups * topk * group, dtype=torch.float32,
+                              device=q.device)
+    if work.num_items:
+        _kv_block_partials_kernel[(work.num_items,)](
+            q, k_cache, v_cache, block_table, row_pos, work.seq, work.group, work.block,
+            work.start, work.count, work.entry_row, work.entry_slot, partial_out, partial_lse,
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            block_table.stride(0), num_groups, scale * _LOG2E,
+            GROUP=group, ROWS=rows, BLOCK_M=max(16, triton.next_power_of_2(rows * group)),
+            HEAD_DIM=head_dim, TOPK=topk, PAGE=BLOCK_SIZE, PRECISION=dot_precision(q.dtype))
+    _merge_partials_kernel[(total_q, num_groups)](
+        partial_out, partial_lse, blocks, out, lse, out.stride(0), out.stride(1), lse.stride(0),
+        num_groups, GROUP=group, BLOCK_G=triton.next_power_of_2(group), HEAD_DIM=head_dim,
+        TOPK=topk)
