@@ -212,6 +212,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out-dir", default=None, help="where to write kernels_<gpu>.md")
     parser.add_argument("--quick", action="store_true", help="a few cases only")
+    parser.add_argument("--only", choices=["decode", "prefill"], default=None)
     args = parser.parse_args()
     assert torch.cuda.is_available(), "bench/kernels.py needs a CUDA GPU"
     torch.manual_seed(0)
@@ -225,6 +226,8 @@ def main() -> None:
     if not args.quick:
         decode_cases += [(SHARD, 32, 4096, 1), (SHARD, 128, 4096, 1), (SHARD, 64, 32768, 1),
                          (SHARD, 32, 131072, 1), (FULL, 32, 32768, 1)]
+    if args.only == "prefill":
+        decode_cases = []
     decode_rows = []
     for heads, batch, context, q_len in decode_cases:
         decode_rows.append(decode_case(heads, batch, context, q_len, copy_bw))
@@ -243,6 +246,8 @@ def main() -> None:
                           (SHARD, [(1024, 30_000)], "1,024 + 30K"),
                           (SHARD, [(4096, 30_000)], "4,096 + 30K"),
                           (SHARD, [(131_072, 0)], "plain 128K prompt")]
+    if args.only == "decode":
+        prefill_cases = []
     prefill_rows = []
     for heads, chunks, label in prefill_cases:
         prefill_rows.append(prefill_case(heads, chunks, label))

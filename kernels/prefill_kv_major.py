@@ -21,8 +21,8 @@ from kernels.reference import BLOCK_SIZE
 from kernels.triton_layout import dot_precision, query_positions, row_sequences
 
 _LOG2E = 1.4426950408889634
-_PACKED_ROWS = 64  # M of one program: query rows x query heads of the group
-# Query rows per launch, bounding the float32 partials (rows x Hq x topk x D) to ~2 GiB: a 128K
+_PACKED_ROWS = 128  # M of one program: query rows x query heads of the group
+# Query rows per launch, bounding the partials (rows x Hq x topk x D) to ~2 GiB: a 128K
 # prompt is then a few launches, each still loading a block once for all of its rows.
 _PARTIAL_BYTES = 2 << 30
 
@@ -122,7 +122,8 @@ def _kv_block_partials_kernel(
                                                                            1.0)), float("-inf"))
     # Partials are laid out [row, group, slot, head, dim]: the merge reads a row contiguously.
     partial = ((row * num_groups + group) * TOPK + slot) * GROUP + head
-    tl.store(partial_out + partial[:, None] * HEAD_DIM + dims[None, :], out, mask=valid[:, None])
+    tl.store(partial_out + partial[:, None] * HEAD_DIM + dims[None, :],
+             out.to(partial_out.dtype.element_ty), mask=valid[:, None])
     tl.store(partial_lse + partial, lse, mask=valid)
 
 
@@ -145,7 +146,8 @@ def _merge_partials_kernel(
         part_lse = tl.load(partial_lse + (base + slot) * GROUP + h, mask=head_ok & chosen,
                            other=float("-inf"))
         part_out = tl.load(partial_out + ((base + slot) * GROUP + h)[:, None] * HEAD_DIM
-                           + dims[None, :], mask=(head_ok & chosen)[:, None], other=0.0)
+                           + dims[None, :], mask=(head_ok & chosen)[:, None],
+                           other=0.0).to(tl.float32)
         new_max = tl.maximum(total_max, part_lse)
         ref = tl.where(new_max == float("-inf"), 0.0, new_max)
         alpha = tl.exp(total_max - ref)
@@ -177,7 +179,7 @@ def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     blocks = blocks.contiguous()
     row_seq = row_sequences(cu_seqlens_q, total_q)
     row_pos = query_positions(seq_lens, cu_seqlens_q, total_q)
-    chunk = max(1, _PARTIAL_BYTES // (num_heads * topk * head_dim * 4))
+    chunk = max(1, _PARTIAL_BYTES // (num_heads * topk * head_dim * q.element_size()))
     for first in range(0, total_q, chunk):
         last = min(first + chunk, total_q)
         _attend_rows(q[first:last], k_cache, v_cache, block_table, row_seq[first:last],
@@ -194,7 +196,9 @@ def _attend_rows(q, k_cache, v_cache, block_table, row_seq, row_pos, blocks, out
     group = num_heads // num_groups
     topk = blocks.shape[2]
     work = BlockWork.build(blocks, row_seq, block_table.shape[1], rows)
-    partial_out = torch.empty(total_q * num_groups * topk * group, head_dim, dtype=torch.float32,
+    # Partials in the inputs' precision: bf16 halves the round trip that bounds this kernel
+    # (their rounding stays within the bf16 tolerance); float32 inputs keep exact partials.
+    partial_out = torch.empty(total_q * num_groups * topk * group, head_dim, dtype=q.dtype,
                               device=q.device)
     partial_lse = torch.empty(total_q * num_groups * topk * group, dtype=torch.float32,
                               device=q.device)
@@ -205,7 +209,8 @@ def _attend_rows(q, k_cache, v_cache, block_table, row_seq, row_pos, blocks, out
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             block_table.stride(0), num_groups, scale * _LOG2E,
             GROUP=group, ROWS=rows, BLOCK_M=max(16, triton.next_power_of_2(rows * group)),
-            HEAD_DIM=head_dim, TOPK=topk, PAGE=BLOCK_SIZE, PRECISION=dot_precision(q.dtype))
+            HEAD_DIM=head_dim, TOPK=topk, PAGE=BLOCK_SIZE, PRECISION=dot_precision(q.dtype),
+            num_warps=8)
     _merge_partials_kernel[(total_q, num_groups)](
         partial_out, partial_lse, blocks, out, lse, out.stride(0), out.stride(1), lse.stride(0),
         num_groups, GROUP=group, BLOCK_G=triton.next_power_of_2(group), HEAD_DIM=head_dim,
