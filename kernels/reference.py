@@ -33,40 +33,74 @@ _MAX_SCORE_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
-class _SequenceSpan:
-    """One sequence's slice of a packed step."""
+class _WorkUnit:
+    """Query rows computed together: n sequences x t rows each, keys padded to the longest.
 
-    index: int  # b, the row of block_table / seq_lens
-    seq_len: int  # tokens in the cache, including this step's queries
-    q_start: int  # first packed query row
-    q_end: int  # one past the last packed query row
+    A prefill chunk is one sequence with many rows; decode rows (one per sequence) of similar
+    length are batched, so a decode step costs a few tensor ops rather than a loop per sequence.
+    """
+
+    seqs: torch.Tensor  # int64 [n]: rows of block_table / seq_lens
+    rows: torch.Tensor  # int64 [n * t]: packed query rows, sequence-major
+    positions: torch.Tensor  # int64 [n, t]
+    own_pages: torch.Tensor  # int64 [n]: pages each sequence has
+    key_end: int  # keys [0, key_end) cover every row's causal window
 
     @property
     def num_pages(self) -> int:
-        return -(-self.seq_len // BLOCK_SIZE)
+        return -(-self.key_end // BLOCK_SIZE)
 
-    def query_chunks(self, elements_per_query: int) -> Iterator[tuple[int, int]]:
-        step = max(1, _MAX_SCORE_ELEMENTS // max(1, elements_per_query))
-        for start in range(self.q_start, self.q_end, step):
-            yield start, min(start + step, self.q_end)
+    def gather(self, cache: torch.Tensor, block_table: torch.Tensor,
+               dtype: torch.dtype) -> torch.Tensor:
+        """Each sequence's first key_end tokens of a paged cache, logical order: [n, S, H, D]."""
+        columns = torch.arange(self.num_pages, device=cache.device)
+        pages = block_table[self.seqs, : self.num_pages].long()
+        pages = torch.where(columns[None, :] < self.own_pages[:, None], pages, 0)
+        # index_select copies whole pages (memcpy-sized rows): ~2x faster than fancy indexing.
+        tokens = torch.index_select(cache, 0, pages.flatten())
+        return tokens.view(-1, self.num_pages * BLOCK_SIZE, *cache.shape[2:])[:, : self.key_end].to(dtype)
 
-    def positions(self, start: int, end: int, device: torch.device) -> torch.Tensor:
-        first = self.seq_len - (self.q_end - self.q_start)
-        return torch.arange(start - self.q_start, end - self.q_start, device=device) + first
 
-
-def _spans(seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor) -> Iterator[_SequenceSpan]:
+def _work_units(seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, elements_per_key: int,
+                device: torch.device) -> Iterator[_WorkUnit]:
+    """Units whose [rows x keys x elements_per_key] tensors stay under _MAX_SCORE_ELEMENTS."""
     cu = cu_seqlens_q.tolist()
-    for b, seq_len in enumerate(seq_lens.tolist()):
-        if cu[b + 1] > cu[b]:
-            yield _SequenceSpan(b, seq_len, cu[b], cu[b + 1])
+    lens = seq_lens.tolist()
+    decode = []
+    for b, seq_len in enumerate(lens):
+        q_len = cu[b + 1] - cu[b]
+        if q_len == 1:
+            decode.append(b)
+        elif q_len > 1:
+            step = max(1, _MAX_SCORE_ELEMENTS // (elements_per_key * seq_len))
+            for start in range(cu[b], cu[b + 1], step):
+                end = min(start + step, cu[b + 1])
+                first = seq_len - q_len + (start - cu[b])
+                yield _unit([b], list(range(start, end)), [list(range(first, first + end - start))],
+                            [seq_len], device)
+    # Similar lengths together keep the padding small.
+    decode.sort(key=lambda b: lens[b])
+    while decode:
+        longest = lens[decode[0]]
+        count = 0
+        while count < len(decode):
+            longest = max(longest, lens[decode[count]])
+            if count and (count + 1) * longest * elements_per_key > _MAX_SCORE_ELEMENTS:
+                break
+            count += 1
+        batch, decode = decode[:count], decode[count:]
+        yield _unit(batch, [cu[b] for b in batch], [[lens[b] - 1] for b in batch],
+                    [lens[b] for b in batch], device)
 
 
-def _gather_tokens(cache: torch.Tensor, block_table: torch.Tensor, span: _SequenceSpan,
-                   dtype: torch.dtype) -> torch.Tensor:
-    """The sequence's first seq_len tokens of a paged cache, in logical order: [S, H, D]."""
-    pages = cache[block_table[span.index, : span.num_pages].long()]
-    return pages.flatten(0, 1)[: span.seq_len].to(dtype)
+def _unit(seqs: list[int], rows: list[int], positions: list[list[int]], seq_lens: list[int],
+          device: torch.device) -> _WorkUnit:
+    def tensor(values):
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    return _WorkUnit(tensor(seqs), tensor(rows), tensor(positions),
+                     tensor([-(-n // BLOCK_SIZE) for n in seq_lens]),
+                     key_end=max(p[-1] for p in positions) + 1)
 
 
 def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
@@ -109,24 +143,20 @@ def select_blocks(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_table: t
     total_q, num_groups, index_dim = q_idx.shape
     acc = _accumulation_dtype(q_idx)
     selected = torch.full((total_q, num_groups, topk), -1, dtype=torch.int32, device=q_idx.device)
-    for span in _spans(seq_lens, cu_seqlens_q):
-        # [H_ik, Di, S]; H_ik == 1 broadcasts over the groups in the matmul below.
-        keys = _gather_tokens(k_idx_cache, block_table, span, acc).permute(1, 2, 0)
-        for start, end in span.query_chunks(num_groups * span.seq_len):
-            pos = span.positions(start, end, q_idx.device)
-            # Causal: blocks after the chunk's last query are never visible, so never scored.
-            key_end = int(pos[-1]) + 1
-            num_pages = -(-key_end // BLOCK_SIZE)
-            key_pos = torch.arange(key_end, device=q_idx.device)
-            queries = q_idx[start:end].to(acc).transpose(0, 1)  # [Hkv, t, Di]
-            scores = (queries @ keys[..., :key_end]) / math.sqrt(index_dim)  # [Hkv, t, S']
-            scores = scores.masked_fill(key_pos[None, None, :] > pos[None, :, None], -math.inf)
-            scores = torch.nn.functional.pad(scores, (0, num_pages * BLOCK_SIZE - key_end),
-                                             value=-math.inf)
-            block_scores = scores.view(num_groups, end - start, num_pages, BLOCK_SIZE).amax(-1)
-            block_scores = block_scores.transpose(0, 1)  # [t, Hkv, pages]
-
-            selected[start:end] = topk_with_local_block(block_scores, pos, topk)
+    for unit in _work_units(seq_lens, cu_seqlens_q, num_groups, q_idx.device):
+        n, t = unit.positions.shape
+        # [n, H_ik, Di, S]; H_ik == 1 broadcasts over the groups in the matmul below.
+        keys = unit.gather(k_idx_cache, block_table, acc).permute(0, 2, 3, 1)
+        queries = q_idx[unit.rows].to(acc).view(n, t, num_groups, index_dim).transpose(1, 2)
+        scores = (queries @ keys) / math.sqrt(index_dim)  # [n, Hkv, t, S]
+        key_pos = torch.arange(unit.key_end, device=q_idx.device)
+        causal = key_pos[None, None, :] <= unit.positions[:, :, None]  # [n, t, S]
+        scores = scores.masked_fill(~causal[:, None], -math.inf)
+        padded = unit.num_pages * BLOCK_SIZE
+        scores = torch.nn.functional.pad(scores, (0, padded - unit.key_end), value=-math.inf)
+        block_scores = scores.view(n, num_groups, t, unit.num_pages, BLOCK_SIZE).amax(-1)
+        block_scores = block_scores.transpose(1, 2).reshape(n * t, num_groups, unit.num_pages)
+        selected[unit.rows] = topk_with_local_block(block_scores, unit.positions.flatten(), topk)
     return selected
 
 
@@ -143,38 +173,38 @@ def _attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     out = torch.zeros_like(q)
     lse = (torch.full((total_q, num_heads), -math.inf, dtype=torch.float32, device=q.device)
            if return_lse else None)
-    for span in _spans(seq_lens, cu_seqlens_q):
-        keys = _gather_tokens(k_cache, block_table, span, acc).transpose(0, 1)[:, None]
-        values = _gather_tokens(v_cache, block_table, span, acc).transpose(0, 1)[:, None]
-        for start, end in span.query_chunks(num_heads * span.seq_len):
-            t = end - start
-            pos = span.positions(start, end, q.device)
-            # Causal: no key after the chunk's last query is visible, so none is read.
-            key_end = int(pos[-1]) + 1
-            key_pos = torch.arange(key_end, device=q.device)
-            visible = (key_pos[None, :] <= pos[:, None])[None]  # [1, t, S']
-            if blocks is not None:
-                num_pages = -(-key_end // BLOCK_SIZE)
-                chosen = blocks[start:end].long()  # [t, Hkv, topk]
-                chosen = torch.where((chosen < 0) | (chosen >= num_pages), num_pages, chosen)
-                page_mask = torch.zeros(t, num_groups, num_pages + 1, dtype=torch.bool,
-                                        device=q.device)
-                page_mask.scatter_(-1, chosen, True)
-                token_mask = page_mask[..., key_pos // BLOCK_SIZE]  # [t, Hkv, S']
-                visible = visible & token_mask.transpose(0, 1)  # [Hkv, t, S']
-            queries = q[start:end].to(acc).view(t, num_groups, group_size, head_dim)
-            queries = queries.permute(1, 2, 0, 3)  # [Hkv, G, t, D]
-            k = keys[:, :, :key_end].expand(-1, group_size, -1, -1)
-            v = values[:, :, :key_end].expand(-1, group_size, -1, -1)
-            chunk_out = torch.nn.functional.scaled_dot_product_attention(
-                queries, k, v, attn_mask=visible[:, None], scale=scale)
-            # A row that sees nothing (only possible with malformed selections) yields 0.
-            chunk_out = chunk_out.nan_to_num(0.0)
-            out[start:end] = chunk_out.permute(2, 0, 1, 3).reshape(t, num_heads, head_dim).to(q.dtype)
-            if lse is not None:
-                scores = (queries @ k.transpose(-1, -2)) * scale
-                row_lse = scores.masked_fill(~visible[:, None], -math.inf).logsumexp(dim=-1)
-                lse[start:end] = row_lse.permute(2, 0, 1).reshape(t, num_heads).float()
+    for unit in _work_units(seq_lens, cu_seqlens_q, num_heads, q.device):
+        n, t = unit.positions.shape
+        key_pos = torch.arange(unit.key_end, device=q.device)
+        visible = (key_pos[None, None, :] <= unit.positions[:, :, None])[:, None]  # [n,1,t,S]
+        if blocks is not None:
+            chosen = blocks[unit.rows].long().view(n, t, num_groups, -1)
+            num_pages = unit.num_pages
+            chosen = torch.where((chosen < 0) | (chosen >= num_pages), num_pages, chosen)
+            page_mask = torch.zeros(n, t, num_groups, num_pages + 1, dtype=torch.bool,
+                                    device=q.device)
+            page_mask.scatter_(-1, chosen, True)
+            token_mask = page_mask[..., key_pos // BLOCK_SIZE]  # [n, t, Hkv, S]
+            visible = visible & token_mask.permute(0, 2, 1, 3)  # [n, Hkv, t, S]
+        # The G heads of a group share its keys and, row by row, its mask: fold them into the
+        # query rows, [n, Hkv, G * t, D], so K/V stay a strided view of one gather.
+        visible = visible[:, :, None].expand(-1, -1, group_size, -1, -1)
+        visible = visible.reshape(n, visible.shape[1], group_size * t, unit.key_end)
+        queries = q[unit.rows].to(acc).view(n, t, num_groups, group_size, head_dim)
+        queries = queries.permute(0, 2, 3, 1, 4).reshape(n, num_groups, group_size * t, head_dim)
+        k = unit.gather(k_cache, block_table, acc).transpose(1, 2)  # [n, Hkv, S, D]
+        v = unit.gather(v_cache, block_table, acc).transpose(1, 2)
+        unit_out = torch.nn.functional.scaled_dot_product_attention(
+            queries, k, v, attn_mask=visible, scale=scale)
+        # A row that sees nothing (only possible with malformed selections) yields 0.
+        unit_out = unit_out.nan_to_num(0.0).view(n, num_groups, group_size, t, head_dim)
+        out[unit.rows] = unit_out.permute(0, 3, 1, 2, 4).reshape(n * t, num_heads,
+                                                                 head_dim).to(q.dtype)
+        if lse is not None:
+            scores = (queries @ k.transpose(-1, -2)) * scale
+            row_lse = scores.masked_fill(~visible, -math.inf).logsumexp(dim=-1)  # [n,Hkv,G*t]
+            row_lse = row_lse.view(n, num_groups, group_size, t).permute(0, 3, 1, 2)
+            lse[unit.rows] = row_lse.reshape(n * t, num_heads).float()
     return out, lse
 
 
