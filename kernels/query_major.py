@@ -16,7 +16,13 @@ import triton
 import triton.language as tl
 
 from kernels.reference import BLOCK_SIZE
-from kernels.triton_layout import dot_precision, query_positions, row_sequences, target_programs
+from kernels.triton_layout import (
+    AttentionShape,
+    dot_precision,
+    query_positions,
+    row_sequences,
+    target_programs,
+)
 
 _LOG2E = 1.4426950408889634
 
@@ -82,11 +88,9 @@ def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      block_table: torch.Tensor, seq_lens: torch.Tensor,
                      cu_seqlens_q: torch.Tensor, blocks: torch.Tensor,
                      softmax_scale: float | None = None, return_lse: bool = False):
-    total_q, num_heads, head_dim = q.shape
-    num_groups = k_cache.shape[2]
-    group = num_heads // num_groups
-    topk = blocks.shape[2]
-    scale = head_dim ** -0.5 if softmax_scale is None else softmax_scale
+    shape = AttentionShape.of(q, k_cache, blocks, softmax_scale)
+    total_q, num_heads, head_dim = shape.total_q, shape.num_heads, shape.head_dim
+    num_groups, group, topk = shape.num_groups, shape.group, shape.topk
     splits = max(1, min(topk, target_programs(q.device) // max(1, total_q * num_groups)))
     blocks_per_split = triton.cdiv(topk, splits)
     splits = triton.cdiv(topk, blocks_per_split)
@@ -101,7 +105,7 @@ def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             block_table.stride(0), blocks.stride(0), blocks.stride(1),
             partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
             partial_lse.stride(0), partial_lse.stride(1),
-            scale * _LOG2E, blocks_per_split,
+            shape.scale * _LOG2E, blocks_per_split,
             GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
             TOPK=topk, PAGE=BLOCK_SIZE, PRECISION=dot_precision(q.dtype), NUM_STAGES=2)
     if splits == 1:

@@ -78,15 +78,14 @@ def _work_units(seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, elements_per
                 first = seq_len - q_len + (start - cu[b])
                 yield _unit([b], list(range(start, end)), [list(range(first, first + end - start))],
                             [seq_len], device)
-    # Similar lengths together keep the padding small.
+    # Decode rows batch by similar length: keys are padded to a unit's longest sequence, so a
+    # unit ends once a sequence is 25% longer than its first (padding waste stays under 25%).
     decode.sort(key=lambda b: lens[b])
     while decode:
-        longest = lens[decode[0]]
-        count = 0
-        while count < len(decode):
-            longest = max(longest, lens[decode[count]])
-            if count and (count + 1) * longest * elements_per_key > _MAX_SCORE_ELEMENTS:
-                break
+        shortest = lens[decode[0]]
+        count = 1
+        while (count < len(decode) and lens[decode[count]] <= 1.25 * shortest
+               and (count + 1) * lens[decode[count]] * elements_per_key <= _MAX_SCORE_ELEMENTS):
             count += 1
         batch, decode = decode[:count], decode[count:]
         yield _unit(batch, [cu[b] for b in batch], [[lens[b] - 1] for b in batch],

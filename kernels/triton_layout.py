@@ -9,6 +9,27 @@ import torch
 import triton
 
 
+@dataclass(frozen=True)
+class AttentionShape:
+    """The sizes every sparse-attention launcher needs, read off its arguments."""
+
+    total_q: int
+    num_heads: int
+    head_dim: int
+    num_groups: int
+    group: int  # query heads per KV head
+    topk: int
+    scale: float
+
+    @classmethod
+    def of(cls, q: torch.Tensor, k_cache: torch.Tensor, blocks: torch.Tensor,
+           softmax_scale: float | None) -> "AttentionShape":
+        total_q, num_heads, head_dim = q.shape
+        num_groups = k_cache.shape[2]
+        return cls(total_q, num_heads, head_dim, num_groups, num_heads // num_groups,
+                   blocks.shape[2], head_dim ** -0.5 if softmax_scale is None else softmax_scale)
+
+
 @dataclass
 class QueryTiles:
     """Tiles of consecutive query rows that never cross a sequence boundary.
