@@ -104,7 +104,7 @@ class LLMEngine:
                                    config.max_num_batched_tokens)
         self.cache = KVCache(self.model_config, num_pages, self.dtype, self.device)
         self.runner = ModelRunner(loaded.model, self.cache, Sampler(config.seed, self.device),
-                                  topk=config.topk)
+                                  topk=config.topk, debug_checks=config.debug_checks)
         self.requests: dict[str, Sequence] = {}
         self.stats = EngineStats()
         logger.info("engine ready: model=%s device=%s dtype=%s kv_pages=%d kv_tokens=%d "

@@ -23,6 +23,9 @@ class AttentionMetadata:
     block_table: torch.Tensor  # int32 [B, max_pages]
     slot_mapping: torch.Tensor  # int64 [total_q]: page * 128 + offset of each new token
     max_seq_len: int  # host copy, so layers can pick dense attention without a device sync
+    # Re-validate indices in every kernel call: for debugging the engine; it costs time (and
+    # device syncs on a GPU) on metadata the ModelRunner built itself.
+    check_indices: bool = False
 
 
 class KVCache:

@@ -68,16 +68,22 @@ class MSAAttention(nn.Module):
             self.index_k_proj = nn.Linear(hidden, msa.index_key_heads * msa.index_head_dim,
                                           bias=False)
 
-    def _index_branch(self, x: torch.Tensor, q: torch.Tensor, positions: torch.Tensor):
-        """(q_idx [T, Hkv, Di], new index keys [T, H_ik, Di] or None if they are the K cache)."""
+    def _index_keys(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+        """New index keys [T, H_ik, Di] to cache; None when the index keys are the K cache."""
+        if not self.learned_indexer:
+            return None
+        msa = self.config.msa
+        k_idx = self.index_k_proj(x).view(-1, msa.index_key_heads, msa.index_head_dim)
+        return self._rope(k_idx, positions)
+
+    def _index_queries(self, x: torch.Tensor, q: torch.Tensor,
+                       positions: torch.Tensor) -> torch.Tensor:
+        """q_idx [T, Hkv, Di]: only computed when attention is actually sparse."""
         if not self.learned_indexer:
             # Derived indexer: a group's mean post-RoPE query scores that group's own keys.
-            q_idx = q.view(q.shape[0], self.num_kv_heads, -1, self.head_dim).mean(dim=2)
-            return q_idx, None
-        msa = self.config.msa
-        q_idx = self.index_q_proj(x).view(-1, self.num_kv_heads, msa.index_head_dim)
-        k_idx = self.index_k_proj(x).view(-1, msa.index_key_heads, msa.index_head_dim)
-        return self._rope(q_idx, positions), self._rope(k_idx, positions)
+            return q.view(q.shape[0], self.num_kv_heads, -1, self.head_dim).mean(dim=2)
+        q_idx = self.index_q_proj(x).view(-1, self.num_kv_heads, self.config.msa.index_head_dim)
+        return self._rope(q_idx, positions)
 
     def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return apply_rope(x, positions, self.config.rope_theta, self.config.max_position_embeddings)
@@ -88,16 +94,15 @@ class MSAAttention(nn.Module):
         q = self._rope(self.q_proj(x).view(tokens, self.num_heads, self.head_dim), positions)
         k = self._rope(self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim), positions)
         v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
-        q_idx, k_idx = self._index_branch(x, q, positions)
-        cache.write(self.layer_index, attn.slot_mapping, k, v, k_idx)
+        cache.write(self.layer_index, attn.slot_mapping, k, v, self._index_keys(x, positions))
         k_cache, v_cache, k_idx_cache = cache.layer(self.layer_index)
         layout = (attn.block_table, attn.seq_lens, attn.cu_seqlens_q)
-        # The ModelRunner built this metadata itself; re-reading it on a GPU would cost syncs.
-        checks = {"check_indices": not x.is_cuda}
+        checks = {"check_indices": attn.check_indices}
         # With at most topk blocks visible, MSA selects everything and equals dense attention.
         if self.dense or attn.max_seq_len <= topk * kernels.BLOCK_SIZE:
             out = kernels.dense_attention(q, k_cache, v_cache, *layout, **checks)
         else:
+            q_idx = self._index_queries(x, q, positions)
             blocks = kernels.select_blocks(q_idx, k_idx_cache, *layout, topk=topk, **checks)
             out = kernels.sparse_attention(q, k_cache, v_cache, *layout, blocks, **checks)
         return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))

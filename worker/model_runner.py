@@ -25,11 +25,12 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, model: MSAForCausalLM, cache: KVCache, sampler: Sampler,
-                 topk: int | None = None):
+                 topk: int | None = None, debug_checks: bool = False):
         self.model = model
         self.cache = cache
         self.sampler = sampler
         self.topk = topk
+        self.debug_checks = debug_checks
         self.device = cache.k.device
 
     def prepare(self, batch: ScheduledBatch):
@@ -64,6 +65,7 @@ class ModelRunner:
             block_table=block_table.to(self.device, non_blocking=True),
             slot_mapping=to_device(slots, torch.long),
             max_seq_len=max(seq_lens),
+            check_indices=self.debug_checks,
         )
         logit_rows = [cu_seqlens_q[b + 1] - 1 for b in sample_rows]
         return (to_device(input_ids, torch.long), to_device(positions, torch.long), metadata,

@@ -1,8 +1,10 @@
-"""Writes a tiny random MSA checkpoint in the Hugging Face layout, for tests and demos.
+"""Writes random MSA checkpoints in the Hugging Face layout, for tests, demos and benchmarks.
 
-It has everything a real MSA checkpoint has: a learned index branch (one shared index-key head),
-mixture-of-experts layers beside a dense-MLP layer, a dense-attention layer, a byte-level BPE
-tokenizer with a ChatML template. topk is small so that a few hundred tokens are already sparse.
+The tiny one has everything a real MSA checkpoint has: a learned index branch (one shared
+index-key head), mixture-of-experts layers beside a dense-MLP layer, a dense-attention layer, a
+byte-level BPE tokenizer with a ChatML template; topk is small so that a few hundred tokens are
+already sparse. The M3-shaped one has MiniMax-M3's attention at full width (Hq 64, Hkv 4,
+D = Di = 128, topk 16) for GPU benchmarks.
 """
 
 from __future__ import annotations
@@ -61,7 +63,30 @@ def tiny_config_dict(vocab_size: int, topk: int = 4) -> dict:
     }
 
 
-def make_tiny_checkpoint(path: str | Path, seed: int = 0, topk: int = 4) -> Path:
+def m3_shaped_config_dict(vocab_size: int, num_layers: int = 4) -> dict:
+    """MiniMax-M3's attention at full width (dense MLPs: the benchmark measures attention)."""
+    return {
+        "model_type": "msa",
+        "architectures": ["MSAForCausalLM"],
+        "vocab_size": vocab_size,
+        "hidden_size": 6144,
+        "intermediate_size": 8192,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 4,
+        "head_dim": 128,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 5_000_000.0,
+        "max_position_embeddings": 1 << 20,
+        "tie_word_embeddings": False,
+        "msa_config": {"indexer": "learned", "index_head_dim": 128, "index_key_heads": 1,
+                       "topk": 16},
+    }
+
+
+def make_random_checkpoint(path: str | Path, raw_config: dict, seed: int = 0,
+                           device: str = "cpu", dtype: torch.dtype = torch.float32) -> Path:
+    """config.json + random weights + the byte-level tokenizer (vocab_size is set to match)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = _byte_level_tokenizer()
@@ -69,10 +94,11 @@ def make_tiny_checkpoint(path: str | Path, seed: int = 0, topk: int = 4) -> Path
     (path / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": None, "eos_token": "<|im_end|>", "add_bos_token": False,
         "chat_template": CHATML_TEMPLATE}, indent=2))
-    raw = tiny_config_dict(tokenizer.get_vocab_size(), topk)
+    raw = dict(raw_config, vocab_size=tokenizer.get_vocab_size())
     (path / "config.json").write_text(json.dumps(raw, indent=2))
     torch.manual_seed(seed)
-    model = MSAForCausalLM(ModelConfig.from_hf_dict(raw))
+    with torch.device(device):
+        model = MSAForCausalLM(ModelConfig.from_hf_dict(raw)).to(dtype)
     with torch.no_grad():
         # Larger-than-default weights give peaked, input-dependent outputs, so tests that
         # compare generations actually discriminate.
@@ -80,6 +106,10 @@ def make_tiny_checkpoint(path: str | Path, seed: int = 0, topk: int = 4) -> Path
             if name.endswith("norm.weight"):
                 continue
             param.normal_(0.0, 1.0 if "embed" in name else 1.5 / param.shape[-1] ** 0.5)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+    save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()},
               str(path / "model.safetensors"))
     return path
+
+
+def make_tiny_checkpoint(path: str | Path, seed: int = 0, topk: int = 4) -> Path:
+    return make_random_checkpoint(path, tiny_config_dict(0, topk), seed)
