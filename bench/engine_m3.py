@@ -35,7 +35,8 @@ DECODE_STEPS = 32
 
 def decode_tokens_per_s(engine: LLMEngine, prompts: list[list[int]]) -> float:
     """Prefills all prompts, then times DECODE_STEPS steps of the whole batch."""
-    params = SamplingParams(temperature=0, max_tokens=DECODE_STEPS + 2, ignore_eos=True)
+    # Early requests decode while later ones still prefill: leave them room, abort after.
+    params = SamplingParams(temperature=0, max_tokens=4096, ignore_eos=True)
     ids = [engine.add_request(p, params) for p in prompts]
     while any(engine.requests[i].num_output_tokens == 0 for i in ids):
         engine.step()
@@ -46,8 +47,8 @@ def decode_tokens_per_s(engine: LLMEngine, prompts: list[list[int]]) -> float:
         generated += len(engine.step())
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    while engine.has_unfinished_requests:
-        engine.step()
+    for request_id in ids:
+        engine.abort(request_id)
     return generated / seconds
 
 
