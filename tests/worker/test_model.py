@@ -119,6 +119,21 @@ def test_haystack_answer_early_in_a_long_prompt_with_topk_16(default_engine, mon
     assert "PINEAPPLE" in out.text.upper()
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "known limit of the derived indexer on this 135M model: with one sentence repeated ~100 "
+    "times the filler blocks score alike and crowd out the fact's block in some layers; dense "
+    "attention answers, topk 16 does not. strict: a pass means this limit is gone."))
+def test_haystack_of_one_repeated_sentence(default_engine):
+    filler = ("The weather report said the day would be mild with light winds from the west. "
+              "Farmers in the valley checked their fields and the market opened at nine. ") * 100
+    prompt = default_engine.tokenizer.apply_chat_template([{"role": "user", "content":
+        "Important: the secret code word is PINEAPPLE. " + filler
+        + "\n\nWhat is the secret code word? Answer with the word only."}])
+    assert len(default_engine.tokenizer.encode(prompt)) > 3000
+    out = default_engine.generate([prompt], GREEDY, use_tqdm=False)[0]
+    assert "PINEAPPLE" in out.text.upper()
+
+
 def test_tiny_msa_checkpoint_runs_sparse(tiny_model_dir):
     """The learned index branch, MoE layers and dense layer load; topk changes the output."""
     loaded = load_model(tiny_model_dir, torch.float32, torch.device("cpu"))
