@@ -18,24 +18,36 @@ import triton
 import triton.language as tl
 
 from kernels.reference import BLOCK_SIZE, topk_with_local_block
-from kernels.triton_layout import QueryTiles, dot_precision, query_positions, target_programs
+from kernels.triton_layout import (
+    QueryTiles,
+    dot_precision,
+    search_steps,
+    sequence_of_row,
+    target_programs,
+)
 
 
 @triton.jit
 def _index_block_scores_kernel(
     q_idx, k_idx, block_table, seq_lens, cu_seqlens_q, tile_seq, tile_start, tile_end, scores,
+    positions_out,
     stride_qt, stride_qg, stride_kp, stride_kt, stride_kh, stride_bt, stride_st, stride_sg,
-    scale, pages_per_split,
+    scale, pages_per_split, num_seqs,
     GROUPS_PER_KEY: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
     INDEX_DIM: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
+    NUM_STAGES: tl.constexpr, ROW_TILES: tl.constexpr, SEARCH_STEPS: tl.constexpr,
 ):
     tile = tl.program_id(0)
     key_head = tl.program_id(1)
     split = tl.program_id(2)
-    seq = tl.load(tile_seq + tile)
-    row_begin = tl.load(tile_start + tile)
-    row_end = tl.load(tile_end + tile)
+    if ROW_TILES:  # decode: one row per tile, its sequence found in-kernel
+        seq = sequence_of_row(cu_seqlens_q, tile, num_seqs, SEARCH_STEPS)
+        row_begin = tile
+        row_end = tile + 1
+    else:
+        seq = tl.load(tile_seq + tile)
+        row_begin = tl.load(tile_start + tile)
+        row_end = tl.load(tile_end + tile)
     seq_len = tl.load(seq_lens + seq)
     q_begin = tl.load(cu_seqlens_q + seq)
     q_len = tl.load(cu_seqlens_q + seq + 1) - q_begin
@@ -52,6 +64,9 @@ def _index_block_scores_kernel(
     groups = key_head * GROUPS_PER_KEY + m % GROUPS_PER_KEY
     valid = (m < BLOCK_T * GROUPS_PER_KEY) & (rows < row_end)
     positions = first_pos + rows
+    # The selection rule needs every row's position: written once, by the first split.
+    tl.store(positions_out + rows, positions.to(tl.int64),
+             mask=valid & (key_head == 0) & (split == 0) & (m % GROUPS_PER_KEY == 0))
     dims = tl.arange(0, INDEX_DIM)
     q = tl.load(q_idx + rows[:, None] * stride_qt + groups[:, None] * stride_qg + dims[None, :],
                 mask=valid[:, None], other=0.0)
@@ -67,34 +82,43 @@ def _index_block_scores_kernel(
 
 
 def index_block_scores(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_table: torch.Tensor,
-                       seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor) -> torch.Tensor:
-    """Max-pooled index scores float32 [total_q, Hkv, max_pages]; -inf where never visible."""
+                       seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max-pooled index scores float32 [total_q, Hkv, max_pages], -inf where never visible;
+    each query row's position int64 [total_q])."""
     total_q, num_groups, index_dim = q_idx.shape
     key_heads = k_idx_cache.shape[2]
     groups_per_key = num_groups // key_heads
     max_pages = block_table.shape[1]
     scores = torch.full((total_q, num_groups, max_pages), -math.inf, dtype=torch.float32,
                         device=q_idx.device)
+    positions = torch.empty(total_q, dtype=torch.int64, device=q_idx.device)
+    num_seqs = seq_lens.shape[0]
+    if total_q == 0:
+        return scores, positions
     # Up to 64 packed rows per program: enough to reuse each page, few enough to stay in registers.
-    tiles = QueryTiles.build(cu_seqlens_q, total_q, max_rows=max(1, 64 // groups_per_key))
-    if tiles.num_tiles == 0:
-        return scores
-    block_m = max(16, triton.next_power_of_2(tiles.rows_per_tile * groups_per_key))
-    splits = max(1, min(max_pages, target_programs(q_idx.device) // (tiles.num_tiles * key_heads)))
+    rows = QueryTiles.rows_per_tile(total_q, num_seqs, max_rows=max(1, 64 // groups_per_key))
+    if rows == 1:  # decode: tiles are rows, located in-kernel (no tile tensors to build)
+        num_tiles, tile_arrays = total_q, (cu_seqlens_q,) * 3
+    else:
+        tiles = QueryTiles.build(cu_seqlens_q, total_q, rows)
+        num_tiles, tile_arrays = tiles.num_tiles, (tiles.seq, tiles.start, tiles.end)
+    block_m = max(16, triton.next_power_of_2(rows * groups_per_key))
+    splits = max(1, min(max_pages, target_programs(q_idx.device) // (num_tiles * key_heads)))
     pages_per_split = triton.cdiv(max_pages, splits)
-    grid = (tiles.num_tiles, key_heads, triton.cdiv(max_pages, pages_per_split))
+    grid = (num_tiles, key_heads, triton.cdiv(max_pages, pages_per_split))
     _index_block_scores_kernel[grid](
-        q_idx, k_idx_cache, block_table, seq_lens, cu_seqlens_q, tiles.seq, tiles.start, tiles.end,
-        scores, q_idx.stride(0), q_idx.stride(1), k_idx_cache.stride(0), k_idx_cache.stride(1),
+        q_idx, k_idx_cache, block_table, seq_lens, cu_seqlens_q, *tile_arrays, scores, positions,
+        q_idx.stride(0), q_idx.stride(1), k_idx_cache.stride(0), k_idx_cache.stride(1),
         k_idx_cache.stride(2), block_table.stride(0), scores.stride(0), scores.stride(1),
-        1.0 / math.sqrt(index_dim), pages_per_split,
-        GROUPS_PER_KEY=groups_per_key, BLOCK_T=tiles.rows_per_tile, BLOCK_M=block_m,
-        INDEX_DIM=index_dim, PAGE=BLOCK_SIZE, PRECISION=dot_precision(q_idx.dtype), NUM_STAGES=3)
-    return scores
+        1.0 / math.sqrt(index_dim), pages_per_split, num_seqs,
+        GROUPS_PER_KEY=groups_per_key, BLOCK_T=rows, BLOCK_M=block_m, INDEX_DIM=index_dim,
+        PAGE=BLOCK_SIZE, PRECISION=dot_precision(q_idx.dtype), NUM_STAGES=3,
+        ROW_TILES=rows == 1, SEARCH_STEPS=search_steps(num_seqs))
+    return scores, positions
 
 
 def select_blocks(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_table: torch.Tensor,
                   seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, topk: int) -> torch.Tensor:
-    scores = index_block_scores(q_idx, k_idx_cache, block_table, seq_lens, cu_seqlens_q)
-    positions = query_positions(seq_lens, cu_seqlens_q, q_idx.shape[0])
+    scores, positions = index_block_scores(q_idx, k_idx_cache, block_table, seq_lens, cu_seqlens_q)
     return topk_with_local_block(scores, positions, topk)

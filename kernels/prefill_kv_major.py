@@ -5,8 +5,8 @@ selection is inverted first: for each (sequence, KV group, block) the list of (q
 entries that chose it, a CSR built on the GPU by one sort. One program then loads its K/V page
 from HBM once and attends all of its queries and the group's G query heads at once (rows x heads
 packed into the MMA's M dimension), writing a partial output and log-sum-exp per (row, group,
-slot). Blocks chosen by many queries are cut into several work items (load balance). A second
-kernel merges each row's top-k partials by LSE, exactly.
+slot). Blocks chosen by many queries are cut into several work items (load balance). The shared
+LSE-merge kernel (`lse_merge.py`) then combines each row's top-k partials exactly.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.lse_merge import merge_partials
 from kernels.reference import BLOCK_SIZE
 from kernels.triton_layout import AttentionShape, dot_precision, query_positions, row_sequences
 
@@ -127,43 +128,6 @@ def _kv_block_partials_kernel(
     tl.store(partial_lse + partial, lse, mask=valid)
 
 
-@triton.jit
-def _merge_partials_kernel(
-    partial_out, partial_lse, blocks, out, lse, stride_ot, stride_oh, stride_lt, num_groups,
-    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, TOPK: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    group = tl.program_id(1)
-    h = tl.arange(0, BLOCK_G)
-    head_ok = h < GROUP
-    dims = tl.arange(0, HEAD_DIM)
-    total_max = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    total_sum = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
-    base = (row * num_groups + group) * TOPK
-    for slot in range(TOPK):
-        chosen = tl.load(blocks + base + slot) >= 0
-        part_lse = tl.load(partial_lse + (base + slot) * GROUP + h, mask=head_ok & chosen,
-                           other=float("-inf"))
-        part_out = tl.load(partial_out + ((base + slot) * GROUP + h)[:, None] * HEAD_DIM
-                           + dims[None, :], mask=(head_ok & chosen)[:, None],
-                           other=0.0).to(tl.float32)
-        new_max = tl.maximum(total_max, part_lse)
-        ref = tl.where(new_max == float("-inf"), 0.0, new_max)
-        alpha = tl.exp(total_max - ref)
-        weight = tl.exp(part_lse - ref)
-        total_sum = total_sum * alpha + weight
-        acc = acc * alpha[:, None] + weight[:, None] * part_out
-        total_max = new_max
-    seen = total_sum > 0
-    result = acc / tl.where(seen, total_sum, 1.0)[:, None]
-    row_lse = tl.where(seen, total_max + tl.log(tl.where(seen, total_sum, 1.0)), float("-inf"))
-    heads = group * GROUP + h
-    tl.store(out + row * stride_ot + heads[:, None] * stride_oh + dims[None, :],
-             result.to(out.dtype.element_ty), mask=head_ok[:, None])
-    tl.store(lse + row * stride_lt + heads, row_lse, mask=head_ok)
-
-
 def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_table: torch.Tensor, seq_lens: torch.Tensor,
                      cu_seqlens_q: torch.Tensor, blocks: torch.Tensor,
@@ -207,7 +171,4 @@ def _attend_rows(q, k_cache, v_cache, block_table, row_seq, row_pos, blocks, out
             GROUP=group, ROWS=rows, BLOCK_M=max(16, triton.next_power_of_2(rows * group)),
             HEAD_DIM=head_dim, TOPK=topk, PAGE=BLOCK_SIZE, PRECISION=dot_precision(q.dtype),
             num_warps=8)
-    _merge_partials_kernel[(total_q, num_groups)](
-        partial_out, partial_lse, blocks, out, lse, out.stride(0), out.stride(1), lse.stride(0),
-        num_groups, GROUP=group, BLOCK_G=triton.next_power_of_2(group), HEAD_DIM=head_dim,
-        TOPK=topk)
+    merge_partials(partial_out, partial_lse, out, lse, num_groups, topk, blocks)

@@ -4,7 +4,8 @@ One program per (query row, KV group, split of the row's selected blocks). The g
 heads are packed into the MMA's M dimension, so each selected page is loaded once for all of
 them; an online softmax runs over the pages of the split. With several splits (small batches:
 split-K across the top-k blocks so the GPU fills), each split writes a partial output and its
-log-sum-exp and the partials are merged exactly by LSE.
+log-sum-exp and the shared LSE-merge kernel combines them exactly. Each program finds its
+row's sequence by a binary search over cu_seqlens_q, so no per-step metadata is built.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import triton
 import triton.language as tl
 
 from kernels.reference import BLOCK_SIZE
+from kernels.lse_merge import merge_partials
 from kernels.triton_layout import (
     AttentionShape,
     dot_precision,
-    query_positions,
-    row_sequences,
+    search_steps,
+    sequence_of_row,
     target_programs,
 )
 
@@ -29,18 +31,18 @@ _LOG2E = 1.4426950408889634
 
 @triton.jit
 def _query_major_kernel(
-    q, k_cache, v_cache, block_table, row_seq, row_pos, blocks, out, lse,
+    q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, blocks, out, lse,
     stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_bt, stride_blt, stride_blg,
-    stride_os, stride_ot, stride_oh, stride_ls, stride_lt,
-    scale_log2, blocks_per_split,
+    num_seqs, num_groups, scale_log2, blocks_per_split,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, TOPK: tl.constexpr,
-    PAGE: tl.constexpr, PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
+    SPLITS: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr,
+    NUM_STAGES: tl.constexpr, SEARCH_STEPS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1)
     split = tl.program_id(2)
-    seq = tl.load(row_seq + row)
-    pos = tl.load(row_pos + row)
+    seq = sequence_of_row(cu_seqlens_q, row, num_seqs, SEARCH_STEPS)
+    pos = tl.load(seq_lens + seq) - tl.load(cu_seqlens_q + seq + 1) + row
 
     h = tl.arange(0, BLOCK_G)
     heads = group * GROUP + h
@@ -79,9 +81,11 @@ def _query_major_kernel(
     # running_max is in log2 units (scores were scaled by log2(e)); the lse is in natural log.
     row_lse = tl.where(seen, running_max * 0.6931471805599453
                        + tl.log(tl.where(seen, running_sum, 1.0)), float("-inf"))
-    tl.store(out + split * stride_os + row * stride_ot + heads[:, None] * stride_oh + dims[None, :],
-             result, mask=head_ok[:, None])
-    tl.store(lse + split * stride_ls + row * stride_lt + heads, row_lse, mask=head_ok)
+    # Layout [row, group, split, head, dim]: with one split it is the final [row, Hq, D].
+    slot = ((row * num_groups + group) * SPLITS + split) * GROUP + h
+    tl.store(out + slot[:, None] * HEAD_DIM + dims[None, :], result.to(out.dtype.element_ty),
+             mask=head_ok[:, None])
+    tl.store(lse + slot, row_lse, mask=head_ok)
 
 
 def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -94,25 +98,27 @@ def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     splits = max(1, min(topk, target_programs(q.device) // max(1, total_q * num_groups)))
     blocks_per_split = triton.cdiv(topk, splits)
     splits = triton.cdiv(topk, blocks_per_split)
-    partial_out = torch.empty(splits, total_q, num_heads, head_dim, dtype=torch.float32,
+    # One split writes the final output directly; several write float32 partials to merge.
+    partial_dtype = q.dtype if splits == 1 else torch.float32
+    partial_out = torch.empty(total_q, num_groups, splits, group, head_dim, dtype=partial_dtype,
                               device=q.device)
-    partial_lse = torch.empty(splits, total_q, num_heads, dtype=torch.float32, device=q.device)
+    partial_lse = torch.empty(total_q, num_groups, splits, group, dtype=torch.float32,
+                              device=q.device)
     if total_q:
+        num_seqs = seq_lens.shape[0]
         _query_major_kernel[(total_q, num_groups, splits)](
-            q, k_cache, v_cache, block_table, row_sequences(cu_seqlens_q, total_q),
-            query_positions(seq_lens, cu_seqlens_q, total_q), blocks, partial_out, partial_lse,
-            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            block_table.stride(0), blocks.stride(0), blocks.stride(1),
-            partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
-            partial_lse.stride(0), partial_lse.stride(1),
-            shape.scale * _LOG2E, blocks_per_split,
+            q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, blocks, partial_out,
+            partial_lse, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
+            k_cache.stride(2), block_table.stride(0), blocks.stride(0), blocks.stride(1),
+            num_seqs, num_groups, shape.scale * _LOG2E, blocks_per_split,
             GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-            TOPK=topk, PAGE=BLOCK_SIZE, PRECISION=dot_precision(q.dtype), NUM_STAGES=2)
+            TOPK=topk, SPLITS=splits, PAGE=BLOCK_SIZE, PRECISION=dot_precision(q.dtype),
+            NUM_STAGES=2, SEARCH_STEPS=search_steps(num_seqs))
     if splits == 1:
-        out, row_lse = partial_out[0], partial_lse[0]
+        out = partial_out.view(total_q, num_heads, head_dim)
+        row_lse = partial_lse.view(total_q, num_heads)
     else:
-        row_lse = torch.logsumexp(partial_lse, dim=0)
-        weights = torch.exp(partial_lse - row_lse.nan_to_num(neginf=0.0)).nan_to_num(0.0)
-        out = (weights[..., None] * partial_out.nan_to_num(0.0)).sum(0)
-    out = out.to(q.dtype)
+        out = torch.empty_like(q)
+        row_lse = torch.empty(total_q, num_heads, dtype=torch.float32, device=q.device)
+        merge_partials(partial_out, partial_lse, out, row_lse, num_groups, splits)
     return (out, row_lse) if return_lse else out

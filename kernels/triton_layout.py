@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 import triton
+import triton.language as tl
 
 
 @dataclass(frozen=True)
@@ -47,16 +48,19 @@ class QueryTiles:
     def num_tiles(self) -> int:
         return self.seq.shape[0]
 
+    @staticmethod
+    def rows_per_tile(total_q: int, batch: int, max_rows: int) -> int:
+        # Shapes are all the host knows: uniform decode (q_len 1..16 everywhere) gets tiles of
+        # its q_len; anything longer gets full tiles.
+        return min(max_rows, triton.next_power_of_2(triton.cdiv(max(total_q, 1), max(batch, 1))))
+
     @classmethod
-    def build(cls, cu_seqlens_q: torch.Tensor, total_q: int, max_rows: int) -> "QueryTiles":
+    def build(cls, cu_seqlens_q: torch.Tensor, total_q: int, rows: int) -> "QueryTiles":
         batch = cu_seqlens_q.shape[0] - 1
         if total_q == 0 or batch == 0:
             empty = torch.zeros(0, dtype=torch.int32, device=cu_seqlens_q.device)
-            return cls(empty, empty, empty, 1)
-        # Shapes are all the host knows: uniform decode (q_len 1..16 everywhere) gets tiles of
-        # its q_len; anything longer gets full tiles.
-        rows = min(max_rows, triton.next_power_of_2(triton.cdiv(total_q, batch)))
-        upper = total_q if rows == 1 else triton.cdiv(total_q, rows) + batch
+            return cls(empty, empty, empty, rows)
+        upper = triton.cdiv(total_q, rows) + batch
         cu = cu_seqlens_q.long()
         tiles_per_seq = (cu[1:] - cu[:-1] + rows - 1) // rows
         tiles_end = torch.cumsum(tiles_per_seq, 0)
@@ -84,6 +88,27 @@ def query_positions(seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
     first = seq_lens.long() - cu[1:]  # position of row r of sequence b is first[b] + r
     return first[row_sequences(cu_seqlens_q, total_q).long()] + torch.arange(total_q,
                                                                               device=cu.device)
+
+
+@triton.jit
+def sequence_of_row(cu_seqlens_q, row, num_seqs, SEARCH_STEPS: tl.constexpr):
+    """The last sequence b with cu_seqlens_q[b] <= row: the one that owns packed row `row`.
+
+    A binary search inside the kernel replaces a per-row metadata tensor (and the handful of
+    small launches that would build it on every step)."""
+    lo = row * 0  # same type as row
+    hi = lo + num_seqs
+    for _ in tl.static_range(SEARCH_STEPS):
+        mid = (lo + hi) // 2
+        right = tl.load(cu_seqlens_q + mid) <= row
+        lo = tl.where(right, mid, lo)
+        hi = tl.where(right, hi, mid)
+    return lo
+
+
+def search_steps(num_seqs: int) -> int:
+    """Iterations of `sequence_of_row`'s binary search for num_seqs sequences."""
+    return max(1, num_seqs.bit_length())
 
 
 @functools.lru_cache(maxsize=None)

@@ -20,6 +20,7 @@ LAYOUTS = {
     "prefill+decode": ([40, 700], [40, 1]),
     "chunk-after-prefix": ([530, 256], [6, 3]),
     "multi-token-decode": ([650, 129], [16, 2]),
+    "decode": ([700, 129, 300], [1, 1, 1]),
 }
 # (Hq, Hkv, index-key heads): group sizes 8, 16 and 1; one shared or per-group index keys.
 HEADS = [(16, 2, 1), (16, 1, 1), (4, 4, 4), (8, 1, 1)]
