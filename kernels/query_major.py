@@ -33,9 +33,9 @@ _LOG2E = 1.4426950408889634
 def _query_major_kernel(
     q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, blocks, out, lse,
     stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_bt, stride_blt, stride_blg,
-    num_seqs, num_groups, scale_log2, blocks_per_split,
+    num_seqs, num_groups, num_splits, scale_log2, blocks_per_split,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, TOPK: tl.constexpr,
-    SPLITS: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr,
+    PAGE: tl.constexpr, PRECISION: tl.constexpr,
     NUM_STAGES: tl.constexpr, SEARCH_STEPS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -82,7 +82,7 @@ def _query_major_kernel(
     row_lse = tl.where(seen, running_max * 0.6931471805599453
                        + tl.log(tl.where(seen, running_sum, 1.0)), float("-inf"))
     # Layout [row, group, split, head, dim]: with one split it is the final [row, Hq, D].
-    slot = ((row * num_groups + group) * SPLITS + split) * GROUP + h
+    slot = ((row * num_groups + group) * num_splits + split) * GROUP + h
     tl.store(out + slot[:, None] * HEAD_DIM + dims[None, :], result.to(out.dtype.element_ty),
              mask=head_ok[:, None])
     tl.store(lse + slot, row_lse, mask=head_ok)
@@ -110,9 +110,9 @@ def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, blocks, partial_out,
             partial_lse, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
             k_cache.stride(2), block_table.stride(0), blocks.stride(0), blocks.stride(1),
-            num_seqs, num_groups, shape.scale * _LOG2E, blocks_per_split,
+            num_seqs, num_groups, splits, shape.scale * _LOG2E, blocks_per_split,
             GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-            TOPK=topk, SPLITS=splits, PAGE=BLOCK_SIZE, PRECISION=dot_precision(q.dtype),
+            TOPK=topk, PAGE=BLOCK_SIZE, PRECISION=dot_precision(q.dtype),
             NUM_STAGES=2, SEARCH_STEPS=search_steps(num_seqs))
     if splits == 1:
         out = partial_out.view(total_q, num_heads, head_dim)

@@ -107,8 +107,9 @@ def sequence_of_row(cu_seqlens_q, row, num_seqs, SEARCH_STEPS: tl.constexpr):
 
 
 def search_steps(num_seqs: int) -> int:
-    """Iterations of `sequence_of_row`'s binary search for num_seqs sequences."""
-    return max(1, num_seqs.bit_length())
+    """Iterations of `sequence_of_row`'s binary search. A constant for any batch below 256
+    sequences, so batch sizes changing step to step never trigger a recompilation."""
+    return max(8, num_seqs.bit_length())
 
 
 @functools.lru_cache(maxsize=None)
