@@ -18,6 +18,10 @@ import triton
 import triton.language as tl
 
 from kernels.reference import BLOCK_SIZE, topk_with_local_block
+
+# Launch shape of the scan (chosen on an H100 by a sweep; bench/results/kernels_h100.md).
+NUM_WARPS = 4
+NUM_STAGES = 3
 from kernels.triton_layout import (
     QueryTiles,
     dot_precision,
@@ -113,8 +117,8 @@ def index_block_scores(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_tab
         k_idx_cache.stride(2), block_table.stride(0), scores.stride(0), scores.stride(1),
         1.0 / math.sqrt(index_dim), pages_per_split, num_seqs,
         GROUPS_PER_KEY=groups_per_key, BLOCK_T=rows, BLOCK_M=block_m, INDEX_DIM=index_dim,
-        PAGE=BLOCK_SIZE, PRECISION=dot_precision(q_idx.dtype), NUM_STAGES=3,
-        ROW_TILES=rows == 1, SEARCH_STEPS=search_steps(num_seqs))
+        PAGE=BLOCK_SIZE, PRECISION=dot_precision(q_idx.dtype), NUM_STAGES=NUM_STAGES,
+        ROW_TILES=rows == 1, SEARCH_STEPS=search_steps(num_seqs), num_warps=NUM_WARPS)
     return scores, positions
 
 
