@@ -19,9 +19,9 @@ import triton.language as tl
 
 from kernels.reference import BLOCK_SIZE, topk_with_local_block
 
-# Launch shape of the scan (chosen on an H100 by a sweep; bench/results/kernels_h100.md).
+# Launch shape of the scan, chosen on an H100 by a sweep (bench/results/kernels_decode_h100.md).
 NUM_WARPS = 4
-NUM_STAGES = 3
+NUM_STAGES = 2
 from kernels.triton_layout import (
     QueryTiles,
     dot_precision,
