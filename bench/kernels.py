@@ -12,6 +12,7 @@ Usage (on a CUDA machine): python bench/kernels.py [--out-dir DIR] [--quick]
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 from dataclasses import dataclass
@@ -182,13 +183,14 @@ def prefill_case(heads: Heads, chunks: list[tuple[int, int]], label: str) -> lis
     inputs = PagedInputs(heads, seq_lens, q_lens, seed=0)
     blocks = inputs.select()
     t_select = bench(inputs.select, rep_ms=400)
-    t_query_major = bench(lambda: inputs.attend_with(query_major, blocks), rep_ms=400)
-    t_kv_major = bench(lambda: inputs.attend_with(prefill_kv_major, blocks), rep_ms=400)
-    t_attend = bench(lambda: inputs.attend(blocks), rep_ms=400)
+    t_query_major = bench(functools.partial(inputs.attend_with, query_major, blocks), rep_ms=400)
+    t_kv_major = bench(functools.partial(inputs.attend_with, prefill_kv_major, blocks),
+                       rep_ms=400)
+    t_attend = bench(functools.partial(inputs.attend, blocks), rep_ms=400)
     # Achieved rate over the selected blocks: 4 * D flops per (query head, visible key).
     visible = sum(min(TOPK * PAGE, p + q) * q for q, p in chunks)  # upper bound on keys/row
     tflops = 4 * heads.head_dim * heads.num_heads * visible / t_kv_major / 1e12
-    del inputs, blocks
+    del inputs, blocks  # free the paged inputs before the dense baseline allocates its own
     # Dense baseline: flash SDPA with bottom-right causal alignment (queries after the prefix).
     from torch.nn.attention.bias import causal_lower_right
 
@@ -200,9 +202,8 @@ def prefill_case(heads: Heads, chunks: list[tuple[int, int]], label: str) -> lis
                         device="cuda")
         v = torch.randn_like(k)
         mask = causal_lower_right(q_len, seq_len)
-        t_dense += bench(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
-                         rep_ms=400)
-        del q, k, v
+        t_dense += bench(functools.partial(F.scaled_dot_product_attention, q, k, v,
+                                           attn_mask=mask), rep_ms=400)
     t_msa = t_select + t_attend
     return [heads.name, label, f"{t_dense * 1e3:.2f}", f"{t_select * 1e3:.2f}",
             f"{t_query_major * 1e3:.2f}", f"{t_kv_major * 1e3:.2f}",

@@ -152,7 +152,7 @@ def _attend_rows(q, k_cache, v_cache, block_table, row_seq, row_pos, blocks, out
                  scale) -> None:
     """Partials then merge for a contiguous slice of query rows (row ids local to the slice)."""
     shape = AttentionShape.of(q, k_cache, blocks, scale)
-    total_q, num_heads, head_dim = shape.total_q, shape.num_heads, shape.head_dim
+    total_q, head_dim = shape.total_q, shape.head_dim
     num_groups, group, topk = shape.num_groups, shape.group, shape.topk
     rows = max(1, _PACKED_ROWS // group)
     work = BlockWork.build(blocks, row_seq, block_table.shape[1], rows)

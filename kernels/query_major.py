@@ -10,8 +10,6 @@ row's sequence by a binary search over cu_seqlens_q, so no per-step metadata is 
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
