@@ -1,8 +1,8 @@
 """MSA kernels: validation at the boundary, then dispatch to a backend.
 
 Public functions (fixed by shared/msa_spec.md): `select_blocks`, `sparse_attention`,
-`dense_attention`. The backend is chosen by device (Triton on CUDA once it is available, the
-PyTorch reference otherwise) or forced with `backend="reference" | "triton"`.
+`dense_attention`. The backend is chosen by device (Triton on CUDA, the PyTorch reference
+otherwise) or forced with `backend="reference" | "triton"`.
 """
 
 from __future__ import annotations

@@ -101,7 +101,7 @@ def index_block_scores(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_tab
     if total_q == 0:
         return scores, positions
     # Up to 64 packed rows per program: enough to reuse each page, few enough to stay in registers.
-    rows = QueryTiles.rows_per_tile(total_q, num_seqs, max_rows=max(1, 64 // groups_per_key))
+    rows = QueryTiles.rows_for(total_q, num_seqs, max_rows=max(1, 64 // groups_per_key))
     if rows == 1:  # decode: tiles are rows, located in-kernel (no tile tensors to build)
         num_tiles, tile_arrays = total_q, (cu_seqlens_q,) * 3
     else:

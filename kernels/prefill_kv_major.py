@@ -19,9 +19,15 @@ import triton.language as tl
 
 from kernels.lse_merge import merge_partials
 from kernels.reference import BLOCK_SIZE
-from kernels.triton_layout import AttentionShape, dot_precision, query_positions, row_sequences
+from kernels.triton_layout import (
+    LOG2E,
+    AttentionShape,
+    dot_precision,
+    finish_softmax,
+    query_positions,
+    row_sequences,
+)
 
-_LOG2E = 1.4426950408889634
 _PACKED_ROWS = 128  # M of one program: query rows x query heads of the group
 # Query rows per launch, bounding the partials (rows x Hq x topk x D) to ~2 GiB: a 128K
 # prompt is then a few launches, each still loading a block once for all of its rows.
@@ -116,11 +122,8 @@ def _kv_block_partials_kernel(
     row_max = tl.max(s, axis=1)
     ref = tl.where(row_max == float("-inf"), 0.0, row_max)
     p = tl.exp2(s - ref[:, None])
-    row_sum = tl.sum(p, axis=1)
-    out = tl.dot(p.to(v.dtype), v, input_precision=PRECISION) \
-        / tl.where(row_sum > 0, row_sum, 1.0)[:, None]
-    lse = tl.where(row_sum > 0, ref * 0.6931471805599453 + tl.log(tl.where(row_sum > 0, row_sum,
-                                                                           1.0)), float("-inf"))
+    out, lse = finish_softmax(tl.dot(p.to(v.dtype), v, input_precision=PRECISION), ref,
+                              tl.sum(p, axis=1))
     # Partials are laid out [row, group, slot, head, dim]: the merge reads a row contiguously.
     partial = ((row * num_groups + group) * TOPK + slot) * GROUP + head
     tl.store(partial_out + partial[:, None] * HEAD_DIM + dims[None, :],
@@ -167,7 +170,7 @@ def _attend_rows(q, k_cache, v_cache, block_table, row_seq, row_pos, blocks, out
             q, k_cache, v_cache, block_table, row_pos, work.seq, work.group, work.block,
             work.start, work.count, work.entry_row, work.entry_slot, partial_out, partial_lse,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            block_table.stride(0), num_groups, scale * _LOG2E,
+            block_table.stride(0), num_groups, scale * LOG2E,
             GROUP=group, ROWS=rows, BLOCK_M=max(16, triton.next_power_of_2(rows * group)),
             HEAD_DIM=head_dim, TOPK=topk, PAGE=BLOCK_SIZE, PRECISION=dot_precision(q.dtype),
             num_warps=8)

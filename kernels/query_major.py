@@ -17,15 +17,14 @@ import triton.language as tl
 from kernels.reference import BLOCK_SIZE
 from kernels.lse_merge import merge_partials
 from kernels.triton_layout import (
+    LOG2E,
     AttentionShape,
     dot_precision,
+    finish_softmax,
     search_steps,
     sequence_of_row,
     target_programs,
 )
-
-_LOG2E = 1.4426950408889634
-
 
 @triton.jit
 def _query_major_kernel(
@@ -74,11 +73,7 @@ def _query_major_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         running_max = new_max
 
-    seen = running_sum > 0
-    result = acc / tl.where(seen, running_sum, 1.0)[:, None]
-    # running_max is in log2 units (scores were scaled by log2(e)); the lse is in natural log.
-    row_lse = tl.where(seen, running_max * 0.6931471805599453
-                       + tl.log(tl.where(seen, running_sum, 1.0)), float("-inf"))
+    result, row_lse = finish_softmax(acc, running_max, running_sum)
     # Layout [row, group, split, head, dim]: with one split it is the final [row, Hq, D].
     slot = ((row * num_groups + group) * num_splits + split) * GROUP + h
     tl.store(out + slot[:, None] * HEAD_DIM + dims[None, :], result.to(out.dtype.element_ty),
@@ -108,7 +103,7 @@ def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, blocks, partial_out,
             partial_lse, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
             k_cache.stride(2), block_table.stride(0), blocks.stride(0), blocks.stride(1),
-            num_seqs, num_groups, splits, shape.scale * _LOG2E, blocks_per_split,
+            num_seqs, num_groups, splits, shape.scale * LOG2E, blocks_per_split,
             GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
             TOPK=topk, PAGE=BLOCK_SIZE, PRECISION=dot_precision(q.dtype),
             NUM_STAGES=2, SEARCH_STEPS=search_steps(num_seqs))

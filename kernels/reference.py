@@ -2,8 +2,8 @@
 
 This module is the single source of truth for the math (`shared/msa_spec.md`). Every faster
 backend is tested against it, and on CPU it *is* the implementation, so it is vectorized over
-tokens and heads; the only Python loops are over sequences and over query chunks that bound
-memory.
+tokens and heads; the only Python loop is over work units: memory-bounded query chunks of a
+prefill, or a step's decode rows batched across sequences of similar length.
 
 Layouts (page = MSA block = 128 tokens):
     k_cache, v_cache   [num_pages, 128, Hkv, D]

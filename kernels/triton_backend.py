@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
@@ -44,10 +43,11 @@ def dense_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         out[cu[b]:cu[b + 1]] = result[0].transpose(0, 1)
     return out
 
+
 # Measured crossover on an H100 (bench/results/kernels_h100.md): the KV-major kernel's CSR sort
-# and float32 partial round trip (rows x Hq x topk x D) only pay off for long chunks, and only
-# when a group has few query heads (G <= 8: 1.04x at 9.8K rows, 1.43x at 16K rows after 158K;
-# at G = 16 the partials are 4x larger and it loses, 0.56x).
+# and partial round trip (rows x Hq x topk x D) only pay off for long chunks, and only when a
+# group has few query heads (G <= 8: 1.09x at 9.8K rows, 1.90x at 16K rows after 158K; at
+# G = 16 (Hq 64) the partials are 4x larger per row and it loses, 0.76x).
 KV_MAJOR_MIN_ROWS = 8192
 KV_MAJOR_MAX_GROUP = 8
 

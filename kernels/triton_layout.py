@@ -9,6 +9,9 @@ import torch
 import triton
 import triton.language as tl
 
+# Scores are scaled by log2(e) so the kernels' softmax runs on exp2.
+LOG2E = 1.4426950408889634
+
 
 @dataclass(frozen=True)
 class AttentionShape:
@@ -42,14 +45,14 @@ class QueryTiles:
     seq: torch.Tensor  # int32 [num_tiles]: the tile's sequence
     start: torch.Tensor  # int32 [num_tiles]: first packed query row
     end: torch.Tensor  # int32 [num_tiles]: one past the last row
-    rows_per_tile: int
 
     @property
     def num_tiles(self) -> int:
         return self.seq.shape[0]
 
     @staticmethod
-    def rows_per_tile(total_q: int, batch: int, max_rows: int) -> int:
+    def rows_for(total_q: int, batch: int, max_rows: int) -> int:
+        """Query rows per tile for a step of total_q rows over `batch` sequences."""
         # Shapes are all the host knows: uniform decode (q_len 1..16 everywhere) gets tiles of
         # its q_len; anything longer gets full tiles.
         return min(max_rows, triton.next_power_of_2(triton.cdiv(max(total_q, 1), max(batch, 1))))
@@ -59,7 +62,7 @@ class QueryTiles:
         batch = cu_seqlens_q.shape[0] - 1
         if total_q == 0 or batch == 0:
             empty = torch.zeros(0, dtype=torch.int32, device=cu_seqlens_q.device)
-            return cls(empty, empty, empty, rows)
+            return cls(empty, empty, empty)
         upper = triton.cdiv(total_q, rows) + batch
         cu = cu_seqlens_q.long()
         tiles_per_seq = (cu[1:] - cu[:-1] + rows - 1) // rows
@@ -71,7 +74,7 @@ class QueryTiles:
         start = cu[seq] + (index - (tiles_end[seq] - tiles_per_seq[seq])) * rows
         end = torch.minimum(start + rows, cu[seq + 1])
         start, end = torch.where(real, start, 0), torch.where(real, end, 0)
-        return cls(seq.to(torch.int32), start.to(torch.int32), end.to(torch.int32), rows)
+        return cls(seq.to(torch.int32), start.to(torch.int32), end.to(torch.int32))
 
 
 def row_sequences(cu_seqlens_q: torch.Tensor, total_q: int) -> torch.Tensor:
@@ -104,6 +107,16 @@ def sequence_of_row(cu_seqlens_q, row, num_seqs, SEARCH_STEPS: tl.constexpr):
         lo = tl.where(right, mid, lo)
         hi = tl.where(right, hi, mid)
     return lo
+
+
+@triton.jit
+def finish_softmax(acc, max_log2, total):
+    """(acc / total, natural-log LSE) of rows whose scores were log2(e)-scaled; a row that saw
+    no key (total 0) gives 0 and -inf. Shared by both sparse-attention kernels."""
+    seen = total > 0
+    safe_total = tl.where(seen, total, 1.0)
+    lse = tl.where(seen, max_log2 * 0.6931471805599453 + tl.log(safe_total), float("-inf"))
+    return acc / safe_total[:, None], lse
 
 
 def search_steps(num_seqs: int) -> int:

@@ -48,18 +48,10 @@ class BlockManager:
         self._cached: dict[str, int] = {}  # hash -> page holding that prefix page
         self._evictable: OrderedDict[int, None] = OrderedDict()
 
-    # -- queries ------------------------------------------------------------------------------
     @property
     def num_available_pages(self) -> int:
         """Pages a new allocation can get: free ones plus evictable cached ones."""
         return len(self._free) + len(self._evictable)
-
-    @property
-    def usage(self) -> float:
-        return 1.0 - self.num_available_pages / self.num_pages
-
-    def cached_hashes(self) -> list[str]:
-        return list(self._cached)
 
     # -- sequence lifecycle ---------------------------------------------------------------------
     def match_prefix(self, seq: Sequence) -> None:

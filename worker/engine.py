@@ -198,17 +198,18 @@ class LLMEngine:
             self.stats.prompt_tokens_cached += seq.num_cached_tokens
         seq.token_ids.append(token)
         self.stats.generated_tokens += 1
-        if logprob is not None:
-            seq.logprobs.append(logprob)
         params = seq.params
         if not params.ignore_eos and token in self.tokenizer.eos_token_ids:
             return self._finish(seq, FinishReason.STOP, [token], logprob)
-        seq.detokenizer.push(token)
+        delta = seq.detokenizer.push(token)
         if token in params.stop_token_ids:
             return self._finish(seq, FinishReason.STOP, [token], logprob)
-        if params.stop:
+        if params.stop and delta:
+            # Earlier text held no stop string, so only one ending in the new text can match.
             text = seq.detokenizer.text
-            hits = [i for i in (text.find(s) for s in params.stop) if i >= 0]
+            new_from = len(text) - len(delta)
+            hits = [i for i in (text.find(s, max(0, new_from - len(s) + 1)) for s in params.stop)
+                    if i >= 0]
             if hits:
                 # The stop string and anything after it are not part of the answer.
                 seq.detokenizer.text = text[: min(hits)]

@@ -85,7 +85,8 @@ def _build_model(config: ModelConfig, state: dict[str, torch.Tensor], source: Pa
                  dtype: torch.dtype, device: torch.device) -> MSAForCausalLM:
     with torch.device("meta"):
         model = MSAForCausalLM(config)
-    expected = set(model.state_dict())
+    shapes = {key: tuple(t.shape) for key, t in model.state_dict().items()}
+    expected = set(shapes)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
         expected.discard("lm_head.weight")
@@ -94,10 +95,9 @@ def _build_model(config: ModelConfig, state: dict[str, torch.Tensor], source: Pa
         raise ModelLoadError(f"{source}: weights do not match the config: missing "
                              f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
     for key, tensor in state.items():
-        want = model.state_dict()[key].shape
-        if tuple(tensor.shape) != tuple(want):
+        if tuple(tensor.shape) != shapes[key]:
             raise ModelLoadError(f"{source}: {key} has shape {tuple(tensor.shape)}, "
-                                 f"the config implies {tuple(want)}")
+                                 f"the config implies {shapes[key]}")
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -204,4 +204,4 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device) -> LoadedMo
     model = _build_model(config, state, path, dtype, device)
     return LoadedModel(model, Tokenizer.from_gguf_fields(fields), config,
                        name=fields.get("general.name") or path.stem,
-                       fingerprint=_fingerprint([path], json.dumps(config.__repr__())))
+                       fingerprint=_fingerprint([path], repr(config)))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -73,9 +72,6 @@ class TokenLogprob:
     top: list[tuple[int, float]]  # (token id, logprob), best first
 
 
-_arrival = itertools.count()
-
-
 class Sequence:
     """Prompt + generated tokens, how many are in the KV cache, and which pages hold them."""
 
@@ -83,7 +79,6 @@ class Sequence:
                  detokenizer: IncrementalDetokenizer,
                  mm_spans: tuple[MultimodalSpan, ...] = ()):
         self.request_id = request_id
-        self.arrival = next(_arrival)  # preemption order: the newest is preempted first
         self.params = params
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
@@ -97,16 +92,11 @@ class Sequence:
         self._page_hashes: list[str] = []
         self.detokenizer = detokenizer
         self.num_emitted_chars = 0  # text already handed to the caller
-        self.logprobs: list[TokenLogprob] = []
         self.generator: torch.Generator | None = None  # per-request RNG when a seed is given
 
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
 
     @property
     def num_output_tokens(self) -> int:
