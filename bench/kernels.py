@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import kernels  # noqa: E402
-from kernels import prefill_kv_major, query_major  # noqa: E402
 from bench.common import markdown_table, write_results  # noqa: E402
+from kernels import prefill_kv_major, query_major  # noqa: E402
 
 PAGE = 128
 TOPK = 16

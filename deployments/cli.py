@@ -4,6 +4,8 @@
     msa-serve chat                   interactive chat
     msa-serve make-tiny-model DIR    write a tiny random MSA checkpoint (tests, demos)
     msa-serve bench-engine           offline throughput / prefix-cache benchmark of the engine
+    msa-serve up                     the whole serving stack locally (Redis, Ray Serve, HTTP, gRPC)
+    msa-serve client chat "hi"       talk to a running server over gRPC
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import logging
 import sys
 
+from deployments.config import DEFAULT_SERVE_CONFIG
 from worker.errors import MSAServeError
 
 
@@ -108,6 +111,38 @@ def cmd_bench_engine(args) -> None:
                          prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens)
 
 
+def cmd_up(args) -> None:
+    from deployments.local import up
+
+    up(args.config, model=args.model, http_port=args.http_port, grpc_port=args.grpc_port)
+
+
+def cmd_client(args) -> None:
+    import grpc
+
+    from deployments.client import MSAServeClient
+
+    sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature,
+                "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed}
+    with MSAServeClient(args.target, api_key=args.api_key, timeout_s=args.timeout) as client:
+        try:
+            if args.action == "models":
+                print("\n".join(client.list_models()))
+            elif args.action == "health":
+                print("ok" if client.health() else "unhealthy")
+            elif args.action == "chat":
+                reply = client.chat([{"role": "user", "content": args.text}], **sampling)
+                print(reply.message.content)
+            else:
+                for piece in client.generate(args.text, **sampling):
+                    sys.stdout.write(piece.text)
+                    sys.stdout.flush()
+                print()
+        except grpc.RpcError as exc:
+            print(f"msa-serve client: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            sys.exit(1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="msa-serve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -138,6 +173,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--output-tokens", type=int, default=64)
     p.set_defaults(func=cmd_bench_engine)
+
+    p = sub.add_parser("up", help="serve locally: redis-server + Ray Serve (HTTP and gRPC)")
+    p.add_argument("--config", default=str(DEFAULT_SERVE_CONFIG),
+                   help="a Ray Serve config file (default: deployments/serve_config.yaml)")
+    p.add_argument("--model", default=None, help="override the config's model path")
+    p.add_argument("--http-port", type=int, default=None)
+    p.add_argument("--grpc-port", type=int, default=None)
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("client", help="call a running server over gRPC")
+    p.add_argument("action", choices=["generate", "chat", "models", "health"])
+    p.add_argument("text", nargs="?", default="")
+    p.add_argument("--target", default="127.0.0.1:9000")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds (gRPC deadline)")
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_client)
     return parser
 
 

@@ -18,10 +18,6 @@ import triton
 import triton.language as tl
 
 from kernels.reference import BLOCK_SIZE, topk_with_local_block
-
-# Launch shape of the scan, chosen on an H100 by a sweep (bench/results/kernels_decode_h100.md).
-NUM_WARPS = 4
-NUM_STAGES = 2
 from kernels.triton_layout import (
     QueryTiles,
     dot_precision,
@@ -29,6 +25,10 @@ from kernels.triton_layout import (
     sequence_of_row,
     target_programs,
 )
+
+# Launch shape of the scan, chosen on an H100 by a sweep (bench/results/kernels_decode_h100.md).
+NUM_WARPS = 4
+NUM_STAGES = 2
 
 
 @triton.jit

@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.reference import BLOCK_SIZE
 from kernels.lse_merge import merge_partials
+from kernels.reference import BLOCK_SIZE
 from kernels.triton_layout import (
     LOG2E,
     AttentionShape,
@@ -25,6 +25,7 @@ from kernels.triton_layout import (
     sequence_of_row,
     target_programs,
 )
+
 
 @triton.jit
 def _query_major_kernel(

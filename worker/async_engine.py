@@ -13,8 +13,9 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from worker.engine import LLMEngine, RequestOutput
 from worker.errors import EngineDeadError, RequestNotFoundError
@@ -61,6 +62,12 @@ class _Abort:
     request_id: str
 
 
+@dataclass
+class _Call:
+    fn: Callable[[LLMEngine], Any]
+    future: asyncio.Future
+
+
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
@@ -98,6 +105,14 @@ class AsyncLLMEngine:
     def abort(self, request_id: str) -> None:
         self._send(_Abort(request_id))
 
+    async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """Runs fn(engine) on the loop thread between steps (the engine is not thread-safe)."""
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine loop has stopped: {self._dead}")
+        future = asyncio.get_running_loop().create_future()
+        self._send(_Call(fn, future))
+        return await future
+
     def shutdown(self) -> None:
         self._stopping = True
         self._wakeup.set()
@@ -132,7 +147,9 @@ class AsyncLLMEngine:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(command, _Add):
+            if isinstance(command, _Call):
+                self._run_call(command)
+            elif isinstance(command, _Add):
                 try:
                     self.engine.add_sequence(command.seq)
                 except Exception as exc:
@@ -146,6 +163,15 @@ class AsyncLLMEngine:
                     pass  # finished on its own meanwhile
                 self._streams.pop(command.request_id, None)
 
+    def _run_call(self, call: _Call) -> None:
+        loop = call.future.get_loop()
+        try:
+            result = call.fn(self.engine)
+        except Exception as exc:
+            loop.call_soon_threadsafe(_settle, call.future, None, exc)
+        else:
+            loop.call_soon_threadsafe(_settle, call.future, result, None)
+
     def _deliver(self, output: RequestOutput) -> None:
         stream = self._streams.get(output.request_id)
         if stream is None:
@@ -153,3 +179,12 @@ class AsyncLLMEngine:
         if output.finished:
             del self._streams[output.request_id]
         stream.loop.call_soon_threadsafe(stream.put, output)
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():  # the caller was cancelled meanwhile
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

@@ -53,6 +53,15 @@ class BlockManager:
         """Pages a new allocation can get: free ones plus evictable cached ones."""
         return len(self._free) + len(self._evictable)
 
+    @property
+    def num_pages_in_use(self) -> int:
+        """Pages referenced by live sequences (not free, not merely cached)."""
+        return self.num_pages - self.num_available_pages
+
+    def cached_hashes(self) -> list[str]:
+        """Every prefix page hash this pool can serve now (for re-publishing an index)."""
+        return list(self._cached)
+
     # -- sequence lifecycle ---------------------------------------------------------------------
     def match_prefix(self, seq: Sequence) -> None:
         """Takes the cached pages of the longest cached prefix of a new sequence.

@@ -175,6 +175,13 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def load_figures(self) -> dict[str, int]:
+        """What routers and dashboards weigh a replica by, plus its running token total."""
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "kv_pages_in_use": self.block_manager.num_pages_in_use,
+                "kv_pages_total": self.block_manager.num_pages,
+                "generated_tokens": self.stats.generated_tokens}
+
     # -- the step ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()

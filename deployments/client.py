@@ -1,0 +1,71 @@
+"""A gRPC client for msa-serve (`msa_serve.v1.MSAServe`); `msa-serve client ...` wraps it.
+
+    with MSAServeClient("127.0.0.1:9000") as client:
+        for piece in client.generate("Once upon a time", max_tokens=32):
+            print(piece.text, end="")
+        reply = client.chat([{"role": "user", "content": "Hi"}])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import grpc
+
+from deployments.proto import msa_serve_pb2 as pb
+from deployments.proto.msa_serve_pb2_grpc import MSAServeStub
+
+
+def sampling_options(max_tokens: int | None = None, temperature: float | None = None,
+                     top_p: float | None = None, top_k: int | None = None,
+                     seed: int | None = None, stop: Sequence[str] = (),
+                     ignore_eos: bool = False) -> pb.SamplingOptions:
+    options = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
+               "top_k": top_k, "seed": seed}
+    return pb.SamplingOptions(**{k: v for k, v in options.items() if v is not None},
+                              stop=list(stop), ignore_eos=ignore_eos)
+
+
+class MSAServeClient:
+    def __init__(self, target: str = "127.0.0.1:9000", api_key: str | None = None,
+                 timeout_s: float | None = 300.0):
+        self.channel = grpc.insecure_channel(target)
+        self.stub = MSAServeStub(self.channel)
+        self.timeout_s = timeout_s
+        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+    def __enter__(self) -> MSAServeClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def generate(self, prompt: str | Sequence[int], model: str = "",
+                 timeout_s: float | None = None, **sampling) -> Iterator[pb.GenerateResponse]:
+        """Streams a raw-prompt completion; raises grpc.RpcError with the server's status."""
+        request = pb.GenerateRequest(model=model, sampling=sampling_options(**sampling))
+        if isinstance(prompt, str):
+            request.text = prompt
+        else:
+            request.token_ids.ids.extend(prompt)
+        yield from self.stub.Generate(request, timeout=timeout_s or self.timeout_s,
+                                      metadata=self.metadata)
+
+    def chat(self, messages: Sequence[dict[str, str]], model: str = "",
+             timeout_s: float | None = None, **sampling) -> pb.ChatResponse:
+        request = pb.ChatRequest(model=model, sampling=sampling_options(**sampling),
+                                 messages=[pb.ChatMessage(**m) for m in messages])
+        return self.stub.Chat(request, timeout=timeout_s or self.timeout_s,
+                              metadata=self.metadata)
+
+    def list_models(self) -> list[str]:
+        reply = self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout_s,
+                                     metadata=self.metadata)
+        return list(reply.models)
+
+    def health(self) -> bool:
+        return self.stub.Health(pb.HealthRequest(), timeout=self.timeout_s,
+                                metadata=self.metadata).ok

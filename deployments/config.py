@@ -1,0 +1,172 @@
+"""The serving application's settings: the `args` of the app in `serve_config.yaml`.
+
+`serve deploy serve_config.yaml`, `msa-serve up` and the Helm chart all read this one schema, so
+a typo in any of them fails at start with pydantic's message naming the field.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from worker.config import EngineConfig, parse_bytes
+
+API_KEYS_ENV = "MSA_SERVE_API_KEYS"
+DEFAULT_SERVE_CONFIG = Path(__file__).with_name("serve_config.yaml")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Autoscaling(_Strict):
+    """Ray Serve autoscaling bounds; replicas follow the ongoing requests per replica."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    target_ongoing_requests: float = Field(8, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas "
+                             f"({self.max_replicas})")
+        return self
+
+
+class Replicas(_Strict):
+    """How many copies of a deployment run, and what each one reserves from Ray."""
+
+    num_replicas: int | None = Field(1, ge=1, description="fixed count; null with autoscaling")
+    autoscaling: Autoscaling | None = None
+    num_cpus: float = Field(1, ge=0)
+    num_gpus: float = Field(0, ge=0)
+    max_ongoing_requests: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _one_scaling_mode(self):
+        if self.autoscaling is not None:
+            self.num_replicas = None
+        elif self.num_replicas is None:
+            raise ValueError("set num_replicas or autoscaling")
+        return self
+
+    def deployment_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "max_ongoing_requests": self.max_ongoing_requests,
+        }
+        if self.autoscaling is not None:
+            options["autoscaling_config"] = self.autoscaling.model_dump()
+        else:
+            options["num_replicas"] = self.num_replicas
+        return options
+
+
+class ModelDeployment(Replicas):
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    cpu_threads: int | None = Field(None, ge=1, description="torch threads per replica on CPU")
+
+
+class PreprocessDeployment(Replicas):
+    num_cpus: float = Field(0.5, ge=0)
+    autoscaling: Autoscaling | None = Field(default_factory=Autoscaling)
+
+
+class IngressDeployment(Replicas):
+    num_cpus: float = Field(0.5, ge=0)
+    max_ongoing_requests: int = Field(1024, ge=1)
+
+
+class RedisSettings(_Strict):
+    """Where prefix-cache metadata lives. url null = no Redis: routing by load alone."""
+
+    url: str | None = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "msa"
+    heartbeat_s: float = Field(2.0, gt=0)
+    ttl_s: float = Field(10.0, gt=0, description="a silent replica's entries expire after this")
+    lookup_timeout_ms: float = Field(5.0, gt=0, description="slower lookups route by load alone")
+    flush_interval_ms: float = Field(50.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ttl_outlives_heartbeat(self):
+        if self.ttl_s <= self.heartbeat_s:
+            raise ValueError(f"ttl_s ({self.ttl_s}) must exceed heartbeat_s ({self.heartbeat_s})")
+        return self
+
+
+class RoutingSettings(_Strict):
+    # prefix_aware: Redis prefix matches minus a load penalty; power_of_two: Serve's default.
+    policy: Literal["prefix_aware", "power_of_two"] = "prefix_aware"
+    load_penalty_tokens: int = Field(
+        512, ge=0, description="matched prefix tokens one ongoing request at a replica is worth")
+
+
+class Limits(_Strict):
+    max_body_bytes: int = Field(8 * 2**20, ge=1024)
+    max_tokens: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
+    default_max_tokens: int = Field(256, ge=1)
+
+    @field_validator("max_body_bytes", mode="before")
+    @classmethod
+    def _parse_size(cls, value):
+        return parse_bytes(value)
+
+
+class AppConfig(_Strict):
+    """Everything the msa-serve application needs; the `args` of its entry in serve_config.yaml."""
+
+    model: ModelDeployment = Field(default_factory=ModelDeployment)
+    preprocess: PreprocessDeployment = Field(default_factory=PreprocessDeployment)
+    ingress: IngressDeployment = Field(default_factory=IngressDeployment)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    limits: Limits = Field(default_factory=Limits)
+    api_keys: list[str] = Field(default_factory=list, description=f"bearer tokens; also read "
+                                                                  f"from ${API_KEYS_ENV}")
+
+    def resolved_api_keys(self) -> frozenset[str]:
+        from_env = os.environ.get(API_KEYS_ENV, "")
+        return frozenset(self.api_keys) | {k.strip() for k in from_env.split(",") if k.strip()}
+
+    @property
+    def model_key(self) -> str:
+        """Names this model's Redis keys; replicas and routers derive it the same way."""
+        engine = self.model.engine
+        return engine.served_model_name or (Path(engine.model).stem if engine.model else "default")
+
+
+class ServeConfigFile(BaseModel):
+    """The parts of a Ray Serve config file msa-serve reads (the rest is Serve's own)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    http_options: dict[str, Any] = Field(default_factory=dict)
+    grpc_options: dict[str, Any] = Field(default_factory=dict)
+    applications: list[dict[str, Any]]
+
+    @classmethod
+    def load(cls, path: str | Path = DEFAULT_SERVE_CONFIG) -> ServeConfigFile:
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            raise ValueError(f"cannot read serve config {path}: {exc}") from exc
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path} is not valid YAML: {exc}") from exc
+        return cls.model_validate(raw)
+
+    def app(self, name: str | None = None) -> dict[str, Any]:
+        """The msa-serve application entry (by name, or the only one)."""
+        apps = [a for a in self.applications if name is None or a.get("name") == name]
+        if len(apps) != 1:
+            raise ValueError(f"expected one application{f' named {name!r}' if name else ''} "
+                             f"in the serve config, found {len(apps)}")
+        return apps[0]
+
+    def app_config(self, name: str | None = None) -> AppConfig:
+        return AppConfig.model_validate(self.app(name).get("args") or {})

@@ -1,0 +1,135 @@
+"""What both front doors (OpenAI HTTP and gRPC) share: preprocess, route, stream, classify errors.
+
+`ModelGateway.start` returns only once the first chunk exists, so a request that is rejected
+(context overflow, bad token ids, no replica) fails with a status code, never mid-stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+
+from deployments import metrics
+from deployments.protocol import GenerateChunk, GenerateRequest, PreparedPrompt
+from worker.errors import EngineDeadError, InvalidRequestError, MSAServeError
+from worker.sequence import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ApiError(Exception):
+    """An error as a client sees it: HTTP status, gRPC code, OpenAI error type and message."""
+
+    status: int
+    grpc_code: grpc.StatusCode
+    error_type: str
+    message: str
+    code: str | None = None
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def invalid(message: str, code: str | None = None) -> ApiError:
+    return ApiError(400, grpc.StatusCode.INVALID_ARGUMENT, "invalid_request_error", message, code)
+
+
+def classify(exc: BaseException) -> ApiError:
+    """Maps anything raised while serving a request to what the client is told."""
+    if isinstance(exc, RayTaskError) and exc.cause is not None:
+        exc = exc.cause
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, InvalidRequestError):
+        return invalid(str(exc))
+    if isinstance(exc, (EngineDeadError, RayActorError, DeploymentUnavailableError,
+                        BackPressureError)):
+        return ApiError(503, grpc.StatusCode.UNAVAILABLE, "service_unavailable",
+                        f"the model replica serving this request failed or is overloaded; "
+                        f"retry ({type(exc).__name__})")
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return ApiError(504, grpc.StatusCode.DEADLINE_EXCEEDED, "timeout",
+                        "the request timed out")
+    if isinstance(exc, MSAServeError):
+        return ApiError(500, grpc.StatusCode.INTERNAL, "server_error", str(exc))
+    logger.exception("unexpected error while serving a request", exc_info=exc)
+    return ApiError(500, grpc.StatusCode.INTERNAL, "server_error",
+                    f"internal error ({type(exc).__name__}); see the server log")
+
+
+class ChunkStream:
+    """A request's chunks (the first one already received), with TTFT/TPOT/usage metrics."""
+
+    def __init__(self, api: str, first: GenerateChunk, rest: DeploymentResponseGenerator,
+                 arrived: float):
+        self.api = api
+        self.first = first
+        self.replica = first.replica
+        self._rest = rest
+        self._arrived = arrived
+        self._first_at = time.perf_counter()
+        self._done = first.finish_reason is not None
+        metrics.TTFT.labels(api=api).observe(self._first_at - arrived)
+
+    async def __aiter__(self) -> AsyncIterator[GenerateChunk]:
+        last = self.first
+        try:
+            yield self.first
+            while not self._done:
+                last = await self._rest.__anext__()
+                self._done = last.finish_reason is not None
+                yield last
+        finally:
+            if not self._done:  # the client left or the replica failed: stop the work there
+                self._rest.cancel()
+        metrics.record_usage(last.prompt_tokens, last.cached_tokens, last.completion_tokens)
+        if last.completion_tokens > 1:
+            metrics.TPOT.labels(api=self.api).observe(
+                (time.perf_counter() - self._first_at) / (last.completion_tokens - 1))
+
+    def cancel(self) -> None:
+        if not self._done:
+            self._rest.cancel()
+            self._done = True
+
+
+class ModelGateway:
+    def __init__(self, preprocessor: DeploymentHandle, model: DeploymentHandle):
+        self._preprocessor = preprocessor
+        self._model = model.options(stream=True)
+
+    async def prepare(self, messages: list[dict[str, Any]] | None = None,
+                      prompt: str | list[int] | None = None) -> PreparedPrompt:
+        try:
+            if messages is not None:
+                return await self._preprocessor.prepare_chat.remote(messages)
+            return await self._preprocessor.prepare_completion.remote(prompt)
+        except Exception as exc:
+            raise classify(exc) from None
+
+    async def start(self, api: str, prompt: PreparedPrompt, params: SamplingParams,
+                    arrived: float) -> ChunkStream:
+        request = GenerateRequest(uuid.uuid4().hex, prompt, params)
+        responses = self._model.generate.remote(request)
+        try:
+            first = await responses.__anext__()
+        except BaseException as exc:
+            responses.cancel()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise classify(exc) from None
+        return ChunkStream(api, first, responses, arrived)
+
+    async def load_figures(self) -> dict[str, Any]:
+        return await self._model.options(stream=False).load_figures.remote()

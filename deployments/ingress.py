@@ -1,0 +1,284 @@
+"""The ingress deployment: the OpenAI-compatible HTTP API and the gRPC service, on Ray Serve.
+
+HTTP routes are a FastAPI app (`/v1/chat/completions`, `/v1/completions`, `/v1/models`,
+`/health`, `/metrics`); the gRPC methods (`msa_serve.v1.MSAServe`) are methods of the same class,
+reached through Serve's gRPC proxy. Both go through one `ModelGateway`.
+
+No `from __future__ import annotations` here: FastAPI reads the route signatures at run time, and
+Serve pickles the class when it is decorated, so every helper it uses is defined above it.
+"""
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from deployments import metrics
+from deployments.config import AppConfig
+from deployments.gateway import ApiError, ChunkStream, ModelGateway, classify, invalid
+from deployments.openai_api import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ResponseWriter,
+    error_body,
+    parse_request,
+)
+from deployments.prefix_index import PrefixIndexLookup
+from deployments.proto import msa_serve_pb2 as pb
+from worker.errors import InvalidRequestError
+from worker.loader import inspect_model
+from worker.sequence import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+def _grpc_finish(reason: str | None) -> str:
+    return {"length": "length", None: ""}.get(reason, "stop")
+
+
+def _grpc_usage(chunk) -> pb.Usage:
+    return pb.Usage(prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens,
+                    cached_tokens=chunk.cached_tokens)
+
+
+def _grpc_error(exc: BaseException, grpc_context) -> BaseException:
+    """Sets the status on Serve's gRPC context; Serve sends it when the method raises."""
+    if isinstance(exc, asyncio.CancelledError):
+        return exc
+    error = classify(exc)
+    if grpc_context is not None:
+        grpc_context.set_code(error.grpc_code)
+        grpc_context.set_details(error.message)
+    metrics.REQUESTS.labels(api="grpc", status=error.grpc_code.name).inc()
+    return error
+
+
+async def _sse(writer: ResponseWriter, stream: ChunkStream,
+               include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's shape; a failure mid-stream becomes an error event."""
+    first, last = True, stream.first
+    try:
+        async for chunk in stream:
+            yield _event(writer.stream_chunk(chunk, first))
+            first, last = False, chunk
+        if include_usage:
+            yield _event(writer.usage_chunk(last))
+    except Exception as exc:
+        error = classify(exc)
+        yield _event(error_body(error.message, error.error_type, error.code))
+    yield "data: [DONE]\n\n"
+
+
+def _event(body: dict[str, Any]) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+api = FastAPI(title="msa-serve", description="OpenAI-compatible API for MSA models")
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, preprocessor: DeploymentHandle, model: DeploymentHandle, config: dict):
+        self.config = AppConfig.model_validate(config)
+        info = inspect_model(self.config.model.engine.model,
+                             self.config.model.engine.served_model_name)
+        self.model_name = info.name
+        self.tokenizer = info.tokenizer
+        self.api_keys = self.config.resolved_api_keys()
+        self.gateway = ModelGateway(preprocessor, model)
+        redis = self.config.redis
+        self.loads = PrefixIndexLookup(redis, self.config.model_key) if redis.url else None
+
+    # -- shared checks --------------------------------------------------------------------------
+    def _authorize(self, authorization: str | None) -> None:
+        if not self.api_keys:
+            return
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or token.strip() not in self.api_keys:
+            raise ApiError(401, grpc.StatusCode.UNAUTHENTICATED, "authentication_error",
+                           "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                           "invalid_api_key")
+
+    def _check_model(self, model: str) -> None:
+        if model and model != self.model_name:
+            raise ApiError(404, grpc.StatusCode.NOT_FOUND, "invalid_request_error",
+                           f"the model {model!r} does not exist; this server serves "
+                           f"{self.model_name!r}", "model_not_found")
+
+    def _sampling(self, request, logprobs: int | None) -> SamplingParams:
+        limits = self.config.limits
+        try:
+            return request.sampling_params(limits.default_max_tokens, limits.max_tokens, logprobs)
+        except InvalidRequestError as exc:
+            raise invalid(str(exc)) from None
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.config.limits.max_body_bytes
+        too_large = ApiError(413, grpc.StatusCode.RESOURCE_EXHAUSTED, "invalid_request_error",
+                             f"the request body exceeds {limit} bytes", "request_too_large")
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise too_large
+        body = bytearray()
+        async for piece in request.stream():
+            body += piece
+            if len(body) > limit:
+                raise too_large
+        return bytes(body)
+
+    # -- HTTP -------------------------------------------------------------------------------------
+    @api.get("/health")
+    async def health(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/metrics")
+    async def metrics_endpoint(self) -> Response:
+        if self.loads is not None:
+            metrics.set_replica_loads(await self.loads.replica_loads())
+        return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    @api.get("/v1/models")
+    async def list_models(self, request: Request) -> Response:
+        return await self._http("models", request, self._models_body)
+
+    async def _models_body(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [
+            {"id": self.model_name, "object": "model", "created": 0, "owned_by": "msa-serve"}]})
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._http("chat", request, self._chat)
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await self._http("completion", request, self._completion)
+
+    async def _http(self, api_name: str, request: Request, handler) -> Response:
+        try:
+            self._authorize(request.headers.get("authorization"))
+            response = await handler(request)
+        except Exception as exc:
+            error = classify(exc)
+            metrics.REQUESTS.labels(api=api_name, status=str(error.status)).inc()
+            return JSONResponse(error_body(error.message, error.error_type, error.code),
+                                status_code=error.status)
+        metrics.REQUESTS.labels(api=api_name, status=str(response.status_code)).inc()
+        return response
+
+    async def _chat(self, request: Request) -> Response:
+        arrived = time.perf_counter()
+        body = parse_request(ChatCompletionRequest, await self._read_body(request))
+        self._check_model(body.model)
+        params = self._sampling(body, body.num_logprobs)
+        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        prompt = await self.gateway.prepare(messages=messages)
+        stream = await self.gateway.start("chat", prompt, params, arrived)
+        writer = ResponseWriter("chat", f"chatcmpl-{uuid.uuid4().hex}",
+                                self.model_name, self.tokenizer, body.logprobs)
+        return await self._respond(writer, stream, body.stream, body.include_usage_in_stream)
+
+    async def _completion(self, request: Request) -> Response:
+        arrived = time.perf_counter()
+        body = parse_request(CompletionRequest, await self._read_body(request))
+        self._check_model(body.model)
+        params = self._sampling(body, body.logprobs)
+        prompt = await self.gateway.prepare(prompt=body.prompt)
+        stream = await self.gateway.start("completion", prompt, params, arrived)
+        writer = ResponseWriter("completion", f"cmpl-{uuid.uuid4().hex}",
+                                self.model_name, self.tokenizer, body.logprobs is not None)
+        return await self._respond(writer, stream, body.stream, body.include_usage_in_stream)
+
+    async def _respond(self, writer: ResponseWriter, stream: ChunkStream, streaming: bool,
+                       include_usage: bool) -> Response:
+        headers = {"x-msa-replica": stream.replica}
+        if streaming:
+            return StreamingResponse(_sse(writer, stream, include_usage), headers=headers,
+                                     media_type="text/event-stream")
+        text, logprobs, last = [], [], stream.first
+        async for chunk in stream:
+            text.append(chunk.delta)
+            logprobs += chunk.logprobs
+            last = chunk
+        return JSONResponse(writer.whole("".join(text), last, logprobs), headers=headers)
+
+    # -- gRPC (method names are the RPC names of msa_serve.v1.MSAServe) --------------------------
+    async def Generate(self, request: pb.GenerateRequest,
+                       grpc_context=None) -> AsyncIterator[pb.GenerateResponse]:
+        try:
+            stream = await self._grpc_start(request, grpc_context, messages=None)
+            async for chunk in stream:
+                yield pb.GenerateResponse(text=chunk.delta, token_ids=chunk.token_ids,
+                                          finish_reason=_grpc_finish(chunk.finish_reason),
+                                          usage=_grpc_usage(chunk), replica=chunk.replica)
+        except Exception as exc:
+            raise _grpc_error(exc, grpc_context) from None
+
+    async def Chat(self, request: pb.ChatRequest, grpc_context=None) -> pb.ChatResponse:
+        try:
+            messages = [{"role": m.role, "content": m.content} for m in request.messages]
+            if not messages:
+                raise invalid("messages must not be empty")
+            stream = await self._grpc_start(request, grpc_context, messages=messages)
+            text, last = [], stream.first
+            async for chunk in stream:
+                text.append(chunk.delta)
+                last = chunk
+        except Exception as exc:
+            raise _grpc_error(exc, grpc_context) from None
+        return pb.ChatResponse(message=pb.ChatMessage(role="assistant", content="".join(text)),
+                               finish_reason=_grpc_finish(last.finish_reason),
+                               usage=_grpc_usage(last), replica=last.replica)
+
+    async def ListModels(self, request: pb.ListModelsRequest,
+                         grpc_context=None) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[self.model_name])
+
+    async def Health(self, request: pb.HealthRequest, grpc_context=None) -> pb.HealthResponse:
+        return pb.HealthResponse(ok=True, status="ok")
+
+    async def _grpc_start(self, request, grpc_context,
+                          messages: list[dict[str, str]] | None) -> ChunkStream:
+        arrived = time.perf_counter()
+        metadata = dict(grpc_context.invocation_metadata()) if grpc_context else {}
+        self._authorize(metadata.get("authorization"))
+        self._check_model(request.model)
+        params = self._grpc_sampling(request.sampling)
+        if messages is not None:
+            prompt = await self.gateway.prepare(messages=messages)
+        elif request.WhichOneof("prompt") == "token_ids":
+            prompt = await self.gateway.prepare(prompt=list(request.token_ids.ids))
+        elif request.text:
+            prompt = await self.gateway.prepare(prompt=request.text)
+        else:
+            raise invalid("the prompt is empty: set text or token_ids")
+        api_name = "grpc_chat" if messages is not None else "grpc_generate"
+        stream = await self.gateway.start(api_name, prompt, params, arrived)
+        metrics.REQUESTS.labels(api=api_name, status="200").inc()
+        return stream
+
+    def _grpc_sampling(self, options: pb.SamplingOptions) -> SamplingParams:
+        limits = self.config.limits
+        max_tokens = (options.max_tokens if options.HasField("max_tokens")
+                      else limits.default_max_tokens)
+        if max_tokens > limits.max_tokens:
+            raise invalid(f"max_tokens is {max_tokens}; this server allows at most "
+                          f"{limits.max_tokens}")
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens,
+                temperature=options.temperature if options.HasField("temperature") else 1.0,
+                top_p=options.top_p if options.HasField("top_p") else 1.0,
+                top_k=options.top_k, seed=options.seed if options.HasField("seed") else None,
+                stop=list(options.stop), ignore_eos=options.ignore_eos)
+        except InvalidRequestError as exc:
+            raise invalid(str(exc)) from None

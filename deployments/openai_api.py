@@ -1,0 +1,189 @@
+"""The OpenAI-compatible wire format: request schemas, response and stream-chunk bodies, errors.
+
+Pure functions and pydantic models; the ingress deployment wires them to the model.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from deployments.protocol import GenerateChunk
+from worker.errors import InvalidRequestError
+from worker.sequence import SamplingParams, TokenLogprob
+from worker.tokenizer import Tokenizer
+
+
+class _Request(BaseModel):
+    # Unknown fields are ignored, as OpenAI's SDKs send new ones over time; known ones are typed.
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="extension: 0 = off")
+    min_p: float = Field(0.0, ge=0, le=1)
+    ignore_eos: bool = Field(False, description="extension: keep generating past EOS")
+    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    seed: int | None = None
+    presence_penalty: float = Field(0.0, ge=0, le=0, description="not supported: must be 0")
+    frequency_penalty: float = Field(0.0, ge=0, le=0, description="not supported: must be 0")
+    user: str | None = None
+
+    @property
+    def include_usage_in_stream(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+    def sampling_params(self, default_max_tokens: int, max_tokens_limit: int,
+                        logprobs: int | None) -> SamplingParams:
+        max_tokens = self.max_tokens or default_max_tokens
+        if max_tokens > max_tokens_limit:
+            raise InvalidRequestError(f"max_tokens is {max_tokens}; this server allows at most "
+                                      f"{max_tokens_limit}")
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return SamplingParams(max_tokens=max_tokens, temperature=self.temperature,
+                              top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+                              seed=self.seed, stop=stop, ignore_eos=self.ignore_eos,
+                              logprobs=logprobs)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _newer_max_tokens_name(self):
+        self.max_tokens = self.max_completion_tokens or self.max_tokens
+        return self
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[int] | list[str] = Field(min_length=1)
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = Field(False, description="not supported: must be false")
+
+    @model_validator(mode="after")
+    def _one_prompt(self):
+        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str):
+            if len(self.prompt) != 1:
+                raise ValueError("one prompt per request: send a batch as separate requests")
+            self.prompt = self.prompt[0]
+        if self.echo:
+            raise ValueError("echo is not supported")
+        return self
+
+
+def parse_request(model: type[BaseModel], body: bytes) -> Any:
+    """Validates a JSON body; any problem becomes one InvalidRequestError naming the fields."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}"
+                             for e in exc.errors(include_url=False))
+        raise InvalidRequestError(f"invalid request: {problems}") from None
+
+
+# -- responses ------------------------------------------------------------------------------------
+def usage_body(chunk: GenerateChunk) -> dict[str, Any]:
+    return {"prompt_tokens": chunk.prompt_tokens, "completion_tokens": chunk.completion_tokens,
+            "total_tokens": chunk.prompt_tokens + chunk.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": chunk.cached_tokens}}
+
+
+def finish_reason(chunk: GenerateChunk) -> str | None:
+    if chunk.finish_reason is None:
+        return None
+    return "length" if chunk.finish_reason == "length" else "stop"
+
+
+def chat_logprobs(logprobs: list[TokenLogprob], tokenizer: Tokenizer) -> dict[str, Any]:
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        token = tokenizer.decode([token_id], skip_special_tokens=False)
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    return {"content": [{**entry(lp.token_id, lp.logprob),
+                         "top_logprobs": [entry(t, v) for t, v in lp.top]} for lp in logprobs]}
+
+
+def completion_logprobs(logprobs: list[TokenLogprob], tokenizer: Tokenizer) -> dict[str, Any]:
+    tokens = [tokenizer.decode([lp.token_id], skip_special_tokens=False) for lp in logprobs]
+    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs],
+            "top_logprobs": [{tokenizer.decode([t], skip_special_tokens=False): v
+                              for t, v in lp.top} for lp in logprobs],
+            "text_offset": []}
+
+
+class ResponseWriter:
+    """Builds one request's response bodies in the chat or the completions shape."""
+
+    def __init__(self, kind: Literal["chat", "completion"], request_id: str, model: str,
+                 tokenizer: Tokenizer, with_logprobs: bool):
+        self.kind = kind
+        self.id = request_id
+        self.model = model
+        self.created = int(time.time())
+        self.tokenizer = tokenizer
+        self.with_logprobs = with_logprobs
+
+    def _envelope(self, object_name: str, choices: list[dict], **extra) -> dict[str, Any]:
+        return {"id": self.id, "object": object_name, "created": self.created,
+                "model": self.model, "choices": choices, **extra}
+
+    def _logprobs(self, logprobs: list[TokenLogprob]) -> dict[str, Any] | None:
+        if not self.with_logprobs:
+            return None
+        if self.kind == "chat":
+            return chat_logprobs(logprobs, self.tokenizer)
+        return completion_logprobs(logprobs, self.tokenizer)
+
+    def whole(self, text: str, last: GenerateChunk,
+              logprobs: list[TokenLogprob]) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason(last),
+                                  "logprobs": self._logprobs(logprobs)}
+        if self.kind == "chat":
+            choice["message"] = {"role": "assistant", "content": text}
+            return self._envelope("chat.completion", [choice], usage=usage_body(last))
+        choice["text"] = text
+        return self._envelope("text_completion", [choice], usage=usage_body(last))
+
+    def stream_chunk(self, chunk: GenerateChunk, first: bool) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason(chunk),
+                                  "logprobs": self._logprobs(chunk.logprobs)}
+        if self.kind == "chat":
+            delta: dict[str, Any] = {"content": chunk.delta}
+            if first:
+                delta["role"] = "assistant"
+            choice["delta"] = delta
+            return self._envelope("chat.completion.chunk", [choice])
+        choice["text"] = chunk.delta
+        return self._envelope("text_completion", [choice])
+
+    def usage_chunk(self, last: GenerateChunk) -> dict[str, Any]:
+        name = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        return self._envelope(name, [], usage=usage_body(last))
+
+
+def error_body(message: str, error_type: str, code: str | None = None,
+               param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}

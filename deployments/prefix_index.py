@@ -1,0 +1,211 @@
+"""Prefix-cache metadata in Redis: model replicas publish which page hashes they hold, routers ask.
+
+Layout, under `{key_prefix}:{model_key}`:
+    ...:pages:{replica}   SET of the page hashes the replica can serve from its cache
+    ...:load:{replica}    HASH of the replica's load figures (running, waiting, KV pages)
+Both keys carry a TTL that the replica's heartbeat renews, so a dead replica's entries vanish on
+their own; a (re)starting replica deletes its keys first. A lookup is one pipelined round trip:
+SMISMEMBER of the request's hash chain against each candidate's set; the number of leading hits
+is how many prefix pages that replica could reuse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from deployments.config import RedisSettings
+from worker.block_manager import PageEvent
+
+logger = logging.getLogger(__name__)
+
+
+def pages_key(settings: RedisSettings, model_key: str, replica: str) -> str:
+    return f"{settings.key_prefix}:{model_key}:pages:{replica}"
+
+
+def load_key(settings: RedisSettings, model_key: str, replica: str) -> str:
+    return f"{settings.key_prefix}:{model_key}:load:{replica}"
+
+
+def _client(settings: RedisSettings) -> aioredis.Redis:
+    timeout = max(settings.lookup_timeout_ms / 1000, 0.5)
+    return aioredis.Redis.from_url(settings.url, socket_timeout=timeout,
+                                   socket_connect_timeout=timeout, decode_responses=True)
+
+
+class _OnceLogger:
+    """Logs a failure once per outage, and the recovery once."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self.failing = False
+
+    def failed(self, exc: BaseException) -> None:
+        if not self.failing:
+            logger.warning("%s: redis unavailable (%r); continuing without it", self.what, exc)
+        self.failing = True
+
+    def recovered(self) -> None:
+        if self.failing:
+            logger.info("%s: redis is back", self.what)
+        self.failing = False
+
+
+class PrefixIndexPublisher:
+    """Batches a replica's page events into Redis off the token path.
+
+    `on_page_event` is the engine's listener: it runs on the engine thread and only appends to a
+    deque. A task on the replica's event loop flushes the deque every `flush_interval_ms` in one
+    pipeline and renews the TTLs every `heartbeat_s`. After Redis was unreachable the replica's
+    set is rebuilt from a snapshot of its cache, since the events missed meanwhile are gone.
+    """
+
+    def __init__(self, settings: RedisSettings, model_key: str, replica: str):
+        self.settings = settings
+        self.pages_key = pages_key(settings, model_key, replica)
+        self.load_key = load_key(settings, model_key, replica)
+        self._events: deque[PageEvent] = deque()
+        self._events_lock = threading.Lock()
+        self._task: asyncio.Task | None = None
+        self._stopping = False
+        self._needs_resync = True  # the first flush replaces whatever a predecessor left
+        self._log = _OnceLogger(f"prefix index publisher {replica}")
+
+    def on_page_event(self, event: PageEvent) -> None:  # engine thread
+        with self._events_lock:
+            self._events.append(event)
+
+    def take_snapshot(self, cached_hashes: list[str]) -> list[str]:  # engine thread
+        """Drops queued events: the snapshot taken at the same instant supersedes them."""
+        with self._events_lock:
+            self._events.clear()
+        return cached_hashes
+
+    def start(self, snapshot: Callable[[], Awaitable[list[str]]],
+              load: Callable[[], Awaitable[dict[str, int]]]) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(snapshot, load))
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        self._stopping = True  # a cancellation that redis-py turns into an error still stops
+        self._task.cancel()
+        try:
+            await asyncio.wait_for(self._task, timeout=5)
+        except (asyncio.CancelledError, asyncio.TimeoutError):
+            pass
+
+    async def _run(self, snapshot, load) -> None:
+        client = _client(self.settings)
+        interval = self.settings.flush_interval_ms / 1000
+        beats_every = max(1, round(self.settings.heartbeat_s / interval))
+        tick = 0
+        try:
+            while not self._stopping:
+                try:
+                    if self._needs_resync:
+                        await self._resync(client, await snapshot())
+                        self._needs_resync = False
+                    await self._flush(client, await load() if tick % beats_every == 0 else None)
+                    self._log.recovered()
+                except (RedisError, OSError, asyncio.TimeoutError) as exc:
+                    self._log.failed(exc)
+                    self._needs_resync = True
+                tick += 1
+                await asyncio.sleep(interval)
+        finally:
+            await client.aclose()
+
+    async def _resync(self, client: aioredis.Redis, hashes: list[str]) -> None:
+        pipe = client.pipeline(transaction=True)
+        pipe.delete(self.pages_key)
+        for start in range(0, len(hashes), 4096):
+            pipe.sadd(self.pages_key, *hashes[start:start + 4096])
+        pipe.expire(self.pages_key, int(self.settings.ttl_s))
+        await pipe.execute()
+
+    async def _flush(self, client: aioredis.Redis, load: dict[str, int] | None) -> None:
+        with self._events_lock:
+            events = list(self._events)
+            self._events.clear()
+        if not events and load is None:
+            return
+        pipe = client.pipeline(transaction=False)
+        for event in events:
+            if event.kind == "stored":
+                pipe.sadd(self.pages_key, *event.hashes)
+            else:
+                pipe.srem(self.pages_key, *event.hashes)
+        ttl = int(self.settings.ttl_s)
+        pipe.expire(self.pages_key, ttl)
+        if load is not None:
+            pipe.hset(self.load_key, mapping=load)
+            pipe.expire(self.load_key, ttl)
+        try:
+            await pipe.execute()
+        except BaseException:
+            with self._events_lock:  # keep them for the resync's snapshot to supersede
+                self._events.extendleft(reversed(events))
+            raise
+
+
+class PrefixIndexLookup:
+    """The router's side: how many leading pages of a request each replica holds."""
+
+    def __init__(self, settings: RedisSettings, model_key: str):
+        self.settings = settings
+        self.model_key = model_key
+        self._client: aioredis.Redis | None = None  # made on the router's event loop
+        self._log = _OnceLogger("prefix-aware router")
+
+    async def matched_pages(self, replicas: Sequence[str],
+                            page_hashes: Sequence[str]) -> dict[str, int] | None:
+        """replica -> leading pages it holds; None if Redis did not answer within the timeout."""
+        if not page_hashes or not replicas:
+            return dict.fromkeys(replicas, 0)
+        if self._client is None:
+            self._client = _client(self.settings)
+        pipe = self._client.pipeline(transaction=False)
+        for replica in replicas:
+            pipe.smismember(pages_key(self.settings, self.model_key, replica), list(page_hashes))
+        try:
+            replies = await asyncio.wait_for(pipe.execute(),
+                                             self.settings.lookup_timeout_ms / 1000)
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            self._log.failed(exc)
+            return None
+        self._log.recovered()
+        return {replica: _leading_hits(reply) for replica, reply in zip(replicas, replies)}
+
+    async def replica_loads(self) -> dict[str, dict[str, int]]:
+        """Every live replica's published load figures (for /metrics); {} without Redis."""
+        if self._client is None:
+            self._client = _client(self.settings)
+        prefix = load_key(self.settings, self.model_key, "")
+        try:
+            keys = [k async for k in self._client.scan_iter(match=prefix + "*", count=100)]
+            pipe = self._client.pipeline(transaction=False)
+            for key in keys:
+                pipe.hgetall(key)
+            values = await pipe.execute()
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            self._log.failed(exc)
+            return {}
+        return {k.removeprefix(prefix): {f: int(v) for f, v in h.items()}
+                for k, h in zip(keys, values) if h}
+
+
+def _leading_hits(reply: Sequence[int]) -> int:
+    count = 0
+    for hit in reply:
+        if not hit:
+            break
+        count += 1
+    return count

@@ -1,0 +1,36 @@
+"""What the deployments hand each other through Ray (pickled dataclasses, never JSON)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from worker.sequence import SamplingParams, TokenLogprob
+
+
+@dataclass
+class PreparedPrompt:
+    """A prompt after the preprocess tier: token ids and the prefix-cache page hashes."""
+
+    token_ids: list[int]
+    page_hashes: list[str]  # chained hashes of the full pages: what the router looks up
+
+
+@dataclass
+class GenerateRequest:
+    request_id: str
+    prompt: PreparedPrompt
+    params: SamplingParams
+
+
+@dataclass
+class GenerateChunk:
+    """One streamed piece of a request's output, as the model replica yields it."""
+
+    replica: str  # the model replica that serves the request
+    delta: str
+    token_ids: list[int]
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    logprobs: list[TokenLogprob] = field(default_factory=list)

@@ -1,0 +1,144 @@
+"""The Redis prefix index against a real redis-server: publish, look up, expire, resync."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from deployments.config import RedisSettings
+from deployments.local import LocalRedis, free_port
+from deployments.prefix_index import PrefixIndexLookup, PrefixIndexPublisher, pages_key
+from worker.block_manager import PageEvent
+
+
+@pytest.fixture
+def redis_server():
+    server = LocalRedis.start()
+    yield server
+    server.stop()
+
+
+def _settings(url: str, **overrides) -> RedisSettings:
+    values = dict(url=url, heartbeat_s=0.2, ttl_s=1, flush_interval_ms=10, lookup_timeout_ms=200)
+    values.update(overrides)
+    return RedisSettings(**values)
+
+
+async def _until(predicate, timeout_s: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not await predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+class FakeReplica:
+    """The engine side of a publisher: a set of cached hashes that changes by events."""
+
+    def __init__(self, publisher: PrefixIndexPublisher):
+        self.publisher = publisher
+        self.cached: set[str] = set()
+
+    def store(self, *hashes: str) -> None:
+        self.cached.update(hashes)
+        self.publisher.on_page_event(PageEvent("stored", hashes))
+
+    def remove(self, *hashes: str) -> None:
+        self.cached.difference_update(hashes)
+        self.publisher.on_page_event(PageEvent("removed", hashes))
+
+    def start(self) -> None:
+        async def snapshot():
+            return self.publisher.take_snapshot(sorted(self.cached))
+
+        async def load():
+            return {"running": 1, "waiting": 0, "kv_pages_in_use": len(self.cached),
+                    "kv_pages_total": 8}
+
+        self.publisher.start(snapshot, load)
+
+
+def test_lookup_counts_leading_pages_per_replica(redis_server):
+    async def scenario():
+        settings = _settings(redis_server.url)
+        a = FakeReplica(PrefixIndexPublisher(settings, "m", "replica-a"))
+        b = FakeReplica(PrefixIndexPublisher(settings, "m", "replica-b"))
+        a.start()
+        b.start()
+        a.store("h1", "h2", "h3")
+        b.store("h1", "h3")  # h2 missing: only one leading page counts
+        lookup = PrefixIndexLookup(settings, "m")
+
+        async def published():
+            got = await lookup.matched_pages(["replica-a", "replica-b", "replica-c"],
+                                             ["h1", "h2", "h3", "h4"])
+            return got == {"replica-a": 3, "replica-b": 1, "replica-c": 0}
+
+        await _until(published)
+        a.remove("h2")
+        await _until(lambda: _equals(lookup, ["replica-a"], ["h1", "h2"], {"replica-a": 1}))
+        expected_load = {"running": 1, "waiting": 0, "kv_pages_in_use": 2, "kv_pages_total": 8}
+
+        async def heartbeat_caught_up():
+            return (await lookup.replica_loads()).get("replica-a") == expected_load
+
+        await _until(heartbeat_caught_up)
+        await a.publisher.stop()
+        await b.publisher.stop()
+
+    asyncio.run(scenario())
+
+
+async def _equals(lookup, replicas, hashes, expected) -> bool:
+    return await lookup.matched_pages(replicas, hashes) == expected
+
+
+def test_dead_replica_entries_expire_and_restart_clears_them(redis_server):
+    async def scenario():
+        settings = _settings(redis_server.url)
+        lookup = PrefixIndexLookup(settings, "m")
+        a = FakeReplica(PrefixIndexPublisher(settings, "m", "replica-a"))
+        a.start()
+        a.store("h1")
+        await _until(lambda: _equals(lookup, ["replica-a"], ["h1"], {"replica-a": 1}))
+        await a.publisher.stop()  # the replica dies: no more heartbeats
+        await _until(lambda: _equals(lookup, ["replica-a"], ["h1"], {"replica-a": 0}),
+                     timeout_s=settings.ttl_s + 3)
+
+        # A replica restarting under the same id starts from an empty set, not stale entries.
+        client = lookup._client
+        await client.sadd(pages_key(settings, "m", "replica-a"), "stale")
+        fresh = FakeReplica(PrefixIndexPublisher(settings, "m", "replica-a"))
+        fresh.start()
+        fresh.store("h9")
+        await _until(lambda: _equals(lookup, ["replica-a"], ["h9"], {"replica-a": 1}))
+        assert not await client.sismember(pages_key(settings, "m", "replica-a"), "stale")
+        await fresh.publisher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_lookup_without_redis_says_so_quickly_and_publisher_resyncs_when_it_returns():
+    async def scenario():
+        port = free_port()
+        settings = _settings(f"redis://127.0.0.1:{port}/0", lookup_timeout_ms=5)
+        lookup = PrefixIndexLookup(settings, "m")
+        started = asyncio.get_running_loop().time()
+        assert await lookup.matched_pages(["replica-a"], ["h1"]) is None
+        assert asyncio.get_running_loop().time() - started < 1.0
+        assert await lookup.replica_loads() == {}
+
+        a = FakeReplica(PrefixIndexPublisher(settings, "m", "replica-a"))
+        a.start()
+        a.store("h1", "h2")  # published into the void: Redis is not there yet
+        await asyncio.sleep(0.3)
+        server = LocalRedis.start(port=port)
+        try:
+            relaxed = PrefixIndexLookup(_settings(settings.url), "m")
+            await _until(lambda: _equals(relaxed, ["replica-a"], ["h1", "h2"],
+                                         {"replica-a": 2}))
+        finally:
+            await a.publisher.stop()
+            server.stop()
+
+    asyncio.run(scenario())

@@ -1,0 +1,309 @@
+"""The serving stack end to end on CPU: real redis-server, real Ray Serve, real clients.
+
+One stack (tiny model, two model replicas) serves the whole module; the tests that break things
+(Redis stopped, a replica killed) run last, in file order.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import grpc
+import httpx
+import openai
+import pytest
+import ray
+from ray import serve
+
+from deployments.client import MSAServeClient
+from deployments.config import AppConfig, ServeConfigFile
+from deployments.local import free_port, local_stack
+
+API_KEY = "test-key"
+SYSTEM = ("Be careful. " * 25).strip()  # ~300 tokens of the byte-level tiny tokenizer
+LONG = {"max_tokens": 600, "extra_body": {"ignore_eos": True}}
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_model_dir):
+    app = AppConfig.model_validate({
+        "model": {"engine": {"model": str(tiny_model_dir), "device": "cpu", "dtype": "float32",
+                             "kv_cache_memory": "16MiB", "max_model_len": 1024,
+                             "max_num_batched_tokens": 512, "served_model_name": "tiny"},
+                  "num_replicas": 2, "num_cpus": 0.5, "cpu_threads": 1},
+        "preprocess": {"num_replicas": 1, "autoscaling": None, "num_cpus": 0.25},
+        "ingress": {"num_cpus": 0.25},
+        "redis": {"lookup_timeout_ms": 500, "heartbeat_s": 0.3, "ttl_s": 5,
+                  "flush_interval_ms": 20},
+        "limits": {"max_body_bytes": 65536, "max_tokens": 1000, "default_max_tokens": 16},
+        "api_keys": [API_KEY],
+    })
+    with local_stack(ServeConfigFile.load(), app, http_port=free_port(), grpc_port=free_port(),
+                     num_cpus=4) as endpoints:
+        yield endpoints
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    return openai.OpenAI(base_url=f"{stack.http}/v1", api_key=API_KEY, max_retries=0,
+                         timeout=120)
+
+
+@pytest.fixture(scope="module")
+def http(stack):
+    with httpx.Client(base_url=stack.http, timeout=120,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as session:
+        yield session
+
+
+def _chat(http: httpx.Client, messages, **extra) -> httpx.Response:
+    return http.post("/v1/chat/completions",
+                     json={"model": "tiny", "messages": messages, "temperature": 0, **extra})
+
+
+def _metric(http: httpx.Client, name: str, **labels) -> float:
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    line_start = f"{name}{{{wanted}}} " if labels else f"{name} "
+    for line in http.get("/metrics").text.splitlines():
+        if line.startswith(line_start):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def _replica_loads(stack) -> dict[str, dict[str, int]]:
+    import redis
+
+    client = redis.Redis.from_url(stack.redis.url, decode_responses=True)
+    keys = client.keys("msa:tiny:load:*")
+    return {k.rsplit(":", 1)[-1]: {f: int(v) for f, v in client.hgetall(k).items()} for k in keys}
+
+
+def _wait_idle(stack, timeout_s: float = 15.0,
+               generated_above: int = -1) -> dict[str, dict[str, int]]:
+    """Waits until every replica reports no request and no page held by one (and, to skip
+    figures published before the work at hand, more than `generated_above` tokens in all)."""
+    deadline = time.monotonic() + timeout_s
+    loads = {}
+    while time.monotonic() < deadline:
+        loads = _replica_loads(stack)
+        if len(loads) == 2 and all(f["running"] == 0 and f["waiting"] == 0
+                                   and f["kv_pages_in_use"] == 0 for f in loads.values()) and \
+                sum(f["generated_tokens"] for f in loads.values()) > generated_above:
+            return loads
+        time.sleep(0.1)
+    raise AssertionError(f"replicas still busy or holding pages: {loads}")
+
+
+# -- the OpenAI API through the official SDK --------------------------------------------------
+def test_models_health_and_metrics(client, http):
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    assert http.get("/health").json() == {"status": "ok"}
+    assert "msa_requests_total" in http.get("/metrics").text
+
+
+def test_chat_completion_and_prefix_cache_hit(client):
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hi"}]
+    first = client.chat.completions.create(model="tiny", messages=messages, temperature=0,
+                                           max_tokens=8, extra_body={"ignore_eos": True})
+    again = client.chat.completions.create(model="tiny", messages=messages, temperature=0,
+                                           max_tokens=8, extra_body={"ignore_eos": True})
+    assert first.choices[0].finish_reason == "length"
+    assert first.usage.completion_tokens == 8
+    assert first.usage.prompt_tokens > 256
+    assert first.choices[0].message.content == again.choices[0].message.content  # greedy
+    # The repeat lands where the prefix lives and reuses its full pages.
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert cached == (first.usage.prompt_tokens - 1) // 128 * 128 > 0
+
+
+def test_completion_streaming_matches_whole_and_stop_cuts(client):
+    kwargs = dict(model="tiny", prompt="The quick brown fox", temperature=0, max_tokens=24,
+                  extra_body={"ignore_eos": True})
+    whole = client.completions.create(**kwargs)
+    text = whole.choices[0].text
+    pieces, usage = [], None
+    for chunk in client.completions.create(stream=True, stream_options={"include_usage": True},
+                                           **kwargs):
+        if chunk.choices:
+            pieces.append(chunk.choices[0].text)
+        usage = chunk.usage or usage
+    assert "".join(pieces) == text
+    assert usage.completion_tokens == 24
+
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    assert stop.strip(), f"pick a visible stop string from {text!r}"
+    stopped = client.completions.create(stop=[stop], **kwargs)
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].text == text[: text.index(stop)]
+
+
+def test_chat_streaming_and_logprobs(client):
+    stream = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "count"}], temperature=0,
+        max_tokens=6, stream=True, logprobs=True, top_logprobs=2,
+        extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason == "length"
+    entries = [e for c in chunks for e in (c.choices[0].logprobs.content or [])]
+    assert len(entries) == 6
+    assert all(len(e.top_logprobs) == 2 and e.logprob <= 0 for e in entries)
+    # Greedy: the sampled token is the best alternative.
+    assert all(e.top_logprobs[0].logprob == pytest.approx(e.logprob) for e in entries)
+
+
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, http, stack):
+    raw = http.post("/v1/chat/completions", content=b"{not json",
+                    headers={"Content-Type": "application/json"})
+    assert raw.status_code == 400
+    assert "Invalid JSON" in raw.json()["error"]["message"]
+
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="gpt-5", messages=[{"role": "user", "content": "x"}])
+    assert err.value.body["code"] == "model_not_found"
+
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="tiny", prompt="x", max_tokens="many")
+    assert "max_tokens" in err.value.body["message"]
+
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="tiny", prompt="x", n=2)
+    assert "n:" in err.value.body["message"]
+
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="tiny", prompt="x", max_tokens=5000)
+    assert "at most 1000" in err.value.body["message"]
+
+    with pytest.raises(openai.BadRequestError) as err:  # context overflow: 1,100 > 1,024
+        client.completions.create(model="tiny", prompt=[65] * 1100)
+    assert "context" in err.value.body["message"]
+
+    with pytest.raises(openai.BadRequestError) as err:  # token ids outside the vocabulary
+        client.completions.create(model="tiny", prompt=[10**7])
+    assert "token ids" in err.value.body["message"]
+
+    big = http.post("/v1/completions", content=json.dumps(
+        {"model": "tiny", "prompt": "x" * 70000}).encode(),
+        headers={"Content-Type": "application/json"})
+    assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+
+    anonymous = httpx.post(f"{stack.http}/v1/models")
+    assert anonymous.status_code in (401, 405)
+    unauthorized = httpx.get(f"{stack.http}/v1/models")
+    assert unauthorized.status_code == 401
+    assert unauthorized.json()["error"]["type"] == "authentication_error"
+
+    ok = client.completions.create(model="tiny", prompt="still here", max_tokens=3)
+    assert ok.usage.completion_tokens >= 1
+    _wait_idle(stack)  # none of the rejected requests holds a page
+
+
+# -- gRPC -------------------------------------------------------------------------------------
+def test_grpc_generate_chat_and_status_codes(stack):
+    with MSAServeClient(stack.grpc, api_key=API_KEY, timeout_s=60) as grpc_client:
+        assert grpc_client.health()
+        assert grpc_client.list_models() == ["tiny"]
+        pieces = list(grpc_client.generate("The quick brown fox", max_tokens=12, temperature=0,
+                                           ignore_eos=True))
+        assert pieces[-1].finish_reason == "length"
+        assert pieces[-1].usage.completion_tokens == 12
+        assert sum(len(p.token_ids) for p in pieces) == 12
+        assert all(p.replica == pieces[0].replica for p in pieces)
+
+        reply = grpc_client.chat([{"role": "user", "content": "hi"}], max_tokens=5,
+                                 temperature=0, ignore_eos=True)
+        assert reply.message.role == "assistant" and reply.usage.completion_tokens == 5
+
+        for call, code in [
+            (lambda: list(grpc_client.generate("x", temperature=-1)), "INVALID_ARGUMENT"),
+            (lambda: list(grpc_client.generate("")), "INVALID_ARGUMENT"),
+            (lambda: list(grpc_client.generate("x", model="other")), "NOT_FOUND"),
+            (lambda: grpc_client.chat([]), "INVALID_ARGUMENT"),
+            (lambda: list(grpc_client.generate("x", max_tokens=900, ignore_eos=True,
+                                               timeout_s=0.3)), "DEADLINE_EXCEEDED"),
+        ]:
+            with pytest.raises(grpc.RpcError) as err:
+                call()
+            assert err.value.code().name == code, err.value.details()
+
+    with MSAServeClient(stack.grpc, api_key="wrong") as anonymous:
+        with pytest.raises(grpc.RpcError) as err:
+            list(anonymous.generate("x"))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    _wait_idle(stack)  # the request past its deadline released its pages
+
+
+# -- routing ------------------------------------------------------------------------------------
+def test_conversation_with_growing_prefix_stays_on_one_replica(http):
+    before = _metric(http, "msa_routing_decisions_total", reason="prefix")
+    messages = [{"role": "system", "content": SYSTEM}]
+    replicas = []
+    for turn in range(5):
+        messages.append({"role": "user", "content": f"question number {turn}"})
+        response = _chat(http, messages, max_tokens=4)
+        assert response.status_code == 200, response.text
+        replicas.append(response.headers["x-msa-replica"])
+        messages.append(response.json()["choices"][0]["message"])
+        if turn:
+            assert response.json()["usage"]["prompt_tokens_details"]["cached_tokens"] >= 256
+    assert len(set(replicas)) == 1, replicas
+    assert _metric(http, "msa_routing_decisions_total", reason="prefix") >= before + 4
+
+
+def test_client_disconnect_mid_stream_aborts_the_request(http, stack):
+    generated_before = sum(f["generated_tokens"] for f in _wait_idle(stack).values())
+    body = {"model": "tiny", "prompt": "tell me everything", "stream": True, "max_tokens": 900,
+            "ignore_eos": True}
+    with http.stream("POST", "/v1/completions", json=body) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))
+    loads = _wait_idle(stack, generated_above=generated_before)
+    generated = sum(f["generated_tokens"] for f in loads.values()) - generated_before
+    assert generated < 900, f"the request was not aborted: {generated} tokens generated"
+
+
+# -- faults (they break the stack: keep them last) -----------------------------------------------
+def test_requests_succeed_with_redis_stopped(http, stack):
+    stack.redis.stop()
+    before = _metric(http, "msa_routing_decisions_total", reason="redis_unavailable")
+    for turn in range(4):
+        response = _chat(http, [{"role": "system", "content": SYSTEM},
+                                {"role": "user", "content": f"no redis {turn}"}], max_tokens=3)
+        assert response.status_code == 200, response.text
+    assert _metric(http, "msa_routing_decisions_total", reason="redis_unavailable") >= before + 4
+
+
+def _replica_actor(replica_id: str):
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["name"].startswith("SERVE_REPLICA::") and actor["name"].endswith(replica_id):
+            return ray.get_actor(actor["name"], namespace=actor["namespace"])
+    raise AssertionError(f"no actor for replica {replica_id}")
+
+
+def _running_model_replicas() -> int:
+    app = serve.status().applications["msa-serve"]
+    return app.deployments["ModelServer"].replica_states.get("RUNNING", 0)
+
+
+def test_killed_replica_fails_its_stream_cleanly_and_serve_replaces_it(client):
+    stream = client.completions.create(model="tiny", prompt="a long story", stream=True,
+                                       **LONG)
+    first = next(iter(stream))
+    assert first.choices[0].text is not None
+    victim = stream.response.headers["x-msa-replica"]
+    ray.kill(_replica_actor(victim), no_restart=True)
+    with pytest.raises(openai.APIError) as err:
+        for _ in stream:
+            pass
+    assert "replica" in str(err.value.message)
+
+    survivor_answers = [client.completions.create(model="tiny", prompt=f"after {i}",
+                                                  max_tokens=3) for i in range(3)]
+    assert all(a.usage.completion_tokens >= 1 for a in survivor_answers)
+
+    deadline = time.monotonic() + 120
+    while _running_model_replicas() < 2:
+        assert time.monotonic() < deadline, "Serve did not replace the killed replica"
+        time.sleep(1)
