@@ -16,11 +16,14 @@ from deployments.model_server import ModelServer
 from deployments.preprocessor import Preprocessor
 
 PREFIX_AWARE_ROUTER = "deployments.router:PrefixAwareRouter"
+ROUND_ROBIN_ROUTER = "deployments.router:RoundRobinRouter"
 
 
 def router_config(config: AppConfig) -> RequestRouterConfig:
     if config.routing.policy == "power_of_two":
         return RequestRouterConfig()
+    if config.routing.policy == "round_robin":
+        return RequestRouterConfig(request_router_class=ROUND_ROBIN_ROUTER)
     return RequestRouterConfig(
         request_router_class=PREFIX_AWARE_ROUTER,
         request_router_kwargs={"redis": config.redis.model_dump(), "model_key": config.model_key,

@@ -100,8 +100,9 @@ class RedisSettings(_Strict):
 
 
 class RoutingSettings(_Strict):
-    # prefix_aware: Redis prefix matches minus a load penalty; power_of_two: Serve's default.
-    policy: Literal["prefix_aware", "power_of_two"] = "prefix_aware"
+    # prefix_aware: Redis prefix matches minus a load penalty; power_of_two: Serve's default
+    # (the shorter queue of two random replicas); round_robin: each replica in turn.
+    policy: Literal["prefix_aware", "power_of_two", "round_robin"] = "prefix_aware"
     load_penalty_tokens: int = Field(
         512, ge=0, description="matched prefix tokens one ongoing request at a replica is worth")
 

@@ -61,6 +61,25 @@ class PrefixAwareRouter(FIFOMixin, RequestRouter):
         return [random.sample(replicas, min(2, len(replicas)))]
 
 
+class RoundRobinRouter(FIFOMixin, RequestRouter):
+    """Cycles through the replicas whatever the request: the baseline prefix-aware routing beats."""
+
+    def initialize_state(self) -> None:
+        self._turn = 0
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None
+                              ) -> list[list[RunningReplica]]:
+        if not candidate_replicas:
+            return []
+        ordered = sorted(candidate_replicas, key=lambda r: r.replica_id.unique_id)
+        start = self._turn % len(ordered)
+        self._turn += 1
+        metrics.ROUTING_DECISIONS.labels(reason="round_robin").inc()
+        # The next replica first; the rest only if its queue is full.
+        return [[ordered[start]], ordered[start + 1:] + ordered[:start]]
+
+
 def _generate_request(pending: PendingRequest | None) -> GenerateRequest | None:
     if pending is None:
         return None

@@ -29,6 +29,8 @@ def test_router_config_follows_the_policy():
     assert prefix.request_router_kwargs["model_key"] == "default"
     assert "PowerOfTwo" in router_config(
         AppConfig(routing={"policy": "power_of_two"})).request_router_class
+    assert router_config(AppConfig(routing={"policy": "round_robin"})).request_router_class \
+        .endswith("RoundRobinRouter")
 
 
 @pytest.mark.parametrize("args, field", [
