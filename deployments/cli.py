@@ -114,7 +114,8 @@ def cmd_bench_engine(args) -> None:
 def cmd_up(args) -> None:
     from deployments.local import up
 
-    up(args.config, model=args.model, http_port=args.http_port, grpc_port=args.grpc_port)
+    up(args.config, model=args.model, http_port=args.http_port, grpc_port=args.grpc_port,
+       http_host=args.host)
 
 
 def cmd_client(args) -> None:
@@ -178,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=str(DEFAULT_SERVE_CONFIG),
                    help="a Ray Serve config file (default: deployments/serve_config.yaml)")
     p.add_argument("--model", default=None, help="override the config's model path")
+    p.add_argument("--host", default=None, help="HTTP bind address (default: the config's, "
+                                                 "127.0.0.1; 0.0.0.0 inside a container)")
     p.add_argument("--http-port", type=int, default=None)
     p.add_argument("--grpc-port", type=int, default=None)
     p.set_defaults(func=cmd_up)

@@ -95,7 +95,7 @@ class Endpoints:
 @contextlib.contextmanager
 def local_stack(config_file: ServeConfigFile, app: AppConfig, http_port: int | None = None,
                 grpc_port: int | None = None, num_cpus: int | None = None,
-                start_redis: bool = True) -> Iterator[Endpoints]:
+                start_redis: bool = True, http_host: str | None = None) -> Iterator[Endpoints]:
     """Runs the application on a local Ray until the block exits; tears everything down."""
     import ray
     from ray import serve
@@ -110,6 +110,8 @@ def local_stack(config_file: ServeConfigFile, app: AppConfig, http_port: int | N
     grpc_options = {**config_file.grpc_options}
     if http_port is not None:
         http_options["port"] = http_port
+    if http_host is not None:
+        http_options["host"] = http_host
     if grpc_port is not None:
         grpc_options["port"] = grpc_port
     entry = config_file.app()
@@ -139,7 +141,8 @@ def _served_name(app: AppConfig) -> str:
 
 
 def up(config_path: str | Path = DEFAULT_SERVE_CONFIG, model: str | None = None,
-       http_port: int | None = None, grpc_port: int | None = None) -> None:
+       http_port: int | None = None, grpc_port: int | None = None,
+       http_host: str | None = None) -> None:
     """The embedded default: serve until Ctrl-C."""
     config_file = ServeConfigFile.load(config_path)
     app = config_file.app_config()
@@ -151,7 +154,7 @@ def up(config_path: str | Path = DEFAULT_SERVE_CONFIG, model: str | None = None,
         signal.signal(sig, lambda *_: stop.set())
     print("starting redis-server, Ray and Serve (the first start takes a minute) ...",
           flush=True)
-    with local_stack(config_file, app, http_port, grpc_port) as endpoints:
+    with local_stack(config_file, app, http_port, grpc_port, http_host=http_host) as endpoints:
         print(f"\nmsa-serve is up: model {endpoints.model}\n"
               f"  OpenAI HTTP  {endpoints.http}/v1   (metrics {endpoints.http}/metrics)\n"
               f"  gRPC         {endpoints.grpc}   (msa_serve.v1.MSAServe)\n\n"
