@@ -105,16 +105,20 @@ class ChunkStream:
 
 
 class ModelGateway:
-    def __init__(self, preprocessor: DeploymentHandle, model: DeploymentHandle):
+    def __init__(self, preprocessor: DeploymentHandle, model: DeploymentHandle, salt: str):
         self._preprocessor = preprocessor
         self._model = model.options(stream=True)
+        self._salt = salt  # the model's fingerprint, for hashing token-id prompts here
 
     async def prepare(self, messages: list[dict[str, Any]] | None = None,
                       prompt: str | list[int] | None = None) -> PreparedPrompt:
+        """Text goes through the preprocess tier; token ids skip that hop."""
         try:
             if messages is not None:
                 return await self._preprocessor.prepare_chat.remote(messages)
-            return await self._preprocessor.prepare_completion.remote(prompt)
+            if isinstance(prompt, str):
+                return await self._preprocessor.prepare_text.remote(prompt)
+            return PreparedPrompt.from_token_ids(list(prompt), self._salt)
         except Exception as exc:
             raise classify(exc) from None
 

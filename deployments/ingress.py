@@ -95,7 +95,7 @@ class Ingress:
         self.model_name = info.name
         self.tokenizer = info.tokenizer
         self.api_keys = self.config.resolved_api_keys()
-        self.gateway = ModelGateway(preprocessor, model)
+        self.gateway = ModelGateway(preprocessor, model, info.fingerprint)
         redis = self.config.redis
         self.loads = PrefixIndexLookup(redis, self.config.model_key) if redis.url else None
 

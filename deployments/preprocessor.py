@@ -1,7 +1,8 @@
-"""The preprocess deployment (CPU): chat templating, tokenization and page hashing.
+"""The preprocess deployment (CPU): chat templating, tokenization and page hashing of text.
 
 Model replicas receive token ids only. The page hashes computed here with the engine's own hash
 function (and the model's fingerprint as salt) are what the prefix-aware router looks up.
+Prompts that arrive as token ids need no tokenizer: the ingress hashes them itself.
 """
 
 from __future__ import annotations
@@ -12,10 +13,8 @@ from ray import serve
 
 from deployments.config import AppConfig
 from deployments.protocol import PreparedPrompt
-from kernels import BLOCK_SIZE
 from worker.errors import InvalidRequestError
 from worker.loader import inspect_model
-from worker.prefix_hash import chain_page_hashes
 
 
 @serve.deployment(name="Preprocessor")
@@ -28,18 +27,10 @@ class Preprocessor:
 
     def prepare_chat(self, messages: list[dict[str, Any]]) -> PreparedPrompt:
         text = self.tokenizer.apply_chat_template([_text_message(m) for m in messages])
-        return self._prepared(self.tokenizer.encode(text))
+        return PreparedPrompt.from_token_ids(self.tokenizer.encode(text), self.salt)
 
-    def prepare_completion(self, prompt: str | list[int]) -> PreparedPrompt:
-        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        return self._prepared(token_ids)
-
-    def _prepared(self, token_ids: list[int]) -> PreparedPrompt:
-        if not token_ids:
-            raise InvalidRequestError("the prompt is empty")
-        # Only pages before the last prompt token can come from the cache (BlockManager's rule).
-        matchable = (len(token_ids) - 1) // BLOCK_SIZE * BLOCK_SIZE
-        return PreparedPrompt(token_ids, chain_page_hashes(token_ids[:matchable], self.salt))
+    def prepare_text(self, prompt: str) -> PreparedPrompt:
+        return PreparedPrompt.from_token_ids(self.tokenizer.encode(prompt), self.salt)
 
 
 def _text_message(message: dict[str, Any]) -> dict[str, Any]:

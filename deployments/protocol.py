@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kernels import BLOCK_SIZE
+from worker.errors import InvalidRequestError
+from worker.prefix_hash import chain_page_hashes
 from worker.sequence import SamplingParams, TokenLogprob
 
 
@@ -13,6 +16,15 @@ class PreparedPrompt:
 
     token_ids: list[int]
     page_hashes: list[str]  # chained hashes of the full pages: what the router looks up
+
+    @classmethod
+    def from_token_ids(cls, token_ids: list[int], salt: str) -> PreparedPrompt:
+        """salt: the model's fingerprint, as the engine's BlockManager uses it."""
+        if not token_ids:
+            raise InvalidRequestError("the prompt is empty")
+        # Only pages before the last prompt token can come from the cache (BlockManager's rule).
+        matchable = (len(token_ids) - 1) // BLOCK_SIZE * BLOCK_SIZE
+        return cls(token_ids, chain_page_hashes(token_ids[:matchable], salt))
 
 
 @dataclass
