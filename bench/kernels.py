@@ -7,6 +7,7 @@ that is not in L2. Ceilings (device-to-device copy bandwidth, bf16 matmul rate) 
 the same run.
 
 Usage (on a CUDA machine): python bench/kernels.py [--out-dir DIR] [--quick]
+                           [--only decode|prefill|flex]
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ class PagedInputs:
         self.k_cache = rand(num_pages, PAGE, heads.num_kv_heads, heads.head_dim)
         self.v_cache = rand(num_pages, PAGE, heads.num_kv_heads, heads.head_dim)
         self.k_idx_cache = rand(num_pages, PAGE, 1, heads.index_dim)
+        self.k_idx_fp8 = kernels.to_index_key_dtype(self.k_idx_cache, kernels.INDEX_KEY_FP8)
         self.seq_lens = torch.tensor(seq_lens, dtype=torch.int32, device="cuda")
         cu = [0]
         for n in q_lens:
@@ -94,8 +96,9 @@ class PagedInputs:
                          (self.q, self.k_cache, self.v_cache, self.k_idx_cache))
 
     # check_indices=False: as the engine calls them on CUDA (no device syncs, graph-capturable).
-    def select(self):
-        return kernels.select_blocks(self.q_idx, self.k_idx_cache, *self.layout, topk=TOPK,
+    def select(self, fp8: bool = False):
+        keys = self.k_idx_fp8 if fp8 else self.k_idx_cache
+        return kernels.select_blocks(self.q_idx, keys, *self.layout, topk=TOPK,
                                      backend="triton", check_indices=False)
 
     def attend(self, blocks):
@@ -146,6 +149,8 @@ def decode_case(heads: Heads, batch: int, context: int, q_len: int, copy_bw: flo
     t_step = time_rotating(sets, lambda s: s.attend(s.select()))
     t_graph = graph_time(sets, lambda s: s.attend(s.select()))
     t_select_graph = graph_time(sets, lambda s: s.select())
+    t_graph_fp8 = graph_time(sets, lambda s: s.attend(s.select(fp8=True)))
+    t_select_graph_fp8 = graph_time(sets, lambda s: s.select(fp8=True))
     del sets
 
     # Dense baseline: SDPA over contiguous K/V (the most favourable layout for it).
@@ -165,15 +170,19 @@ def decode_case(heads: Heads, batch: int, context: int, q_len: int, copy_bw: flo
         *s, enable_gqa=True))
     del dense_sets
     # The bytes MSA must move: every index key once, the selected K/V pages once per group.
-    ideal_bytes = (batch * context * heads.index_dim * 2
-                   + batch * heads.num_kv_heads * min(TOPK, math.ceil(context / PAGE)) * PAGE
-                   * heads.head_dim * 2 * 2)
-    ideal = ideal_bytes / copy_bw
-    index_bw = batch * context * heads.index_dim * 2 / t_select_graph
+    index_bytes = batch * context * heads.index_dim * 2
+    kv_bytes = (batch * heads.num_kv_heads * min(TOPK, math.ceil(context / PAGE)) * PAGE
+                * heads.head_dim * 2 * 2)
+    ideal = (index_bytes + kv_bytes) / copy_bw
+    ideal_fp8 = (index_bytes / 2 + kv_bytes) / copy_bw
+    index_bw = index_bytes / t_select_graph
+    index_bw_fp8 = index_bytes / 2 / t_select_graph_fp8
     return [heads.name, f"{batch} x {context // 1024}K" + (f" x q{q_len}" if q_len > 1 else ""),
             f"{t_dense * 1e6:.0f}", f"{t_select * 1e6:.0f}", f"{t_attend * 1e6:.0f}",
             f"{t_step * 1e6:.0f}", f"{t_graph * 1e6:.0f}", f"{t_dense / t_graph:.2f}x",
-            f"{t_graph / ideal:.2f}", f"{index_bw / copy_bw:.0%}"]
+            f"{t_graph / ideal:.2f}", f"{index_bw / copy_bw:.0%}",
+            f"{t_graph_fp8 * 1e6:.0f}", f"{t_dense / t_graph_fp8:.2f}x",
+            f"{t_graph_fp8 / ideal_fp8:.2f}", f"{index_bw_fp8 / copy_bw:.0%}"]
 
 
 def prefill_case(heads: Heads, chunks: list[tuple[int, int]], label: str) -> list:
@@ -210,11 +219,55 @@ def prefill_case(heads: Heads, chunks: list[tuple[int, int]], label: str) -> lis
             f"{t_query_major / t_kv_major:.2f}x", f"{tflops:.0f}", f"{t_dense / t_msa:.2f}x"]
 
 
+def flex_case(heads: Heads, length: int) -> list:
+    """A fresh prompt where every 128-query block keeps one selection (that of its last query),
+    handed to our dispatched sparse attention and to FlexAttention as the same block mask:
+    selected history blocks as full blocks, the query block's own block as a causal one."""
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    inputs = PagedInputs(heads, [length], [length], seed=0)
+    num_blocks = length // PAGE
+    coarse = inputs.select()[torch.arange(num_blocks, device="cuda") * PAGE + PAGE - 1]
+    ours_blocks = coarse.repeat_interleave(PAGE, 0)  # [length, Hkv, topk]
+    t_ours = bench(functools.partial(inputs.attend, ours_blocks), rep_ms=400)
+    ours = inputs.attend(ours_blocks)
+
+    # FlexAttention reads contiguous [1, H, L, D] tensors: the paged K/V in logical order.
+    pages = inputs.block_table[0, :num_blocks].long()
+
+    def contiguous(cache):
+        return cache[pages].reshape(length, heads.num_kv_heads, heads.head_dim).transpose(0, 1)[None]
+
+    q = inputs.q.transpose(0, 1)[None]
+    k, v = contiguous(inputs.k_cache), contiguous(inputs.v_cache)
+    group = heads.num_heads // heads.num_kv_heads
+    own = torch.arange(num_blocks, device="cuda")[:, None, None]
+    history = (coarse >= 0) & (coarse != own)  # selected blocks come first in each row
+
+    def per_head(t):  # [Q blocks, Hkv, n] -> [1, Hq, Q blocks, n], padded to all KV blocks
+        t = t.permute(1, 0, 2).repeat_interleave(group, 0)[None]
+        return torch.nn.functional.pad(t, (0, num_blocks - t.shape[-1])).to(torch.int32)
+
+    block_mask = BlockMask.from_kv_blocks(
+        per_head(torch.ones_like(own).expand(-1, heads.num_kv_heads, 1))[..., 0],
+        per_head(own.expand(-1, heads.num_kv_heads, 1)),
+        per_head(history.sum(-1, keepdim=True))[..., 0],
+        per_head(torch.where(history, coarse, 0)),
+        BLOCK_SIZE=PAGE, mask_mod=lambda b, h, q_idx, kv_idx: q_idx >= kv_idx)
+    flex = torch.compile(flex_attention)
+    run_flex = functools.partial(flex, q, k, v, block_mask=block_mask, enable_gqa=True)
+    theirs = run_flex()[0].transpose(0, 1)
+    difference = float((theirs.float() - ours.float()).norm() / ours.float().norm())
+    t_flex = bench(run_flex, rep_ms=400)
+    return [heads.name, f"{length // 1024}K prompt", f"{t_flex * 1e3:.2f}",
+            f"{t_ours * 1e3:.2f}", f"{t_flex / t_ours:.2f}x", f"{difference:.1e}"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out-dir", default=None, help="where to write kernels_<gpu>.md")
     parser.add_argument("--quick", action="store_true", help="a few cases only")
-    parser.add_argument("--only", choices=["decode", "prefill"], default=None)
+    parser.add_argument("--only", choices=["decode", "prefill", "flex"], default=None)
     args = parser.parse_args()
     assert torch.cuda.is_available(), "bench/kernels.py needs a CUDA GPU"
     torch.manual_seed(0)
@@ -228,7 +281,7 @@ def main() -> None:
     if not args.quick:
         decode_cases += [(SHARD, 32, 4096, 1), (SHARD, 128, 4096, 1), (SHARD, 64, 32768, 1),
                          (SHARD, 32, 131072, 1), (FULL, 32, 32768, 1)]
-    if args.only == "prefill":
+    if args.only in ("prefill", "flex"):
         decode_cases = []
     decode_rows = []
     for heads, batch, context, q_len in decode_cases:
@@ -248,7 +301,7 @@ def main() -> None:
                           (SHARD, [(1024, 30_000)], "1,024 + 30K"),
                           (SHARD, [(4096, 30_000)], "4,096 + 30K"),
                           (SHARD, [(131_072, 0)], "plain 128K prompt")]
-    if args.only == "decode":
+    if args.only in ("decode", "flex"):
         prefill_cases = []
     prefill_rows = []
     for heads, chunks, label in prefill_cases:
@@ -256,26 +309,45 @@ def main() -> None:
         print(" | ".join(prefill_rows[-1]), flush=True)
         torch.cuda.empty_cache()
 
+    flex_rows = []
+    for length in ([] if args.only in ("decode", "prefill") else [32768, 131072]):
+        flex_rows.append(flex_case(SHARD, length))
+        print(" | ".join(flex_rows[-1]), flush=True)
+        torch.cuda.empty_cache()
+
     decode_table = markdown_table(
         ["shape", "batch x context", "dense SDPA (us)", "select (us)", "attend (us)",
          "MSA step eager (us)", "MSA step graph (us)", "graph vs dense",
-         "graph / bandwidth ideal", "select (graph) % of copy BW"],
+         "graph / bandwidth ideal", "select (graph) % of copy BW",
+         "fp8 index keys: step graph (us)", "fp8 vs dense", "fp8 / bandwidth ideal",
+         "fp8 select % of copy BW"],
         decode_rows)
     prefill_table = markdown_table(
         ["shape", "chunk", "dense flash SDPA (ms)", "select (ms)", "query-major (ms)",
          "KV-major (ms)", "KV-major vs query-major", "KV-major TFLOP/s (selected)",
          "MSA (select + dispatched attend) vs dense"], prefill_rows)
+    flex_table = markdown_table(
+        ["shape", "case", "FlexAttention (ms)", "msa-serve attend (ms)", "vs FlexAttention",
+         "output rel. difference"], flex_rows)
     name = torch.cuda.get_device_name()
     gpu = next((kind for kind in ("h100", "h200") if kind in name.lower()), "gpu")
+    sections = [("Decode", decode_table, decode_rows), ("Prefill (chunk after a cached prefix)",
+                                                        prefill_table, prefill_rows),
+                ("Against FlexAttention (same per-query-block selection)", flex_table,
+                 flex_rows)]
     notes = (f"Ceilings measured in this run: device-to-device copy {copy_bw / 1e12:.2f} TB/s "
              f"(read + write), bf16 matmul {mma / 1e12:.0f} TFLOP/s. topk {TOPK}, block {PAGE}, "
              "bf16, one shared index-key head. 'MSA step' = select_blocks + sparse_attention "
              "(Triton), eager and replayed as a CUDA graph. 'graph / bandwidth ideal' = graph "
              "step time over (index keys + selected K/V pages) / copy bandwidth. KV-major TFLOP/s "
              "counts 4*D flops per (query head, selected key), keys per row capped at topk*128; "
-             "compare it with the matmul ceiling above.")
-    write_results(f"kernels_{gpu}", "MSA kernels on GPU", "## Decode\n\n" + decode_table
-                  + "\n\n## Prefill (chunk after a cached prefix)\n\n" + prefill_table, notes,
+             "compare it with the matmul ceiling above. 'fp8 index keys': the same step with the "
+             "index-key cache in float8_e4m3fn (kernels.to_index_key_dtype), its ideal counting "
+             "1 byte per index-key element. FlexAttention: torch.compile'd flex_attention on "
+             "contiguous K/V with a BlockMask holding the same blocks per 128-query block.")
+    body = "\n\n".join(f"## {title}\n\n{table}" for title, table, rows in sections if rows)
+    write_results(f"kernels_{args.only}_{gpu}" if args.only else f"kernels_{gpu}",
+                  "MSA kernels on GPU", body, notes,
                   directory=Path(args.out_dir) if args.out_dir else None)
 
 

@@ -134,6 +134,3 @@ class ModelGateway:
                 raise
             raise classify(exc) from None
         return ChunkStream(api, first, responses, arrived)
-
-    async def load_figures(self) -> dict[str, Any]:
-        return await self._model.options(stream=False).load_figures.remote()

@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 @serve.deployment(name="ModelServer", health_check_period_s=5)
 class ModelServer:
-    def __init__(self, config: dict):
+    async def __init__(self, config: dict):  # async: Serve runs it on the replica's event loop
         app = AppConfig.model_validate(config)
         if app.model.cpu_threads:
             torch.set_num_threads(app.model.cpu_threads)
@@ -29,24 +29,17 @@ class ModelServer:
             self.publisher = PrefixIndexPublisher(app.redis, app.model_key, self.replica)
         listener = self.publisher.on_page_event if self.publisher else None
         self.engine = AsyncLLMEngine(LLMEngine(app.model.engine, page_listener=listener))
-        self._publisher_started = False
+        if self.publisher is not None:
+            publisher = self.publisher
+            publisher.start(
+                snapshot=lambda: self.engine.call(
+                    lambda e: publisher.take_snapshot(e.block_manager.cached_hashes())),
+                load=lambda: self.engine.call(LLMEngine.load_figures))
         logger.info("model replica ready", extra={"replica": self.replica,
                                                   "model": self.engine.engine.model_name})
 
-    def _start_publisher(self) -> None:
-        # __init__ may run outside the replica's event loop: start on the first call instead.
-        if self.publisher is None or self._publisher_started:
-            return
-        self._publisher_started = True
-        publisher = self.publisher
-        self.publisher.start(
-            snapshot=lambda: self.engine.call(
-                lambda e: publisher.take_snapshot(e.block_manager.cached_hashes())),
-            load=lambda: self.engine.call(LLMEngine.load_figures))
-
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         """Streams chunks; the first one is yielded as soon as the first token exists."""
-        self._start_publisher()
         async for out in self.engine.generate(request.prompt.token_ids, request.params,
                                               request.request_id):
             reason = out.finish_reason.value if out.finish_reason else None
@@ -54,18 +47,8 @@ class ModelServer:
                                 out.usage.prompt_tokens, out.usage.completion_tokens,
                                 out.usage.cached_tokens, out.logprobs)
 
-    async def load_figures(self) -> dict[str, int | str]:
-        self._start_publisher()
-        figures = await self.engine.call(LLMEngine.load_figures)
-        return {"replica": self.replica, **figures}
-
-    async def record_routing_stats(self) -> dict[str, int]:
-        self._start_publisher()
-        return await self.engine.call(LLMEngine.load_figures)
-
     async def check_health(self) -> None:
         """Serve restarts the replica when its engine loop has died."""
-        self._start_publisher()
         await self.engine.call(LLMEngine.load_figures)
 
     async def __del__(self):

@@ -14,9 +14,13 @@ import torch
 from kernels import reference
 from kernels.reference import BLOCK_SIZE
 
-__all__ = ["BLOCK_SIZE", "select_blocks", "sparse_attention", "dense_attention"]
+__all__ = ["BLOCK_SIZE", "INDEX_KEY_FP8", "select_blocks", "sparse_attention",
+           "dense_attention", "to_index_key_dtype"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Index keys may also be stored as fp8 e4m3 (half the bytes of the decode scan). Only the order
+# of scores matters to the selection, so no scale is needed: see `to_index_key_dtype`.
+INDEX_KEY_FP8 = torch.float8_e4m3fn
 _BACKENDS = ("reference", "triton")
 
 
@@ -61,7 +65,8 @@ def _check_int32(name: str, t: torch.Tensor, dim: int) -> None:
 
 
 def _check_paged_cache(name: str, cache: torch.Tensor, backend: str | None) -> None:
-    _check_float(name, cache, backend)
+    if not (name == "k_idx_cache" and cache.dtype == INDEX_KEY_FP8):
+        _check_float(name, cache, backend)
     _check(cache.dim() == 4 and cache.shape[1] == BLOCK_SIZE,
            f"{name} must be [num_pages, {BLOCK_SIZE}, heads, dim], got {tuple(cache.shape)}")
 
@@ -109,6 +114,15 @@ def _validate_layout(queries: torch.Tensor, cache: torch.Tensor, block_table: to
     _check(bool(((pages >= 0) & (pages < cache.shape[0])).all()),
            f"block_table holds page ids outside [0, {cache.shape[0]}) for pages in use")
     return torch.repeat_interleave(num_pages, q_lens)
+
+
+def to_index_key_dtype(k_idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Casts index keys for the cache; to fp8 e4m3 it saturates at +-448 instead of overflowing
+    to NaN. A common scale would not change which blocks win, so none is applied."""
+    if dtype == INDEX_KEY_FP8:
+        limit = torch.finfo(INDEX_KEY_FP8).max
+        return k_idx.clamp(-limit, limit).to(dtype)
+    return k_idx.to(dtype)
 
 
 def select_blocks(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_table: torch.Tensor,

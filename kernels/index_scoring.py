@@ -79,7 +79,8 @@ def _index_block_scores_kernel(
         physical = tl.load(block_table + seq * stride_bt + page).to(tl.int64)
         k = tl.load(k_idx + physical * stride_kp + tokens[:, None] * stride_kt
                     + key_head * stride_kh + dims[None, :])
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_M, PAGE]
+        # fp8 index keys are widened in registers: the scan's bytes halve, the math stays.
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * scale
         visible = (page * PAGE + tokens)[None, :] <= positions[:, None]
         best = tl.max(tl.where(visible, s, float("-inf")), axis=1)
         tl.store(scores + rows * stride_st + groups * stride_sg + page, best, mask=valid)

@@ -156,6 +156,9 @@ class EngineConfig(BaseModel):
     max_num_batched_tokens: int = Field(2048, ge=16)
     max_model_len: int | None = Field(None, ge=1)
     topk: int | None = Field(None, ge=1, description="override the model's MSA topk")
+    index_key_dtype: Literal["auto", "float8_e4m3fn"] = Field(
+        "auto", description="index-key cache dtype (learned indexers): fp8 halves the decode "
+                            "index scan's bytes; auto = the model dtype")
     enable_prefix_caching: bool = True
     seed: int = 0
     debug_checks: bool = False

@@ -16,7 +16,12 @@ from tqdm import tqdm
 from kernels import BLOCK_SIZE
 from worker.block_manager import BlockManager, PageEventListener, pages_for
 from worker.config import EngineConfig
-from worker.errors import CapacityError, InvalidRequestError, RequestNotFoundError
+from worker.errors import (
+    CapacityError,
+    InvalidRequestError,
+    ModelLoadError,
+    RequestNotFoundError,
+)
 from worker.kv_cache import KVCache
 from worker.loader import load_model
 from worker.model_runner import ModelRunner
@@ -93,6 +98,7 @@ class LLMEngine:
         self.model_name = loaded.name
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
+        self.index_key_dtype = self._index_key_dtype()
         num_pages = self._num_pages()
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
                                  self.model_config.max_position_embeddings,
@@ -102,7 +108,8 @@ class LLMEngine:
                                           listener=page_listener, debug_checks=config.debug_checks)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens)
-        self.cache = KVCache(self.model_config, num_pages, self.dtype, self.device)
+        self.cache = KVCache(self.model_config, num_pages, self.dtype, self.device,
+                             self.index_key_dtype)
         self.runner = ModelRunner(loaded.model, self.cache, Sampler(config.seed, self.device),
                                   topk=config.topk, debug_checks=config.debug_checks)
         self.requests: dict[str, Sequence] = {}
@@ -112,8 +119,18 @@ class LLMEngine:
                     str(self.dtype).removeprefix("torch."), num_pages, num_pages * BLOCK_SIZE,
                     self.max_model_len, config.topk or self.model_config.msa.topk)
 
+    def _index_key_dtype(self) -> torch.dtype | None:
+        if self.config.index_key_dtype == "auto":
+            return None
+        if self.model_config.msa.indexer != "learned":
+            raise ModelLoadError(
+                f"index_key_dtype {self.config.index_key_dtype} needs a model with a learned "
+                f"index branch; {self.model_name} scores blocks with its K cache (derived "
+                f"indexer), which stays in {str(self.dtype).removeprefix('torch.')}")
+        return getattr(torch, self.config.index_key_dtype)
+
     def _num_pages(self) -> int:
-        page_bytes = KVCache.bytes_per_page(self.model_config, self.dtype)
+        page_bytes = KVCache.bytes_per_page(self.model_config, self.dtype, self.index_key_dtype)
         budget = self.config.kv_cache_memory
         if budget is None:
             if self.device.type == "cuda":

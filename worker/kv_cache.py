@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import BLOCK_SIZE
+from kernels import BLOCK_SIZE, to_index_key_dtype
 from worker.config import ModelConfig
 
 
@@ -32,7 +32,7 @@ class KVCache:
     """K, V and (for a learned indexer) index-key pages for every layer."""
 
     def __init__(self, config: ModelConfig, num_pages: int, dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, index_key_dtype: torch.dtype | None = None):
         self.config = config
         self.num_pages = num_pages
         shape = (config.num_hidden_layers, num_pages, BLOCK_SIZE, config.num_key_value_heads,
@@ -43,15 +43,19 @@ class KVCache:
         if config.msa.indexer == "learned":
             self.k_idx = torch.zeros(config.num_hidden_layers, num_pages, BLOCK_SIZE,
                                      config.msa.index_key_heads, config.msa.index_head_dim,
-                                     dtype=dtype, device=device)
+                                     dtype=index_key_dtype or dtype, device=device)
 
     @staticmethod
-    def bytes_per_page(config: ModelConfig, dtype: torch.dtype) -> int:
-        per_token = 2 * config.num_key_value_heads * config.head_dim
+    def bytes_per_page(config: ModelConfig, dtype: torch.dtype,
+                       index_key_dtype: torch.dtype | None = None) -> int:
+        def size(t: torch.dtype) -> int:
+            return torch.empty((), dtype=t).element_size()
+
+        per_token = 2 * config.num_key_value_heads * config.head_dim * size(dtype)
         if config.msa.indexer == "learned":
-            per_token += config.msa.index_key_heads * config.msa.index_head_dim
-        element = torch.empty((), dtype=dtype).element_size()
-        return config.num_hidden_layers * BLOCK_SIZE * per_token * element
+            per_token += (config.msa.index_key_heads * config.msa.index_head_dim
+                          * size(index_key_dtype or dtype))
+        return config.num_hidden_layers * BLOCK_SIZE * per_token
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(k_cache, v_cache, k_idx_cache) of one layer, each [num_pages, 128, H, dim].
@@ -68,4 +72,5 @@ class KVCache:
         k_cache.view(-1, *k_cache.shape[2:])[slots] = k.to(k_cache.dtype)
         v_cache.view(-1, *v_cache.shape[2:])[slots] = v.to(v_cache.dtype)
         if k_idx is not None:
-            k_idx_cache.view(-1, *k_idx_cache.shape[2:])[slots] = k_idx.to(k_idx_cache.dtype)
+            k_idx_cache.view(-1, *k_idx_cache.shape[2:])[slots] = to_index_key_dtype(
+                k_idx, k_idx_cache.dtype)

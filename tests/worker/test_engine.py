@@ -49,6 +49,38 @@ def test_batch_invariance(make_tiny_engine):
     assert_no_pages_held(batched)
 
 
+def test_fp8_index_key_cache(make_tiny_engine):
+    """fp8 index keys: a smaller page, the same math elsewhere, and first tokens of sparse
+    prompts that mostly agree with full-precision index keys (only near-tie blocks may flip,
+    and a greedy continuation diverges for good after its first different token)."""
+    import torch
+
+    fp8 = make_tiny_engine(index_key_dtype="float8_e4m3fn")
+    full = make_tiny_engine()
+    assert fp8.cache.k_idx.dtype == torch.float8_e4m3fn
+    assert fp8.block_manager.num_pages > full.block_manager.num_pages  # same memory, more pages
+    prompts = [random_prompt(n, seed=n) for n in range(600, 1000, 40)]
+    first = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    ours = fp8.generate(prompts, first, use_tqdm=False)
+    theirs = full.generate(prompts, first, use_tqdm=False)
+    same = sum(o.new_token_ids == t.new_token_ids for o, t in zip(ours, theirs))
+    assert same >= 8, f"only {same} of 10 first tokens agree"
+    assert_no_pages_held(fp8)
+
+
+def test_fp8_index_keys_need_a_learned_indexer(tmp_path):
+    from worker.config import EngineConfig
+    from worker.engine import LLMEngine
+    from worker.errors import ModelLoadError
+    from worker.tiny_model import make_random_checkpoint, tiny_config_dict
+
+    raw = tiny_config_dict(0)
+    raw["msa_config"] = {"indexer": "derived", "topk": 4}
+    path = make_random_checkpoint(tmp_path / "derived", raw)
+    with pytest.raises(ModelLoadError, match="learned index branch"):
+        LLMEngine(EngineConfig(model=str(path), device="cpu", index_key_dtype="float8_e4m3fn"))
+
+
 def test_prefix_cache_computes_only_new_tokens(make_tiny_engine):
     events: list[PageEvent] = []
     engine = make_tiny_engine()
