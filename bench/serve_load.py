@@ -9,7 +9,7 @@ model and machine:
    throughput, prefix hit rate, replicas per session;
 2. ingress overhead: time to the first token of a 1-token request through the Serve app (HTTP
    and gRPC) against the same request on an AsyncLLMEngine in this process.
-Usage: python bench/serve_load.py [--sessions 8] [--turns 6] [--concurrency 8]
+Usage: python bench/serve_load.py [--sessions 8] [--turns 6] [--concurrency 4]
 """
 
 from __future__ import annotations
@@ -250,11 +250,12 @@ def main() -> None:
                         default="round_robin")
     parser.add_argument("--sessions", type=int, default=8)
     parser.add_argument("--turns", type=int, default=6)
-    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--concurrency", type=int, default=4,
+                        help="4 keeps two 1-thread CPU replicas short of saturation")
     parser.add_argument("--system-tokens", type=int, default=256, help="shared by all sessions")
     parser.add_argument("--context-tokens", type=int, default=1024, help="each session's own")
     parser.add_argument("--turn-tokens", type=int, default=128, help="added per turn")
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--probes", type=int, default=30, help="requests per overhead figure")
     parser.add_argument("--kv-cache-memory", default="1GiB")
     args = parser.parse_args()
