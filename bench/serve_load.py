@@ -253,8 +253,10 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4,
                         help="4 keeps two 1-thread CPU replicas short of saturation")
     parser.add_argument("--system-tokens", type=int, default=256, help="shared by all sessions")
-    parser.add_argument("--context-tokens", type=int, default=1024, help="each session's own")
-    parser.add_argument("--turn-tokens", type=int, default=128, help="added per turn")
+    # The context-to-turn ratio of shared/workloads.md (8K context, ~200 tokens a turn), with
+    # a context this machine prefills in seconds.
+    parser.add_argument("--context-tokens", type=int, default=2048, help="each session's own")
+    parser.add_argument("--turn-tokens", type=int, default=64, help="added per turn")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--probes", type=int, default=30, help="requests per overhead figure")
     parser.add_argument("--kv-cache-memory", default="1GiB")
