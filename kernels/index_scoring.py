@@ -5,8 +5,8 @@ The rows that share a key head (a tile's tokens x the KV groups of that head) ar
 the MMA's M dimension, so each index-key page is read from HBM once per query tile; pages are
 split across programs, so a single long decode sequence still fills the GPU (split-K). Each
 program writes the max-pooled score of every (row, group, page) it covers; the exp-free top-k
-with the local block forced last then runs on the device through
-`reference.topk_with_local_block`, the rule every backend shares.
+with the local block forced last then runs as one kernel (`topk_select.py`), the Triton form
+of `reference.topk_with_local_block`, the rule every backend shares.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.reference import BLOCK_SIZE, topk_with_local_block
+from kernels.reference import BLOCK_SIZE
+from kernels.topk_select import topk_with_local_block
 from kernels.triton_layout import (
     QueryTiles,
     dot_precision,

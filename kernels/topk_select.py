@@ -1,0 +1,53 @@
+"""Triton: the selection rule (`reference.topk_with_local_block`) as one kernel.
+
+The torch version is ~10 small kernels (mask, topk, where, scatter, ...); in a decode step they
+cost more than the index scan itself once the scan reads fp8 keys. Here one program per
+(query row, KV group) keeps the row's historical block scores in registers, takes the best
+topk - 1 by repeated max (exp-free, ties to the lower block id), then places the local block
+in the last valid slot and -1 after it, as the spec's row layout says.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.reference import BLOCK_SIZE
+
+
+@triton.jit
+def _topk_local_block_kernel(
+    scores, positions, selected, stride_st, stride_sg, num_groups,
+    TOPK: tl.constexpr, TOPK_P2: tl.constexpr, BLOCK_P: tl.constexpr, PAGE: tl.constexpr,
+):
+    row = tl.program_id(0)
+    group = tl.program_id(1)
+    local = (tl.load(positions + row) // PAGE).to(tl.int32)
+    pages = tl.arange(0, BLOCK_P)
+    # Only historical blocks compete; every one of them was scored (all of it is visible).
+    s = tl.load(scores + row * stride_st + group * stride_sg + pages, mask=pages < local,
+                other=float("-inf"))
+    slots = tl.arange(0, TOPK_P2)
+    chosen = tl.full([TOPK_P2], -1, tl.int32)
+    for i in tl.static_range(TOPK - 1):
+        best = tl.argmax(s, axis=0).to(tl.int32)
+        chosen = tl.where((slots == i) & (i < local), best, chosen)
+        s = tl.where(pages == best, float("-inf"), s)
+    chosen = tl.where(slots == tl.minimum(local, TOPK - 1), local, chosen)
+    tl.store(selected + (row * num_groups + group) * TOPK + slots, chosen, mask=slots < TOPK)
+
+
+def topk_with_local_block(block_scores: torch.Tensor, positions: torch.Tensor,
+                          topk: int) -> torch.Tensor:
+    """Same contract as `reference.topk_with_local_block`: int32 [t, Hkv, topk]."""
+    num_rows, num_groups, num_pages = block_scores.shape
+    selected = torch.empty(num_rows, num_groups, topk, dtype=torch.int32,
+                           device=block_scores.device)
+    if num_rows == 0:
+        return selected
+    _topk_local_block_kernel[(num_rows, num_groups)](
+        block_scores, positions, selected, block_scores.stride(0), block_scores.stride(1),
+        num_groups, TOPK=topk, TOPK_P2=triton.next_power_of_2(topk), BLOCK_P=max(16, triton.next_power_of_2(num_pages)),
+        PAGE=BLOCK_SIZE, num_warps=4)
+    return selected
