@@ -66,10 +66,12 @@ def main() -> None:
             max_num_batched_tokens=16384, max_num_seqs=BATCH, enable_prefix_caching=False,
             max_model_len=max(args.contexts) + 256))
     vocab = engine.model_config.vocab_size
-    # Compile and warm up every kernel variant of both modes (prefill chunks and batch-8 decode).
-    for topk in (DENSE_TOPK, None):
-        engine.runner.topk = topk
-        decode_tokens_per_s(engine, random_prompts(vocab, BATCH, 20_000, 20_000))
+    # Compile and warm up every kernel variant of both modes (prefill chunks and batch-8 decode)
+    # at every context measured: some kernels specialize on the block table's width.
+    for context in args.contexts:
+        for topk in (DENSE_TOPK, None):
+            engine.runner.topk = topk
+            decode_tokens_per_s(engine, random_prompts(vocab, BATCH, context, context, seed=1))
     rows = []
     for context in args.contexts:
         prompts = random_prompts(vocab, BATCH, context, context, seed=context)
