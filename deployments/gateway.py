@@ -98,11 +98,6 @@ class ChunkStream:
             metrics.TPOT.labels(api=self.api).observe(
                 (time.perf_counter() - self._first_at) / (last.completion_tokens - 1))
 
-    def cancel(self) -> None:
-        if not self._done:
-            self._rest.cancel()
-            self._done = True
-
 
 class ModelGateway:
     def __init__(self, preprocessor: DeploymentHandle, model: DeploymentHandle, salt: str):

@@ -95,14 +95,14 @@ class Endpoints:
 @contextlib.contextmanager
 def local_stack(config_file: ServeConfigFile, app: AppConfig, http_port: int | None = None,
                 grpc_port: int | None = None, num_cpus: int | None = None,
-                start_redis: bool = True, http_host: str | None = None) -> Iterator[Endpoints]:
+                http_host: str | None = None) -> Iterator[Endpoints]:
     """Runs the application on a local Ray until the block exits; tears everything down."""
     import ray
     from ray import serve
 
     from deployments.app import build_app
 
-    redis_server = LocalRedis.start() if start_redis and app.redis.url else None
+    redis_server = LocalRedis.start() if app.redis.url else None  # the config's URL is replaced
     if redis_server is not None:
         app = app.model_copy(update={"redis": app.redis.model_copy(
             update={"url": redis_server.url})})
