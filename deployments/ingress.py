@@ -9,6 +9,7 @@ Serve pickles the class when it is decorated, so every helper it uses is defined
 """
 
 import asyncio
+import hmac
 import json
 import logging
 import time
@@ -35,7 +36,6 @@ from deployments.openai_api import (
 )
 from deployments.prefix_index import PrefixIndexLookup
 from deployments.proto import msa_serve_pb2 as pb
-from worker.errors import InvalidRequestError
 from worker.loader import inspect_model
 from worker.sequence import SamplingParams
 
@@ -104,7 +104,10 @@ class Ingress:
         if not self.api_keys:
             return
         scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or token.strip() not in self.api_keys:
+        # Constant-time comparisons: response timing must not reveal a key's prefix.
+        known = any(hmac.compare_digest(token.strip().encode(), key.encode())
+                    for key in self.api_keys)
+        if scheme.lower() != "bearer" or not known:
             raise ApiError(401, grpc.StatusCode.UNAUTHENTICATED, "authentication_error",
                            "missing or invalid API key: send 'Authorization: Bearer <key>'",
                            "invalid_api_key")
@@ -117,10 +120,7 @@ class Ingress:
 
     def _sampling(self, request, logprobs: int | None) -> SamplingParams:
         limits = self.config.limits
-        try:
-            return request.sampling_params(limits.default_max_tokens, limits.max_tokens, logprobs)
-        except InvalidRequestError as exc:
-            raise invalid(str(exc)) from None
+        return request.sampling_params(limits.default_max_tokens, limits.max_tokens, logprobs)
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.config.limits.max_body_bytes
@@ -273,12 +273,9 @@ class Ingress:
         if max_tokens > limits.max_tokens:
             raise invalid(f"max_tokens is {max_tokens}; this server allows at most "
                           f"{limits.max_tokens}")
-        try:
-            return SamplingParams(
-                max_tokens=max_tokens,
-                temperature=options.temperature if options.HasField("temperature") else 1.0,
-                top_p=options.top_p if options.HasField("top_p") else 1.0,
-                top_k=options.top_k, seed=options.seed if options.HasField("seed") else None,
-                stop=list(options.stop), ignore_eos=options.ignore_eos)
-        except InvalidRequestError as exc:
-            raise invalid(str(exc)) from None
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=options.temperature if options.HasField("temperature") else 1.0,
+            top_p=options.top_p if options.HasField("top_p") else 1.0,
+            top_k=options.top_k, seed=options.seed if options.HasField("seed") else None,
+            stop=list(options.stop), ignore_eos=options.ignore_eos)
