@@ -27,9 +27,7 @@ def router_config(config: AppConfig) -> RequestRouterConfig:
     return RequestRouterConfig(
         request_router_class=PREFIX_AWARE_ROUTER,
         request_router_kwargs={"redis": config.redis.model_dump(), "model_key": config.model_key,
-                               "load_penalty_tokens": config.routing.load_penalty_tokens},
-        # Load figures for the tie-breaks come from Serve's queue-length probes; refresh often.
-        request_routing_stats_period_s=1)
+                               "load_penalty_tokens": config.routing.load_penalty_tokens})
 
 
 def build_app(args: dict[str, Any]):

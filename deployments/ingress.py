@@ -50,7 +50,7 @@ def _grpc_usage(chunk) -> pb.Usage:
                     cached_tokens=chunk.cached_tokens)
 
 
-def _grpc_error(exc: BaseException, grpc_context) -> BaseException:
+def _grpc_error(exc: BaseException, grpc_context, api_name: str) -> BaseException:
     """Sets the status on Serve's gRPC context; Serve sends it when the method raises."""
     if isinstance(exc, asyncio.CancelledError):
         return exc
@@ -58,7 +58,7 @@ def _grpc_error(exc: BaseException, grpc_context) -> BaseException:
     if grpc_context is not None:
         grpc_context.set_code(error.grpc_code)
         grpc_context.set_details(error.message)
-    metrics.REQUESTS.labels(api="grpc", status=error.grpc_code.name).inc()
+    metrics.REQUESTS.labels(api=api_name, status=error.grpc_code.name).inc()
     return error
 
 
@@ -221,7 +221,7 @@ class Ingress:
                                           finish_reason=_grpc_finish(chunk.finish_reason),
                                           usage=_grpc_usage(chunk), replica=chunk.replica)
         except Exception as exc:
-            raise _grpc_error(exc, grpc_context) from None
+            raise _grpc_error(exc, grpc_context, "grpc_generate") from None
 
     async def Chat(self, request: pb.ChatRequest, grpc_context=None) -> pb.ChatResponse:
         try:
@@ -234,7 +234,7 @@ class Ingress:
                 text.append(chunk.delta)
                 last = chunk
         except Exception as exc:
-            raise _grpc_error(exc, grpc_context) from None
+            raise _grpc_error(exc, grpc_context, "grpc_chat") from None
         return pb.ChatResponse(message=pb.ChatMessage(role="assistant", content="".join(text)),
                                finish_reason=_grpc_finish(last.finish_reason),
                                usage=_grpc_usage(last), replica=last.replica)
@@ -263,7 +263,7 @@ class Ingress:
             raise invalid("the prompt is empty: set text or token_ids")
         api_name = "grpc_chat" if messages is not None else "grpc_generate"
         stream = await self.gateway.start(api_name, prompt, params, arrived)
-        metrics.REQUESTS.labels(api=api_name, status="200").inc()
+        metrics.REQUESTS.labels(api=api_name, status="OK").inc()
         return stream
 
     def _grpc_sampling(self, options: pb.SamplingOptions) -> SamplingParams:

@@ -165,14 +165,17 @@ class PrefixIndexLookup:
         self._client: aioredis.Redis | None = None  # made on the router's event loop
         self._log = _OnceLogger("prefix-aware router")
 
+    def _redis(self) -> aioredis.Redis:
+        if self._client is None:
+            self._client = _client(self.settings)
+        return self._client
+
     async def matched_pages(self, replicas: Sequence[str],
                             page_hashes: Sequence[str]) -> dict[str, int] | None:
         """replica -> leading pages it holds; None if Redis did not answer within the timeout."""
         if not page_hashes or not replicas:
             return dict.fromkeys(replicas, 0)
-        if self._client is None:
-            self._client = _client(self.settings)
-        pipe = self._client.pipeline(transaction=False)
+        pipe = self._redis().pipeline(transaction=False)
         for replica in replicas:
             pipe.smismember(pages_key(self.settings, self.model_key, replica), list(page_hashes))
         try:
@@ -186,12 +189,10 @@ class PrefixIndexLookup:
 
     async def replica_loads(self) -> dict[str, dict[str, int]]:
         """Every live replica's published load figures (for /metrics); {} without Redis."""
-        if self._client is None:
-            self._client = _client(self.settings)
         prefix = load_key(self.settings, self.model_key, "")
         try:
-            keys = [k async for k in self._client.scan_iter(match=prefix + "*", count=100)]
-            pipe = self._client.pipeline(transaction=False)
+            keys = [k async for k in self._redis().scan_iter(match=prefix + "*", count=100)]
+            pipe = self._redis().pipeline(transaction=False)
             for key in keys:
                 pipe.hgetall(key)
             values = await pipe.execute()

@@ -6,6 +6,7 @@ import asyncio
 import random
 
 import pytest
+import torch
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -53,8 +54,6 @@ def test_fp8_index_key_cache(make_tiny_engine):
     """fp8 index keys: a smaller page, the same math elsewhere, and first tokens of sparse
     prompts that mostly agree with full-precision index keys (only near-tie blocks may flip,
     and a greedy continuation diverges for good after its first different token)."""
-    import torch
-
     fp8 = make_tiny_engine(index_key_dtype="float8_e4m3fn")
     full = make_tiny_engine()
     assert fp8.cache.k_idx.dtype == torch.float8_e4m3fn
