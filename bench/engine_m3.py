@@ -66,34 +66,46 @@ def main() -> None:
             max_num_batched_tokens=16384, max_num_seqs=BATCH, enable_prefix_caching=False,
             max_model_len=max(args.contexts) + 256))
     vocab = engine.model_config.vocab_size
-    # Compile and warm up every kernel variant of both modes (prefill chunks and batch-8 decode)
-    # at every context measured: some kernels specialize on the block table's width.
+    graphs = engine.runner.decode_graphs
+    # Dense: PyTorch's SDPA per sequence, eager (it reads lengths on the host, so it cannot be
+    # captured); MSA with eager steps; MSA with decode steps replayed from CUDA graphs.
+    modes = {"dense": (DENSE_TOPK, None), "MSA eager": (None, None), "MSA": (None, graphs)}
+
+    def use(mode: str) -> None:  # the same loaded engine, attention and step mode switched
+        engine.runner.topk, engine.runner.decode_graphs = modes[mode]
+
+    # Compile and warm up every kernel variant of every mode (prefill chunks and batch-8
+    # decode) at every context measured: some kernels specialize on the block table's width.
     for context in args.contexts:
-        for topk in (DENSE_TOPK, None):
-            engine.runner.topk = topk
+        for mode in modes:
+            use(mode)
             decode_tokens_per_s(engine, random_prompts(vocab, BATCH, context, context, seed=1))
     rows = []
     for context in args.contexts:
         prompts = random_prompts(vocab, BATCH, context, context, seed=context)
-        figures = {}
-        for mode, topk in (("dense", DENSE_TOPK), ("MSA", None)):
-            engine.runner.topk = topk  # the same loaded engine, attention switched
-            prefill = time_to_first_token(engine, prompts[0])
-            figures[mode] = (prefill, decode_tokens_per_s(engine, prompts))
-            print(f"{context} {mode}: prefill {prefill:.3f}s, decode "
-                  f"{figures[mode][1]:.1f} tok/s", flush=True)
-        (dense_prefill, dense_decode), (msa_prefill, msa_decode) = figures["dense"], figures["MSA"]
-        rows.append([f"{context // 1024}K", f"{dense_prefill:.3f}", f"{msa_prefill:.3f}",
-                     f"{dense_prefill / msa_prefill:.2f}x", f"{dense_decode:.1f}",
-                     f"{msa_decode:.1f}", f"{msa_decode / dense_decode:.2f}x"])
+        prefill, decode = {}, {}
+        for mode in modes:
+            use(mode)
+            if mode != "MSA eager":  # CUDA graphs only change decode steps
+                prefill[mode] = time_to_first_token(engine, prompts[0])
+            decode[mode] = decode_tokens_per_s(engine, prompts)
+            print(f"{context} {mode}: prefill {prefill.get(mode, float('nan')):.3f}s, decode "
+                  f"{decode[mode]:.1f} tok/s", flush=True)
+        rows.append([f"{context // 1024}K", f"{prefill['dense']:.3f}", f"{prefill['MSA']:.3f}",
+                     f"{prefill['dense'] / prefill['MSA']:.2f}x", f"{decode['dense']:.1f}",
+                     f"{decode['MSA eager']:.1f}", f"{decode['MSA']:.1f}",
+                     f"{decode['MSA eager'] / decode['dense']:.2f}x",
+                     f"{decode['MSA'] / decode['dense']:.2f}x"])
     table = markdown_table(["context", "dense prefill (s)", "MSA prefill (s)", "prefill speedup",
-                            f"dense decode tok/s (batch {BATCH})", "MSA decode tok/s",
-                            "decode speedup"], rows)
+                            f"dense decode tok/s (batch {BATCH})", "MSA eager decode tok/s",
+                            "MSA graph decode tok/s", "eager vs dense", "graphs vs dense"],
+                           rows)
     notes = ("M3-shaped random model: 4 layers, hidden 6144, Hq 64, Hkv 4, D 128, learned index "
              "branch (1 index-key head, Di 128), topk 16, dense MLP 8192, bf16; whole engine "
-             "(scheduler, paged cache, 16K-token prefill chunks, no CUDA graphs yet). Dense = "
-             "same engine, every block visible, fused SDPA per sequence over a gathered copy of "
-             "the paged K/V.")
+             "(scheduler, paged cache, 16K-token prefill chunks). Dense = same engine, every "
+             "block visible, fused SDPA per sequence over a gathered copy of the paged K/V, "
+             "eager steps. MSA eager = every step eager; MSA graph = decode steps replayed from "
+             "CUDA graphs (worker/cuda_graphs.py).")
     write_results("engine_m3_h100" if "H100" in torch.cuda.get_device_name() else "engine_m3_gpu",
                   "Engine on GPU: M3-shaped model, MSA vs dense attention", table, notes,
                   directory=Path(args.out_dir) if args.out_dir else None)

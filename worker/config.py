@@ -160,6 +160,8 @@ class EngineConfig(BaseModel):
         "auto", description="index-key cache dtype (learned indexers): fp8 halves the decode "
                             "index scan's bytes; auto = the model dtype")
     enable_prefix_caching: bool = True
+    enforce_eager: bool = Field(False, description="run every step eagerly; by default decode "
+                                                   "steps on CUDA replay captured CUDA graphs")
     seed: int = 0
     debug_checks: bool = False
 

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from kernels import BLOCK_SIZE
 from worker.block_manager import BlockManager, PageEventListener, pages_for
 from worker.config import EngineConfig
+from worker.cuda_graphs import BATCH_BUCKETS, DecodeGraphs
 from worker.errors import (
     CapacityError,
     InvalidRequestError,
@@ -111,13 +112,21 @@ class LLMEngine:
         self.cache = KVCache(self.model_config, num_pages, self.dtype, self.device,
                              self.index_key_dtype)
         self.runner = ModelRunner(loaded.model, self.cache, Sampler(config.seed, self.device),
-                                  topk=config.topk, debug_checks=config.debug_checks)
+                                  topk=config.topk, debug_checks=config.debug_checks,
+                                  decode_graphs=self._decode_graphs(loaded.model))
         self.requests: dict[str, Sequence] = {}
         self.stats = EngineStats()
         logger.info("engine ready: model=%s device=%s dtype=%s kv_pages=%d kv_tokens=%d "
                     "max_model_len=%d topk=%d", self.model_name, self.device,
                     str(self.dtype).removeprefix("torch."), num_pages, num_pages * BLOCK_SIZE,
                     self.max_model_len, config.topk or self.model_config.msa.topk)
+
+    def _decode_graphs(self, model) -> DecodeGraphs | None:
+        # debug_checks read indices on the host in every kernel call: not capturable.
+        if self.device.type != "cuda" or self.config.enforce_eager or self.config.debug_checks:
+            return None
+        return DecodeGraphs(model, self.cache, self.config.topk or self.model_config.msa.topk,
+                            min(self.config.max_num_seqs, BATCH_BUCKETS[-1]), self.max_model_len)
 
     def _index_key_dtype(self) -> torch.dtype | None:
         if self.config.index_key_dtype == "auto":

@@ -23,6 +23,11 @@ class AttentionMetadata:
     block_table: torch.Tensor  # int32 [B, max_pages]
     slot_mapping: torch.Tensor  # int64 [total_q]: page * 128 + offset of each new token
     max_seq_len: int  # host copy, so layers can pick dense attention without a device sync
+    # Set in CUDA-graph decode steps (one query row per sequence): every visible logical block
+    # of each row, int32 [rows, max_pages], -1 past the row's last page. Layers that would run
+    # dense attention (per-sequence SDPA, which reads lengths on the host and cannot be
+    # captured) run the paged sparse kernel over all blocks instead: the same exact attention.
+    all_blocks: torch.Tensor | None = None
     # Re-validate indices in every kernel call: for debugging the engine; it costs time (and
     # device syncs on a GPU) on metadata the ModelRunner built itself.
     check_indices: bool = False
@@ -35,13 +40,16 @@ class KVCache:
                  device: torch.device, index_key_dtype: torch.dtype | None = None):
         self.config = config
         self.num_pages = num_pages
-        shape = (config.num_hidden_layers, num_pages, BLOCK_SIZE, config.num_key_value_heads,
+        # One page past those the BlockManager hands out: the padding rows of a CUDA-graph
+        # batch write their throwaway K/V there.
+        self.scratch_page = num_pages
+        shape = (config.num_hidden_layers, num_pages + 1, BLOCK_SIZE, config.num_key_value_heads,
                  config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.k_idx = None
         if config.msa.indexer == "learned":
-            self.k_idx = torch.zeros(config.num_hidden_layers, num_pages, BLOCK_SIZE,
+            self.k_idx = torch.zeros(config.num_hidden_layers, num_pages + 1, BLOCK_SIZE,
                                      config.msa.index_key_heads, config.msa.index_head_dim,
                                      dtype=index_key_dtype or dtype, device=device)
 

@@ -100,7 +100,12 @@ class MSAAttention(nn.Module):
         checks = {"check_indices": attn.check_indices}
         # With at most topk blocks visible, MSA selects everything and equals dense attention.
         if self.dense or attn.max_seq_len <= topk * kernels.BLOCK_SIZE:
-            out = kernels.dense_attention(q, k_cache, v_cache, *layout, **checks)
+            if attn.all_blocks is None:
+                out = kernels.dense_attention(q, k_cache, v_cache, *layout, **checks)
+            else:  # a CUDA-graph step: the same dense attention, as the paged kernel
+                width = attn.all_blocks.shape[1] if self.dense else topk
+                blocks = attn.all_blocks[:, None, :width].expand(-1, self.num_kv_heads, -1)
+                out = kernels.sparse_attention(q, k_cache, v_cache, *layout, blocks, **checks)
         else:
             q_idx = self._index_queries(x, q, positions)
             blocks = kernels.select_blocks(q_idx, k_idx_cache, *layout, topk=topk, **checks)
@@ -130,12 +135,19 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList(MLP(config.hidden_size, config.moe_intermediate_size)
                                      for _ in range(config.num_experts))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, in_cuda_graph: bool = False) -> torch.Tensor:
         probs = torch.softmax(self.gate(x).float(), dim=-1)
         weights, chosen = probs.topk(self.top_k, dim=-1)  # [T, k]
         if self.normalize:
             weights = weights / weights.sum(-1, keepdim=True)
         out = torch.zeros_like(x)
+        if in_cuda_graph:
+            # A graph cannot read which experts were chosen on the host: every expert runs on
+            # every token (decode batches are small), weighted by zero where it was not chosen.
+            dense_weights = torch.zeros_like(probs).scatter_(1, chosen, weights).to(x.dtype)
+            for expert_id, expert in enumerate(self.experts):
+                out += expert(x) * dense_weights[:, expert_id, None]
+            return out
         # Loop over experts (few) rather than tokens (many): each expert runs on its tokens only.
         for expert_id in chosen.unique().tolist():
             token_ids, slot = (chosen == expert_id).nonzero(as_tuple=True)
@@ -155,7 +167,10 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, positions, attn, cache, topk):
         x = x + self.self_attn(self.input_layernorm(x), positions, attn, cache, topk)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, MoE):
+            return x + self.mlp(h, in_cuda_graph=attn.all_blocks is not None)
+        return x + self.mlp(h)
 
 
 class DecoderModel(nn.Module):

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels import BLOCK_SIZE
+from worker.cuda_graphs import DecodeGraphs
 from worker.kv_cache import AttentionMetadata, KVCache
 from worker.model import MSAForCausalLM
 from worker.sampler import Sampler
@@ -24,13 +25,17 @@ class StepResult:
 
 
 class ModelRunner:
+    """`decode_graphs`, when given, replays the decode steps that fit it (CUDA only)."""
+
     def __init__(self, model: MSAForCausalLM, cache: KVCache, sampler: Sampler,
-                 topk: int | None = None, debug_checks: bool = False):
+                 topk: int | None = None, debug_checks: bool = False,
+                 decode_graphs: DecodeGraphs | None = None):
         self.model = model
         self.cache = cache
         self.sampler = sampler
         self.topk = topk
         self.debug_checks = debug_checks
+        self.decode_graphs = decode_graphs
         self.device = cache.k.device
 
     def prepare(self, batch: ScheduledBatch):
@@ -73,13 +78,24 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepResult:
-        input_ids, positions, metadata, sample_rows, logit_rows = self.prepare(batch)
-        hidden = self.model(input_ids, positions, metadata, self.cache, self.topk)
+        if self.decode_graphs is not None and self.decode_graphs.fits(batch):
+            logits = self.decode_graphs.run(batch)
+            sample_rows = range(len(batch))
+        else:
+            logits, sample_rows = self._run_eager(batch)
         for seq, num_tokens in zip(batch.sequences, batch.num_tokens):
             seq.num_computed_tokens += num_tokens
         if not sample_rows:
             return StepResult([], [], [])
-        logits = self.model.compute_logits(hidden[torch.tensor(logit_rows, device=self.device)])
         sequences = [batch.sequences[b] for b in sample_rows]
         token_ids, logprobs = self.sampler(logits, sequences)
         return StepResult(sequences, token_ids, logprobs)
+
+    def _run_eager(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, list[int]]:
+        """(logits of the sampled rows, which batch rows they are) of a mixed step."""
+        input_ids, positions, metadata, sample_rows, logit_rows = self.prepare(batch)
+        hidden = self.model(input_ids, positions, metadata, self.cache, self.topk)
+        if not sample_rows:
+            return None, []
+        return (self.model.compute_logits(hidden[torch.tensor(logit_rows, device=self.device)]),
+                sample_rows)
