@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--output-tokens", type=int, default=128)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--out-dir", default=None, help="where results go (default bench/results)")
     args = parser.parse_args()
 
     config = EngineConfig(device=args.device, max_num_seqs=max(64, args.num_requests))
@@ -94,7 +95,7 @@ def main() -> None:
              f"msa-serve wall time {ours.seconds:.1f}s including prefill.")
     device = "gpu" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     write_results(f"engine_{device}", "Engine: offline throughput and prefix-cache TTFT", table,
-                  notes)
+                  notes, directory=Path(args.out_dir) if args.out_dir else None)
 
 
 if __name__ == "__main__":
