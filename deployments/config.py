@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from preprocess import MediaConfig
 from worker.config import EngineConfig, parse_bytes
 
 API_KEYS_ENV = "MSA_SERVE_API_KEYS"
@@ -73,8 +74,10 @@ class ModelDeployment(Replicas):
 
 
 class PreprocessDeployment(Replicas):
+    # Autoscaling on ongoing requests per replica is scaling on the preprocess queue's length.
     num_cpus: float = Field(0.5, ge=0)
     autoscaling: Autoscaling | None = Field(default_factory=Autoscaling)
+    media: MediaConfig = Field(default_factory=MediaConfig)
 
 
 class IngressDeployment(Replicas):
@@ -111,7 +114,8 @@ class RoutingSettings(_Strict):
 
 
 class Limits(_Strict):
-    max_body_bytes: int = Field(8 * 2**20, ge=1024)
+    max_body_bytes: int = Field(64 * 2**20, ge=1024, description="images and video arrive "
+                                                                "inline as data: URLs")
     max_tokens: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
     default_max_tokens: int = Field(256, ge=1)
 

@@ -21,6 +21,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from deployments import metrics
 from deployments.protocol import GenerateChunk, GenerateRequest, PreparedPrompt
+from preprocess import MediaError
 from worker.errors import EngineDeadError, InvalidRequestError, MSAServeError
 from worker.sequence import SamplingParams
 
@@ -51,7 +52,7 @@ def classify(exc: BaseException) -> ApiError:
         exc = exc.cause
     if isinstance(exc, ApiError):
         return exc
-    if isinstance(exc, InvalidRequestError):
+    if isinstance(exc, (InvalidRequestError, MediaError)):
         return invalid(str(exc))
     if isinstance(exc, (EngineDeadError, RayActorError, DeploymentUnavailableError,
                         BackPressureError)):

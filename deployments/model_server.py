@@ -40,8 +40,9 @@ class ModelServer:
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         """Streams chunks; the first one is yielded as soon as the first token exists."""
-        async for out in self.engine.generate(request.prompt.token_ids, request.params,
-                                              request.request_id):
+        prompt = request.prompt
+        async for out in self.engine.generate(prompt.token_ids, request.params,
+                                              request.request_id, tuple(prompt.mm_inputs)):
             reason = out.finish_reason.value if out.finish_reason else None
             yield GenerateChunk(self.replica, out.delta, out.new_token_ids, reason,
                                 out.usage.prompt_tokens, out.usage.completion_tokens,

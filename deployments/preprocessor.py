@@ -1,8 +1,11 @@
-"""The preprocess deployment (CPU): chat templating, tokenization and page hashing of text.
+"""The preprocess deployment (CPU): chat templating, tokenization, page hashing, and images and
+videos decoded into vision-tower inputs.
 
-Model replicas receive token ids only. The page hashes computed here with the engine's own hash
-function (and the model's fingerprint as salt) are what the prefix-aware router looks up.
-Prompts that arrive as token ids need no tokenizer: the ingress hashes them itself.
+Model replicas receive token ids (placeholders already expanded) and numpy patches. The page
+hashes computed here with the engine's own hash function (the model's fingerprint as salt, each
+item's content hash mixed into the pages its placeholders occupy) are what the prefix-aware
+router looks up. Prompts that arrive as token ids need no tokenizer: the ingress hashes them.
+Decoding never runs on the replica's event loop (a thread for one item, processes for several).
 """
 
 from __future__ import annotations
@@ -13,8 +16,13 @@ from ray import serve
 
 from deployments.config import AppConfig
 from deployments.protocol import PreparedPrompt
+from preprocess import MediaError, MediaProcessor, ProcessedMedia, VisionGeometry
+from preprocess.processor import MediaPart, media_part
+from worker.config import VisionConfig
 from worker.errors import InvalidRequestError
 from worker.loader import inspect_model
+from worker.multimodal import MultimodalInput
+from worker.prefix_hash import MultimodalSpan
 
 
 @serve.deployment(name="Preprocessor")
@@ -24,24 +32,76 @@ class Preprocessor:
         info = inspect_model(app.model.engine.model, app.model.engine.served_model_name)
         self.tokenizer = info.tokenizer
         self.salt = info.fingerprint
+        self.model_name = info.name
+        self.vision = info.config.vision
+        self.media = None
+        if self.vision is not None:
+            geometry = VisionGeometry(self.vision.patch_size, self.vision.temporal_patch_size,
+                                      self.vision.spatial_merge_size)
+            self.media = MediaProcessor(app.preprocess.media, geometry)
 
-    def prepare_chat(self, messages: list[dict[str, Any]]) -> PreparedPrompt:
-        text = self.tokenizer.apply_chat_template([_text_message(m) for m in messages])
-        return PreparedPrompt.from_token_ids(self.tokenizer.encode(text), self.salt)
+    async def prepare_chat(self, messages: list[dict[str, Any]]) -> PreparedPrompt:
+        parts: list[MediaPart] = []
+        texts = [self._message_text(m, parts) for m in messages]
+        if parts and self.media is None:
+            raise InvalidRequestError(f"{self.model_name} has no vision tower; send text parts "
+                                      f"only")
+        token_ids = self.tokenizer.encode(self.tokenizer.apply_chat_template(texts))
+        if not parts:
+            return PreparedPrompt.from_token_ids(token_ids, self.salt)
+        items = await self.media.process(parts)
+        token_ids, mm_inputs = expand_placeholders(token_ids, items, self.vision)
+        return PreparedPrompt.from_token_ids(token_ids, self.salt, mm_inputs)
 
-    def prepare_text(self, prompt: str) -> PreparedPrompt:
+    async def prepare_text(self, prompt: str) -> PreparedPrompt:
         return PreparedPrompt.from_token_ids(self.tokenizer.encode(prompt), self.salt)
 
+    def _message_text(self, message: dict[str, Any], parts: list[MediaPart]) -> dict[str, Any]:
+        """OpenAI content as template text: text parts joined, each image or video part one
+        placeholder token (wrapped in the model's vision start/end tokens), collected in order."""
+        content = message.get("content")
+        if content is None or isinstance(content, str):
+            return {**message, "content": content or ""}
+        texts = []
+        for part in content:
+            media = media_part(part)
+            if media is None:
+                texts.append(part.get("text", ""))
+                continue
+            parts.append(media)
+            texts.append(self._placeholder_text(media) if self.vision else "")
+        return {**message, "content": "".join(texts)}
 
-def _text_message(message: dict[str, Any]) -> dict[str, Any]:
-    """OpenAI content may be a string or a list of parts; text parts are joined."""
-    content = message.get("content")
-    if content is None or isinstance(content, str):
-        return {**message, "content": content or ""}
-    texts = []
-    for part in content:
-        if part.get("type") != "text":
-            raise InvalidRequestError(f"content parts of type {part.get('type')!r} are not "
-                                      f"supported by this model; send text parts")
-        texts.append(part.get("text", ""))
-    return {**message, "content": "".join(texts)}
+    def _placeholder_text(self, part: MediaPart) -> str:
+        vision = self.vision
+        ids = [vision.vision_start_token_id,
+               vision.image_token_id if part.kind == "image" else vision.video_token_id,
+               vision.vision_end_token_id]
+        return "".join(self.tokenizer.backend.id_to_token(i) for i in ids if i is not None)
+
+    def __del__(self):
+        if self.media is not None:
+            self.media.close()
+
+
+def expand_placeholders(token_ids: list[int], items: list[ProcessedMedia],
+                        vision: VisionConfig) -> tuple[list[int], list[MultimodalInput]]:
+    """Each item's single placeholder token becomes num_tokens copies; returns the new ids and
+    the items with their spans."""
+    pad_ids = {"image": vision.image_token_id, "video": vision.video_token_id}
+    found = [i for i, t in enumerate(token_ids) if t in pad_ids.values()]
+    if len(found) != len(items):
+        raise MediaError(f"the prompt text holds {len(found) - len(items)} placeholder tokens "
+                         f"of its own; remove them")
+    expanded: list[int] = []
+    mm_inputs = []
+    start = 0
+    for position, item in zip(found, items):
+        if token_ids[position] != pad_ids[item.kind]:
+            raise MediaError("the prompt text holds placeholder tokens of its own; remove them")
+        expanded += token_ids[start:position]
+        span = MultimodalSpan(len(expanded), item.num_tokens, item.content_hash)
+        expanded += [token_ids[position]] * item.num_tokens
+        mm_inputs.append(MultimodalInput(span, item.pixel_values, item.grid_thw))
+        start = position + 1
+    return expanded + token_ids[start:], mm_inputs

@@ -6,25 +6,31 @@ from dataclasses import dataclass, field
 
 from kernels import BLOCK_SIZE
 from worker.errors import InvalidRequestError
+from worker.multimodal import MultimodalInput
 from worker.prefix_hash import chain_page_hashes
 from worker.sequence import SamplingParams, TokenLogprob
 
 
 @dataclass
 class PreparedPrompt:
-    """A prompt after the preprocess tier: token ids and the prefix-cache page hashes."""
+    """A prompt after the preprocess tier: token ids, the prefix-cache page hashes, and the
+    images and videos (numpy patches: Ray moves them through its object store, not as JSON)."""
 
     token_ids: list[int]
     page_hashes: list[str]  # chained hashes of the full pages: what the router looks up
+    mm_inputs: list[MultimodalInput] = field(default_factory=list)
 
     @classmethod
-    def from_token_ids(cls, token_ids: list[int], salt: str) -> PreparedPrompt:
+    def from_token_ids(cls, token_ids: list[int], salt: str,
+                       mm_inputs: list[MultimodalInput] = ()) -> PreparedPrompt:
         """salt: the model's fingerprint, as the engine's BlockManager uses it."""
         if not token_ids:
             raise InvalidRequestError("the prompt is empty")
         # Only pages before the last prompt token can come from the cache (BlockManager's rule).
         matchable = (len(token_ids) - 1) // BLOCK_SIZE * BLOCK_SIZE
-        return cls(token_ids, chain_page_hashes(token_ids[:matchable], salt))
+        spans = [item.span for item in mm_inputs]
+        return cls(token_ids, chain_page_hashes(token_ids[:matchable], salt, spans),
+                   list(mm_inputs))
 
 
 @dataclass

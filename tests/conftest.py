@@ -22,6 +22,12 @@ def tiny_model_dir(tmp_path_factory):
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-msa"), seed=0, topk=4)
 
 
+@pytest.fixture(scope="session")
+def vision_model_dir(tmp_path_factory):
+    """The tiny checkpoint plus a vision tower and image/video placeholder tokens."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-vision"), seed=0, vision=True)
+
+
 @pytest.fixture
 def make_tiny_engine(tiny_model_dir):
     """Factory for tiny-model engines with invariant checks on; fp32 on CPU."""

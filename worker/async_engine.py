@@ -19,7 +19,7 @@ from typing import Any
 
 from worker.engine import LLMEngine, RequestOutput
 from worker.errors import EngineDeadError, RequestNotFoundError
-from worker.prefix_hash import MultimodalSpan
+from worker.multimodal import MultimodalInput
 from worker.sequence import SamplingParams, Sequence
 
 logger = logging.getLogger(__name__)
@@ -85,11 +85,12 @@ class AsyncLLMEngine:
 
     async def generate(self, prompt: str | list[int], params: SamplingParams,
                        request_id: str | None = None,
-                       mm_spans: tuple[MultimodalSpan, ...] = ()) -> AsyncIterator[RequestOutput]:
+                       mm_inputs: tuple[MultimodalInput, ...] = ()
+                       ) -> AsyncIterator[RequestOutput]:
         """Streams a request's outputs; raises InvalidRequestError & co. before the first one."""
         if self._dead is not None:
             raise EngineDeadError(f"the engine loop has stopped: {self._dead}")
-        seq = self.engine.make_sequence(prompt, params, request_id, mm_spans)
+        seq = self.engine.make_sequence(prompt, params, request_id, mm_inputs)
         stream = _RequestStream(asyncio.get_running_loop())
         self._send(_Add(seq, stream))
         finished = False

@@ -45,6 +45,52 @@ class MSAConfig:
 
 
 @dataclass(frozen=True)
+class VisionConfig:
+    """A ViT-style vision tower in the Qwen2-VL layout (`visual.*` weights): linear patch
+    embedding, 2D rotary positions, pre-norm blocks, a merger of merge x merge patches into one
+    token of the text model's width. MiniMax-M3's vision config is not public; this follows the
+    public layout closest to it."""
+
+    hidden_size: int
+    depth: int
+    num_heads: int
+    intermediate_size: int
+    out_hidden_size: int  # the text model's hidden size
+    image_token_id: int
+    video_token_id: int
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    in_channels: int = 3
+    layer_norm_eps: float = 1e-6
+    # Tokens that wrap an item's placeholders in the prompt text, when the model uses them.
+    vision_start_token_id: int | None = None
+    vision_end_token_id: int | None = None
+
+    @property
+    def patch_dim(self) -> int:
+        return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
+
+    @classmethod
+    def from_hf_dict(cls, raw: dict[str, Any]) -> "VisionConfig | None":
+        vision = raw.get("vision_config")
+        if not vision:
+            return None
+        top_level = ("image_token_id", "video_token_id", "vision_start_token_id",
+                     "vision_end_token_id")
+        known = set(cls.__dataclass_fields__) - set(top_level)
+        try:
+            return cls(image_token_id=raw["image_token_id"], video_token_id=raw["video_token_id"],
+                       vision_start_token_id=raw.get("vision_start_token_id"),
+                       vision_end_token_id=raw.get("vision_end_token_id"),
+                       **{k: v for k, v in vision.items() if k in known})
+        except KeyError as exc:
+            raise ModelLoadError(f"a vision model's config.json needs {exc}") from exc
+        except TypeError as exc:
+            raise ModelLoadError(f"config.json has an incomplete vision_config: {exc}") from exc
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     model_type: str
     vocab_size: int
@@ -65,6 +111,7 @@ class ModelConfig:
     norm_topk_prob: bool = True
     mlp_only_layers: tuple[int, ...] = ()
     msa: MSAConfig = field(default_factory=MSAConfig)
+    vision: VisionConfig | None = None
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
@@ -117,6 +164,7 @@ class ModelConfig:
                 norm_topk_prob=raw.get("norm_topk_prob", True),
                 mlp_only_layers=tuple(raw.get("mlp_only_layers", ())),
                 msa=MSAConfig(**msa_raw),
+                vision=VisionConfig.from_hf_dict(raw),
             )
         except KeyError as exc:
             raise ModelLoadError(f"config.json lacks the required key {exc}") from exc

@@ -28,8 +28,9 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 def is_decode_step(batch: ScheduledBatch) -> bool:
-    """Every sequence computes exactly its newest token (and so samples the next)."""
-    return all(n == 1 and seq.num_computed_tokens + 1 == seq.num_tokens
+    """Every sequence computes exactly its newest token, a generated one (so never an image's
+    placeholder), and samples the next."""
+    return all(n == 1 and seq.num_computed_tokens + 1 == seq.num_tokens > seq.num_prompt_tokens
                for seq, n in zip(batch.sequences, batch.num_tokens))
 
 

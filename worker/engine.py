@@ -26,7 +26,7 @@ from worker.errors import (
 from worker.kv_cache import KVCache
 from worker.loader import load_model
 from worker.model_runner import ModelRunner
-from worker.prefix_hash import MultimodalSpan
+from worker.multimodal import MultimodalInput, VisionEncoder, validate_inputs
 from worker.sampler import Sampler
 from worker.scheduler import Scheduler
 from worker.sequence import (
@@ -113,7 +113,9 @@ class LLMEngine:
                              self.index_key_dtype)
         self.runner = ModelRunner(loaded.model, self.cache, Sampler(config.seed, self.device),
                                   topk=config.topk, debug_checks=config.debug_checks,
-                                  decode_graphs=self._decode_graphs(loaded.model))
+                                  decode_graphs=self._decode_graphs(loaded.model),
+                                  vision=(VisionEncoder(loaded.model.visual)
+                                          if loaded.model.visual is not None else None))
         self.requests: dict[str, Sequence] = {}
         self.stats = EngineStats()
         logger.info("engine ready: model=%s device=%s dtype=%s kv_pages=%d kv_tokens=%d "
@@ -156,7 +158,7 @@ class LLMEngine:
     # -- requests -------------------------------------------------------------------------------
     def make_sequence(self, prompt: str | list[int], params: SamplingParams,
                       request_id: str | None = None,
-                      mm_spans: tuple[MultimodalSpan, ...] = ()) -> Sequence:
+                      mm_inputs: tuple[MultimodalInput, ...] = ()) -> Sequence:
         """Validates and tokenizes a request without touching engine state (thread-safe)."""
         if isinstance(prompt, str):
             token_ids = self.tokenizer.encode(prompt)
@@ -176,8 +178,10 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"the prompt has {len(token_ids)} tokens; this model's context is {limit} tokens "
                 f"(prompt + at least one generated token must fit)")
+        validate_inputs(tuple(mm_inputs), token_ids, self.runner.model.visual, self.model_name)
         detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids)
-        return Sequence(request_id or uuid.uuid4().hex, token_ids, params, detokenizer, mm_spans)
+        return Sequence(request_id or uuid.uuid4().hex, token_ids, params, detokenizer,
+                        tuple(mm_inputs))
 
     def add_sequence(self, seq: Sequence) -> None:
         if seq.request_id in self.requests:

@@ -16,6 +16,7 @@ from torch import nn
 import kernels
 from worker.config import ModelConfig
 from worker.kv_cache import AttentionMetadata, KVCache
+from worker.vision import VisionTower
 
 
 class RMSNorm(nn.Module):
@@ -189,12 +190,20 @@ class MSAForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.visual = VisionTower(config.vision) if config.vision else None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
-                cache: KVCache, topk: int | None = None) -> torch.Tensor:
-        """Hidden states [T, hidden] of the packed tokens; writes their K/V into the cache."""
+                cache: KVCache, topk: int | None = None,
+                mm_embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Hidden states [T, hidden] of the packed tokens; writes their K/V into the cache.
+
+        mm_embeds: (packed rows, embeddings) that replace those rows' token embeddings (the
+        placeholder tokens of images and videos)."""
         topk = self.config.msa.topk if topk is None else topk
         x = self.model.embed_tokens(input_ids)
+        if mm_embeds is not None:
+            rows, embeds = mm_embeds
+            x = x.index_put((rows,), embeds.to(x.dtype))
         for layer in self.model.layers:
             x = layer(x, positions, attn, cache, topk)
         return self.model.norm(x)

@@ -10,6 +10,7 @@ from kernels import BLOCK_SIZE
 from worker.cuda_graphs import DecodeGraphs
 from worker.kv_cache import AttentionMetadata, KVCache
 from worker.model import MSAForCausalLM
+from worker.multimodal import VisionEncoder
 from worker.sampler import Sampler
 from worker.scheduler import ScheduledBatch
 from worker.sequence import Sequence, TokenLogprob
@@ -25,12 +26,14 @@ class StepResult:
 
 
 class ModelRunner:
-    """`decode_graphs`, when given, replays the decode steps that fit it (CUDA only)."""
+    """`decode_graphs`, when given, replays the decode steps that fit it (CUDA only);
+    `vision` embeds the images and videos of the prompt chunks that reach them."""
 
     def __init__(self, model: MSAForCausalLM, cache: KVCache, sampler: Sampler,
                  topk: int | None = None, debug_checks: bool = False,
-                 decode_graphs: DecodeGraphs | None = None):
+                 decode_graphs: DecodeGraphs | None = None, vision: VisionEncoder | None = None):
         self.model = model
+        self.vision = vision
         self.cache = cache
         self.sampler = sampler
         self.topk = topk
@@ -74,7 +77,21 @@ class ModelRunner:
         )
         logit_rows = [cu_seqlens_q[b + 1] - 1 for b in sample_rows]
         return (to_device(input_ids, torch.long), to_device(positions, torch.long), metadata,
-                sample_rows, logit_rows)
+                sample_rows, logit_rows, self._mm_embeds(batch, cu_seqlens_q))
+
+    def _mm_embeds(self, batch: ScheduledBatch, cu_seqlens_q: list[int]):
+        """(packed rows, embeddings) of the placeholder tokens in this step, or None."""
+        rows, embeds = [], []
+        for b, (seq, num_tokens) in enumerate(zip(batch.sequences, batch.num_tokens)):
+            if seq.mm_inputs:
+                start = seq.num_computed_tokens
+                seq_rows, seq_embeds = self.vision.for_chunk(seq.mm_inputs, start,
+                                                             start + num_tokens, cu_seqlens_q[b])
+                rows += seq_rows
+                embeds += seq_embeds
+        if not rows:
+            return None
+        return torch.tensor(rows, dtype=torch.long, device=self.device), torch.cat(embeds)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepResult:
@@ -93,8 +110,8 @@ class ModelRunner:
 
     def _run_eager(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, list[int]]:
         """(logits of the sampled rows, which batch rows they are) of a mixed step."""
-        input_ids, positions, metadata, sample_rows, logit_rows = self.prepare(batch)
-        hidden = self.model(input_ids, positions, metadata, self.cache, self.topk)
+        input_ids, positions, metadata, sample_rows, logit_rows, mm_embeds = self.prepare(batch)
+        hidden = self.model(input_ids, positions, metadata, self.cache, self.topk, mm_embeds)
         if not sample_rows:
             return None, []
         return (self.model.compute_logits(hidden[torch.tensor(logit_rows, device=self.device)]),

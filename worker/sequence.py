@@ -9,6 +9,7 @@ import torch
 
 from kernels import BLOCK_SIZE
 from worker.errors import InvalidRequestError
+from worker.multimodal import MultimodalInput
 from worker.prefix_hash import MultimodalSpan, chain_page_hashes
 from worker.tokenizer import IncrementalDetokenizer
 
@@ -77,12 +78,13 @@ class Sequence:
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  detokenizer: IncrementalDetokenizer,
-                 mm_spans: tuple[MultimodalSpan, ...] = ()):
+                 mm_inputs: tuple[MultimodalInput, ...] = ()):
         self.request_id = request_id
         self.params = params
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
-        self.mm_spans = mm_spans
+        self.mm_inputs = mm_inputs  # images and videos, by placeholder span
+        self.mm_spans: tuple[MultimodalSpan, ...] = tuple(i.span for i in mm_inputs)
         self.status = SequenceStatus.WAITING
         self.finish_reason: FinishReason | None = None
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache

@@ -27,16 +27,28 @@ CHATML_TEMPLATE = (
 )
 
 
-def _byte_level_tokenizer() -> Tokenizer:
+# Qwen2-VL's placeholder tokens; appended after the byte alphabet so text-only ids stay put.
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+
+
+def _byte_level_tokenizer(vision: bool = False) -> Tokenizer:
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
     vocab.update({ch: len(SPECIAL_TOKENS) + i for i, ch in enumerate(sorted(alphabet))})
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
+    specials = SPECIAL_TOKENS + (VISION_TOKENS if vision else ())
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                  for t in SPECIAL_TOKENS])
+                                  for t in specials])
     return tokenizer
+
+
+def tiny_vision_config(text_hidden: int) -> dict:
+    """A two-block tower with 8-pixel patches (an image side is a multiple of 16)."""
+    return {"hidden_size": 32, "depth": 2, "num_heads": 2, "intermediate_size": 64,
+            "out_hidden_size": text_hidden, "patch_size": 8, "temporal_patch_size": 2,
+            "spatial_merge_size": 2, "in_channels": 3}
 
 
 def tiny_config_dict(vocab_size: int, topk: int = 4) -> dict:
@@ -89,12 +101,18 @@ def make_random_checkpoint(path: str | Path, raw_config: dict, seed: int = 0,
     """config.json + random weights + the byte-level tokenizer (vocab_size is set to match)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer = _byte_level_tokenizer()
+    vision = "vision_config" in raw_config
+    tokenizer = _byte_level_tokenizer(vision)
     tokenizer.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": None, "eos_token": "<|im_end|>", "add_bos_token": False,
         "chat_template": CHATML_TEMPLATE}, indent=2))
     raw = dict(raw_config, vocab_size=tokenizer.get_vocab_size())
+    if vision:
+        raw.update({f"{name}_token_id": tokenizer.token_to_id(f"<|{name}|>")
+                    for name in ("vision_start", "vision_end")},
+                   image_token_id=tokenizer.token_to_id("<|image_pad|>"),
+                   video_token_id=tokenizer.token_to_id("<|video_pad|>"))
     (path / "config.json").write_text(json.dumps(raw, indent=2))
     torch.manual_seed(seed)
     with torch.device(device):
@@ -103,13 +121,18 @@ def make_random_checkpoint(path: str | Path, raw_config: dict, seed: int = 0,
         # Larger-than-default weights give peaked, input-dependent outputs, so tests that
         # compare generations actually discriminate.
         for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                continue
+            if "norm" in name or "ln_q" in name or name.endswith(".bias"):
+                continue  # norms and biases keep their default initialization
             param.normal_(0.0, 1.0 if "embed" in name else 1.5 / param.shape[-1] ** 0.5)
     save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()},
               str(path / "model.safetensors"))
     return path
 
 
-def make_tiny_checkpoint(path: str | Path, seed: int = 0, topk: int = 4) -> Path:
-    return make_random_checkpoint(path, tiny_config_dict(0, topk), seed)
+def make_tiny_checkpoint(path: str | Path, seed: int = 0, topk: int = 4,
+                         vision: bool = False) -> Path:
+    """vision=True adds a vision tower and the image/video placeholder tokens."""
+    raw = tiny_config_dict(0, topk)
+    if vision:
+        raw["vision_config"] = tiny_vision_config(raw["hidden_size"])
+    return make_random_checkpoint(path, raw, seed)

@@ -11,14 +11,17 @@ import time
 
 import grpc
 import httpx
+import numpy as np
 import openai
 import pytest
 import ray
+from PIL import Image
 from ray import serve
 
 from deployments.client import MSAServeClient
 from deployments.config import AppConfig, ServeConfigFile
 from deployments.local import free_port, local_stack
+from tests.preprocess.media_files import data_url, encode_audio_only, encode_image
 
 API_KEY = "test-key"
 SYSTEM = ("Be careful. " * 25).strip()  # ~300 tokens of the byte-level tiny tokenizer
@@ -26,13 +29,22 @@ LONG = {"max_tokens": 600, "extra_body": {"ignore_eos": True}}
 
 
 @pytest.fixture(scope="module")
-def stack(tiny_model_dir):
+def media_dir(tmp_path_factory):
+    """The directory file:// media URLs may read from, with one image in it."""
+    directory = tmp_path_factory.mktemp("media")
+    (directory / "red.png").write_bytes(_image_png((255, 0, 0)))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def stack(vision_model_dir, media_dir):
     app = AppConfig.model_validate({
-        "model": {"engine": {"model": str(tiny_model_dir), "device": "cpu", "dtype": "float32",
+        "model": {"engine": {"model": str(vision_model_dir), "device": "cpu", "dtype": "float32",
                              "kv_cache_memory": "16MiB", "max_model_len": 1024,
                              "max_num_batched_tokens": 512, "served_model_name": "tiny"},
                   "num_replicas": 2, "num_cpus": 0.5, "cpu_threads": 1},
-        "preprocess": {"num_replicas": 1, "autoscaling": None, "num_cpus": 0.25},
+        "preprocess": {"num_replicas": 1, "autoscaling": None, "num_cpus": 0.25,
+                       "media": {"allowed_local_dir": str(media_dir), "max_pixels": 64 * 96}},
         "ingress": {"num_cpus": 0.25},
         "redis": {"lookup_timeout_ms": 500, "heartbeat_s": 0.3, "ttl_s": 5,
                   "flush_interval_ms": 20},
@@ -60,6 +72,23 @@ def http(stack):
 def _chat(http: httpx.Client, messages, **extra) -> httpx.Response:
     return http.post("/v1/chat/completions",
                      json={"model": "tiny", "messages": messages, "temperature": 0, **extra})
+
+
+def _image_png(color) -> bytes:
+    """96 x 64 pixels, the left half colored: 24 placeholder tokens on the tiny model."""
+    pixels = np.zeros((64, 96, 3), dtype=np.uint8)
+    pixels[:, :48] = color
+    return encode_image(Image.fromarray(pixels), "PNG")
+
+
+def _image_chat(client, url: str):
+    """A system prompt of ~300 tokens, the image (its tokens on the third page), ~200 more."""
+    content = [{"type": "text", "text": "What is in this picture?"},
+               {"type": "image_url", "image_url": {"url": url}},
+               {"type": "text", "text": "Describe it in detail. " * 9}]
+    return client.chat.completions.create(
+        model="tiny", temperature=0, max_tokens=6, extra_body={"ignore_eos": True},
+        messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": content}])
 
 
 def _metric(http: httpx.Client, name: str, **labels) -> float:
@@ -151,6 +180,47 @@ def test_chat_streaming_and_logprobs(client):
     assert all(len(e.top_logprobs) == 2 and e.logprob <= 0 for e in entries)
     # Greedy: the sampled token is the best alternative.
     assert all(e.top_logprobs[0].logprob == pytest.approx(e.logprob) for e in entries)
+
+
+# -- images through the OpenAI API ------------------------------------------------------------
+def test_image_chat_hits_the_prefix_cache_only_for_the_same_image(client, media_dir):
+    red = data_url(_image_png((255, 0, 0)), "image/png")
+    first = _image_chat(client, red)
+    assert first.usage.completion_tokens == 6
+    again = _image_chat(client, red)
+    assert again.choices[0].message.content == first.choices[0].message.content
+    full_pages = (first.usage.prompt_tokens - 1) // 128 * 128
+    assert again.usage.prompt_tokens_details.cached_tokens == full_pages > 256
+    # The same pixels from a file:// URL in the allowed directory: the same cache entries.
+    from_file = _image_chat(client, f"file://{media_dir}/red.png")
+    assert from_file.usage.prompt_tokens_details.cached_tokens == full_pages
+    # Another image in the same place: only the pages before the image are reused.
+    blue = _image_chat(client, data_url(_image_png((0, 0, 255)), "image/png"))
+    assert blue.usage.prompt_tokens == first.usage.prompt_tokens
+    assert blue.usage.prompt_tokens_details.cached_tokens == 256
+    assert blue.choices[0].message.content != first.choices[0].message.content
+
+
+def test_bad_media_gets_400_and_the_server_keeps_serving(client, http, stack):
+    truncated = encode_image(Image.new("RGB", (64, 64), (1, 2, 3)), "JPEG")[:200]
+    cases = {
+        data_url(truncated, "image/jpeg"): "could not be decoded",
+        "file:///etc/passwd": "outside the allowed directory",
+        "https://example.com/cat.png": "fetching media from URLs is off",
+        data_url(b"\x89PNG garbage", "image/png"): "could not be decoded",
+    }
+    generated = sum(f["generated_tokens"] for f in _replica_loads(stack).values())
+    for url, message in cases.items():
+        with pytest.raises(openai.BadRequestError) as err:
+            _image_chat(client, url)
+        assert message in err.value.message
+    response = _chat(http, [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": data_url(encode_audio_only(), "audio/wav")}}]}])
+    assert response.status_code == 400 and "no video stream" in response.text
+    response = _chat(http, [{"role": "user", "content": [{"type": "input_audio"}]}])
+    assert response.status_code == 400 and "unsupported content part type" in response.text
+    assert _image_chat(client, data_url(_image_png((9, 9, 9)), "image/png")).usage
+    _wait_idle(stack, generated_above=generated)
 
 
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, http, stack):
