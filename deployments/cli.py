@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from deployments.config import DEFAULT_SERVE_CONFIG
 from worker.errors import MSAServeError
@@ -100,7 +101,7 @@ def cmd_chat(args) -> None:
 def cmd_make_tiny_model(args) -> None:
     from worker.tiny_model import make_tiny_checkpoint
 
-    path = make_tiny_checkpoint(args.dir, seed=args.seed, topk=args.topk)
+    path = make_tiny_checkpoint(args.dir, seed=args.seed, topk=args.topk, vision=args.vision)
     print(f"wrote a tiny MSA checkpoint to {path}")
 
 
@@ -132,7 +133,10 @@ def cmd_client(args) -> None:
             elif args.action == "health":
                 print("ok" if client.health() else "unhealthy")
             elif args.action == "chat":
-                reply = client.chat([{"role": "user", "content": args.text}], **sampling)
+                media = ([{"image": Path(p).read_bytes()} for p in args.image]
+                         + [{"video": Path(p).read_bytes()} for p in args.video])
+                content = media + [{"text": args.text}] if media else args.text
+                reply = client.chat([{"role": "user", "content": content}], **sampling)
                 print(reply.message.content)
             else:
                 for piece in client.generate(args.text, **sampling):
@@ -166,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--topk", type=int, default=4)
+    p.add_argument("--vision", action="store_true", help="with a vision tower")
     p.set_defaults(func=cmd_make_tiny_model)
 
     p = sub.add_parser("bench-engine", help="offline engine throughput and prefix-cache TTFT")
@@ -191,6 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="127.0.0.1:9000")
     p.add_argument("--api-key", default=None)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds (gRPC deadline)")
+    p.add_argument("--image", action="append", default=[], metavar="FILE",
+                   help="chat: send this image before the text (repeatable; vision models)")
+    p.add_argument("--video", action="append", default=[], metavar="FILE",
+                   help="chat: send this video before the text (repeatable; vision models)")
     _add_sampling_args(p)
     p.set_defaults(func=cmd_client)
     return parser

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import grpc
 
@@ -24,6 +25,21 @@ def sampling_options(max_tokens: int | None = None, temperature: float | None = 
                "top_k": top_k, "seed": seed}
     return pb.SamplingOptions(**{k: v for k, v in options.items() if v is not None},
                               stop=list(stop), ignore_eos=ignore_eos)
+
+
+def chat_message(message: dict[str, Any]) -> pb.ChatMessage:
+    content = message.get("content") or ""
+    if isinstance(content, str):
+        return pb.ChatMessage(role=message["role"], content=content)
+    parts = []
+    for part in content:
+        if "text" in part:
+            parts.append(pb.ContentPart(text=part["text"]))
+            continue
+        kind, source = next(iter(part.items()))
+        media = pb.Media(data=source) if isinstance(source, bytes) else pb.Media(url=source)
+        parts.append(pb.ContentPart(**{kind: media}))
+    return pb.ChatMessage(role=message["role"], parts=parts)
 
 
 class MSAServeClient:
@@ -54,10 +70,12 @@ class MSAServeClient:
         yield from self.stub.Generate(request, timeout=timeout_s or self.timeout_s,
                                       metadata=self.metadata)
 
-    def chat(self, messages: Sequence[dict[str, str]], model: str = "",
+    def chat(self, messages: Sequence[dict[str, Any]], model: str = "",
              timeout_s: float | None = None, **sampling) -> pb.ChatResponse:
+        """messages: {"role", "content"} with content a string or a list of parts
+        ({"text": str}, {"image": bytes | url}, {"video": bytes | url})."""
         request = pb.ChatRequest(model=model, sampling=sampling_options(**sampling),
-                                 messages=[pb.ChatMessage(**m) for m in messages])
+                                 messages=[chat_message(m) for m in messages])
         return self.stub.Chat(request, timeout=timeout_s or self.timeout_s,
                               metadata=self.metadata)
 

@@ -36,6 +36,7 @@ from deployments.openai_api import (
 )
 from deployments.prefix_index import PrefixIndexLookup
 from deployments.proto import msa_serve_pb2 as pb
+from preprocess.sources import data_url
 from worker.loader import inspect_model
 from worker.sequence import SamplingParams
 
@@ -48,6 +49,27 @@ def _grpc_finish(reason: str | None) -> str:
 def _grpc_usage(chunk) -> pb.Usage:
     return pb.Usage(prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens,
                     cached_tokens=chunk.cached_tokens)
+
+
+def _grpc_message(message: pb.ChatMessage) -> dict[str, Any]:
+    """A gRPC chat message as the OpenAI-style dict the preprocess tier reads."""
+    if not message.parts:
+        return {"role": message.role, "content": message.content}
+    return {"role": message.role, "content": [_grpc_part(p) for p in message.parts]}
+
+
+def _grpc_part(part: pb.ContentPart) -> dict[str, Any]:
+    kind = part.WhichOneof("part")
+    if kind is None:
+        raise invalid("a content part must set text, image or video")
+    if kind == "text":
+        return {"type": "text", "text": part.text}
+    media = getattr(part, kind)
+    if media.WhichOneof("source") == "data":
+        url = data_url(media.data, media.mime_type or "application/octet-stream")
+    else:
+        url = media.url
+    return {"type": f"{kind}_url", f"{kind}_url": {"url": url}}
 
 
 def _grpc_error(exc: BaseException, grpc_context, api_name: str) -> BaseException:
@@ -225,7 +247,7 @@ class Ingress:
 
     async def Chat(self, request: pb.ChatRequest, grpc_context=None) -> pb.ChatResponse:
         try:
-            messages = [{"role": m.role, "content": m.content} for m in request.messages]
+            messages = [_grpc_message(m) for m in request.messages]
             if not messages:
                 raise invalid("messages must not be empty")
             stream = await self._grpc_start(request, grpc_context, messages=messages)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!deployments/proto/msa_serve.proto\x12\x0cmsa_serve.v1\"\xdd\x01\n\x0fSamplingOptions\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x98\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x16.msa_serve.v1.TokenIdsH\x00\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.msa_serve.v1.SamplingOptionsB\x08\n\x06prompt\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\x7f\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.msa_serve.v1.Usage\x12\x0f\n\x07replica\x18\x05 \x01(\t\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"z\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12+\n\x08messages\x18\x02 \x03(\x0b\x32\x19.msa_serve.v1.ChatMessage\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.msa_serve.v1.SamplingOptions\"\x86\x01\n\x0c\x43hatResponse\x12*\n\x07message\x18\x01 \x01(\x0b\x32\x19.msa_serve.v1.ChatMessage\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.msa_serve.v1.Usage\x12\x0f\n\x07replica\x18\x04 \x01(\t\"\x13\n\x11ListModelsRequest\"$\n\x12ListModelsResponse\x12\x0e\n\x06models\x18\x01 \x03(\t\"\x0f\n\rHealthRequest\",\n\x0eHealthResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06status\x18\x02 \x01(\t2\xac\x02\n\x08MSAServe\x12K\n\x08Generate\x12\x1d.msa_serve.v1.GenerateRequest\x1a\x1e.msa_serve.v1.GenerateResponse0\x01\x12=\n\x04\x43hat\x12\x19.msa_serve.v1.ChatRequest\x1a\x1a.msa_serve.v1.ChatResponse\x12O\n\nListModels\x12\x1f.msa_serve.v1.ListModelsRequest\x1a .msa_serve.v1.ListModelsResponse\x12\x43\n\x06Health\x12\x1b.msa_serve.v1.HealthRequest\x1a\x1c.msa_serve.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!deployments/proto/msa_serve.proto\x12\x0cmsa_serve.v1\"\xdd\x01\n\x0fSamplingOptions\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x98\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x16.msa_serve.v1.TokenIdsH\x00\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.msa_serve.v1.SamplingOptionsB\x08\n\x06prompt\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\x7f\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.msa_serve.v1.Usage\x12\x0f\n\x07replica\x18\x05 \x01(\t\"C\n\x05Media\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\r\n\x03url\x18\x02 \x01(\tH\x00\x12\x11\n\tmime_type\x18\x03 \x01(\tB\x08\n\x06source\"q\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12$\n\x05image\x18\x02 \x01(\x0b\x32\x13.msa_serve.v1.MediaH\x00\x12$\n\x05video\x18\x03 \x01(\x0b\x32\x13.msa_serve.v1.MediaH\x00\x42\x06\n\x04part\"V\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12(\n\x05parts\x18\x03 \x03(\x0b\x32\x19.msa_serve.v1.ContentPart\"z\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12+\n\x08messages\x18\x02 \x03(\x0b\x32\x19.msa_serve.v1.ChatMessage\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.msa_serve.v1.SamplingOptions\"\x86\x01\n\x0c\x43hatResponse\x12*\n\x07message\x18\x01 \x01(\x0b\x32\x19.msa_serve.v1.ChatMessage\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.msa_serve.v1.Usage\x12\x0f\n\x07replica\x18\x04 \x01(\t\"\x13\n\x11ListModelsRequest\"$\n\x12ListModelsResponse\x12\x0e\n\x06models\x18\x01 \x03(\t\"\x0f\n\rHealthRequest\",\n\x0eHealthResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06status\x18\x02 \x01(\t2\xac\x02\n\x08MSAServe\x12K\n\x08Generate\x12\x1d.msa_serve.v1.GenerateRequest\x1a\x1e.msa_serve.v1.GenerateResponse0\x01\x12=\n\x04\x43hat\x12\x19.msa_serve.v1.ChatRequest\x1a\x1a.msa_serve.v1.ChatResponse\x12O\n\nListModels\x12\x1f.msa_serve.v1.ListModelsRequest\x1a .msa_serve.v1.ListModelsResponse\x12\x43\n\x06Health\x12\x1b.msa_serve.v1.HealthRequest\x1a\x1c.msa_serve.v1.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,20 +41,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USAGE']._serialized_end=535
   _globals['_GENERATERESPONSE']._serialized_start=537
   _globals['_GENERATERESPONSE']._serialized_end=664
-  _globals['_CHATMESSAGE']._serialized_start=666
-  _globals['_CHATMESSAGE']._serialized_end=710
-  _globals['_CHATREQUEST']._serialized_start=712
-  _globals['_CHATREQUEST']._serialized_end=834
-  _globals['_CHATRESPONSE']._serialized_start=837
-  _globals['_CHATRESPONSE']._serialized_end=971
-  _globals['_LISTMODELSREQUEST']._serialized_start=973
-  _globals['_LISTMODELSREQUEST']._serialized_end=992
-  _globals['_LISTMODELSRESPONSE']._serialized_start=994
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1030
-  _globals['_HEALTHREQUEST']._serialized_start=1032
-  _globals['_HEALTHREQUEST']._serialized_end=1047
-  _globals['_HEALTHRESPONSE']._serialized_start=1049
-  _globals['_HEALTHRESPONSE']._serialized_end=1093
-  _globals['_MSASERVE']._serialized_start=1096
-  _globals['_MSASERVE']._serialized_end=1396
+  _globals['_MEDIA']._serialized_start=666
+  _globals['_MEDIA']._serialized_end=733
+  _globals['_CONTENTPART']._serialized_start=735
+  _globals['_CONTENTPART']._serialized_end=848
+  _globals['_CHATMESSAGE']._serialized_start=850
+  _globals['_CHATMESSAGE']._serialized_end=936
+  _globals['_CHATREQUEST']._serialized_start=938
+  _globals['_CHATREQUEST']._serialized_end=1060
+  _globals['_CHATRESPONSE']._serialized_start=1063
+  _globals['_CHATRESPONSE']._serialized_end=1197
+  _globals['_LISTMODELSREQUEST']._serialized_start=1199
+  _globals['_LISTMODELSREQUEST']._serialized_end=1218
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1220
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1256
+  _globals['_HEALTHREQUEST']._serialized_start=1258
+  _globals['_HEALTHREQUEST']._serialized_end=1273
+  _globals['_HEALTHRESPONSE']._serialized_start=1275
+  _globals['_HEALTHRESPONSE']._serialized_end=1319
+  _globals['_MSASERVE']._serialized_start=1322
+  _globals['_MSASERVE']._serialized_end=1622
 # @@protoc_insertion_point(module_scope)

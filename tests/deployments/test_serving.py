@@ -183,7 +183,7 @@ def test_chat_streaming_and_logprobs(client):
 
 
 # -- images through the OpenAI API ------------------------------------------------------------
-def test_image_chat_hits_the_prefix_cache_only_for_the_same_image(client, media_dir):
+def test_image_chat_hits_the_prefix_cache_only_for_the_same_image(client, media_dir, stack):
     red = data_url(_image_png((255, 0, 0)), "image/png")
     first = _image_chat(client, red)
     assert first.usage.completion_tokens == 6
@@ -199,6 +199,16 @@ def test_image_chat_hits_the_prefix_cache_only_for_the_same_image(client, media_
     assert blue.usage.prompt_tokens == first.usage.prompt_tokens
     assert blue.usage.prompt_tokens_details.cached_tokens == 256
     assert blue.choices[0].message.content != first.choices[0].message.content
+    # gRPC with the image's bytes inline: the same prompt, so the same cached pages.
+    with MSAServeClient(stack.grpc, api_key=API_KEY, timeout_s=60) as grpc_client:
+        reply = grpc_client.chat(
+            [{"role": "system", "content": SYSTEM},
+             {"role": "user", "content": [{"text": "What is in this picture?"},
+                                          {"image": _image_png((255, 0, 0))},
+                                          {"text": "Describe it in detail. " * 9}]}],
+            max_tokens=6, temperature=0, ignore_eos=True)
+    assert reply.message.content == first.choices[0].message.content
+    assert reply.usage.cached_tokens == full_pages
 
 
 def test_bad_media_gets_400_and_the_server_keeps_serving(client, http, stack):
