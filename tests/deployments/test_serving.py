@@ -21,7 +21,12 @@ from ray import serve
 from deployments.client import MSAServeClient
 from deployments.config import AppConfig, ServeConfigFile
 from deployments.local import free_port, local_stack
-from tests.preprocess.media_files import data_url, encode_audio_only, encode_image
+from tests.preprocess.media_files import (
+    data_url,
+    encode_audio_only,
+    encode_image,
+    encode_video,
+)
 
 API_KEY = "test-key"
 SYSTEM = ("Be careful. " * 25).strip()  # ~300 tokens of the byte-level tiny tokenizer
@@ -209,6 +214,20 @@ def test_image_chat_hits_the_prefix_cache_only_for_the_same_image(client, media_
             max_tokens=6, temperature=0, ignore_eos=True)
     assert reply.message.content == first.choices[0].message.content
     assert reply.usage.cached_tokens == full_pages
+
+
+def test_video_chat(client):
+    # 2 s at 10 fps, sampled at 2 fps: 4 frames of 64 x 80 (after the resize policy) -> 40 tokens
+    video = data_url(encode_video(20, fps=10), "video/mp4")
+    content = [{"type": "video_url", "video_url": {"url": video}},
+               {"type": "text", "text": "What happens?"}]
+    text_only = [{"type": "text", "text": "What happens?"}]
+    replies = [client.chat.completions.create(
+        model="tiny", temperature=0, max_tokens=4, extra_body={"ignore_eos": True},
+        messages=[{"role": "user", "content": parts}]) for parts in (content, text_only)]
+    with_video, without = (r.usage.prompt_tokens for r in replies)
+    assert with_video - without == 40 + 2  # the video's tokens and its start/end markers
+    assert replies[0].usage.completion_tokens == 4
 
 
 def test_bad_media_gets_400_and_the_server_keeps_serving(client, http, stack):
