@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import prefill_kv_major, query_major
+from kernels import prefill_kv_major, prefill_query_tiled, query_major
 from tests.kernels.paged_batch import check_selection, make_batch, relative_error
 
 # (seq_lens, q_lens): fresh prefill, prefix + chunk, decode, multi-token decode; pages scattered,
@@ -31,6 +31,10 @@ def _batch(layout: str, heads: tuple[int, int, int], seed: int = 0):
     num_heads, num_kv_heads, index_key_heads = heads
     return make_batch(seq_lens, q_lens, num_heads, num_kv_heads, 16, 16, index_key_heads,
                       seed=seed)
+
+
+ATTENTION_KERNELS = [query_major, prefill_kv_major, prefill_query_tiled]
+ATTENTION_KERNEL_IDS = ["query-major", "kv-major", "query-tiled"]
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -72,8 +76,7 @@ def test_fp8_index_keys_saturate_instead_of_overflowing():
     assert cast.tolist() == [448.0, -448.0, 3.0, 0.0]
 
 
-@pytest.mark.parametrize("impl", [query_major, prefill_kv_major],
-                         ids=["query-major", "kv-major"])
+@pytest.mark.parametrize("impl", ATTENTION_KERNELS, ids=ATTENTION_KERNEL_IDS)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"Hq{h[0]}-Hkv{h[1]}-Hik{h[2]}")
 def test_sparse_attention_triton_matches_reference(impl, layout, heads):
@@ -104,6 +107,23 @@ def test_kv_major_splits_a_block_chosen_by_many_queries():
     assert relative_error(out, ref) < 1e-5
 
 
+def test_query_tiled_unions_cover_every_rows_choice():
+    """A tile's union holds each block any of its rows chose, once, in ascending order."""
+    batch = _batch("chunk-after-prefix", (8, 2, 1), seed=6)
+    blocks = kernels.select_blocks(batch.q_idx, batch.k_idx_cache, *batch.layout(), topk=3)
+    unions = prefill_query_tiled.TileUnions.build(blocks, batch.cu_seqlens_q, rows=4,
+                                                  max_pages=batch.block_table.shape[1])
+    tiles = unions.tiles
+    for tile in range(tiles.num_tiles):
+        rows = slice(int(tiles.start[tile]), int(tiles.end[tile]))
+        for group in range(blocks.shape[1]):
+            unit = tile * blocks.shape[1] + group
+            first, count = int(unions.start[unit]), int(unions.count[unit])
+            union = unions.block[first:first + count].tolist()
+            chosen = blocks[rows, group]
+            assert union == sorted(set(chosen[chosen >= 0].tolist()))
+
+
 def test_kv_major_in_row_chunks(monkeypatch):
     """A long prefill is processed in row chunks that bound the partials' memory."""
     batch = _batch("multi-token-decode", (8, 2, 1), seed=5)
@@ -117,8 +137,7 @@ def test_kv_major_in_row_chunks(monkeypatch):
     assert relative_error(out, ref) < 1e-5
 
 
-@pytest.mark.parametrize("impl", [query_major, prefill_kv_major],
-                         ids=["query-major", "kv-major"])
+@pytest.mark.parametrize("impl", ATTENTION_KERNELS, ids=ATTENTION_KERNEL_IDS)
 def test_triton_attention_with_all_blocks_equals_dense(impl):
     batch = _batch("chunk-after-prefix", (8, 2, 1), seed=2)
     topk = 8  # >= every sequence's page count: MSA is dense attention
@@ -164,7 +183,7 @@ def test_kernels_at_real_shapes_bf16(heads, shape):
     expected = kernels.sparse_attention(batch.q.float(), batch.k_cache.float(),
                                         batch.v_cache.float(), *batch.layout(), ref,
                                         backend="reference")
-    for impl in (query_major, prefill_kv_major):
+    for impl in ATTENTION_KERNELS:
         _poison_allocator()
         out = impl.sparse_attention(batch.q, batch.k_cache, batch.v_cache, *batch.layout(), ref)
         assert not out.isnan().any(), impl.__name__

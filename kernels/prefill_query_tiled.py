@@ -1,0 +1,156 @@
+"""Triton: query-tiled sparse prefill (online softmax over the union of a tile's blocks).
+
+Neighbouring queries choose mostly the same blocks (their own and the few that matter to the
+passage), so a tile of consecutive query rows of one sequence, packed with the G query heads of
+a KV group into the MMA's M dimension, walks the sorted union of the blocks its rows chose: each
+union block's K/V page is loaded once per tile, every row attends to it only if it chose it
+(a per-row mask, so the result is exactly per-row MSA), and an online softmax carries the
+running output on chip. Unlike the KV-major kernel nothing round-trips through HBM: no
+per-(row, slot) partials, no merge. The unions are built on the GPU by one sort.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.reference import BLOCK_SIZE
+from kernels.triton_layout import (
+    LOG2E,
+    AttentionShape,
+    QueryTiles,
+    dot_precision,
+    finish_softmax,
+)
+
+_PACKED_ROWS = 128  # M of one program: query rows x query heads of the group
+NUM_WARPS = 8
+NUM_STAGES = 2
+
+
+@dataclass
+class TileUnions:
+    """For each (query tile, KV group): the sorted logical blocks any of its rows chose."""
+
+    tiles: QueryTiles
+    start: torch.Tensor  # int32 [num_tiles * Hkv]: first entry in `block`
+    count: torch.Tensor  # int32 [num_tiles * Hkv]
+    block: torch.Tensor  # int32 [entries]
+
+    @classmethod
+    def build(cls, blocks: torch.Tensor, cu_seqlens_q: torch.Tensor, rows: int,
+              max_pages: int) -> "TileUnions":
+        total_q, num_groups, _ = blocks.shape
+        tiles = QueryTiles.build(cu_seqlens_q, total_q, rows)
+        # The tile of every row: tiles of one sequence are consecutive and `rows` long.
+        cu = cu_seqlens_q.long()
+        tiles_per_seq = (cu[1:] - cu[:-1] + rows - 1) // rows
+        first_tile = torch.cumsum(tiles_per_seq, 0) - tiles_per_seq
+        row_seq = torch.repeat_interleave(torch.arange(cu.shape[0] - 1, device=cu.device),
+                                          cu[1:] - cu[:-1], output_size=total_q)
+        row_tile = first_tile[row_seq] + (torch.arange(total_q, device=cu.device)
+                                          - cu[row_seq]) // rows
+        chosen = blocks.long()
+        key = ((row_tile[:, None, None] * num_groups
+                + torch.arange(num_groups, device=cu.device)[None, :, None]) * max_pages + chosen)
+        unique = torch.unique(key[chosen >= 0])  # sorted: by tile, then group, then block
+        per_unit = torch.bincount(unique // max_pages, minlength=tiles.num_tiles * num_groups)
+        start = torch.cumsum(per_unit, 0) - per_unit
+        return cls(tiles, start.to(torch.int32), per_unit.to(torch.int32),
+                   (unique % max_pages).to(torch.int32))
+
+
+@triton.jit
+def _query_tiled_kernel(
+    q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, blocks, tile_seq, tile_start,
+    tile_end, union_start, union_count, union_block, out, lse,
+    stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_bt, stride_blt, stride_blg,
+    num_groups, scale_log2,
+    GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+    TOPK: tl.constexpr, TOPK_P2: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    group = tl.program_id(1)
+    row_begin = tl.load(tile_start + tile)
+    row_end = tl.load(tile_end + tile)
+    if row_begin >= row_end:  # a spare tile of the grid's upper bound
+        return
+    seq = tl.load(tile_seq + tile)
+    first_pos = tl.load(seq_lens + seq) - tl.load(cu_seqlens_q + seq + 1)  # + row = position
+
+    m = tl.arange(0, BLOCK_M)
+    rows = (row_begin + m // GROUP).to(tl.int64)
+    heads = group * GROUP + m % GROUP
+    valid = (m < ROWS * GROUP) & (rows < row_end)
+    pos = first_pos + rows
+    dims = tl.arange(0, HEAD_DIM)
+    query = tl.load(q + rows[:, None] * stride_qt + heads[:, None] * stride_qh + dims[None, :],
+                    mask=valid[:, None], other=0.0)
+    slots = tl.arange(0, TOPK_P2)
+    # Each packed row's own selection, to mask the union blocks it did not choose.
+    chosen_by_row = tl.load(blocks + rows[:, None] * stride_blt + group * stride_blg
+                            + slots[None, :], mask=valid[:, None] & (slots < TOPK)[None, :],
+                            other=-1)
+    tokens = tl.arange(0, PAGE)
+
+    running_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    running_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    unit = tile * num_groups + group
+    first = tl.load(union_start + unit)
+    last = first + tl.load(union_count + unit)
+    for entry in tl.range(first, last, num_stages=NUM_STAGES):
+        block = tl.load(union_block + entry)
+        physical = tl.load(block_table + seq * stride_bt + block).to(tl.int64)
+        offsets = physical * stride_kp + tokens[:, None] * stride_kt + group * stride_kh \
+            + dims[None, :]
+        k = tl.load(k_cache + offsets)
+        v = tl.load(v_cache + offsets)
+        s = tl.dot(query, tl.trans(k), input_precision=PRECISION) * scale_log2
+        row_chose = tl.max((chosen_by_row == block).to(tl.int32), axis=1) > 0
+        visible = row_chose[:, None] & ((block * PAGE + tokens)[None, :] <= pos[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(s, axis=1))
+        # A row that has seen nothing yet keeps a finite reference point (no inf - inf).
+        ref = tl.where(new_max == float("-inf"), 0.0, new_max)
+        p = tl.exp2(s - ref[:, None])
+        alpha = tl.exp2(running_max - ref)
+        running_sum = running_sum * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        running_max = new_max
+
+    result, row_lse = finish_softmax(acc, running_max, running_sum)
+    target = rows * (num_groups * GROUP) + heads
+    tl.store(out + target[:, None] * HEAD_DIM + dims[None, :],
+             result.to(out.dtype.element_ty), mask=valid[:, None])
+    tl.store(lse + target, row_lse, mask=valid)
+
+
+def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     block_table: torch.Tensor, seq_lens: torch.Tensor,
+                     cu_seqlens_q: torch.Tensor, blocks: torch.Tensor,
+                     softmax_scale: float | None = None, return_lse: bool = False):
+    shape = AttentionShape.of(q, k_cache, blocks, softmax_scale)
+    out = torch.empty(shape.total_q, shape.num_heads, shape.head_dim, dtype=q.dtype,
+                      device=q.device)
+    lse = torch.empty(shape.total_q, shape.num_heads, dtype=torch.float32, device=q.device)
+    if shape.total_q == 0:
+        return (out, lse) if return_lse else out
+    rows = max(1, _PACKED_ROWS // shape.group)
+    unions = TileUnions.build(blocks, cu_seqlens_q, rows, block_table.shape[1])
+    tiles = unions.tiles
+    _query_tiled_kernel[(tiles.num_tiles, shape.num_groups)](
+        q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, blocks, tiles.seq,
+        tiles.start, tiles.end, unions.start, unions.count, unions.block, out, lse,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_table.stride(0), blocks.stride(0), blocks.stride(1),
+        shape.num_groups, shape.scale * LOG2E,
+        GROUP=shape.group, ROWS=rows, BLOCK_M=max(16, triton.next_power_of_2(rows * shape.group)),
+        HEAD_DIM=shape.head_dim, TOPK=shape.topk, TOPK_P2=triton.next_power_of_2(shape.topk),
+        PAGE=BLOCK_SIZE, PRECISION=dot_precision(q.dtype), NUM_STAGES=NUM_STAGES,
+        num_warps=NUM_WARPS)
+    return (out, lse) if return_lse else out
