@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from kernels import prefill_kv_major, query_major, reference
+from kernels import prefill_kv_major, prefill_query_tiled, query_major, reference
 from kernels.index_scoring import select_blocks
 
 __all__ = ["select_blocks", "sparse_attention", "dense_attention"]
@@ -50,14 +50,25 @@ def dense_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 # G = 16 (Hq 64) the partials are 4x larger per row and it loses, 0.76x).
 KV_MAJOR_MIN_ROWS = 8192
 KV_MAJOR_MAX_GROUP = 8
+# The query-tiled kernel pays per block in its tiles' unions, so it wins when neighbouring
+# queries chose alike. H100, Hq16/Hkv2 (bench/results/kernels_prefill_h100.md): selections
+# shared per 128 queries (union 0.97 x topk) 2.48 ms against KV-major 4.65 and query-major
+# 8.40 on a 32K prompt; unrelated selections (union 12.5 x topk) 10.7 ms against 3.22 / 4.64.
+QUERY_TILED_MIN_ROWS = 512
+QUERY_TILED_MAX_UNION = 2.0  # mean union per tile, in units of topk
 
 
 def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_table: torch.Tensor, seq_lens: torch.Tensor,
                      cu_seqlens_q: torch.Tensor, blocks: torch.Tensor,
                      softmax_scale: float | None = None, return_lse: bool = False):
+    args = (q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, blocks, softmax_scale,
+            return_lse)
     group = q.shape[1] // k_cache.shape[2]
+    if q.shape[0] >= QUERY_TILED_MIN_ROWS:  # a prefill chunk: how alike are its selections?
+        unions = prefill_query_tiled.TileUnions.for_attention(blocks, cu_seqlens_q, group,
+                                                              block_table.shape[1])
+        if unions.union_per_selection(blocks.shape[2]) <= QUERY_TILED_MAX_UNION:
+            return prefill_query_tiled.sparse_attention(*args, unions=unions)
     long_chunk = q.shape[0] >= KV_MAJOR_MIN_ROWS and group <= KV_MAJOR_MAX_GROUP
-    impl = prefill_kv_major if long_chunk else query_major
-    return impl.sparse_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
-                                 blocks, softmax_scale, return_lse)
+    return (prefill_kv_major if long_chunk else query_major).sparse_attention(*args)

@@ -124,6 +124,31 @@ def test_query_tiled_unions_cover_every_rows_choice():
             assert union == sorted(set(chosen[chosen >= 0].tolist()))
 
 
+def test_dispatch_picks_query_tiled_only_for_alike_selections(monkeypatch):
+    from kernels import triton_backend
+
+    batch = make_batch([4000], [640], 4, 2, 16, 16, 1, seed=8)  # 32 pages to choose from
+    scattered = kernels.select_blocks(batch.q_idx, batch.k_idx_cache, *batch.layout(), topk=3)
+    # Alike: every row keeps the selection of the last row of its 128-row block, when visible.
+    alike = scattered[torch.arange(640) // 128 * 128 + 127].clone()
+    own = (torch.arange(640) + 3360) // 128
+    alike[:, :, -1] = own[:, None]  # the own block last, as the selection rule places it
+    alike[:, :, :-1][alike[:, :, :-1] >= own[:, None, None]] = -1
+    calls = []
+    real = prefill_query_tiled.sparse_attention
+    monkeypatch.setattr(prefill_query_tiled, "sparse_attention",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    for blocks, expect_tiled in ((alike, True), (scattered, False)):
+        calls.clear()
+        out = triton_backend.sparse_attention(batch.q, batch.k_cache, batch.v_cache,
+                                              *batch.layout(), blocks)
+        assert bool(calls) == expect_tiled
+        ref = kernels.sparse_attention(batch.q.double(), batch.k_cache.double(),
+                                       batch.v_cache.double(), *batch.layout(), blocks,
+                                       backend="reference")
+        assert relative_error(out, ref) < 1e-5
+
+
 def test_kv_major_in_row_chunks(monkeypatch):
     """A long prefill is processed in row chunks that bound the partials' memory."""
     batch = _batch("multi-token-decode", (8, 2, 1), seed=5)
