@@ -6,7 +6,7 @@ a KV group into the MMA's M dimension, walks the sorted union of the blocks its 
 union block's K/V page is loaded once per tile, every row attends to it only if it chose it
 (a per-row mask, so the result is exactly per-row MSA), and an online softmax carries the
 running output on chip. Unlike the KV-major kernel nothing round-trips through HBM: no
-per-(row, slot) partials, no merge. The unions are built on the GPU by one sort.
+per-(row, slot) partials, no merge. The unions are built on the GPU by one scatter.
 """
 
 from __future__ import annotations
@@ -36,12 +36,11 @@ NUM_STAGES = 3
 
 @dataclass
 class TileUnions:
-    """For each (query tile, KV group): the sorted logical blocks any of its rows chose."""
+    """For each (query tile, KV group): which logical blocks any of its rows chose."""
 
     tiles: QueryTiles
-    start: torch.Tensor  # int32 [num_tiles * Hkv]: first entry in `block`
-    count: torch.Tensor  # int32 [num_tiles * Hkv]
-    block: torch.Tensor  # int32 [entries]
+    chosen: torch.Tensor  # bool [num_tiles * Hkv, max_pages]
+    count: torch.Tensor  # int64 [num_tiles * Hkv]: blocks in each union
 
     @classmethod
     def for_attention(cls, blocks: torch.Tensor, cu_seqlens_q: torch.Tensor, group: int,
@@ -49,15 +48,11 @@ class TileUnions:
         """Tiles of as many rows as fill the MMA's M with the group's query heads."""
         return cls.build(blocks, cu_seqlens_q, max(1, _PACKED_ROWS // group), max_pages)
 
-    def union_per_selection(self, topk: int) -> float:
-        """Mean union size over topk: 1 when a tile's rows all chose the same blocks, up to
-        the rows per tile when they share none (reads the device: one sync)."""
-        units = int((self.count > 0).sum())
-        return self.block.numel() / max(1, units * topk)
-
     @classmethod
     def build(cls, blocks: torch.Tensor, cu_seqlens_q: torch.Tensor, rows: int,
               max_pages: int) -> "TileUnions":
+        """One scatter into a (unit, page) bitmap: a few launches and no host sync, so a
+        dispatcher can look before it commits."""
         total_q, num_groups, _ = blocks.shape
         tiles = QueryTiles.build(cu_seqlens_q, total_q, rows)
         # The tile of every row: tiles of one sequence are consecutive and `rows` long.
@@ -68,14 +63,25 @@ class TileUnions:
                                           cu[1:] - cu[:-1], output_size=total_q)
         row_tile = first_tile[row_seq] + (torch.arange(total_q, device=cu.device)
                                           - cu[row_seq]) // rows
-        chosen = blocks.long()
-        key = ((row_tile[:, None, None] * num_groups
-                + torch.arange(num_groups, device=cu.device)[None, :, None]) * max_pages + chosen)
-        unique = torch.unique(key[chosen >= 0])  # sorted: by tile, then group, then block
-        per_unit = torch.bincount(unique // max_pages, minlength=tiles.num_tiles * num_groups)
-        start = torch.cumsum(per_unit, 0) - per_unit
-        return cls(tiles, start.to(torch.int32), per_unit.to(torch.int32),
-                   (unique % max_pages).to(torch.int32))
+        unit = row_tile[:, None] * num_groups + torch.arange(num_groups, device=cu.device)
+        # Unused slots (-1) land in a spare last column, dropped after the scatter.
+        chosen = torch.zeros(tiles.num_tiles * num_groups, max_pages + 1, dtype=torch.bool,
+                             device=blocks.device)
+        page = torch.where(blocks >= 0, blocks.long(), max_pages)
+        chosen[unit[:, :, None].expand_as(page), page] = True
+        chosen = chosen[:, :max_pages]
+        return cls(tiles, chosen, chosen.sum(-1))
+
+    def union_per_selection(self, topk: int) -> float:
+        """Mean union size over topk: 1 when a tile's rows all chose the same blocks, up to
+        the rows per tile when they share none (reads the device: one sync)."""
+        entries, units = torch.stack([self.count.sum(), (self.count > 0).sum()]).tolist()
+        return entries / max(1, units * topk)
+
+    def entries(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(start int32 [units], block int32 [entries]): each union's blocks, ascending."""
+        start = torch.cumsum(self.count, 0) - self.count
+        return start.to(torch.int32), self.chosen.nonzero()[:, 1].to(torch.int32)
 
 
 @triton.jit
@@ -161,10 +167,11 @@ def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         unions = TileUnions.for_attention(blocks, cu_seqlens_q, shape.group,
                                           block_table.shape[1])
     tiles = unions.tiles
+    union_start, union_block = unions.entries()
     rows = max(1, _PACKED_ROWS // shape.group)
     _query_tiled_kernel[(tiles.num_tiles, shape.num_groups)](
         q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, blocks, tiles.seq,
-        tiles.start, tiles.end, unions.start, unions.count, unions.block, out, lse,
+        tiles.start, tiles.end, union_start, unions.count.to(torch.int32), union_block, out, lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_table.stride(0), blocks.stride(0), blocks.stride(1),
         shape.num_groups, shape.scale * LOG2E,

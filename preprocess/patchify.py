@@ -7,7 +7,8 @@ import numpy as np
 from preprocess.config import VisionGeometry
 
 
-def patchify(frames: np.ndarray, geometry: VisionGeometry) -> tuple[np.ndarray, tuple[int, int, int]]:
+def patchify(frames: np.ndarray,
+             geometry: VisionGeometry) -> tuple[np.ndarray, tuple[int, int, int]]:
     """frames uint8 [T, H, W, 3] (H, W multiples of geometry.factor) ->
     (pixel_values float16 [t * h * w, 3 * temporal_patch * patch^2], grid (t, h, w) in patches).
 

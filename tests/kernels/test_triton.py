@@ -114,12 +114,13 @@ def test_query_tiled_unions_cover_every_rows_choice():
     unions = prefill_query_tiled.TileUnions.build(blocks, batch.cu_seqlens_q, rows=4,
                                                   max_pages=batch.block_table.shape[1])
     tiles = unions.tiles
+    start, block = unions.entries()
     for tile in range(tiles.num_tiles):
         rows = slice(int(tiles.start[tile]), int(tiles.end[tile]))
         for group in range(blocks.shape[1]):
             unit = tile * blocks.shape[1] + group
-            first, count = int(unions.start[unit]), int(unions.count[unit])
-            union = unions.block[first:first + count].tolist()
+            first, count = int(start[unit]), int(unions.count[unit])
+            union = block[first:first + count].tolist()
             chosen = blocks[rows, group]
             assert union == sorted(set(chosen[chosen >= 0].tolist()))
 
@@ -128,6 +129,7 @@ def test_dispatch_picks_query_tiled_only_for_alike_selections(monkeypatch):
     from kernels import triton_backend
 
     batch = make_batch([4000], [640], 4, 2, 16, 16, 1, seed=8)  # 32 pages to choose from
+    monkeypatch.setattr(triton_backend, "QUERY_TILED_MIN_ROWS", 512)
     scattered = kernels.select_blocks(batch.q_idx, batch.k_idx_cache, *batch.layout(), topk=3)
     # Alike: every row keeps the selection of the last row of its 128-row block, when visible.
     alike = scattered[torch.arange(640) // 128 * 128 + 127].clone()
