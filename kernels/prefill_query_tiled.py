@@ -51,8 +51,7 @@ class TileUnions:
     @classmethod
     def build(cls, blocks: torch.Tensor, cu_seqlens_q: torch.Tensor, rows: int,
               max_pages: int) -> "TileUnions":
-        """One scatter into a (unit, page) bitmap: a few launches and no host sync, so a
-        dispatcher can look before it commits."""
+        """One scatter into a (unit, page) bitmap."""
         total_q, num_groups, _ = blocks.shape
         tiles = QueryTiles.build(cu_seqlens_q, total_q, rows)
         # The tile of every row: tiles of one sequence are consecutive and `rows` long.
@@ -72,16 +71,22 @@ class TileUnions:
         chosen = chosen[:, :max_pages]
         return cls(tiles, chosen, chosen.sum(-1))
 
-    def union_per_selection(self, topk: int) -> float:
-        """Mean union size over topk: 1 when a tile's rows all chose the same blocks, up to
-        the rows per tile when they share none (reads the device: one sync)."""
-        entries, units = torch.stack([self.count.sum(), (self.count > 0).sum()]).tolist()
-        return entries / max(1, units * topk)
-
     def entries(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(start int32 [units], block int32 [entries]): each union's blocks, ascending."""
         start = torch.cumsum(self.count, 0) - self.count
         return start.to(torch.int32), self.chosen.nonzero()[:, 1].to(torch.int32)
+
+
+def estimated_union_per_selection(blocks: torch.Tensor, group: int) -> float:
+    """Roughly the mean union size of the tiles, in units of topk, from how many of each row's
+    blocks its predecessor did not choose: 1 when neighbours agree, up to the rows per tile
+    when they never do. A handful of launches and one sync, so a dispatcher can afford to ask
+    before paying for the unions."""
+    rows = max(1, _PACKED_ROWS // group)
+    current, previous = blocks[1:], blocks[:-1]
+    new = (current >= 0) & ~(current[..., :, None] == previous[..., None, :]).any(-1)
+    churn = new.sum(-1).float().mean().item() if current.numel() else 0.0
+    return 1.0 + (rows - 1) * churn / blocks.shape[2]
 
 
 @triton.jit
@@ -154,18 +159,14 @@ def _query_tiled_kernel(
 def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_table: torch.Tensor, seq_lens: torch.Tensor,
                      cu_seqlens_q: torch.Tensor, blocks: torch.Tensor,
-                     softmax_scale: float | None = None, return_lse: bool = False,
-                     unions: TileUnions | None = None):
-    """unions: built already by a caller that looked at them to choose this kernel."""
+                     softmax_scale: float | None = None, return_lse: bool = False):
     shape = AttentionShape.of(q, k_cache, blocks, softmax_scale)
     out = torch.empty(shape.total_q, shape.num_heads, shape.head_dim, dtype=q.dtype,
                       device=q.device)
     lse = torch.empty(shape.total_q, shape.num_heads, dtype=torch.float32, device=q.device)
     if shape.total_q == 0:
         return (out, lse) if return_lse else out
-    if unions is None:
-        unions = TileUnions.for_attention(blocks, cu_seqlens_q, shape.group,
-                                          block_table.shape[1])
+    unions = TileUnions.for_attention(blocks, cu_seqlens_q, shape.group, block_table.shape[1])
     tiles = unions.tiles
     union_start, union_block = unions.entries()
     rows = max(1, _PACKED_ROWS // shape.group)

@@ -66,10 +66,9 @@ def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     args = (q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, blocks, softmax_scale,
             return_lse)
     group = q.shape[1] // k_cache.shape[2]
-    if q.shape[0] >= QUERY_TILED_MIN_ROWS:  # a prefill chunk: how alike are its selections?
-        unions = prefill_query_tiled.TileUnions.for_attention(blocks, cu_seqlens_q, group,
-                                                              block_table.shape[1])
-        if unions.union_per_selection(blocks.shape[2]) <= QUERY_TILED_MAX_UNION:
-            return prefill_query_tiled.sparse_attention(*args, unions=unions)
+    if (q.shape[0] >= QUERY_TILED_MIN_ROWS  # a long prefill chunk whose rows chose alike
+            and prefill_query_tiled.estimated_union_per_selection(blocks, group)
+            <= QUERY_TILED_MAX_UNION):
+        return prefill_query_tiled.sparse_attention(*args)
     long_chunk = q.shape[0] >= KV_MAJOR_MIN_ROWS and group <= KV_MAJOR_MAX_GROUP
     return (prefill_kv_major if long_chunk else query_major).sparse_attention(*args)

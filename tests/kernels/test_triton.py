@@ -140,6 +140,8 @@ def test_dispatch_picks_query_tiled_only_for_alike_selections(monkeypatch):
     real = prefill_query_tiled.sparse_attention
     monkeypatch.setattr(prefill_query_tiled, "sparse_attention",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert prefill_query_tiled.estimated_union_per_selection(alike, 2) < 1.5
+    assert prefill_query_tiled.estimated_union_per_selection(scattered, 2) > 5
     for blocks, expect_tiled in ((alike, True), (scattered, False)):
         calls.clear()
         out = triton_backend.sparse_attention(batch.q, batch.k_cache, batch.v_cache,
