@@ -97,7 +97,7 @@ def _query_tiled_kernel(
     num_groups, scale_log2,
     GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
     TOPK: tl.constexpr, TOPK_P2: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
+    NUM_STAGES: tl.constexpr, ALL_VISIBLE: tl.constexpr,
 ):
     tile = tl.program_id(0)
     group = tl.program_id(1)
@@ -116,29 +116,39 @@ def _query_tiled_kernel(
     dims = tl.arange(0, HEAD_DIM)
     query = tl.load(q + rows[:, None] * stride_qt + heads[:, None] * stride_qh + dims[None, :],
                     mask=valid[:, None], other=0.0)
-    slots = tl.arange(0, TOPK_P2)
-    # Each packed row's own selection, to mask the union blocks it did not choose.
-    chosen_by_row = tl.load(blocks + rows[:, None] * stride_blt + group * stride_blg
-                            + slots[None, :], mask=valid[:, None] & (slots < TOPK)[None, :],
-                            other=-1)
+    if not ALL_VISIBLE:
+        slots = tl.arange(0, TOPK_P2)
+        # Each packed row's own selection, to mask the union blocks it did not choose.
+        chosen_by_row = tl.load(blocks + rows[:, None] * stride_blt + group * stride_blg
+                                + slots[None, :], mask=valid[:, None] & (slots < TOPK)[None, :],
+                                other=-1)
     tokens = tl.arange(0, PAGE)
 
     running_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     running_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    unit = tile * num_groups + group
-    first = tl.load(union_start + unit)
-    last = first + tl.load(union_count + unit)
+    if ALL_VISIBLE:  # dense attention: every page up to the tile's last query
+        first = 0
+        last = (first_pos + row_end - 1) // PAGE + 1
+    else:
+        unit = tile * num_groups + group
+        first = tl.load(union_start + unit)
+        last = first + tl.load(union_count + unit)
     for entry in tl.range(first, last, num_stages=NUM_STAGES):
-        block = tl.load(union_block + entry)
+        if ALL_VISIBLE:
+            block = entry
+        else:
+            block = tl.load(union_block + entry)
         physical = tl.load(block_table + seq * stride_bt + block).to(tl.int64)
         offsets = physical * stride_kp + tokens[:, None] * stride_kt + group * stride_kh \
             + dims[None, :]
         k = tl.load(k_cache + offsets)
         v = tl.load(v_cache + offsets)
         s = tl.dot(query, tl.trans(k), input_precision=PRECISION) * scale_log2
-        row_chose = tl.max((chosen_by_row == block).to(tl.int32), axis=1) > 0
-        visible = row_chose[:, None] & ((block * PAGE + tokens)[None, :] <= pos[:, None])
+        visible = (block * PAGE + tokens)[None, :] <= pos[:, None]
+        if not ALL_VISIBLE:
+            row_chose = tl.max((chosen_by_row == block).to(tl.int32), axis=1) > 0
+            visible = visible & row_chose[:, None]
         s = tl.where(visible, s, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(s, axis=1))
         # A row that has seen nothing yet keeps a finite reference point (no inf - inf).
@@ -161,23 +171,52 @@ def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      cu_seqlens_q: torch.Tensor, blocks: torch.Tensor,
                      softmax_scale: float | None = None, return_lse: bool = False):
     shape = AttentionShape.of(q, k_cache, blocks, softmax_scale)
+    if shape.total_q == 0:
+        return _launch(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, shape, None,
+                       None, return_lse)
+    unions = TileUnions.for_attention(blocks, cu_seqlens_q, shape.group, block_table.shape[1])
+    return _launch(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, shape, blocks,
+                   unions, return_lse)
+
+
+def dense_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_table: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                    softmax_scale: float | None = None, return_lse: bool = False):
+    """Causal attention over every visible key of the paged cache, the same kernel walking
+    all of a tile's pages: chunks after a cached prefix, decodes and mixed steps in one launch,
+    with no gathered copy of the K/V and no host sync."""
+    placeholder = torch.empty(0, 1, 1, dtype=torch.int32, device=q.device)
+    shape = AttentionShape.of(q, k_cache, placeholder, softmax_scale)
+    return _launch(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, shape, None, None,
+                   return_lse)
+
+
+def _launch(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, shape: AttentionShape,
+            blocks: torch.Tensor | None, unions: TileUnions | None, return_lse: bool):
+    """blocks and unions None: dense (every visible page)."""
     out = torch.empty(shape.total_q, shape.num_heads, shape.head_dim, dtype=q.dtype,
                       device=q.device)
     lse = torch.empty(shape.total_q, shape.num_heads, dtype=torch.float32, device=q.device)
     if shape.total_q == 0:
         return (out, lse) if return_lse else out
-    unions = TileUnions.for_attention(blocks, cu_seqlens_q, shape.group, block_table.shape[1])
-    tiles = unions.tiles
-    union_start, union_block = unions.entries()
     rows = max(1, _PACKED_ROWS // shape.group)
+    if unions is None:
+        # Decode-like steps get tiles of their q_len, so M is not padded to 128 rows.
+        rows = QueryTiles.rows_for(shape.total_q, seq_lens.shape[0], rows)
+        tiles = QueryTiles.build(cu_seqlens_q, shape.total_q, rows)
+        blocks = union_start = union_count = union_block = cu_seqlens_q  # unread when dense
+    else:
+        tiles = unions.tiles
+        union_start, union_block = unions.entries()
+        union_count = unions.count.to(torch.int32)
     _query_tiled_kernel[(tiles.num_tiles, shape.num_groups)](
         q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, blocks, tiles.seq,
-        tiles.start, tiles.end, union_start, unions.count.to(torch.int32), union_block, out, lse,
+        tiles.start, tiles.end, union_start, union_count, union_block, out, lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        block_table.stride(0), blocks.stride(0), blocks.stride(1),
-        shape.num_groups, shape.scale * LOG2E,
+        block_table.stride(0), blocks.stride(0) if unions else 0,
+        blocks.stride(1) if unions else 0, shape.num_groups, shape.scale * LOG2E,
         GROUP=shape.group, ROWS=rows, BLOCK_M=max(16, triton.next_power_of_2(rows * shape.group)),
         HEAD_DIM=shape.head_dim, TOPK=shape.topk, TOPK_P2=triton.next_power_of_2(shape.topk),
         PAGE=BLOCK_SIZE, PRECISION=dot_precision(q.dtype), NUM_STAGES=NUM_STAGES,
-        num_warps=NUM_WARPS)
+        ALL_VISIBLE=unions is None, num_warps=NUM_WARPS)
     return (out, lse) if return_lse else out

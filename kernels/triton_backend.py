@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from kernels import prefill_kv_major, prefill_query_tiled, query_major, reference
 from kernels.index_scoring import select_blocks
@@ -15,31 +14,27 @@ __all__ = ["select_blocks", "sparse_attention", "dense_attention"]
 def dense_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_table: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
                     softmax_scale: float | None = None, return_lse: bool = False):
-    """Dense layers and the dense baseline on CUDA: PyTorch's fused SDPA per sequence, queries
-    aligned bottom-right (they follow the cached prefix). The reference path builds explicit
-    masks, fine on CPU but far from a fair dense baseline on a GPU."""
-    if return_lse or q.device.type != "cuda":
+    """Dense layers, short contexts and the dense baseline on CUDA. Fresh prompts (every query
+    row of every sequence new) run PyTorch's flash SDPA per sequence over a gathered copy of
+    the paged K/V; any other step (chunks after a cached prefix, decodes, mixed) runs the
+    paged query-tiled kernel over all visible pages in one launch, where SDPA would need a
+    bottom-right causal mask (its slower backends) and a loop over sequences."""
+    if q.device.type != "cuda":
         return reference.dense_attention(q, k_cache, v_cache, block_table, seq_lens,
-                                          cu_seqlens_q, softmax_scale, return_lse)
-    group = q.shape[1] // k_cache.shape[2]
-    out = torch.empty_like(q)
+                                         cu_seqlens_q, softmax_scale, return_lse)
     cu, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
+    fresh_prompts = all(cu[b + 1] - cu[b] == n for b, n in enumerate(lens))
+    if return_lse or not fresh_prompts:
+        return prefill_query_tiled.dense_attention(q, k_cache, v_cache, block_table, seq_lens,
+                                                   cu_seqlens_q, softmax_scale, return_lse)
+    out = torch.empty_like(q)
     for b, seq_len in enumerate(lens):
-        q_len = cu[b + 1] - cu[b]
-        if q_len == 0:
-            continue
         pages = block_table[b, : -(-seq_len // reference.BLOCK_SIZE)].long()
         keys, values = (cache[pages].flatten(0, 1)[:seq_len].transpose(0, 1)[None]
                         for cache in (k_cache, v_cache))  # [1, Hkv, S, D]
-        queries = q[cu[b]:cu[b + 1]].transpose(0, 1)[None]  # [1, Hq, t, D]
-        if q_len in (1, seq_len):  # decode sees every key; a fresh prompt is plain causal
-            result = F.scaled_dot_product_attention(queries, keys, values, scale=softmax_scale,
-                                                    is_causal=q_len > 1, enable_gqa=True)
-        else:  # a chunk after a cached prefix: bottom-right causal, heads repeated for it
-            keys, values = (t.repeat_interleave(group, dim=1) for t in (keys, values))
-            result = F.scaled_dot_product_attention(
-                queries, keys, values, attn_mask=causal_lower_right(q_len, seq_len),
-                scale=softmax_scale)
+        queries = q[cu[b]:cu[b + 1]].transpose(0, 1)[None]  # [1, Hq, S, D]
+        result = F.scaled_dot_product_attention(queries, keys, values, scale=softmax_scale,
+                                                is_causal=True, enable_gqa=True)
         out[cu[b]:cu[b + 1]] = result[0].transpose(0, 1)
     return out
 

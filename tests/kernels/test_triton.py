@@ -107,6 +107,19 @@ def test_kv_major_splits_a_block_chosen_by_many_queries():
     assert relative_error(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"Hq{h[0]}-Hkv{h[1]}-Hik{h[2]}")
+def test_query_tiled_dense_attention_matches_reference(layout, heads):
+    batch = _batch(layout, heads, seed=3)
+    out, lse = prefill_query_tiled.dense_attention(batch.q, batch.k_cache, batch.v_cache,
+                                                   *batch.layout(), return_lse=True)
+    ref_out, ref_lse = kernels.dense_attention(batch.q.double(), batch.k_cache.double(),
+                                               batch.v_cache.double(), *batch.layout(),
+                                               return_lse=True, backend="reference")
+    assert relative_error(out, ref_out) < 1e-5
+    assert torch.allclose(lse, ref_lse.float(), atol=1e-4)
+
+
 def test_query_tiled_unions_cover_every_rows_choice():
     """A tile's union holds each block any of its rows chose, once, in ascending order."""
     batch = _batch("chunk-after-prefix", (8, 2, 1), seed=6)
@@ -217,6 +230,15 @@ def test_kernels_at_real_shapes_bf16(heads, shape):
         out = impl.sparse_attention(batch.q, batch.k_cache, batch.v_cache, *batch.layout(), ref)
         assert not out.isnan().any(), impl.__name__
         assert relative_error(out.float(), expected.double()) < 1e-2, impl.__name__
+    if max(q_lens) <= 1000:  # the reference's dense scores of a long chunk would not fit
+        _poison_allocator()
+        dense = prefill_query_tiled.dense_attention(batch.q, batch.k_cache, batch.v_cache,
+                                                    *batch.layout())
+        expected_dense = kernels.dense_attention(batch.q.float(), batch.k_cache.float(),
+                                                 batch.v_cache.float(), *batch.layout(),
+                                                 backend="reference")
+        assert not dense.isnan().any()
+        assert relative_error(dense.float(), expected_dense.double()) < 1e-2
     # fp8 index keys: the scan agrees with the reference on the same fp8 keys.
     fp8_keys = kernels.to_index_key_dtype(batch.k_idx_cache, kernels.INDEX_KEY_FP8)
     _poison_allocator()
