@@ -5,7 +5,8 @@ D = Di = 128, learned index branch, topk 16; dense MLPs) runs through the whole 
 cache, chunked prefill of 16K-token chunks, Triton kernels) in bf16. For each context length:
 prefill seconds of one prompt, and decode tokens/s of 8 such requests generating together.
 "Dense" is the same engine and weights with topk large enough that every block is visible,
-which routes attention to PyTorch's fused SDPA (flash) per sequence.
+which routes attention to the dense path (flash SDPA for fresh prompts, the paged query-tiled
+kernel over all pages otherwise).
 
 Usage (CUDA): python bench/engine_m3.py [--out-dir DIR] [--contexts 32768 131072]
 """
@@ -102,8 +103,8 @@ def main() -> None:
     notes = ("M3-shaped random model: 4 layers, hidden 6144, Hq 64, Hkv 4, D 128, learned index "
              "branch (1 index-key head, Di 128), topk 16, dense MLP 8192, bf16; whole engine "
              "(scheduler, paged cache, 16K-token prefill chunks). Dense = same engine, every "
-             "block visible, fused SDPA per sequence over a gathered copy of the paged K/V, "
-             "eager steps. MSA eager = every step eager; MSA graph = decode steps replayed from "
+             "block visible: flash SDPA for the first chunk of a prompt, the paged query-tiled "
+             "kernel over all visible pages for later chunks and decode, eager steps. MSA eager = every step eager; MSA graph = decode steps replayed from "
              "CUDA graphs (worker/cuda_graphs.py).")
     write_results("engine_m3_h100" if "H100" in torch.cuda.get_device_name() else "engine_m3_gpu",
                   "Engine on GPU: M3-shaped model, MSA vs dense attention", table, notes,
