@@ -24,6 +24,7 @@ from kernels.triton_layout import (
     QueryTiles,
     dot_precision,
     finish_softmax,
+    online_softmax_step,
 )
 
 # Launch shape from an H100 sweep of M (64/128/256) x warps (4/8) x stages (2/3), Hq16/Hkv2,
@@ -150,14 +151,8 @@ def _query_tiled_kernel(
             row_chose = tl.max((chosen_by_row == block).to(tl.int32), axis=1) > 0
             visible = visible & row_chose[:, None]
         s = tl.where(visible, s, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(s, axis=1))
-        # A row that has seen nothing yet keeps a finite reference point (no inf - inf).
-        ref = tl.where(new_max == float("-inf"), 0.0, new_max)
-        p = tl.exp2(s - ref[:, None])
-        alpha = tl.exp2(running_max - ref)
-        running_sum = running_sum * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        running_max = new_max
+        acc, running_max, running_sum = online_softmax_step(s, v, acc, running_max, running_sum,
+                                                            PRECISION)
 
     result, row_lse = finish_softmax(acc, running_max, running_sum)
     target = rows * (num_groups * GROUP) + heads

@@ -21,6 +21,7 @@ from kernels.triton_layout import (
     AttentionShape,
     dot_precision,
     finish_softmax,
+    online_softmax_step,
     search_steps,
     sequence_of_row,
     target_programs,
@@ -65,14 +66,8 @@ def _query_major_kernel(
         v = tl.load(v_cache + offsets, mask=chosen, other=0.0)
         s = tl.dot(query, tl.trans(k), input_precision=PRECISION) * scale_log2
         s = tl.where(chosen & ((block * PAGE + tokens)[None, :] <= pos), s, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(s, axis=1))
-        # A row that has seen nothing yet keeps a finite reference point (no inf - inf).
-        ref = tl.where(new_max == float("-inf"), 0.0, new_max)
-        p = tl.exp2(s - ref[:, None])
-        alpha = tl.exp2(running_max - ref)
-        running_sum = running_sum * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        running_max = new_max
+        acc, running_max, running_sum = online_softmax_step(s, v, acc, running_max, running_sum,
+                                                            PRECISION)
 
     result, row_lse = finish_softmax(acc, running_max, running_sum)
     # Layout [row, group, split, head, dim]: with one split it is the final [row, Hq, D].

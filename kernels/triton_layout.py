@@ -110,6 +110,20 @@ def sequence_of_row(cu_seqlens_q, row, num_seqs, SEARCH_STEPS: tl.constexpr):
 
 
 @triton.jit
+def online_softmax_step(s, v, acc, running_max, running_sum, PRECISION: tl.constexpr):
+    """Folds one page of log2-scaled scores s [M, PAGE] (-inf where masked) and its values
+    v [PAGE, D] into the running (acc, max, sum) of rows that attend page by page."""
+    new_max = tl.maximum(running_max, tl.max(s, axis=1))
+    # A row that has seen nothing yet keeps a finite reference point (no inf - inf).
+    ref = tl.where(new_max == float("-inf"), 0.0, new_max)
+    p = tl.exp2(s - ref[:, None])
+    alpha = tl.exp2(running_max - ref)
+    running_sum = running_sum * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, new_max, running_sum
+
+
+@triton.jit
 def finish_softmax(acc, max_log2, total):
     """(acc / total, natural-log LSE) of rows whose scores were log2(e)-scaled; a row that saw
     no key (total 0) gives 0 and -inf. Shared by both sparse-attention kernels."""
