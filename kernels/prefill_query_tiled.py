@@ -73,9 +73,17 @@ class TileUnions:
         return cls(tiles, chosen, chosen.sum(-1))
 
     def entries(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(start int32 [units], block int32 [entries]): each union's blocks, ascending."""
+        """(start int32 [units], block int32 [>= entries]): each union's blocks, ascending,
+        compacted by a prefix sum over the bitmap (no host sync, unlike nonzero)."""
+        flat = self.chosen.reshape(-1)
+        position = torch.cumsum(flat, 0, dtype=torch.int32) - 1
+        pages = self.chosen.shape[1]
+        spare = flat.numel()  # where the unchosen (unit, page) pairs write, then ignored
+        block = torch.empty(spare + 1, dtype=torch.int32, device=flat.device)
+        page_of = torch.arange(spare, device=flat.device, dtype=torch.int32) % pages
+        block.scatter_(0, torch.where(flat, position, spare).long(), page_of)
         start = torch.cumsum(self.count, 0) - self.count
-        return start.to(torch.int32), self.chosen.nonzero()[:, 1].to(torch.int32)
+        return start.to(torch.int32), block
 
 
 def estimated_union_per_selection(blocks: torch.Tensor, group: int) -> float:
