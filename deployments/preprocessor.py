@@ -91,8 +91,8 @@ def expand_placeholders(token_ids: list[int], items: list[ProcessedMedia],
     pad_ids = {"image": vision.image_token_id, "video": vision.video_token_id}
     found = [i for i, t in enumerate(token_ids) if t in pad_ids.values()]
     if len(found) != len(items):
-        raise MediaError(f"the prompt text holds {len(found) - len(items)} placeholder tokens "
-                         f"of its own; remove them")
+        raise MediaError(f"the prompt has {len(found)} image/video placeholder tokens for "
+                         f"{len(items)} media items: remove placeholder tokens from the text")
     expanded: list[int] = []
     mm_inputs = []
     start = 0
