@@ -99,6 +99,33 @@ def estimated_union_per_selection(blocks: torch.Tensor, group: int) -> float:
 
 
 @triton.jit
+def _attend_page(entry, union_block, block_table, k_cache, v_cache, seq, group, query, pos,
+                 chosen_by_row, acc, running_max, running_sum, scale_log2, stride_kp, stride_kt,
+                 stride_kh, stride_bt, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
+                 PRECISION: tl.constexpr, ALL_VISIBLE: tl.constexpr, CAUSAL: tl.constexpr):
+    """Folds one union page into the tile's running softmax. CAUSAL only for the (at most two)
+    pages that hold the tile's own positions; every earlier page is wholly visible."""
+    if ALL_VISIBLE:
+        block = entry
+    else:
+        block = tl.load(union_block + entry)
+    tokens = tl.arange(0, PAGE)
+    dims = tl.arange(0, HEAD_DIM)
+    physical = tl.load(block_table + seq * stride_bt + block).to(tl.int64)
+    offsets = physical * stride_kp + tokens[:, None] * stride_kt + group * stride_kh \
+        + dims[None, :]
+    k = tl.load(k_cache + offsets)
+    v = tl.load(v_cache + offsets)
+    s = tl.dot(query, tl.trans(k), input_precision=PRECISION) * scale_log2
+    if CAUSAL:
+        s = tl.where((block * PAGE + tokens)[None, :] <= pos[:, None], s, float("-inf"))
+    if not ALL_VISIBLE:  # rows attend only to the blocks they chose
+        row_chose = tl.max((chosen_by_row == block).to(tl.int32), axis=1) > 0
+        s = tl.where(row_chose[:, None], s, float("-inf"))
+    return online_softmax_step(s, v, acc, running_max, running_sum, PRECISION)
+
+
+@triton.jit
 def _query_tiled_kernel(
     q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, blocks, tile_seq, tile_start,
     tile_end, union_start, union_count, union_block, out, lse,
@@ -125,42 +152,39 @@ def _query_tiled_kernel(
     dims = tl.arange(0, HEAD_DIM)
     query = tl.load(q + rows[:, None] * stride_qt + heads[:, None] * stride_qh + dims[None, :],
                     mask=valid[:, None], other=0.0)
-    if not ALL_VISIBLE:
+    running_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    running_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    # Pages from the tile's first position on need the causal mask; ascending order puts them
+    # last (at most two: a tile spans at most 128 rows).
+    own_page = (first_pos + row_begin) // PAGE
+    if ALL_VISIBLE:  # dense attention: every page up to the tile's last query
+        chosen_by_row = 0
+        first = 0
+        last = (first_pos + row_end - 1) // PAGE + 1
+        split = own_page
+    else:
         slots = tl.arange(0, TOPK_P2)
         # Each packed row's own selection, to mask the union blocks it did not choose.
         chosen_by_row = tl.load(blocks + rows[:, None] * stride_blt + group * stride_blg
                                 + slots[None, :], mask=valid[:, None] & (slots < TOPK)[None, :],
                                 other=-1)
-    tokens = tl.arange(0, PAGE)
-
-    running_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    running_sum = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    if ALL_VISIBLE:  # dense attention: every page up to the tile's last query
-        first = 0
-        last = (first_pos + row_end - 1) // PAGE + 1
-    else:
         unit = tile * num_groups + group
         first = tl.load(union_start + unit)
         last = first + tl.load(union_count + unit)
-    for entry in tl.range(first, last, num_stages=NUM_STAGES):
-        if ALL_VISIBLE:
-            block = entry
-        else:
-            block = tl.load(union_block + entry)
-        physical = tl.load(block_table + seq * stride_bt + block).to(tl.int64)
-        offsets = physical * stride_kp + tokens[:, None] * stride_kt + group * stride_kh \
-            + dims[None, :]
-        k = tl.load(k_cache + offsets)
-        v = tl.load(v_cache + offsets)
-        s = tl.dot(query, tl.trans(k), input_precision=PRECISION) * scale_log2
-        visible = (block * PAGE + tokens)[None, :] <= pos[:, None]
-        if not ALL_VISIBLE:
-            row_chose = tl.max((chosen_by_row == block).to(tl.int32), axis=1) > 0
-            visible = visible & row_chose[:, None]
-        s = tl.where(visible, s, float("-inf"))
-        acc, running_max, running_sum = online_softmax_step(s, v, acc, running_max, running_sum,
-                                                            PRECISION)
+        near = tl.arange(0, 2)
+        tail = tl.load(union_block + last - 2 + near, mask=last - 2 + near >= first, other=-1)
+        split = last - tl.sum((tail >= own_page).to(tl.int32), axis=0)
+    for entry in tl.range(first, split, num_stages=NUM_STAGES):
+        acc, running_max, running_sum = _attend_page(
+            entry, union_block, block_table, k_cache, v_cache, seq, group, query, pos,
+            chosen_by_row, acc, running_max, running_sum, scale_log2, stride_kp, stride_kt,
+            stride_kh, stride_bt, HEAD_DIM, PAGE, PRECISION, ALL_VISIBLE, False)
+    for entry in tl.range(split, last):
+        acc, running_max, running_sum = _attend_page(
+            entry, union_block, block_table, k_cache, v_cache, seq, group, query, pos,
+            chosen_by_row, acc, running_max, running_sum, scale_log2, stride_kp, stride_kt,
+            stride_kh, stride_bt, HEAD_DIM, PAGE, PRECISION, ALL_VISIBLE, True)
 
     result, row_lse = finish_softmax(acc, running_max, running_sum)
     target = rows * (num_groups * GROUP) + heads
