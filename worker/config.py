@@ -210,6 +210,8 @@ class EngineConfig(BaseModel):
     enable_prefix_caching: bool = True
     enforce_eager: bool = Field(False, description="run every step eagerly; by default decode "
                                                    "steps on CUDA replay captured CUDA graphs")
+    warm_up: bool | None = Field(None, description="compile kernels and capture decode graphs "
+                                                   "at start; None = on CUDA only")
     seed: int = 0
     debug_checks: bool = False
 

@@ -88,6 +88,14 @@ class DecodeGraphs:
         self.graphs[key].replay()
         return self.logits[key][:size]
 
+    def capture_all(self) -> None:
+        """Every bucket and attention path ahead of time (the engine's warm-up)."""
+        sparse_possible = self.max_model_len > self.topk * BLOCK_SIZE
+        for bucket in reversed(self.buckets):  # largest first: smaller ones reuse its pool
+            for short in (True, False) if sparse_possible else (True,):
+                if self.capture and (bucket, short) not in self.graphs:
+                    self._capture((bucket, short))
+
     def _fill(self, batch: ScheduledBatch, bucket: int) -> None:
         """Copies the step into the static buffers; rows past the batch become padding."""
         size = len(batch)

@@ -7,6 +7,7 @@ The engine owns the model, the KV cache and the scheduling state; it is not thre
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -118,10 +119,46 @@ class LLMEngine:
                                           if loaded.model.visual is not None else None))
         self.requests: dict[str, Sequence] = {}
         self.stats = EngineStats()
+        if config.warm_up if config.warm_up is not None else self.device.type == "cuda":
+            self._warm_up()
         logger.info("engine ready: model=%s device=%s dtype=%s kv_pages=%d kv_tokens=%d "
                     "max_model_len=%d topk=%d", self.model_name, self.device,
                     str(self.dtype).removeprefix("torch."), num_pages, num_pages * BLOCK_SIZE,
                     self.max_model_len, config.topk or self.model_config.msa.topk)
+
+    def _warm_up(self) -> None:
+        """Runs throwaway requests through every kind of step (a fresh prompt past the sparse
+        threshold, a chunk after a cached prefix, batched decodes) and captures every decode
+        graph, so the first users do not wait for Triton to compile (up to ~1 s per kernel
+        shape) or for graph capture. A private BlockManager keeps the warm-up's pages out of
+        the real prefix cache and away from the page listener; its K/V are overwritten before
+        anything reads them."""
+        started = time.perf_counter()
+        block_manager, scheduler = self.block_manager, self.scheduler
+        self.block_manager = BlockManager(block_manager.num_pages, salt="warm-up")
+        self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs,
+                                   self.config.max_num_batched_tokens)
+        try:
+            topk = self.config.topk or self.model_config.msa.topk
+            length = max(1, min(self.max_model_len - 8, 2 * topk * BLOCK_SIZE + 64))
+            vision = self.model_config.vision
+            placeholders = {vision.image_token_id, vision.video_token_id} if vision else set()
+            tokens = [t for t in range(min(self.model_config.vocab_size, 1024))
+                      if t not in placeholders]
+            prompt = [tokens[(7 * i) % len(tokens)] for i in range(length)]
+            params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+            self.generate([prompt], params, use_tqdm=False)  # fresh prompt, decode of one
+            batch = min(self.config.max_num_seqs, 8)
+            self.generate([prompt[:-1] + [tokens[i]] for i in range(batch)],  # cached prefix
+                          params, use_tqdm=False)
+            if self.runner.decode_graphs is not None:
+                self.runner.decode_graphs.capture_all()
+        finally:
+            self.block_manager, self.scheduler = block_manager, scheduler
+            self.requests.clear()
+            self.stats = EngineStats()
+            self.runner.sampler = Sampler(self.config.seed, self.device)  # as if never used
+        logger.info("warm-up done in %.1f s", time.perf_counter() - started)
 
     def _decode_graphs(self, model) -> DecodeGraphs | None:
         # debug_checks read indices on the host in every kernel call: not capturable.

@@ -13,6 +13,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from worker.async_engine import AsyncLLMEngine
 from worker.block_manager import PageEvent
+from worker.config import EngineConfig
+from worker.engine import LLMEngine
 from worker.errors import CapacityError, InvalidRequestError
 from worker.prefix_hash import MultimodalSpan, chain_page_hashes
 from worker.sequence import FinishReason, SamplingParams
@@ -317,3 +319,21 @@ class EngineLeakMachine(RuleBasedStateMachine):
 def test_no_page_leaks_under_random_traffic(make_tiny_engine):
     EngineLeakMachine.engine_factory = staticmethod(make_tiny_engine)
     EngineLeakMachine.TestCase().runTest()
+
+
+def test_warm_up_leaves_no_trace(make_tiny_engine, tiny_model_dir):
+    """The start-up warm-up (on by default on CUDA) runs through a private BlockManager: no page
+    held or cached, no event published, no stats, and the same generations as a cold engine."""
+    events = []
+    warm = LLMEngine(EngineConfig(model=str(tiny_model_dir), device="cpu", dtype="float32",
+                                  kv_cache_memory="16MiB", warm_up=True),
+                     page_listener=events.append)
+    cold = make_tiny_engine(warm_up=False)
+    assert warm.stats == cold.stats and not warm.requests
+    assert warm.block_manager.cached_hashes() == [] and events == []
+    assert_no_pages_held(warm)
+    prompts = [random_prompt(n, seed=n) for n in (40, 700)]
+    sampled = SamplingParams(temperature=1.0, max_tokens=6, ignore_eos=True)
+    for params in (GREEDY, sampled):
+        assert ([o.new_token_ids for o in warm.generate(prompts, params, use_tqdm=False)]
+                == [o.new_token_ids for o in cold.generate(prompts, params, use_tqdm=False)])
