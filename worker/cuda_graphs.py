@@ -1,8 +1,9 @@
 """CUDA graphs for decode steps: one launch replays a whole forward instead of hundreds.
 
 A decode step is small (one token per sequence) and, at short contexts, bound by kernel-launch
-overhead rather than by the GPU. Each (batch bucket, attention path) is captured once, on first
-use, into static input buffers sized for the largest bucket; a step copies its metadata into
+overhead rather than by the GPU. Each (batch bucket, attention path) is captured once (all of
+them by the engine's start-up warm-up, or any missing one on first use) into static input
+buffers sized for the largest bucket; a step copies its metadata into
 those buffers, pads the batch up to its bucket with rows that write only to the cache's scratch
 page, and replays. Block tables are as wide as `max_model_len` needs, so one graph serves every
 context length; the index scan skips pages past each row's length.
