@@ -25,6 +25,7 @@ from kernels.triton_layout import (
     dot_precision,
     finish_softmax,
     online_softmax_step,
+    row_sequences,
 )
 
 # Launch shape from an H100 sweep of M (64/128/256) x warps (4/8) x stages (2/3), Hq16/Hkv2,
@@ -40,14 +41,14 @@ class TileUnions:
     """For each (query tile, KV group): which logical blocks any of its rows chose."""
 
     tiles: QueryTiles
+    rows: int  # query rows per tile
     chosen: torch.Tensor  # bool [num_tiles * Hkv, max_pages]
     count: torch.Tensor  # int64 [num_tiles * Hkv]: blocks in each union
 
     @classmethod
     def for_attention(cls, blocks: torch.Tensor, cu_seqlens_q: torch.Tensor, group: int,
                       max_pages: int) -> "TileUnions":
-        """Tiles of as many rows as fill the MMA's M with the group's query heads."""
-        return cls.build(blocks, cu_seqlens_q, max(1, _PACKED_ROWS // group), max_pages)
+        return cls.build(blocks, cu_seqlens_q, rows_per_tile(group), max_pages)
 
     @classmethod
     def build(cls, blocks: torch.Tensor, cu_seqlens_q: torch.Tensor, rows: int,
@@ -59,8 +60,7 @@ class TileUnions:
         cu = cu_seqlens_q.long()
         tiles_per_seq = (cu[1:] - cu[:-1] + rows - 1) // rows
         first_tile = torch.cumsum(tiles_per_seq, 0) - tiles_per_seq
-        row_seq = torch.repeat_interleave(torch.arange(cu.shape[0] - 1, device=cu.device),
-                                          cu[1:] - cu[:-1], output_size=total_q)
+        row_seq = row_sequences(cu_seqlens_q, total_q).long()
         row_tile = first_tile[row_seq] + (torch.arange(total_q, device=cu.device)
                                           - cu[row_seq]) // rows
         unit = row_tile[:, None] * num_groups + torch.arange(num_groups, device=cu.device)
@@ -70,7 +70,7 @@ class TileUnions:
         page = torch.where(blocks >= 0, blocks.long(), max_pages)
         chosen[unit[:, :, None].expand_as(page), page] = True
         chosen = chosen[:, :max_pages]
-        return cls(tiles, chosen, chosen.sum(-1))
+        return cls(tiles, rows, chosen, chosen.sum(-1))
 
     def entries(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(start int32 [units], block int32 [>= entries]): each union's blocks, ascending,
@@ -86,12 +86,17 @@ class TileUnions:
         return start.to(torch.int32), block
 
 
+def rows_per_tile(group: int) -> int:
+    """Query rows that, with the group's query heads, fill the MMA's M."""
+    return max(1, _PACKED_ROWS // group)
+
+
 def estimated_union_per_selection(blocks: torch.Tensor, group: int) -> float:
     """Roughly the mean union size of the tiles, in units of topk, from how many of each row's
     blocks its predecessor did not choose: 1 when neighbours agree, up to the rows per tile
     when they never do. A handful of launches and one sync, so a dispatcher can afford to ask
     before paying for the unions."""
-    rows = max(1, _PACKED_ROWS // group)
+    rows = rows_per_tile(group)
     current, previous = blocks[1:], blocks[:-1]
     new = (current >= 0) & ~(current[..., :, None] == previous[..., None, :]).any(-1)
     churn = new.sum(-1).float().mean().item() if current.numel() else 0.0
@@ -226,14 +231,13 @@ def _launch(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, shape: Att
     lse = torch.empty(shape.total_q, shape.num_heads, dtype=torch.float32, device=q.device)
     if shape.total_q == 0:
         return (out, lse) if return_lse else out
-    rows = max(1, _PACKED_ROWS // shape.group)
     if unions is None:
         # Decode-like steps get tiles of their q_len, so M is not padded to 128 rows.
-        rows = QueryTiles.rows_for(shape.total_q, seq_lens.shape[0], rows)
+        rows = QueryTiles.rows_for(shape.total_q, seq_lens.shape[0], rows_per_tile(shape.group))
         tiles = QueryTiles.build(cu_seqlens_q, shape.total_q, rows)
         blocks = union_start = union_count = union_block = cu_seqlens_q  # unread when dense
     else:
-        tiles = unions.tiles
+        rows, tiles = unions.rows, unions.tiles
         union_start, union_block = unions.entries()
         union_count = unions.count.to(torch.int32)
     _query_tiled_kernel[(tiles.num_tiles, shape.num_groups)](

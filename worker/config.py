@@ -71,6 +71,10 @@ class VisionConfig:
     def patch_dim(self) -> int:
         return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
 
+    @property
+    def placeholder_token_ids(self) -> tuple[int, int]:
+        return self.image_token_id, self.video_token_id
+
     @classmethod
     def from_hf_dict(cls, raw: dict[str, Any]) -> "VisionConfig | None":
         vision = raw.get("vision_config")

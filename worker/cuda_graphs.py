@@ -91,10 +91,12 @@ class DecodeGraphs:
 
     def capture_all(self) -> None:
         """Every bucket and attention path ahead of time (the engine's warm-up)."""
+        if not self.capture:
+            return
         sparse_possible = self.max_model_len > self.topk * BLOCK_SIZE
         for bucket in reversed(self.buckets):  # largest first: smaller ones reuse its pool
             for short in (True, False) if sparse_possible else (True,):
-                if self.capture and (bucket, short) not in self.graphs:
+                if (bucket, short) not in self.graphs:
                     self._capture((bucket, short))
 
     def _fill(self, batch: ScheduledBatch, bucket: int) -> None:

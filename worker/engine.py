@@ -101,6 +101,7 @@ class LLMEngine:
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.index_key_dtype = self._index_key_dtype()
+        self.topk = config.topk or self.model_config.msa.topk  # blocks kept per query
         num_pages = self._num_pages()
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
                                  self.model_config.max_position_embeddings,
@@ -124,7 +125,7 @@ class LLMEngine:
         logger.info("engine ready: model=%s device=%s dtype=%s kv_pages=%d kv_tokens=%d "
                     "max_model_len=%d topk=%d", self.model_name, self.device,
                     str(self.dtype).removeprefix("torch."), num_pages, num_pages * BLOCK_SIZE,
-                    self.max_model_len, config.topk or self.model_config.msa.topk)
+                    self.max_model_len, self.topk)
 
     def _warm_up(self) -> None:
         """Runs throwaway requests through every kind of step (a fresh prompt past the sparse
@@ -139,10 +140,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs,
                                    self.config.max_num_batched_tokens)
         try:
-            topk = self.config.topk or self.model_config.msa.topk
-            length = max(1, min(self.max_model_len - 8, 2 * topk * BLOCK_SIZE + 64))
+            length = max(1, min(self.max_model_len - 8, 2 * self.topk * BLOCK_SIZE + 64))
             vision = self.model_config.vision
-            placeholders = {vision.image_token_id, vision.video_token_id} if vision else set()
+            placeholders = vision.placeholder_token_ids if vision else ()
             tokens = [t for t in range(min(self.model_config.vocab_size, 1024))
                       if t not in placeholders]
             prompt = [tokens[(7 * i) % len(tokens)] for i in range(length)]
@@ -164,7 +164,7 @@ class LLMEngine:
         # debug_checks read indices on the host in every kernel call: not capturable.
         if self.device.type != "cuda" or self.config.enforce_eager or self.config.debug_checks:
             return None
-        return DecodeGraphs(model, self.cache, self.config.topk or self.model_config.msa.topk,
+        return DecodeGraphs(model, self.cache, self.topk,
                             min(self.config.max_num_seqs, BATCH_BUCKETS[-1]), self.max_model_len)
 
     def _index_key_dtype(self) -> torch.dtype | None:

@@ -36,7 +36,7 @@ def validate_inputs(items: tuple[MultimodalInput, ...], token_ids: list[int],
     if tower is None:
         raise InvalidRequestError(f"{model_name} has no vision tower; send text only")
     config = tower.config
-    placeholders = (config.image_token_id, config.video_token_id)
+    placeholders = config.placeholder_token_ids
     covered = 0
     end = 0
     for item in sorted(items, key=lambda i: i.span.offset):
