@@ -21,15 +21,18 @@ from kernels.reference import BLOCK_SIZE
 from kernels.topk_select import topk_with_local_block
 from kernels.triton_layout import (
     QueryTiles,
+    dependent_launch,
     dot_precision,
+    multiprocessors,
+    release_next_kernel,
     search_steps,
     sequence_of_row,
-    target_programs,
 )
 
 # Launch shape of the scan, chosen on an H100 by a sweep (bench/results/kernels_decode_h100.md).
 NUM_WARPS = 4
 NUM_STAGES = 2
+PROGRAMS_PER_SM = 4  # split-K target: programs per SM over the whole grid
 
 
 @triton.jit
@@ -39,7 +42,8 @@ def _index_block_scores_kernel(
     stride_qt, stride_qg, stride_kp, stride_kt, stride_kh, stride_bt, stride_st, stride_sg,
     scale, pages_per_split, num_seqs,
     GROUPS_PER_KEY: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
-    INDEX_DIM: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr,
+    INDEX_DIM: tl.constexpr, PAGE: tl.constexpr,
+    PRECISION: tl.constexpr, WIDEN_FP8_TO_FP16: tl.constexpr, USE_PDL: tl.constexpr,
     NUM_STAGES: tl.constexpr, ROW_TILES: tl.constexpr, SEARCH_STEPS: tl.constexpr,
 ):
     tile = tl.program_id(0)
@@ -75,6 +79,11 @@ def _index_block_scores_kernel(
     dims = tl.arange(0, INDEX_DIM)
     q = tl.load(q_idx + rows[:, None] * stride_qt + groups[:, None] * stride_qg + dims[None, :],
                 mask=valid[:, None], other=0.0)
+    if WIDEN_FP8_TO_FP16:
+        # e4m3 -> fp16 is one native conversion (-> bf16 is several; the 8 x 128K scan 68 ->
+        # 62 us on an H100); fp16 holds every e4m3 value and bf16's precision, and index
+        # queries saturate at its +-65504 range.
+        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
     tokens = tl.arange(0, PAGE)
     for page in tl.range(page_begin, page_end, num_stages=NUM_STAGES):
         physical = tl.load(block_table + seq * stride_bt + page).to(tl.int64)
@@ -85,19 +94,21 @@ def _index_block_scores_kernel(
         visible = (page * PAGE + tokens)[None, :] <= positions[:, None]
         best = tl.max(tl.where(visible, s, float("-inf")), axis=1)
         tl.store(scores + rows * stride_st + groups * stride_sg + page, best, mask=valid)
+    release_next_kernel(USE_PDL)
 
 
 def index_block_scores(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_table: torch.Tensor,
                        seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(max-pooled index scores float32 [total_q, Hkv, max_pages], -inf where never visible;
-    each query row's position int64 [total_q])."""
+    """(max-pooled index scores float32 [total_q, Hkv, max_pages], each query row's position
+    int64 [total_q]). Only the pages a row can see are written: the selection rule reads no
+    other (no fill kernel in the decode step)."""
     total_q, num_groups, index_dim = q_idx.shape
     key_heads = k_idx_cache.shape[2]
     groups_per_key = num_groups // key_heads
     max_pages = block_table.shape[1]
-    scores = torch.full((total_q, num_groups, max_pages), -math.inf, dtype=torch.float32,
-                        device=q_idx.device)
+    scores = torch.empty(total_q, num_groups, max_pages, dtype=torch.float32,
+                         device=q_idx.device)
     positions = torch.empty(total_q, dtype=torch.int64, device=q_idx.device)
     num_seqs = seq_lens.shape[0]
     if total_q == 0:
@@ -110,7 +121,8 @@ def index_block_scores(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_tab
         tiles = QueryTiles.build(cu_seqlens_q, total_q, rows)
         num_tiles, tile_arrays = tiles.num_tiles, (tiles.seq, tiles.start, tiles.end)
     block_m = max(16, triton.next_power_of_2(rows * groups_per_key))
-    splits = max(1, min(max_pages, target_programs(q_idx.device) // (num_tiles * key_heads)))
+    splits = max(1, min(max_pages, PROGRAMS_PER_SM * multiprocessors(q_idx.device)
+                        // (num_tiles * key_heads)))
     pages_per_split = triton.cdiv(max_pages, splits)
     grid = (num_tiles, key_heads, triton.cdiv(max_pages, pages_per_split))
     _index_block_scores_kernel[grid](
@@ -119,7 +131,9 @@ def index_block_scores(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_tab
         k_idx_cache.stride(2), block_table.stride(0), scores.stride(0), scores.stride(1),
         1.0 / math.sqrt(index_dim), pages_per_split, num_seqs,
         GROUPS_PER_KEY=groups_per_key, BLOCK_T=rows, BLOCK_M=block_m, INDEX_DIM=index_dim,
-        PAGE=BLOCK_SIZE, PRECISION=dot_precision(q_idx.dtype), NUM_STAGES=NUM_STAGES,
+        PAGE=BLOCK_SIZE, PRECISION=dot_precision(q_idx.dtype),
+        WIDEN_FP8_TO_FP16=k_idx_cache.element_size() == 1 and q_idx.dtype == torch.bfloat16,
+        USE_PDL=dependent_launch(q_idx.device), NUM_STAGES=NUM_STAGES,
         ROW_TILES=rows == 1, SEARCH_STEPS=search_steps(num_seqs), num_warps=NUM_WARPS)
     return scores, positions
 

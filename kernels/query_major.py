@@ -19,13 +19,20 @@ from kernels.reference import BLOCK_SIZE
 from kernels.triton_layout import (
     LOG2E,
     AttentionShape,
+    dependent_launch,
     dot_precision,
     finish_softmax,
+    multiprocessors,
     online_softmax_step,
+    release_next_kernel,
     search_steps,
     sequence_of_row,
-    target_programs,
+    wait_for_previous_kernel,
 )
+
+# Split-K target for small batches: programs per SM over the whole grid.
+PROGRAMS_PER_SM = 4
+NUM_STAGES = 2
 
 
 @triton.jit
@@ -35,7 +42,7 @@ def _query_major_kernel(
     num_seqs, num_groups, num_splits, scale_log2, blocks_per_split,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, TOPK: tl.constexpr,
     PAGE: tl.constexpr, PRECISION: tl.constexpr,
-    NUM_STAGES: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+    NUM_STAGES: tl.constexpr, SEARCH_STEPS: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1)
@@ -51,6 +58,7 @@ def _query_major_kernel(
                     mask=head_ok[:, None], other=0.0)
     tokens = tl.arange(0, PAGE)
 
+    wait_for_previous_kernel(USE_PDL)  # the selection (and memory the outputs may reuse)
     running_max = tl.full([BLOCK_G], float("-inf"), tl.float32)
     running_sum = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
@@ -69,6 +77,7 @@ def _query_major_kernel(
         acc, running_max, running_sum = online_softmax_step(s, v, acc, running_max, running_sum,
                                                             PRECISION)
 
+    release_next_kernel(USE_PDL)
     result, row_lse = finish_softmax(acc, running_max, running_sum)
     # Layout [row, group, split, head, dim]: with one split it is the final [row, Hq, D].
     slot = ((row * num_groups + group) * num_splits + split) * GROUP + h
@@ -84,7 +93,8 @@ def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     shape = AttentionShape.of(q, k_cache, blocks, softmax_scale)
     total_q, num_heads, head_dim = shape.total_q, shape.num_heads, shape.head_dim
     num_groups, group, topk = shape.num_groups, shape.group, shape.topk
-    splits = max(1, min(topk, target_programs(q.device) // max(1, total_q * num_groups)))
+    splits = max(1, min(topk, PROGRAMS_PER_SM * multiprocessors(q.device)
+                        // max(1, total_q * num_groups)))
     blocks_per_split = triton.cdiv(topk, splits)
     splits = triton.cdiv(topk, blocks_per_split)
     # One split writes the final output directly; several write float32 partials to merge.
@@ -102,7 +112,8 @@ def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             num_seqs, num_groups, splits, shape.scale * LOG2E, blocks_per_split,
             GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
             TOPK=topk, PAGE=BLOCK_SIZE, PRECISION=dot_precision(q.dtype),
-            NUM_STAGES=2, SEARCH_STEPS=search_steps(num_seqs))
+            NUM_STAGES=NUM_STAGES, SEARCH_STEPS=search_steps(num_seqs),
+            USE_PDL=dependent_launch(q.device), launch_pdl=dependent_launch(q.device))
     if splits == 1:
         out = partial_out.view(total_q, num_heads, head_dim)
         row_lse = partial_lse.view(total_q, num_heads)

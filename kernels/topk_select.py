@@ -14,15 +14,23 @@ import triton
 import triton.language as tl
 
 from kernels.reference import BLOCK_SIZE
+from kernels.triton_layout import dependent_launch, release_next_kernel, wait_for_previous_kernel
+
+# Block scores per thread: the repeated max is a chain of reductions, cheapest within one warp,
+# so a row's scores get the fewest warps that hold them in registers.
+SCORES_PER_THREAD = 32
 
 
 @triton.jit
 def _topk_local_block_kernel(
     scores, positions, selected, stride_st, stride_sg, num_groups,
     TOPK: tl.constexpr, TOPK_P2: tl.constexpr, BLOCK_P: tl.constexpr, PAGE: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     row = tl.program_id(0)
     group = tl.program_id(1)
+    wait_for_previous_kernel(USE_PDL)  # the scan's scores and positions
+    release_next_kernel(USE_PDL)  # the attention's prologue may overlap this small kernel
     local = (tl.load(positions + row) // PAGE).to(tl.int32)
     pages = tl.arange(0, BLOCK_P)
     # Only historical blocks compete; every one of them was scored (all of it is visible).
@@ -46,8 +54,11 @@ def topk_with_local_block(block_scores: torch.Tensor, positions: torch.Tensor,
                            device=block_scores.device)
     if num_rows == 0:
         return selected
+    block_p = max(16, triton.next_power_of_2(num_pages))
     _topk_local_block_kernel[(num_rows, num_groups)](
         block_scores, positions, selected, block_scores.stride(0), block_scores.stride(1),
-        num_groups, TOPK=topk, TOPK_P2=triton.next_power_of_2(topk), BLOCK_P=max(16, triton.next_power_of_2(num_pages)),
-        PAGE=BLOCK_SIZE, num_warps=4)
+        num_groups, TOPK=topk, TOPK_P2=triton.next_power_of_2(topk), BLOCK_P=block_p,
+        PAGE=BLOCK_SIZE, USE_PDL=dependent_launch(block_scores.device),
+        num_warps=min(16, max(1, block_p // (32 * SCORES_PER_THREAD))),
+        launch_pdl=dependent_launch(block_scores.device))
     return selected

@@ -49,8 +49,9 @@ KV_MAJOR_MAX_GROUP = 8
 # queries chose alike. H100, Hq16/Hkv2 (bench/results/kernels_prefill_h100.md): selections
 # shared per 128 queries (union 0.97 x topk) 2.48 ms against KV-major 4.65 and query-major
 # 8.40 on a 32K prompt; unrelated selections (union 12.5 x topk) 10.7 ms against 3.22 / 4.64.
-# Below a few thousand rows query-major takes ~1 ms at most: not worth the union's look.
-QUERY_TILED_MIN_ROWS = 4096
+# Below 8K rows query-major takes ~1 ms at most (1.16 ms at 4K rows after 30K): the union's
+# look (a sync) would cost more than the tiled kernel can save there.
+QUERY_TILED_MIN_ROWS = 8192
 QUERY_TILED_MAX_UNION = 2.0  # mean union per tile, in units of topk
 
 
