@@ -4,7 +4,8 @@ Both sparse-attention kernels may produce, for one (query row, KV group), severa
 results over disjoint key sets: the query-major kernel one per split of the selected blocks,
 the KV-major kernel one per selected block. Partials are laid out
 [row, group, slot, head, dim] (log-sum-exps [row, group, slot, head]); one program merges a
-few heads of a row's group: out = sum_i exp(lse_i - lse) * out_i, lse = logsumexp_i lse_i.
+row's group (or, in small decode batches, a few of its heads): out = sum_i exp(lse_i - lse) *
+out_i, lse = logsumexp_i lse_i.
 """
 
 from __future__ import annotations
@@ -13,44 +14,54 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_layout import dependent_launch, wait_for_previous_kernel
+from kernels.triton_layout import dependent_launch, multiprocessors, wait_for_previous_kernel
+
+PROGRAMS_PER_SM = 4  # fewer (row, group) pairs than this per SM: spread heads over programs
+TILE_VALUES = 4096  # partial values one program holds per iteration
 
 
 @triton.jit
 def _merge_kernel(
     partial_out, partial_lse, blocks, out, lse, stride_ot, stride_oh, stride_lt, num_groups,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, SLOTS: tl.constexpr,
-    BLOCK_S: tl.constexpr, HAS_BLOCKS: tl.constexpr, USE_PDL: tl.constexpr,
+    SLOT_CHUNK: tl.constexpr, HAS_BLOCKS: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1)
     h = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
-    slots = tl.arange(0, BLOCK_S)
+    head_ok = h < GROUP
     dims = tl.arange(0, HEAD_DIM)
     base = (row * num_groups + group) * SLOTS
     wait_for_previous_kernel(USE_PDL)  # the partials
-    # Every slot of BLOCK_H heads is loaded at once (one round trip, not a loop of dependent
-    # ones). Slots of unselected (-1) blocks were never written: the selection masks them.
-    use = (slots < SLOTS)[:, None] & (h < GROUP)[None, :]
-    if HAS_BLOCKS:
-        chosen = tl.load(blocks + base + slots, mask=slots < SLOTS, other=-1) >= 0
-        use = use & chosen[:, None]
-    cell = (base + slots)[:, None] * GROUP + h[None, :]  # [BLOCK_S, BLOCK_H]
-    part_lse = tl.load(partial_lse + cell, mask=use, other=float("-inf"))
-    part_out = tl.load(partial_out + cell[:, :, None] * HEAD_DIM + dims[None, None, :],
-                       mask=use[:, :, None], other=0.0).to(tl.float32)
-    top = tl.max(part_lse, axis=0)
-    ref = tl.where(top == float("-inf"), 0.0, top)
-    weight = tl.exp(part_lse - ref[None, :])
-    total = tl.sum(weight, axis=0)
-    acc = tl.sum(weight[:, :, None] * part_out, axis=0)
-    seen = total > 0
-    result = acc / tl.where(seen, total, 1.0)[:, None]
-    row_lse = tl.where(seen, ref + tl.log(tl.where(seen, total, 1.0)), float("-inf"))
+    total_max = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    total_sum = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
+    # SLOT_CHUNK slots per iteration, loaded at once (few dependent round trips); chunks are
+    # folded by the same running log-sum-exp as single slots would be.
+    for first in tl.static_range(0, SLOTS, SLOT_CHUNK):
+        slots = first + tl.arange(0, SLOT_CHUNK)
+        use = (slots < SLOTS)[:, None] & head_ok[None, :]
+        if HAS_BLOCKS:  # slots of unselected (-1) blocks were never written
+            chosen = tl.load(blocks + base + slots, mask=slots < SLOTS, other=-1) >= 0
+            use = use & chosen[:, None]
+        cell = (base + slots)[:, None] * GROUP + h[None, :]  # [SLOT_CHUNK, BLOCK_H]
+        part_lse = tl.load(partial_lse + cell, mask=use, other=float("-inf"))
+        part_out = tl.load(partial_out + cell[:, :, None] * HEAD_DIM + dims[None, None, :],
+                           mask=use[:, :, None], other=0.0).to(tl.float32)
+        new_max = tl.maximum(total_max, tl.max(part_lse, axis=0))
+        ref = tl.where(new_max == float("-inf"), 0.0, new_max)
+        alpha = tl.exp(total_max - ref)
+        weight = tl.exp(part_lse - ref[None, :])
+        total_sum = total_sum * alpha + tl.sum(weight, axis=0)
+        acc = acc * alpha[:, None] + tl.sum(weight[:, :, None] * part_out, axis=0)
+        total_max = new_max
+    seen = total_sum > 0
+    result = acc / tl.where(seen, total_sum, 1.0)[:, None]
+    row_lse = tl.where(seen, total_max + tl.log(tl.where(seen, total_sum, 1.0)), float("-inf"))
     heads = group * GROUP + h
     tl.store(out + row * stride_ot + heads[:, None] * stride_oh + dims[None, :],
-             result.to(out.dtype.element_ty), mask=(h < GROUP)[:, None])
-    tl.store(lse + row * stride_lt + heads, row_lse, mask=h < GROUP)
+             result.to(out.dtype.element_ty), mask=head_ok[:, None])
+    tl.store(lse + row * stride_lt + heads, row_lse, mask=head_ok)
 
 
 def merge_partials(partial_out: torch.Tensor, partial_lse: torch.Tensor, out: torch.Tensor,
@@ -66,11 +77,15 @@ def merge_partials(partial_out: torch.Tensor, partial_lse: torch.Tensor, out: to
         return
     group = num_heads // num_groups
     block_s = triton.next_power_of_2(slots)
-    # ~4K partial values per program: all of its slots in registers at once.
-    block_h = max(1, min(triton.next_power_of_2(group), 4096 // (block_s * head_dim)))
+    all_heads = triton.next_power_of_2(group)
+    if total_q * num_groups >= PROGRAMS_PER_SM * multiprocessors(out.device):
+        block_h = all_heads  # enough (row, group) programs: each merges all of its heads
+    else:  # decode: heads spread over programs, every slot of a head loaded at once
+        block_h = max(1, min(all_heads, TILE_VALUES // (block_s * head_dim)))
+    slot_chunk = max(1, min(block_s, TILE_VALUES // (block_h * head_dim)))
     _merge_kernel[(total_q, num_groups, triton.cdiv(group, block_h))](
         partial_out, partial_lse, blocks if blocks is not None else partial_lse, out, lse,
         out.stride(0), out.stride(1), lse.stride(0), num_groups,
-        GROUP=group, BLOCK_H=block_h, HEAD_DIM=head_dim, SLOTS=slots, BLOCK_S=block_s,
+        GROUP=group, BLOCK_H=block_h, HEAD_DIM=head_dim, SLOTS=slots, SLOT_CHUNK=slot_chunk,
         HAS_BLOCKS=blocks is not None, USE_PDL=dependent_launch(out.device),
         launch_pdl=dependent_launch(out.device))
