@@ -17,7 +17,7 @@ import triton.language as tl
 from kernels.triton_layout import dependent_launch, multiprocessors, wait_for_previous_kernel
 
 PROGRAMS_PER_SM = 4  # fewer (row, group) pairs than this per SM: spread heads over programs
-TILE_VALUES = 4096  # partial values one program holds per iteration
+DECODE_TILE_VALUES = 4096  # partial values a decode program loads at once
 
 
 @triton.jit
@@ -66,26 +66,30 @@ def _merge_kernel(
 
 def merge_partials(partial_out: torch.Tensor, partial_lse: torch.Tensor, out: torch.Tensor,
                    lse: torch.Tensor, num_groups: int, slots: int,
-                   blocks: torch.Tensor | None = None) -> None:
+                   blocks: torch.Tensor | None = None, chained: bool = False) -> None:
     """Writes out [T, Hq, D] and lse [T, Hq] from partials of `slots` slots per (row, group).
 
     blocks (contiguous [T, Hkv, slots]) marks which slots exist; without it every slot was
-    written (a slot that saw no key carries lse -inf).
+    written (a slot that saw no key carries lse -inf). chained: the kernel before released
+    this one early (programmatic dependent launch); after any other kernel a dependent launch
+    only holds SMs while it waits (KV-major prefill: +0.3 ms at 16K rows on an H100).
     """
     total_q, num_heads, head_dim = out.shape
     if total_q == 0:
         return
     group = num_heads // num_groups
     block_s = triton.next_power_of_2(slots)
+    pdl = chained and dependent_launch(out.device)
     all_heads = triton.next_power_of_2(group)
     if total_q * num_groups >= PROGRAMS_PER_SM * multiprocessors(out.device):
-        block_h = all_heads  # enough (row, group) programs: each merges all of its heads
+        # Enough (row, group) programs to hide latency: all heads, slot by slot (measured on
+        # an H100 at 16K rows x 16 slots: 0.41 ms, against 1.5 ms loading 4 slots at once).
+        block_h, slot_chunk = all_heads, 1
     else:  # decode: heads spread over programs, every slot of a head loaded at once
-        block_h = max(1, min(all_heads, TILE_VALUES // (block_s * head_dim)))
-    slot_chunk = max(1, min(block_s, TILE_VALUES // (block_h * head_dim)))
+        block_h = max(1, min(all_heads, DECODE_TILE_VALUES // (block_s * head_dim)))
+        slot_chunk = block_s
     _merge_kernel[(total_q, num_groups, triton.cdiv(group, block_h))](
         partial_out, partial_lse, blocks if blocks is not None else partial_lse, out, lse,
         out.stride(0), out.stride(1), lse.stride(0), num_groups,
         GROUP=group, BLOCK_H=block_h, HEAD_DIM=head_dim, SLOTS=slots, SLOT_CHUNK=slot_chunk,
-        HAS_BLOCKS=blocks is not None, USE_PDL=dependent_launch(out.device),
-        launch_pdl=dependent_launch(out.device))
+        HAS_BLOCKS=blocks is not None, USE_PDL=pdl, launch_pdl=pdl)

@@ -120,5 +120,6 @@ def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     else:
         out = torch.empty_like(q)
         row_lse = torch.empty(total_q, num_heads, dtype=torch.float32, device=q.device)
-        merge_partials(partial_out, partial_lse, out, row_lse, num_groups, splits)
+        merge_partials(partial_out, partial_lse, out, row_lse, num_groups, splits,
+                       chained=True)
     return (out, row_lse) if return_lse else out
