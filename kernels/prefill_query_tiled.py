@@ -6,7 +6,7 @@ a KV group into the MMA's M dimension, walks the sorted union of the blocks its 
 union block's K/V page is loaded once per tile, every row attends to it only if it chose it
 (a per-row mask, so the result is exactly per-row MSA), and an online softmax carries the
 running output on chip. Unlike the KV-major kernel nothing round-trips through HBM: no
-per-(row, slot) partials, no merge. The unions are built on the GPU by one scatter.
+per-(row, slot) partials, no merge. The unions are built on the GPU by one small kernel.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from kernels.triton_layout import (
     dot_precision,
     finish_softmax,
     online_softmax_step,
-    row_sequences,
+    search_steps,
+    sequence_of_row,
 )
 
 # Launch shape from an H100 sweep of M (64/128/256) x warps (4/8) x stages (2/3), Hq16/Hkv2,
@@ -36,14 +37,57 @@ NUM_WARPS = 8
 NUM_STAGES = 3
 
 
+@triton.jit
+def _tile_unions_kernel(
+    blocks, cu_seqlens_q, tiles_cu, tile_seq, tile_start, tile_end, union_count, union_block,
+    stride_blt, stride_blg, num_seqs, num_groups, capacity,
+    ROWS: tl.constexpr, ROWS_P2: tl.constexpr, TOPK: tl.constexpr, TOPK_P2: tl.constexpr,
+    BINS: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+):
+    """One (query tile, KV group): the tile's rows, then the sorted union of their blocks by a
+    histogram over block ids and a prefix sum (one launch, no sort, no host sync)."""
+    tile = tl.program_id(0)
+    group = tl.program_id(1)
+    seq = sequence_of_row(tiles_cu, tile, num_seqs, SEARCH_STEPS)
+    seq_end = tl.load(cu_seqlens_q + seq + 1)
+    row_begin = tl.load(cu_seqlens_q + seq) + (tile - tl.load(tiles_cu + seq)) * ROWS
+    row_end = tl.minimum(row_begin + ROWS, seq_end)
+    spare = row_begin >= seq_end  # past the last tile: the grid is an upper bound
+    row_begin = tl.where(spare, 0, row_begin)
+    row_end = tl.where(spare, 0, row_end)
+    if group == 0:
+        tl.store(tile_seq + tile, seq)
+        tl.store(tile_start + tile, row_begin)
+        tl.store(tile_end + tile, row_end)
+
+    r = tl.arange(0, ROWS_P2)
+    slots = tl.arange(0, TOPK_P2)
+    rows = (row_begin + r).to(tl.int64)
+    take = ((r < ROWS) & (rows < row_end))[:, None] & (slots < TOPK)[None, :]
+    chosen = tl.load(blocks + rows[:, None] * stride_blt + group * stride_blg + slots[None, :],
+                     mask=take, other=-1)
+    # Padding (-1 slots, rows past the tile) repeats the first row's first pick, which every
+    # row has (its own block at least): a histogram bin for "none" is not needed.
+    anchor = tl.load(blocks + rows * stride_blt + group * stride_blg, mask=r == 0, other=0)
+    anchor = tl.max(anchor, axis=0)
+    ids = tl.where(chosen >= 0, chosen, anchor)
+    in_union = tl.histogram(tl.reshape(ids, [ROWS_P2 * TOPK_P2]), BINS) > 0
+    in_union = in_union & ~spare
+    slot_of = tl.cumsum(in_union.to(tl.int32), axis=0) - 1
+    unit = tile * num_groups + group
+    tl.store(union_block + unit.to(tl.int64) * capacity + slot_of, tl.arange(0, BINS),
+             mask=in_union)
+    tl.store(union_count + unit, tl.sum(in_union.to(tl.int32), axis=0))
+
+
 @dataclass
 class TileUnions:
-    """For each (query tile, KV group): which logical blocks any of its rows chose."""
+    """For each (query tile, KV group): the logical blocks any of its rows chose, ascending."""
 
     tiles: QueryTiles
     rows: int  # query rows per tile
-    chosen: torch.Tensor  # bool [num_tiles * Hkv, max_pages]
-    count: torch.Tensor  # int64 [num_tiles * Hkv]: blocks in each union
+    count: torch.Tensor  # int32 [num_tiles * Hkv]: blocks in each union
+    block: torch.Tensor  # int32 [num_tiles * Hkv, capacity]: the first `count` are the union
 
     @classmethod
     def for_attention(cls, blocks: torch.Tensor, cu_seqlens_q: torch.Tensor, group: int,
@@ -53,37 +97,26 @@ class TileUnions:
     @classmethod
     def build(cls, blocks: torch.Tensor, cu_seqlens_q: torch.Tensor, rows: int,
               max_pages: int) -> "TileUnions":
-        """One scatter into a (unit, page) bitmap."""
-        total_q, num_groups, _ = blocks.shape
-        tiles = QueryTiles.build(cu_seqlens_q, total_q, rows)
-        # The tile of every row: tiles of one sequence are consecutive and `rows` long.
+        total_q, num_groups, topk = blocks.shape
+        batch = cu_seqlens_q.shape[0] - 1
+        device = blocks.device
+        num_tiles = triton.cdiv(total_q, rows) + batch  # upper bound: spare tiles are empty
         cu = cu_seqlens_q.long()
-        tiles_per_seq = (cu[1:] - cu[:-1] + rows - 1) // rows
-        first_tile = torch.cumsum(tiles_per_seq, 0) - tiles_per_seq
-        row_seq = row_sequences(cu_seqlens_q, total_q).long()
-        row_tile = first_tile[row_seq] + (torch.arange(total_q, device=cu.device)
-                                          - cu[row_seq]) // rows
-        unit = row_tile[:, None] * num_groups + torch.arange(num_groups, device=cu.device)
-        # Unused slots (-1) land in a spare last column, dropped after the scatter.
-        chosen = torch.zeros(tiles.num_tiles * num_groups, max_pages + 1, dtype=torch.bool,
-                             device=blocks.device)
-        page = torch.where(blocks >= 0, blocks.long(), max_pages)
-        chosen[unit[:, :, None].expand_as(page), page] = True
-        chosen = chosen[:, :max_pages]
-        return cls(tiles, rows, chosen, chosen.sum(-1))
-
-    def entries(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(start int32 [units], block int32 [>= entries]): each union's blocks, ascending,
-        compacted by a prefix sum over the bitmap (no host sync, unlike nonzero)."""
-        flat = self.chosen.reshape(-1)
-        position = torch.cumsum(flat, 0, dtype=torch.int32) - 1
-        pages = self.chosen.shape[1]
-        spare = flat.numel()  # where the unchosen (unit, page) pairs write, then ignored
-        block = torch.empty(spare + 1, dtype=torch.int32, device=flat.device)
-        page_of = torch.arange(spare, device=flat.device, dtype=torch.int32) % pages
-        block.scatter_(0, torch.where(flat, position, spare).long(), page_of)
-        start = torch.cumsum(self.count, 0) - self.count
-        return start.to(torch.int32), block
+        tiles_cu = torch.zeros(batch + 1, dtype=torch.int32, device=device)
+        tiles_cu[1:] = torch.cumsum((cu[1:] - cu[:-1] + rows - 1) // rows, 0)
+        tiles = QueryTiles(*(torch.empty(num_tiles, dtype=torch.int32, device=device)
+                             for _ in range(3)))
+        capacity = min(max_pages, rows * topk)
+        count = torch.empty(num_tiles * num_groups, dtype=torch.int32, device=device)
+        block = torch.empty(num_tiles * num_groups, capacity, dtype=torch.int32, device=device)
+        if total_q:
+            _tile_unions_kernel[(num_tiles, num_groups)](
+                blocks, cu_seqlens_q, tiles_cu, tiles.seq, tiles.start, tiles.end, count, block,
+                blocks.stride(0), blocks.stride(1), batch, num_groups, capacity,
+                ROWS=rows, ROWS_P2=triton.next_power_of_2(rows), TOPK=topk, TOPK_P2=triton.next_power_of_2(topk),
+                BINS=max(16, triton.next_power_of_2(max_pages)),
+                SEARCH_STEPS=search_steps(batch))
+        return cls(tiles, rows, count, block)
 
 
 def rows_per_tile(group: int) -> int:
@@ -137,9 +170,9 @@ def _attend_page(entry, union_block, block_table, k_cache, v_cache, seq, group, 
 @triton.jit
 def _query_tiled_kernel(
     q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, blocks, tile_seq, tile_start,
-    tile_end, union_start, union_count, union_block, out, lse,
+    tile_end, union_count, union_block, out, lse,
     stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_bt, stride_blt, stride_blg,
-    num_groups, scale_log2,
+    num_groups, union_capacity, scale_log2,
     GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
     TOPK: tl.constexpr, TOPK_P2: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr,
     NUM_STAGES: tl.constexpr, ALL_VISIBLE: tl.constexpr,
@@ -179,7 +212,7 @@ def _query_tiled_kernel(
                                 + slots[None, :], mask=valid[:, None] & (slots < TOPK)[None, :],
                                 other=-1)
         unit = tile * num_groups + group
-        first = tl.load(union_start + unit)
+        first = unit.to(tl.int64) * union_capacity
         last = first + tl.load(union_count + unit)
         near = tl.arange(0, 2)
         tail = tl.load(union_block + last - 2 + near, mask=last - 2 + near >= first, other=-1)
@@ -239,17 +272,19 @@ def _launch(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, shape: Att
         # Decode-like steps get tiles of their q_len, so M is not padded to 128 rows.
         rows = QueryTiles.rows_for(shape.total_q, seq_lens.shape[0], rows_per_tile(shape.group))
         tiles = QueryTiles.build(cu_seqlens_q, shape.total_q, rows)
-        blocks = union_start = union_count = union_block = cu_seqlens_q  # unread when dense
+        blocks = union_count = union_block = cu_seqlens_q  # unread when dense
+        union_capacity = 0
     else:
         rows, tiles = unions.rows, unions.tiles
-        union_start, union_block = unions.entries()
-        union_count = unions.count.to(torch.int32)
+        union_count, union_block = unions.count, unions.block
+        union_capacity = unions.block.shape[1]
     _query_tiled_kernel[(tiles.num_tiles, shape.num_groups)](
         q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, blocks, tiles.seq,
-        tiles.start, tiles.end, union_start, union_count, union_block, out, lse,
+        tiles.start, tiles.end, union_count, union_block, out, lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_table.stride(0), blocks.stride(0) if unions else 0,
-        blocks.stride(1) if unions else 0, shape.num_groups, shape.scale * LOG2E,
+        blocks.stride(1) if unions else 0, shape.num_groups, union_capacity,
+        shape.scale * LOG2E,
         GROUP=shape.group, ROWS=rows, BLOCK_M=max(16, triton.next_power_of_2(rows * shape.group)),
         HEAD_DIM=shape.head_dim, TOPK=shape.topk, TOPK_P2=triton.next_power_of_2(shape.topk),
         PAGE=BLOCK_SIZE, PRECISION=dot_precision(q.dtype), NUM_STAGES=NUM_STAGES,

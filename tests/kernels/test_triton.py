@@ -127,15 +127,16 @@ def test_query_tiled_unions_cover_every_rows_choice():
     unions = prefill_query_tiled.TileUnions.build(blocks, batch.cu_seqlens_q, rows=4,
                                                   max_pages=batch.block_table.shape[1])
     tiles = unions.tiles
-    start, block = unions.entries()
+    covered = torch.zeros(blocks.shape[0], dtype=torch.int32)
     for tile in range(tiles.num_tiles):
         rows = slice(int(tiles.start[tile]), int(tiles.end[tile]))
+        covered[rows] += 1
         for group in range(blocks.shape[1]):
             unit = tile * blocks.shape[1] + group
-            first, count = int(start[unit]), int(unions.count[unit])
-            union = block[first:first + count].tolist()
+            union = unions.block[unit, :int(unions.count[unit])].tolist()
             chosen = blocks[rows, group]
             assert union == sorted(set(chosen[chosen >= 0].tolist()))
+    assert (covered == 1).all()  # the tiles cover every row once
 
 
 def test_dispatch_picks_query_tiled_only_for_alike_selections(monkeypatch):
