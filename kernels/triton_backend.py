@@ -41,14 +41,15 @@ def dense_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 # Measured crossover on an H100 (bench/results/kernels_h100.md): the KV-major kernel's CSR sort
 # and partial round trip (rows x Hq x topk x D) only pay off for long chunks, and only when a
-# group has few query heads (G <= 8: 1.09x at 9.8K rows, 1.90x at 16K rows after 158K; at
-# G = 16 (Hq 64) the partials are 4x larger per row and it loses, 0.76x).
+# group has few query heads (G <= 8: 1.26x query-major at 9.8K rows, 1.84x at 16K rows after
+# 158K; at G = 16 (Hq 64) the partials are 4x larger per row and it loses, 0.80x).
 KV_MAJOR_MIN_ROWS = 8192
 KV_MAJOR_MAX_GROUP = 8
 # The query-tiled kernel pays per block in its tiles' unions, so it wins when neighbouring
-# queries chose alike. H100, Hq16/Hkv2 (bench/results/kernels_prefill_h100.md): selections
-# shared per 128 queries (union 0.97 x topk) 2.48 ms against KV-major 4.65 and query-major
-# 8.40 on a 32K prompt; unrelated selections (union 12.5 x topk) 10.7 ms against 3.22 / 4.64.
+# queries chose alike. H100, Hq16/Hkv2 (bench/results/kernels_h100.md): selections shared per
+# 128 queries (union 0.97 x topk) 1.52 ms on a 32K prompt (FlexAttention 1.38; an earlier
+# sweep had KV-major at 4.65, query-major at 8.40); unrelated selections (union 12.5 x topk)
+# 8.70 ms against query-major's 4.71 at 16K rows after 68K.
 # Below 8K rows query-major takes ~1 ms at most (1.16 ms at 4K rows after 30K): the union's
 # look (a sync) would cost more than the tiled kernel can save there.
 QUERY_TILED_MIN_ROWS = 8192
