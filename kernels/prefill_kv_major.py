@@ -32,9 +32,6 @@ _PACKED_ROWS = 128  # M of one program: query rows x query heads of the group
 # From an H100 sweep of (packed rows 64/128/256) x (4/8 warps), Hq16/Hkv2: 128 rows with
 # 4 warps was best, 2.95 ms against 3.96 ms with 8 warps on a 16K chunk after a 68K prefix.
 NUM_WARPS = 4
-# Entries of one work item, in sub-tiles of M rows: the item's K/V page stays on chip while it
-# walks them, so a block chosen by many queries is read once per this many sub-tiles.
-ITEM_SUBTILES = 4
 # Query rows per launch, bounding the partials (rows x Hq x topk x D) to ~2 GiB: a 128K
 # prompt is then a few launches, each still loading a block once for all of its rows.
 _PARTIAL_BYTES = 2 << 30
@@ -42,8 +39,7 @@ _PARTIAL_BYTES = 2 << 30
 
 @dataclass
 class BlockWork:
-    """Work items: one K/V page of one (sequence, group) and up to `per_item` entries that
-    chose it."""
+    """Work items: one K/V page of one (sequence, group) and up to `rows` entries that chose it."""
 
     seq: torch.Tensor  # int32 [items]
     group: torch.Tensor  # int32 [items]
@@ -59,7 +55,7 @@ class BlockWork:
 
     @classmethod
     def build(cls, blocks: torch.Tensor, row_seq: torch.Tensor, max_pages: int,
-              per_item: int) -> "BlockWork":
+              rows: int) -> "BlockWork":
         """blocks [t, Hkv, topk] of some query rows, row_seq [t] their sequences."""
         num_groups = blocks.shape[1]
         rows_of, groups_of, slots_of = (blocks >= 0).nonzero(as_tuple=True)
@@ -69,7 +65,7 @@ class BlockWork:
         key = key[order]
         unique_keys, counts = torch.unique_consecutive(key, return_counts=True)
         segment_start = torch.cumsum(counts, 0) - counts
-        chunks = (counts + per_item - 1) // per_item
+        chunks = (counts + rows - 1) // rows
         segment_of_item = torch.repeat_interleave(torch.arange(unique_keys.shape[0],
                                                                device=blocks.device), chunks)
         chunk = (torch.arange(segment_of_item.shape[0], device=blocks.device)
@@ -84,8 +80,8 @@ class BlockWork:
             seq=i32((seq_group // num_groups)[segment_of_item]),
             group=i32((seq_group % num_groups)[segment_of_item]),
             block=i32(block[segment_of_item]),
-            start=i32(segment_start[segment_of_item] + chunk * per_item),
-            count=i32(torch.clamp(counts[segment_of_item] - chunk * per_item, max=per_item)),
+            start=i32(segment_start[segment_of_item] + chunk * rows),
+            count=i32(torch.clamp(counts[segment_of_item] - chunk * rows, max=rows)),
             entry_row=i32(rows_of[order]),
             entry_slot=i32(slots_of[order]),
         )
@@ -116,27 +112,26 @@ def _kv_block_partials_kernel(
     v = tl.load(v_cache + offsets)
 
     m = tl.arange(0, BLOCK_M)
+    entry = m // GROUP
     head = m % GROUP
-    for sub in range(0, count, ROWS):  # sub-tiles of ROWS entries, the page loaded once
-        entry = sub + m // GROUP
-        valid = (entry < count) & (m < ROWS * GROUP)
-        row = tl.load(entry_row + start + entry, mask=valid, other=0).to(tl.int64)
-        slot = tl.load(entry_slot + start + entry, mask=valid, other=0).to(tl.int64)
-        pos = tl.load(row_pos + row, mask=valid, other=0)
-        query = tl.load(q + row[:, None] * stride_qt + (group * GROUP + head)[:, None] * stride_qh
-                        + dims[None, :], mask=valid[:, None], other=0.0)
-        s = tl.dot(query, tl.trans(k), input_precision=PRECISION) * scale_log2  # [M, PAGE]
-        s = tl.where((block * PAGE + tokens)[None, :] <= pos[:, None], s, float("-inf"))
-        row_max = tl.max(s, axis=1)
-        ref = tl.where(row_max == float("-inf"), 0.0, row_max)
-        p = tl.exp2(s - ref[:, None])
-        out, lse = finish_softmax(tl.dot(p.to(v.dtype), v, input_precision=PRECISION), ref,
-                                  tl.sum(p, axis=1))
-        # Partials are laid out [row, group, slot, head, dim]: the merge reads a row contiguously.
-        partial = ((row * num_groups + group) * TOPK + slot) * GROUP + head
-        tl.store(partial_out + partial[:, None] * HEAD_DIM + dims[None, :],
-                 out.to(partial_out.dtype.element_ty), mask=valid[:, None])
-        tl.store(partial_lse + partial, lse, mask=valid)
+    valid = (entry < count) & (m < ROWS * GROUP)
+    row = tl.load(entry_row + start + entry, mask=valid, other=0).to(tl.int64)
+    slot = tl.load(entry_slot + start + entry, mask=valid, other=0).to(tl.int64)
+    pos = tl.load(row_pos + row, mask=valid, other=0)
+    query = tl.load(q + row[:, None] * stride_qt + (group * GROUP + head)[:, None] * stride_qh
+                    + dims[None, :], mask=valid[:, None], other=0.0)
+    s = tl.dot(query, tl.trans(k), input_precision=PRECISION) * scale_log2  # [BLOCK_M, PAGE]
+    s = tl.where((block * PAGE + tokens)[None, :] <= pos[:, None], s, float("-inf"))
+    row_max = tl.max(s, axis=1)
+    ref = tl.where(row_max == float("-inf"), 0.0, row_max)
+    p = tl.exp2(s - ref[:, None])
+    out, lse = finish_softmax(tl.dot(p.to(v.dtype), v, input_precision=PRECISION), ref,
+                              tl.sum(p, axis=1))
+    # Partials are laid out [row, group, slot, head, dim]: the merge reads a row contiguously.
+    partial = ((row * num_groups + group) * TOPK + slot) * GROUP + head
+    tl.store(partial_out + partial[:, None] * HEAD_DIM + dims[None, :],
+             out.to(partial_out.dtype.element_ty), mask=valid[:, None])
+    tl.store(partial_lse + partial, lse, mask=valid)
 
 
 def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -166,7 +161,7 @@ def _attend_rows(q, k_cache, v_cache, block_table, row_seq, row_pos, blocks, out
     total_q, head_dim = shape.total_q, shape.head_dim
     num_groups, group, topk = shape.num_groups, shape.group, shape.topk
     rows = max(1, _PACKED_ROWS // group)
-    work = BlockWork.build(blocks, row_seq, block_table.shape[1], rows * ITEM_SUBTILES)
+    work = BlockWork.build(blocks, row_seq, block_table.shape[1], rows)
     # Partials in the inputs' precision: bf16 halves the round trip that bounds this kernel
     # (their rounding stays within the bf16 tolerance); float32 inputs keep exact partials.
     partial_out = torch.empty(total_q * num_groups * topk * group, head_dim, dtype=q.dtype,
