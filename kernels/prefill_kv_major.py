@@ -2,7 +2,7 @@
 
 Query-major attention reloads a popular block once for every query that chose it. Here the
 selection is inverted first: for each (sequence, KV group, block) the list of (query row, slot)
-entries that chose it, a CSR built on the GPU by one sort. One program then loads its K/V page
+entries that chose it, a CSR built on the GPU by one sort and a count, with no host sync. One program then loads its K/V page
 from HBM once and attends all of its queries and the group's G query heads at once (rows x heads
 packed into the MMA's M dimension), writing a partial output and log-sum-exp per (row, group,
 slot). Blocks chosen by many queries are cut into several work items (load balance). The shared
@@ -26,6 +26,8 @@ from kernels.triton_layout import (
     finish_softmax,
     query_positions,
     row_sequences,
+    search_steps,
+    sequence_of_row,
 )
 
 _PACKED_ROWS = 128  # M of one program: query rows x query heads of the group
@@ -39,69 +41,73 @@ _PARTIAL_BYTES = 2 << 30
 
 @dataclass
 class BlockWork:
-    """Work items: one K/V page of one (sequence, group) and up to `rows` entries that chose it."""
+    """The selection inverted, built on the GPU without a host sync: for every (sequence,
+    group, logical block) segment, the (query row, slot) entries that chose it; work items are
+    pieces of at most `rows` entries of one segment (load balance for popular blocks)."""
 
-    seq: torch.Tensor  # int32 [items]
-    group: torch.Tensor  # int32 [items]
-    block: torch.Tensor  # int32 [items]: logical page
-    start: torch.Tensor  # int32 [items]: first entry in entry_row / entry_slot
-    count: torch.Tensor  # int32 [items]
-    entry_row: torch.Tensor  # int32 [entries]: query row, sorted by (seq, group, block, row)
-    entry_slot: torch.Tensor  # int32 [entries]: the row's selection slot of that block
+    segment_start: torch.Tensor  # int32 [segments]: first entry in entry_row / entry_slot
+    segment_count: torch.Tensor  # int32 [segments]: entries that chose the segment's block
+    items_cu: torch.Tensor  # int32 [segments + 1]: first work item of each segment
+    entry_row: torch.Tensor  # int32 [t * Hkv * topk]: query row, sorted by (segment, row)
+    entry_slot: torch.Tensor  # int32 [t * Hkv * topk]: the row's selection slot of that block
+    max_pages: int  # segment = (seq * Hkv + group) * max_pages + block
+    num_items: int  # an upper bound on the items (the grid); spare items do nothing
 
     @property
-    def num_items(self) -> int:
-        return self.seq.shape[0]
+    def num_segments(self) -> int:
+        return self.segment_count.shape[0]
 
     @classmethod
-    def build(cls, blocks: torch.Tensor, row_seq: torch.Tensor, max_pages: int,
+    def build(cls, blocks: torch.Tensor, row_seq: torch.Tensor, batch: int, max_pages: int,
               rows: int) -> "BlockWork":
-        """blocks [t, Hkv, topk] of some query rows, row_seq [t] their sequences."""
-        num_groups = blocks.shape[1]
-        rows_of, groups_of, slots_of = (blocks >= 0).nonzero(as_tuple=True)
-        seq_of = row_seq.long()[rows_of]
-        key = (seq_of * num_groups + groups_of) * max_pages + blocks[rows_of, groups_of, slots_of]
+        """blocks [t, Hkv, topk] of some query rows, row_seq [t] their sequences among the
+        batch's (every sequence's blocks are segments, so the grid is known without reading
+        the selection)."""
+        total_q, num_groups, topk = blocks.shape
+        device = blocks.device
+        segments = batch * num_groups * max_pages
+        group = torch.arange(num_groups, device=device)[None, :, None]
+        key = (row_seq.long()[:, None, None] * num_groups + group) * max_pages + blocks.long()
+        key = torch.where(blocks >= 0, key, segments).reshape(-1)  # unselected: after all
         order = torch.argsort(key, stable=True)  # stable: rows stay ascending within a block
-        key = key[order]
-        unique_keys, counts = torch.unique_consecutive(key, return_counts=True)
-        segment_start = torch.cumsum(counts, 0) - counts
-        chunks = (counts + rows - 1) // rows
-        segment_of_item = torch.repeat_interleave(torch.arange(unique_keys.shape[0],
-                                                               device=blocks.device), chunks)
-        chunk = (torch.arange(segment_of_item.shape[0], device=blocks.device)
-                 - (torch.cumsum(chunks, 0) - chunks)[segment_of_item])
-        block = unique_keys % max_pages
-        seq_group = unique_keys // max_pages
-
-        def i32(t):
-            return t.to(torch.int32)
-
+        counts = torch.zeros(segments + 1, dtype=torch.int64, device=device)
+        counts.index_add_(0, key, torch.ones_like(key))
+        counts = counts[:segments]
+        pieces = (counts + rows - 1) // rows
+        items_cu = torch.zeros(segments + 1, dtype=torch.int32, device=device)
+        items_cu[1:] = torch.cumsum(pieces, 0)
+        entries = total_q * num_groups * topk
         return cls(
-            seq=i32((seq_group // num_groups)[segment_of_item]),
-            group=i32((seq_group % num_groups)[segment_of_item]),
-            block=i32(block[segment_of_item]),
-            start=i32(segment_start[segment_of_item] + chunk * rows),
-            count=i32(torch.clamp(counts[segment_of_item] - chunk * rows, max=rows)),
-            entry_row=i32(rows_of[order]),
-            entry_slot=i32(slots_of[order]),
+            segment_start=(torch.cumsum(counts, 0) - counts).to(torch.int32),
+            segment_count=counts.to(torch.int32),
+            items_cu=items_cu,
+            entry_row=(order // (num_groups * topk)).to(torch.int32),
+            entry_slot=(order % topk).to(torch.int32),
+            max_pages=max_pages,
+            num_items=entries // rows + min(segments, entries),
         )
 
 
 @triton.jit
 def _kv_block_partials_kernel(
-    q, k_cache, v_cache, block_table, row_pos, work_seq, work_group, work_block, work_start,
-    work_count, entry_row, entry_slot, partial_out, partial_lse,
+    q, k_cache, v_cache, block_table, row_pos, items_cu, segment_start, segment_count,
+    entry_row, entry_slot, partial_out, partial_lse,
     stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_bt,
-    num_groups, scale_log2,
+    num_groups, num_segments, max_pages, scale_log2,
     GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
     TOPK: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr,
 ):
     item = tl.program_id(0)
-    seq = tl.load(work_seq + item)
-    group = tl.load(work_group + item)
-    block = tl.load(work_block + item)
-    start = tl.load(work_start + item)
-    count = tl.load(work_count + item)
+    segment = sequence_of_row(items_cu, item, num_segments, SEARCH_STEPS)
+    piece = item - tl.load(items_cu + segment)
+    count = tl.minimum(tl.load(segment_count + segment) - piece * ROWS, ROWS)
+    if count <= 0:  # a spare item of the grid's upper bound
+        return
+    start = tl.load(segment_start + segment) + piece * ROWS
+    block = segment % max_pages
+    group = (segment // max_pages) % num_groups
+    seq = segment // (max_pages * num_groups)
 
     # The one HBM read of this K/V page for all the queries that chose it.
     physical = tl.load(block_table + seq * stride_bt + block).to(tl.int64)
@@ -161,7 +167,7 @@ def _attend_rows(q, k_cache, v_cache, block_table, row_seq, row_pos, blocks, out
     total_q, head_dim = shape.total_q, shape.head_dim
     num_groups, group, topk = shape.num_groups, shape.group, shape.topk
     rows = max(1, _PACKED_ROWS // group)
-    work = BlockWork.build(blocks, row_seq, block_table.shape[1], rows)
+    work = BlockWork.build(blocks, row_seq, *block_table.shape, rows)
     # Partials in the inputs' precision: bf16 halves the round trip that bounds this kernel
     # (their rounding stays within the bf16 tolerance); float32 inputs keep exact partials.
     partial_out = torch.empty(total_q * num_groups * topk * group, head_dim, dtype=q.dtype,
@@ -170,11 +176,11 @@ def _attend_rows(q, k_cache, v_cache, block_table, row_seq, row_pos, blocks, out
                               device=q.device)
     if work.num_items:
         _kv_block_partials_kernel[(work.num_items,)](
-            q, k_cache, v_cache, block_table, row_pos, work.seq, work.group, work.block,
-            work.start, work.count, work.entry_row, work.entry_slot, partial_out, partial_lse,
+            q, k_cache, v_cache, block_table, row_pos, work.items_cu, work.segment_start,
+            work.segment_count, work.entry_row, work.entry_slot, partial_out, partial_lse,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            block_table.stride(0), num_groups, scale * LOG2E,
+            block_table.stride(0), num_groups, work.num_segments, work.max_pages, scale * LOG2E,
             GROUP=group, ROWS=rows, BLOCK_M=max(16, triton.next_power_of_2(rows * group)),
             HEAD_DIM=head_dim, TOPK=topk, PAGE=BLOCK_SIZE, PRECISION=dot_precision(q.dtype),
-            num_warps=NUM_WARPS)
+            SEARCH_STEPS=search_steps(work.num_segments), num_warps=NUM_WARPS)
     merge_partials(partial_out, partial_lse, out, lse, num_groups, topk, blocks)

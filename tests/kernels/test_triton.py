@@ -93,12 +93,18 @@ def test_sparse_attention_triton_matches_reference(impl, layout, heads):
 
 
 def test_kv_major_splits_a_block_chosen_by_many_queries():
-    """400 query rows all choose the first page: more entries than one work item holds."""
+    """A block chosen by more of the 400 query rows than one work item holds is cut into
+    several items."""
     batch = make_batch([900], [400], 4, 1, 16, 16, 1, seed=4)
     blocks = kernels.select_blocks(batch.q_idx, batch.k_idx_cache, *batch.layout(), topk=2)
     row_seq = torch.zeros(400, dtype=torch.int32)
-    work = prefill_kv_major.BlockWork.build(blocks, row_seq, batch.block_table.shape[1], rows=16)
-    assert int(work.count.max()) == 16 and int((work.block == work.block[0]).sum()) > 1
+    work = prefill_kv_major.BlockWork.build(blocks, row_seq, *batch.block_table.shape, rows=16)
+    busiest = int(work.segment_count.argmax())
+    chosen_by = int(work.segment_count[busiest])
+    assert chosen_by > 16  # cut into items of 16 entries
+    assert int(work.items_cu[busiest + 1] - work.items_cu[busiest]) == -(-chosen_by // 16)
+    assert int(work.segment_count.sum()) == int((blocks >= 0).sum())
+    assert work.num_items >= int(work.items_cu[-1])
     out = prefill_kv_major.sparse_attention(batch.q, batch.k_cache, batch.v_cache,
                                             *batch.layout(), blocks)
     ref = kernels.sparse_attention(batch.q.double(), batch.k_cache.double(),
