@@ -41,8 +41,9 @@ def dense_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 # Measured crossover on an H100 (bench/results/kernels_h100.md): the KV-major kernel's CSR sort
 # and partial round trip (rows x Hq x topk x D) only pay off for long chunks, and only when a
-# group has few query heads (G <= 8: 1.26x query-major at 9.8K rows, 1.84x at 16K rows after
-# 158K; at G = 16 (Hq 64) the partials are 4x larger per row and it loses, 0.80x).
+# group has few query heads (G <= 8: 1.79x query-major at 9.8K rows, 1.91x at 16K rows after
+# 68K, 2.65x after 158K; at G = 16 (Hq 64) the partials are 4x larger per row and it loses,
+# 0.94x).
 KV_MAJOR_MIN_ROWS = 8192
 KV_MAJOR_MAX_GROUP = 8
 # The query-tiled kernel pays per block in its tiles' unions, so it wins when neighbouring
