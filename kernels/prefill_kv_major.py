@@ -2,11 +2,12 @@
 
 Query-major attention reloads a popular block once for every query that chose it. Here the
 selection is inverted first: for each (sequence, KV group, block) the list of (query row, slot)
-entries that chose it, a CSR built on the GPU by one sort and a count, with no host sync. One program then loads its K/V page
-from HBM once and attends all of its queries and the group's G query heads at once (rows x heads
-packed into the MMA's M dimension), writing a partial output and log-sum-exp per (row, group,
-slot). Blocks chosen by many queries are cut into several work items (load balance). The shared
-LSE-merge kernel (`lse_merge.py`) then combines each row's top-k partials exactly.
+entries that chose it, a CSR built on the GPU by one sort and a count, with no host sync. One
+program then loads its K/V page from HBM once and attends all of its queries and the group's G
+query heads at once (rows x heads packed into the MMA's M dimension), writing a partial output
+and log-sum-exp per (row, group, slot). Blocks chosen by many queries are cut into several work
+items (load balance). The shared LSE-merge kernel (`lse_merge.py`) then combines each row's
+top-k partials exactly.
 """
 
 from __future__ import annotations

@@ -113,7 +113,8 @@ class TileUnions:
             _tile_unions_kernel[(num_tiles, num_groups)](
                 blocks, cu_seqlens_q, tiles_cu, tiles.seq, tiles.start, tiles.end, count, block,
                 blocks.stride(0), blocks.stride(1), batch, num_groups, capacity,
-                ROWS=rows, ROWS_P2=triton.next_power_of_2(rows), TOPK=topk, TOPK_P2=triton.next_power_of_2(topk),
+                ROWS=rows, ROWS_P2=triton.next_power_of_2(rows), TOPK=topk,
+                TOPK_P2=triton.next_power_of_2(topk),
                 BINS=max(16, triton.next_power_of_2(max_pages)),
                 SEARCH_STEPS=search_steps(batch))
         return cls(tiles, rows, count, block)
