@@ -47,6 +47,9 @@ def _query_major_kernel(
     row = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1)
     split = tl.program_id(2)
+    # Before any load: any input may come from the kernel just before (the selection, the
+    # cache write, the queries), and the outputs may reuse memory that kernel reads.
+    wait_for_previous_kernel(USE_PDL)
     seq = sequence_of_row(cu_seqlens_q, row, num_seqs, SEARCH_STEPS)
     pos = tl.load(seq_lens + seq) - tl.load(cu_seqlens_q + seq + 1) + row
 
@@ -57,8 +60,6 @@ def _query_major_kernel(
     query = tl.load(q + row * stride_qt + heads[:, None] * stride_qh + dims[None, :],
                     mask=head_ok[:, None], other=0.0)
     tokens = tl.arange(0, PAGE)
-
-    wait_for_previous_kernel(USE_PDL)  # the selection (and memory the outputs may reuse)
     running_max = tl.full([BLOCK_G], float("-inf"), tl.float32)
     running_sum = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)

@@ -160,7 +160,8 @@ def dot_precision(dtype: torch.dtype) -> str:
 # Programmatic dependent launch (Hopper+): the kernels of a decode step's chain (index scan ->
 # selection rule -> attention -> merge) are launched so that each one's launch and prologue
 # overlap the tail of the one before; each waits for its predecessor's memory before its first
-# dependent load and before any store (its outputs may reuse memory its predecessor reads).
+# load and store (any input may be the predecessor's output, and its outputs may reuse memory
+# the predecessor reads).
 @functools.lru_cache(maxsize=None)
 def dependent_launch(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
