@@ -26,7 +26,7 @@ from kernels.triton_layout import (
     multiprocessors,
     release_next_kernel,
     search_steps,
-    sequence_of_row,
+    segment_of,
 )
 
 # Launch shape of the scan, from H100 sweeps of warps 4/8 x stages 2/3/4 x programs per SM
@@ -53,7 +53,7 @@ def _index_block_scores_kernel(
     key_head = tl.program_id(1)
     split = tl.program_id(2)
     if ROW_TILES:  # decode: one row per tile, its sequence found in-kernel
-        seq = sequence_of_row(cu_seqlens_q, tile, num_seqs, SEARCH_STEPS)
+        seq = segment_of(cu_seqlens_q, tile, num_seqs, SEARCH_STEPS)
         row_begin = tile
         row_end = tile + 1
     else:

@@ -28,7 +28,7 @@ from kernels.triton_layout import (
     query_positions,
     row_sequences,
     search_steps,
-    sequence_of_row,
+    segment_of,
 )
 
 _PACKED_ROWS = 128  # M of one program: query rows x query heads of the group
@@ -100,7 +100,7 @@ def _kv_block_partials_kernel(
     SEARCH_STEPS: tl.constexpr,
 ):
     item = tl.program_id(0)
-    segment = sequence_of_row(items_cu, item, num_segments, SEARCH_STEPS)
+    segment = segment_of(items_cu, item, num_segments, SEARCH_STEPS)
     piece = item - tl.load(items_cu + segment)
     count = tl.minimum(tl.load(segment_count + segment) - piece * ROWS, ROWS)
     if count <= 0:  # a spare item of the grid's upper bound

@@ -25,8 +25,9 @@ from kernels.triton_layout import (
     dot_precision,
     finish_softmax,
     online_softmax_step,
+    rows_of_tile,
     search_steps,
-    sequence_of_row,
+    tile_offsets,
 )
 
 # Launch shape from an H100 sweep of M (64/128/256) x warps (4/8) x stages (2/3), Hq16/Hkv2,
@@ -39,7 +40,7 @@ NUM_STAGES = 3
 
 @triton.jit
 def _tile_unions_kernel(
-    blocks, cu_seqlens_q, tiles_cu, tile_seq, tile_start, tile_end, union_count, union_block,
+    blocks, cu_seqlens_q, first_tile, tile_seq, tile_start, tile_end, union_count, union_block,
     stride_blt, stride_blg, num_seqs, num_groups, capacity,
     ROWS: tl.constexpr, ROWS_P2: tl.constexpr, TOPK: tl.constexpr, TOPK_P2: tl.constexpr,
     BINS: tl.constexpr, SEARCH_STEPS: tl.constexpr,
@@ -48,13 +49,9 @@ def _tile_unions_kernel(
     histogram over block ids and a prefix sum (one launch, no sort, no host sync)."""
     tile = tl.program_id(0)
     group = tl.program_id(1)
-    seq = sequence_of_row(tiles_cu, tile, num_seqs, SEARCH_STEPS)
-    seq_end = tl.load(cu_seqlens_q + seq + 1)
-    row_begin = tl.load(cu_seqlens_q + seq) + (tile - tl.load(tiles_cu + seq)) * ROWS
-    row_end = tl.minimum(row_begin + ROWS, seq_end)
-    spare = row_begin >= seq_end  # past the last tile: the grid is an upper bound
-    row_begin = tl.where(spare, 0, row_begin)
-    row_end = tl.where(spare, 0, row_end)
+    seq, row_begin, row_end = rows_of_tile(first_tile, cu_seqlens_q, tile, num_seqs, ROWS,
+                                           SEARCH_STEPS)
+    spare = row_begin >= row_end  # past the last tile: the grid is an upper bound
     if group == 0:
         tl.store(tile_seq + tile, seq)
         tl.store(tile_start + tile, row_begin)
@@ -101,9 +98,6 @@ class TileUnions:
         batch = cu_seqlens_q.shape[0] - 1
         device = blocks.device
         num_tiles = triton.cdiv(total_q, rows) + batch  # upper bound: spare tiles are empty
-        cu = cu_seqlens_q.long()
-        tiles_cu = torch.zeros(batch + 1, dtype=torch.int32, device=device)
-        tiles_cu[1:] = torch.cumsum((cu[1:] - cu[:-1] + rows - 1) // rows, 0)
         tiles = QueryTiles(*(torch.empty(num_tiles, dtype=torch.int32, device=device)
                              for _ in range(3)))
         capacity = min(max_pages, rows * topk)
@@ -111,7 +105,8 @@ class TileUnions:
         block = torch.empty(num_tiles * num_groups, capacity, dtype=torch.int32, device=device)
         if total_q:
             _tile_unions_kernel[(num_tiles, num_groups)](
-                blocks, cu_seqlens_q, tiles_cu, tiles.seq, tiles.start, tiles.end, count, block,
+                blocks, cu_seqlens_q, tile_offsets(cu_seqlens_q, rows), tiles.seq, tiles.start,
+                tiles.end, count, block,
                 blocks.stride(0), blocks.stride(1), batch, num_groups, capacity,
                 ROWS=rows, ROWS_P2=triton.next_power_of_2(rows), TOPK=topk,
                 TOPK_P2=triton.next_power_of_2(topk),

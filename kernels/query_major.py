@@ -26,7 +26,7 @@ from kernels.triton_layout import (
     online_softmax_step,
     release_next_kernel,
     search_steps,
-    sequence_of_row,
+    segment_of,
     wait_for_previous_kernel,
 )
 
@@ -50,7 +50,7 @@ def _query_major_kernel(
     # Before any load: any input may come from the kernel just before (the selection, the
     # cache write, the queries), and the outputs may reuse memory that kernel reads.
     wait_for_previous_kernel(USE_PDL)
-    seq = sequence_of_row(cu_seqlens_q, row, num_seqs, SEARCH_STEPS)
+    seq = segment_of(cu_seqlens_q, row, num_seqs, SEARCH_STEPS)
     pos = tl.load(seq_lens + seq) - tl.load(cu_seqlens_q + seq + 1) + row
 
     h = tl.arange(0, BLOCK_G)

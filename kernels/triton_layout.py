@@ -38,8 +38,9 @@ class AttentionShape:
 class QueryTiles:
     """Tiles of consecutive query rows that never cross a sequence boundary.
 
-    Built on the device without a host sync (so a decode step can be captured in a CUDA graph):
-    the grid is an upper bound on the tile count, and spare tiles are empty (start == end).
+    Built on the device by one small kernel, without a host sync (so a decode step can be
+    captured in a CUDA graph): the grid is an upper bound on the tile count, and spare tiles are
+    empty (start == end).
     """
 
     seq: torch.Tensor  # int32 [num_tiles]: the tile's sequence
@@ -64,17 +65,20 @@ class QueryTiles:
             empty = torch.zeros(0, dtype=torch.int32, device=cu_seqlens_q.device)
             return cls(empty, empty, empty)
         upper = triton.cdiv(total_q, rows) + batch
-        cu = cu_seqlens_q.long()
-        tiles_per_seq = (cu[1:] - cu[:-1] + rows - 1) // rows
-        tiles_end = torch.cumsum(tiles_per_seq, 0)
-        index = torch.arange(upper, device=cu.device)
-        seq = torch.searchsorted(tiles_end, index, right=True)
-        real = seq < batch
-        seq = seq.clamp(max=batch - 1)
-        start = cu[seq] + (index - (tiles_end[seq] - tiles_per_seq[seq])) * rows
-        end = torch.minimum(start + rows, cu[seq + 1])
-        start, end = torch.where(real, start, 0), torch.where(real, end, 0)
-        return cls(seq.to(torch.int32), start.to(torch.int32), end.to(torch.int32))
+        tiles = cls(*(torch.empty(upper, dtype=torch.int32, device=cu_seqlens_q.device)
+                      for _ in range(3)))
+        _query_tiles_kernel[(upper,)](
+            tile_offsets(cu_seqlens_q, rows), cu_seqlens_q, tiles.seq, tiles.start, tiles.end,
+            batch, ROWS=rows, SEARCH_STEPS=search_steps(batch))
+        return tiles
+
+
+def tile_offsets(cu_seqlens_q: torch.Tensor, rows: int) -> torch.Tensor:
+    """The first tile of every sequence, then the tile count: int32 [batch + 1]."""
+    cu = cu_seqlens_q.long()
+    offsets = torch.zeros(cu.shape[0], dtype=torch.int32, device=cu.device)
+    offsets[1:] = torch.cumsum((cu[1:] - cu[:-1] + rows - 1) // rows, 0)
+    return offsets
 
 
 def row_sequences(cu_seqlens_q: torch.Tensor, total_q: int) -> torch.Tensor:
@@ -94,24 +98,49 @@ def query_positions(seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
 
 
 @triton.jit
-def sequence_of_row(cu_seqlens_q, row, num_seqs, SEARCH_STEPS: tl.constexpr):
-    """The last sequence b with cu_seqlens_q[b] <= row: the one that owns packed row `row`.
+def segment_of(cumulative, index, num_segments, SEARCH_STEPS: tl.constexpr):
+    """The last segment b with cumulative[b] <= index: the one that owns `index` (the sequence
+    of a packed row given cu_seqlens_q, the sequence of a tile given its tile offsets, ...).
 
-    A binary search inside the kernel replaces a per-row metadata tensor (and the handful of
-    small launches that would build it on every step). Decode (one row per sequence) is
-    answered by one pair of independent loads: the search's chain of dependent ones is a
-    few microseconds at the start of every program."""
-    lo = tl.minimum(row, num_seqs - 1)
-    hit = (tl.load(cu_seqlens_q + lo) <= row) & (row < tl.load(cu_seqlens_q + lo + 1))
+    A binary search inside the kernel replaces a per-item metadata tensor (and the handful of
+    small launches that would build it on every step). One item per segment (decode rows) is
+    answered by one pair of independent loads: the search's chain of dependent ones is a few
+    microseconds at the start of every program."""
+    lo = tl.minimum(index, num_segments - 1)
+    hit = (tl.load(cumulative + lo) <= index) & (index < tl.load(cumulative + lo + 1))
     if not hit:
-        lo = row * 0  # same type as row
-        hi = lo + num_seqs
+        lo = index * 0  # same type as index
+        hi = lo + num_segments
         for _ in tl.static_range(SEARCH_STEPS):
             mid = (lo + hi) // 2
-            right = tl.load(cu_seqlens_q + mid) <= row
+            right = tl.load(cumulative + mid) <= index
             lo = tl.where(right, mid, lo)
             hi = tl.where(right, hi, mid)
     return lo
+
+
+@triton.jit
+def rows_of_tile(first_tile, cu_seqlens_q, tile, num_seqs, ROWS: tl.constexpr,
+                 SEARCH_STEPS: tl.constexpr):
+    """(sequence, first row, one past the last row) of a query tile; a spare tile past the
+    last one (grids are upper bounds) is empty: rows (0, 0)."""
+    seq = segment_of(first_tile, tile, num_seqs, SEARCH_STEPS)
+    seq_end = tl.load(cu_seqlens_q + seq + 1)
+    begin = tl.load(cu_seqlens_q + seq) + (tile - tl.load(first_tile + seq)) * ROWS
+    spare = begin >= seq_end
+    end = tl.minimum(begin + ROWS, seq_end)
+    return seq, tl.where(spare, 0, begin), tl.where(spare, 0, end)
+
+
+@triton.jit
+def _query_tiles_kernel(first_tile, cu_seqlens_q, tile_seq, tile_start, tile_end, num_seqs,
+                        ROWS: tl.constexpr, SEARCH_STEPS: tl.constexpr):
+    tile = tl.program_id(0)
+    seq, begin, end = rows_of_tile(first_tile, cu_seqlens_q, tile, num_seqs, ROWS,
+                                   SEARCH_STEPS)
+    tl.store(tile_seq + tile, seq)
+    tl.store(tile_start + tile, begin)
+    tl.store(tile_end + tile, end)
 
 
 @triton.jit
@@ -139,7 +168,7 @@ def finish_softmax(acc, max_log2, total):
 
 
 def search_steps(num_seqs: int) -> int:
-    """Iterations of `sequence_of_row`'s binary search. A constant for any batch below 256
+    """Iterations of `segment_of`'s binary search. A constant for any batch below 256
     sequences, so batch sizes changing step to step never trigger a recompilation."""
     return max(8, num_seqs.bit_length())
 
