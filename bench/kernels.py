@@ -233,7 +233,7 @@ def prefill_case(heads: Heads, chunks: list[tuple[int, int]], label: str) -> lis
             f"{tflops:.0f}", f"{t_attend * 1e3:.2f}", f"{t_dense / t_msa:.2f}x"]
 
 
-def flex_case(heads: Heads, length: int) -> list:
+def flex_case(heads: Heads, length: int, mma: float) -> list:
     """A fresh prompt where every 128-query block keeps one selection (that of its last query),
     handed to our dispatched sparse attention and to FlexAttention as the same block mask:
     selected history blocks as full blocks, the query block's own block as a causal one."""
@@ -247,6 +247,12 @@ def flex_case(heads: Heads, length: int) -> list:
     t_tiled = bench(functools.partial(inputs.attend_with, prefill_query_tiled, ours_blocks),
                     rep_ms=400)
     ours = inputs.attend(ours_blocks)
+    # Exact count of the keys attended: the chosen history blocks whole, the own block up to
+    # the query (4 * D flops per query head and key).
+    history = ((ours_blocks >= 0).sum(-1) - 1).clamp(min=0)  # [length, Hkv]
+    own = torch.arange(length, device="cuda") % PAGE + 1
+    keys = int((history * PAGE + own[:, None]).sum()) * (heads.num_heads // heads.num_kv_heads)
+    tflops = 4 * heads.head_dim * keys / t_tiled / 1e12
 
     # FlexAttention reads contiguous [1, H, L, D] tensors: the paged K/V in logical order.
     pages = inputs.block_table[0, :num_blocks].long()
@@ -277,7 +283,8 @@ def flex_case(heads: Heads, length: int) -> list:
     t_flex = bench(run_flex, rep_ms=400)
     return [heads.name, f"{length // 1024}K prompt", f"{t_flex * 1e3:.2f}",
             f"{t_ours * 1e3:.2f}", f"{t_flex / t_ours:.2f}x", f"{t_tiled * 1e3:.2f}",
-            f"{t_flex / t_tiled:.2f}x", f"{difference:.1e}"]
+            f"{t_flex / t_tiled:.2f}x", f"{tflops:.0f} ({tflops * 1e12 / mma:.0%})",
+            f"{difference:.1e}"]
 
 
 def main() -> None:
@@ -328,7 +335,7 @@ def main() -> None:
 
     flex_rows = []
     for length in ([] if args.only in ("decode", "prefill") else [32768, 131072]):
-        flex_rows.append(flex_case(SHARD, length))
+        flex_rows.append(flex_case(SHARD, length, mma))
         print(" | ".join(flex_rows[-1]), flush=True)
         torch.cuda.empty_cache()
 
@@ -347,7 +354,7 @@ def main() -> None:
     flex_table = markdown_table(
         ["shape", "case", "FlexAttention (ms)", "msa-serve dispatched attend (ms)",
          "vs FlexAttention", "query-tiled (ms)", "query-tiled vs FlexAttention",
-         "output rel. difference"], flex_rows)
+         "query-tiled TFLOP/s (share of matmul)", "output rel. difference"], flex_rows)
     name = torch.cuda.get_device_name()
     gpu = next((kind for kind in ("h100", "h200") if kind in name.lower()), "gpu")
     sections = [("Decode", decode_table, decode_rows), ("Prefill (chunk after a cached prefix)",
@@ -365,7 +372,8 @@ def main() -> None:
              "compare it with the matmul ceiling above. 'fp8 index keys': the same step with the "
              "index-key cache in float8_e4m3fn (kernels.to_index_key_dtype), its ideal counting "
              "1 byte per index-key element. FlexAttention: torch.compile'd flex_attention on "
-             "contiguous K/V with a BlockMask holding the same blocks per 128-query block.")
+             "contiguous K/V with a BlockMask holding the same blocks per 128-query block; "
+             "its TFLOP/s count the keys each query attends exactly.")
     body = "\n\n".join(f"## {title}\n\n{table}" for title, table, rows in sections if rows)
     write_results(f"kernels_{args.only}_{gpu}" if args.only else f"kernels_{gpu}",
                   "MSA kernels on GPU", body, notes,

@@ -2,7 +2,8 @@
 
 Query-major attention reloads a popular block once for every query that chose it. Here the
 selection is inverted first: for each (sequence, KV group, block) the list of (query row, slot)
-entries that chose it, a CSR built on the GPU by one sort and a count, with no host sync. One
+entries that chose it, a CSR built on the GPU by a counting sort (three small launches, no
+host sync). One
 program then loads its K/V page from HBM once and attends all of its queries and the group's G
 query heads at once (rows x heads packed into the MMA's M dimension), writing a partial output
 and log-sum-exp per (row, group, slot). Blocks chosen by many queries are cut into several work
@@ -25,8 +26,6 @@ from kernels.triton_layout import (
     AttentionShape,
     dot_precision,
     finish_softmax,
-    query_positions,
-    row_sequences,
     search_steps,
     segment_of,
 )
@@ -49,7 +48,7 @@ class BlockWork:
     segment_start: torch.Tensor  # int32 [segments]: first entry in entry_row / entry_slot
     segment_count: torch.Tensor  # int32 [segments]: entries that chose the segment's block
     items_cu: torch.Tensor  # int32 [segments + 1]: first work item of each segment
-    entry_row: torch.Tensor  # int32 [t * Hkv * topk]: query row, sorted by (segment, row)
+    entry_row: torch.Tensor  # int32 [t * Hkv * topk]: query row, grouped by segment
     entry_slot: torch.Tensor  # int32 [t * Hkv * topk]: the row's selection slot of that block
     max_pages: int  # segment = (seq * Hkv + group) * max_pages + block
     num_items: int  # an upper bound on the items (the grid); spare items do nothing
@@ -59,42 +58,119 @@ class BlockWork:
         return self.segment_count.shape[0]
 
     @classmethod
-    def build(cls, blocks: torch.Tensor, row_seq: torch.Tensor, batch: int, max_pages: int,
-              rows: int) -> "BlockWork":
-        """blocks [t, Hkv, topk] of some query rows, row_seq [t] their sequences among the
-        batch's (every sequence's blocks are segments, so the grid is known without reading
-        the selection)."""
+    def build(cls, blocks: torch.Tensor, cu_seqlens_q: torch.Tensor, first_row: int,
+              max_pages: int, rows: int) -> "BlockWork":
+        """blocks [t, Hkv, topk]: those of packed query rows first_row.. (every sequence's
+        blocks are segments, so the grid is known without reading the selection).
+
+        A counting sort: each entry takes a rank in its segment by an atomic increment, a scan
+        turns the counts into segment starts and work items, and each entry lands at its
+        segment's start plus its rank. Ranks follow the atomics' order, so rows within a block
+        are not sorted; no result depends on it (a row's partial is its own)."""
         total_q, num_groups, topk = blocks.shape
+        batch = cu_seqlens_q.shape[0] - 1
         device = blocks.device
         segments = batch * num_groups * max_pages
-        group = torch.arange(num_groups, device=device)[None, :, None]
-        key = (row_seq.long()[:, None, None] * num_groups + group) * max_pages + blocks.long()
-        key = torch.where(blocks >= 0, key, segments).reshape(-1)  # unselected: after all
-        order = torch.argsort(key, stable=True)  # stable: rows stay ascending within a block
-        counts = torch.zeros(segments + 1, dtype=torch.int64, device=device)
-        counts.index_add_(0, key, torch.ones_like(key))
-        counts = counts[:segments]
-        pieces = (counts + rows - 1) // rows
-        items_cu = torch.zeros(segments + 1, dtype=torch.int32, device=device)
-        items_cu[1:] = torch.cumsum(pieces, 0)
         entries = total_q * num_groups * topk
-        return cls(
-            segment_start=(torch.cumsum(counts, 0) - counts).to(torch.int32),
-            segment_count=counts.to(torch.int32),
-            items_cu=items_cu,
-            entry_row=(order // (num_groups * topk)).to(torch.int32),
-            entry_slot=(order % topk).to(torch.int32),
-            max_pages=max_pages,
-            num_items=entries // rows + min(segments, entries),
-        )
+        counts = torch.zeros(segments, dtype=torch.int32, device=device)
+        rank = torch.empty(entries, dtype=torch.int32, device=device)
+        work = cls(segment_start=torch.empty(segments, dtype=torch.int32, device=device),
+                   segment_count=counts,
+                   items_cu=torch.empty(segments + 1, dtype=torch.int32, device=device),
+                   entry_row=torch.empty(entries, dtype=torch.int32, device=device),
+                   entry_slot=torch.empty(entries, dtype=torch.int32, device=device),
+                   max_pages=max_pages, num_items=entries // rows + min(segments, entries))
+        if total_q == 0:
+            return work
+        row_args = dict(GROUPS_P2=triton.next_power_of_2(num_groups), TOPK=topk,
+                        TOPK_P2=triton.next_power_of_2(topk), SEARCH_STEPS=search_steps(batch))
+        _rank_entries_kernel[(total_q,)](
+            blocks, cu_seqlens_q, counts, rank, blocks.stride(0), blocks.stride(1), first_row,
+            batch, num_groups, max_pages, **row_args)
+        _segment_scan_kernel[(1,)](counts, work.segment_start, work.items_cu, segments,
+                                   ROWS=rows, BLOCK=SCAN_BLOCK)
+        _place_entries_kernel[(total_q,)](
+            blocks, cu_seqlens_q, rank, work.segment_start, work.entry_row, work.entry_slot,
+            blocks.stride(0), blocks.stride(1), first_row, batch, num_groups, max_pages,
+            **row_args)
+        return work
+
+
+SCAN_BLOCK = 4096  # segments per step of the one-program scan
+
+
+@triton.jit
+def _entry_segments(blocks, cu_seqlens_q, stride_blt, stride_blg, first_row, num_seqs,
+                    num_groups, max_pages, GROUPS_P2: tl.constexpr, TOPK: tl.constexpr,
+                    TOPK_P2: tl.constexpr, SEARCH_STEPS: tl.constexpr):
+    """(segment of each of this program's row's (group, slot) entries, which are real,
+    their flat entry index): shared by the two per-row passes of the counting sort."""
+    row = tl.program_id(0)
+    seq = segment_of(cu_seqlens_q, first_row + row, num_seqs, SEARCH_STEPS)
+    groups = tl.arange(0, GROUPS_P2)[:, None]
+    slots = tl.arange(0, TOPK_P2)[None, :]
+    real = (groups < num_groups) & (slots < TOPK)
+    block = tl.load(blocks + row.to(tl.int64) * stride_blt + groups * stride_blg + slots,
+                    mask=real, other=-1)
+    real = real & (block >= 0)
+    segment = (seq * num_groups + groups) * max_pages + block
+    entry = (row.to(tl.int64) * num_groups + groups) * TOPK + slots
+    return segment, real, entry
+
+
+@triton.jit
+def _rank_entries_kernel(blocks, cu_seqlens_q, counts, rank, stride_blt, stride_blg, first_row,
+                         num_seqs, num_groups, max_pages, GROUPS_P2: tl.constexpr,
+                         TOPK: tl.constexpr, TOPK_P2: tl.constexpr, SEARCH_STEPS: tl.constexpr):
+    segment, real, entry = _entry_segments(blocks, cu_seqlens_q, stride_blt, stride_blg,
+                                           first_row, num_seqs, num_groups, max_pages,
+                                           GROUPS_P2, TOPK, TOPK_P2, SEARCH_STEPS)
+    taken = tl.atomic_add(counts + segment, 1, mask=real, sem="relaxed")
+    tl.store(rank + entry, taken, mask=real)
+
+
+@triton.jit
+def _segment_scan_kernel(counts, segment_start, items_cu, num_segments, ROWS: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    """Exclusive prefix sum of the counts (segment starts) and inclusive one of the work items
+    they cut into (pieces of ROWS entries), in one program: a few thousand segments per
+    sequence and group, a handful of steps."""
+    offsets = tl.arange(0, BLOCK)
+    entries_before = 0
+    items_before = 0
+    tl.store(items_cu, 0)
+    for first in range(0, num_segments, BLOCK):
+        index = first + offsets
+        count = tl.load(counts + index, mask=index < num_segments, other=0)
+        pieces = (count + ROWS - 1) // ROWS
+        tl.store(segment_start + index, entries_before + tl.cumsum(count, axis=0) - count,
+                 mask=index < num_segments)
+        tl.store(items_cu + index + 1, items_before + tl.cumsum(pieces, axis=0),
+                 mask=index < num_segments)
+        entries_before += tl.sum(count, axis=0)
+        items_before += tl.sum(pieces, axis=0)
+
+
+@triton.jit
+def _place_entries_kernel(blocks, cu_seqlens_q, rank, segment_start, entry_row, entry_slot,
+                          stride_blt, stride_blg, first_row, num_seqs, num_groups, max_pages,
+                          GROUPS_P2: tl.constexpr, TOPK: tl.constexpr, TOPK_P2: tl.constexpr,
+                          SEARCH_STEPS: tl.constexpr):
+    segment, real, entry = _entry_segments(blocks, cu_seqlens_q, stride_blt, stride_blg,
+                                           first_row, num_seqs, num_groups, max_pages,
+                                           GROUPS_P2, TOPK, TOPK_P2, SEARCH_STEPS)
+    place = tl.load(segment_start + segment, mask=real, other=0) \
+        + tl.load(rank + entry, mask=real, other=0)
+    tl.store(entry_row + place, tl.zeros_like(segment) + tl.program_id(0), mask=real)
+    tl.store(entry_slot + place, (entry % TOPK).to(tl.int32), mask=real)
 
 
 @triton.jit
 def _kv_block_partials_kernel(
-    q, k_cache, v_cache, block_table, row_pos, items_cu, segment_start, segment_count,
-    entry_row, entry_slot, partial_out, partial_lse,
+    q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, items_cu, segment_start,
+    segment_count, entry_row, entry_slot, partial_out, partial_lse,
     stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_bt,
-    num_groups, num_segments, max_pages, scale_log2,
+    first_row, num_groups, num_segments, max_pages, scale_log2,
     GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
     TOPK: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr,
     SEARCH_STEPS: tl.constexpr,
@@ -109,6 +185,8 @@ def _kv_block_partials_kernel(
     block = segment % max_pages
     group = (segment // max_pages) % num_groups
     seq = segment // (max_pages * num_groups)
+    # Local row r of this launch sits at position first_pos + r of its sequence.
+    first_pos = tl.load(seq_lens + seq) - tl.load(cu_seqlens_q + seq + 1) + first_row
 
     # The one HBM read of this K/V page for all the queries that chose it.
     physical = tl.load(block_table + seq * stride_bt + block).to(tl.int64)
@@ -124,7 +202,7 @@ def _kv_block_partials_kernel(
     valid = (entry < count) & (m < ROWS * GROUP)
     row = tl.load(entry_row + start + entry, mask=valid, other=0).to(tl.int64)
     slot = tl.load(entry_slot + start + entry, mask=valid, other=0).to(tl.int64)
-    pos = tl.load(row_pos + row, mask=valid, other=0)
+    pos = first_pos + row
     query = tl.load(q + row[:, None] * stride_qt + (group * GROUP + head)[:, None] * stride_qh
                     + dims[None, :], mask=valid[:, None], other=0.0)
     s = tl.dot(query, tl.trans(k), input_precision=PRECISION) * scale_log2  # [BLOCK_M, PAGE]
@@ -149,26 +227,23 @@ def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = torch.empty_like(q)
     lse = torch.empty(shape.total_q, shape.num_heads, dtype=torch.float32, device=q.device)
     blocks = blocks.contiguous()
-    row_seq = row_sequences(cu_seqlens_q, shape.total_q)
-    row_pos = query_positions(seq_lens, cu_seqlens_q, shape.total_q)
     chunk = max(1, _PARTIAL_BYTES // (shape.num_heads * shape.topk * shape.head_dim
                                       * q.element_size()))
     for first in range(0, shape.total_q, chunk):
         last = min(first + chunk, shape.total_q)
-        _attend_rows(q[first:last], k_cache, v_cache, block_table, row_seq[first:last],
-                     row_pos[first:last], blocks[first:last], out[first:last], lse[first:last],
-                     shape.scale)
+        _attend_rows(q[first:last], k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
+                     first, blocks[first:last], out[first:last], lse[first:last], shape.scale)
     return (out, lse) if return_lse else out
 
 
-def _attend_rows(q, k_cache, v_cache, block_table, row_seq, row_pos, blocks, out, lse,
-                 scale) -> None:
-    """Partials then merge for a contiguous slice of query rows (row ids local to the slice)."""
+def _attend_rows(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, first_row, blocks,
+                 out, lse, scale) -> None:
+    """Partials then merge for packed query rows first_row.. (row ids local to the slice)."""
     shape = AttentionShape.of(q, k_cache, blocks, scale)
     total_q, head_dim = shape.total_q, shape.head_dim
     num_groups, group, topk = shape.num_groups, shape.group, shape.topk
     rows = max(1, _PACKED_ROWS // group)
-    work = BlockWork.build(blocks, row_seq, *block_table.shape, rows)
+    work = BlockWork.build(blocks, cu_seqlens_q, first_row, block_table.shape[1], rows)
     # Partials in the inputs' precision: bf16 halves the round trip that bounds this kernel
     # (their rounding stays within the bf16 tolerance); float32 inputs keep exact partials.
     partial_out = torch.empty(total_q * num_groups * topk * group, head_dim, dtype=q.dtype,
@@ -177,10 +252,11 @@ def _attend_rows(q, k_cache, v_cache, block_table, row_seq, row_pos, blocks, out
                               device=q.device)
     if work.num_items:
         _kv_block_partials_kernel[(work.num_items,)](
-            q, k_cache, v_cache, block_table, row_pos, work.items_cu, work.segment_start,
-            work.segment_count, work.entry_row, work.entry_slot, partial_out, partial_lse,
-            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            block_table.stride(0), num_groups, work.num_segments, work.max_pages, scale * LOG2E,
+            q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, work.items_cu,
+            work.segment_start, work.segment_count, work.entry_row, work.entry_slot,
+            partial_out, partial_lse, q.stride(0), q.stride(1), k_cache.stride(0),
+            k_cache.stride(1), k_cache.stride(2), block_table.stride(0), first_row, num_groups,
+            work.num_segments, work.max_pages, scale * LOG2E,
             GROUP=group, ROWS=rows, BLOCK_M=max(16, triton.next_power_of_2(rows * group)),
             HEAD_DIM=head_dim, TOPK=topk, PAGE=BLOCK_SIZE, PRECISION=dot_precision(q.dtype),
             SEARCH_STEPS=search_steps(work.num_segments), num_warps=NUM_WARPS)

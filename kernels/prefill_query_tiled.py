@@ -4,9 +4,10 @@ Neighbouring queries choose mostly the same blocks (their own and the few that m
 passage), so a tile of consecutive query rows of one sequence, packed with the G query heads of
 a KV group into the MMA's M dimension, walks the sorted union of the blocks its rows chose: each
 union block's K/V page is loaded once per tile, every row attends to it only if it chose it
-(a per-row mask, so the result is exactly per-row MSA), and an online softmax carries the
-running output on chip. Unlike the KV-major kernel nothing round-trips through HBM: no
-per-(row, slot) partials, no merge. The unions are built on the GPU by one small kernel.
+(so the result is exactly per-row MSA), and an online softmax carries the running output on
+chip. Unlike the KV-major kernel nothing round-trips through HBM: no per-(row, slot) partials,
+no merge. The unions are built on the GPU by one small kernel, which flags the blocks only some
+of the tile's rows chose: only those pay for the per-row check.
 """
 
 from __future__ import annotations
@@ -36,6 +37,13 @@ from kernels.triton_layout import (
 _PACKED_ROWS = 128  # M of one program: query rows x query heads of the group
 NUM_WARPS = 8
 NUM_STAGES = 3
+# A union entry is its block id, plus _SOME_ROWS when only some of the tile's rows chose it:
+# only those entries pay for the per-row check. H100, 32K prompt, FlexAttention's selection
+# (1.40 ms there): masking every entry's scores 1.46-1.49 ms; skipping rows through the softmax
+# reference point, checked on every entry 1.43, only on flagged entries 1.37.
+_SOME_ROWS = tl.constexpr(1 << 24)
+_BLOCK_ID = tl.constexpr((1 << 24) - 1)
+_PAD = tl.constexpr((1 << 31) - 1)  # sorts after every block id
 
 
 @triton.jit
@@ -43,10 +51,12 @@ def _tile_unions_kernel(
     blocks, cu_seqlens_q, first_tile, tile_seq, tile_start, tile_end, union_count, union_block,
     stride_blt, stride_blg, num_seqs, num_groups, capacity,
     ROWS: tl.constexpr, ROWS_P2: tl.constexpr, TOPK: tl.constexpr, TOPK_P2: tl.constexpr,
-    BINS: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr,
 ):
-    """One (query tile, KV group): the tile's rows, then the sorted union of their blocks by a
-    histogram over block ids and a prefix sum (one launch, no sort, no host sync)."""
+    """One (query tile, KV group): the tile's rows, then the sorted union of their blocks: the
+    rows' picks sorted in registers, each first of a run of equal ids kept at its prefix-sum
+    slot and flagged unless every row chose it (one launch, no host sync, work independent of
+    the context length)."""
     tile = tl.program_id(0)
     group = tl.program_id(1)
     seq, row_begin, row_end = rows_of_tile(first_tile, cu_seqlens_q, tile, num_seqs, ROWS,
@@ -63,25 +73,30 @@ def _tile_unions_kernel(
     take = ((r < ROWS) & (rows < row_end))[:, None] & (slots < TOPK)[None, :]
     chosen = tl.load(blocks + rows[:, None] * stride_blt + group * stride_blg + slots[None, :],
                      mask=take, other=-1)
-    # Padding (-1 slots, rows past the tile) repeats the first row's first pick, which every
-    # row has (its own block at least): a histogram bin for "none" is not needed.
-    anchor = tl.load(blocks + rows * stride_blt + group * stride_blg, mask=r == 0, other=0)
-    anchor = tl.max(anchor, axis=0)
-    ids = tl.where(chosen >= 0, chosen, anchor)
-    in_union = tl.histogram(tl.reshape(ids, [ROWS_P2 * TOPK_P2]), BINS) > 0
-    in_union = in_union & ~spare
-    slot_of = tl.cumsum(in_union.to(tl.int32), axis=0) - 1
+    # Padding (-1 slots, rows past the tile) sorts after every block id, out of the union.
+    ids = tl.sort(tl.reshape(tl.where(chosen >= 0, chosen, _PAD), [ROWS_P2 * TOPK_P2]))
+    n = tl.arange(0, ROWS_P2 * TOPK_P2)
+    real = (ids != _PAD) & ~spare
+    new_id = real & ((n == 0) | (ids != tl.gather(ids, tl.maximum(n - 1, 0), 0)))
+    slot_of = tl.cumsum(new_id.to(tl.int32), axis=0) - 1
+    # A row picks a block at most once, so the picks in a union slot count the rows that chose
+    # it; padding goes to the last bin, which a union with padding never reaches.
+    last_bin = ROWS_P2 * TOPK_P2 - 1
+    rows_that_chose = tl.histogram(tl.where(real, slot_of, last_bin), ROWS_P2 * TOPK_P2)
+    every_row = tl.gather(rows_that_chose, slot_of, 0) == row_end - row_begin
     unit = tile * num_groups + group
-    tl.store(union_block + unit.to(tl.int64) * capacity + slot_of, tl.arange(0, BINS),
-             mask=in_union)
-    tl.store(union_count + unit, tl.sum(in_union.to(tl.int32), axis=0))
+    tl.store(union_block + unit.to(tl.int64) * capacity + slot_of,
+             tl.where(every_row, ids, ids + _SOME_ROWS), mask=new_id)
+    tl.store(union_count + unit, tl.sum(new_id.to(tl.int32), axis=0))
 
 
 @dataclass
 class TileUnions:
-    """For each (query tile, KV group): the logical blocks any of its rows chose, ascending."""
+    """For each (query tile, KV group): the logical blocks any of its rows chose, ascending,
+    each plus _SOME_ROWS when not every row of the tile chose it (`block_ids` strips it)."""
 
     tiles: QueryTiles
+    first_tile: torch.Tensor  # int32 [batch + 1]: each sequence's first tile, then the count
     rows: int  # query rows per tile
     count: torch.Tensor  # int32 [num_tiles * Hkv]: blocks in each union
     block: torch.Tensor  # int32 [num_tiles * Hkv, capacity]: the first `count` are the union
@@ -100,19 +115,32 @@ class TileUnions:
         num_tiles = triton.cdiv(total_q, rows) + batch  # upper bound: spare tiles are empty
         tiles = QueryTiles(*(torch.empty(num_tiles, dtype=torch.int32, device=device)
                              for _ in range(3)))
+        if max_pages > _BLOCK_ID.value:
+            raise ValueError(f"query-tiled attention takes at most {_BLOCK_ID.value} pages a "
+                             f"sequence, got a block table of {max_pages}")
         capacity = min(max_pages, rows * topk)
         count = torch.empty(num_tiles * num_groups, dtype=torch.int32, device=device)
         block = torch.empty(num_tiles * num_groups, capacity, dtype=torch.int32, device=device)
+        first_tile = tile_offsets(cu_seqlens_q, rows)
         if total_q:
             _tile_unions_kernel[(num_tiles, num_groups)](
-                blocks, cu_seqlens_q, tile_offsets(cu_seqlens_q, rows), tiles.seq, tiles.start,
-                tiles.end, count, block,
-                blocks.stride(0), blocks.stride(1), batch, num_groups, capacity,
+                blocks, cu_seqlens_q, first_tile, tiles.seq, tiles.start, tiles.end, count,
+                block, blocks.stride(0), blocks.stride(1), batch, num_groups, capacity,
                 ROWS=rows, ROWS_P2=triton.next_power_of_2(rows), TOPK=topk,
-                TOPK_P2=triton.next_power_of_2(topk),
-                BINS=max(16, triton.next_power_of_2(max_pages)),
-                SEARCH_STEPS=search_steps(batch))
-        return cls(tiles, rows, count, block)
+                TOPK_P2=triton.next_power_of_2(topk), SEARCH_STEPS=search_steps(batch))
+        return cls(tiles, first_tile, rows, count, block)
+
+    def block_ids(self) -> torch.Tensor:
+        """`block` without the some-rows flag."""
+        return self.block & _BLOCK_ID.value
+
+    def mean_size(self, topk: int) -> float:
+        """The tiles' mean union in units of topk: 1 when a tile's rows chose alike, up to the
+        rows per tile when they never do. One sync, so a dispatcher that builds the unions
+        first pays only the attention's launch after it."""
+        num_groups = self.count.shape[0] // max(1, self.tiles.num_tiles)
+        total, tiles = torch.stack([self.count.sum(), self.first_tile[-1]]).tolist()
+        return total / max(1, tiles * num_groups * topk)
 
 
 def rows_per_tile(group: int) -> int:
@@ -120,33 +148,21 @@ def rows_per_tile(group: int) -> int:
     return max(1, _PACKED_ROWS // group)
 
 
-UNION_SAMPLE_PAIRS = 1024
-
-
-def estimated_union_per_selection(blocks: torch.Tensor, group: int) -> float:
-    """Roughly the mean union size of the tiles, in units of topk, from how many of each row's
-    blocks its predecessor did not choose: 1 when neighbours agree, up to the rows per tile
-    when they never do. A handful of launches over a sample of at most ~1K row pairs and one
-    sync, so a dispatcher can afford to ask before paying for the unions."""
-    rows = rows_per_tile(group)
-    stride = max(1, (blocks.shape[0] - 1) // UNION_SAMPLE_PAIRS)
-    current, previous = blocks[1::stride], blocks[:-1:stride]
-    new = (current >= 0) & ~(current[..., :, None] == previous[..., None, :]).any(-1)
-    churn = new.sum(-1).float().mean().item() if current.numel() else 0.0
-    return 1.0 + (rows - 1) * churn / blocks.shape[2]
-
-
 @triton.jit
 def _attend_page(entry, union_block, block_table, k_cache, v_cache, seq, group, query, pos,
                  chosen_by_row, acc, running_max, running_sum, scale_log2, stride_kp, stride_kt,
-                 stride_kh, stride_bt, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-                 PRECISION: tl.constexpr, ALL_VISIBLE: tl.constexpr, CAUSAL: tl.constexpr):
+                 stride_kh, stride_bt, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 PAGE: tl.constexpr, PRECISION: tl.constexpr, ALL_VISIBLE: tl.constexpr,
+                 CAUSAL: tl.constexpr):
     """Folds one union page into the tile's running softmax. CAUSAL only for the (at most two)
     pages that hold the tile's own positions; every earlier page is wholly visible."""
     if ALL_VISIBLE:
         block = entry
+        some_rows = False
     else:
-        block = tl.load(union_block + entry)
+        word = tl.load(union_block + entry)
+        block = word & _BLOCK_ID
+        some_rows = word > _BLOCK_ID
     tokens = tl.arange(0, PAGE)
     dims = tl.arange(0, HEAD_DIM)
     physical = tl.load(block_table + seq * stride_bt + block).to(tl.int64)
@@ -157,10 +173,10 @@ def _attend_page(entry, union_block, block_table, k_cache, v_cache, seq, group, 
     s = tl.dot(query, tl.trans(k), input_precision=PRECISION) * scale_log2
     if CAUSAL:
         s = tl.where((block * PAGE + tokens)[None, :] <= pos[:, None], s, float("-inf"))
-    if not ALL_VISIBLE:  # rows attend only to the blocks they chose
-        row_chose = tl.max((chosen_by_row == block).to(tl.int32), axis=1) > 0
-        s = tl.where(row_chose[:, None], s, float("-inf"))
-    return online_softmax_step(s, v, acc, running_max, running_sum, PRECISION)
+    attends = tl.full([BLOCK_M], 1, tl.int1)
+    if some_rows:  # rows attend only to the blocks they chose
+        attends = tl.max((chosen_by_row == block).to(tl.int32), axis=1) > 0
+    return online_softmax_step(s, v, acc, running_max, running_sum, attends, PRECISION)
 
 
 @triton.jit
@@ -211,18 +227,19 @@ def _query_tiled_kernel(
         first = unit.to(tl.int64) * union_capacity
         last = first + tl.load(union_count + unit)
         near = tl.arange(0, 2)
-        tail = tl.load(union_block + last - 2 + near, mask=last - 2 + near >= first, other=-1)
+        tail = tl.load(union_block + last - 2 + near, mask=last - 2 + near >= first, other=0)
+        tail = tl.where(last - 2 + near >= first, tail & _BLOCK_ID, -1)
         split = last - tl.sum((tail >= own_page).to(tl.int32), axis=0)
     for entry in tl.range(first, split, num_stages=NUM_STAGES):
         acc, running_max, running_sum = _attend_page(
             entry, union_block, block_table, k_cache, v_cache, seq, group, query, pos,
             chosen_by_row, acc, running_max, running_sum, scale_log2, stride_kp, stride_kt,
-            stride_kh, stride_bt, HEAD_DIM, PAGE, PRECISION, ALL_VISIBLE, False)
+            stride_kh, stride_bt, BLOCK_M, HEAD_DIM, PAGE, PRECISION, ALL_VISIBLE, False)
     for entry in tl.range(split, last):
         acc, running_max, running_sum = _attend_page(
             entry, union_block, block_table, k_cache, v_cache, seq, group, query, pos,
             chosen_by_row, acc, running_max, running_sum, scale_log2, stride_kp, stride_kt,
-            stride_kh, stride_bt, HEAD_DIM, PAGE, PRECISION, ALL_VISIBLE, True)
+            stride_kh, stride_bt, BLOCK_M, HEAD_DIM, PAGE, PRECISION, ALL_VISIBLE, True)
 
     result, row_lse = finish_softmax(acc, running_max, running_sum)
     target = rows * (num_groups * GROUP) + heads
@@ -234,12 +251,17 @@ def _query_tiled_kernel(
 def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_table: torch.Tensor, seq_lens: torch.Tensor,
                      cu_seqlens_q: torch.Tensor, blocks: torch.Tensor,
-                     softmax_scale: float | None = None, return_lse: bool = False):
+                     softmax_scale: float | None = None, return_lse: bool = False,
+                     unions: TileUnions | None = None):
+    """unions: `TileUnions.for_attention` of the same arguments, when the caller built them
+    already (to look at their size first)."""
     shape = AttentionShape.of(q, k_cache, blocks, softmax_scale)
     if shape.total_q == 0:
         return _launch(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, shape, None,
                        None, return_lse)
-    unions = TileUnions.for_attention(blocks, cu_seqlens_q, shape.group, block_table.shape[1])
+    if unions is None:
+        unions = TileUnions.for_attention(blocks, cu_seqlens_q, shape.group,
+                                          block_table.shape[1])
     return _launch(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, shape, blocks,
                    unions, return_lse)
 

@@ -76,7 +76,7 @@ def _query_major_kernel(
         s = tl.dot(query, tl.trans(k), input_precision=PRECISION) * scale_log2
         s = tl.where(chosen & ((block * PAGE + tokens)[None, :] <= pos), s, float("-inf"))
         acc, running_max, running_sum = online_softmax_step(s, v, acc, running_max, running_sum,
-                                                            PRECISION)
+                                                            True, PRECISION)
 
     release_next_kernel(USE_PDL)
     result, row_lse = finish_softmax(acc, running_max, running_sum)

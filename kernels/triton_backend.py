@@ -39,20 +39,22 @@ def dense_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return out
 
 
-# Measured crossover on an H100 (bench/results/kernels_h100.md): the KV-major kernel's CSR sort
-# and partial round trip (rows x Hq x topk x D) only pay off for long chunks, and only when a
-# group has few query heads (G <= 8: 1.79x query-major at 9.8K rows, 1.91x at 16K rows after
-# 68K, 2.65x after 158K; at G = 16 (Hq 64) the partials are 4x larger per row and it loses,
-# 0.94x).
-KV_MAJOR_MIN_ROWS = 8192
+# Measured crossover on an H100 (random selections, Hq16/Hkv2; bench/results/kernels_h100.md):
+# with its CSR built by a counting sort (~0.1 ms) the KV-major kernel beats query-major from
+# ~768 rows of chunk (512 rows 0.68x, 768 rows 1.33-1.50x, 1,024 rows 1.8x, 4K rows 2.0x, 16K
+# rows after 68K 2.2x) unless the rows are spread over many short sequences (16 x 64 rows
+# 0.89x, 4 x 171 rows 1.28x), and only when a group has few query heads (at G = 16, Hq 64, the
+# partials, rows x Hq x topk x D, are 4x larger per row: 0.94-0.99x).
+KV_MAJOR_MIN_ROWS = 768
+KV_MAJOR_MIN_ROWS_PER_SEQ = 128
 KV_MAJOR_MAX_GROUP = 8
 # The query-tiled kernel pays per block in its tiles' unions, so it wins when neighbouring
 # queries chose alike. H100, Hq16/Hkv2 (bench/results/kernels_h100.md): selections shared per
 # 128 queries (union 0.97 x topk) 1.52 ms on a 32K prompt (FlexAttention 1.38; an earlier
 # sweep had KV-major at 4.65, query-major at 8.40); unrelated selections (union 12.5 x topk)
 # 8.70 ms against query-major's 4.71 at 16K rows after 68K.
-# Below 8K rows query-major takes ~1 ms at most (1.16 ms at 4K rows after 30K): the union's
-# look (a sync) would cost more than the tiled kernel can save there.
+# Below 8K rows query-major takes ~1 ms at most (1.16 ms at 4K rows after 30K): a look at the
+# unions (a sync) would cost more than the tiled kernel can save there.
 QUERY_TILED_MIN_ROWS = 8192
 QUERY_TILED_MAX_UNION = 2.0  # mean union per tile, in units of topk
 
@@ -64,9 +66,13 @@ def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     args = (q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, blocks, softmax_scale,
             return_lse)
     group = q.shape[1] // k_cache.shape[2]
-    if (q.shape[0] >= QUERY_TILED_MIN_ROWS  # a long prefill chunk whose rows chose alike
-            and prefill_query_tiled.estimated_union_per_selection(blocks, group)
-            <= QUERY_TILED_MAX_UNION):
-        return prefill_query_tiled.sparse_attention(*args)
-    long_chunk = q.shape[0] >= KV_MAJOR_MIN_ROWS and group <= KV_MAJOR_MAX_GROUP
-    return (prefill_kv_major if long_chunk else query_major).sparse_attention(*args)
+    if q.shape[0] >= QUERY_TILED_MIN_ROWS:  # a long prefill chunk: did its rows choose alike?
+        # The unions are built before the look, so a query-tiled answer costs one launch after
+        # the sync; a KV-major or query-major answer wastes only this one small kernel.
+        unions = prefill_query_tiled.TileUnions.for_attention(blocks, cu_seqlens_q, group,
+                                                              block_table.shape[1])
+        if unions.mean_size(blocks.shape[2]) <= QUERY_TILED_MAX_UNION:
+            return prefill_query_tiled.sparse_attention(*args, unions=unions)
+    kv_major = (q.shape[0] >= KV_MAJOR_MIN_ROWS and group <= KV_MAJOR_MAX_GROUP
+                and q.shape[0] >= KV_MAJOR_MIN_ROWS_PER_SEQ * seq_lens.shape[0])
+    return (prefill_kv_major if kv_major else query_major).sparse_attention(*args)

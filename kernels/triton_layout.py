@@ -74,27 +74,24 @@ class QueryTiles:
 
 
 def tile_offsets(cu_seqlens_q: torch.Tensor, rows: int) -> torch.Tensor:
-    """The first tile of every sequence, then the tile count: int32 [batch + 1]."""
-    cu = cu_seqlens_q.long()
-    offsets = torch.zeros(cu.shape[0], dtype=torch.int32, device=cu.device)
-    offsets[1:] = torch.cumsum((cu[1:] - cu[:-1] + rows - 1) // rows, 0)
+    """The first tile of every sequence, then the tile count: int32 [batch + 1] (one launch:
+    its consumers wait on a sync or sit in a CUDA graph, where each launch counts)."""
+    batch = cu_seqlens_q.shape[0] - 1
+    offsets = torch.empty(batch + 1, dtype=torch.int32, device=cu_seqlens_q.device)
+    _tile_offsets_kernel[(1,)](cu_seqlens_q, offsets, batch, ROWS=rows,
+                               BLOCK=max(16, triton.next_power_of_2(batch)))
     return offsets
 
 
-def row_sequences(cu_seqlens_q: torch.Tensor, total_q: int) -> torch.Tensor:
-    """The sequence of every packed query row (int32 [total_q])."""
-    cu = cu_seqlens_q.long()
-    return torch.repeat_interleave(torch.arange(cu.shape[0] - 1, device=cu.device),
-                                   cu[1:] - cu[:-1], output_size=total_q).to(torch.int32)
-
-
-def query_positions(seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                    total_q: int) -> torch.Tensor:
-    """Position of every packed query row: seq_lens[b] - q_len[b] + i (int64 [total_q])."""
-    cu = cu_seqlens_q.long()
-    first = seq_lens.long() - cu[1:]  # position of row r of sequence b is first[b] + r
-    return first[row_sequences(cu_seqlens_q, total_q).long()] + torch.arange(total_q,
-                                                                              device=cu.device)
+@triton.jit
+def _tile_offsets_kernel(cu_seqlens_q, offsets, num_seqs, ROWS: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    seq = tl.arange(0, BLOCK)
+    real = seq < num_seqs
+    q_len = tl.load(cu_seqlens_q + seq + 1, mask=real, other=0) \
+        - tl.load(cu_seqlens_q + seq, mask=real, other=0)
+    tl.store(offsets + seq + 1, tl.cumsum((q_len + ROWS - 1) // ROWS, axis=0), mask=real)
+    tl.store(offsets + seq, 0, mask=seq == 0)
 
 
 @triton.jit
@@ -144,14 +141,18 @@ def _query_tiles_kernel(first_tile, cu_seqlens_q, tile_seq, tile_start, tile_end
 
 
 @triton.jit
-def online_softmax_step(s, v, acc, running_max, running_sum, PRECISION: tl.constexpr):
+def online_softmax_step(s, v, acc, running_max, running_sum, attends, PRECISION: tl.constexpr):
     """Folds one page of log2-scaled scores s [M, PAGE] (-inf where masked) and its values
-    v [PAGE, D] into the running (acc, max, sum) of rows that attend page by page."""
-    new_max = tl.maximum(running_max, tl.max(s, axis=1))
+    v [PAGE, D] into the running (acc, max, sum) of rows that attend page by page.
+
+    attends [M] (or True): rows that take this page at all. The others are skipped through
+    their reference point (+inf: every weight exp2(s - inf) is 0, their state unscaled), which
+    costs M selects where masking s would cost M x PAGE (~9% of the query-tiled kernel)."""
+    new_max = tl.where(attends, tl.maximum(running_max, tl.max(s, axis=1)), running_max)
     # A row that has seen nothing yet keeps a finite reference point (no inf - inf).
-    ref = tl.where(new_max == float("-inf"), 0.0, new_max)
+    ref = tl.where(attends, tl.where(new_max == float("-inf"), 0.0, new_max), float("inf"))
     p = tl.exp2(s - ref[:, None])
-    alpha = tl.exp2(running_max - ref)
+    alpha = tl.where(attends, tl.exp2(running_max - ref), 1.0)
     running_sum = running_sum * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return acc, new_max, running_sum

@@ -97,14 +97,50 @@ def test_kv_major_splits_a_block_chosen_by_many_queries():
     several items."""
     batch = make_batch([900], [400], 4, 1, 16, 16, 1, seed=4)
     blocks = kernels.select_blocks(batch.q_idx, batch.k_idx_cache, *batch.layout(), topk=2)
-    row_seq = torch.zeros(400, dtype=torch.int32)
-    work = prefill_kv_major.BlockWork.build(blocks, row_seq, *batch.block_table.shape, rows=16)
+    work = prefill_kv_major.BlockWork.build(blocks, batch.cu_seqlens_q, 0,
+                                            batch.block_table.shape[1], rows=16)
     busiest = int(work.segment_count.argmax())
     chosen_by = int(work.segment_count[busiest])
     assert chosen_by > 16  # cut into items of 16 entries
     assert int(work.items_cu[busiest + 1] - work.items_cu[busiest]) == -(-chosen_by // 16)
     assert int(work.segment_count.sum()) == int((blocks >= 0).sum())
     assert work.num_items >= int(work.items_cu[-1])
+    out = prefill_kv_major.sparse_attention(batch.q, batch.k_cache, batch.v_cache,
+                                            *batch.layout(), blocks)
+    ref = kernels.sparse_attention(batch.q.double(), batch.k_cache.double(),
+                                   batch.v_cache.double(), *batch.layout(), blocks,
+                                   backend="reference")
+    assert relative_error(out, ref) < 1e-5
+
+
+def test_kv_major_work_lists_every_choice_once_under_its_block():
+    """The counting sort's CSR, read back, is the selection: each (row, group, slot) that
+    chose a block sits once in that (sequence, group, block) segment; rows after first_row."""
+    batch = _batch("prefill+decode", (16, 2, 1), seed=5)
+    blocks = kernels.select_blocks(batch.q_idx, batch.k_idx_cache, *batch.layout(), topk=3)
+    first_row, max_pages = 7, batch.block_table.shape[1]
+    part = blocks[first_row:].contiguous()
+    work = prefill_kv_major.BlockWork.build(part, batch.cu_seqlens_q, first_row, max_pages,
+                                            rows=16)
+    rebuilt = torch.full_like(part, -1)
+    for segment in range(work.num_segments):
+        start, count = int(work.segment_start[segment]), int(work.segment_count[segment])
+        group = segment // max_pages % part.shape[1]
+        for entry in range(start, start + count):
+            row, slot = int(work.entry_row[entry]), int(work.entry_slot[entry])
+            assert rebuilt[row, group, slot] == -1  # listed once
+            rebuilt[row, group, slot] = segment % max_pages
+            seq = segment // (max_pages * part.shape[1])
+            assert batch.cu_seqlens_q[seq] <= first_row + row < batch.cu_seqlens_q[seq + 1]
+    assert torch.equal(rebuilt, part)
+
+
+def test_kv_major_in_several_launches_matches_reference(monkeypatch):
+    """Long chunks are attended a slice of rows per launch (bounded partials)."""
+    batch = _batch("prefill+decode", (16, 2, 1), seed=7)
+    blocks = kernels.select_blocks(batch.q_idx, batch.k_idx_cache, *batch.layout(), topk=3)
+    row_bytes = 16 * 3 * 16 * batch.q.element_size()  # Hq x topk x D
+    monkeypatch.setattr(prefill_kv_major, "_PARTIAL_BYTES", 13 * row_bytes)  # 13 rows a launch
     out = prefill_kv_major.sparse_attention(batch.q, batch.k_cache, batch.v_cache,
                                             *batch.layout(), blocks)
     ref = kernels.sparse_attention(batch.q.double(), batch.k_cache.double(),
@@ -126,23 +162,56 @@ def test_query_tiled_dense_attention_matches_reference(layout, heads):
     assert torch.allclose(lse, ref_lse.float(), atol=1e-4)
 
 
-def test_query_tiled_unions_cover_every_rows_choice():
-    """A tile's union holds each block any of its rows chose, once, in ascending order."""
-    batch = _batch("chunk-after-prefix", (8, 2, 1), seed=6)
+# Short tiles after a prefix, and one 40-row prompt (its 640 picks sorted in one program).
+@pytest.mark.parametrize("layout,rows", [("chunk-after-prefix", 4), ("prefill+decode", 40)])
+def test_query_tiled_unions_cover_every_rows_choice(layout, rows):
+    """A tile's union holds each block any of its rows chose, once, in ascending order, flagged
+    when only some of the rows chose it."""
+    batch = _batch(layout, (8, 2, 1), seed=6)
     blocks = kernels.select_blocks(batch.q_idx, batch.k_idx_cache, *batch.layout(), topk=3)
-    unions = prefill_query_tiled.TileUnions.build(blocks, batch.cu_seqlens_q, rows=4,
+    unions = prefill_query_tiled.TileUnions.build(blocks, batch.cu_seqlens_q, rows=rows,
                                                   max_pages=batch.block_table.shape[1])
     tiles = unions.tiles
     covered = torch.zeros(blocks.shape[0], dtype=torch.int32)
     for tile in range(tiles.num_tiles):
-        rows = slice(int(tiles.start[tile]), int(tiles.end[tile]))
-        covered[rows] += 1
+        rows_of_tile = slice(int(tiles.start[tile]), int(tiles.end[tile]))
+        covered[rows_of_tile] += 1
         for group in range(blocks.shape[1]):
             unit = tile * blocks.shape[1] + group
-            union = unions.block[unit, :int(unions.count[unit])].tolist()
-            chosen = blocks[rows, group]
+            entries = unions.block[unit, :int(unions.count[unit])]
+            union = unions.block_ids()[unit, :int(unions.count[unit])].tolist()
+            chosen = blocks[rows_of_tile, group]
             assert union == sorted(set(chosen[chosen >= 0].tolist()))
+            # Flagged exactly when some row of the tile did not choose the block.
+            every_row = [bool((chosen == block).any(-1).all()) for block in union]
+            assert (entries == unions.block_ids()[unit, :len(union)]).tolist() == every_row
     assert (covered == 1).all()  # the tiles cover every row once
+
+
+@pytest.mark.parametrize("layout,heads,expect_kv_major", [
+    ("prefill+decode", (16, 2, 1), True),  # 41 rows over 2 sequences, G = 8
+    ("multi-token-decode", (16, 2, 1), False),  # 18 rows: too few
+    ("prefill+decode", (16, 1, 1), False),  # G = 16: partials too large per row
+])
+def test_dispatch_picks_kv_major_by_shape(monkeypatch, layout, heads, expect_kv_major):
+    from kernels import triton_backend
+
+    monkeypatch.setattr(triton_backend, "KV_MAJOR_MIN_ROWS", 32)
+    monkeypatch.setattr(triton_backend, "KV_MAJOR_MIN_ROWS_PER_SEQ", 16)
+    batch = _batch(layout, heads, seed=9)
+    blocks = kernels.select_blocks(batch.q_idx, batch.k_idx_cache, *batch.layout(), topk=3)
+    calls = []
+    for module in (prefill_kv_major, query_major):
+        real = module.sparse_attention
+        monkeypatch.setattr(module, "sparse_attention",
+                            lambda *a, _m=module, _r=real, **k: calls.append(_m) or _r(*a, **k))
+    out = triton_backend.sparse_attention(batch.q, batch.k_cache, batch.v_cache,
+                                          *batch.layout(), blocks)
+    assert calls == [prefill_kv_major if expect_kv_major else query_major]
+    ref = kernels.sparse_attention(batch.q.double(), batch.k_cache.double(),
+                                   batch.v_cache.double(), *batch.layout(), blocks,
+                                   backend="reference")
+    assert relative_error(out, ref) < 1e-5
 
 
 def test_dispatch_picks_query_tiled_only_for_alike_selections(monkeypatch):
@@ -160,8 +229,13 @@ def test_dispatch_picks_query_tiled_only_for_alike_selections(monkeypatch):
     real = prefill_query_tiled.sparse_attention
     monkeypatch.setattr(prefill_query_tiled, "sparse_attention",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
-    assert prefill_query_tiled.estimated_union_per_selection(alike, 2) < 1.5
-    assert prefill_query_tiled.estimated_union_per_selection(scattered, 2) > 5
+    def mean_union(blocks):
+        return prefill_query_tiled.TileUnions.for_attention(
+            blocks, batch.cu_seqlens_q, group=2, max_pages=batch.block_table.shape[1]
+        ).mean_size(topk=3)
+
+    assert mean_union(alike) < 1.5
+    assert mean_union(scattered) > 5
     for blocks, expect_tiled in ((alike, True), (scattered, False)):
         calls.clear()
         out = triton_backend.sparse_attention(batch.q, batch.k_cache, batch.v_cache,
