@@ -158,11 +158,9 @@ def _attend_page(entry, union_block, block_table, k_cache, v_cache, seq, group, 
     pages that hold the tile's own positions; every earlier page is wholly visible."""
     if ALL_VISIBLE:
         block = entry
-        some_rows = False
     else:
         word = tl.load(union_block + entry)
         block = word & _BLOCK_ID
-        some_rows = word > _BLOCK_ID
     tokens = tl.arange(0, PAGE)
     dims = tl.arange(0, HEAD_DIM)
     physical = tl.load(block_table + seq * stride_bt + block).to(tl.int64)
@@ -174,8 +172,9 @@ def _attend_page(entry, union_block, block_table, k_cache, v_cache, seq, group, 
     if CAUSAL:
         s = tl.where((block * PAGE + tokens)[None, :] <= pos[:, None], s, float("-inf"))
     attends = tl.full([BLOCK_M], 1, tl.int1)
-    if some_rows:  # rows attend only to the blocks they chose
-        attends = tl.max((chosen_by_row == block).to(tl.int32), axis=1) > 0
+    if not ALL_VISIBLE:
+        if word > _BLOCK_ID:  # only some rows chose the block: the others skip it
+            attends = tl.max((chosen_by_row == block).to(tl.int32), axis=1) > 0
     return online_softmax_step(s, v, acc, running_max, running_sum, attends, PRECISION)
 
 
