@@ -31,12 +31,12 @@ from kernels.triton_layout import (
     tile_offsets,
 )
 
-# Launch shape from an H100 sweep of M (64/128/256) x warps (4/8) x stages (2/3), Hq16/Hkv2,
-# a 32K prompt with coherent selections: M 128, 8 warps, 3 stages, 2.48 ms (M 64 / 4 warps:
-# 2.92; M 256 / 8 warps: 3.51), timed with the earlier ~35-launch union build (1.52 ms since).
+# Launch shape from H100 sweeps, Hq16/Hkv2, prompts with coherent selections: M 128 with 8
+# warps (4 warps: 1.6x slower; M 256: 2-4x); with the skip-through-reference softmax, stages
+# 2 / 3 / 4 at 32K 1.39 / 1.40 / 1.40 ms, at 128K 5.71 / 5.75 / 5.86 ms.
 _PACKED_ROWS = 128  # M of one program: query rows x query heads of the group
 NUM_WARPS = 8
-NUM_STAGES = 3
+NUM_STAGES = 2
 # A union entry is its block id, plus _SOME_ROWS when only some of the tile's rows chose it:
 # only those entries pay for the per-row check. H100, 32K prompt, FlexAttention's selection
 # (1.40 ms there): masking every entry's scores 1.46-1.49 ms; skipping rows through the softmax
