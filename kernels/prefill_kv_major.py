@@ -24,6 +24,7 @@ from kernels.reference import BLOCK_SIZE
 from kernels.triton_layout import (
     LOG2E,
     AttentionShape,
+    GatedOutput,
     dot_precision,
     finish_softmax,
     search_steps,
@@ -59,7 +60,7 @@ class BlockWork:
 
     @classmethod
     def build(cls, blocks: torch.Tensor, cu_seqlens_q: torch.Tensor, first_row: int,
-              max_pages: int, rows: int) -> "BlockWork":
+              max_pages: int, rows: int, gated: GatedOutput | None = None) -> "BlockWork":
         """blocks [t, Hkv, topk]: those of packed query rows first_row.. (every sequence's
         blocks are segments, so the grid is known without reading the selection).
 
@@ -82,17 +83,19 @@ class BlockWork:
                    max_pages=max_pages, num_items=entries // rows + min(segments, entries))
         if total_q == 0:
             return work
+        gate_flag, gate = GatedOutput.launch_args(gated, cu_seqlens_q)
         row_args = dict(GROUPS_P2=triton.next_power_of_2(num_groups), TOPK=topk,
-                        TOPK_P2=triton.next_power_of_2(topk), SEARCH_STEPS=search_steps(batch))
+                        TOPK_P2=triton.next_power_of_2(topk), SEARCH_STEPS=search_steps(batch),
+                        GATE=gate)
         _rank_entries_kernel[(total_q,)](
-            blocks, cu_seqlens_q, counts, rank, blocks.stride(0), blocks.stride(1), first_row,
-            batch, num_groups, max_pages, **row_args)
-        _segment_scan_kernel[(1,)](counts, work.segment_start, work.items_cu, segments,
-                                   ROWS=rows, BLOCK=SCAN_BLOCK)
+            blocks, cu_seqlens_q, counts, rank, gate_flag, blocks.stride(0), blocks.stride(1),
+            first_row, batch, num_groups, max_pages, **row_args)
+        _segment_scan_kernel[(1,)](counts, work.segment_start, work.items_cu, gate_flag,
+                                   segments, ROWS=rows, BLOCK=SCAN_BLOCK, GATE=gate)
         _place_entries_kernel[(total_q,)](
             blocks, cu_seqlens_q, rank, work.segment_start, work.entry_row, work.entry_slot,
-            blocks.stride(0), blocks.stride(1), first_row, batch, num_groups, max_pages,
-            **row_args)
+            gate_flag, blocks.stride(0), blocks.stride(1), first_row, batch, num_groups,
+            max_pages, **row_args)
         return work
 
 
@@ -119,9 +122,13 @@ def _entry_segments(blocks, cu_seqlens_q, stride_blt, stride_blg, first_row, num
 
 
 @triton.jit
-def _rank_entries_kernel(blocks, cu_seqlens_q, counts, rank, stride_blt, stride_blg, first_row,
-                         num_seqs, num_groups, max_pages, GROUPS_P2: tl.constexpr,
-                         TOPK: tl.constexpr, TOPK_P2: tl.constexpr, SEARCH_STEPS: tl.constexpr):
+def _rank_entries_kernel(blocks, cu_seqlens_q, counts, rank, gate_flag, stride_blt, stride_blg,
+                         first_row, num_seqs, num_groups, max_pages, GROUPS_P2: tl.constexpr,
+                         TOPK: tl.constexpr, TOPK_P2: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+                         GATE: tl.constexpr):
+    if GATE >= 0:  # GatedOutput: the other kernel writes
+        if tl.load(gate_flag) != GATE:
+            return
     segment, real, entry = _entry_segments(blocks, cu_seqlens_q, stride_blt, stride_blg,
                                            first_row, num_seqs, num_groups, max_pages,
                                            GROUPS_P2, TOPK, TOPK_P2, SEARCH_STEPS)
@@ -130,11 +137,14 @@ def _rank_entries_kernel(blocks, cu_seqlens_q, counts, rank, stride_blt, stride_
 
 
 @triton.jit
-def _segment_scan_kernel(counts, segment_start, items_cu, num_segments, ROWS: tl.constexpr,
-                         BLOCK: tl.constexpr):
+def _segment_scan_kernel(counts, segment_start, items_cu, gate_flag, num_segments,
+                         ROWS: tl.constexpr, BLOCK: tl.constexpr, GATE: tl.constexpr):
     """Exclusive prefix sum of the counts (segment starts) and inclusive one of the work items
     they cut into (pieces of ROWS entries), in one program: a few thousand segments per
     sequence and group, a handful of steps."""
+    if GATE >= 0:  # GatedOutput: the other kernel writes
+        if tl.load(gate_flag) != GATE:
+            return
     offsets = tl.arange(0, BLOCK)
     entries_before = 0
     items_before = 0
@@ -153,9 +163,13 @@ def _segment_scan_kernel(counts, segment_start, items_cu, num_segments, ROWS: tl
 
 @triton.jit
 def _place_entries_kernel(blocks, cu_seqlens_q, rank, segment_start, entry_row, entry_slot,
-                          stride_blt, stride_blg, first_row, num_seqs, num_groups, max_pages,
-                          GROUPS_P2: tl.constexpr, TOPK: tl.constexpr, TOPK_P2: tl.constexpr,
-                          SEARCH_STEPS: tl.constexpr):
+                          gate_flag, stride_blt, stride_blg, first_row, num_seqs, num_groups,
+                          max_pages, GROUPS_P2: tl.constexpr, TOPK: tl.constexpr,
+                          TOPK_P2: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+                          GATE: tl.constexpr):
+    if GATE >= 0:  # GatedOutput: the other kernel writes
+        if tl.load(gate_flag) != GATE:
+            return
     segment, real, entry = _entry_segments(blocks, cu_seqlens_q, stride_blt, stride_blg,
                                            first_row, num_seqs, num_groups, max_pages,
                                            GROUPS_P2, TOPK, TOPK_P2, SEARCH_STEPS)
@@ -168,13 +182,16 @@ def _place_entries_kernel(blocks, cu_seqlens_q, rank, segment_start, entry_row, 
 @triton.jit
 def _kv_block_partials_kernel(
     q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, items_cu, segment_start,
-    segment_count, entry_row, entry_slot, partial_out, partial_lse,
+    segment_count, entry_row, entry_slot, partial_out, partial_lse, gate_flag,
     stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_bt,
     first_row, num_groups, num_segments, max_pages, scale_log2,
     GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
     TOPK: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr,
-    SEARCH_STEPS: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr, GATE: tl.constexpr,
 ):
+    if GATE >= 0:  # GatedOutput: the other kernel writes (this CSR was never filled)
+        if tl.load(gate_flag) != GATE:
+            return
     item = tl.program_id(0)
     segment = segment_of(items_cu, item, num_segments, SEARCH_STEPS)
     piece = item - tl.load(items_cu + segment)
@@ -222,28 +239,35 @@ def _kv_block_partials_kernel(
 def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_table: torch.Tensor, seq_lens: torch.Tensor,
                      cu_seqlens_q: torch.Tensor, blocks: torch.Tensor,
-                     softmax_scale: float | None = None, return_lse: bool = False):
+                     softmax_scale: float | None = None, return_lse: bool = False,
+                     gated: GatedOutput | None = None):
+    """gated: write there, only if its flag says so."""
     shape = AttentionShape.of(q, k_cache, blocks, softmax_scale)
-    out = torch.empty_like(q)
-    lse = torch.empty(shape.total_q, shape.num_heads, dtype=torch.float32, device=q.device)
+    if gated is None:
+        out = torch.empty(shape.total_q, shape.num_heads, shape.head_dim, dtype=q.dtype,
+                          device=q.device)
+        lse = torch.empty(shape.total_q, shape.num_heads, dtype=torch.float32, device=q.device)
+    else:
+        out, lse = gated.out, gated.lse
     blocks = blocks.contiguous()
     chunk = max(1, _PARTIAL_BYTES // (shape.num_heads * shape.topk * shape.head_dim
                                       * q.element_size()))
     for first in range(0, shape.total_q, chunk):
         last = min(first + chunk, shape.total_q)
         _attend_rows(q[first:last], k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
-                     first, blocks[first:last], out[first:last], lse[first:last], shape.scale)
+                     first, blocks[first:last], out[first:last], lse[first:last], shape.scale,
+                     gated)
     return (out, lse) if return_lse else out
 
 
 def _attend_rows(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, first_row, blocks,
-                 out, lse, scale) -> None:
+                 out, lse, scale, gated: GatedOutput | None) -> None:
     """Partials then merge for packed query rows first_row.. (row ids local to the slice)."""
     shape = AttentionShape.of(q, k_cache, blocks, scale)
     total_q, head_dim = shape.total_q, shape.head_dim
     num_groups, group, topk = shape.num_groups, shape.group, shape.topk
     rows = max(1, _PACKED_ROWS // group)
-    work = BlockWork.build(blocks, cu_seqlens_q, first_row, block_table.shape[1], rows)
+    work = BlockWork.build(blocks, cu_seqlens_q, first_row, block_table.shape[1], rows, gated)
     # Partials in the inputs' precision: bf16 halves the round trip that bounds this kernel
     # (their rounding stays within the bf16 tolerance); float32 inputs keep exact partials.
     partial_out = torch.empty(total_q * num_groups * topk * group, head_dim, dtype=q.dtype,
@@ -251,13 +275,14 @@ def _attend_rows(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, first
     partial_lse = torch.empty(total_q * num_groups * topk * group, dtype=torch.float32,
                               device=q.device)
     if work.num_items:
+        gate_flag, gate = GatedOutput.launch_args(gated, cu_seqlens_q)
         _kv_block_partials_kernel[(work.num_items,)](
             q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, work.items_cu,
             work.segment_start, work.segment_count, work.entry_row, work.entry_slot,
-            partial_out, partial_lse, q.stride(0), q.stride(1), k_cache.stride(0),
+            partial_out, partial_lse, gate_flag, q.stride(0), q.stride(1), k_cache.stride(0),
             k_cache.stride(1), k_cache.stride(2), block_table.stride(0), first_row, num_groups,
             work.num_segments, work.max_pages, scale * LOG2E,
             GROUP=group, ROWS=rows, BLOCK_M=max(16, triton.next_power_of_2(rows * group)),
             HEAD_DIM=head_dim, TOPK=topk, PAGE=BLOCK_SIZE, PRECISION=dot_precision(q.dtype),
-            SEARCH_STEPS=search_steps(work.num_segments), num_warps=NUM_WARPS)
-    merge_partials(partial_out, partial_lse, out, lse, num_groups, topk, blocks)
+            SEARCH_STEPS=search_steps(work.num_segments), GATE=gate, num_warps=NUM_WARPS)
+    merge_partials(partial_out, partial_lse, out, lse, num_groups, topk, blocks, gated=gated)

@@ -22,6 +22,7 @@ from kernels.reference import BLOCK_SIZE
 from kernels.triton_layout import (
     LOG2E,
     AttentionShape,
+    GatedOutput,
     QueryTiles,
     dot_precision,
     finish_softmax,
@@ -49,7 +50,7 @@ _PAD = tl.constexpr((1 << 31) - 1)  # sorts after every block id
 @triton.jit
 def _tile_unions_kernel(
     blocks, cu_seqlens_q, first_tile, tile_seq, tile_start, tile_end, union_count, union_block,
-    stride_blt, stride_blg, num_seqs, num_groups, capacity,
+    union_total, stride_blt, stride_blg, num_seqs, num_groups, capacity,
     ROWS: tl.constexpr, ROWS_P2: tl.constexpr, TOPK: tl.constexpr, TOPK_P2: tl.constexpr,
     SEARCH_STEPS: tl.constexpr,
 ):
@@ -87,7 +88,16 @@ def _tile_unions_kernel(
     unit = tile * num_groups + group
     tl.store(union_block + unit.to(tl.int64) * capacity + slot_of,
              tl.where(every_row, ids, ids + _SOME_ROWS), mask=new_id)
-    tl.store(union_count + unit, tl.sum(new_id.to(tl.int32), axis=0))
+    size = tl.sum(new_id.to(tl.int32), axis=0)
+    tl.store(union_count + unit, size)
+    tl.atomic_add(union_total, size, sem="relaxed")
+
+
+@triton.jit
+def _alike_kernel(union_total, first_tile, num_seqs, num_groups, topk, max_union, alike):
+    tiles = tl.load(first_tile + num_seqs)
+    mean = tl.load(union_total).to(tl.float32) / tl.maximum(tiles * num_groups * topk, 1)
+    tl.store(alike, (mean <= max_union).to(tl.int32))
 
 
 @dataclass
@@ -100,6 +110,7 @@ class TileUnions:
     rows: int  # query rows per tile
     count: torch.Tensor  # int32 [num_tiles * Hkv]: blocks in each union
     block: torch.Tensor  # int32 [num_tiles * Hkv, capacity]: the first `count` are the union
+    total: torch.Tensor  # int32 [1]: the sum of `count`
 
     @classmethod
     def for_attention(cls, blocks: torch.Tensor, cu_seqlens_q: torch.Tensor, group: int,
@@ -121,26 +132,28 @@ class TileUnions:
         capacity = min(max_pages, rows * topk)
         count = torch.empty(num_tiles * num_groups, dtype=torch.int32, device=device)
         block = torch.empty(num_tiles * num_groups, capacity, dtype=torch.int32, device=device)
+        total = torch.zeros(1, dtype=torch.int32, device=device)
         first_tile = tile_offsets(cu_seqlens_q, rows)
         if total_q:
             _tile_unions_kernel[(num_tiles, num_groups)](
                 blocks, cu_seqlens_q, first_tile, tiles.seq, tiles.start, tiles.end, count,
-                block, blocks.stride(0), blocks.stride(1), batch, num_groups, capacity,
+                block, total, blocks.stride(0), blocks.stride(1), batch, num_groups, capacity,
                 ROWS=rows, ROWS_P2=triton.next_power_of_2(rows), TOPK=topk,
                 TOPK_P2=triton.next_power_of_2(topk), SEARCH_STEPS=search_steps(batch))
-        return cls(tiles, first_tile, rows, count, block)
+        return cls(tiles, first_tile, rows, count, block, total)
 
     def block_ids(self) -> torch.Tensor:
         """`block` without the some-rows flag."""
         return self.block & _BLOCK_ID.value
 
-    def mean_size(self, topk: int) -> float:
-        """The tiles' mean union in units of topk: 1 when a tile's rows chose alike, up to the
-        rows per tile when they never do. One sync, so a dispatcher that builds the unions
-        first pays only the attention's launch after it."""
+    def alike(self, topk: int, max_union: float) -> torch.Tensor:
+        """int32 [1] on the device: 1 when the tiles' mean union is at most max_union x topk
+        (the tile's rows chose alike), else 0. No host sync: a `GatedOutput` flag."""
         num_groups = self.count.shape[0] // max(1, self.tiles.num_tiles)
-        total, tiles = torch.stack([self.count.sum(), self.first_tile[-1]]).tolist()
-        return total / max(1, tiles * num_groups * topk)
+        alike = torch.empty(1, dtype=torch.int32, device=self.count.device)
+        _alike_kernel[(1,)](self.total, self.first_tile, self.first_tile.shape[0] - 1,
+                            num_groups, topk, max_union, alike)
+        return alike
 
 
 def rows_per_tile(group: int) -> int:
@@ -181,13 +194,16 @@ def _attend_page(entry, union_block, block_table, k_cache, v_cache, seq, group, 
 @triton.jit
 def _query_tiled_kernel(
     q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, blocks, tile_seq, tile_start,
-    tile_end, union_count, union_block, out, lse,
+    tile_end, union_count, union_block, out, lse, gate_flag,
     stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_bt, stride_blt, stride_blg,
     num_groups, union_capacity, scale_log2,
     GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
     TOPK: tl.constexpr, TOPK_P2: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr,
-    NUM_STAGES: tl.constexpr, ALL_VISIBLE: tl.constexpr,
+    NUM_STAGES: tl.constexpr, ALL_VISIBLE: tl.constexpr, GATE: tl.constexpr,
 ):
+    if GATE >= 0:  # GatedOutput: the other kernel writes
+        if tl.load(gate_flag) != GATE:
+            return
     tile = tl.program_id(0)
     group = tl.program_id(1)
     row_begin = tl.load(tile_start + tile)
@@ -251,18 +267,18 @@ def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      block_table: torch.Tensor, seq_lens: torch.Tensor,
                      cu_seqlens_q: torch.Tensor, blocks: torch.Tensor,
                      softmax_scale: float | None = None, return_lse: bool = False,
-                     unions: TileUnions | None = None):
+                     unions: TileUnions | None = None, gated: GatedOutput | None = None):
     """unions: `TileUnions.for_attention` of the same arguments, when the caller built them
-    already (to look at their size first)."""
+    already (to look at their size first); gated: write there, only if its flag says so."""
     shape = AttentionShape.of(q, k_cache, blocks, softmax_scale)
     if shape.total_q == 0:
         return _launch(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, shape, None,
-                       None, return_lse)
+                       None, return_lse, gated)
     if unions is None:
         unions = TileUnions.for_attention(blocks, cu_seqlens_q, shape.group,
                                           block_table.shape[1])
     return _launch(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, shape, blocks,
-                   unions, return_lse)
+                   unions, return_lse, gated)
 
 
 def dense_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -274,15 +290,19 @@ def dense_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     placeholder = torch.empty(0, 1, 1, dtype=torch.int32, device=q.device)
     shape = AttentionShape.of(q, k_cache, placeholder, softmax_scale)
     return _launch(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, shape, None, None,
-                   return_lse)
+                   return_lse, None)
 
 
 def _launch(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, shape: AttentionShape,
-            blocks: torch.Tensor | None, unions: TileUnions | None, return_lse: bool):
+            blocks: torch.Tensor | None, unions: TileUnions | None, return_lse: bool,
+            gated: GatedOutput | None):
     """blocks and unions None: dense (every visible page)."""
-    out = torch.empty(shape.total_q, shape.num_heads, shape.head_dim, dtype=q.dtype,
-                      device=q.device)
-    lse = torch.empty(shape.total_q, shape.num_heads, dtype=torch.float32, device=q.device)
+    if gated is None:
+        out = torch.empty(shape.total_q, shape.num_heads, shape.head_dim, dtype=q.dtype,
+                          device=q.device)
+        lse = torch.empty(shape.total_q, shape.num_heads, dtype=torch.float32, device=q.device)
+    else:
+        out, lse = gated.out, gated.lse
     if shape.total_q == 0:
         return (out, lse) if return_lse else out
     if unions is None:
@@ -295,9 +315,10 @@ def _launch(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, shape: Att
         rows, tiles = unions.rows, unions.tiles
         union_count, union_block = unions.count, unions.block
         union_capacity = unions.block.shape[1]
+    gate_flag, gate = GatedOutput.launch_args(gated, cu_seqlens_q)
     _query_tiled_kernel[(tiles.num_tiles, shape.num_groups)](
         q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, blocks, tiles.seq,
-        tiles.start, tiles.end, union_count, union_block, out, lse,
+        tiles.start, tiles.end, union_count, union_block, out, lse, gate_flag,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_table.stride(0), blocks.stride(0) if unions else 0,
         blocks.stride(1) if unions else 0, shape.num_groups, union_capacity,
@@ -305,5 +326,5 @@ def _launch(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, shape: Att
         GROUP=shape.group, ROWS=rows, BLOCK_M=max(16, triton.next_power_of_2(rows * shape.group)),
         HEAD_DIM=shape.head_dim, TOPK=shape.topk, TOPK_P2=triton.next_power_of_2(shape.topk),
         PAGE=BLOCK_SIZE, PRECISION=dot_precision(q.dtype), NUM_STAGES=NUM_STAGES,
-        ALL_VISIBLE=unions is None, num_warps=NUM_WARPS)
+        ALL_VISIBLE=unions is None, GATE=gate, num_warps=NUM_WARPS)
     return (out, lse) if return_lse else out

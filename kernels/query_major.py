@@ -19,6 +19,7 @@ from kernels.reference import BLOCK_SIZE
 from kernels.triton_layout import (
     LOG2E,
     AttentionShape,
+    GatedOutput,
     dependent_launch,
     dot_precision,
     finish_softmax,
@@ -37,12 +38,13 @@ NUM_STAGES = 2
 
 @triton.jit
 def _query_major_kernel(
-    q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, blocks, out, lse,
+    q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, blocks, out, lse, gate_flag,
     stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_bt, stride_blt, stride_blg,
     num_seqs, num_groups, num_splits, scale_log2, blocks_per_split,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, TOPK: tl.constexpr,
     PAGE: tl.constexpr, PRECISION: tl.constexpr,
     NUM_STAGES: tl.constexpr, SEARCH_STEPS: tl.constexpr, USE_PDL: tl.constexpr,
+    GATE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1)
@@ -50,6 +52,9 @@ def _query_major_kernel(
     # Before any load: any input may come from the kernel just before (the selection, the
     # cache write, the queries), and the outputs may reuse memory that kernel reads.
     wait_for_previous_kernel(USE_PDL)
+    if GATE >= 0:  # GatedOutput: the other kernel writes
+        if tl.load(gate_flag) != GATE:
+            return
     seq = segment_of(cu_seqlens_q, row, num_seqs, SEARCH_STEPS)
     pos = tl.load(seq_lens + seq) - tl.load(cu_seqlens_q + seq + 1) + row
 
@@ -90,7 +95,9 @@ def _query_major_kernel(
 def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_table: torch.Tensor, seq_lens: torch.Tensor,
                      cu_seqlens_q: torch.Tensor, blocks: torch.Tensor,
-                     softmax_scale: float | None = None, return_lse: bool = False):
+                     softmax_scale: float | None = None, return_lse: bool = False,
+                     gated: GatedOutput | None = None):
+    """gated: write there, only if its flag says so."""
     shape = AttentionShape.of(q, k_cache, blocks, softmax_scale)
     total_q, num_heads, head_dim = shape.total_q, shape.num_heads, shape.head_dim
     num_groups, group, topk = shape.num_groups, shape.group, shape.topk
@@ -99,28 +106,32 @@ def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     blocks_per_split = triton.cdiv(topk, splits)
     splits = triton.cdiv(topk, blocks_per_split)
     # One split writes the final output directly; several write float32 partials to merge.
-    partial_dtype = q.dtype if splits == 1 else torch.float32
-    partial_out = torch.empty(total_q, num_groups, splits, group, head_dim, dtype=partial_dtype,
-                              device=q.device)
-    partial_lse = torch.empty(total_q, num_groups, splits, group, dtype=torch.float32,
-                              device=q.device)
+    if gated is None:
+        out = torch.empty(total_q, num_heads, head_dim, dtype=q.dtype, device=q.device)
+        row_lse = torch.empty(total_q, num_heads, dtype=torch.float32, device=q.device)
+    else:
+        out, row_lse = gated.out, gated.lse
+    if splits == 1:
+        partial_out, partial_lse = out, row_lse
+    else:
+        partial_out = torch.empty(total_q, num_groups, splits, group, head_dim,
+                                  dtype=torch.float32, device=q.device)
+        partial_lse = torch.empty(total_q, num_groups, splits, group, dtype=torch.float32,
+                                  device=q.device)
     if total_q:
         num_seqs = seq_lens.shape[0]
+        gate_flag, gate = GatedOutput.launch_args(gated, cu_seqlens_q)
         _query_major_kernel[(total_q, num_groups, splits)](
             q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, blocks, partial_out,
-            partial_lse, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
-            k_cache.stride(2), block_table.stride(0), blocks.stride(0), blocks.stride(1),
-            num_seqs, num_groups, splits, shape.scale * LOG2E, blocks_per_split,
-            GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-            TOPK=topk, PAGE=BLOCK_SIZE, PRECISION=dot_precision(q.dtype),
+            partial_lse, gate_flag, q.stride(0), q.stride(1), k_cache.stride(0),
+            k_cache.stride(1), k_cache.stride(2), block_table.stride(0), blocks.stride(0),
+            blocks.stride(1), num_seqs, num_groups, splits, shape.scale * LOG2E,
+            blocks_per_split, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
+            HEAD_DIM=head_dim, TOPK=topk, PAGE=BLOCK_SIZE, PRECISION=dot_precision(q.dtype),
             NUM_STAGES=NUM_STAGES, SEARCH_STEPS=search_steps(num_seqs),
-            USE_PDL=dependent_launch(q.device), launch_pdl=dependent_launch(q.device))
-    if splits == 1:
-        out = partial_out.view(total_q, num_heads, head_dim)
-        row_lse = partial_lse.view(total_q, num_heads)
-    else:
-        out = torch.empty_like(q)
-        row_lse = torch.empty(total_q, num_heads, dtype=torch.float32, device=q.device)
+            USE_PDL=dependent_launch(q.device), GATE=gate,
+            launch_pdl=dependent_launch(q.device))
+    if splits > 1:
         merge_partials(partial_out, partial_lse, out, row_lse, num_groups, splits,
-                       chained=True)
+                       chained=True, gated=gated)
     return (out, row_lse) if return_lse else out

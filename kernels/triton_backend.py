@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from kernels import prefill_kv_major, prefill_query_tiled, query_major, reference
 from kernels.index_scoring import select_blocks
+from kernels.triton_layout import GatedOutput
 
 __all__ = ["select_blocks", "sparse_attention", "dense_attention"]
 
@@ -50,11 +51,11 @@ KV_MAJOR_MIN_ROWS_PER_SEQ = 128
 KV_MAJOR_MAX_GROUP = 8
 # The query-tiled kernel pays per block in its tiles' unions, so it wins when neighbouring
 # queries chose alike. H100, Hq16/Hkv2 (bench/results/kernels_h100.md): selections shared per
-# 128 queries (union 0.97 x topk) 1.52 ms on a 32K prompt (FlexAttention 1.38; an earlier
-# sweep had KV-major at 4.65, query-major at 8.40); unrelated selections (union 12.5 x topk)
-# 8.70 ms against query-major's 4.71 at 16K rows after 68K.
-# Below 8K rows query-major takes ~1 ms at most (1.16 ms at 4K rows after 30K): a look at the
-# unions (a sync) would cost more than the tiled kernel can save there.
+# 128 queries (union ~1 x topk) 1.40 ms on a 32K prompt (FlexAttention 1.39; an earlier sweep
+# had KV-major at 4.65, query-major at 8.40); unrelated selections (union 12.5 x topk) 7.90 ms
+# against query-major's 4.69 and KV-major's 2.15 at 16K rows after 68K.
+# Below 8K rows the fallback takes ~0.6 ms at most (KV-major at 4K rows after 30K): building
+# the unions and launching both kernels would cost more than the tiled kernel can save there.
 QUERY_TILED_MIN_ROWS = 8192
 QUERY_TILED_MAX_UNION = 2.0  # mean union per tile, in units of topk
 
@@ -63,16 +64,22 @@ def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      block_table: torch.Tensor, seq_lens: torch.Tensor,
                      cu_seqlens_q: torch.Tensor, blocks: torch.Tensor,
                      softmax_scale: float | None = None, return_lse: bool = False):
-    args = (q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, blocks, softmax_scale,
-            return_lse)
+    args = (q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, blocks, softmax_scale)
     group = q.shape[1] // k_cache.shape[2]
-    if q.shape[0] >= QUERY_TILED_MIN_ROWS:  # a long prefill chunk: did its rows choose alike?
-        # The unions are built before the look, so a query-tiled answer costs one launch after
-        # the sync; a KV-major or query-major answer wastes only this one small kernel.
-        unions = prefill_query_tiled.TileUnions.for_attention(blocks, cu_seqlens_q, group,
-                                                              block_table.shape[1])
-        if unions.mean_size(blocks.shape[2]) <= QUERY_TILED_MAX_UNION:
-            return prefill_query_tiled.sparse_attention(*args, unions=unions)
     kv_major = (q.shape[0] >= KV_MAJOR_MIN_ROWS and group <= KV_MAJOR_MAX_GROUP
                 and q.shape[0] >= KV_MAJOR_MIN_ROWS_PER_SEQ * seq_lens.shape[0])
-    return (prefill_kv_major if kv_major else query_major).sparse_attention(*args)
+    fallback = prefill_kv_major if kv_major else query_major
+    if q.shape[0] < QUERY_TILED_MIN_ROWS:
+        return fallback.sparse_attention(*args, return_lse)
+    # A long prefill chunk: the query-tiled kernel if its tiles' rows chose alike. Both kernels
+    # are launched into the same buffers and a flag on the device lets one of them write, so
+    # the look costs no host sync (the other kernel's programs return after one load).
+    unions = prefill_query_tiled.TileUnions.for_attention(blocks, cu_seqlens_q, group,
+                                                          block_table.shape[1])
+    alike = unions.alike(blocks.shape[2], QUERY_TILED_MAX_UNION)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+    prefill_query_tiled.sparse_attention(*args, unions=unions,
+                                         gated=GatedOutput(out, lse, alike, runs_when=1))
+    fallback.sparse_attention(*args, gated=GatedOutput(out, lse, alike, runs_when=0))
+    return (out, lse) if return_lse else out

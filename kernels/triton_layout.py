@@ -34,6 +34,24 @@ class AttentionShape:
                    blocks.shape[2], head_dim ** -0.5 if softmax_scale is None else softmax_scale)
 
 
+@dataclass(frozen=True)
+class GatedOutput:
+    """Output buffers shared by two attention kernels launched back to back, and the device flag
+    that lets exactly one of them write: every program of a gated kernel reads the flag first
+    and returns unless it equals `runs_when`. A dispatcher that must look at the selection to
+    choose a kernel then needs no host sync (the other kernel's programs cost a load each)."""
+
+    out: torch.Tensor  # [T, Hq, D]
+    lse: torch.Tensor  # float32 [T, Hq]
+    flag: torch.Tensor  # int32 [1]
+    runs_when: int  # 0 or 1
+
+    @staticmethod
+    def launch_args(gated: "GatedOutput | None", placeholder: torch.Tensor) -> tuple:
+        """(flag pointer, GATE constexpr) for a kernel: GATE -1 is ungated."""
+        return (placeholder, -1) if gated is None else (gated.flag, gated.runs_when)
+
+
 @dataclass
 class QueryTiles:
     """Tiles of consecutive query rows that never cross a sequence boundary.

@@ -214,7 +214,9 @@ def test_dispatch_picks_kv_major_by_shape(monkeypatch, layout, heads, expect_kv_
     assert relative_error(out, ref) < 1e-5
 
 
-def test_dispatch_picks_query_tiled_only_for_alike_selections(monkeypatch):
+def test_dispatch_runs_query_tiled_only_for_alike_selections(monkeypatch):
+    """Long chunks launch the query-tiled kernel and the fallback into the same buffers; the
+    unions' device flag lets only the query-tiled one write when neighbouring rows chose alike."""
     from kernels import triton_backend
 
     batch = make_batch([4000], [640], 4, 2, 16, 16, 1, seed=8)  # 32 pages to choose from
@@ -225,26 +227,40 @@ def test_dispatch_picks_query_tiled_only_for_alike_selections(monkeypatch):
     own = (torch.arange(640) + 3360) // 128
     alike[:, :, -1] = own[:, None]  # the own block last, as the selection rule places it
     alike[:, :, :-1][alike[:, :, :-1] >= own[:, None, None]] = -1
-    calls = []
-    real = prefill_query_tiled.sparse_attention
-    monkeypatch.setattr(prefill_query_tiled, "sparse_attention",
-                        lambda *a, **k: calls.append(1) or real(*a, **k))
-    def mean_union(blocks):
-        return prefill_query_tiled.TileUnions.for_attention(
-            blocks, batch.cu_seqlens_q, group=2, max_pages=batch.block_table.shape[1]
-        ).mean_size(topk=3)
-
-    assert mean_union(alike) < 1.5
-    assert mean_union(scattered) > 5
-    for blocks, expect_tiled in ((alike, True), (scattered, False)):
-        calls.clear()
+    for blocks, expect_alike in ((alike, 1), (scattered, 0)):
+        unions = prefill_query_tiled.TileUnions.for_attention(
+            blocks, batch.cu_seqlens_q, group=2, max_pages=batch.block_table.shape[1])
+        flag = unions.alike(topk=3, max_union=triton_backend.QUERY_TILED_MAX_UNION)
+        assert int(flag) == expect_alike
         out = triton_backend.sparse_attention(batch.q, batch.k_cache, batch.v_cache,
                                               *batch.layout(), blocks)
-        assert bool(calls) == expect_tiled
         ref = kernels.sparse_attention(batch.q.double(), batch.k_cache.double(),
                                        batch.v_cache.double(), *batch.layout(), blocks,
                                        backend="reference")
         assert relative_error(out, ref) < 1e-5
+
+
+# A prompt and a decode; one decode row alone (query-major splits it: the merge is gated too).
+@pytest.mark.parametrize("seq_lens,q_lens", [([40, 700], [40, 1]), ([700], [1])])
+@pytest.mark.parametrize("impl", ATTENTION_KERNELS, ids=ATTENTION_KERNEL_IDS)
+def test_gated_kernel_writes_only_when_its_flag_says_so(impl, seq_lens, q_lens):
+    """A gated launch leaves the shared buffers untouched (NaN here) when the flag belongs to
+    the other kernel, and writes the ungated result when it is its own."""
+    from kernels.triton_layout import GatedOutput
+
+    batch = make_batch(seq_lens, q_lens, 16, 2, 16, 16, 1, seed=10)
+    blocks = kernels.select_blocks(batch.q_idx, batch.k_idx_cache, *batch.layout(), topk=3)
+    args = (batch.q, batch.k_cache, batch.v_cache, *batch.layout(), blocks)
+    expect_out, expect_lse = impl.sparse_attention(*args, return_lse=True)
+    flag = torch.ones(1, dtype=torch.int32)
+    for runs_when, writes in ((0, False), (1, True)):
+        out = torch.full_like(expect_out, float("nan"))
+        lse = torch.full_like(expect_lse, float("nan"))
+        impl.sparse_attention(*args, gated=GatedOutput(out, lse, flag, runs_when))
+        if writes:
+            assert torch.equal(out, expect_out) and torch.equal(lse, expect_lse)
+        else:
+            assert out.isnan().all() and lse.isnan().all()
 
 
 def test_kv_major_in_row_chunks(monkeypatch):
