@@ -18,6 +18,7 @@ from kernels.triton_layout import (
     GatedOutput,
     dependent_launch,
     multiprocessors,
+    stands_aside,
     wait_for_previous_kernel,
 )
 
@@ -39,9 +40,8 @@ def _merge_kernel(
     dims = tl.arange(0, HEAD_DIM)
     base = (row * num_groups + group) * SLOTS
     wait_for_previous_kernel(USE_PDL)  # the partials
-    if GATE >= 0:  # GatedOutput: the other kernel writes
-        if tl.load(gate_flag) != GATE:
-            return
+    if stands_aside(gate_flag, GATE):  # GatedOutput: the other kernel writes
+        return
     total_max = tl.full([BLOCK_H], float("-inf"), tl.float32)
     total_sum = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)

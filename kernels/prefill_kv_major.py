@@ -29,6 +29,7 @@ from kernels.triton_layout import (
     finish_softmax,
     search_steps,
     segment_of,
+    stands_aside,
 )
 
 _PACKED_ROWS = 128  # M of one program: query rows x query heads of the group
@@ -126,9 +127,8 @@ def _rank_entries_kernel(blocks, cu_seqlens_q, counts, rank, gate_flag, stride_b
                          first_row, num_seqs, num_groups, max_pages, GROUPS_P2: tl.constexpr,
                          TOPK: tl.constexpr, TOPK_P2: tl.constexpr, SEARCH_STEPS: tl.constexpr,
                          GATE: tl.constexpr):
-    if GATE >= 0:  # GatedOutput: the other kernel writes
-        if tl.load(gate_flag) != GATE:
-            return
+    if stands_aside(gate_flag, GATE):  # GatedOutput: the other kernel writes
+        return
     segment, real, entry = _entry_segments(blocks, cu_seqlens_q, stride_blt, stride_blg,
                                            first_row, num_seqs, num_groups, max_pages,
                                            GROUPS_P2, TOPK, TOPK_P2, SEARCH_STEPS)
@@ -142,9 +142,8 @@ def _segment_scan_kernel(counts, segment_start, items_cu, gate_flag, num_segment
     """Exclusive prefix sum of the counts (segment starts) and inclusive one of the work items
     they cut into (pieces of ROWS entries), in one program: a few thousand segments per
     sequence and group, a handful of steps."""
-    if GATE >= 0:  # GatedOutput: the other kernel writes
-        if tl.load(gate_flag) != GATE:
-            return
+    if stands_aside(gate_flag, GATE):  # GatedOutput: the other kernel writes
+        return
     offsets = tl.arange(0, BLOCK)
     entries_before = 0
     items_before = 0
@@ -167,9 +166,8 @@ def _place_entries_kernel(blocks, cu_seqlens_q, rank, segment_start, entry_row, 
                           max_pages, GROUPS_P2: tl.constexpr, TOPK: tl.constexpr,
                           TOPK_P2: tl.constexpr, SEARCH_STEPS: tl.constexpr,
                           GATE: tl.constexpr):
-    if GATE >= 0:  # GatedOutput: the other kernel writes
-        if tl.load(gate_flag) != GATE:
-            return
+    if stands_aside(gate_flag, GATE):  # GatedOutput: the other kernel writes
+        return
     segment, real, entry = _entry_segments(blocks, cu_seqlens_q, stride_blt, stride_blg,
                                            first_row, num_seqs, num_groups, max_pages,
                                            GROUPS_P2, TOPK, TOPK_P2, SEARCH_STEPS)
@@ -189,9 +187,8 @@ def _kv_block_partials_kernel(
     TOPK: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr,
     SEARCH_STEPS: tl.constexpr, GATE: tl.constexpr,
 ):
-    if GATE >= 0:  # GatedOutput: the other kernel writes (this CSR was never filled)
-        if tl.load(gate_flag) != GATE:
-            return
+    if stands_aside(gate_flag, GATE):  # GatedOutput: the other kernel writes
+        return
     item = tl.program_id(0)
     segment = segment_of(items_cu, item, num_segments, SEARCH_STEPS)
     piece = item - tl.load(items_cu + segment)
@@ -243,12 +240,7 @@ def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      gated: GatedOutput | None = None):
     """gated: write there, only if its flag says so."""
     shape = AttentionShape.of(q, k_cache, blocks, softmax_scale)
-    if gated is None:
-        out = torch.empty(shape.total_q, shape.num_heads, shape.head_dim, dtype=q.dtype,
-                          device=q.device)
-        lse = torch.empty(shape.total_q, shape.num_heads, dtype=torch.float32, device=q.device)
-    else:
-        out, lse = gated.out, gated.lse
+    out, lse = shape.outputs(q, gated)
     blocks = blocks.contiguous()
     chunk = max(1, _PARTIAL_BYTES // (shape.num_heads * shape.topk * shape.head_dim
                                       * q.element_size()))

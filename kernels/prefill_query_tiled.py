@@ -29,6 +29,7 @@ from kernels.triton_layout import (
     online_softmax_step,
     rows_of_tile,
     search_steps,
+    stands_aside,
     tile_offsets,
 )
 
@@ -201,9 +202,8 @@ def _query_tiled_kernel(
     TOPK: tl.constexpr, TOPK_P2: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr,
     NUM_STAGES: tl.constexpr, ALL_VISIBLE: tl.constexpr, GATE: tl.constexpr,
 ):
-    if GATE >= 0:  # GatedOutput: the other kernel writes
-        if tl.load(gate_flag) != GATE:
-            return
+    if stands_aside(gate_flag, GATE):  # GatedOutput: the other kernel writes
+        return
     tile = tl.program_id(0)
     group = tl.program_id(1)
     row_begin = tl.load(tile_start + tile)
@@ -297,12 +297,7 @@ def _launch(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, shape: Att
             blocks: torch.Tensor | None, unions: TileUnions | None, return_lse: bool,
             gated: GatedOutput | None):
     """blocks and unions None: dense (every visible page)."""
-    if gated is None:
-        out = torch.empty(shape.total_q, shape.num_heads, shape.head_dim, dtype=q.dtype,
-                          device=q.device)
-        lse = torch.empty(shape.total_q, shape.num_heads, dtype=torch.float32, device=q.device)
-    else:
-        out, lse = gated.out, gated.lse
+    out, lse = shape.outputs(q, gated)
     if shape.total_q == 0:
         return (out, lse) if return_lse else out
     if unions is None:

@@ -28,6 +28,7 @@ from kernels.triton_layout import (
     release_next_kernel,
     search_steps,
     segment_of,
+    stands_aside,
     wait_for_previous_kernel,
 )
 
@@ -52,9 +53,8 @@ def _query_major_kernel(
     # Before any load: any input may come from the kernel just before (the selection, the
     # cache write, the queries), and the outputs may reuse memory that kernel reads.
     wait_for_previous_kernel(USE_PDL)
-    if GATE >= 0:  # GatedOutput: the other kernel writes
-        if tl.load(gate_flag) != GATE:
-            return
+    if stands_aside(gate_flag, GATE):  # GatedOutput: the other kernel writes
+        return
     seq = segment_of(cu_seqlens_q, row, num_seqs, SEARCH_STEPS)
     pos = tl.load(seq_lens + seq) - tl.load(cu_seqlens_q + seq + 1) + row
 
@@ -99,18 +99,14 @@ def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      gated: GatedOutput | None = None):
     """gated: write there, only if its flag says so."""
     shape = AttentionShape.of(q, k_cache, blocks, softmax_scale)
-    total_q, num_heads, head_dim = shape.total_q, shape.num_heads, shape.head_dim
+    total_q, head_dim = shape.total_q, shape.head_dim
     num_groups, group, topk = shape.num_groups, shape.group, shape.topk
     splits = max(1, min(topk, PROGRAMS_PER_SM * multiprocessors(q.device)
                         // max(1, total_q * num_groups)))
     blocks_per_split = triton.cdiv(topk, splits)
     splits = triton.cdiv(topk, blocks_per_split)
     # One split writes the final output directly; several write float32 partials to merge.
-    if gated is None:
-        out = torch.empty(total_q, num_heads, head_dim, dtype=q.dtype, device=q.device)
-        row_lse = torch.empty(total_q, num_heads, dtype=torch.float32, device=q.device)
-    else:
-        out, row_lse = gated.out, gated.lse
+    out, row_lse = shape.outputs(q, gated)
     if splits == 1:
         partial_out, partial_lse = out, row_lse
     else:

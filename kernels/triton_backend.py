@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from kernels import prefill_kv_major, prefill_query_tiled, query_major, reference
 from kernels.index_scoring import select_blocks
-from kernels.triton_layout import GatedOutput
+from kernels.triton_layout import AttentionShape, GatedOutput
 
 __all__ = ["select_blocks", "sparse_attention", "dense_attention"]
 
@@ -77,8 +77,7 @@ def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     unions = prefill_query_tiled.TileUnions.for_attention(blocks, cu_seqlens_q, group,
                                                           block_table.shape[1])
     alike = unions.alike(blocks.shape[2], QUERY_TILED_MAX_UNION)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+    out, lse = AttentionShape.of(q, k_cache, blocks, softmax_scale).outputs(q)
     prefill_query_tiled.sparse_attention(*args, unions=unions,
                                          gated=GatedOutput(out, lse, alike, runs_when=1))
     fallback.sparse_attention(*args, gated=GatedOutput(out, lse, alike, runs_when=0))

@@ -33,6 +33,16 @@ class AttentionShape:
         return cls(total_q, num_heads, head_dim, num_groups, num_heads // num_groups,
                    blocks.shape[2], head_dim ** -0.5 if softmax_scale is None else softmax_scale)
 
+    def outputs(self, q: torch.Tensor, gated: "GatedOutput | None" = None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out [T, Hq, D] in the queries' dtype, lse float32 [T, Hq]): the gated buffers, or
+        new ones."""
+        if gated is not None:
+            return gated.out, gated.lse
+        return (torch.empty(self.total_q, self.num_heads, self.head_dim, dtype=q.dtype,
+                            device=q.device),
+                torch.empty(self.total_q, self.num_heads, dtype=torch.float32, device=q.device))
+
 
 @dataclass(frozen=True)
 class GatedOutput:
@@ -51,6 +61,15 @@ class GatedOutput:
     def launch_args(gated: "GatedOutput | None", placeholder: torch.Tensor) -> tuple:
         """(flag pointer, GATE constexpr) for a kernel: GATE -1 is ungated."""
         return (placeholder, -1) if gated is None else (gated.flag, gated.runs_when)
+
+
+@triton.jit
+def stands_aside(gate_flag, GATE: tl.constexpr):
+    """Whether this program of a gated kernel must return at once (`GatedOutput`); GATE -1:
+    ungated, never."""
+    if GATE < 0:
+        return False
+    return tl.load(gate_flag) != GATE
 
 
 @dataclass
