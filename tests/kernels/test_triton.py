@@ -306,7 +306,9 @@ def _poison_allocator() -> None:
 @pytest.mark.parametrize("shape", [([20_000, 9_000], [1, 700]), ([33_000] * 4, [16] * 4),
                                    ([5_000, 70_000], [4_000, 1])],
                          ids=["decode+chunk", "multi-token-decode", "long-chunk"])
-def test_kernels_at_real_shapes_bf16(heads, shape):
+def test_kernels_at_real_shapes_bf16(heads, shape, monkeypatch):
+    from kernels import triton_backend
+
     seq_lens, q_lens = shape
     num_heads, num_kv_heads, index_key_heads = heads
     batch = make_batch(seq_lens, q_lens, num_heads, num_kv_heads, 128, 128, index_key_heads,
@@ -327,6 +329,14 @@ def test_kernels_at_real_shapes_bf16(heads, shape):
         out = impl.sparse_attention(batch.q, batch.k_cache, batch.v_cache, *batch.layout(), ref)
         assert not out.isnan().any(), impl.__name__
         assert relative_error(out.float(), expected.double()) < 1e-2, impl.__name__
+    # The long-chunk dispatch at these shapes: both kernels launched into poisoned memory, the
+    # one the device flag picks writes every row, the other stands aside.
+    monkeypatch.setattr(triton_backend, "QUERY_TILED_MIN_ROWS", 1)
+    _poison_allocator()
+    out = triton_backend.sparse_attention(batch.q, batch.k_cache, batch.v_cache, *batch.layout(),
+                                          ref)
+    assert not out.isnan().any()
+    assert relative_error(out.float(), expected.double()) < 1e-2
     if max(q_lens) <= 1000:  # the reference's dense scores of a long chunk would not fit
         _poison_allocator()
         dense = prefill_query_tiled.dense_attention(batch.q, batch.k_cache, batch.v_cache,
