@@ -8,6 +8,7 @@ otherwise) or forced with `backend="reference" | "triton"`.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -49,26 +50,29 @@ def _resolve_backend(backend: str | None, device: torch.device):
     return reference if backend == "reference" else _triton_module()
 
 
-def _check(cond: bool, message: str) -> None:
+def _check(cond: bool, message: Callable[[], str]) -> None:
+    # The message is built only on failure: formatting ~25 of them cost ~40 us per call, paid
+    # on every layer of every step.
     if not cond:
-        raise ValueError(message)
+        raise ValueError(message())
 
 
 def _check_float(name: str, t: torch.Tensor, backend: str | None) -> None:
     allowed = _FLOAT_DTYPES + ((torch.float64,) if backend == "reference" else ())
-    _check(t.dtype in allowed, f"{name} must be one of {allowed}, got {t.dtype}")
+    _check(t.dtype in allowed, lambda: f"{name} must be one of {allowed}, got {t.dtype}")
 
 
 def _check_int32(name: str, t: torch.Tensor, dim: int) -> None:
-    _check(t.dtype == torch.int32, f"{name} must be int32, got {t.dtype}")
-    _check(t.dim() == dim, f"{name} must have {dim} dims, got shape {tuple(t.shape)}")
+    _check(t.dtype == torch.int32, lambda: f"{name} must be int32, got {t.dtype}")
+    _check(t.dim() == dim, lambda: f"{name} must have {dim} dims, got shape {tuple(t.shape)}")
 
 
 def _check_paged_cache(name: str, cache: torch.Tensor, backend: str | None) -> None:
     if not (name == "k_idx_cache" and cache.dtype == INDEX_KEY_FP8):
         _check_float(name, cache, backend)
     _check(cache.dim() == 4 and cache.shape[1] == BLOCK_SIZE,
-           f"{name} must be [num_pages, {BLOCK_SIZE}, heads, dim], got {tuple(cache.shape)}")
+           lambda: f"{name} must be [num_pages, {BLOCK_SIZE}, heads, dim], "
+                   f"got {tuple(cache.shape)}")
 
 
 def _validate_layout(queries: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor,
@@ -84,35 +88,40 @@ def _validate_layout(queries: torch.Tensor, cache: torch.Tensor, block_table: to
     device = queries.device
     for name, t in (("cache", cache), ("block_table", block_table), ("seq_lens", seq_lens),
                     ("cu_seqlens_q", cu_seqlens_q)):
-        _check(t.device == device, f"{name} is on {t.device} but the queries are on {device}")
+        _check(t.device == device,
+               lambda name=name, t=t: f"{name} is on {t.device} but the queries are on {device}")
     _check_int32("block_table", block_table, 2)
     _check_int32("seq_lens", seq_lens, 1)
     _check_int32("cu_seqlens_q", cu_seqlens_q, 1)
     batch = seq_lens.shape[0]
     _check(block_table.shape[0] == batch,
-           f"block_table has {block_table.shape[0]} rows but seq_lens has {batch} sequences")
+           lambda: f"block_table has {block_table.shape[0]} rows but seq_lens has {batch} "
+                   "sequences")
     _check(cu_seqlens_q.shape[0] == batch + 1,
-           f"cu_seqlens_q must have batch + 1 = {batch + 1} entries, got {cu_seqlens_q.shape[0]}")
+           lambda: f"cu_seqlens_q must have batch + 1 = {batch + 1} entries, "
+                   f"got {cu_seqlens_q.shape[0]}")
     if not check_indices:
         return None
 
     cu = cu_seqlens_q.long()
     q_lens = cu[1:] - cu[:-1]
     lens = seq_lens.long()
-    _check(int(cu[0]) == 0, "cu_seqlens_q must start at 0")
-    _check(bool((q_lens >= 0).all()), "cu_seqlens_q must be non-decreasing")
+    _check(int(cu[0]) == 0, lambda: "cu_seqlens_q must start at 0")
+    _check(bool((q_lens >= 0).all()), lambda: "cu_seqlens_q must be non-decreasing")
     _check(int(cu[-1]) == queries.shape[0],
-           f"cu_seqlens_q ends at {int(cu[-1])} but there are {queries.shape[0]} query rows")
+           lambda: f"cu_seqlens_q ends at {int(cu[-1])} but there are {queries.shape[0]} "
+                   "query rows")
     _check(bool((q_lens <= lens).all()),
-           "every sequence needs seq_lens >= its query count (seq_lens includes this step's queries)")
+           lambda: "every sequence needs seq_lens >= its query count (seq_lens includes this "
+                   "step's queries)")
     num_pages = (lens + BLOCK_SIZE - 1) // BLOCK_SIZE
     _check(bool((num_pages <= block_table.shape[1]).all()),
-           f"block_table has {block_table.shape[1]} columns, too few for seq_lens up to "
+           lambda: f"block_table has {block_table.shape[1]} columns, too few for seq_lens up to "
            f"{int(lens.max()) if batch else 0}")
     used = torch.arange(block_table.shape[1], device=device)[None, :] < num_pages[:, None]
     pages = block_table.long()[used]
     _check(bool(((pages >= 0) & (pages < cache.shape[0])).all()),
-           f"block_table holds page ids outside [0, {cache.shape[0]}) for pages in use")
+           lambda: f"block_table holds page ids outside [0, {cache.shape[0]}) for pages in use")
     return torch.repeat_interleave(num_pages, q_lens)
 
 
@@ -130,14 +139,16 @@ def select_blocks(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_table: t
                   backend: str | None = None, check_indices: bool = True) -> torch.Tensor:
     """Top-k logical blocks per (query token, KV group): int32 [total_q, Hkv, topk]."""
     _check_float("q_idx", q_idx, backend)
-    _check(q_idx.dim() == 3, f"q_idx must be [total_q, Hkv, Di], got {tuple(q_idx.shape)}")
+    _check(q_idx.dim() == 3, lambda: f"q_idx must be [total_q, Hkv, Di], got {tuple(q_idx.shape)}")
     _check_paged_cache("k_idx_cache", k_idx_cache, backend)
     num_groups, index_dim = q_idx.shape[1], q_idx.shape[2]
     _check(k_idx_cache.shape[2] in (1, num_groups),
-           f"k_idx_cache must have 1 or Hkv={num_groups} index-key heads, got {k_idx_cache.shape[2]}")
+           lambda: f"k_idx_cache must have 1 or Hkv={num_groups} index-key heads, "
+                   f"got {k_idx_cache.shape[2]}")
     _check(k_idx_cache.shape[3] == index_dim,
-           f"index head dims differ: q_idx {index_dim}, k_idx_cache {k_idx_cache.shape[3]}")
-    _check(isinstance(topk, int) and topk >= 1, f"topk must be a positive int, got {topk!r}")
+           lambda: f"index head dims differ: q_idx {index_dim}, k_idx_cache {k_idx_cache.shape[3]}")
+    _check(isinstance(topk, int) and topk >= 1,
+           lambda: f"topk must be a positive int, got {topk!r}")
     _validate_layout(q_idx, k_idx_cache, block_table, seq_lens, cu_seqlens_q, check_indices)
     impl = _resolve_backend(backend, q_idx.device)
     return impl.select_blocks(q_idx, k_idx_cache, block_table, seq_lens, cu_seqlens_q, topk)
@@ -146,19 +157,19 @@ def select_blocks(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_table: t
 def _validate_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, backend,
                         check_indices):
     _check_float("q", q, backend)
-    _check(q.dim() == 3, f"q must be [total_q, Hq, D], got {tuple(q.shape)}")
+    _check(q.dim() == 3, lambda: f"q must be [total_q, Hq, D], got {tuple(q.shape)}")
     _check_paged_cache("k_cache", k_cache, backend)
     _check_paged_cache("v_cache", v_cache, backend)
     _check(k_cache.shape == v_cache.shape,
-           f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
-    _check(k_cache.dtype == v_cache.dtype, "k_cache and v_cache dtypes differ")
+           lambda: f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
+    _check(k_cache.dtype == v_cache.dtype, lambda: "k_cache and v_cache dtypes differ")
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_groups = k_cache.shape[2]
     _check(num_heads % num_groups == 0,
-           f"query heads ({num_heads}) must be a multiple of KV heads ({num_groups})")
+           lambda: f"query heads ({num_heads}) must be a multiple of KV heads ({num_groups})")
     _check(k_cache.shape[3] == head_dim,
-           f"head dims differ: q {head_dim}, k_cache {k_cache.shape[3]}")
-    _check(v_cache.device == q.device, f"v_cache is on {v_cache.device}, q on {q.device}")
+           lambda: f"head dims differ: q {head_dim}, k_cache {k_cache.shape[3]}")
+    _check(v_cache.device == q.device, lambda: f"v_cache is on {v_cache.device}, q on {q.device}")
     return _validate_layout(q, k_cache, block_table, seq_lens, cu_seqlens_q, check_indices)
 
 
@@ -172,13 +183,14 @@ def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                                           cu_seqlens_q, backend, check_indices)
     _check_int32("blocks", blocks, 3)
     _check(blocks.shape[:2] == (q.shape[0], k_cache.shape[2]),
-           f"blocks must be [total_q, Hkv, topk] = [{q.shape[0]}, {k_cache.shape[2]}, topk], "
+           lambda: f"blocks must be [total_q, Hkv, topk] = [{q.shape[0]}, {k_cache.shape[2]}, "
+                   "topk], "
            f"got {tuple(blocks.shape)}")
-    _check(blocks.device == q.device, f"blocks is on {blocks.device}, q on {q.device}")
+    _check(blocks.device == q.device, lambda: f"blocks is on {blocks.device}, q on {q.device}")
     if pages_per_query is not None:
         in_range = (blocks >= -1) & (blocks.long() < pages_per_query[:, None, None])
         _check(bool(in_range.all()),
-               "blocks holds ids outside [-1, pages of the query's sequence)")
+               lambda: "blocks holds ids outside [-1, pages of the query's sequence)")
     impl = _resolve_backend(backend, q.device)
     return impl.sparse_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
                                  blocks, softmax_scale, return_lse)

@@ -1,6 +1,8 @@
-"""Triton: index scoring (the bandwidth-bound half of `select_blocks`).
+"""Triton: index scoring, the first half of `select_blocks` (bandwidth-bound in decode, MMA-bound
+in prefill).
 
-One program scores one tile of a sequence's query rows against a range of its index-key pages.
+One program scores one tile of a sequence's query rows against a range of its index-key pages
+(those before the tile's last row's own block: only a row's historical blocks compete).
 The rows that share a key head (a tile's tokens x the KV groups of that head) are packed into
 the MMA's M dimension, so each index-key page is read from HBM once per query tile; pages are
 split across programs, so a single long decode sequence still fills the GPU (split-K). Each
@@ -29,11 +31,18 @@ from kernels.triton_layout import (
     segment_of,
 )
 
-# Launch shape of the scan, from H100 sweeps of warps 4/8 x stages 2/3/4 x programs per SM
-# 2/4/8 x pages per iteration 1/2 (bf16 and fp8 keys, 8 x 128K and 1 x 1M): 4 warps, 2 stages,
-# 4 programs per SM is within 2% of the best everywhere; the rest of the gap to copy bandwidth
-# is the ~12 us of ramp-up and tail that every launch pays (32 x 128K runs at 97%).
-NUM_WARPS = 4
+# Launch shapes, from H100 sweeps. Decode (one row per tile, M = the groups of a key head):
+# warps 4/8 x stages 2/3/4 x programs per SM 2/4/8 x pages per iteration 1/2 (bf16 and fp8 keys,
+# 8 x 128K and 1 x 1M): 4 warps, 2 stages, 4 programs per SM is within 2% of the best everywhere;
+# the rest of the gap to copy bandwidth is the ~12 us of ramp-up and tail that every launch pays
+# (32 x 128K runs at 97%). Prefill (query tiles, compute-bound): M 64/128/256 x warps 4/8 x
+# stages 2/3 on 128K, 16K + 158K, 9,844 + 39K (Hq16/Hkv2) and 16K + 68K (Hq64/Hkv4): M 128 with
+# 8 warps is the best everywhere (M 256 spills). With no causal mask and the heaviest tiles
+# first, against M 64 / 4 warps / masked: 128K 12.9 -> 8.0 ms (553 TFLOP/s), 16K + 158K 4.4 ->
+# 2.5, 9,844 + 39K 1.08 -> 0.46, Hq64 16K + 68K 3.8 -> 2.3.
+DECODE_WARPS = 4
+PREFILL_WARPS = 8
+PREFILL_PACKED_ROWS = 128  # M of a prefill program: query rows x the groups of a key head
 NUM_STAGES = 2
 PROGRAMS_PER_SM = 4  # split-K target: programs per SM over the whole grid
 
@@ -49,14 +58,16 @@ def _index_block_scores_kernel(
     PRECISION: tl.constexpr, WIDEN_FP8_TO_FP16: tl.constexpr, USE_PDL: tl.constexpr,
     NUM_STAGES: tl.constexpr, ROW_TILES: tl.constexpr, SEARCH_STEPS: tl.constexpr,
 ):
-    tile = tl.program_id(0)
     key_head = tl.program_id(1)
     split = tl.program_id(2)
     if ROW_TILES:  # decode: one row per tile, its sequence found in-kernel
+        tile = tl.program_id(0)
         seq = segment_of(cu_seqlens_q, tile, num_seqs, SEARCH_STEPS)
         row_begin = tile
         row_end = tile + 1
     else:
+        # Causal prefill: later tiles see more pages, so they start first (a shorter tail).
+        tile = tl.num_programs(0) - 1 - tl.program_id(0)
         seq = tl.load(tile_seq + tile)
         row_begin = tl.load(tile_start + tile)
         row_end = tl.load(tile_end + tile)
@@ -65,9 +76,10 @@ def _index_block_scores_kernel(
     q_len = tl.load(cu_seqlens_q + seq + 1) - q_begin
     first_pos = seq_len - q_len - q_begin  # + row = the row's position
 
-    # Pages this split covers, clipped to those the tile's last query can see (none for the
-    # spare, empty tiles of the grid's upper bound).
-    num_pages = tl.where(row_begin < row_end, (first_pos + row_end - 1) // PAGE + 1, 0)
+    # Only a row's historical pages (those before its own) compete for its top-k, and every
+    # token of them is visible to it: a tile scores the pages before its last row's own, with
+    # no causal mask (none for the spare, empty tiles of the grid's upper bound).
+    num_pages = tl.where(row_begin < row_end, (first_pos + row_end - 1) // PAGE, 0)
     page_begin = split * pages_per_split
     page_end = tl.minimum(page_begin + pages_per_split, num_pages)
 
@@ -75,9 +87,8 @@ def _index_block_scores_kernel(
     rows = row_begin + m // GROUPS_PER_KEY
     groups = key_head * GROUPS_PER_KEY + m % GROUPS_PER_KEY
     valid = (m < BLOCK_T * GROUPS_PER_KEY) & (rows < row_end)
-    positions = first_pos + rows
     # The selection rule needs every row's position: written once, by the first split.
-    tl.store(positions_out + rows, positions.to(tl.int64),
+    tl.store(positions_out + rows, (first_pos + rows).to(tl.int64),
              mask=valid & (key_head == 0) & (split == 0) & (m % GROUPS_PER_KEY == 0))
     dims = tl.arange(0, INDEX_DIM)
     q = tl.load(q_idx + rows[:, None] * stride_qt + groups[:, None] * stride_qg + dims[None, :],
@@ -93,10 +104,11 @@ def _index_block_scores_kernel(
         k = tl.load(k_idx + physical * stride_kp + tokens[:, None] * stride_kt
                     + key_head * stride_kh + dims[None, :])
         # fp8 index keys are widened in registers: the scan's bytes halve, the math stays.
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * scale
-        visible = (page * PAGE + tokens)[None, :] <= positions[:, None]
-        best = tl.max(tl.where(visible, s, float("-inf")), axis=1)
-        tl.store(scores + rows * stride_st + groups * stride_sg + page, best, mask=valid)
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION)
+        # Pages at or after a row's own get scores too (of keys before the tile's last row);
+        # the rule never reads them.
+        tl.store(scores + rows * stride_st + groups * stride_sg + page,
+                 tl.max(s, axis=1) * scale, mask=valid)
     release_next_kernel(USE_PDL)
 
 
@@ -104,8 +116,8 @@ def index_block_scores(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_tab
                        seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """(max-pooled index scores float32 [total_q, Hkv, max_pages], each query row's position
-    int64 [total_q]). Only the pages a row can see are written: the selection rule reads no
-    other (no fill kernel in the decode step)."""
+    int64 [total_q]). Exact for each row's historical pages, the only ones the selection rule
+    reads; the rest hold scores of other pages' keys or nothing (no fill kernel per step)."""
     total_q, num_groups, index_dim = q_idx.shape
     key_heads = k_idx_cache.shape[2]
     groups_per_key = num_groups // key_heads
@@ -116,8 +128,10 @@ def index_block_scores(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_tab
     num_seqs = seq_lens.shape[0]
     if total_q == 0:
         return scores, positions
-    # Up to 64 packed rows per program: enough to reuse each page, few enough to stay in registers.
-    rows = QueryTiles.rows_for(total_q, num_seqs, max_rows=max(1, 64 // groups_per_key))
+    # Uniform decode steps (q_len 1..16 everywhere) get tiles of their q_len, anything longer
+    # full prefill tiles.
+    rows = QueryTiles.rows_for(total_q, num_seqs,
+                               max_rows=max(1, PREFILL_PACKED_ROWS // groups_per_key))
     if rows == 1:  # decode: tiles are rows, located in-kernel (no tile tensors to build)
         num_tiles, tile_arrays = total_q, (cu_seqlens_q,) * 3
     else:
@@ -137,7 +151,8 @@ def index_block_scores(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_tab
         PAGE=BLOCK_SIZE, PRECISION=dot_precision(q_idx.dtype),
         WIDEN_FP8_TO_FP16=k_idx_cache.element_size() == 1 and q_idx.dtype == torch.bfloat16,
         USE_PDL=dependent_launch(q_idx.device), NUM_STAGES=NUM_STAGES,
-        ROW_TILES=rows == 1, SEARCH_STEPS=search_steps(num_seqs), num_warps=NUM_WARPS)
+        ROW_TILES=rows == 1, SEARCH_STEPS=search_steps(num_seqs),
+        num_warps=PREFILL_WARPS if block_m >= PREFILL_PACKED_ROWS else DECODE_WARPS)
     return scores, positions
 
 

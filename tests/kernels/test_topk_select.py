@@ -17,11 +17,12 @@ def test_topk_select_matches_reference(topk, num_pages):
     g = torch.Generator().manual_seed(topk * 100 + num_pages)
     rows, groups = 12, 2
     scores = torch.randn(rows, groups, num_pages, generator=g)
-    # Positions from the first block to the last; blocks past a row's own are never visible.
+    # Positions from the first block to the last. Only blocks before a row's own compete: the
+    # scan leaves any value in the others (NaN here must not be read).
     positions = torch.randint(0, num_pages * 128, (rows,), generator=g)
     positions[0], positions[1] = 0, num_pages * 128 - 1
-    visible = torch.arange(num_pages)[None, :] <= (positions // 128)[:, None]
-    scores = scores.masked_fill(~visible[:, None, :], -math.inf)
+    historical = torch.arange(num_pages)[None, :] < (positions // 128)[:, None]
+    scores = scores.masked_fill(~historical[:, None, :], math.nan)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ours = topk_select.topk_with_local_block(scores.to(device), positions.to(device), topk).cpu()
     ref = reference.topk_with_local_block(scores, positions, topk)

@@ -50,6 +50,20 @@ def test_select_blocks_triton_matches_reference(layout, heads):
     check_selection(ours, batch, topk)
 
 
+@pytest.mark.parametrize("heads", [(16, 2, 1), (8, 1, 1)], ids=["tiles-of-64", "tiles-of-128"])
+def test_select_blocks_of_long_chunks(heads):
+    """Prefill tiles of 64 and 128 query rows after a prefix, several per sequence: a tile scores
+    the pages before its last row's own, unmasked, and each row still gets exactly its own
+    historical blocks' top-k."""
+    batch = make_batch([900, 300], [300, 260], *heads[:2], 16, 16, heads[2], seed=3)
+    ours = kernels.select_blocks(batch.q_idx, batch.k_idx_cache, *batch.layout(), topk=3,
+                                 backend="triton")
+    ref = kernels.select_blocks(batch.q_idx, batch.k_idx_cache, *batch.layout(), topk=3,
+                                backend="reference")
+    assert torch.equal(ours.sort(-1).values, ref.sort(-1).values)
+    check_selection(ours, batch, 3)
+
+
 @pytest.mark.parametrize("layout", ["decode", "multi-token-decode", "chunk-after-prefix"])
 def test_select_blocks_with_fp8_index_keys(layout):
     """fp8 e4m3 index keys: the Triton scan selects what the reference selects from the same
