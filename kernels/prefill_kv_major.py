@@ -27,6 +27,7 @@ from kernels.triton_layout import (
     GatedOutput,
     dot_precision,
     finish_softmax,
+    page_rows,
     search_steps,
     segment_of,
     stands_aside,
@@ -179,9 +180,9 @@ def _place_entries_kernel(blocks, cu_seqlens_q, rank, segment_start, entry_row, 
 
 @triton.jit
 def _kv_block_partials_kernel(
-    q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, items_cu, segment_start,
+    q, k_pages, v_pages, block_table, seq_lens, cu_seqlens_q, items_cu, segment_start,
     segment_count, entry_row, entry_slot, partial_out, partial_lse, gate_flag,
-    stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_bt,
+    stride_qt, stride_qh, stride_bt,
     first_row, num_groups, num_segments, max_pages, scale_log2,
     GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
     TOPK: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr,
@@ -203,12 +204,11 @@ def _kv_block_partials_kernel(
     first_pos = tl.load(seq_lens + seq) - tl.load(cu_seqlens_q + seq + 1) + first_row
 
     # The one HBM read of this K/V page for all the queries that chose it.
-    physical = tl.load(block_table + seq * stride_bt + block).to(tl.int64)
+    physical = tl.load(block_table + seq * stride_bt + block)
     tokens = tl.arange(0, PAGE)
     dims = tl.arange(0, HEAD_DIM)
-    offsets = physical * stride_kp + tokens[:, None] * stride_kt + group * stride_kh + dims[None, :]
-    k = tl.load(k_cache + offsets)
-    v = tl.load(v_cache + offsets)
+    k = k_pages.load([physical * PAGE, group * HEAD_DIM])  # TMA copies (`page_rows`)
+    v = v_pages.load([physical * PAGE, group * HEAD_DIM])
 
     m = tl.arange(0, BLOCK_M)
     entry = m // GROUP
@@ -269,10 +269,10 @@ def _attend_rows(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, first
     if work.num_items:
         gate_flag, gate = GatedOutput.launch_args(gated, cu_seqlens_q)
         _kv_block_partials_kernel[(work.num_items,)](
-            q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, work.items_cu,
-            work.segment_start, work.segment_count, work.entry_row, work.entry_slot,
-            partial_out, partial_lse, gate_flag, q.stride(0), q.stride(1), k_cache.stride(0),
-            k_cache.stride(1), k_cache.stride(2), block_table.stride(0), first_row, num_groups,
+            q, page_rows(k_cache), page_rows(v_cache), block_table, seq_lens, cu_seqlens_q,
+            work.items_cu, work.segment_start, work.segment_count, work.entry_row,
+            work.entry_slot, partial_out, partial_lse, gate_flag, q.stride(0), q.stride(1),
+            block_table.stride(0), first_row, num_groups,
             work.num_segments, work.max_pages, scale * LOG2E,
             GROUP=group, ROWS=rows, BLOCK_M=max(16, triton.next_power_of_2(rows * group)),
             HEAD_DIM=head_dim, TOPK=topk, PAGE=BLOCK_SIZE, PRECISION=dot_precision(q.dtype),

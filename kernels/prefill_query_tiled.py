@@ -27,6 +27,7 @@ from kernels.triton_layout import (
     dot_precision,
     finish_softmax,
     online_softmax_step,
+    page_rows,
     rows_of_tile,
     search_steps,
     stands_aside,
@@ -163,9 +164,9 @@ def rows_per_tile(group: int) -> int:
 
 
 @triton.jit
-def _attend_page(entry, union_block, block_table, k_cache, v_cache, seq, group, query, pos,
-                 chosen_by_row, acc, running_max, running_sum, scale_log2, stride_kp, stride_kt,
-                 stride_kh, stride_bt, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+def _attend_page(entry, union_block, block_table, k_pages, v_pages, seq, group, query, pos,
+                 chosen_by_row, acc, running_max, running_sum, scale_log2, stride_bt,
+                 BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
                  PAGE: tl.constexpr, PRECISION: tl.constexpr, ALL_VISIBLE: tl.constexpr,
                  CAUSAL: tl.constexpr):
     """Folds one union page into the tile's running softmax. CAUSAL only for the (at most two)
@@ -176,12 +177,10 @@ def _attend_page(entry, union_block, block_table, k_cache, v_cache, seq, group, 
         word = tl.load(union_block + entry)
         block = word & _BLOCK_ID
     tokens = tl.arange(0, PAGE)
-    dims = tl.arange(0, HEAD_DIM)
-    physical = tl.load(block_table + seq * stride_bt + block).to(tl.int64)
-    offsets = physical * stride_kp + tokens[:, None] * stride_kt + group * stride_kh \
-        + dims[None, :]
-    k = tl.load(k_cache + offsets)
-    v = tl.load(v_cache + offsets)
+    physical = tl.load(block_table + seq * stride_bt + block)
+    # TMA copies (`page_rows`), overlapped with the MMAs by the loop's stages.
+    k = k_pages.load([physical * PAGE, group * HEAD_DIM])
+    v = v_pages.load([physical * PAGE, group * HEAD_DIM])
     s = tl.dot(query, tl.trans(k), input_precision=PRECISION) * scale_log2
     if CAUSAL:
         s = tl.where((block * PAGE + tokens)[None, :] <= pos[:, None], s, float("-inf"))
@@ -194,9 +193,9 @@ def _attend_page(entry, union_block, block_table, k_cache, v_cache, seq, group, 
 
 @triton.jit
 def _query_tiled_kernel(
-    q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, blocks, tile_seq, tile_start,
+    q, k_pages, v_pages, block_table, seq_lens, cu_seqlens_q, blocks, tile_seq, tile_start,
     tile_end, union_count, union_block, out, lse, gate_flag,
-    stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_bt, stride_blt, stride_blg,
+    stride_qt, stride_qh, stride_bt, stride_blt, stride_blg,
     num_groups, union_capacity, scale_log2,
     GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
     TOPK: tl.constexpr, TOPK_P2: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr,
@@ -247,14 +246,14 @@ def _query_tiled_kernel(
         split = last - tl.sum((tail >= own_page).to(tl.int32), axis=0)
     for entry in tl.range(first, split, num_stages=NUM_STAGES):
         acc, running_max, running_sum = _attend_page(
-            entry, union_block, block_table, k_cache, v_cache, seq, group, query, pos,
-            chosen_by_row, acc, running_max, running_sum, scale_log2, stride_kp, stride_kt,
-            stride_kh, stride_bt, BLOCK_M, HEAD_DIM, PAGE, PRECISION, ALL_VISIBLE, False)
+            entry, union_block, block_table, k_pages, v_pages, seq, group, query, pos,
+            chosen_by_row, acc, running_max, running_sum, scale_log2, stride_bt, BLOCK_M,
+            HEAD_DIM, PAGE, PRECISION, ALL_VISIBLE, False)
     for entry in tl.range(split, last):
         acc, running_max, running_sum = _attend_page(
-            entry, union_block, block_table, k_cache, v_cache, seq, group, query, pos,
-            chosen_by_row, acc, running_max, running_sum, scale_log2, stride_kp, stride_kt,
-            stride_kh, stride_bt, BLOCK_M, HEAD_DIM, PAGE, PRECISION, ALL_VISIBLE, True)
+            entry, union_block, block_table, k_pages, v_pages, seq, group, query, pos,
+            chosen_by_row, acc, running_max, running_sum, scale_log2, stride_bt, BLOCK_M,
+            HEAD_DIM, PAGE, PRECISION, ALL_VISIBLE, True)
 
     result, row_lse = finish_softmax(acc, running_max, running_sum)
     target = rows * (num_groups * GROUP) + heads
@@ -312,10 +311,9 @@ def _launch(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, shape: Att
         union_capacity = unions.block.shape[1]
     gate_flag, gate = GatedOutput.launch_args(gated, cu_seqlens_q)
     _query_tiled_kernel[(tiles.num_tiles, shape.num_groups)](
-        q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, blocks, tiles.seq,
-        tiles.start, tiles.end, union_count, union_block, out, lse, gate_flag,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        block_table.stride(0), blocks.stride(0) if unions else 0,
+        q, page_rows(k_cache), page_rows(v_cache), block_table, seq_lens, cu_seqlens_q, blocks,
+        tiles.seq, tiles.start, tiles.end, union_count, union_block, out, lse, gate_flag,
+        q.stride(0), q.stride(1), block_table.stride(0), blocks.stride(0) if unions else 0,
         blocks.stride(1) if unions else 0, shape.num_groups, union_capacity,
         shape.scale * LOG2E,
         GROUP=shape.group, ROWS=rows, BLOCK_M=max(16, triton.next_power_of_2(rows * shape.group)),

@@ -25,6 +25,7 @@ from kernels.triton_layout import (
     finish_softmax,
     multiprocessors,
     online_softmax_step,
+    page_rows,
     release_next_kernel,
     search_steps,
     segment_of,
@@ -39,8 +40,8 @@ NUM_STAGES = 2
 
 @triton.jit
 def _query_major_kernel(
-    q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, blocks, out, lse, gate_flag,
-    stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_bt, stride_blt, stride_blg,
+    q, k_pages, v_pages, block_table, seq_lens, cu_seqlens_q, blocks, out, lse, gate_flag,
+    stride_qt, stride_qh, stride_bt, stride_blt, stride_blg,
     num_seqs, num_groups, num_splits, scale_log2, blocks_per_split,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, TOPK: tl.constexpr,
     PAGE: tl.constexpr, PRECISION: tl.constexpr,
@@ -69,15 +70,14 @@ def _query_major_kernel(
     running_sum = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
     first = split * blocks_per_split
-    # Masked loads instead of a branch on the -1 padding keep the loop software-pipelinable.
+    # A -1 (padding) slot copies the sequence's first page and masks all of its scores: no
+    # branch, so the loop stays software-pipelined.
     for slot in tl.range(first, tl.minimum(first + blocks_per_split, TOPK), num_stages=NUM_STAGES):
         block = tl.load(blocks + row * stride_blt + group * stride_blg + slot)
         chosen = block >= 0
-        physical = tl.load(block_table + seq * stride_bt + tl.maximum(block, 0)).to(tl.int64)
-        offsets = physical * stride_kp + tokens[:, None] * stride_kt + group * stride_kh \
-            + dims[None, :]
-        k = tl.load(k_cache + offsets, mask=chosen, other=0.0)
-        v = tl.load(v_cache + offsets, mask=chosen, other=0.0)
+        physical = tl.load(block_table + seq * stride_bt + tl.maximum(block, 0))
+        k = k_pages.load([physical * PAGE, group * HEAD_DIM])  # TMA copies (`page_rows`)
+        v = v_pages.load([physical * PAGE, group * HEAD_DIM])
         s = tl.dot(query, tl.trans(k), input_precision=PRECISION) * scale_log2
         s = tl.where(chosen & ((block * PAGE + tokens)[None, :] <= pos), s, float("-inf"))
         acc, running_max, running_sum = online_softmax_step(s, v, acc, running_max, running_sum,
@@ -118,9 +118,9 @@ def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         num_seqs = seq_lens.shape[0]
         gate_flag, gate = GatedOutput.launch_args(gated, cu_seqlens_q)
         _query_major_kernel[(total_q, num_groups, splits)](
-            q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, blocks, partial_out,
-            partial_lse, gate_flag, q.stride(0), q.stride(1), k_cache.stride(0),
-            k_cache.stride(1), k_cache.stride(2), block_table.stride(0), blocks.stride(0),
+            q, page_rows(k_cache), page_rows(v_cache), block_table, seq_lens, cu_seqlens_q,
+            blocks, partial_out, partial_lse, gate_flag, q.stride(0), q.stride(1),
+            block_table.stride(0), blocks.stride(0),
             blocks.stride(1), num_seqs, num_groups, splits, shape.scale * LOG2E,
             blocks_per_split, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
             HEAD_DIM=head_dim, TOPK=topk, PAGE=BLOCK_SIZE, PRECISION=dot_precision(q.dtype),

