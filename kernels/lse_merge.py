@@ -3,9 +3,9 @@
 Both sparse-attention kernels may produce, for one (query row, KV group), several partial
 results over disjoint key sets: the query-major kernel one per split of the selected blocks,
 the KV-major kernel one per selected block. Partials are laid out
-[row, group, slot, head, dim] (log-sum-exps [row, group, slot, head]); a program merges one
-group (or, in small decode batches, a few of its heads) of row after row: out =
-sum_i exp(lse_i - lse) * out_i, lse = logsumexp_i lse_i.
+[row, group, slot, head, dim] (log-sum-exps [row, group, slot, head]); one program merges a
+row's group (or, in small decode batches, a few of its heads): out = sum_i exp(lse_i - lse) *
+out_i, lse = logsumexp_i lse_i.
 """
 
 from __future__ import annotations
@@ -24,40 +24,24 @@ from kernels.triton_layout import (
 
 PROGRAMS_PER_SM = 4  # fewer (row, group) pairs than this per SM: spread heads over programs
 DECODE_TILE_VALUES = 4096  # partial values a decode program loads at once
-# A gated merge walks rows with at most this many waves of PROGRAMS_PER_SM programs (as the
-# KV-major partials kernel does: cheap when it stands aside); an ungated one has a program per
-# row.
-GATED_ROW_WAVES = 16
 
 
 @triton.jit
 def _merge_kernel(
     partial_out, partial_lse, blocks, out, lse, gate_flag, stride_ot, stride_oh, stride_lt,
-    num_rows, num_groups, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
+    num_groups, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
     SLOTS: tl.constexpr, SLOT_CHUNK: tl.constexpr, HAS_BLOCKS: tl.constexpr,
     USE_PDL: tl.constexpr, GATE: tl.constexpr,
 ):
+    row = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1)
     h = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
-    wait_for_previous_kernel(USE_PDL)  # the partials
-    if stands_aside(gate_flag, GATE):  # GatedOutput: the other kernel writes
-        return
-    # One row per program, or (gated launches, GATED_ROW_WAVES) several.
-    for row in tl.range(tl.program_id(0).to(tl.int64), num_rows, tl.num_programs(0)):
-        _merge_row(partial_out, partial_lse, blocks, out, lse, stride_ot, stride_oh, stride_lt,
-                   num_groups, row, group, h, GROUP, BLOCK_H, HEAD_DIM, SLOTS, SLOT_CHUNK,
-                   HAS_BLOCKS)
-
-
-@triton.jit
-def _merge_row(partial_out, partial_lse, blocks, out, lse, stride_ot, stride_oh, stride_lt,
-               num_groups, row, group, h, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
-               HEAD_DIM: tl.constexpr, SLOTS: tl.constexpr, SLOT_CHUNK: tl.constexpr,
-               HAS_BLOCKS: tl.constexpr):
-    """Heads h of one (row, group): its SLOTS partials folded by a running log-sum-exp."""
     head_ok = h < GROUP
     dims = tl.arange(0, HEAD_DIM)
     base = (row * num_groups + group) * SLOTS
+    wait_for_previous_kernel(USE_PDL)  # the partials
+    if stands_aside(gate_flag, GATE):  # GatedOutput: the other kernel writes
+        return
     total_max = tl.full([BLOCK_H], float("-inf"), tl.float32)
     total_sum = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
@@ -116,12 +100,8 @@ def merge_partials(partial_out: torch.Tensor, partial_lse: torch.Tensor, out: to
         block_h = max(1, min(all_heads, DECODE_TILE_VALUES // (block_s * head_dim)))
         slot_chunk = block_s
     gate_flag, gate = GatedOutput.launch_args(gated, partial_lse)
-    head_programs = triton.cdiv(group, block_h)
-    row_programs = total_q if gated is None else min(total_q, max(
-        1, GATED_ROW_WAVES * PROGRAMS_PER_SM * multiprocessors(out.device)
-        // (num_groups * head_programs)))
-    _merge_kernel[(row_programs, num_groups, head_programs)](
+    _merge_kernel[(total_q, num_groups, triton.cdiv(group, block_h))](
         partial_out, partial_lse, blocks if blocks is not None else partial_lse, out, lse,
-        gate_flag, out.stride(0), out.stride(1), lse.stride(0), total_q, num_groups,
+        gate_flag, out.stride(0), out.stride(1), lse.stride(0), num_groups,
         GROUP=group, BLOCK_H=block_h, HEAD_DIM=head_dim, SLOTS=slots, SLOT_CHUNK=slot_chunk,
         HAS_BLOCKS=blocks is not None, USE_PDL=pdl, GATE=gate, launch_pdl=pdl)

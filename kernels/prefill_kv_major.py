@@ -27,7 +27,6 @@ from kernels.triton_layout import (
     GatedOutput,
     dot_precision,
     finish_softmax,
-    multiprocessors,
     page_rows,
     search_steps,
     segment_of,
@@ -38,12 +37,6 @@ _PACKED_ROWS = 128  # M of one program: query rows x query heads of the group
 # From an H100 sweep of (packed rows 64/128/256) x (4/8 warps), Hq16/Hkv2: 128 rows with
 # 4 warps was best, 2.95 ms against 3.96 ms with 8 warps on a 16K chunk after a 68K prefix.
 NUM_WARPS = 4
-# A gated launch (`GatedOutput`) walks the work items with a grid of this many programs per
-# SM: when it stands aside, its grid returns in a few waves instead of one program per item,
-# each reserving a K/V page of shared memory (H100, coherent 32K / 128K prompts dispatched:
-# 1.48 -> 1.39 ms, 6.04 -> 5.72 ms). When it runs, walking costs ~5% (16K rows after 68K:
-# 2.10 -> 2.23 ms), so an ungated launch keeps one program per item.
-GATED_PROGRAMS_PER_SM = 8
 # Query rows per launch, bounding the partials (rows x Hq x topk x D) to ~2 GiB: a 128K
 # prompt is then a few launches, each still loading a block once for all of its rows.
 _PARTIAL_BYTES = 2 << 30
@@ -190,34 +183,19 @@ def _kv_block_partials_kernel(
     q, k_pages, v_pages, block_table, seq_lens, cu_seqlens_q, items_cu, segment_start,
     segment_count, entry_row, entry_slot, partial_out, partial_lse, gate_flag,
     stride_qt, stride_qh, stride_bt,
-    first_row, num_groups, num_segments, num_items, max_pages, scale_log2,
+    first_row, num_groups, num_segments, max_pages, scale_log2,
     GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
     TOPK: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr,
     SEARCH_STEPS: tl.constexpr, GATE: tl.constexpr,
 ):
     if stands_aside(gate_flag, GATE):  # GatedOutput: the other kernel writes
         return
-    # Gated launches have fewer programs than items (GATED_PROGRAMS_PER_SM), others one each.
-    for item in tl.range(tl.program_id(0), num_items, tl.num_programs(0)):
-        segment = segment_of(items_cu, item, num_segments, SEARCH_STEPS)
-        piece = item - tl.load(items_cu + segment)
-        count = tl.minimum(tl.load(segment_count + segment) - piece * ROWS, ROWS)
-        if count > 0:  # else a spare item of the upper bound
-            _block_partials(q, k_pages, v_pages, block_table, seq_lens, cu_seqlens_q,
-                            segment_start, entry_row, entry_slot, partial_out, partial_lse,
-                            segment, piece, count, stride_qt, stride_qh, stride_bt, first_row,
-                            num_groups, max_pages, scale_log2, GROUP, ROWS, BLOCK_M, HEAD_DIM,
-                            TOPK, PAGE, PRECISION)
-
-
-@triton.jit
-def _block_partials(q, k_pages, v_pages, block_table, seq_lens, cu_seqlens_q, segment_start,
-                    entry_row, entry_slot, partial_out, partial_lse, segment, piece, count,
-                    stride_qt, stride_qh, stride_bt, first_row, num_groups, max_pages,
-                    scale_log2, GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr,
-                    HEAD_DIM: tl.constexpr, TOPK: tl.constexpr, PAGE: tl.constexpr,
-                    PRECISION: tl.constexpr):
-    """One work item: `count` of the entries that chose a (sequence, group, block) segment."""
+    item = tl.program_id(0)
+    segment = segment_of(items_cu, item, num_segments, SEARCH_STEPS)
+    piece = item - tl.load(items_cu + segment)
+    count = tl.minimum(tl.load(segment_count + segment) - piece * ROWS, ROWS)
+    if count <= 0:  # a spare item of the grid's upper bound
+        return
     start = tl.load(segment_start + segment) + piece * ROWS
     block = segment % max_pages
     group = (segment // max_pages) % num_groups
@@ -290,14 +268,12 @@ def _attend_rows(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, first
                               device=q.device)
     if work.num_items:
         gate_flag, gate = GatedOutput.launch_args(gated, cu_seqlens_q)
-        programs = work.num_items if gated is None else \
-            min(work.num_items, GATED_PROGRAMS_PER_SM * multiprocessors(q.device))
-        _kv_block_partials_kernel[(programs,)](
+        _kv_block_partials_kernel[(work.num_items,)](
             q, page_rows(k_cache), page_rows(v_cache), block_table, seq_lens, cu_seqlens_q,
             work.items_cu, work.segment_start, work.segment_count, work.entry_row,
             work.entry_slot, partial_out, partial_lse, gate_flag, q.stride(0), q.stride(1),
             block_table.stride(0), first_row, num_groups,
-            work.num_segments, work.num_items, work.max_pages, scale * LOG2E,
+            work.num_segments, work.max_pages, scale * LOG2E,
             GROUP=group, ROWS=rows, BLOCK_M=max(16, triton.next_power_of_2(rows * group)),
             HEAD_DIM=head_dim, TOPK=topk, PAGE=BLOCK_SIZE, PRECISION=dot_precision(q.dtype),
             SEARCH_STEPS=search_steps(work.num_segments), GATE=gate, num_warps=NUM_WARPS)
