@@ -8,7 +8,9 @@ the MMA's M dimension, so each index-key page is read from HBM once per query ti
 split across programs, so a single long decode sequence still fills the GPU (split-K). Each
 program writes the max-pooled score of every (row, group, page) it covers; the exp-free top-k
 with the local block forced last then runs as one kernel (`topk_select.py`), the Triton form
-of `reference.topk_with_local_block`, the rule every backend shares.
+of `reference.topk_with_local_block`, the rule every backend shares. A long prefill, whose
+tiles' pages are not split, keeps each row's best blocks in registers page by page instead and
+writes the selection itself (the same rule: tested against the reference on both paths).
 """
 
 from __future__ import annotations
@@ -45,18 +47,25 @@ PREFILL_WARPS = 8
 PREFILL_PACKED_ROWS = 128  # M of a prefill program: query rows x the groups of a key head
 NUM_STAGES = 2
 PROGRAMS_PER_SM = 4  # split-K target: programs per SM over the whole grid
+# Prefill keeps each row's top-k in the scan (no score round trip, no rule kernel) when its
+# tiles fill the GPU without split-K. H100, select: 128K prompt 9.42 -> 7.44 ms, 16K rows
+# after 158K 2.79 -> 2.37, Hq64 16K + 68K 2.64 -> 2.23 (2 tiles per SM); 9,844 rows (1.2 tiles
+# per SM) 0.52 -> 0.61, so split-K wins below ~1.5. Not with fp8 keys: their widening and the
+# running top-k together spill (128K 11.2 -> 13.1 ms).
+TOPK_IN_SCAN_MIN_TILES_PER_SM = 1.5
 
 
 @triton.jit
 def _index_block_scores_kernel(
     q_idx, k_idx, block_table, seq_lens, cu_seqlens_q, tile_seq, tile_start, tile_end, scores,
-    positions_out,
+    positions_out, selected,
     stride_qt, stride_qg, stride_kp, stride_kt, stride_kh, stride_bt, stride_st, stride_sg,
     scale, pages_per_split, num_seqs,
     GROUPS_PER_KEY: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
     INDEX_DIM: tl.constexpr, PAGE: tl.constexpr,
     PRECISION: tl.constexpr, WIDEN_FP8_TO_FP16: tl.constexpr, USE_PDL: tl.constexpr,
     NUM_STAGES: tl.constexpr, ROW_TILES: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+    TOPK: tl.constexpr, TOPK_P2: tl.constexpr, FUSED_TOPK: tl.constexpr,
 ):
     key_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -87,9 +96,10 @@ def _index_block_scores_kernel(
     rows = row_begin + m // GROUPS_PER_KEY
     groups = key_head * GROUPS_PER_KEY + m % GROUPS_PER_KEY
     valid = (m < BLOCK_T * GROUPS_PER_KEY) & (rows < row_end)
-    # The selection rule needs every row's position: written once, by the first split.
-    tl.store(positions_out + rows, (first_pos + rows).to(tl.int64),
-             mask=valid & (key_head == 0) & (split == 0) & (m % GROUPS_PER_KEY == 0))
+    if not FUSED_TOPK:
+        # The selection rule needs every row's position: written once, by the first split.
+        tl.store(positions_out + rows, (first_pos + rows).to(tl.int64),
+                 mask=valid & (key_head == 0) & (split == 0) & (m % GROUPS_PER_KEY == 0))
     dims = tl.arange(0, INDEX_DIM)
     q = tl.load(q_idx + rows[:, None] * stride_qt + groups[:, None] * stride_qg + dims[None, :],
                 mask=valid[:, None], other=0.0)
@@ -99,16 +109,39 @@ def _index_block_scores_kernel(
         # queries saturate at its +-65504 range.
         q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
     tokens = tl.arange(0, PAGE)
+    if FUSED_TOPK:  # the selection rule, page by page (a tile's pages are not split)
+        own = (first_pos + rows) // PAGE  # each row's own block
+        slots = tl.arange(0, TOPK_P2)
+        # The best topk - 1 historical blocks so far; slots past those hold +inf, never the
+        # worst, so they never take a block.
+        best = tl.where(slots < TOPK - 1, float("-inf"), float("inf"))[None, :] \
+            + tl.zeros([BLOCK_M, TOPK_P2], tl.float32)
+        best_block = tl.full([BLOCK_M, TOPK_P2], -1, tl.int32)
     for page in tl.range(page_begin, page_end, num_stages=NUM_STAGES):
         physical = tl.load(block_table + seq * stride_bt + page).to(tl.int64)
         k = tl.load(k_idx + physical * stride_kp + tokens[:, None] * stride_kt
                     + key_head * stride_kh + dims[None, :])
         # fp8 index keys are widened in registers: the scan's bytes halve, the math stays.
         s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION)
-        # Pages at or after a row's own get scores too (of keys before the tile's last row);
-        # the rule never reads them.
-        tl.store(scores + rows * stride_st + groups * stride_sg + page,
-                 tl.max(s, axis=1) * scale, mask=valid)
+        score = tl.max(s, axis=1) * scale
+        if FUSED_TOPK:
+            # A better historical block replaces the worst kept (the first of equal worsts:
+            # the -inf slots fill in order); equal scores keep the earlier, lower block.
+            score = tl.where(page < own, score, float("-inf"))
+            worst = tl.argmin(best, axis=1)
+            replace = (slots[None, :] == worst[:, None]) & (score > tl.min(best, axis=1))[:, None]
+            best = tl.where(replace, score[:, None], best)
+            best_block = tl.where(replace, page, best_block)
+        else:
+            # Pages at or after a row's own get scores too (of keys before the tile's last
+            # row); the rule never reads them.
+            tl.store(scores + rows * stride_st + groups * stride_sg + page, score, mask=valid)
+    if FUSED_TOPK:  # the spec's row layout: kept blocks, the own block, then -1
+        taken = tl.minimum(own, TOPK - 1)[:, None]
+        row_out = tl.where(slots[None, :] < taken, best_block,
+                           tl.where(slots[None, :] == taken, own[:, None], -1))
+        tl.store(selected + (rows * (tl.num_programs(1) * GROUPS_PER_KEY) + groups)[:, None] * TOPK
+                 + slots[None, :], row_out, mask=valid[:, None] & (slots < TOPK)[None, :])
     release_next_kernel(USE_PDL)
 
 
@@ -118,16 +151,26 @@ def index_block_scores(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_tab
     """(max-pooled index scores float32 [total_q, Hkv, max_pages], each query row's position
     int64 [total_q]). Exact for each row's historical pages, the only ones the selection rule
     reads; the rest hold scores of other pages' keys or nothing (no fill kernel per step)."""
+    return _scan(q_idx, k_idx_cache, block_table, seq_lens, cu_seqlens_q, topk=None)
+
+
+def select_blocks(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_table: torch.Tensor,
+                  seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, topk: int) -> torch.Tensor:
+    """Long prefills keep each row's top-k in the scan itself; decode (pages split over
+    programs), short chunks and fp8 keys score, then apply the rule in a second kernel."""
+    scanned = _scan(q_idx, k_idx_cache, block_table, seq_lens, cu_seqlens_q, topk)
+    return scanned if isinstance(scanned, torch.Tensor) else topk_with_local_block(*scanned, topk)
+
+
+def _scan(q_idx, k_idx_cache, block_table, seq_lens, cu_seqlens_q, topk: int | None):
+    """The scan's launch: (scores, positions), or the selection itself when topk is given and
+    the rule can run in the scan (TOPK_IN_SCAN_MIN_TILES_PER_SM)."""
     total_q, num_groups, index_dim = q_idx.shape
     key_heads = k_idx_cache.shape[2]
     groups_per_key = num_groups // key_heads
     max_pages = block_table.shape[1]
-    scores = torch.empty(total_q, num_groups, max_pages, dtype=torch.float32,
-                         device=q_idx.device)
-    positions = torch.empty(total_q, dtype=torch.int64, device=q_idx.device)
     num_seqs = seq_lens.shape[0]
-    if total_q == 0:
-        return scores, positions
+    device = q_idx.device
     # Uniform decode steps (q_len 1..16 everywhere) get tiles of their q_len, anything longer
     # full prefill tiles.
     rows = QueryTiles.rows_for(total_q, num_seqs,
@@ -137,26 +180,32 @@ def index_block_scores(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_tab
     else:
         tiles = QueryTiles.build(cu_seqlens_q, total_q, rows)
         num_tiles, tile_arrays = tiles.num_tiles, (tiles.seq, tiles.start, tiles.end)
-    block_m = max(16, triton.next_power_of_2(rows * groups_per_key))
-    splits = max(1, min(max_pages, PROGRAMS_PER_SM * multiprocessors(q_idx.device)
-                        // (num_tiles * key_heads)))
-    pages_per_split = triton.cdiv(max_pages, splits)
-    grid = (num_tiles, key_heads, triton.cdiv(max_pages, pages_per_split))
-    _index_block_scores_kernel[grid](
-        q_idx, k_idx_cache, block_table, seq_lens, cu_seqlens_q, *tile_arrays, scores, positions,
-        q_idx.stride(0), q_idx.stride(1), k_idx_cache.stride(0), k_idx_cache.stride(1),
-        k_idx_cache.stride(2), block_table.stride(0), scores.stride(0), scores.stride(1),
-        1.0 / math.sqrt(index_dim), pages_per_split, num_seqs,
-        GROUPS_PER_KEY=groups_per_key, BLOCK_T=rows, BLOCK_M=block_m, INDEX_DIM=index_dim,
-        PAGE=BLOCK_SIZE, PRECISION=dot_precision(q_idx.dtype),
-        WIDEN_FP8_TO_FP16=k_idx_cache.element_size() == 1 and q_idx.dtype == torch.bfloat16,
-        USE_PDL=dependent_launch(q_idx.device), NUM_STAGES=NUM_STAGES,
-        ROW_TILES=rows == 1, SEARCH_STEPS=search_steps(num_seqs),
-        num_warps=PREFILL_WARPS if block_m >= PREFILL_PACKED_ROWS else DECODE_WARPS)
-    return scores, positions
-
-
-def select_blocks(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_table: torch.Tensor,
-                  seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, topk: int) -> torch.Tensor:
-    scores, positions = index_block_scores(q_idx, k_idx_cache, block_table, seq_lens, cu_seqlens_q)
-    return topk_with_local_block(scores, positions, topk)
+    fused = (topk is not None and rows > 1 and k_idx_cache.element_size() > 1
+             and num_tiles * key_heads >= TOPK_IN_SCAN_MIN_TILES_PER_SM * multiprocessors(device))
+    if fused:
+        selected = torch.empty(total_q, num_groups, topk, dtype=torch.int32, device=device)
+        scores = positions = selected  # unwritten
+        splits = 1
+    else:
+        scores = torch.empty(total_q, num_groups, max_pages, dtype=torch.float32, device=device)
+        positions = torch.empty(total_q, dtype=torch.int64, device=device)
+        selected = positions  # unwritten
+        splits = max(1, min(max_pages, PROGRAMS_PER_SM * multiprocessors(device)
+                            // max(1, num_tiles * key_heads)))
+    if total_q:
+        block_m = max(16, triton.next_power_of_2(rows * groups_per_key))
+        pages_per_split = triton.cdiv(max_pages, splits)
+        grid = (num_tiles, key_heads, triton.cdiv(max_pages, pages_per_split))
+        _index_block_scores_kernel[grid](
+            q_idx, k_idx_cache, block_table, seq_lens, cu_seqlens_q, *tile_arrays, scores,
+            positions, selected, q_idx.stride(0), q_idx.stride(1), k_idx_cache.stride(0),
+            k_idx_cache.stride(1), k_idx_cache.stride(2), block_table.stride(0),
+            scores.stride(0), scores.stride(1), 1.0 / math.sqrt(index_dim), pages_per_split,
+            num_seqs, GROUPS_PER_KEY=groups_per_key, BLOCK_T=rows, BLOCK_M=block_m,
+            INDEX_DIM=index_dim, PAGE=BLOCK_SIZE, PRECISION=dot_precision(q_idx.dtype),
+            WIDEN_FP8_TO_FP16=k_idx_cache.element_size() == 1 and q_idx.dtype == torch.bfloat16,
+            USE_PDL=dependent_launch(device), NUM_STAGES=NUM_STAGES, ROW_TILES=rows == 1,
+            SEARCH_STEPS=search_steps(num_seqs), TOPK=topk or 1,
+            TOPK_P2=triton.next_power_of_2(topk or 1), FUSED_TOPK=fused,
+            num_warps=PREFILL_WARPS if block_m >= PREFILL_PACKED_ROWS else DECODE_WARPS)
+    return selected if fused else (scores, positions)

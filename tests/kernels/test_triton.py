@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import prefill_kv_major, prefill_query_tiled, query_major
+from kernels import index_scoring, prefill_kv_major, prefill_query_tiled, query_major
 from tests.kernels.paged_batch import check_selection, make_batch, relative_error
 
 # (seq_lens, q_lens): fresh prefill, prefix + chunk, decode, multi-token decode; pages scattered,
@@ -51,10 +51,14 @@ def test_select_blocks_triton_matches_reference(layout, heads):
 
 
 @pytest.mark.parametrize("heads", [(16, 2, 1), (8, 1, 1)], ids=["tiles-of-64", "tiles-of-128"])
-def test_select_blocks_of_long_chunks(heads):
+@pytest.mark.parametrize("pages_split", [False, True], ids=["top-k-in-scan", "split-k"])
+def test_select_blocks_of_long_chunks(heads, pages_split, monkeypatch):
     """Prefill tiles of 64 and 128 query rows after a prefix, several per sequence: a tile scores
     the pages before its last row's own, unmasked, and each row still gets exactly its own
-    historical blocks' top-k."""
+    historical blocks' top-k, kept in the scan (a tile's pages in one program) or by the rule's
+    kernel after a split-K scan (fewer tiles than SMs: here a device of a million SMs)."""
+    if pages_split:
+        monkeypatch.setattr(index_scoring, "multiprocessors", lambda device: 1 << 20)
     batch = make_batch([900, 300], [300, 260], *heads[:2], 16, 16, heads[2], seed=3)
     ours = kernels.select_blocks(batch.q_idx, batch.k_idx_cache, *batch.layout(), topk=3,
                                  backend="triton")
