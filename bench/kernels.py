@@ -148,12 +148,32 @@ def graph_time(sets: list, fn) -> float:
     return time_rotating(graphs, lambda graph: graph.replay())
 
 
-def decode_case(heads: Heads, batch: int, context: int, q_len: int, copy_bw: float) -> list:
+def decode_inputs(heads: Heads, batch: int, context: int, q_len: int, alike: bool) -> list:
+    """Rotated input sets of a decode step with their selections (`.blocks`). alike: the q_len
+    tokens of a request share one index query, so they choose the same blocks, as a trained
+    model's consecutive (speculative) tokens mostly do; otherwise random picks are unrelated."""
     seq_lens, q_lens = [context] * batch, [q_len] * batch
     per_set = batch * context * (2 * heads.num_kv_heads * heads.head_dim + heads.index_dim) * 2
     sets = rotated(lambda s: PagedInputs(heads, seq_lens, q_lens, s), per_set)
     for s in sets:
+        if alike:
+            s.q_idx = s.q_idx[q_len - 1::q_len].repeat_interleave(q_len, dim=0).contiguous()
         s.blocks = s.select()
+    return sets
+
+
+def selected_pages(blocks: torch.Tensor, q_len: int) -> int:
+    """Distinct (request, KV group, page) picks: the K/V pages a step must read once each."""
+    requests = torch.arange(blocks.shape[0], device=blocks.device) // q_len
+    groups = torch.arange(blocks.shape[1], device=blocks.device)
+    keys = (requests[:, None, None] * blocks.shape[1] + groups[None, :, None]) * (1 << 24) + blocks
+    return torch.unique(keys[blocks >= 0]).numel()
+
+
+def decode_case(heads: Heads, batch: int, context: int, q_len: int, copy_bw: float,
+                alike: bool = False) -> list:
+    sets = decode_inputs(heads, batch, context, q_len, alike)
+    pages = selected_pages(sets[0].blocks, q_len)
     t_select = time_rotating(sets, lambda s: s.select())
     t_attend = time_rotating(sets, lambda s: s.attend(s.blocks))
     t_step = time_rotating(sets, lambda s: s.attend(s.select()))
@@ -179,20 +199,37 @@ def decode_case(heads: Heads, batch: int, context: int, q_len: int, copy_bw: flo
     t_dense = time_rotating(dense_sets, lambda s: F.scaled_dot_product_attention(
         *s, enable_gqa=True))
     del dense_sets
-    # The bytes MSA must move: every index key once, the selected K/V pages once per group.
+    # The bytes MSA must move: every index key once, each selected K/V page of a request's
+    # group once (however many of its tokens chose it).
     index_bytes = batch * context * heads.index_dim * 2
-    kv_bytes = (batch * heads.num_kv_heads * min(TOPK, math.ceil(context / PAGE)) * PAGE
-                * heads.head_dim * 2 * 2)
+    kv_bytes = pages * PAGE * heads.head_dim * 2 * 2
     ideal = (index_bytes + kv_bytes) / copy_bw
     ideal_fp8 = (index_bytes / 2 + kv_bytes) / copy_bw
     index_bw = index_bytes / t_scan
     index_bw_fp8 = index_bytes / 2 / t_scan_fp8
-    return [heads.name, f"{batch} x {context // 1024}K" + (f" x q{q_len}" if q_len > 1 else ""),
+    return [heads.name, decode_label(batch, context, q_len, alike),
             f"{t_dense * 1e6:.0f}", f"{t_select * 1e6:.0f}", f"{t_attend * 1e6:.0f}",
             f"{t_step * 1e6:.0f}", f"{t_graph * 1e6:.0f}", f"{t_dense / t_graph:.2f}x",
             f"{t_graph / ideal:.2f}", f"{index_bw / copy_bw:.0%}",
             f"{t_graph_fp8 * 1e6:.0f}", f"{t_dense / t_graph_fp8:.2f}x",
             f"{t_graph_fp8 / ideal_fp8:.2f}", f"{index_bw_fp8 / copy_bw:.0%}"]
+
+
+def decode_label(batch: int, context: int, q_len: int, alike: bool) -> str:
+    tokens = f" x q{q_len}" + (" alike" if alike else "") if q_len > 1 else ""
+    return f"{batch} x {context // 1024}K{tokens}"
+
+
+def multi_token_case(heads: Heads, batch: int, context: int, q_len: int, alike: bool) -> list:
+    """Multi-token decode attention: the dispatched query-tiled kernel (a tile per request,
+    each chosen page loaded once for all its tokens) against query-major (once per token)."""
+    sets = decode_inputs(heads, batch, context, q_len, alike)
+    t_query_major = graph_time(sets, lambda s: s.attend_with(query_major, s.blocks))
+    t_dispatched = graph_time(sets, lambda s: s.attend(s.blocks))
+    per_request = selected_pages(sets[0].blocks, q_len) / (batch * heads.num_kv_heads)
+    return [heads.name, decode_label(batch, context, q_len, alike), f"{per_request:.0f}",
+            f"{t_query_major * 1e6:.0f}", f"{t_dispatched * 1e6:.0f}",
+            f"{t_query_major / t_dispatched:.2f}x"]
 
 
 def dense_time(heads: Heads, q_len: int, seq_len: int) -> float:
@@ -308,16 +345,23 @@ def main() -> None:
 
     decode_cases = [(SHARD, 8, 4096, 1), (SHARD, 64, 4096, 1), (SHARD, 8, 32768, 1),
                     (SHARD, 32, 32768, 1), (SHARD, 8, 131072, 1), (SHARD, 1, 1 << 20, 1),
-                    (FULL, 8, 131072, 1), (SHARD, 8, 32768, 8)]
+                    (FULL, 8, 131072, 1), (SHARD, 8, 32768, 8), (SHARD, 8, 32768, 8, True)]
     if not args.quick:
         decode_cases += [(SHARD, 32, 4096, 1), (SHARD, 128, 4096, 1), (SHARD, 64, 32768, 1),
                          (SHARD, 32, 131072, 1), (FULL, 32, 32768, 1)]
     if args.only in ("prefill", "flex"):
         decode_cases = []
     decode_rows = []
-    for heads, batch, context, q_len in decode_cases:
-        decode_rows.append(decode_case(heads, batch, context, q_len, copy_bw))
+    for heads, batch, context, q_len, *alike in decode_cases:
+        decode_rows.append(decode_case(heads, batch, context, q_len, copy_bw, *alike))
         print(" | ".join(decode_rows[-1]), flush=True)
+        torch.cuda.empty_cache()
+    multi_token_rows = []
+    for heads, batch, context, q_len, alike in ([] if args.only in ("prefill", "flex") else [
+            (SHARD, 8, 32768, 8, False), (SHARD, 8, 32768, 8, True), (SHARD, 32, 32768, 4, True),
+            (FULL, 8, 131072, 4, True), (SHARD, 64, 4096, 2, True)]):
+        multi_token_rows.append(multi_token_case(heads, batch, context, q_len, alike))
+        print(" | ".join(multi_token_rows[-1]), flush=True)
         torch.cuda.empty_cache()
 
     prefill_cases = [(SHARD, [(171, 55_000)], "171 + 55K prefix"),
@@ -353,6 +397,10 @@ def main() -> None:
          "fp8 index keys: step graph (us)", "fp8 vs dense", "fp8 / bandwidth ideal",
          "fp8 index scan % of copy BW"],
         decode_rows)
+    multi_token_table = markdown_table(
+        ["shape", "batch x context x tokens", "K/V pages a request's group needs",
+         "query-major: per token (us)", "dispatched: query-tiled per request (us)",
+         "dispatched vs query-major"], multi_token_rows)
     prefill_table = markdown_table(
         ["shape", "chunk", "dense flash SDPA (ms)", "select (ms)", "query-major (ms)",
          "KV-major (ms)", "query-tiled (ms)", "KV-major vs query-major",
@@ -366,7 +414,9 @@ def main() -> None:
         flex_rows)
     name = torch.cuda.get_device_name()
     gpu = next((kind for kind in ("h100", "h200") if kind in name.lower()), "gpu")
-    sections = [("Decode", decode_table, decode_rows), ("Prefill (chunk after a cached prefix)",
+    sections = [("Decode", decode_table, decode_rows),
+                ("Multi-token decode attention (CUDA graph)", multi_token_table,
+                 multi_token_rows), ("Prefill (chunk after a cached prefix)",
                                                         prefill_table, prefill_rows),
                 ("Against FlexAttention (same per-query-block selection)", flex_table,
                  flex_rows)]
@@ -374,7 +424,8 @@ def main() -> None:
              f"(read + write), bf16 matmul {mma / 1e12:.0f} TFLOP/s. topk {TOPK}, block {PAGE}, "
              "bf16, one shared index-key head. 'MSA step' = select_blocks + sparse_attention "
              "(Triton), eager and replayed as a CUDA graph. 'graph / bandwidth ideal' = graph "
-             "step time over (index keys + selected K/V pages) / copy bandwidth; 'index scan' = "
+             "step time over (index keys + each selected K/V page of a request's group once) / copy "
+             "bandwidth ('alike': a request's tokens share one index query); 'index scan' = "
              "the scoring kernel alone (select minus the top-k rule). 'best TFLOP/s' "
              "(the faster of KV-major and query-tiled) counts 4*D flops per (query head, "
              "selected key), keys per row capped at topk*128; "

@@ -8,6 +8,11 @@ union block's K/V page is loaded once per tile, every row attends to it only if 
 chip. Unlike the KV-major kernel nothing round-trips through HBM: no per-(row, slot) partials,
 no merge. The unions are built on the GPU by one small kernel, which flags the blocks only some
 of the tile's rows chose: only those pay for the per-row check.
+
+Multi-token decode (q_len 2..16: speculative tokens) is the same walk with a tile per request:
+each page any of its tokens chose is loaded once for all of them and all G heads. Those grids
+are small, so a tile's union is split across programs (split-K) whose partial outputs the
+shared LSE-merge kernel combines.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.lse_merge import merge_partials
 from kernels.reference import BLOCK_SIZE
 from kernels.triton_layout import (
     LOG2E,
@@ -26,6 +32,7 @@ from kernels.triton_layout import (
     QueryTiles,
     dot_precision,
     finish_softmax,
+    multiprocessors,
     online_softmax_step,
     page_rows,
     rows_of_tile,
@@ -40,6 +47,13 @@ from kernels.triton_layout import (
 _PACKED_ROWS = 128  # M of one program: query rows x query heads of the group
 NUM_WARPS = 8
 NUM_STAGES = 2
+# Split-K for grids of few (tile, group) pairs: programs per SM over the whole grid (spare
+# tiles included), and the fewest pages a split walks (its partial output round-trips through
+# HBM). H100 sweep of 1/2/4/8 x 2/4/8: 2 programs per SM is the best or within 4% at every
+# shape; pages per split change nothing measurable. Dense decode (the engine's dense layers and
+# baseline): 8 x 32K, Hq16/Hkv2 528 -> 120 us, Hq64/Hkv4 543 -> 211 us.
+PROGRAMS_PER_SM = 2
+MIN_PAGES_PER_SPLIT = 4
 # A union entry is its block id, plus _SOME_ROWS when only some of the tile's rows chose it:
 # only those entries pay for the per-row check. H100, 32K prompt, FlexAttention's selection
 # (1.40 ms there): masking every entry's scores 1.46-1.49 ms; skipping rows through the softmax
@@ -117,7 +131,9 @@ class TileUnions:
     @classmethod
     def for_attention(cls, blocks: torch.Tensor, cu_seqlens_q: torch.Tensor, group: int,
                       max_pages: int) -> "TileUnions":
-        return cls.build(blocks, cu_seqlens_q, rows_per_tile(group), max_pages)
+        rows = QueryTiles.rows_for(blocks.shape[0], cu_seqlens_q.shape[0] - 1,
+                                   rows_per_tile(group))
+        return cls.build(blocks, cu_seqlens_q, rows, max_pages)
 
     @classmethod
     def build(cls, blocks: torch.Tensor, cu_seqlens_q: torch.Tensor, rows: int,
@@ -196,7 +212,7 @@ def _query_tiled_kernel(
     q, k_pages, v_pages, block_table, seq_lens, cu_seqlens_q, blocks, tile_seq, tile_start,
     tile_end, union_count, union_block, out, lse, gate_flag,
     stride_qt, stride_qh, stride_bt, stride_blt, stride_blg,
-    num_groups, union_capacity, scale_log2,
+    num_groups, union_capacity, num_splits, scale_log2,
     GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
     TOPK: tl.constexpr, TOPK_P2: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr,
     NUM_STAGES: tl.constexpr, ALL_VISIBLE: tl.constexpr, GATE: tl.constexpr,
@@ -205,6 +221,7 @@ def _query_tiled_kernel(
         return
     tile = tl.program_id(0)
     group = tl.program_id(1)
+    split = tl.program_id(2)
     row_begin = tl.load(tile_start + tile)
     row_end = tl.load(tile_end + tile)
     if row_begin >= row_end:  # a spare tile of the grid's upper bound
@@ -230,7 +247,7 @@ def _query_tiled_kernel(
         chosen_by_row = 0
         first = 0
         last = (first_pos + row_end - 1) // PAGE + 1
-        split = own_page
+        causal_from = own_page
     else:
         slots = tl.arange(0, TOPK_P2)
         # Each packed row's own selection, to mask the union blocks it did not choose.
@@ -243,20 +260,26 @@ def _query_tiled_kernel(
         near = tl.arange(0, 2)
         tail = tl.load(union_block + last - 2 + near, mask=last - 2 + near >= first, other=0)
         tail = tl.where(last - 2 + near >= first, tail & _BLOCK_ID, -1)
-        split = last - tl.sum((tail >= own_page).to(tl.int32), axis=0)
-    for entry in tl.range(first, split, num_stages=NUM_STAGES):
+        causal_from = last - tl.sum((tail >= own_page).to(tl.int32), axis=0)
+    # This split's share of the pages, in equal parts of the tile's own count.
+    per_split = tl.cdiv(last - first, num_splits)
+    first = first + split * per_split
+    last = tl.minimum(first + per_split, last)
+    causal_from = tl.maximum(causal_from, first)
+    for entry in tl.range(first, tl.minimum(causal_from, last), num_stages=NUM_STAGES):
         acc, running_max, running_sum = _attend_page(
             entry, union_block, block_table, k_pages, v_pages, seq, group, query, pos,
             chosen_by_row, acc, running_max, running_sum, scale_log2, stride_bt, BLOCK_M,
             HEAD_DIM, PAGE, PRECISION, ALL_VISIBLE, False)
-    for entry in tl.range(split, last):
+    for entry in tl.range(causal_from, last):
         acc, running_max, running_sum = _attend_page(
             entry, union_block, block_table, k_pages, v_pages, seq, group, query, pos,
             chosen_by_row, acc, running_max, running_sum, scale_log2, stride_bt, BLOCK_M,
             HEAD_DIM, PAGE, PRECISION, ALL_VISIBLE, True)
 
     result, row_lse = finish_softmax(acc, running_max, running_sum)
-    target = rows * (num_groups * GROUP) + heads
+    # Layout [row, group, split, head, dim]: with one split it is the final [row, Hq, D].
+    target = ((rows * num_groups + group) * num_splits + split) * GROUP + m % GROUP
     tl.store(out + target[:, None] * HEAD_DIM + dims[None, :],
              result.to(out.dtype.element_ty), mask=valid[:, None])
     tl.store(lse + target, row_lse, mask=valid)
@@ -309,15 +332,29 @@ def _launch(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, shape: Att
         rows, tiles = unions.rows, unions.tiles
         union_count, union_block = unions.count, unions.block
         union_capacity = unions.block.shape[1]
+    units = tiles.num_tiles * shape.num_groups
+    most_pages = union_capacity if unions is not None else block_table.shape[1]
+    splits = max(1, min(PROGRAMS_PER_SM * multiprocessors(q.device) // units,
+                        most_pages // MIN_PAGES_PER_SPLIT))
+    if splits == 1:
+        partial_out, partial_lse = out, lse
+    else:  # partials in the inputs' precision, as the KV-major kernel's
+        partial_out = torch.empty(shape.total_q, shape.num_groups, splits, shape.group,
+                                  shape.head_dim, dtype=q.dtype, device=q.device)
+        partial_lse = torch.empty(shape.total_q, shape.num_groups, splits, shape.group,
+                                  dtype=torch.float32, device=q.device)
     gate_flag, gate = GatedOutput.launch_args(gated, cu_seqlens_q)
-    _query_tiled_kernel[(tiles.num_tiles, shape.num_groups)](
+    _query_tiled_kernel[(tiles.num_tiles, shape.num_groups, splits)](
         q, page_rows(k_cache), page_rows(v_cache), block_table, seq_lens, cu_seqlens_q, blocks,
-        tiles.seq, tiles.start, tiles.end, union_count, union_block, out, lse, gate_flag,
-        q.stride(0), q.stride(1), block_table.stride(0), blocks.stride(0) if unions else 0,
-        blocks.stride(1) if unions else 0, shape.num_groups, union_capacity,
-        shape.scale * LOG2E,
+        tiles.seq, tiles.start, tiles.end, union_count, union_block, partial_out, partial_lse,
+        gate_flag, q.stride(0), q.stride(1), block_table.stride(0),
+        blocks.stride(0) if unions else 0, blocks.stride(1) if unions else 0, shape.num_groups,
+        union_capacity, splits, shape.scale * LOG2E,
         GROUP=shape.group, ROWS=rows, BLOCK_M=max(16, triton.next_power_of_2(rows * shape.group)),
         HEAD_DIM=shape.head_dim, TOPK=shape.topk, TOPK_P2=triton.next_power_of_2(shape.topk),
         PAGE=BLOCK_SIZE, PRECISION=dot_precision(q.dtype), NUM_STAGES=NUM_STAGES,
         ALL_VISIBLE=unions is None, GATE=gate, num_warps=NUM_WARPS)
+    if splits > 1:
+        merge_partials(partial_out, partial_lse, out, lse, shape.num_groups, splits,
+                       gated=gated)
     return (out, lse) if return_lse else out

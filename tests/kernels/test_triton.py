@@ -180,6 +180,29 @@ def test_query_tiled_dense_attention_matches_reference(layout, heads):
     assert torch.allclose(lse, ref_lse.float(), atol=1e-4)
 
 
+@pytest.mark.parametrize("layout", ["multi-token-decode", "decode", "chunk-after-prefix"])
+@pytest.mark.parametrize("dense", [False, True], ids=["sparse", "dense"])
+def test_query_tiled_split_k_matches_reference(monkeypatch, layout, dense):
+    """Small grids split each tile's pages over programs and merge the partials; here as many
+    splits as a tile could have pages, so some splits walk none."""
+    monkeypatch.setattr(prefill_query_tiled, "multiprocessors", lambda device: 1 << 20)
+    monkeypatch.setattr(prefill_query_tiled, "MIN_PAGES_PER_SPLIT", 1)
+    batch = _batch(layout, (16, 2, 1), seed=4)
+    args = (batch.q, batch.k_cache, batch.v_cache, *batch.layout())
+    doubled = (batch.q.double(), batch.k_cache.double(), batch.v_cache.double(), *batch.layout())
+    if dense:
+        out, lse = prefill_query_tiled.dense_attention(*args, return_lse=True)
+        ref_out, ref_lse = kernels.dense_attention(*doubled, return_lse=True,
+                                                   backend="reference")
+    else:
+        blocks = kernels.select_blocks(batch.q_idx, batch.k_idx_cache, *batch.layout(), topk=3)
+        out, lse = prefill_query_tiled.sparse_attention(*args, blocks, return_lse=True)
+        ref_out, ref_lse = kernels.sparse_attention(*doubled, blocks, return_lse=True,
+                                                    backend="reference")
+    assert relative_error(out, ref_out) < 1e-5
+    assert torch.allclose(lse, ref_lse.float(), atol=1e-4)
+
+
 # Short tiles after a prefix, and one 40-row prompt (its 640 picks sorted in one program).
 @pytest.mark.parametrize("layout,rows", [("chunk-after-prefix", 4), ("prefill+decode", 40)])
 def test_query_tiled_unions_cover_every_rows_choice(layout, rows):
@@ -206,12 +229,13 @@ def test_query_tiled_unions_cover_every_rows_choice(layout, rows):
     assert (covered == 1).all()  # the tiles cover every row once
 
 
-@pytest.mark.parametrize("layout,heads,expect_kv_major", [
-    ("prefill+decode", (16, 2, 1), True),  # 41 rows over 2 sequences, G = 8
-    ("multi-token-decode", (16, 2, 1), False),  # 18 rows: too few
-    ("prefill+decode", (16, 1, 1), False),  # G = 16: partials too large per row
-])
-def test_dispatch_picks_kv_major_by_shape(monkeypatch, layout, heads, expect_kv_major):
+@pytest.mark.parametrize("layout,heads,expected", [
+    ("prefill+decode", (16, 2, 1), prefill_kv_major),  # 41 rows over 2 sequences, G = 8
+    ("multi-token-decode", (16, 2, 1), prefill_query_tiled),  # 9 rows a sequence: a tile each
+    ("prefill+decode", (16, 1, 1), query_major),  # G = 16: partials too large per row
+    ("decode", (16, 2, 1), query_major),
+], ids=["kv-major", "multi-token-query-tiled", "query-major-G16", "decode-query-major"])
+def test_dispatch_picks_kernel_by_shape(monkeypatch, layout, heads, expected):
     from kernels import triton_backend
 
     monkeypatch.setattr(triton_backend, "KV_MAJOR_MIN_ROWS", 32)
@@ -219,13 +243,13 @@ def test_dispatch_picks_kv_major_by_shape(monkeypatch, layout, heads, expect_kv_
     batch = _batch(layout, heads, seed=9)
     blocks = kernels.select_blocks(batch.q_idx, batch.k_idx_cache, *batch.layout(), topk=3)
     calls = []
-    for module in (prefill_kv_major, query_major):
+    for module in ATTENTION_KERNELS:
         real = module.sparse_attention
         monkeypatch.setattr(module, "sparse_attention",
                             lambda *a, _m=module, _r=real, **k: calls.append(_m) or _r(*a, **k))
     out = triton_backend.sparse_attention(batch.q, batch.k_cache, batch.v_cache,
                                           *batch.layout(), blocks)
-    assert calls == [prefill_kv_major if expect_kv_major else query_major]
+    assert calls == [expected]
     ref = kernels.sparse_attention(batch.q.double(), batch.k_cache.double(),
                                    batch.v_cache.double(), *batch.layout(), blocks,
                                    backend="reference")
