@@ -190,8 +190,11 @@ def _scan(q_idx, k_idx_cache, block_table, seq_lens, cu_seqlens_q, topk: int | N
         scores = torch.empty(total_q, num_groups, max_pages, dtype=torch.float32, device=device)
         positions = torch.empty(total_q, dtype=torch.int64, device=device)
         selected = positions  # unwritten
+        # Split by the tiles that hold rows (all of them in a uniform step), not the grid's
+        # upper bound: its spare tiles return at once. H100, multi-token decode select: fp8 keys
+        # 1.08-1.14x faster (32 x 32K x q4 80.7 -> 71.0 us), bf16 0.96-1.04x.
         splits = max(1, min(max_pages, PROGRAMS_PER_SM * multiprocessors(device)
-                            // max(1, num_tiles * key_heads)))
+                            // max(1, triton.cdiv(total_q, rows) * key_heads)))
     if total_q:
         block_m = max(16, triton.next_power_of_2(rows * groups_per_key))
         pages_per_split = triton.cdiv(max_pages, splits)
