@@ -73,6 +73,20 @@ def _merge_kernel(
     tl.store(lse + row * stride_lt + heads, row_lse, mask=head_ok)
 
 
+def split_outputs(out: torch.Tensor, lse: torch.Tensor, num_groups: int, splits: int,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where split-K programs write before `merge_partials`: out [T, Hq, D] and lse themselves
+    for one split, else partials [T, Hkv, splits, G, D] in dtype and float32 LSEs."""
+    if splits == 1:
+        return out, lse
+    total_q, num_heads, head_dim = out.shape
+    group = num_heads // num_groups
+    return (torch.empty(total_q, num_groups, splits, group, head_dim, dtype=dtype,
+                        device=out.device),
+            torch.empty(total_q, num_groups, splits, group, dtype=torch.float32,
+                        device=out.device))
+
+
 def merge_partials(partial_out: torch.Tensor, partial_lse: torch.Tensor, out: torch.Tensor,
                    lse: torch.Tensor, num_groups: int, slots: int,
                    blocks: torch.Tensor | None = None, chained: bool = False,

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.lse_merge import merge_partials
+from kernels.lse_merge import merge_partials, split_outputs
 from kernels.reference import BLOCK_SIZE
 from kernels.triton_layout import (
     LOG2E,
@@ -336,13 +336,8 @@ def _launch(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, shape: Att
     most_pages = union_capacity if unions is not None else block_table.shape[1]
     splits = max(1, min(PROGRAMS_PER_SM * multiprocessors(q.device) // units,
                         most_pages // MIN_PAGES_PER_SPLIT))
-    if splits == 1:
-        partial_out, partial_lse = out, lse
-    else:  # partials in the inputs' precision, as the KV-major kernel's
-        partial_out = torch.empty(shape.total_q, shape.num_groups, splits, shape.group,
-                                  shape.head_dim, dtype=q.dtype, device=q.device)
-        partial_lse = torch.empty(shape.total_q, shape.num_groups, splits, shape.group,
-                                  dtype=torch.float32, device=q.device)
+    # Partials in the inputs' precision, as the KV-major kernel's.
+    partial_out, partial_lse = split_outputs(out, lse, shape.num_groups, splits, q.dtype)
     gate_flag, gate = GatedOutput.launch_args(gated, cu_seqlens_q)
     _query_tiled_kernel[(tiles.num_tiles, shape.num_groups, splits)](
         q, page_rows(k_cache), page_rows(v_cache), block_table, seq_lens, cu_seqlens_q, blocks,

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.lse_merge import merge_partials
+from kernels.lse_merge import merge_partials, split_outputs
 from kernels.reference import BLOCK_SIZE
 from kernels.triton_layout import (
     LOG2E,
@@ -107,13 +107,7 @@ def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     splits = triton.cdiv(topk, blocks_per_split)
     # One split writes the final output directly; several write float32 partials to merge.
     out, row_lse = shape.outputs(q, gated)
-    if splits == 1:
-        partial_out, partial_lse = out, row_lse
-    else:
-        partial_out = torch.empty(total_q, num_groups, splits, group, head_dim,
-                                  dtype=torch.float32, device=q.device)
-        partial_lse = torch.empty(total_q, num_groups, splits, group, dtype=torch.float32,
-                                  device=q.device)
+    partial_out, partial_lse = split_outputs(out, row_lse, num_groups, splits, torch.float32)
     if total_q:
         num_seqs = seq_lens.shape[0]
         gate_flag, gate = GatedOutput.launch_args(gated, cu_seqlens_q)
