@@ -88,33 +88,38 @@ class BlockWork:
         gate_flag, gate = GatedOutput.launch_args(gated, cu_seqlens_q)
         row_args = dict(GROUPS_P2=triton.next_power_of_2(num_groups), TOPK=topk,
                         TOPK_P2=triton.next_power_of_2(topk), SEARCH_STEPS=search_steps(batch),
-                        GATE=gate)
-        _rank_entries_kernel[(total_q,)](
+                        ROWS_PER_PROGRAM=SORT_ROWS_PER_PROGRAM, GATE=gate)
+        sort_grid = (triton.cdiv(total_q, SORT_ROWS_PER_PROGRAM),)
+        _rank_entries_kernel[sort_grid](
             blocks, cu_seqlens_q, counts, rank, gate_flag, blocks.stride(0), blocks.stride(1),
-            first_row, batch, num_groups, max_pages, **row_args)
+            first_row, total_q, batch, num_groups, max_pages, **row_args)
         _segment_scan_kernel[(1,)](counts, work.segment_start, work.items_cu, gate_flag,
                                    segments, ROWS=rows, BLOCK=SCAN_BLOCK, GATE=gate)
-        _place_entries_kernel[(total_q,)](
+        _place_entries_kernel[sort_grid](
             blocks, cu_seqlens_q, rank, work.segment_start, work.entry_row, work.entry_slot,
-            gate_flag, blocks.stride(0), blocks.stride(1), first_row, batch, num_groups,
-            max_pages, **row_args)
+            gate_flag, blocks.stride(0), blocks.stride(1), first_row, total_q, batch,
+            num_groups, max_pages, **row_args)
         return work
 
 
 SCAN_BLOCK = 4096  # segments per step of the one-program scan
+# Query rows per program of the counting sort's two per-row passes: a gated fallback that
+# stands aside still launches their grids (`GatedOutput`; H100, 32K rows: ~42 us of empty
+# programs at one row each, ~6 us at 8; no change when they run).
+SORT_ROWS_PER_PROGRAM = 8
 
 
 @triton.jit
-def _entry_segments(blocks, cu_seqlens_q, stride_blt, stride_blg, first_row, num_seqs,
-                    num_groups, max_pages, GROUPS_P2: tl.constexpr, TOPK: tl.constexpr,
-                    TOPK_P2: tl.constexpr, SEARCH_STEPS: tl.constexpr):
-    """(segment of each of this program's row's (group, slot) entries, which are real,
-    their flat entry index): shared by the two per-row passes of the counting sort."""
-    row = tl.program_id(0)
+def _entry_segments(blocks, cu_seqlens_q, row, stride_blt, stride_blg, first_row, total_rows,
+                    num_seqs, num_groups, max_pages, GROUPS_P2: tl.constexpr,
+                    TOPK: tl.constexpr, TOPK_P2: tl.constexpr, SEARCH_STEPS: tl.constexpr):
+    """(segment of each of a row's (group, slot) entries, which are real, their flat entry
+    index): shared by the two per-row passes of the counting sort. A row past the last one
+    has no real entries."""
     seq = segment_of(cu_seqlens_q, first_row + row, num_seqs, SEARCH_STEPS)
     groups = tl.arange(0, GROUPS_P2)[:, None]
     slots = tl.arange(0, TOPK_P2)[None, :]
-    real = (groups < num_groups) & (slots < TOPK)
+    real = (groups < num_groups) & (slots < TOPK) & (row < total_rows)
     block = tl.load(blocks + row.to(tl.int64) * stride_blt + groups * stride_blg + slots,
                     mask=real, other=-1)
     real = real & (block >= 0)
@@ -125,16 +130,19 @@ def _entry_segments(blocks, cu_seqlens_q, stride_blt, stride_blg, first_row, num
 
 @triton.jit
 def _rank_entries_kernel(blocks, cu_seqlens_q, counts, rank, gate_flag, stride_blt, stride_blg,
-                         first_row, num_seqs, num_groups, max_pages, GROUPS_P2: tl.constexpr,
-                         TOPK: tl.constexpr, TOPK_P2: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+                         first_row, total_rows, num_seqs, num_groups, max_pages,
+                         GROUPS_P2: tl.constexpr, TOPK: tl.constexpr, TOPK_P2: tl.constexpr,
+                         SEARCH_STEPS: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr,
                          GATE: tl.constexpr):
     if stands_aside(gate_flag, GATE):  # GatedOutput: the other kernel writes
         return
-    segment, real, entry = _entry_segments(blocks, cu_seqlens_q, stride_blt, stride_blg,
-                                           first_row, num_seqs, num_groups, max_pages,
-                                           GROUPS_P2, TOPK, TOPK_P2, SEARCH_STEPS)
-    taken = tl.atomic_add(counts + segment, 1, mask=real, sem="relaxed")
-    tl.store(rank + entry, taken, mask=real)
+    for r in tl.static_range(ROWS_PER_PROGRAM):
+        row = tl.program_id(0) * ROWS_PER_PROGRAM + r
+        segment, real, entry = _entry_segments(
+            blocks, cu_seqlens_q, row, stride_blt, stride_blg, first_row, total_rows, num_seqs,
+            num_groups, max_pages, GROUPS_P2, TOPK, TOPK_P2, SEARCH_STEPS)
+        taken = tl.atomic_add(counts + segment, 1, mask=real, sem="relaxed")
+        tl.store(rank + entry, taken, mask=real)
 
 
 @triton.jit
@@ -163,19 +171,21 @@ def _segment_scan_kernel(counts, segment_start, items_cu, gate_flag, num_segment
 
 @triton.jit
 def _place_entries_kernel(blocks, cu_seqlens_q, rank, segment_start, entry_row, entry_slot,
-                          gate_flag, stride_blt, stride_blg, first_row, num_seqs, num_groups,
-                          max_pages, GROUPS_P2: tl.constexpr, TOPK: tl.constexpr,
+                          gate_flag, stride_blt, stride_blg, first_row, total_rows, num_seqs,
+                          num_groups, max_pages, GROUPS_P2: tl.constexpr, TOPK: tl.constexpr,
                           TOPK_P2: tl.constexpr, SEARCH_STEPS: tl.constexpr,
-                          GATE: tl.constexpr):
+                          ROWS_PER_PROGRAM: tl.constexpr, GATE: tl.constexpr):
     if stands_aside(gate_flag, GATE):  # GatedOutput: the other kernel writes
         return
-    segment, real, entry = _entry_segments(blocks, cu_seqlens_q, stride_blt, stride_blg,
-                                           first_row, num_seqs, num_groups, max_pages,
-                                           GROUPS_P2, TOPK, TOPK_P2, SEARCH_STEPS)
-    place = tl.load(segment_start + segment, mask=real, other=0) \
-        + tl.load(rank + entry, mask=real, other=0)
-    tl.store(entry_row + place, tl.zeros_like(segment) + tl.program_id(0), mask=real)
-    tl.store(entry_slot + place, (entry % TOPK).to(tl.int32), mask=real)
+    for r in tl.static_range(ROWS_PER_PROGRAM):
+        row = tl.program_id(0) * ROWS_PER_PROGRAM + r
+        segment, real, entry = _entry_segments(
+            blocks, cu_seqlens_q, row, stride_blt, stride_blg, first_row, total_rows, num_seqs,
+            num_groups, max_pages, GROUPS_P2, TOPK, TOPK_P2, SEARCH_STEPS)
+        place = tl.load(segment_start + segment, mask=real, other=0) \
+            + tl.load(rank + entry, mask=real, other=0)
+        tl.store(entry_row + place, tl.zeros_like(segment) + row, mask=real)
+        tl.store(entry_slot + place, (entry % TOPK).to(tl.int32), mask=real)
 
 
 @triton.jit

@@ -10,11 +10,12 @@ import torch
 from kernels import lse_merge
 
 
-@pytest.mark.parametrize("rows", [1, 40], ids=["decode-heads-spread", "prefill-slot-by-slot"])
+@pytest.mark.parametrize("rows", [1, 41], ids=["decode-heads-spread", "prefill-slot-by-slot"])
 @pytest.mark.parametrize("with_blocks", [False, True])
 def test_merge_partials_matches_torch(rows, with_blocks):
     """Both launch regimes: few (row, group) pairs spread heads over programs with every slot
-    at once; many take all heads and fold the slots one by one."""
+    at once; many take all heads and fold the slots one by one, a few rows per program (41
+    rows: the last program has rows past the end)."""
     g = torch.Generator().manual_seed(rows)
     groups, group, slots, dim = 2, 8, 16, 128
     partial_out = torch.randn(rows, groups, slots, group, dim, generator=g)
