@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -83,12 +85,29 @@ def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         return fallback.sparse_attention(*args, return_lse)
     # A long prefill chunk: the query-tiled kernel if its tiles' rows chose alike. Both kernels
     # are launched into the same buffers and a flag on the device lets one of them write, so
-    # the look costs no host sync (the other kernel's programs return after one load).
+    # the look costs no host sync (the other kernel's programs return after one load). The
+    # two run on two streams: the fallback's empty programs, when it stands aside, then fill
+    # SMs beside the query-tiled kernel's instead of after them (H100, a coherent 32K prompt:
+    # 1.41 -> 1.38 ms; unchanged where the fallback runs).
     unions = prefill_query_tiled.TileUnions.for_attention(blocks, cu_seqlens_q, group,
                                                           block_table.shape[1])
     alike = unions.alike(blocks.shape[2], QUERY_TILED_MAX_UNION)
     out, lse = AttentionShape.of(q, k_cache, blocks, softmax_scale).outputs(q)
-    prefill_query_tiled.sparse_attention(*args, unions=unions,
-                                         gated=GatedOutput(out, lse, alike, runs_when=1))
+    side = _side_stream(q.device)
+    if side is not None:
+        side.wait_stream(torch.cuda.current_stream(q.device))
+    with torch.cuda.stream(side):  # no-op without a side stream
+        prefill_query_tiled.sparse_attention(*args, unions=unions,
+                                             gated=GatedOutput(out, lse, alike, runs_when=1))
     fallback.sparse_attention(*args, gated=GatedOutput(out, lse, alike, runs_when=0))
+    if side is not None:
+        # Every later kernel on this stream, and so any reuse of the memory both read, waits.
+        torch.cuda.current_stream(q.device).wait_stream(side)
     return (out, lse) if return_lse else out
+
+
+@functools.lru_cache(maxsize=None)
+def _side_stream(device: torch.device) -> torch.cuda.Stream | None:
+    """A second stream for the gated pair of long-chunk kernels; None off CUDA (the
+    interpreter runs kernels one by one)."""
+    return torch.cuda.Stream(device) if device.type == "cuda" else None

@@ -343,6 +343,32 @@ def _poison_allocator() -> None:
 
 @requires_cuda
 @pytest.mark.gpu
+def test_long_chunk_dispatch_equals_the_kernel_its_flag_picks():
+    """The two kernels of a long chunk run on two streams into the same poisoned buffers; the
+    result is the picked kernel's alone, bit for bit: query-tiled for selections shared per
+    128-query block, the KV-major fallback for unrelated ones."""
+    from kernels import triton_backend
+
+    length = 9216  # a fresh prompt of 72 blocks, above QUERY_TILED_MIN_ROWS
+    batch = make_batch([length], [length], 16, 2, 128, 128, 1, seed=11).to(
+        device="cuda", dtype=torch.bfloat16)
+    unrelated = kernels.select_blocks(batch.q_idx, batch.k_idx_cache, *batch.layout(), topk=16)
+    # Every row takes the selection of its block's last row: blocks it may see, its own too.
+    shared = unrelated[torch.arange(length, device="cuda") // 128 * 128 + 127].contiguous()
+    args = (batch.q, batch.k_cache, batch.v_cache, *batch.layout())
+    for blocks, picked, alike in ((shared, prefill_query_tiled, 1),
+                                  (unrelated, prefill_kv_major, 0)):
+        unions = prefill_query_tiled.TileUnions.for_attention(
+            blocks, batch.cu_seqlens_q, group=8, max_pages=batch.block_table.shape[1])
+        assert int(unions.alike(16, triton_backend.QUERY_TILED_MAX_UNION)) == alike
+        alone = picked.sparse_attention(*args, blocks)
+        _poison_allocator()
+        dispatched = triton_backend.sparse_attention(*args, blocks)
+        assert torch.equal(dispatched, alone), picked.__name__
+
+
+@requires_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("heads", [(16, 2, 1), (64, 4, 1), (16, 2, 2)],
                          ids=lambda h: f"Hq{h[0]}-Hkv{h[1]}-Hik{h[2]}")
 @pytest.mark.parametrize("shape", [([20_000, 9_000], [1, 700]), ([33_000] * 4, [16] * 4),
