@@ -42,14 +42,15 @@ def dense_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return out
 
 
-# Measured crossover on an H100 (random selections, Hq16/Hkv2; bench/results/kernels_h100.md):
-# with its CSR built by a counting sort (~0.1 ms) the KV-major kernel beats query-major from
-# ~768 rows of chunk (512 rows 0.68x, 768 rows 1.33-1.50x, 1,024 rows 1.8x, 4K rows 2.0x, 16K
-# rows after 68K 2.2x) unless the rows are spread over many short sequences (16 x 64 rows
-# 0.89x, 4 x 171 rows 1.28x), and only when a group has few query heads (at G = 16, Hq 64, the
-# partials, rows x Hq x topk x D, are 4x larger per row: 0.94-0.99x).
-KV_MAJOR_MIN_ROWS = 768
-KV_MAJOR_MIN_ROWS_PER_SEQ = 128
+# Measured crossover on an H100 (random selections, Hq16/Hkv2, CUDA-graph time: a chunk this
+# short takes ~0.1 ms on the GPU, so eager timings measure the host's launches instead): with
+# its CSR built by a counting sort the KV-major kernel beats query-major from 256 rows of chunk
+# (128 rows 0.98x, 192 0.88x, 256 1.22x, 512 1.36x, 768 1.57x, 16K rows after 68K 2.4x), over
+# short sequences too (16 x 64 rows 1.25x, 8 x 96 1.21x, 4 x 171 1.30x), and only when a group
+# has few query heads (at G = 16, Hq 64, the partials, rows x Hq x topk x D, are 4x larger per
+# row: 0.94-0.99x). Fewer rows a sequence are decodes (multi-token: below).
+KV_MAJOR_MIN_ROWS = 256
+KV_MAJOR_MIN_ROWS_PER_SEQ = 64
 KV_MAJOR_MAX_GROUP = 8
 # The query-tiled kernel pays per block in its tiles' unions, so it wins when neighbouring
 # queries chose alike. H100, Hq16/Hkv2 (bench/results/kernels_h100.md): selections shared per
