@@ -96,14 +96,15 @@ def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out, lse = AttentionShape.of(q, k_cache, blocks, softmax_scale).outputs(q)
     side = _side_stream(q.device)
     if side is not None:
-        side.wait_stream(torch.cuda.current_stream(q.device))
+        main = torch.cuda.current_stream(q.device)
+        side.wait_stream(main)
     with torch.cuda.stream(side):  # no-op without a side stream
         prefill_query_tiled.sparse_attention(*args, unions=unions,
                                              gated=GatedOutput(out, lse, alike, runs_when=1))
     fallback.sparse_attention(*args, gated=GatedOutput(out, lse, alike, runs_when=0))
     if side is not None:
         # Every later kernel on this stream, and so any reuse of the memory both read, waits.
-        torch.cuda.current_stream(q.device).wait_stream(side)
+        main.wait_stream(side)
     return (out, lse) if return_lse else out
 
 
