@@ -70,12 +70,16 @@ def ceilings() -> tuple[float, float]:
 class PagedInputs:
     """One set of paged caches + queries for a batch of (q_len, seq_len) sequences."""
 
-    def __init__(self, heads: Heads, seq_lens: list[int], q_lens: list[int], seed: int):
+    def __init__(self, heads: Heads, seq_lens: list[int], q_lens: list[int], seed: int,
+                 table_pages: int = 0):
+        """table_pages: a block table at least this wide (a CUDA graph's is as wide as the
+        longest context it serves)."""
         g = torch.Generator(device="cuda").manual_seed(seed)
         pages = [math.ceil(n / PAGE) for n in seq_lens]
         num_pages = sum(pages)
         perm = torch.randperm(num_pages, generator=g, device="cuda").to(torch.int32)
-        self.block_table = torch.zeros(len(seq_lens), max(pages), dtype=torch.int32, device="cuda")
+        self.block_table = torch.zeros(len(seq_lens), max(max(pages), table_pages),
+                                       dtype=torch.int32, device="cuda")
         offset = 0
         for b, n in enumerate(pages):
             self.block_table[b, :n] = perm[offset:offset + n]
@@ -170,17 +174,37 @@ def selected_pages(blocks: torch.Tensor, q_len: int) -> int:
     return torch.unique(keys[blocks >= 0]).numel()
 
 
+def graph_step_figures(sets: list, heads: Heads, index_tokens: int, q_len: int,
+                       copy_bw: float) -> list[tuple[float, float, float]]:
+    """A decode step replayed as a CUDA graph, bf16 then fp8 index keys: (step seconds, step
+    over its bandwidth ideal, the index scan's share of copy bandwidth) each. The ideal moves
+    every index key once and each selected K/V page of a request's group once (however many
+    of its tokens chose it)."""
+    pages = selected_pages(sets[0].blocks, q_len)
+    kv_bytes = pages * PAGE * heads.head_dim * 2 * 2
+    figures = []
+    for fp8 in (False, True):
+        t_step = graph_time(sets, lambda s, fp8=fp8: s.attend(s.select(fp8=fp8)))
+        t_scan = graph_time(sets, lambda s, fp8=fp8: s.scan(fp8=fp8))
+        index_bytes = index_tokens * heads.index_dim * (1 if fp8 else 2)
+        figures.append((t_step, t_step * copy_bw / (index_bytes + kv_bytes),
+                        index_bytes / t_scan / copy_bw))
+    return figures
+
+
+def step_columns(t_step: float, ratio: float, scan_share: float, vs_dense: float | None = None,
+                 ) -> list[str]:
+    return ([f"{t_step * 1e6:.0f}"] + ([] if vs_dense is None else [f"{vs_dense:.2f}x"])
+            + [f"{ratio:.2f}", f"{scan_share:.0%}"])
+
+
 def decode_case(heads: Heads, batch: int, context: int, q_len: int, copy_bw: float,
                 alike: bool = False) -> list:
     sets = decode_inputs(heads, batch, context, q_len, alike)
-    pages = selected_pages(sets[0].blocks, q_len)
     t_select = time_rotating(sets, lambda s: s.select())
     t_attend = time_rotating(sets, lambda s: s.attend(s.blocks))
     t_step = time_rotating(sets, lambda s: s.attend(s.select()))
-    t_graph = graph_time(sets, lambda s: s.attend(s.select()))
-    t_scan = graph_time(sets, lambda s: s.scan())
-    t_graph_fp8 = graph_time(sets, lambda s: s.attend(s.select(fp8=True)))
-    t_scan_fp8 = graph_time(sets, lambda s: s.scan(fp8=True))
+    bf16, fp8 = graph_step_figures(sets, heads, batch * context, q_len, copy_bw)
     del sets
 
     # Dense baseline: SDPA over contiguous K/V (the most favourable layout for it).
@@ -199,20 +223,24 @@ def decode_case(heads: Heads, batch: int, context: int, q_len: int, copy_bw: flo
     t_dense = time_rotating(dense_sets, lambda s: F.scaled_dot_product_attention(
         *s, enable_gqa=True))
     del dense_sets
-    # The bytes MSA must move: every index key once, each selected K/V page of a request's
-    # group once (however many of its tokens chose it).
-    index_bytes = batch * context * heads.index_dim * 2
-    kv_bytes = pages * PAGE * heads.head_dim * 2 * 2
-    ideal = (index_bytes + kv_bytes) / copy_bw
-    ideal_fp8 = (index_bytes / 2 + kv_bytes) / copy_bw
-    index_bw = index_bytes / t_scan
-    index_bw_fp8 = index_bytes / 2 / t_scan_fp8
     return [heads.name, decode_label(batch, context, q_len, alike),
             f"{t_dense * 1e6:.0f}", f"{t_select * 1e6:.0f}", f"{t_attend * 1e6:.0f}",
-            f"{t_step * 1e6:.0f}", f"{t_graph * 1e6:.0f}", f"{t_dense / t_graph:.2f}x",
-            f"{t_graph / ideal:.2f}", f"{index_bw / copy_bw:.0%}",
-            f"{t_graph_fp8 * 1e6:.0f}", f"{t_dense / t_graph_fp8:.2f}x",
-            f"{t_graph_fp8 / ideal_fp8:.2f}", f"{index_bw_fp8 / copy_bw:.0%}"]
+            f"{t_step * 1e6:.0f}", *step_columns(*bf16, t_dense / bf16[0]),
+            *step_columns(*fp8, t_dense / fp8[0])]
+
+
+def mixed_decode_case(heads: Heads, contexts: list[int], table_pages: int, label: str,
+                      copy_bw: float) -> list:
+    """A decode step over rows of unlike contexts, or in a block table wider than its rows
+    need (a CUDA graph's): the index scan must still keep every SM streaming."""
+    per_set = sum(contexts) * (2 * heads.num_kv_heads * heads.head_dim + heads.index_dim) * 2
+    sets = rotated(lambda s: PagedInputs(heads, contexts, [1] * len(contexts), s, table_pages),
+                   per_set)
+    for s in sets:
+        s.blocks = s.select()
+    bf16, fp8 = graph_step_figures(sets, heads, sum(contexts), 1, copy_bw)
+    del sets
+    return [heads.name, label, *step_columns(*bf16), *step_columns(*fp8)]
 
 
 def decode_label(batch: int, context: int, q_len: int, alike: bool) -> str:
@@ -358,6 +386,17 @@ def main() -> None:
         decode_rows.append(decode_case(heads, batch, context, q_len, copy_bw, *alike))
         print(" | ".join(decode_rows[-1]), flush=True)
         torch.cuda.empty_cache()
+    mixed_rows = []
+    for heads, contexts, table_pages, label in ([] if args.only in ("prefill", "flex") else [
+            (FULL, [131072, 65536, 32768, 16384, 8192, 4096, 4096, 4096], 0,
+             "8 rows, 128K down to 4K"),
+            (SHARD, [262144, 131072] + [32768] * 6 + [4096] * 8 + [1024] * 16, 0,
+             "32 rows, 256K down to 1K"),
+            (SHARD, [4096] * 8, 1024, "8 x 4K, table 128K wide"),
+            (SHARD, [32768] * 32, 1024, "32 x 32K, table 128K wide")]):
+        mixed_rows.append(mixed_decode_case(heads, contexts, table_pages, label, copy_bw))
+        print(" | ".join(mixed_rows[-1]), flush=True)
+        torch.cuda.empty_cache()
     multi_token_rows = []
     for heads, batch, context, q_len, alike in ([] if args.only in ("prefill", "flex") else [
             (SHARD, 8, 32768, 8, False), (SHARD, 8, 32768, 8, True), (SHARD, 32, 32768, 4, True),
@@ -399,6 +438,10 @@ def main() -> None:
          "fp8 index keys: step graph (us)", "fp8 vs dense", "fp8 / bandwidth ideal",
          "fp8 index scan % of copy BW"],
         decode_rows)
+    mixed_table = markdown_table(
+        ["shape", "rows", "MSA step graph (us)", "graph / bandwidth ideal",
+         "index scan (graph) % of copy BW", "fp8 index keys: step graph (us)",
+         "fp8 / bandwidth ideal", "fp8 index scan % of copy BW"], mixed_rows)
     multi_token_table = markdown_table(
         ["shape", "batch x context x tokens", "K/V pages a request's group needs",
          "query-major: per token (us)", "dispatched: query-tiled per request (us)",
@@ -417,6 +460,8 @@ def main() -> None:
     name = torch.cuda.get_device_name()
     gpu = next((kind for kind in ("h100", "h200") if kind in name.lower()), "gpu")
     sections = [("Decode", decode_table, decode_rows),
+                ("Decode over unlike contexts, and in a CUDA graph's wide block table",
+                 mixed_table, mixed_rows),
                 ("Multi-token decode attention (CUDA graph)", multi_token_table,
                  multi_token_rows), ("Prefill (chunk after a cached prefix)",
                                                         prefill_table, prefill_rows),
@@ -427,7 +472,8 @@ def main() -> None:
              "bf16, one shared index-key head. 'MSA step' = select_blocks + sparse_attention "
              "(Triton), eager and replayed as a CUDA graph. 'graph / bandwidth ideal' = graph "
              "step time over (index keys + each selected K/V page of a request's group once) / copy "
-             "bandwidth ('alike': a request's tokens share one index query); 'index scan' = "
+             "bandwidth ('alike': a request's tokens share one index query; unlike contexts: "
+             "the sum of theirs); 'index scan' = "
              "the scoring kernel alone (select minus the top-k rule). 'best TFLOP/s' "
              "(the faster of KV-major and query-tiled) counts 4*D flops per (query head, "
              "selected key), keys per row capped at topk*128; "

@@ -5,7 +5,8 @@ One program scores one tile of a sequence's query rows against a range of its in
 (those before the tile's last row's own block: only a row's historical blocks compete).
 The rows that share a key head (a tile's tokens x the KV groups of that head) are packed into
 the MMA's M dimension, so each index-key page is read from HBM once per query tile; pages are
-split across programs, so a single long decode sequence still fills the GPU (split-K). Each
+split across programs, so a single long decode sequence still fills the GPU (split-K). In a
+decode step all rows' pages are cut into even ranges, whatever each row's context. Each
 program writes the max-pooled score of every (row, group, page) it covers; the exp-free top-k
 with the local block forced last then runs as one kernel (`topk_select.py`), the Triton form
 of `reference.topk_with_local_block`, the rule every backend shares. A long prefill, whose
@@ -30,18 +31,23 @@ from kernels.triton_layout import (
     multiprocessors,
     release_next_kernel,
     search_steps,
-    segment_of,
+    segments_of,
 )
 
-# Launch shapes, from H100 sweeps. Decode (one row per tile, M = the groups of a key head):
-# warps 4/8 x stages 2/3/4 x programs per SM 2/4/8 x pages per iteration 1/2 (bf16 and fp8 keys,
-# 8 x 128K and 1 x 1M): 4 warps, 2 stages, 4 programs per SM is within 2% of the best everywhere;
-# the rest of the gap to copy bandwidth is the ~12 us of ramp-up and tail that every launch pays
-# (32 x 128K runs at 97%). Prefill (query tiles, compute-bound): M 64/128/256 x warps 4/8 x
-# stages 2/3 on 128K, 16K + 158K, 9,844 + 39K (Hq16/Hkv2) and 16K + 68K (Hq64/Hkv4): M 128 with
-# 8 warps is the best everywhere (M 256 spills). With no causal mask and the heaviest tiles
-# first, against M 64 / 4 warps / masked: 128K 12.9 -> 8.0 ms (553 TFLOP/s), 16K + 158K 4.4 ->
-# 2.5, 9,844 + 39K 1.08 -> 0.46, Hq64 16K + 68K 3.8 -> 2.3.
+# Launch shapes, from H100 sweeps. Decode (M = the groups of a key head): warps 4/8 x stages
+# 2/3/4 x programs per SM 2/4/8 x pages per iteration 1/2, TMA page loads, keys as the MMA's
+# A operand (bf16 and fp8 keys, 8 x 128K and 1 x 1M): 4 warps, 2 stages, 4 programs per SM,
+# plain loads, within 2% of the best everywhere. The rest of the gap to copy bandwidth is ~12 us
+# that every launch pays (32 x 128K runs at 97%). All rows' pages are laid end to end and cut
+# into one even range per program: a mixed batch (32 rows, 256K to 1K) scans in 71 us instead
+# of 196 with each row split alike (fp8 keys 45 instead of 176), 8 x 4K in a table 128K wide
+# (a CUDA graph's) in 12.4 instead of 28.6; uniform batches pay ~1 us for the row lookup
+# (8 x 128K, Hq 64, 104.0 -> 105.2; 64 x 4K 36.2 -> 38.2).
+# Prefill (query tiles, compute-bound): M 64/128/256 x warps 4/8 x stages 2/3 on 128K,
+# 16K + 158K, 9,844 + 39K (Hq16/Hkv2) and 16K + 68K (Hq64/Hkv4): M 128 with 8 warps is the best
+# everywhere (M 256 spills). With no causal mask and the heaviest tiles first, against M 64 /
+# 4 warps / masked: 128K 12.9 -> 8.0 ms (553 TFLOP/s), 16K + 158K 4.4 -> 2.5, 9,844 + 39K
+# 1.08 -> 0.46, Hq64 16K + 68K 3.8 -> 2.3.
 DECODE_WARPS = 4
 PREFILL_WARPS = 8
 PREFILL_PACKED_ROWS = 128  # M of a prefill program: query rows x the groups of a key head
@@ -56,30 +62,98 @@ TOPK_IN_SCAN_MIN_TILES_PER_SM = 1.5
 
 
 @triton.jit
+def _page_scores(q, k_idx, physical, key_head, stride_kp, stride_kt, stride_kh, scale,
+                 INDEX_DIM: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr):
+    """The max-pooled score of one index-key page for each packed row of q [M, INDEX_DIM]."""
+    tokens = tl.arange(0, PAGE)
+    dims = tl.arange(0, INDEX_DIM)
+    k = tl.load(k_idx + physical.to(tl.int64) * stride_kp + tokens[:, None] * stride_kt
+                + key_head * stride_kh + dims[None, :])
+    # fp8 index keys are widened in registers: the scan's bytes halve, the math stays.
+    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION)
+    return tl.max(s, axis=1) * scale
+
+
+@triton.jit
+def _widened_queries(q, WIDEN_FP8_TO_FP16: tl.constexpr):
+    if WIDEN_FP8_TO_FP16:
+        # e4m3 -> fp16 is one native conversion (-> bf16 is several; the 8 x 128K scan 68 ->
+        # 62 us on an H100); fp16 holds every e4m3 value and bf16's precision, and index
+        # queries saturate at its +-65504 range.
+        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
+    return q
+
+
+@triton.jit
+def _decode_block_scores_kernel(
+    q_idx, k_idx, block_table, seq_lens, cu_seqlens_q, scores, positions_out,
+    stride_qt, stride_qg, stride_kp, stride_kt, stride_kh, stride_bt, stride_st, stride_sg,
+    scale, num_rows, num_seqs,
+    GROUPS_PER_KEY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+    INDEX_DIM: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr,
+    WIDEN_FP8_TO_FP16: tl.constexpr, USE_PDL: tl.constexpr, NUM_STAGES: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr,
+):
+    """Decode: every row's historical pages, laid end to end, are cut into one even range per
+    program, so a batch of mixed contexts keeps every SM streaming until the end."""
+    key_head = tl.program_id(1)
+    rows = tl.arange(0, BLOCK_R)
+    real = rows < num_rows
+    seqs = segments_of(cu_seqlens_q, tl.where(real, rows, 0), num_seqs, SEARCH_STEPS)
+    positions = (tl.load(seq_lens + seqs) - tl.load(cu_seqlens_q + seqs + 1) + rows).to(tl.int64)
+    # Only a row's historical pages (those before its own) compete for its top-k, and every
+    # token of them is visible to it.
+    pages = tl.where(real, positions // PAGE, 0)
+    ends = tl.cumsum(pages, axis=0)  # one past each row's last page, end to end
+    total = tl.sum(pages, axis=0)
+    # The selection rule needs every row's position: written once, by the first program.
+    tl.store(positions_out + rows, positions,
+             mask=real & (key_head == 0) & (tl.program_id(0) == 0))
+    first = tl.program_id(0) * total // tl.num_programs(0)
+    last = (tl.program_id(0) + 1) * total // tl.num_programs(0)
+
+    m = tl.arange(0, BLOCK_M)
+    groups = key_head * GROUPS_PER_KEY + m % GROUPS_PER_KEY
+    valid = m < GROUPS_PER_KEY
+    dims = tl.arange(0, INDEX_DIM)
+    starts = ends - pages
+    # One loop over the range, its row looked up per page (a few reductions over the rows),
+    # so the loads stay software-pipelined across rows: a loop per row touched, nested in a
+    # while, ran its pages unpipelined (8 x 128K, Hq 64, on an H100: 110 us against 105).
+    for item in tl.range(first, last, num_stages=NUM_STAGES):
+        this = (starts <= item) & (item < ends)  # the one row that holds this page
+        row = tl.sum(tl.where(this, rows, 0), axis=0)
+        page = item - tl.sum(tl.where(this, starts, 0), axis=0)
+        seq = tl.sum(tl.where(this, seqs, 0), axis=0)
+        q = tl.load(q_idx + row * stride_qt + groups[:, None] * stride_qg + dims[None, :],
+                    mask=valid[:, None], other=0.0)
+        q = _widened_queries(q, WIDEN_FP8_TO_FP16)
+        physical = tl.load(block_table + seq * stride_bt + page)
+        score = _page_scores(q, k_idx, physical, key_head, stride_kp, stride_kt, stride_kh,
+                             scale, INDEX_DIM, PAGE, PRECISION)
+        tl.store(scores + row * stride_st + groups * stride_sg + page, score, mask=valid)
+    release_next_kernel(USE_PDL)
+
+
+@triton.jit
 def _index_block_scores_kernel(
     q_idx, k_idx, block_table, seq_lens, cu_seqlens_q, tile_seq, tile_start, tile_end, scores,
     positions_out, selected,
     stride_qt, stride_qg, stride_kp, stride_kt, stride_kh, stride_bt, stride_st, stride_sg,
-    scale, pages_per_split, num_seqs,
+    scale, num_seqs,
     GROUPS_PER_KEY: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
     INDEX_DIM: tl.constexpr, PAGE: tl.constexpr,
     PRECISION: tl.constexpr, WIDEN_FP8_TO_FP16: tl.constexpr, USE_PDL: tl.constexpr,
-    NUM_STAGES: tl.constexpr, ROW_TILES: tl.constexpr, SEARCH_STEPS: tl.constexpr,
-    TOPK: tl.constexpr, TOPK_P2: tl.constexpr, FUSED_TOPK: tl.constexpr,
+    NUM_STAGES: tl.constexpr, TOPK: tl.constexpr, TOPK_P2: tl.constexpr,
+    FUSED_TOPK: tl.constexpr,
 ):
     key_head = tl.program_id(1)
     split = tl.program_id(2)
-    if ROW_TILES:  # decode: one row per tile, its sequence found in-kernel
-        tile = tl.program_id(0)
-        seq = segment_of(cu_seqlens_q, tile, num_seqs, SEARCH_STEPS)
-        row_begin = tile
-        row_end = tile + 1
-    else:
-        # Causal prefill: later tiles see more pages, so they start first (a shorter tail).
-        tile = tl.num_programs(0) - 1 - tl.program_id(0)
-        seq = tl.load(tile_seq + tile)
-        row_begin = tl.load(tile_start + tile)
-        row_end = tl.load(tile_end + tile)
+    # Causal prefill: later tiles see more pages, so they start first (a shorter tail).
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    seq = tl.load(tile_seq + tile)
+    row_begin = tl.load(tile_start + tile)
+    row_end = tl.load(tile_end + tile)
     seq_len = tl.load(seq_lens + seq)
     q_begin = tl.load(cu_seqlens_q + seq)
     q_len = tl.load(cu_seqlens_q + seq + 1) - q_begin
@@ -89,8 +163,11 @@ def _index_block_scores_kernel(
     # token of them is visible to it: a tile scores the pages before its last row's own, with
     # no causal mask (none for the spare, empty tiles of the grid's upper bound).
     num_pages = tl.where(row_begin < row_end, (first_pos + row_end - 1) // PAGE, 0)
-    page_begin = split * pages_per_split
-    page_end = tl.minimum(page_begin + pages_per_split, num_pages)
+    # A tile's own pages, not the block table's width (CUDA graphs capture it at the longest
+    # context), are split evenly over its programs.
+    num_splits = tl.num_programs(2)
+    page_begin = split * num_pages // num_splits
+    page_end = (split + 1) * num_pages // num_splits
 
     m = tl.arange(0, BLOCK_M)
     rows = row_begin + m // GROUPS_PER_KEY
@@ -103,12 +180,7 @@ def _index_block_scores_kernel(
     dims = tl.arange(0, INDEX_DIM)
     q = tl.load(q_idx + rows[:, None] * stride_qt + groups[:, None] * stride_qg + dims[None, :],
                 mask=valid[:, None], other=0.0)
-    if WIDEN_FP8_TO_FP16:
-        # e4m3 -> fp16 is one native conversion (-> bf16 is several; the 8 x 128K scan 68 ->
-        # 62 us on an H100); fp16 holds every e4m3 value and bf16's precision, and index
-        # queries saturate at its +-65504 range.
-        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
-    tokens = tl.arange(0, PAGE)
+    q = _widened_queries(q, WIDEN_FP8_TO_FP16)
     if FUSED_TOPK:  # the selection rule, page by page (a tile's pages are not split)
         own = (first_pos + rows) // PAGE  # each row's own block
         slots = tl.arange(0, TOPK_P2)
@@ -118,12 +190,9 @@ def _index_block_scores_kernel(
             + tl.zeros([BLOCK_M, TOPK_P2], tl.float32)
         best_block = tl.full([BLOCK_M, TOPK_P2], -1, tl.int32)
     for page in tl.range(page_begin, page_end, num_stages=NUM_STAGES):
-        physical = tl.load(block_table + seq * stride_bt + page).to(tl.int64)
-        k = tl.load(k_idx + physical * stride_kp + tokens[:, None] * stride_kt
-                    + key_head * stride_kh + dims[None, :])
-        # fp8 index keys are widened in registers: the scan's bytes halve, the math stays.
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION)
-        score = tl.max(s, axis=1) * scale
+        physical = tl.load(block_table + seq * stride_bt + page)
+        score = _page_scores(q, k_idx, physical, key_head, stride_kp, stride_kt, stride_kh,
+                             scale, INDEX_DIM, PAGE, PRECISION)
         if FUSED_TOPK:
             # A better historical block replaces the worst kept (the first of equal worsts:
             # the -inf slots fill in order); equal scores keep the earlier, lower block.
@@ -175,40 +244,52 @@ def _scan(q_idx, k_idx_cache, block_table, seq_lens, cu_seqlens_q, topk: int | N
     # full prefill tiles.
     rows = QueryTiles.rows_for(total_q, num_seqs,
                                max_rows=max(1, PREFILL_PACKED_ROWS // groups_per_key))
-    if rows == 1:  # decode: tiles are rows, located in-kernel (no tile tensors to build)
-        num_tiles, tile_arrays = total_q, (cu_seqlens_q,) * 3
-    else:
-        tiles = QueryTiles.build(cu_seqlens_q, total_q, rows)
-        num_tiles, tile_arrays = tiles.num_tiles, (tiles.seq, tiles.start, tiles.end)
-    fused = (topk is not None and rows > 1 and k_idx_cache.element_size() > 1
-             and num_tiles * key_heads >= TOPK_IN_SCAN_MIN_TILES_PER_SM * multiprocessors(device))
+    common = dict(GROUPS_PER_KEY=groups_per_key, BLOCK_M=max(16, triton.next_power_of_2(
+        rows * groups_per_key)), INDEX_DIM=index_dim, PAGE=BLOCK_SIZE,
+        PRECISION=dot_precision(q_idx.dtype),
+        WIDEN_FP8_TO_FP16=k_idx_cache.element_size() == 1 and q_idx.dtype == torch.bfloat16,
+        USE_PDL=dependent_launch(device), NUM_STAGES=NUM_STAGES)
+    strides = (q_idx.stride(0), q_idx.stride(1), k_idx_cache.stride(0), k_idx_cache.stride(1),
+               k_idx_cache.stride(2), block_table.stride(0))
+    scale = 1.0 / math.sqrt(index_dim)
+    programs = PROGRAMS_PER_SM * multiprocessors(device)
+    if rows == 1:  # decode: one row per sequence, located in-kernel
+        scores, positions = _score_outputs(total_q, num_groups, max_pages, device)
+        if total_q:
+            _decode_block_scores_kernel[(max(1, programs // key_heads), key_heads)](
+                q_idx, k_idx_cache, block_table, seq_lens, cu_seqlens_q, scores, positions,
+                *strides, scores.stride(0), scores.stride(1), scale, total_q, num_seqs,
+                BLOCK_R=max(16, triton.next_power_of_2(total_q)),
+                SEARCH_STEPS=search_steps(num_seqs), num_warps=DECODE_WARPS, **common)
+        return scores, positions
+    tiles = QueryTiles.build(cu_seqlens_q, total_q, rows)
+    fused = (topk is not None and k_idx_cache.element_size() > 1
+             and tiles.num_tiles * key_heads >= TOPK_IN_SCAN_MIN_TILES_PER_SM
+             * multiprocessors(device))
     if fused:
         selected = torch.empty(total_q, num_groups, topk, dtype=torch.int32, device=device)
         scores = positions = selected  # unwritten
         splits = 1
     else:
-        scores = torch.empty(total_q, num_groups, max_pages, dtype=torch.float32, device=device)
-        positions = torch.empty(total_q, dtype=torch.int64, device=device)
+        scores, positions = _score_outputs(total_q, num_groups, max_pages, device)
         selected = positions  # unwritten
         # Split by the tiles that hold rows (all of them in a uniform step), not the grid's
         # upper bound: its spare tiles return at once. H100, multi-token decode select: fp8 keys
         # 1.08-1.14x faster (32 x 32K x q4 80.7 -> 71.0 us), bf16 0.96-1.04x.
-        splits = max(1, min(max_pages, PROGRAMS_PER_SM * multiprocessors(device)
-                            // max(1, triton.cdiv(total_q, rows) * key_heads)))
+        splits = max(1, min(max_pages, programs // max(1, triton.cdiv(total_q, rows) * key_heads)))
     if total_q:
-        block_m = max(16, triton.next_power_of_2(rows * groups_per_key))
-        pages_per_split = triton.cdiv(max_pages, splits)
-        grid = (num_tiles, key_heads, triton.cdiv(max_pages, pages_per_split))
-        _index_block_scores_kernel[grid](
-            q_idx, k_idx_cache, block_table, seq_lens, cu_seqlens_q, *tile_arrays, scores,
-            positions, selected, q_idx.stride(0), q_idx.stride(1), k_idx_cache.stride(0),
-            k_idx_cache.stride(1), k_idx_cache.stride(2), block_table.stride(0),
-            scores.stride(0), scores.stride(1), 1.0 / math.sqrt(index_dim), pages_per_split,
-            num_seqs, GROUPS_PER_KEY=groups_per_key, BLOCK_T=rows, BLOCK_M=block_m,
-            INDEX_DIM=index_dim, PAGE=BLOCK_SIZE, PRECISION=dot_precision(q_idx.dtype),
-            WIDEN_FP8_TO_FP16=k_idx_cache.element_size() == 1 and q_idx.dtype == torch.bfloat16,
-            USE_PDL=dependent_launch(device), NUM_STAGES=NUM_STAGES, ROW_TILES=rows == 1,
-            SEARCH_STEPS=search_steps(num_seqs), TOPK=topk or 1,
+        _index_block_scores_kernel[(tiles.num_tiles, key_heads, splits)](
+            q_idx, k_idx_cache, block_table, seq_lens, cu_seqlens_q, tiles.seq, tiles.start,
+            tiles.end, scores, positions, selected, *strides, scores.stride(0),
+            scores.stride(1), scale, num_seqs, BLOCK_T=rows, TOPK=topk or 1,
             TOPK_P2=triton.next_power_of_2(topk or 1), FUSED_TOPK=fused,
-            num_warps=PREFILL_WARPS if block_m >= PREFILL_PACKED_ROWS else DECODE_WARPS)
+            num_warps=PREFILL_WARPS if common["BLOCK_M"] >= PREFILL_PACKED_ROWS
+            else DECODE_WARPS, **common)
     return selected if fused else (scores, positions)
+
+
+def _score_outputs(total_q: int, num_groups: int, max_pages: int, device: torch.device):
+    """(block scores float32 [total_q, Hkv, max_pages], positions int64 [total_q]): written by
+    the scan where the rule reads them, nowhere else (no fill kernel per step)."""
+    return (torch.empty(total_q, num_groups, max_pages, dtype=torch.float32, device=device),
+            torch.empty(total_q, dtype=torch.int64, device=device))

@@ -168,13 +168,31 @@ def segment_of(cumulative, index, num_segments, SEARCH_STEPS: tl.constexpr):
     lo = tl.minimum(index, num_segments - 1)
     hit = (tl.load(cumulative + lo) <= index) & (index < tl.load(cumulative + lo + 1))
     if not hit:
-        lo = index * 0  # same type as index
-        hi = lo + num_segments
-        for _ in tl.static_range(SEARCH_STEPS):
-            mid = (lo + hi) // 2
-            right = tl.load(cumulative + mid) <= index
-            lo = tl.where(right, mid, lo)
-            hi = tl.where(right, hi, mid)
+        lo = _search_segments(cumulative, index, num_segments, SEARCH_STEPS)
+    return lo
+
+
+@triton.jit
+def segments_of(cumulative, indices, num_segments, SEARCH_STEPS: tl.constexpr):
+    """`segment_of` for a vector of indices: one pair of loads when each owns its own segment
+    (a decode step's rows), the search only if one does not."""
+    lo = tl.minimum(indices, num_segments - 1)
+    hit = (tl.load(cumulative + lo) <= indices) & (indices < tl.load(cumulative + lo + 1))
+    if tl.sum((~hit).to(tl.int32), axis=0) > 0:
+        lo = tl.where(hit, lo, _search_segments(cumulative, indices, num_segments,
+                                                SEARCH_STEPS))
+    return lo
+
+
+@triton.jit
+def _search_segments(cumulative, index, num_segments, SEARCH_STEPS: tl.constexpr):
+    lo = index * 0  # same type (and shape) as index
+    hi = lo + num_segments
+    for _ in tl.static_range(SEARCH_STEPS):
+        mid = (lo + hi) // 2
+        right = tl.load(cumulative + mid) <= index
+        lo = tl.where(right, mid, lo)
+        hi = tl.where(right, hi, mid)
     return lo
 
 

@@ -68,6 +68,34 @@ def test_select_blocks_of_long_chunks(heads, pages_split, monkeypatch):
     check_selection(ours, batch, 3)
 
 
+@pytest.mark.parametrize("seq_lens,q_lens", [([1500, 129, 300, 2000], [1, 1, 1, 1]),
+                                             ([700, 300, 129], [1, 0, 2])],
+                         ids=["mixed-contexts", "idle-sequence"])
+def test_decode_scan_scores_every_historical_page_once(seq_lens, q_lens):
+    """A decode step's pages, all rows' laid end to end, are cut into even ranges (8 programs
+    under the interpreter) that cross from row to row: every historical page of every row
+    gets its exact score. An idle sequence (no query row) sends the rows' lookup to the
+    search instead of one load each."""
+    batch = make_batch(seq_lens, q_lens, 16, 2, 16, 16, 1, seed=5)
+    scores, positions = index_scoring.index_block_scores(batch.q_idx, batch.k_idx_cache,
+                                                         *batch.layout())
+    row = 0
+    for seq, (seq_len, q_len) in enumerate(zip(seq_lens, q_lens)):
+        for pos in range(seq_len - q_len, seq_len):
+            assert positions[row] == pos
+            pages = batch.block_table[seq, : pos // kernels.BLOCK_SIZE].long()
+            keys = batch.k_idx_cache[pages, :, 0]  # [pages, 128, Di]
+            expected = (torch.einsum("gd,ptd->gpt", batch.q_idx[row], keys).amax(-1)
+                        / batch.q_idx.shape[-1] ** 0.5)
+            torch.testing.assert_close(scores[row, :, : len(pages)], expected)
+            row += 1
+    ours = kernels.select_blocks(batch.q_idx, batch.k_idx_cache, *batch.layout(), topk=3,
+                                 backend="triton")
+    ref = kernels.select_blocks(batch.q_idx, batch.k_idx_cache, *batch.layout(), topk=3,
+                                backend="reference")
+    assert torch.equal(ours.sort(-1).values, ref.sort(-1).values)
+
+
 @pytest.mark.parametrize("layout", ["decode", "multi-token-decode", "chunk-after-prefix"])
 def test_select_blocks_with_fp8_index_keys(layout):
     """fp8 e4m3 index keys: the Triton scan selects what the reference selects from the same
@@ -372,8 +400,9 @@ def test_long_chunk_dispatch_equals_the_kernel_its_flag_picks():
 @pytest.mark.parametrize("heads", [(16, 2, 1), (64, 4, 1), (16, 2, 2)],
                          ids=lambda h: f"Hq{h[0]}-Hkv{h[1]}-Hik{h[2]}")
 @pytest.mark.parametrize("shape", [([20_000, 9_000], [1, 700]), ([33_000] * 4, [16] * 4),
-                                   ([5_000, 70_000], [4_000, 1])],
-                         ids=["decode+chunk", "multi-token-decode", "long-chunk"])
+                                   ([5_000, 70_000], [4_000, 1]),
+                                   ([100_000, 3_000, 40_000, 129, 9_000], [1] * 5)],
+                         ids=["decode+chunk", "multi-token-decode", "long-chunk", "mixed-decode"])
 def test_kernels_at_real_shapes_bf16(heads, shape, monkeypatch):
     from kernels import triton_backend
 
