@@ -12,8 +12,13 @@ from kernels import reference, topk_select
 
 @pytest.mark.parametrize("topk", [1, 3, 16])
 @pytest.mark.parametrize("num_pages", [1, 5, 40])
-def test_topk_select_matches_reference(topk, num_pages):
-    """On CPU through Triton's interpreter, on a GPU natively."""
+@pytest.mark.parametrize("narrow_pages", [None, 16], ids=["one-width", "narrow-rows-of-wide-table"])
+def test_topk_select_matches_reference(topk, num_pages, narrow_pages, monkeypatch):
+    """On CPU through Triton's interpreter, on a GPU natively. With a narrow width below the
+    table's, rows whose historical blocks fit in it take the narrow path, the others the full
+    one (40 pages: rows on either side of 16)."""
+    if narrow_pages is not None:
+        monkeypatch.setattr(topk_select, "NARROW_PAGES", narrow_pages)
     g = torch.Generator().manual_seed(topk * 100 + num_pages)
     rows, groups = 12, 2
     scores = torch.randn(rows, groups, num_pages, generator=g)
