@@ -36,9 +36,10 @@ from kernels.triton_layout import (
 
 # Launch shapes, from H100 sweeps. Decode (M = the groups of a key head): warps 4/8 x stages
 # 2/3/4 x programs per SM 2/4/8 x pages per iteration 1/2, TMA page loads, keys as the MMA's
-# A operand (bf16 and fp8 keys, 8 x 128K and 1 x 1M): 4 warps, 2 stages, 4 programs per SM,
-# plain loads, within 2% of the best everywhere. The rest of the gap to copy bandwidth is ~12 us
-# that every launch pays (32 x 128K runs at 97%). All rows' pages are laid end to end and cut
+# A operand, fp8 keys widened by bit operations (bf16 and fp8 keys, 8 x 128K and 1 x 1M):
+# 4 warps, 2 stages, 4 programs per SM, plain loads and the native conversion are within 2% of
+# the best everywhere. The rest of the gap to copy bandwidth is ~12 us that every launch pays
+# (32 x 128K runs at 97%). All rows' pages are laid end to end and cut
 # into one even range per program: a mixed batch (32 rows, 256K to 1K) scans in 71 us instead
 # of 196 with each row split alike (fp8 keys 45 instead of 176), 8 x 4K in a table 128K wide
 # (a CUDA graph's) in 12.4 instead of 28.6; uniform batches pay ~1 us for the row lookup

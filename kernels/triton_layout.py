@@ -272,6 +272,8 @@ def dot_precision(dtype: torch.dtype) -> str:
 # overlap the tail of the one before; each waits for its predecessor's memory before its first
 # load and store (any input may be the predecessor's output, and its outputs may reuse memory
 # the predecessor reads).
+# Where the chain's time goes (H100, 8 x 128K, Hq 64, kernel ends in one graph replay): the scan
+# ends at 100.3 us, the rule 5.9 us later, the attention 15.3 after it, the merge 3.5 after that.
 # Two ways to let the attention overlap the scan instead were measured on an H100 (8 x 128K,
 # Hq 64: this chain 128 us) and not kept. A persistent kernel walking one queue of scan and
 # attention items, synchronised by atomic tickets and flags: 160 us, its scan alone 133 us
