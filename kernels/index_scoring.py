@@ -39,11 +39,11 @@ from kernels.triton_layout import (
 # A operand, fp8 keys widened by bit operations (bf16 and fp8 keys, 8 x 128K and 1 x 1M):
 # 4 warps, 2 stages, 4 programs per SM, plain loads and the native conversion are within 2% of
 # the best everywhere. The rest of the gap to copy bandwidth is ~12 us that every launch pays
-# (32 x 128K runs at 97%). All rows' pages are laid end to end and cut
-# into one even range per program: a mixed batch (32 rows, 256K to 1K) scans in 71 us instead
-# of 196 with each row split alike (fp8 keys 45 instead of 176), 8 x 4K in a table 128K wide
-# (a CUDA graph's) in 12.4 instead of 28.6; uniform batches pay ~1 us for the row lookup
-# (8 x 128K, Hq 64, 104.0 -> 105.2; 64 x 4K 36.2 -> 38.2).
+# (32 x 128K runs at 97%). All rows' pages are laid end to end and cut into one even range per
+# program: a mixed batch (32 rows, 256K to 1K) scans in 71 us instead of 196 with each row split
+# alike (fp8 keys 45 instead of 176), 8 x 4K in a table 128K wide (a CUDA graph's) in 12.4
+# instead of 28.6; uniform batches pay ~1 us for the row lookup (8 x 128K, Hq 64, 104.0 ->
+# 105.2; 64 x 4K 36.2 -> 38.2).
 # Prefill (query tiles, compute-bound): M 64/128/256 x warps 4/8 x stages 2/3 on 128K,
 # 16K + 158K, 9,844 + 39K (Hq16/Hkv2) and 16K + 68K (Hq64/Hkv4): M 128 with 8 warps is the best
 # everywhere (M 256 spills). With no causal mask and the heaviest tiles first, against M 64 /

@@ -81,7 +81,8 @@ def topk_with_local_block(block_scores: torch.Tensor, positions: torch.Tensor,
     _topk_local_block_kernel[(num_rows, num_groups)](
         block_scores, positions, selected, block_scores.stride(0), block_scores.stride(1),
         num_groups, TOPK=topk, TOPK_P2=triton.next_power_of_2(topk), BLOCK_P=block_p,
-        NARROW_P=min(block_p, NARROW_PAGES), PAGE=BLOCK_SIZE, USE_PDL=dependent_launch(block_scores.device),
+        NARROW_P=min(block_p, NARROW_PAGES), PAGE=BLOCK_SIZE,
+        USE_PDL=dependent_launch(block_scores.device),
         num_warps=min(MAX_WARPS, max(1, block_p // (32 * SCORES_PER_THREAD))),
         launch_pdl=dependent_launch(block_scores.device))
     return selected
