@@ -152,13 +152,14 @@ def graph_time(sets: list, fn) -> float:
     return time_rotating(graphs, lambda graph: graph.replay())
 
 
-def decode_inputs(heads: Heads, batch: int, context: int, q_len: int, alike: bool) -> list:
+def decode_inputs(heads: Heads, contexts: list[int], q_len: int, alike: bool,
+                  table_pages: int = 0) -> list:
     """Rotated input sets of a decode step with their selections (`.blocks`). alike: the q_len
     tokens of a request share one index query, so they choose the same blocks, as a trained
     model's consecutive (speculative) tokens mostly do; otherwise random picks are unrelated."""
-    seq_lens, q_lens = [context] * batch, [q_len] * batch
-    per_set = batch * context * (2 * heads.num_kv_heads * heads.head_dim + heads.index_dim) * 2
-    sets = rotated(lambda s: PagedInputs(heads, seq_lens, q_lens, s), per_set)
+    q_lens = [q_len] * len(contexts)
+    per_set = sum(contexts) * (2 * heads.num_kv_heads * heads.head_dim + heads.index_dim) * 2
+    sets = rotated(lambda s: PagedInputs(heads, contexts, q_lens, s, table_pages), per_set)
     for s in sets:
         if alike:
             s.q_idx = s.q_idx[q_len - 1::q_len].repeat_interleave(q_len, dim=0).contiguous()
@@ -200,7 +201,7 @@ def step_columns(t_step: float, ratio: float, scan_share: float, vs_dense: float
 
 def decode_case(heads: Heads, batch: int, context: int, q_len: int, copy_bw: float,
                 alike: bool = False) -> list:
-    sets = decode_inputs(heads, batch, context, q_len, alike)
+    sets = decode_inputs(heads, [context] * batch, q_len, alike)
     t_select = time_rotating(sets, lambda s: s.select())
     t_attend = time_rotating(sets, lambda s: s.attend(s.blocks))
     t_step = time_rotating(sets, lambda s: s.attend(s.select()))
@@ -233,11 +234,7 @@ def mixed_decode_case(heads: Heads, contexts: list[int], table_pages: int, label
                       copy_bw: float) -> list:
     """A decode step over rows of unlike contexts, or in a block table wider than its rows
     need (a CUDA graph's): the index scan must still keep every SM streaming."""
-    per_set = sum(contexts) * (2 * heads.num_kv_heads * heads.head_dim + heads.index_dim) * 2
-    sets = rotated(lambda s: PagedInputs(heads, contexts, [1] * len(contexts), s, table_pages),
-                   per_set)
-    for s in sets:
-        s.blocks = s.select()
+    sets = decode_inputs(heads, contexts, 1, False, table_pages)
     bf16, fp8 = graph_step_figures(sets, heads, sum(contexts), 1, copy_bw)
     del sets
     return [heads.name, label, *step_columns(*bf16), *step_columns(*fp8)]
@@ -251,7 +248,7 @@ def decode_label(batch: int, context: int, q_len: int, alike: bool) -> str:
 def multi_token_case(heads: Heads, batch: int, context: int, q_len: int, alike: bool) -> list:
     """Multi-token decode attention: the dispatched query-tiled kernel (a tile per request,
     each chosen page loaded once for all its tokens) against query-major (once per token)."""
-    sets = decode_inputs(heads, batch, context, q_len, alike)
+    sets = decode_inputs(heads, [context] * batch, q_len, alike)
     t_query_major = graph_time(sets, lambda s: s.attend_with(query_major, s.blocks))
     t_dispatched = graph_time(sets, lambda s: s.attend(s.blocks))
     per_request = selected_pages(sets[0].blocks, q_len) / (batch * heads.num_kv_heads)
