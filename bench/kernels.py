@@ -152,6 +152,14 @@ def graph_time(sets: list, fn) -> float:
     return time_rotating(graphs, lambda graph: graph.replay())
 
 
+def replay_floor() -> tuple[float, float]:
+    """Seconds a CUDA-graph replay of 1, and of 4 chained, one-element kernels takes: the floor
+    under a decode step (a chain of 4 kernels: scan, rule, attention, merge), bytes aside."""
+    counter = torch.zeros(1, device="cuda")
+    return tuple(graph_time([counter], lambda c, n=n: [c.add_(1) for _ in range(n)])
+                 for n in (1, 4))
+
+
 def decode_inputs(heads: Heads, contexts: list[int], q_len: int, alike: bool,
                   table_pages: int = 0) -> list:
     """Rotated input sets of a decode step with their selections (`.blocks`). alike: the q_len
@@ -367,7 +375,9 @@ def main() -> None:
     assert torch.cuda.is_available(), "bench/kernels.py needs a CUDA GPU"
     torch.manual_seed(0)
     copy_bw, mma = ceilings()
-    print(f"ceilings: copy {copy_bw / 1e12:.2f} TB/s, bf16 matmul {mma / 1e12:.0f} TFLOP/s",
+    floor_one, floor_chain = replay_floor()
+    print(f"ceilings: copy {copy_bw / 1e12:.2f} TB/s, bf16 matmul {mma / 1e12:.0f} TFLOP/s; "
+          f"graph replay floor {floor_one * 1e6:.1f} us (1 kernel), {floor_chain * 1e6:.1f} us (4)",
           flush=True)
 
     decode_cases = [(SHARD, 8, 4096, 1), (SHARD, 64, 4096, 1), (SHARD, 8, 32768, 1),
@@ -465,7 +475,10 @@ def main() -> None:
                 ("Against FlexAttention (same per-query-block selection)", flex_table,
                  flex_rows)]
     notes = (f"Ceilings measured in this run: device-to-device copy {copy_bw / 1e12:.2f} TB/s "
-             f"(read + write), bf16 matmul {mma / 1e12:.0f} TFLOP/s. topk {TOPK}, block {PAGE}, "
+             f"(read + write), bf16 matmul {mma / 1e12:.0f} TFLOP/s; a CUDA-graph replay of "
+             f"one one-element kernel takes {floor_one * 1e6:.1f} us, of 4 chained "
+             f"{floor_chain * 1e6:.1f} us (the floor under a decode step's chain of 4 kernels, "
+             f"bytes aside). topk {TOPK}, block {PAGE}, "
              "bf16, one shared index-key head. 'MSA step' = select_blocks + sparse_attention "
              "(Triton), eager and replayed as a CUDA graph. 'graph / bandwidth ideal' = graph "
              "step time over (index keys + each selected K/V page of a request's group once) / copy "
