@@ -39,7 +39,11 @@ from kernels.triton_layout import (
 # A operand, fp8 keys widened by bit operations (bf16 and fp8 keys, 8 x 128K and 1 x 1M):
 # 4 warps, 2 stages, 4 programs per SM, plain loads and the native conversion are within 2% of
 # the best everywhere. The rest of the gap to copy bandwidth is ~12 us that every launch pays
-# (32 x 128K runs at 97%). All rows' pages are laid end to end and cut into one even range per
+# (32 x 128K runs at 97%; a graph replay of one one-element kernel alone takes 5 us). It is not
+# imbalance: pages claimed from an atomic counter (1-4 a claim, after a static share of 0 to 7/8,
+# 3-6 programs per SM) were 1.00-1.13x slower everywhere (8 x 128K, Hq 64: 105.3 -> 106.4 us at
+# best). Nor the prologue: each row's sequence and position in one round trip instead of two
+# saved 0-0.5%. All rows' pages are laid end to end and cut into one even range per
 # program: a mixed batch (32 rows, 256K to 1K) scans in 71 us instead of 196 with each row split
 # alike (fp8 keys 45 instead of 176), 8 x 4K in a table 128K wide (a CUDA graph's) in 12.4
 # instead of 28.6; uniform batches pay ~1 us for the row lookup (8 x 128K, Hq 64, 104.0 ->

@@ -42,16 +42,20 @@ def dense_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return out
 
 
-# Measured crossover on an H100 (random selections, Hq16/Hkv2, CUDA-graph time: a chunk this
-# short takes ~0.1 ms on the GPU, so eager timings measure the host's launches instead): with
-# its CSR built by a counting sort the KV-major kernel beats query-major from 256 rows of chunk
-# (128 rows 0.98x, 192 0.88x, 256 1.22x, 512 1.36x, 768 1.57x, 16K rows after 68K 2.4x), over
-# short sequences too (16 x 64 rows 1.25x, 8 x 96 1.21x, 4 x 171 1.30x), and only when a group
-# has few query heads (at G = 16, Hq 64, the partials, rows x Hq x topk x D, are 4x larger per
-# row: 0.94-0.99x). Fewer rows a sequence are decodes (multi-token: below).
-KV_MAJOR_MIN_ROWS = 256
+# Measured crossover on an H100 (random selections, CUDA-graph time: a chunk this short takes
+# ~0.1 ms on the GPU, so eager timings measure the host's launches instead). With its CSR built
+# by a counting sort the KV-major kernel beats query-major from a number of rows of chunk that
+# grows with the group G (query heads a KV head): a row's partials are G x topk x D.
+# - G = 8 (Hq16/Hkv2) from 256 rows: 128 rows 0.98x, 192 0.88x, 256 1.22x, 512 1.36x, 768
+#   1.57x, 16K rows after 68K 2.4x; over short sequences too (16 x 64 rows 1.25x, 8 x 96 1.21x,
+#   4 x 171 1.30x).
+# - G = 16 (Hq64/Hkv4) from 1,024 rows: 256 rows 0.83x, 384 0.93x, 512 1.07x, 1,024 1.17x,
+#   4K 1.22x, 16K after 68K 1.25x, a 32K prompt 1.21x; 4 x 171 rows 0.97x, 8 x 96 0.98x,
+#   16 x 64 1.13x, 8 x 350 1.03x.
+# Wider groups were not measured and stay on query-major. Fewer rows a sequence are decodes
+# (multi-token: below).
+KV_MAJOR_MIN_ROWS = {8: 256, 16: 1024}  # the widest group -> the fewest rows of chunk
 KV_MAJOR_MIN_ROWS_PER_SEQ = 64
-KV_MAJOR_MAX_GROUP = 8
 # The query-tiled kernel pays per block in its tiles' unions, so it wins when neighbouring
 # queries chose alike. H100, Hq16/Hkv2 (bench/results/kernels_h100.md): selections shared per
 # 128 queries (union ~1 x topk) 1.40 ms on a 32K prompt (FlexAttention 1.39; an earlier sweep
@@ -76,8 +80,7 @@ def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      softmax_scale: float | None = None, return_lse: bool = False):
     args = (q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, blocks, softmax_scale)
     group = q.shape[1] // k_cache.shape[2]
-    kv_major = (q.shape[0] >= KV_MAJOR_MIN_ROWS and group <= KV_MAJOR_MAX_GROUP
-                and q.shape[0] >= KV_MAJOR_MIN_ROWS_PER_SEQ * seq_lens.shape[0])
+    kv_major = _takes_kv_major(q.shape[0], seq_lens.shape[0], group)
     rows_per_seq = -(-q.shape[0] // max(1, seq_lens.shape[0]))
     if not kv_major and 2 <= rows_per_seq <= MULTI_TOKEN_MAX_ROWS:
         return prefill_query_tiled.sparse_attention(*args, return_lse)
@@ -106,6 +109,13 @@ def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         # Every later kernel on this stream, and so any reuse of the memory both read, waits.
         main.wait_stream(side)
     return (out, lse) if return_lse else out
+
+
+def _takes_kv_major(total_q: int, num_seqs: int, group: int) -> bool:
+    min_rows = next((rows for widest, rows in sorted(KV_MAJOR_MIN_ROWS.items())
+                     if group <= widest), None)
+    return (min_rows is not None
+            and total_q >= max(min_rows, KV_MAJOR_MIN_ROWS_PER_SEQ * num_seqs))
 
 
 @functools.lru_cache(maxsize=None)

@@ -257,16 +257,20 @@ def test_query_tiled_unions_cover_every_rows_choice(layout, rows):
     assert (covered == 1).all()  # the tiles cover every row once
 
 
-@pytest.mark.parametrize("layout,heads,expected", [
-    ("prefill+decode", (16, 2, 1), prefill_kv_major),  # 41 rows over 2 sequences, G = 8
-    ("multi-token-decode", (16, 2, 1), prefill_query_tiled),  # 9 rows a sequence: a tile each
-    ("prefill+decode", (16, 1, 1), query_major),  # G = 16: partials too large per row
-    ("decode", (16, 2, 1), query_major),
-], ids=["kv-major", "multi-token-query-tiled", "query-major-G16", "decode-query-major"])
-def test_dispatch_picks_kernel_by_shape(monkeypatch, layout, heads, expected):
+@pytest.mark.parametrize("layout,heads,min_rows,expected", [
+    # 41 rows over 2 sequences: G = 8 takes KV-major from 32 rows, G = 16 from 40 or 48.
+    ("prefill+decode", (16, 2, 1), {8: 32, 16: 48}, prefill_kv_major),
+    ("prefill+decode", (16, 1, 1), {8: 32, 16: 40}, prefill_kv_major),
+    ("prefill+decode", (16, 1, 1), {8: 32, 16: 48}, query_major),  # below G = 16's crossover
+    ("prefill+decode", (32, 1, 1), {8: 32, 16: 40}, query_major),  # G = 32: not measured
+    ("multi-token-decode", (16, 2, 1), {8: 32}, prefill_query_tiled),  # a tile a request
+    ("decode", (16, 2, 1), {8: 32}, query_major),
+], ids=["kv-major-G8", "kv-major-G16", "query-major-G16-few-rows", "query-major-G32",
+        "multi-token-query-tiled", "decode-query-major"])
+def test_dispatch_picks_kernel_by_shape(monkeypatch, layout, heads, min_rows, expected):
     from kernels import triton_backend
 
-    monkeypatch.setattr(triton_backend, "KV_MAJOR_MIN_ROWS", 32)
+    monkeypatch.setattr(triton_backend, "KV_MAJOR_MIN_ROWS", min_rows)
     monkeypatch.setattr(triton_backend, "KV_MAJOR_MIN_ROWS_PER_SEQ", 16)
     batch = _batch(layout, heads, seed=9)
     blocks = kernels.select_blocks(batch.q_idx, batch.k_idx_cache, *batch.layout(), topk=3)
