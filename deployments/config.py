@@ -71,6 +71,9 @@ class Replicas(_Strict):
 class ModelDeployment(Replicas):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     cpu_threads: int | None = Field(None, ge=1, description="torch threads per replica on CPU")
+    stuck_step_timeout_s: float = Field(
+        600, gt=0, description="a replica whose engine step runs longer than this fails its "
+                               "health check and is replaced (a long step is not a failure)")
 
 
 class PreprocessDeployment(Replicas):
@@ -114,15 +117,25 @@ class RoutingSettings(_Strict):
 
 
 class Limits(_Strict):
-    max_body_bytes: int = Field(64 * 2**20, ge=1024, description="images and video arrive "
-                                                                "inline as data: URLs")
+    max_body_bytes: int | None = Field(
+        None, ge=1024, description="largest request body; null = sized for the model: 64MiB "
+                                   "with a vision tower (media arrive inline as data: URLs), "
+                                   "else what the longest prompt that fits the context takes")
     max_tokens: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
     default_max_tokens: int = Field(256, ge=1)
 
     @field_validator("max_body_bytes", mode="before")
     @classmethod
     def _parse_size(cls, value):
-        return parse_bytes(value)
+        return None if value is None else parse_bytes(value)
+
+    def body_bytes(self, max_prompt_bytes: int, has_vision: bool) -> int:
+        if self.max_body_bytes is not None:
+            return self.max_body_bytes
+        if has_vision:
+            return 64 * 2**20
+        # JSON may escape each byte of text as \uXXXX (6 bytes); the rest of a body is small.
+        return 6 * max_prompt_bytes + 2**20
 
 
 class AppConfig(_Strict):

@@ -100,15 +100,51 @@ class ChunkStream:
                 (time.perf_counter() - self._first_at) / (last.completion_tokens - 1))
 
 
+def text_bytes(messages: list[dict[str, Any]] | None, prompt: str | list[int] | None) -> int:
+    """UTF-8 bytes of a request's text (message contents and text parts, or a text prompt)."""
+    if isinstance(prompt, str):
+        return len(prompt.encode())
+    total = 0
+    for message in messages or ():
+        content = message.get("content")
+        parts = [content] if isinstance(content, str) else [
+            part.get("text") for part in content or () if isinstance(part, dict)]
+        total += sum(len(text.encode()) for text in parts if isinstance(text, str))
+    return total
+
+
+@dataclass(frozen=True)
+class PromptLimit:
+    """The model's context, and the text size beyond which no prompt can fit it."""
+
+    context_tokens: int
+    max_text_bytes: int
+
+    def check(self, messages: list[dict[str, Any]] | None, prompt: str | list[int] | None):
+        size = text_bytes(messages, prompt)
+        if size > self.max_text_bytes:
+            raise invalid(
+                f"the prompt's text is {size} bytes; this model's context is "
+                f"{self.context_tokens} tokens, which no text over {self.max_text_bytes} bytes "
+                f"fits: shorten the prompt", "context_length_exceeded")
+        if isinstance(prompt, list) and len(prompt) >= self.context_tokens:
+            raise invalid(f"the prompt has {len(prompt)} tokens; this model's context is "
+                          f"{self.context_tokens} tokens", "context_length_exceeded")
+
+
 class ModelGateway:
-    def __init__(self, preprocessor: DeploymentHandle, model: DeploymentHandle, salt: str):
+    def __init__(self, preprocessor: DeploymentHandle, model: DeploymentHandle, salt: str,
+                 limit: PromptLimit):
         self._preprocessor = preprocessor
         self._model = model.options(stream=True)
         self._salt = salt  # the model's fingerprint, for hashing token-id prompts here
+        self._limit = limit
 
     async def prepare(self, messages: list[dict[str, Any]] | None = None,
                       prompt: str | list[int] | None = None) -> PreparedPrompt:
-        """Text goes through the preprocess tier; token ids skip that hop."""
+        """Text goes through the preprocess tier; token ids skip that hop. Prompts that cannot
+        fit the context are refused here, before anything tokenizes them."""
+        self._limit.check(messages, prompt)
         try:
             if messages is not None:
                 return await self._preprocessor.prepare_chat.remote(messages)

@@ -26,13 +26,21 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments import metrics
 from deployments.config import AppConfig
-from deployments.gateway import ApiError, ChunkStream, ModelGateway, classify, invalid
+from deployments.gateway import (
+    ApiError,
+    ChunkStream,
+    ModelGateway,
+    PromptLimit,
+    classify,
+    invalid,
+)
 from deployments.openai_api import (
     ChatCompletionRequest,
     CompletionRequest,
     ResponseWriter,
     error_body,
     parse_request,
+    validate_messages,
 )
 from deployments.prefix_index import PrefixIndexLookup
 from deployments.proto import msa_serve_pb2 as pb
@@ -117,7 +125,13 @@ class Ingress:
         self.model_name = info.name
         self.tokenizer = info.tokenizer
         self.api_keys = self.config.resolved_api_keys()
-        self.gateway = ModelGateway(preprocessor, model, info.fingerprint)
+        engine = self.config.model.engine
+        context = min(engine.max_model_len or info.config.max_position_embeddings,
+                      info.config.max_position_embeddings)
+        limit = PromptLimit(context, self.tokenizer.max_prompt_bytes(context))
+        self.max_body_bytes = self.config.limits.body_bytes(limit.max_text_bytes,
+                                                            info.config.vision is not None)
+        self.gateway = ModelGateway(preprocessor, model, info.fingerprint, limit)
         redis = self.config.redis
         self.loads = PrefixIndexLookup(redis, self.config.model_key) if redis.url else None
 
@@ -145,9 +159,10 @@ class Ingress:
         return request.sampling_params(limits.default_max_tokens, limits.max_tokens, logprobs)
 
     async def _read_body(self, request: Request) -> bytes:
-        limit = self.config.limits.max_body_bytes
+        limit = self.max_body_bytes
         too_large = ApiError(413, grpc.StatusCode.RESOURCE_EXHAUSTED, "invalid_request_error",
-                             f"the request body exceeds {limit} bytes", "request_too_large")
+                             f"the request body exceeds {limit} bytes (limits.max_body_bytes)",
+                             "request_too_large")
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
             raise too_large
@@ -247,9 +262,7 @@ class Ingress:
 
     async def Chat(self, request: pb.ChatRequest, grpc_context=None) -> pb.ChatResponse:
         try:
-            messages = [_grpc_message(m) for m in request.messages]
-            if not messages:
-                raise invalid("messages must not be empty")
+            messages = validate_messages([_grpc_message(m) for m in request.messages])
             stream = await self._grpc_start(request, grpc_context, messages=messages)
             text, last = [], stream.first
             async for chunk in stream:

@@ -24,6 +24,7 @@ class ModelServer:
         if app.model.cpu_threads:
             torch.set_num_threads(app.model.cpu_threads)
         self.replica = serve.get_replica_context().replica_id.unique_id
+        self.stuck_step_s = app.model.stuck_step_timeout_s
         self.publisher = None
         if app.redis.url and app.model.engine.enable_prefix_caching:
             self.publisher = PrefixIndexPublisher(app.redis, app.model_key, self.replica)
@@ -49,8 +50,9 @@ class ModelServer:
                                 out.usage.cached_tokens, out.logprobs)
 
     async def check_health(self) -> None:
-        """Serve restarts the replica when its engine loop has died."""
-        await self.engine.call(LLMEngine.load_figures)
+        """Serve restarts the replica when its engine loop has died or a step hangs; a long
+        step in progress is healthy (the check does not wait for it)."""
+        self.engine.check_alive(self.stuck_step_s)
 
     async def __del__(self):
         if self.publisher is not None:

@@ -61,6 +61,16 @@ class ChatMessage(BaseModel):
     name: str | None = None
 
 
+def validate_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Chat messages from any front door, checked by the one ChatMessage schema."""
+    if not messages:
+        raise InvalidRequestError("messages must not be empty")
+    try:
+        return [ChatMessage.model_validate(m).model_dump(exclude_none=True) for m in messages]
+    except ValidationError as exc:
+        raise InvalidRequestError(f"invalid message: {_problems(exc)}") from None
+
+
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -99,9 +109,12 @@ def parse_request(model: type[BaseModel], body: bytes) -> Any:
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}"
-                             for e in exc.errors(include_url=False))
-        raise InvalidRequestError(f"invalid request: {problems}") from None
+        raise InvalidRequestError(f"invalid request: {_problems(exc)}") from None
+
+
+def _problems(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}"
+                     for e in exc.errors(include_url=False))
 
 
 # -- responses ------------------------------------------------------------------------------------

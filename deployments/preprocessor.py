@@ -10,6 +10,7 @@ Decoding never runs on the replica's event loop (a thread for one item, processe
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from ray import serve
@@ -46,7 +47,8 @@ class Preprocessor:
         if parts and self.media is None:
             raise InvalidRequestError(f"{self.model_name} has no vision tower; send text parts "
                                       f"only")
-        token_ids = self.tokenizer.encode(self.tokenizer.apply_chat_template(texts))
+        # Templating and tokenizing a long prompt take CPU seconds: never on the event loop.
+        token_ids = await asyncio.to_thread(self._encode_chat, texts)
         if not parts:
             return PreparedPrompt.from_token_ids(token_ids, self.salt)
         items = await self.media.process(parts)
@@ -54,7 +56,11 @@ class Preprocessor:
         return PreparedPrompt.from_token_ids(token_ids, self.salt, mm_inputs)
 
     async def prepare_text(self, prompt: str) -> PreparedPrompt:
-        return PreparedPrompt.from_token_ids(self.tokenizer.encode(prompt), self.salt)
+        token_ids = await asyncio.to_thread(self.tokenizer.encode, prompt)
+        return PreparedPrompt.from_token_ids(token_ids, self.salt)
+
+    def _encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages))
 
     def _message_text(self, message: dict[str, Any], parts: list[MediaPart]) -> dict[str, Any]:
         """OpenAI content as template text: text parts joined, each image or video part one

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -44,10 +45,11 @@ class _RequestStream:
 
     async def get(self) -> RequestOutput:
         await self.ready.wait()
-        self.ready.clear()
         if self.pending is None:
             raise self.error
         output, self.pending = self.pending, None
+        if self.error is None:  # an error stays ready for the next get
+            self.ready.clear()
         return output
 
 
@@ -76,6 +78,7 @@ class AsyncLLMEngine:
         self._wakeup = threading.Event()
         self._stopping = False
         self._dead: BaseException | None = None
+        self._step_started: float | None = None  # monotonic time the running step began
         self._thread = threading.Thread(target=self._loop, name="msa-engine-loop", daemon=True)
         self._thread.start()
 
@@ -114,6 +117,16 @@ class AsyncLLMEngine:
         self._send(_Call(fn, future))
         return await future
 
+    def check_alive(self, stuck_step_s: float) -> None:
+        """Liveness without waiting for the step in progress: raises EngineDeadError when the
+        loop has died, or when one step has run for longer than stuck_step_s (a hung device)."""
+        if self._dead is not None or not self._thread.is_alive():
+            raise EngineDeadError(f"the engine loop has stopped: {self._dead}")
+        started = self._step_started
+        if started is not None and time.monotonic() - started > stuck_step_s:
+            raise EngineDeadError(f"one engine step has run for {time.monotonic() - started:.0f} s "
+                                  f"(limit {stuck_step_s:g} s)")
+
     def shutdown(self) -> None:
         self._stopping = True
         self._wakeup.set()
@@ -132,7 +145,10 @@ class AsyncLLMEngine:
                     self._wakeup.wait()
                     self._wakeup.clear()
                     continue
-                for output in self.engine.step():
+                self._step_started = time.monotonic()
+                outputs = self.engine.step()
+                self._step_started = None
+                for output in outputs:
                     self._deliver(output)
         except BaseException as exc:  # surface the failure to every waiting request
             logger.exception("engine loop failed")
@@ -179,7 +195,10 @@ class AsyncLLMEngine:
             return
         if output.finished:
             del self._streams[output.request_id]
-        stream.loop.call_soon_threadsafe(stream.put, output)
+        if output.error is not None:
+            stream.loop.call_soon_threadsafe(stream.fail, output.error)
+        else:
+            stream.loop.call_soon_threadsafe(stream.put, output)
 
 
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:

@@ -20,16 +20,19 @@ from worker.config import EngineConfig
 from worker.cuda_graphs import BATCH_BUCKETS, DecodeGraphs
 from worker.errors import (
     CapacityError,
+    EngineDeadError,
     InvalidRequestError,
     ModelLoadError,
+    MSAServeError,
+    RequestFailedError,
     RequestNotFoundError,
 )
 from worker.kv_cache import KVCache
 from worker.loader import load_model
-from worker.model_runner import ModelRunner
+from worker.model_runner import ModelRunner, StepResult
 from worker.multimodal import MultimodalInput, VisionEncoder, validate_inputs
 from worker.sampler import Sampler
-from worker.scheduler import Scheduler
+from worker.scheduler import ScheduledBatch, Scheduler
 from worker.sequence import (
     FinishReason,
     SamplingParams,
@@ -42,6 +45,7 @@ from worker.tokenizer import IncrementalDetokenizer
 logger = logging.getLogger(__name__)
 
 _DEFAULT_CPU_KV_MEMORY = 1 << 30
+MAX_FAILED_STEPS = 3  # steps in a row that fail every request before the engine gives up
 
 
 @dataclass
@@ -63,12 +67,14 @@ class RequestOutput:
     finish_reason: FinishReason | None
     usage: Usage
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    error: MSAServeError | None = None  # set when finish_reason is ERROR
 
     def merge(self, later: "RequestOutput") -> "RequestOutput":
         """Coalesces two consecutive outputs of one request (for slow consumers)."""
         return RequestOutput(self.request_id, self.new_token_ids + later.new_token_ids,
                              self.delta + later.delta, later.text, later.finished,
-                             later.finish_reason, later.usage, self.logprobs + later.logprobs)
+                             later.finish_reason, later.usage, self.logprobs + later.logprobs,
+                             later.error)
 
 
 @dataclass
@@ -120,6 +126,7 @@ class LLMEngine:
                                           if loaded.model.visual is not None else None))
         self.requests: dict[str, Sequence] = {}
         self.stats = EngineStats()
+        self._failed_steps = 0  # consecutive steps in which every request failed
         if config.warm_up if config.warm_up is not None else self.device.type == "cuda":
             self._warm_up()
         logger.info("engine ready: model=%s device=%s dtype=%s kv_pages=%d kv_tokens=%d "
@@ -206,15 +213,18 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in token_ids):
             raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})")
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab})")
         if len(token_ids) >= self.max_model_len:
-            limit = self.max_model_len
-            if pages_for(len(token_ids) + 1) > self.block_manager.num_pages:
+            kv_tokens = self.block_manager.num_pages * BLOCK_SIZE
+            if self.max_model_len == kv_tokens and pages_for(len(token_ids) + 1) > \
+                    self.block_manager.num_pages:
                 raise CapacityError(
                     f"the prompt has {len(token_ids)} tokens but this replica's KV cache holds "
-                    f"at most {self.block_manager.num_pages * BLOCK_SIZE}; raise kv_cache_memory")
+                    f"at most {kv_tokens}; raise kv_cache_memory")
             raise InvalidRequestError(
-                f"the prompt has {len(token_ids)} tokens; this model's context is {limit} tokens "
-                f"(prompt + at least one generated token must fit)")
+                f"the prompt has {len(token_ids)} tokens; this model's context is "
+                f"{self.max_model_len} tokens (prompt + at least one generated token must fit)")
         validate_inputs(tuple(mm_inputs), token_ids, self.runner.model.visual, self.model_name)
         detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids)
         return Sequence(request_id or uuid.uuid4().hex, token_ids, params, detokenizer,
@@ -259,12 +269,66 @@ class LLMEngine:
             start = seq.num_computed_tokens
             self.stats.prompt_tokens_computed += max(0, min(start + num_tokens,
                                                             seq.num_prompt_tokens) - start)
-        result = self.runner.run(batch)
+        ran, result, failures = self._run_isolated(batch)
         self.stats.steps += 1
-        for seq in batch.sequences:
+        outputs = [self._fail(seq, exc) for seq, exc in failures]
+        self.scheduler.postprocess(ran)
+        for seq in ran.sequences:
             self.block_manager.register_full_pages(seq)
-        return [self._append_token(seq, token, logprob) for seq, token, logprob in
-                zip(result.sequences, result.token_ids, result.logprobs)]
+        for seq, token, logprob in zip(result.sequences, result.token_ids, result.logprobs):
+            try:
+                outputs.append(self._append_token(seq, token, logprob))
+            except Exception as exc:  # e.g. a detokenizer error: this request's alone
+                outputs.append(self._fail(seq, exc))
+        return outputs
+
+    def _run_isolated(self, batch: ScheduledBatch
+                      ) -> tuple[ScheduledBatch, StepResult, list[tuple[Sequence, Exception]]]:
+        """Runs the step; when it raises, runs its requests one by one so that only those that
+        fail alone are failed. Re-running is safe: a step changes no request state, and writing
+        a token's K/V again writes the same values to the same slots.
+
+        Returns the part of the batch that ran, its result, and the failed requests."""
+        try:
+            return batch, self.runner.run(batch), []
+        except Exception as exc:
+            if len(batch) == 1:
+                failures = [(batch.sequences[0], exc)]
+                return ScheduledBatch(), StepResult([], [], []), self._count_failures(failures, 0)
+            logger.warning("a step of %d requests failed (%r); running them one at a time to "
+                           "find the failing ones", len(batch), exc)
+        ran, result, failures = ScheduledBatch(), StepResult([], [], []), []
+        for seq, num_tokens in zip(batch.sequences, batch.num_tokens):
+            alone = ScheduledBatch([seq], [num_tokens])
+            try:
+                single = self.runner.run(alone)
+            except Exception as exc:
+                failures.append((seq, exc))
+                continue
+            ran.add(seq, num_tokens)
+            result.extend(single)
+        return ran, result, self._count_failures(failures, len(ran))
+
+    def _count_failures(self, failures: list[tuple[Sequence, Exception]], num_ran: int
+                        ) -> list[tuple[Sequence, Exception]]:
+        """A broken engine (a lost device, corrupt weights) fails every request of every step:
+        after MAX_FAILED_STEPS such steps in a row the engine gives up, so that the replica's
+        health check fails and Serve replaces it."""
+        self._failed_steps = self._failed_steps + 1 if num_ran == 0 else 0
+        if self._failed_steps >= MAX_FAILED_STEPS:
+            raise EngineDeadError(f"{self._failed_steps} steps in a row failed every request; "
+                                  f"last error: {failures[-1][1]!r}") from failures[-1][1]
+        return failures
+
+    def _fail(self, seq: Sequence, exc: Exception) -> RequestOutput:
+        """Ends one request with an error; its pages go back to the pool."""
+        logger.error("request %s failed in the engine", seq.request_id, exc_info=exc)
+        error = exc if isinstance(exc, InvalidRequestError) else RequestFailedError(
+            f"the engine failed on this request ({type(exc).__name__}: {exc}); other requests "
+            f"were not affected")
+        output = self._finish(seq, FinishReason.ERROR, [], None)
+        output.error = error
+        return output
 
     def _append_token(self, seq: Sequence, token: int,
                       logprob: TokenLogprob | None) -> RequestOutput:

@@ -23,5 +23,9 @@ class RequestNotFoundError(MSAServeError):
     """No live request has this id (already finished or aborted)."""
 
 
+class RequestFailedError(MSAServeError):
+    """The engine failed while computing this request; it alone was ended, the others go on."""
+
+
 class EngineDeadError(MSAServeError):
     """The engine's step loop failed; the replica must be restarted."""

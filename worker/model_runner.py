@@ -24,6 +24,11 @@ class StepResult:
     token_ids: list[int]
     logprobs: list[TokenLogprob | None]
 
+    def extend(self, other: "StepResult") -> None:
+        self.sequences += other.sequences
+        self.token_ids += other.token_ids
+        self.logprobs += other.logprobs
+
 
 class ModelRunner:
     """`decode_graphs`, when given, replays the decode steps that fit it (CUDA only);
@@ -95,13 +100,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepResult:
+        """Computes the step and samples; changes no request state (the scheduler's
+        `postprocess` does), so a step that raises can be run again."""
         if self.decode_graphs is not None and self.decode_graphs.fits(batch):
             logits = self.decode_graphs.run(batch)
             sample_rows = range(len(batch))
         else:
             logits, sample_rows = self._run_eager(batch)
-        for seq, num_tokens in zip(batch.sequences, batch.num_tokens):
-            seq.num_computed_tokens += num_tokens
         if not sample_rows:
             return StepResult([], [], [])
         sequences = [batch.sequences[b] for b in sample_rows]

@@ -35,7 +35,8 @@ class Sampler:
         params = [s.params for s in seqs]
         logits = logits / column([p.temperature for p in params])
         vocab = logits.shape[-1]
-        top_k = column([p.top_k if p.top_k > 0 else vocab for p in params], torch.long)
+        top_k = column([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params],
+                       torch.long)
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         ranks = torch.arange(vocab, device=logits.device)[None, :]
         drop = ranks >= top_k

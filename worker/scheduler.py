@@ -76,6 +76,11 @@ class Scheduler:
             self._admit(batch, budget)
         return batch
 
+    def postprocess(self, batch: ScheduledBatch) -> None:
+        """After a step ran: its tokens' K/V are now in the cache."""
+        for seq, num_tokens in zip(batch.sequences, batch.num_tokens):
+            seq.num_computed_tokens += num_tokens
+
     def _admit(self, batch: ScheduledBatch, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -14,6 +15,10 @@ from worker.prefix_hash import MultimodalSpan, chain_page_hashes
 from worker.tokenizer import IncrementalDetokenizer
 
 MAX_LOGPROBS = 20
+MAX_TEMPERATURE = 2.0  # OpenAI's bound; HTTP, gRPC and offline callers share it
+# torch.Generator.manual_seed takes any integer in [-2^63, 2^64); beyond that it overflows.
+SEED_RANGE = (-(2**63), 2**64 - 1)
+MAX_TOP_K = 2**31 - 1  # larger values mean "off" as much as 0 does; the sampler clamps to vocab
 
 
 @dataclass
@@ -31,21 +36,42 @@ class SamplingParams:
     logprobs: int | None = None  # top-N alternatives per token (0 = only the sampled one)
 
     def __post_init__(self):
+        """The one validator of sampling fields: every front door builds a SamplingParams, so
+        a value that passes here is safe for the engine (no overflow, no NaN, no inf)."""
+
+        def integer_in(value, low: int, high: int) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+        def number_in(value, low: float, high: float) -> bool:
+            return (isinstance(value, (int, float)) and not isinstance(value, bool)
+                    and math.isfinite(value) and low <= value <= high)
+
         checks = [
-            (isinstance(self.max_tokens, int) and self.max_tokens >= 1,
-             f"max_tokens must be an integer >= 1, got {self.max_tokens!r}"),
-            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
-            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-            (self.top_k >= 0, f"top_k must be >= 0 (0 disables it), got {self.top_k}"),
-            (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
-            (self.n == 1, f"only n=1 is supported, got n={self.n}"),
-            (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
-             f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}"),
-            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty"),
+            (integer_in(self.max_tokens, 1, 2**31 - 1),
+             lambda: f"max_tokens must be an integer >= 1, got {self.max_tokens!r}"),
+            (number_in(self.temperature, 0, MAX_TEMPERATURE),
+             lambda: f"temperature must be a number in [0, {MAX_TEMPERATURE:g}], "
+                     f"got {self.temperature!r}"),
+            (number_in(self.top_p, 0, 1) and self.top_p > 0,
+             lambda: f"top_p must be in (0, 1], got {self.top_p!r}"),
+            (integer_in(self.top_k, 0, MAX_TOP_K),
+             lambda: f"top_k must be an integer in [0, {MAX_TOP_K}] (0 disables it), "
+                     f"got {self.top_k!r}"),
+            (number_in(self.min_p, 0, 1), lambda: f"min_p must be in [0, 1], got {self.min_p!r}"),
+            (self.seed is None or integer_in(self.seed, *SEED_RANGE),
+             lambda: f"seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], "
+                     f"got {self.seed!r}"),
+            (self.n == 1, lambda: f"only n=1 is supported, got n={self.n}"),
+            (self.logprobs is None or integer_in(self.logprobs, 0, MAX_LOGPROBS),
+             lambda: f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}"),
+            (all(isinstance(s, str) and s for s in self.stop),
+             lambda: "stop strings must be non-empty"),
+            (all(integer_in(t, 0, 2**31 - 1) for t in self.stop_token_ids),
+             lambda: "stop_token_ids must be non-negative integers"),
         ]
         for ok, message in checks:
             if not ok:
-                raise InvalidRequestError(message)
+                raise InvalidRequestError(message())
         self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids)
 
@@ -64,6 +90,7 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"  # EOS, a stop token or a stop string
     LENGTH = "length"  # max_tokens or the context limit
     ABORT = "abort"  # cancelled by the client or the server
+    ERROR = "error"  # the engine failed on this request (RequestOutput.error says how)
 
 
 @dataclass

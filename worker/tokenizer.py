@@ -6,6 +6,7 @@ what a checkpoint ships and renders chat templates the way Hugging Face does (sa
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,6 +45,20 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """No token stands for more input bytes than this: the UTF-8 length of the longest
+        vocabulary entry (a byte-level BPE entry has at least one character per byte), times 4
+        when a normalizer may shrink the input (NFKC turns a 3-byte ligature into 2 letters)."""
+        longest = max(len(token.encode()) for token in
+                      self.backend.get_vocab(with_added_tokens=True))
+        return longest * (4 if self.backend.normalizer is not None else 1)
+
+    def max_prompt_bytes(self, context_tokens: int) -> int:
+        """Text longer than this, in UTF-8 bytes, cannot fit context_tokens tokens: checking it
+        costs nothing, where tokenizing megabytes costs seconds."""
+        return context_tokens * self.max_token_bytes
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = self.backend.encode(text, add_special_tokens=False).ids

@@ -298,6 +298,65 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, htt
     _wait_idle(stack)  # none of the rejected requests holds a page
 
 
+# Each row: (HTTP body fields, gRPC call keyword arguments, words the error must contain);
+# both front doors must refuse each with 400 / INVALID_ARGUMENT through the one validator.
+BAD_VALUES = [
+    ({"temperature": float("inf")}, {"temperature": float("inf")}, "temperature"),
+    ({"temperature": 2.5}, {"temperature": 2.5}, "temperature"),
+    ({"top_p": 0}, {"top_p": 0.0}, "top_p"),
+    ({"messages": [{"role": "wizard", "content": "x"}]},
+     {"messages": [{"role": "wizard", "content": "x"}]}, "role"),
+]
+
+
+def test_values_that_crashed_the_engine_are_refused_and_streams_survive(client, http, stack):
+    """seed >= 2^64 and top_k >= 2^63 used to overflow inside the engine's step thread and take
+    every stream down: now a 400 each, while a long stream on the same replicas goes on."""
+    stream = client.completions.create(model="tiny", prompt="a story", stream=True,
+                                       max_tokens=300, extra_body={"ignore_eos": True})
+    first = next(iter(stream))
+    for extra in ({"seed": 2**64}, {"seed": -(2**63) - 1}, {"top_k": 2**63}):
+        response = http.post("/v1/completions", json={"model": "tiny", "prompt": "x",
+                                                      "max_tokens": 2, **extra})
+        assert response.status_code == 400, response.text
+        assert next(iter(extra)) in response.json()["error"]["message"]
+    rest = list(stream)
+    assert first.choices[0].text is not None
+    assert rest[-1].choices[0].finish_reason == "length"
+    assert sum(1 for _ in rest) > 0
+
+
+def test_http_and_grpc_refuse_the_same_bad_values(http, stack):
+    with MSAServeClient(stack.grpc, api_key=API_KEY, timeout_s=60) as grpc_client:
+        for http_fields, grpc_kwargs, words in BAD_VALUES:
+            body = {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                    "max_tokens": 2, **http_fields}
+            response = http.post("/v1/chat/completions",
+                                 content=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+            assert response.status_code == 400, (http_fields, response.text)
+            assert words in response.json()["error"]["message"]
+            messages = grpc_kwargs.pop("messages", [{"role": "user", "content": "x"}])
+            with pytest.raises(grpc.RpcError) as err:
+                grpc_client.chat(messages, max_tokens=2, **grpc_kwargs)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, grpc_kwargs
+            assert words in err.value.details()
+
+
+def test_a_prompt_too_long_for_the_context_is_refused_before_tokenizing(http, client):
+    """The tiny model's context (1,024 tokens here) holds no text of 60,000 bytes: refused by
+    size alone, at once, naming the context; a concurrent request is not held up."""
+    started = time.monotonic()
+    response = http.post("/v1/completions", json={"model": "tiny", "prompt": "y" * 60000})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "context_length_exceeded"
+    assert "1024 tokens" in response.json()["error"]["message"]
+    chat = _chat(http, [{"role": "user", "content": "z" * 60000}])
+    assert chat.status_code == 400 and "context" in chat.json()["error"]["message"]
+    assert client.completions.create(model="tiny", prompt="hi", max_tokens=2).usage
+    assert time.monotonic() - started < 10
+
+
 # -- gRPC -------------------------------------------------------------------------------------
 def test_grpc_generate_chat_and_status_codes(stack):
     with MSAServeClient(stack.grpc, api_key=API_KEY, timeout_s=60) as grpc_client:
