@@ -2,7 +2,8 @@
 
     msa-serve generate "prompt"      stream one completion (chat-templated unless --raw)
     msa-serve chat                   interactive chat
-    msa-serve make-tiny-model DIR    write a tiny random MSA checkpoint (tests, demos)
+    msa-serve make-tiny-model DIR    write a tiny random MSA checkpoint (tests, demos);
+                                     --arch minimax-m3 for MiniMax-M3's released layout
     msa-serve bench-engine           offline throughput / prefix-cache benchmark of the engine
     msa-serve up                     the whole serving stack locally (Redis, Ray Serve, HTTP, gRPC)
     msa-serve client chat "hi"       talk to a running server over gRPC
@@ -99,9 +100,17 @@ def cmd_chat(args) -> None:
 
 
 def cmd_make_tiny_model(args) -> None:
-    from worker.tiny_model import make_tiny_checkpoint
+    from worker.tiny_model import make_m3_checkpoint, make_tiny_checkpoint
 
-    path = make_tiny_checkpoint(args.dir, seed=args.seed, topk=args.topk, vision=args.vision)
+    if args.arch == "minimax-m3":
+        if args.vision:
+            sys.exit("error: the tiny MiniMax-M3 always carries its vision tower's weights; "
+                     "drop --vision")
+        path = make_m3_checkpoint(args.dir, seed=args.seed, topk=args.topk or 3)
+        print(f"wrote a tiny MiniMax-M3 checkpoint (released layout, sharded) to {path}")
+        return
+    path = make_tiny_checkpoint(args.dir, seed=args.seed, topk=args.topk or 4,
+                                vision=args.vision)
     print(f"wrote a tiny MSA checkpoint to {path}")
 
 
@@ -168,9 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-tiny-model", help="write a tiny random MSA checkpoint")
     p.add_argument("dir")
+    p.add_argument("--arch", choices=("msa", "minimax-m3"), default="msa",
+                   help="msa: our own layout; minimax-m3: MiniMax-M3's released layout")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--topk", type=int, default=4)
-    p.add_argument("--vision", action="store_true", help="with a vision tower")
+    p.add_argument("--topk", type=int, default=None, help="MSA blocks kept per query "
+                                                           "(default 4; 3 for minimax-m3)")
+    p.add_argument("--vision", action="store_true", help="with a vision tower (msa)")
     p.set_defaults(func=cmd_make_tiny_model)
 
     p = sub.add_parser("bench-engine", help="offline engine throughput and prefix-cache TTFT")

@@ -14,8 +14,30 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from kernels import BLOCK_SIZE
 from worker.errors import ModelLoadError
 
-# Architectures whose Hugging Face layout (weight names and config keys) the model implements.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "msa")
+# Architectures whose Hugging Face layout (weight names and config keys) the models implement.
+M3_MODEL_TYPE = "minimax_m3_vl"
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "msa", M3_MODEL_TYPE)
+
+# transformers' MiniMaxM3VLTextConfig defaults (the released model's values), for keys a
+# checkpoint's text_config leaves out.
+M3_TEXT_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 200064, "hidden_size": 6144, "intermediate_size": 3072,
+    "num_hidden_layers": 60, "num_attention_heads": 64, "num_key_value_heads": 4,
+    "head_dim": 128, "max_position_embeddings": 524288, "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False, "num_experts_per_tok": 4, "num_local_experts": 128,
+    "dense_intermediate_size": 12288, "shared_intermediate_size": 3072,
+    "routed_scaling_factor": 2.0, "swiglu_alpha": 1.702, "swiglu_limit": 7.0,
+    "index_n_heads": 4, "index_head_dim": 128, "index_block_size": 128,
+    "index_topk_blocks": 16, "index_local_blocks": 1, "rope_theta": 5_000_000.0,
+}
+# Older M3 configs nest the indexer's settings in `sparse_attention_config` under these names.
+M3_LEGACY_SPARSE_KEYS = {
+    "index_n_heads": "sparse_num_index_heads", "index_head_dim": "sparse_index_dim",
+    "index_block_size": "sparse_block_size", "index_topk_blocks": "sparse_topk_blocks",
+    "index_local_blocks": "sparse_local_block",
+}
+M3_ATTENTION_TYPES = {"full_attention": "dense", "minimax_m3_sparse": "msa"}
+M3_MLP_TYPES = ("dense", "sparse")
 
 
 @dataclass(frozen=True)
@@ -95,6 +117,20 @@ class VisionConfig:
 
 
 @dataclass(frozen=True)
+class M3Settings:
+    """What MiniMax-M3's text model has beyond a GQA decoder (transformers'
+    MiniMaxM3VLTextConfig): partial RoPE, SwiGLU-OAI MLPs, MoE routing, per-layer MLP kinds."""
+
+    rotary_dim: int  # leading channels of each head (and index head) that RoPE rotates
+    swiglu_alpha: float
+    swiglu_limit: float
+    dense_intermediate_size: int
+    shared_intermediate_size: int
+    routed_scaling_factor: float
+    mlp_layer_types: tuple[str, ...]  # "dense" or "sparse" (MoE) per layer
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     model_type: str
     vocab_size: int
@@ -116,6 +152,7 @@ class ModelConfig:
     mlp_only_layers: tuple[int, ...] = ()
     msa: MSAConfig = field(default_factory=MSAConfig)
     vision: VisionConfig | None = None
+    m3: M3Settings | None = None  # set for MiniMax-M3 checkpoints
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
@@ -130,6 +167,8 @@ class ModelConfig:
         return self.num_attention_heads // self.num_key_value_heads
 
     def is_moe_layer(self, layer: int) -> bool:
+        if self.m3 is not None:
+            return self.m3.mlp_layer_types[layer] == "sparse"
         return self.num_experts > 0 and layer not in self.mlp_only_layers
 
     def is_dense_attention_layer(self, layer: int) -> bool:
@@ -142,6 +181,8 @@ class ModelConfig:
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ModelLoadError(f"unsupported model_type {model_type!r}; msa-serve serves "
                                  f"{', '.join(SUPPORTED_MODEL_TYPES)} checkpoints")
+        if model_type == M3_MODEL_TYPE:
+            return cls._from_m3_dict(raw)
         rope_scaling = raw.get("rope_scaling")
         if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) != "default":
             raise ModelLoadError(f"rope_scaling {rope_scaling} is not supported yet")
@@ -174,6 +215,88 @@ class ModelConfig:
             raise ModelLoadError(f"config.json lacks the required key {exc}") from exc
         except TypeError as exc:
             raise ModelLoadError(f"config.json has an unexpected msa_config: {exc}") from exc
+
+
+    @classmethod
+    def _from_m3_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
+        """MiniMax-M3's config.json (`minimax_m3_vl`: text_config + vision_config), legacy keys
+        (`sparse_attention_config`, `moe_layer_freq`) included, read as transformers reads it."""
+        text = dict(raw.get("text_config") or {})
+        sparse = text.pop("sparse_attention_config", None) or {}
+        for flat, legacy in M3_LEGACY_SPARSE_KEYS.items():
+            if legacy in sparse:
+                text[flat] = sparse[legacy]
+        text = {**M3_TEXT_DEFAULTS, **{k: v for k, v in text.items() if v is not None}}
+        layers = text["num_hidden_layers"]
+
+        def per_layer(name: str, values, allowed) -> tuple[str, ...]:
+            values = tuple(values)
+            unknown = sorted(set(values) - set(allowed))
+            if unknown:
+                raise ModelLoadError(f"config.json: {name} has unknown entries {unknown}; "
+                                     f"msa-serve knows {', '.join(allowed)}")
+            if len(values) != layers:
+                raise ModelLoadError(f"config.json: {name} has {len(values)} entries for "
+                                     f"{layers} layers")
+            return values
+
+        layer_types = text.get("layer_types") or (
+            ["minimax_m3_sparse" if f else "full_attention"
+             for f in sparse["sparse_attention_freq"]]
+            if "sparse_attention_freq" in sparse else ["full_attention"] * layers)
+        layer_types = per_layer("layer_types", layer_types, M3_ATTENTION_TYPES)
+        moe_freq = text.get("moe_layer_freq")
+        mlp_types = per_layer("mlp_layer_types", text.get("mlp_layer_types") or (
+            ["sparse" if f else "dense" for f in moe_freq] if moe_freq is not None
+            else ["sparse"] * layers), M3_MLP_TYPES)
+        rope = text.get("rope_parameters") or {"rope_type": "default",
+                                               "rope_theta": text["rope_theta"]}
+        if rope.get("rope_type", "default") != "default":
+            raise ModelLoadError(f"rope_parameters {rope} is not supported yet (default only)")
+        checks = [
+            (text["index_n_heads"] == text["num_key_value_heads"],
+             "index_n_heads must equal num_key_value_heads (one index query head per KV group)"),
+            (text["index_local_blocks"] == 1,
+             "index_local_blocks must be 1 (the query's own block): the MSA kernels force that "
+             "block only"),
+            (text["index_block_size"] == BLOCK_SIZE, f"index_block_size must be {BLOCK_SIZE}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ModelLoadError(f"config.json: {message}")
+        head_dim = text["head_dim"]
+        try:
+            return cls(
+                model_type=M3_MODEL_TYPE,
+                vocab_size=text["vocab_size"],
+                hidden_size=text["hidden_size"],
+                intermediate_size=text["intermediate_size"],  # of one routed expert
+                num_hidden_layers=layers,
+                num_attention_heads=text["num_attention_heads"],
+                num_key_value_heads=text["num_key_value_heads"],
+                head_dim=head_dim,
+                rms_norm_eps=text["rms_norm_eps"],
+                rope_theta=float(rope.get("rope_theta", text["rope_theta"])),
+                max_position_embeddings=text["max_position_embeddings"],
+                tie_word_embeddings=bool(raw.get("tie_word_embeddings")
+                                         or text["tie_word_embeddings"]),
+                num_experts=text["num_local_experts"],
+                num_experts_per_tok=text["num_experts_per_tok"],
+                moe_intermediate_size=text["intermediate_size"],
+                msa=MSAConfig(topk=text["index_topk_blocks"], indexer="learned",
+                              index_head_dim=text["index_head_dim"], index_key_heads=1,
+                              dense_layers=tuple(i for i, t in enumerate(layer_types)
+                                                 if M3_ATTENTION_TYPES[t] == "dense")),
+                m3=M3Settings(
+                    rotary_dim=int(head_dim * rope.get("partial_rotary_factor", 1.0)),
+                    swiglu_alpha=text["swiglu_alpha"], swiglu_limit=text["swiglu_limit"],
+                    dense_intermediate_size=text["dense_intermediate_size"],
+                    shared_intermediate_size=text["shared_intermediate_size"],
+                    routed_scaling_factor=text["routed_scaling_factor"],
+                    mlp_layer_types=mlp_types),
+            )
+        except TypeError as exc:
+            raise ModelLoadError(f"config.json has an unexpected text_config: {exc}") from exc
 
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10,

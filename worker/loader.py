@@ -1,4 +1,5 @@
-"""Loads a checkpoint (Hugging Face safetensors directory or GGUF file) into `MSAForCausalLM`."""
+"""Loads a checkpoint (Hugging Face safetensors directory, sharded or not, or a GGUF file) into
+`MSAForCausalLM`, or `MiniMaxM3ForCausalLM` for MiniMax-M3 checkpoints."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from worker.config import ModelConfig
 from worker.errors import ModelLoadError
+from worker.minimax_m3 import MiniMaxM3ForCausalLM
 from worker.model import MSAForCausalLM
 from worker.tokenizer import Tokenizer
 
@@ -38,7 +41,7 @@ class ModelInfo:
 
 @dataclass
 class LoadedModel(ModelInfo):
-    model: MSAForCausalLM | None = None
+    model: nn.Module | None = None  # MSAForCausalLM or MiniMaxM3ForCausalLM
 
 
 def default_model_path() -> Path:
@@ -106,27 +109,53 @@ def load_model(path: str | Path | None, dtype: torch.dtype, device: torch.device
     return loaded
 
 
-def _build_model(config: ModelConfig, state: dict[str, torch.Tensor], source: Path,
-                 dtype: torch.dtype, device: torch.device) -> MSAForCausalLM:
-    with torch.device("meta"):
-        model = MSAForCausalLM(config)
-    shapes = {key: tuple(t.shape) for key, t in model.state_dict().items()}
-    expected = set(shapes)
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-        expected.discard("lm_head.weight")
-    missing, unexpected = expected - set(state), set(state) - expected
-    if missing or unexpected:
-        raise ModelLoadError(f"{source}: weights do not match the config: missing "
-                             f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
-    for key, tensor in state.items():
-        if tuple(tensor.shape) != shapes[key]:
-            raise ModelLoadError(f"{source}: {key} has shape {tuple(tensor.shape)}, "
-                                 f"the config implies {shapes[key]}")
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    return model.to(device).eval().requires_grad_(False)
+def model_class(config: ModelConfig) -> type[nn.Module]:
+    return MiniMaxM3ForCausalLM if config.m3 is not None else MSAForCausalLM
+
+
+class WeightFiller:
+    """Builds the model with empty weights on the target device, then copies checkpoint tensors
+    into it one at a time (a shard's tensors never all sit in host memory), checking names and
+    shapes against the config; `finish` checks that every weight was filled exactly once."""
+
+    def __init__(self, config: ModelConfig, source: Path, dtype: torch.dtype,
+                 device: torch.device):
+        self.config = config
+        self.source = source
+        with torch.device("meta"):
+            model = model_class(config)(config).to(dtype)
+        self.model = model.to_empty(device=device)
+        self.params = dict(self.model.named_parameters())
+        self.filled = dict.fromkeys(self.params, 0)  # elements copied into each weight
+        self.resolve = getattr(self.model, "checkpoint_target", lambda name: (name, ()))
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        if self.config.tie_word_embeddings and name.removeprefix("language_model.") == \
+                "lm_head.weight":
+            return  # tied to the embedding
+        target = self.resolve(name)
+        if target is None:
+            return
+        param_name, index = target
+        param = self.params.get(param_name)
+        if param is None:
+            raise ModelLoadError(f"{self.source}: unexpected tensor {name} (not a weight of "
+                                 f"this {self.config.model_type} config)")
+        destination = param.data[index] if index else param.data
+        if tuple(destination.shape) != tuple(tensor.shape):
+            raise ModelLoadError(f"{self.source}: {name} has shape {tuple(tensor.shape)}, "
+                                 f"the config implies {tuple(destination.shape)}")
+        destination.copy_(tensor)
+        self.filled[param_name] += destination.numel()
+
+    def finish(self) -> nn.Module:
+        wrong = sorted(n for n, p in self.params.items() if self.filled[n] != p.numel())
+        if wrong:
+            raise ModelLoadError(f"{self.source}: weights do not match the config: missing or "
+                                 f"repeated tensors for {wrong[:5]}")
+        if self.config.tie_word_embeddings:
+            self.model.lm_head.weight = self.model.model.embed_tokens.weight
+        return self.model.eval().requires_grad_(False)
 
 
 def _describe_safetensors_dir(path: Path) -> tuple[ModelInfo, list[Path]]:
@@ -147,18 +176,40 @@ def _describe_safetensors_dir(path: Path) -> tuple[ModelInfo, list[Path]]:
     return info, files
 
 
+def _shards(path: Path, files: list[Path]) -> list[Path]:
+    """The shards that model.safetensors.index.json names (all of them must exist), or every
+    *.safetensors file when there is no index."""
+    index_file = path / "model.safetensors.index.json"
+    if not index_file.exists():
+        return files
+    try:
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"{index_file} is not a safetensors index: {exc}") from exc
+    shards = [path / name for name in sorted(set(weight_map.values()))]
+    missing = [s.name for s in shards if not s.exists()]
+    if missing:
+        raise ModelLoadError(f"{path}: shard(s) {missing[:3]} listed in {index_file.name} are "
+                             f"missing")
+    return shards
+
+
 def _load_safetensors_dir(path: Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     info, files = _describe_safetensors_dir(path)
-    state: dict[str, torch.Tensor] = {}
-    for f in tqdm(files, desc="loading weights", unit="file", disable=len(files) < 2):
+    filler = WeightFiller(info.config, path, dtype, device)
+    shards = _shards(path, files)
+    for shard in tqdm(shards, desc="loading weights", unit="shard", disable=len(shards) < 2):
         try:
-            state.update(load_file(str(f)))
+            with safe_open(str(shard), framework="pt", device="cpu") as tensors:
+                for name in tensors.keys():
+                    filler.put(name, tensors.get_tensor(name))
+        except ModelLoadError:
+            raise
         except Exception as exc:  # safetensors raises its own error types for corrupt files
-            raise ModelLoadError(f"{f} is not a readable safetensors file: {exc}") from exc
-    model = _build_model(info.config, state, path, dtype, device)
-    return LoadedModel(**vars(info), model=model)
+            raise ModelLoadError(f"{shard} is not a readable safetensors file: {exc}") from exc
+    return LoadedModel(**vars(info), model=filler.finish())
 
 
 # GGUF tensor names (llama.cpp) -> Hugging Face names.
@@ -226,7 +277,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device) -> LoadedMo
     info, reader = _describe_gguf(path)
     heads = info.config.num_attention_heads
     kv_heads = info.config.num_key_value_heads
-    state = {}
+    filler = WeightFiller(info.config, path, dtype, device)
     for tensor in tqdm(reader.tensors, desc="dequantizing GGUF", unit="tensor", leave=False):
         if tensor.name in _GGUF_GLOBAL_NAMES:
             hf_name = _GGUF_GLOBAL_NAMES[tensor.name]
@@ -243,6 +294,5 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device) -> LoadedMo
             weight = _unpermute_rope(weight, heads)
         elif tensor.name.endswith("attn_k.weight"):
             weight = _unpermute_rope(weight, kv_heads)
-        state[hf_name] = torch.from_numpy(np.array(weight, dtype=np.float32))  # writable copy
-    model = _build_model(info.config, state, path, dtype, device)
-    return LoadedModel(**vars(info), model=model)
+        filler.put(hf_name, torch.from_numpy(np.asarray(weight, dtype=np.float32)))
+    return LoadedModel(**vars(info), model=filler.finish())

@@ -8,6 +8,7 @@ plain `load_state_dict`; the MSA index branch adds `self_attn.index_q_proj` and
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -95,23 +96,35 @@ class MSAAttention(nn.Module):
         q = self._rope(self.q_proj(x).view(tokens, self.num_heads, self.head_dim), positions)
         k = self._rope(self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim), positions)
         v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
-        cache.write(self.layer_index, attn.slot_mapping, k, v, self._index_keys(x, positions))
-        k_cache, v_cache, k_idx_cache = cache.layer(self.layer_index)
-        layout = (attn.block_table, attn.seq_lens, attn.cu_seqlens_q)
-        checks = {"check_indices": attn.check_indices}
-        # With at most topk blocks visible, MSA selects everything and equals dense attention.
-        if self.dense or attn.max_seq_len <= topk * kernels.BLOCK_SIZE:
-            if attn.all_blocks is None:
-                out = kernels.dense_attention(q, k_cache, v_cache, *layout, **checks)
-            else:  # a CUDA-graph step: the same dense attention, as the paged kernel
-                width = attn.all_blocks.shape[1] if self.dense else topk
-                blocks = attn.all_blocks[:, None, :width].expand(-1, self.num_kv_heads, -1)
-                out = kernels.sparse_attention(q, k_cache, v_cache, *layout, blocks, **checks)
-        else:
-            q_idx = self._index_queries(x, q, positions)
-            blocks = kernels.select_blocks(q_idx, k_idx_cache, *layout, topk=topk, **checks)
-            out = kernels.sparse_attention(q, k_cache, v_cache, *layout, blocks, **checks)
+        out = paged_attention(self.layer_index, self.dense, q, k, v,
+                              self._index_keys(x, positions),
+                              lambda: self._index_queries(x, q, positions), attn, cache, topk)
         return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))
+
+
+def paged_attention(layer_index: int, dense: bool, q: torch.Tensor, k: torch.Tensor,
+                    v: torch.Tensor, k_idx: torch.Tensor | None,
+                    index_queries: Callable[[], torch.Tensor], attn: AttentionMetadata,
+                    cache: KVCache, topk: int) -> torch.Tensor:
+    """Writes this step's K/V (and index keys) into the paged cache, then attends: exactly over
+    every visible block in dense layers and short contexts, else over the index branch's picks.
+
+    q [T, Hq, D]; k, v [T, Hkv, D]; index_queries() -> q_idx [T, Hkv, Di], only called when
+    attention is sparse. Returns [T, Hq, D]."""
+    cache.write(layer_index, attn.slot_mapping, k, v, k_idx)
+    k_cache, v_cache, k_idx_cache = cache.layer(layer_index)
+    layout = (attn.block_table, attn.seq_lens, attn.cu_seqlens_q)
+    checks = {"check_indices": attn.check_indices}
+    # With at most topk blocks visible, MSA selects everything and equals dense attention.
+    if dense or attn.max_seq_len <= topk * kernels.BLOCK_SIZE:
+        if attn.all_blocks is None:
+            return kernels.dense_attention(q, k_cache, v_cache, *layout, **checks)
+        # A CUDA-graph step: the same dense attention, as the paged kernel.
+        width = attn.all_blocks.shape[1] if dense else topk
+        blocks = attn.all_blocks[:, None, :width].expand(-1, k.shape[1], -1)
+        return kernels.sparse_attention(q, k_cache, v_cache, *layout, blocks, **checks)
+    blocks = kernels.select_blocks(index_queries(), k_idx_cache, *layout, topk=topk, **checks)
+    return kernels.sparse_attention(q, k_cache, v_cache, *layout, blocks, **checks)
 
 
 class MLP(nn.Module):

@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-from worker.config import ModelConfig
+from worker.config import M3_MODEL_TYPE, ModelConfig
+from worker.minimax_m3 import MiniMaxM3ForCausalLM
 from worker.model import MSAForCausalLM
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -136,3 +137,136 @@ def make_tiny_checkpoint(path: str | Path, seed: int = 0, topk: int = 4,
     if vision:
         raw["vision_config"] = tiny_vision_config(raw["hidden_size"])
     return make_random_checkpoint(path, raw, seed)
+
+
+# -- MiniMax-M3 in its released layout ------------------------------------------------------------
+def tiny_m3_config_dict(vocab_size: int, eos_token_id: int, topk: int = 3) -> dict:
+    """MiniMax-M3's architecture at toy width: layer 0 dense attention + dense MLP, layers 1-3
+    MSA + MoE (8 experts, top 2, a shared expert), partial RoPE on half of each head; topk 3,
+    so prompts over 384 tokens are sparse. A tiny vision tower rides along (its weights are in
+    the checkpoint, as in the released one)."""
+    return {
+        "model_type": M3_MODEL_TYPE,
+        "architectures": ["MiniMaxM3SparseForConditionalGeneration"],
+        "tie_word_embeddings": False,
+        "image_token_index": 3, "video_token_index": 4, "projector_hidden_size": 64,
+        "text_config": {
+            "model_type": "minimax_m3_vl_text",
+            "vocab_size": vocab_size, "hidden_size": 64, "intermediate_size": 32,
+            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "head_dim": 16, "rotary_dim": 8, "max_position_embeddings": 8192,
+            "rms_norm_eps": 1e-6, "bos_token_id": None, "eos_token_id": eos_token_id,
+            "tie_word_embeddings": False,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                "partial_rotary_factor": 0.5},
+            "num_local_experts": 8, "num_experts_per_tok": 2, "routed_scaling_factor": 2.0,
+            "dense_intermediate_size": 96, "shared_intermediate_size": 32,
+            "swiglu_alpha": 1.702, "swiglu_limit": 7.0,
+            "index_n_heads": 2, "index_head_dim": 16, "index_block_size": 128,
+            "index_topk_blocks": topk, "index_local_blocks": 1,
+            "layer_types": ["full_attention"] + ["minimax_m3_sparse"] * 3,
+            "mlp_layer_types": ["dense"] + ["sparse"] * 3,
+        },
+        "vision_config": {
+            "model_type": "minimax_m3_vl_vision", "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "num_channels": 3,
+            "patch_size": 14, "temporal_patch_size": 2, "spatial_merge_size": 2,
+            "hidden_act": "gelu", "layer_norm_eps": 1e-5,
+        },
+    }
+
+
+def m3_checkpoint_tensors(model: MiniMaxM3ForCausalLM) -> dict[str, torch.Tensor]:
+    """Our M3 weights under the released checkpoint's names (per-expert w1/w2/w3)."""
+    inter = model.config.intermediate_size
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.contiguous().cpu()
+        moe, _, kind = name.rpartition(".")
+        if kind in ("w13", "w2"):
+            for expert in range(tensor.shape[0]):
+                prefix = f"language_model.{moe}.experts.{expert}"
+                if kind == "w2":
+                    tensors[f"{prefix}.w2.weight"] = tensor[expert].clone()
+                else:
+                    tensors[f"{prefix}.w1.weight"] = tensor[expert, :inter].clone()
+                    tensors[f"{prefix}.w3.weight"] = tensor[expert, inter:].clone()
+        else:
+            tensors[f"language_model.{name}"] = tensor
+    return tensors
+
+
+def _m3_vision_tensors(raw: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random weights for the vision tower and projectors, in the checkpoint's names."""
+    vision, text_hidden = raw["vision_config"], raw["text_config"]["hidden_size"]
+    width, inner, proj = vision["hidden_size"], vision["intermediate_size"], \
+        raw["projector_hidden_size"]
+    patch, temporal = vision["patch_size"], vision["temporal_patch_size"]
+    merged = text_hidden * vision["spatial_merge_size"] ** 2
+    shapes = {"vision_tower.vision_model.embeddings.patch_embedding.weight":
+              (width, vision["num_channels"], temporal, patch, patch)}
+    for norm in ("vision_tower.vision_model.pre_layrnorm",):
+        shapes.update({f"{norm}.weight": (width,), f"{norm}.bias": (width,)})
+    for layer in range(vision["num_hidden_layers"]):
+        prefix = f"vision_tower.vision_model.encoder.layers.{layer}"
+        for name, shape in {"self_attn.q_proj": (width, width), "self_attn.k_proj": (width, width),
+                            "self_attn.v_proj": (width, width),
+                            "self_attn.out_proj": (width, width), "mlp.fc1": (inner, width),
+                            "mlp.fc2": (width, inner), "layer_norm1": (width,),
+                            "layer_norm2": (width,)}.items():
+            shapes[f"{prefix}.{name}.weight"] = shape
+            shapes[f"{prefix}.{name}.bias"] = (shape[0],)
+    for name, shape in {"multi_modal_projector.linear_1": (proj, width),
+                        "multi_modal_projector.linear_2": (text_hidden, proj),
+                        "patch_merge_mlp.linear_1": (proj, merged),
+                        "patch_merge_mlp.linear_2": (text_hidden, proj)}.items():
+        shapes[f"{name}.weight"] = shape
+        shapes[f"{name}.bias"] = (shape[0],)
+    return {name: torch.randn(shape, generator=generator) * 0.05
+            for name, shape in shapes.items()}
+
+
+def make_m3_checkpoint(path: str | Path, seed: int = 0, topk: int = 3,
+                       num_shards: int = 3) -> Path:
+    """A random tiny MiniMax-M3 written as the released checkpoint is: config.json with
+    text_config and vision_config, the checkpoint's own tensor names, sharded safetensors with
+    model.safetensors.index.json, and a tokenizer. transformers loads it as
+    MiniMaxM3SparseForConditionalGeneration."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = _byte_level_tokenizer(vision=True)
+    tokenizer.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": None, "eos_token": "<|im_end|>", "add_bos_token": False,
+        "chat_template": CHATML_TEMPLATE}, indent=2))
+    raw = tiny_m3_config_dict(tokenizer.get_vocab_size(), tokenizer.token_to_id("<|im_end|>"),
+                              topk)
+    raw.update(image_token_index=tokenizer.token_to_id("<|image_pad|>"),
+               video_token_index=tokenizer.token_to_id("<|video_pad|>"))
+    (path / "config.json").write_text(json.dumps(raw, indent=2))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        model = MiniMaxM3ForCausalLM(ModelConfig.from_hf_dict(raw))
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight") or "e_score_correction_bias" in name:
+                # Zero-centred norm weights and the router bias, small but not zero, so the
+                # `1 + w` scale and the bias's say in the choice are both exercised.
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+            else:
+                scale = 1.0 if "embed" in name else 1.5 / param.shape[-1] ** 0.5
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+    tensors = {**m3_checkpoint_tensors(model), **_m3_vision_tensors(raw, generator)}
+    names = sorted(tensors)
+    shards = [names[i::num_shards] for i in range(num_shards)]
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        file = f"model-{i:05d}-of-{num_shards:05d}.safetensors"
+        save_file({name: tensors[name] for name in shard}, str(path / file))
+        weight_map.update(dict.fromkeys(shard, file))
+    (path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": sum(t.numel() * t.element_size()
+                                        for t in tensors.values())},
+         "weight_map": weight_map}, indent=2))
+    return path

@@ -1,0 +1,260 @@
+"""MiniMax-M3's text model on the paged MSA cache (transformers' `minimax_m3_vl` is the reference).
+
+What sets it apart from the Llama-shaped decoder in `worker/model.py`:
+- Gemma-style RMSNorm everywhere (`x * (1 + w)`, in fp32), also per head on q and k;
+- partial RoPE: only the first `rotary_dim` channels of a head rotate;
+- the lightning indexer on `minimax_m3_sparse` layers: one index query head per KV group and
+  one shared index key head, each with its own RMSNorm and the same partial RoPE;
+- SwiGLU-OAI MLPs (`(clamp(up) + 1) * gate * sigmoid(alpha * gate)`, clamps at `swiglu_limit`),
+  dense on some layers, mixture of experts on the others: a sigmoid router whose correction
+  bias only chooses, the chosen weights renormalised and scaled, plus a shared expert.
+
+Parameter names are the released checkpoint's, without its `language_model.` prefix; the
+routed experts are stacked per layer (`w13` [E, 2I, H] = w1 over w3, `w2` [E, H, I]), filled
+from the checkpoint's per-expert tensors by `checkpoint_target`.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from worker.config import ModelConfig
+from worker.kv_cache import AttentionMetadata, KVCache
+from worker.model import paged_attention
+
+# Checkpoint tensors that are not the text model's. The vision tower is not served yet: a
+# checkpoint's vision weights are skipped and image inputs are refused (no `visual`).
+SKIPPED_PREFIXES = ("vision_tower.", "multi_modal_projector.", "patch_merge_mlp.", "mtp.")
+_EXPERT_RE = re.compile(r"(model\.layers\.\d+\.block_sparse_moe)\.experts\.(\d+)\.w([123])\.weight")
+
+
+class GemmaRMSNorm(nn.Module):
+    """Normalizes in fp32 and scales by `1 + weight` (weights are stored zero-centred)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * (1.0 + self.weight.float())).to(x.dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def _inv_freq(rotary_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32,
+                                         device=device) / rotary_dim))
+
+
+def rotary_tables(positions: torch.Tensor, rotary_dim: int,
+                  theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) [T, rotary_dim] fp32, each frequency twice (the rotate_half layout)."""
+    freqs = positions.float()[:, None] * _inv_freq(rotary_dim, theta, positions.device)
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates the first cos.shape[-1] channels of x [T, heads, dim]; the rest pass through.
+    A head narrower than the tables (a small index head) takes the tables' leading columns,
+    as the reference does."""
+    width = min(cos.shape[-1], x.shape[-1])
+    cos, sin = cos[:, None, :width], sin[:, None, :width]
+    rotated, rest = x[..., :width].float(), x[..., width:]
+    first, second = rotated.chunk(2, dim=-1)
+    out = rotated * cos + torch.cat((-second, first), dim=-1) * sin
+    return torch.cat((out.to(x.dtype), rest), dim=-1)
+
+
+class M3Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.config = config
+        self.layer_index = layer_index
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.dense = config.is_dense_attention_layer(layer_index)
+        hidden, eps = config.hidden_size, config.rms_norm_eps
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+        self.q_norm = GemmaRMSNorm(self.head_dim, eps)
+        self.k_norm = GemmaRMSNorm(self.head_dim, eps)
+        if not self.dense:  # the lightning indexer exists on MSA layers only
+            index_dim = config.msa.index_head_dim
+            self.index_q_proj = nn.Linear(hidden, self.num_kv_heads * index_dim, bias=False)
+            self.index_k_proj = nn.Linear(hidden, index_dim, bias=False)
+            self.index_q_norm = GemmaRMSNorm(index_dim, eps)
+            self.index_k_norm = GemmaRMSNorm(index_dim, eps)
+
+    def _heads(self, proj: nn.Linear, norm: GemmaRMSNorm, x: torch.Tensor,
+               rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """proj(x) split into heads, normed per head, then partially rotated."""
+        heads = proj(x).view(x.shape[0], -1, norm.weight.shape[0])
+        return apply_partial_rope(norm(heads), *rope)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                attn: AttentionMetadata, cache: KVCache, topk: int) -> torch.Tensor:
+        q = self._heads(self.q_proj, self.q_norm, x, rope)
+        k = self._heads(self.k_proj, self.k_norm, x, rope)
+        v = self.v_proj(x).view(x.shape[0], self.num_kv_heads, self.head_dim)
+        k_idx = None if self.dense else self._heads(self.index_k_proj, self.index_k_norm, x, rope)
+        out = paged_attention(
+            self.layer_index, self.dense, q, k, v, k_idx,
+            lambda: self._heads(self.index_q_proj, self.index_q_norm, x, rope),
+            attn, cache, topk)
+        return self.o_proj(out.reshape(x.shape[0], self.num_heads * self.head_dim))
+
+
+def swiglu_oai(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1.0) * gate * torch.sigmoid(gate * alpha)
+
+
+class M3DenseMLP(nn.Module):
+    def __init__(self, config: ModelConfig, intermediate: int):
+        super().__init__()
+        self.alpha, self.limit = config.m3.swiglu_alpha, config.m3.swiglu_limit
+        self.gate_proj = nn.Linear(config.hidden_size, intermediate, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(swiglu_oai(self.gate_proj(x), self.up_proj(x), self.alpha,
+                                         self.limit))
+
+
+class M3MoE(nn.Module):
+    """Sigmoid-routed experts plus a shared expert (`block_sparse_moe` in the checkpoint)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        m3 = config.m3
+        self.top_k = config.num_experts_per_tok
+        self.scaling = m3.routed_scaling_factor
+        self.alpha, self.limit = m3.swiglu_alpha, m3.swiglu_limit
+        experts, hidden, inter = config.num_experts, config.hidden_size, config.intermediate_size
+        self.gate = nn.Linear(hidden, experts, bias=False)
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(experts), requires_grad=False)
+        self.w13 = nn.Parameter(torch.empty(experts, 2 * inter, hidden))
+        self.w2 = nn.Parameter(torch.empty(experts, hidden, inter))
+        self.shared_experts = M3DenseMLP(config, m3.shared_intermediate_size)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights [T, k] fp32, experts [T, k]): the bias only decides which experts."""
+        scores = torch.sigmoid(self.gate(x.to(self.gate.weight.dtype)).float())
+        _, chosen = torch.topk(scores + self.e_score_correction_bias.float(), self.top_k,
+                               dim=-1, sorted=False)
+        weights = scores.gather(1, chosen)
+        return weights / weights.sum(dim=-1, keepdim=True), chosen
+
+    def _expert(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        gate, up = F.linear(x, self.w13[expert]).chunk(2, dim=-1)
+        return F.linear(swiglu_oai(gate, up, self.alpha, self.limit), self.w2[expert])
+
+    def forward(self, x: torch.Tensor, in_cuda_graph: bool = False) -> torch.Tensor:
+        weights, chosen = self.route(x)
+        routed = torch.zeros_like(x)
+        if in_cuda_graph:
+            # A graph cannot read the choice on the host: every expert runs on every token
+            # (decode batches are small), weighted by zero where it was not chosen.
+            dense = torch.zeros(x.shape[0], self.w13.shape[0], device=x.device)
+            dense.scatter_(1, chosen, weights)
+            for expert in range(self.w13.shape[0]):
+                routed += (self._expert(x, expert) * dense[:, expert, None]).to(x.dtype)
+        else:
+            # Tokens sorted by expert; each expert that was chosen runs once on its tokens.
+            flat = chosen.flatten()
+            order = flat.argsort(stable=True)
+            counts = torch.bincount(flat, minlength=self.w13.shape[0]).tolist()
+            start = 0
+            for expert, count in enumerate(counts):
+                if count:
+                    picks = order[start:start + count]
+                    rows = picks // self.top_k
+                    out = self._expert(x[rows], expert) * weights.flatten()[picks, None]
+                    routed.index_add_(0, rows, out.to(x.dtype))
+                    start += count
+        return routed * self.scaling + self.shared_experts(x)
+
+
+class M3DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.input_layernorm = GemmaRMSNorm(config.hidden_size, eps)
+        self.self_attn = M3Attention(config, layer_index)
+        self.post_attention_layernorm = GemmaRMSNorm(config.hidden_size, eps)
+        if config.is_moe_layer(layer_index):
+            self.block_sparse_moe = M3MoE(config)
+        else:
+            self.mlp = M3DenseMLP(config, config.m3.dense_intermediate_size)
+
+    def forward(self, x, rope, attn: AttentionMetadata, cache: KVCache, topk: int):
+        x = x + self.self_attn(self.input_layernorm(x), rope, attn, cache, topk)
+        h = self.post_attention_layernorm(x)
+        if hasattr(self, "block_sparse_moe"):
+            return x + self.block_sparse_moe(h, in_cuda_graph=attn.all_blocks is not None)
+        return x + self.mlp(h)
+
+
+class M3TextModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(M3DecoderLayer(config, i)
+                                    for i in range(config.num_hidden_layers))
+        self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class MiniMaxM3ForCausalLM(nn.Module):
+    """Same interface as `MSAForCausalLM`: packed tokens in, hidden states out, K/V and index
+    keys written to the paged cache."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = M3TextModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.visual = None
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
+                cache: KVCache, topk: int | None = None,
+                mm_embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        topk = self.config.msa.topk if topk is None else topk
+        rope = rotary_tables(positions, self.config.m3.rotary_dim, self.config.rope_theta)
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x = layer(x, rope, attn, cache, topk)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def checkpoint_target(self, name: str) -> tuple[str, tuple] | None:
+        """Where a released-checkpoint tensor goes: (parameter name, index into it), or None for
+        tensors this model does not use."""
+        name = name.removeprefix("language_model.")
+        if name.startswith(SKIPPED_PREFIXES):
+            return None
+        expert = _EXPERT_RE.fullmatch(name)
+        if expert is None:
+            return name, ()
+        moe, index, which = expert.group(1), int(expert.group(2)), expert.group(3)
+        inter = self.config.intermediate_size
+        if which == "2":
+            return f"{moe}.w2", (index,)
+        rows = slice(0, inter) if which == "1" else slice(inter, 2 * inter)
+        return f"{moe}.w13", (index, rows)
