@@ -35,6 +35,9 @@ class Preprocessor:
         self.salt = info.fingerprint
         self.model_name = info.name
         self.vision = info.config.vision
+        # MiniMax-M3 brackets every video frame group with its own markers and a timestamp,
+        # and its tower attends over segments of frames: not built yet, so videos are refused.
+        self.accepts_video = info.config.m3 is None
         self.media = None
         if self.vision is not None:
             geometry = VisionGeometry(self.vision.patch_size, self.vision.temporal_patch_size,
@@ -47,6 +50,9 @@ class Preprocessor:
         if parts and self.media is None:
             raise InvalidRequestError(f"{self.model_name} has no vision tower; send text parts "
                                       f"only")
+        if not self.accepts_video and any(p.kind == "video" for p in parts):
+            raise MediaError(f"{self.model_name}: video input for MiniMax-M3 models is not "
+                             f"served yet; send images or text")
         # Templating and tokenizing a long prompt take CPU seconds: never on the event loop.
         token_ids = await asyncio.to_thread(self._encode_chat, texts)
         if not parts:

@@ -36,6 +36,17 @@ M3_LEGACY_SPARSE_KEYS = {
     "index_block_size": "sparse_block_size", "index_topk_blocks": "sparse_topk_blocks",
     "index_local_blocks": "sparse_local_block",
 }
+M3_VISION_DEFAULTS: dict[str, Any] = {
+    "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
+    "num_attention_heads": 16, "num_channels": 3, "patch_size": 14, "temporal_patch_size": 2,
+    "spatial_merge_size": 2, "layer_norm_eps": 1e-5,
+}
+# MiniMax-M3's placeholder tokens (transformers' MiniMaxM3VLProcessor): each image's tokens sit
+# between a start and an end marker.
+M3_IMAGE_TOKEN = "]<]image[>["
+M3_VIDEO_TOKEN = "]<]video[>["
+M3_VISION_START_TOKEN = "]<]start of image[>["
+M3_VISION_END_TOKEN = "]<]end of image[>["
 M3_ATTENTION_TYPES = {"full_attention": "dense", "minimax_m3_sparse": "msa"}
 M3_MLP_TYPES = ("dense", "sparse")
 
@@ -88,6 +99,9 @@ class VisionConfig:
     # Tokens that wrap an item's placeholders in the prompt text, when the model uses them.
     vision_start_token_id: int | None = None
     vision_end_token_id: int | None = None
+    # MiniMax-M3's tower: the projector's hidden width and the axial rotary base.
+    projector_hidden_size: int = 0
+    rope_theta: float = 10000.0
 
     @property
     def patch_dim(self) -> int:
@@ -265,6 +279,20 @@ class ModelConfig:
             if not ok:
                 raise ModelLoadError(f"config.json: {message}")
         head_dim = text["head_dim"]
+        vision = None
+        if raw.get("vision_config") is not None:
+            tower = {**M3_VISION_DEFAULTS, **raw["vision_config"]}
+            vision = VisionConfig(
+                hidden_size=tower["hidden_size"], depth=tower["num_hidden_layers"],
+                num_heads=tower["num_attention_heads"],
+                intermediate_size=tower["intermediate_size"], out_hidden_size=text["hidden_size"],
+                image_token_id=raw.get("image_token_index", 200025),
+                video_token_id=raw.get("video_token_index", 200026),
+                patch_size=tower["patch_size"], temporal_patch_size=tower["temporal_patch_size"],
+                spatial_merge_size=tower["spatial_merge_size"], in_channels=tower["num_channels"],
+                layer_norm_eps=tower["layer_norm_eps"],
+                projector_hidden_size=raw.get("projector_hidden_size", 6144),
+                rope_theta=float((tower.get("rope_parameters") or {}).get("rope_theta", 10000.0)))
         try:
             return cls(
                 model_type=M3_MODEL_TYPE,
@@ -287,6 +315,7 @@ class ModelConfig:
                               index_head_dim=text["index_head_dim"], index_key_heads=1,
                               dense_layers=tuple(i for i, t in enumerate(layer_types)
                                                  if M3_ATTENTION_TYPES[t] == "dense")),
+                vision=vision,
                 m3=M3Settings(
                     rotary_dim=int(head_dim * rope.get("partial_rotary_factor", 1.0)),
                     swiglu_alpha=text["swiglu_alpha"], swiglu_limit=text["swiglu_limit"],

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from worker.config import ModelConfig
+from worker.config import M3_VISION_END_TOKEN, M3_VISION_START_TOKEN, ModelConfig
 from worker.errors import ModelLoadError
 from worker.minimax_m3 import MiniMaxM3ForCausalLM
 from worker.model import MSAForCausalLM
@@ -170,10 +171,27 @@ def _describe_safetensors_dir(path: Path) -> tuple[ModelInfo, list[Path]]:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{path} has no *.safetensors weights")
-    info = ModelInfo(config, Tokenizer.from_directory(path),
-                     name=raw.get("_name_or_path") or path.name,
+    tokenizer = Tokenizer.from_directory(path)
+    if config.m3 is not None and config.vision is not None:
+        config = _with_m3_vision_markers(config, tokenizer, path)
+    info = ModelInfo(config, tokenizer, name=raw.get("_name_or_path") or path.name,
                      fingerprint=_fingerprint(files, config_file.read_text()))
     return info, files
+
+
+def _with_m3_vision_markers(config: ModelConfig, tokenizer: Tokenizer,
+                            path: Path) -> ModelConfig:
+    """M3 names its image markers by token text (in the tokenizer), not by id in config.json."""
+    ids = {text: tokenizer.backend.token_to_id(text)
+           for text in (M3_VISION_START_TOKEN, M3_VISION_END_TOKEN)}
+    missing = [text for text, token_id in ids.items() if token_id is None]
+    if missing:
+        raise ModelLoadError(f"{path}/tokenizer.json lacks MiniMax-M3's image marker tokens "
+                             f"{missing}")
+    vision = dataclasses.replace(config.vision,
+                                 vision_start_token_id=ids[M3_VISION_START_TOKEN],
+                                 vision_end_token_id=ids[M3_VISION_END_TOKEN])
+    return dataclasses.replace(config, vision=vision)
 
 
 def _shards(path: Path, files: list[Path]) -> list[Path]:

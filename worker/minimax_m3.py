@@ -25,11 +25,13 @@ from torch import nn
 
 from worker.config import ModelConfig
 from worker.kv_cache import AttentionMetadata, KVCache
+from worker.minimax_m3_vision import M3VisionTower
 from worker.model import paged_attention
 
-# Checkpoint tensors that are not the text model's. The vision tower is not served yet: a
-# checkpoint's vision weights are skipped and image inputs are refused (no `visual`).
-SKIPPED_PREFIXES = ("vision_tower.", "multi_modal_projector.", "patch_merge_mlp.", "mtp.")
+# The vision tower's and projectors' tensors (loaded into `visual`), and the multi-token
+# prediction head, which serving does not use (transformers skips it too).
+VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "patch_merge_mlp.")
+SKIPPED_PREFIXES = ("mtp.",)
 _EXPERT_RE = re.compile(r"(model\.layers\.\d+\.block_sparse_moe)\.experts\.(\d+)\.w([123])\.weight")
 
 
@@ -228,7 +230,7 @@ class MiniMaxM3ForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.visual = None
+        self.visual = M3VisionTower(config.vision) if config.vision else None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
                 cache: KVCache, topk: int | None = None,
@@ -236,6 +238,9 @@ class MiniMaxM3ForCausalLM(nn.Module):
         topk = self.config.msa.topk if topk is None else topk
         rope = rotary_tables(positions, self.config.m3.rotary_dim, self.config.rope_theta)
         x = self.model.embed_tokens(input_ids)
+        if mm_embeds is not None:  # images' tokens take the vision tower's embeddings
+            rows, embeds = mm_embeds
+            x = x.index_put((rows,), embeds.to(x.dtype))
         for layer in self.model.layers:
             x = layer(x, rope, attn, cache, topk)
         return self.model.norm(x)
@@ -249,6 +254,8 @@ class MiniMaxM3ForCausalLM(nn.Module):
         name = name.removeprefix("language_model.")
         if name.startswith(SKIPPED_PREFIXES):
             return None
+        if name.startswith(VISION_PREFIXES):
+            return (f"visual.{name}", ()) if self.visual is not None else None
         expert = _EXPERT_RE.fullmatch(name)
         if expert is None:
             return name, ()

@@ -80,8 +80,8 @@ class VisionEncoder:
         if hit is not None:
             self._cache.move_to_end(key)
             return hit
-        weight = self.tower.patch_embed.weight
-        pixels = torch.as_tensor(item.pixel_values).to(weight.device)
+        device = next(self.tower.parameters()).device
+        pixels = torch.as_tensor(item.pixel_values).to(device)
         out = self.tower(pixels, item.grid_thw)
         self.items_encoded += 1
         size = out.numel() * out.element_size()

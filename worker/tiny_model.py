@@ -16,7 +16,14 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-from worker.config import M3_MODEL_TYPE, ModelConfig
+from worker.config import (
+    M3_IMAGE_TOKEN,
+    M3_MODEL_TYPE,
+    M3_VIDEO_TOKEN,
+    M3_VISION_END_TOKEN,
+    M3_VISION_START_TOKEN,
+    ModelConfig,
+)
 from worker.minimax_m3 import MiniMaxM3ForCausalLM
 from worker.model import MSAForCausalLM
 
@@ -30,16 +37,18 @@ CHATML_TEMPLATE = (
 
 # Qwen2-VL's placeholder tokens; appended after the byte alphabet so text-only ids stay put.
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+M3_VISION_TOKENS = (M3_VISION_START_TOKEN, M3_VISION_END_TOKEN, M3_IMAGE_TOKEN, M3_VIDEO_TOKEN)
 
 
-def _byte_level_tokenizer(vision: bool = False) -> Tokenizer:
+def _byte_level_tokenizer(vision: bool = False,
+                          vision_tokens: tuple[str, ...] = VISION_TOKENS) -> Tokenizer:
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
     vocab.update({ch: len(SPECIAL_TOKENS) + i for i, ch in enumerate(sorted(alphabet))})
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    specials = SPECIAL_TOKENS + (VISION_TOKENS if vision else ())
+    specials = SPECIAL_TOKENS + (vision_tokens if vision else ())
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
                                   for t in specials])
     return tokenizer
@@ -182,6 +191,9 @@ def m3_checkpoint_tensors(model: MiniMaxM3ForCausalLM) -> dict[str, torch.Tensor
     tensors = {}
     for name, tensor in model.state_dict().items():
         tensor = tensor.contiguous().cpu()
+        if name.startswith("visual."):  # the tower's own names are the checkpoint's
+            tensors[name.removeprefix("visual.")] = tensor
+            continue
         moe, _, kind = name.rpartition(".")
         if kind in ("w13", "w2"):
             for expert in range(tensor.shape[0]):
@@ -196,36 +208,6 @@ def m3_checkpoint_tensors(model: MiniMaxM3ForCausalLM) -> dict[str, torch.Tensor
     return tensors
 
 
-def _m3_vision_tensors(raw: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Random weights for the vision tower and projectors, in the checkpoint's names."""
-    vision, text_hidden = raw["vision_config"], raw["text_config"]["hidden_size"]
-    width, inner, proj = vision["hidden_size"], vision["intermediate_size"], \
-        raw["projector_hidden_size"]
-    patch, temporal = vision["patch_size"], vision["temporal_patch_size"]
-    merged = text_hidden * vision["spatial_merge_size"] ** 2
-    shapes = {"vision_tower.vision_model.embeddings.patch_embedding.weight":
-              (width, vision["num_channels"], temporal, patch, patch)}
-    for norm in ("vision_tower.vision_model.pre_layrnorm",):
-        shapes.update({f"{norm}.weight": (width,), f"{norm}.bias": (width,)})
-    for layer in range(vision["num_hidden_layers"]):
-        prefix = f"vision_tower.vision_model.encoder.layers.{layer}"
-        for name, shape in {"self_attn.q_proj": (width, width), "self_attn.k_proj": (width, width),
-                            "self_attn.v_proj": (width, width),
-                            "self_attn.out_proj": (width, width), "mlp.fc1": (inner, width),
-                            "mlp.fc2": (width, inner), "layer_norm1": (width,),
-                            "layer_norm2": (width,)}.items():
-            shapes[f"{prefix}.{name}.weight"] = shape
-            shapes[f"{prefix}.{name}.bias"] = (shape[0],)
-    for name, shape in {"multi_modal_projector.linear_1": (proj, width),
-                        "multi_modal_projector.linear_2": (text_hidden, proj),
-                        "patch_merge_mlp.linear_1": (proj, merged),
-                        "patch_merge_mlp.linear_2": (text_hidden, proj)}.items():
-        shapes[f"{name}.weight"] = shape
-        shapes[f"{name}.bias"] = (shape[0],)
-    return {name: torch.randn(shape, generator=generator) * 0.05
-            for name, shape in shapes.items()}
-
-
 def make_m3_checkpoint(path: str | Path, seed: int = 0, topk: int = 3,
                        num_shards: int = 3) -> Path:
     """A random tiny MiniMax-M3 written as the released checkpoint is: config.json with
@@ -234,15 +216,15 @@ def make_m3_checkpoint(path: str | Path, seed: int = 0, topk: int = 3,
     MiniMaxM3SparseForConditionalGeneration."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer = _byte_level_tokenizer(vision=True)
+    tokenizer = _byte_level_tokenizer(vision=True, vision_tokens=M3_VISION_TOKENS)
     tokenizer.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": None, "eos_token": "<|im_end|>", "add_bos_token": False,
         "chat_template": CHATML_TEMPLATE}, indent=2))
     raw = tiny_m3_config_dict(tokenizer.get_vocab_size(), tokenizer.token_to_id("<|im_end|>"),
                               topk)
-    raw.update(image_token_index=tokenizer.token_to_id("<|image_pad|>"),
-               video_token_index=tokenizer.token_to_id("<|video_pad|>"))
+    raw.update(image_token_index=tokenizer.token_to_id(M3_IMAGE_TOKEN),
+               video_token_index=tokenizer.token_to_id(M3_VIDEO_TOKEN))
     (path / "config.json").write_text(json.dumps(raw, indent=2))
     generator = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
@@ -250,14 +232,19 @@ def make_m3_checkpoint(path: str | Path, seed: int = 0, topk: int = 3,
     model = model.to_empty(device="cpu")
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("norm.weight") or "e_score_correction_bias" in name:
+            if "layrnorm" in name or "layer_norm" in name:
+                param.copy_(1.0 + torch.randn(param.shape, generator=generator) * 0.1
+                            if name.endswith("weight") else
+                            torch.randn(param.shape, generator=generator) * 0.1)
+            elif name.endswith("norm.weight") or "e_score_correction_bias" in name:
                 # Zero-centred norm weights and the router bias, small but not zero, so the
                 # `1 + w` scale and the bias's say in the choice are both exercised.
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
             else:
-                scale = 1.0 if "embed" in name else 1.5 / param.shape[-1] ** 0.5
+                fan_in = param[0].numel() if param.dim() > 1 else param.shape[0]
+                scale = 1.0 if "embed_tokens" in name else 1.5 / fan_in ** 0.5
                 param.copy_(torch.randn(param.shape, generator=generator) * scale)
-    tensors = {**m3_checkpoint_tensors(model), **_m3_vision_tensors(raw, generator)}
+    tensors = m3_checkpoint_tensors(model)
     names = sorted(tensors)
     shards = [names[i::num_shards] for i in range(num_shards)]
     weight_map = {}

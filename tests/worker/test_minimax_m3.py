@@ -17,6 +17,8 @@ from worker.config import EngineConfig
 from worker.engine import LLMEngine
 from worker.errors import ModelLoadError
 from worker.loader import load_model
+from worker.multimodal import MultimodalInput
+from worker.prefix_hash import MultimodalSpan
 from worker.sequence import SamplingParams
 from worker.tiny_model import make_m3_checkpoint
 
@@ -47,6 +49,19 @@ def prompt(length: int = PROMPT_LENGTH, seed: int = 0) -> list[int]:
 def reference_logits(reference, ids: list[int]) -> torch.Tensor:
     with torch.inference_mode():
         return reference(input_ids=torch.tensor([ids])).logits[0].float()
+
+
+def capture_logits(engine: LLMEngine) -> list[torch.Tensor]:
+    """The logits of every row the engine samples from, step by step."""
+    captured: list[torch.Tensor] = []
+    compute_logits = engine.runner.model.compute_logits
+
+    def spy(hidden):
+        captured.append(compute_logits(hidden))
+        return captured[-1]
+
+    engine.runner.model.compute_logits = spy
+    return captured
 
 
 def test_logits_and_block_selections_match_transformers(m3_dir, reference, monkeypatch):
@@ -94,14 +109,7 @@ def test_engine_chunked_prefill_and_decode_match_transformers(m3_dir, reference)
     engine = LLMEngine(EngineConfig(model=str(m3_dir), device="cpu", dtype="float32",
                                     kv_cache_memory="8MiB", max_num_batched_tokens=256,
                                     debug_checks=True))
-    captured: list[torch.Tensor] = []
-    compute_logits = engine.runner.model.compute_logits
-
-    def spy(hidden):
-        captured.append(compute_logits(hidden))
-        return captured[-1]
-
-    engine.runner.model.compute_logits = spy
+    captured = capture_logits(engine)
     params = SamplingParams(temperature=0, max_tokens=DECODE_STEPS, ignore_eos=True)
     ids = prompt(seed=1)
     first = engine.generate([ids], params, use_tqdm=False)[0]
@@ -166,3 +174,31 @@ def test_legacy_config_keys_read_as_transformers_reads_them(m3_dir):
     assert [i for i, t in enumerate(theirs.layer_types) if t == "full_attention"] == \
         list(ours.msa.dense_layers)
     assert ours.msa.topk == theirs.index_topk_blocks
+
+
+def test_image_in_the_prompt_matches_transformers(m3_dir, reference):
+    """An image's patches (the same processed inputs on both sides) through M3's vision tower
+    and projector, its tokens between the start and end markers in a sparse prompt prefilled
+    in chunks: every step's logits match transformers'."""
+    engine = LLMEngine(EngineConfig(model=str(m3_dir), device="cpu", dtype="float32",
+                                    kv_cache_memory="8MiB", max_num_batched_tokens=200,
+                                    debug_checks=True))
+    vision = engine.model_config.vision
+    grid = (1, 4, 6)  # 24 patches of 14 x 14 pixels -> 6 tokens after the 2 x 2 merge
+    pixels = torch.randn(24, vision.patch_dim, generator=torch.Generator().manual_seed(0))
+    before, after = prompt(300, seed=2), prompt(150, seed=3)
+    ids = (before + [vision.vision_start_token_id] + [vision.image_token_id] * 6
+           + [vision.vision_end_token_id] + after)
+    item = MultimodalInput(MultimodalSpan(len(before) + 1, 6, "image-0"), pixels.numpy(), grid)
+    captured = capture_logits(engine)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    engine.add_sequence(engine.make_sequence(ids, params, mm_inputs=(item,)))
+    generated = []
+    while engine.has_unfinished_requests:
+        generated += [t for out in engine.step() for t in out.new_token_ids]
+    with torch.inference_mode():
+        ref = reference(input_ids=torch.tensor([ids + generated[:-1]]), pixel_values=pixels,
+                        image_grid_thw=torch.tensor([grid])).logits[0].float()
+    ours = torch.cat(captured)
+    assert (ours - ref[len(ids) - 1:]).abs().max().item() < 1e-3
+    assert engine.runner.vision.items_encoded == 1

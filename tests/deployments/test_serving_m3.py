@@ -1,0 +1,80 @@
+"""The tiny MiniMax-M3 (released layout, written by make-tiny-model) served by the whole stack:
+real Ray Serve, redis-server and the official `openai` SDK."""
+
+from __future__ import annotations
+
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from deployments.config import AppConfig, ServeConfigFile
+from deployments.local import free_port, local_stack
+from tests.preprocess.media_files import data_url, encode_image, encode_video
+from worker.tiny_model import make_m3_checkpoint
+
+SYSTEM = ("Answer briefly. " * 30).strip()  # over two pages of the byte-level tokenizer
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    model_dir = make_m3_checkpoint(tmp_path_factory.mktemp("tiny-m3-served"), seed=1)
+    app = AppConfig.model_validate({
+        "model": {"engine": {"model": str(model_dir), "device": "cpu", "dtype": "float32",
+                             "kv_cache_memory": "8MiB", "max_num_batched_tokens": 256,
+                             "served_model_name": "tiny-m3"},
+                  "num_replicas": 1, "num_cpus": 0.5, "cpu_threads": 1},
+        "preprocess": {"num_replicas": 1, "autoscaling": None, "num_cpus": 0.25,
+                       "media": {"max_pixels": 56 * 84}},
+        "ingress": {"num_cpus": 0.25},
+    })
+    with local_stack(ServeConfigFile.load(), app, http_port=free_port(), grpc_port=free_port(),
+                     num_cpus=3) as endpoints:
+        yield openai.OpenAI(base_url=f"{endpoints.http}/v1", api_key="none", max_retries=0,
+                            timeout=120)
+
+
+def _image_url() -> str:
+    pixels = np.zeros((56, 84, 3), dtype=np.uint8)
+    pixels[:, :42] = (200, 30, 30)
+    return data_url(encode_image(Image.fromarray(pixels), "PNG"), "image/png")
+
+
+def test_streamed_chat_and_prefix_cache_hit(client):
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hi"}]
+    pieces, usage = [], None
+    for chunk in client.chat.completions.create(
+            model="tiny-m3", messages=messages, temperature=0, max_tokens=8, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True}):
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+        usage = chunk.usage or usage
+    assert usage.completion_tokens == 8 and usage.prompt_tokens > 256
+    again = client.chat.completions.create(model="tiny-m3", messages=messages, temperature=0,
+                                           max_tokens=8, extra_body={"ignore_eos": True})
+    assert again.choices[0].message.content == "".join(pieces)  # index keys restored too
+    assert again.usage.prompt_tokens_details.cached_tokens == \
+        (usage.prompt_tokens - 1) // 128 * 128
+
+
+def test_image_chat(client):
+    content = [{"type": "text", "text": "What is this?"},
+               {"type": "image_url", "image_url": {"url": _image_url()}}]
+    with_image = client.chat.completions.create(
+        model="tiny-m3", messages=[{"role": "user", "content": content}], temperature=0,
+        max_tokens=4, extra_body={"ignore_eos": True})
+    text_only = client.chat.completions.create(
+        model="tiny-m3", messages=[{"role": "user", "content": content[:1]}], temperature=0,
+        max_tokens=4, extra_body={"ignore_eos": True})
+    # 56 x 84 pixels: 4 x 6 patches of 14, merged 2 x 2 -> 6 tokens, plus the two markers.
+    assert with_image.usage.prompt_tokens - text_only.usage.prompt_tokens == 6 + 2
+    assert with_image.usage.completion_tokens == 4
+
+
+def test_video_is_refused_with_a_reason(client):
+    video = {"type": "video_url", "video_url": {"url": data_url(encode_video(8, fps=4),
+                                                                "video/mp4")}}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="tiny-m3", max_tokens=2,
+                                       messages=[{"role": "user", "content": [video]}])
+    assert "video input for MiniMax-M3" in err.value.message
