@@ -126,6 +126,8 @@ class WeightFiller:
         with torch.device("meta"):
             model = model_class(config)(config).to(dtype)
         self.model = model.to_empty(device=device)
+        if config.tie_word_embeddings:  # to_empty gives each module its own tensor: tie again
+            self.model.lm_head.weight = self.model.model.embed_tokens.weight
         self.params = dict(self.model.named_parameters())
         self.filled = dict.fromkeys(self.params, 0)  # elements copied into each weight
         self.resolve = getattr(self.model, "checkpoint_target", lambda name: (name, ()))
@@ -154,8 +156,6 @@ class WeightFiller:
         if wrong:
             raise ModelLoadError(f"{self.source}: weights do not match the config: missing or "
                                  f"repeated tensors for {wrong[:5]}")
-        if self.config.tie_word_embeddings:
-            self.model.lm_head.weight = self.model.model.embed_tokens.weight
         return self.model.eval().requires_grad_(False)
 
 
@@ -312,5 +312,5 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device) -> LoadedMo
             weight = _unpermute_rope(weight, heads)
         elif tensor.name.endswith("attn_k.weight"):
             weight = _unpermute_rope(weight, kv_heads)
-        filler.put(hf_name, torch.from_numpy(np.asarray(weight, dtype=np.float32)))
+        filler.put(hf_name, torch.from_numpy(np.array(weight, dtype=np.float32)))  # writable
     return LoadedModel(**vars(info), model=filler.finish())

@@ -51,3 +51,14 @@ def test_bad_settings_name_the_field(args, field):
 def test_api_keys_come_from_config_and_environment(monkeypatch):
     monkeypatch.setenv("MSA_SERVE_API_KEYS", "env-a, env-b")
     assert AppConfig(api_keys=["cfg"]).resolved_api_keys() == {"cfg", "env-a", "env-b"}
+
+
+def test_body_limit_is_sized_for_the_model():
+    """null (the shipped default): 64 MiB for vision models, else what the longest prompt that
+    fits the context can take as JSON; an explicit value wins."""
+    limits = ServeConfigFile.load(DEFAULT_SERVE_CONFIG).app_config().limits
+    assert limits.max_body_bytes is None
+    assert limits.body_bytes(300_000, has_vision=False) == 6 * 300_000 + 2**20
+    assert limits.body_bytes(300_000, has_vision=True) == 64 * 2**20
+    assert AppConfig.model_validate({"limits": {"max_body_bytes": "2MiB"}}).limits.body_bytes(
+        300_000, has_vision=True) == 2 * 2**20

@@ -181,3 +181,15 @@ def test_health_does_not_wait_for_a_long_step(make_tiny_engine):
 async def _drain(stream):
     async for _ in stream:
         pass
+
+
+def test_prompt_byte_bound_is_sound(default_engine):
+    """No token of the default model stands for more bytes than max_token_bytes, so a text over
+    context * max_token_bytes bytes can never fit: refusing it unread is safe."""
+    tokenizer = default_engine.tokenizer
+    longest = max(len(tokenizer.decode([t], skip_special_tokens=False).encode())
+                  for t in range(tokenizer.vocab_size))
+    assert longest <= tokenizer.max_token_bytes
+    context = default_engine.max_model_len
+    text = "word " * (tokenizer.max_prompt_bytes(context) // 5 + 1)
+    assert len(tokenizer.encode(text)) > context
