@@ -112,7 +112,10 @@ def _event(body: dict[str, Any]) -> str:
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
-api = FastAPI(title="msa-serve", description="OpenAI-compatible API for MSA models")
+# No interactive docs or schema routes: they would answer without an API key, and the API is
+# OpenAI's, documented in the README.
+api = FastAPI(title="msa-serve", description="OpenAI-compatible API for MSA models",
+              docs_url=None, redoc_url=None, openapi_url=None)
 
 
 @serve.deployment(name="Ingress")
@@ -179,7 +182,11 @@ class Ingress:
         return {"status": "ok"}
 
     @api.get("/metrics")
-    async def metrics_endpoint(self) -> Response:
+    async def metrics_endpoint(self, request: Request) -> Response:
+        # Replica ids, traffic and KV load: behind the API key like everything but /health.
+        return await self._http("metrics", request, self._metrics_body)
+
+    async def _metrics_body(self, request: Request) -> Response:
         if self.loads is not None:
             metrics.set_replica_loads(await self.loads.replica_loads())
         return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
@@ -276,6 +283,11 @@ class Ingress:
 
     async def ListModels(self, request: pb.ListModelsRequest,
                          grpc_context=None) -> pb.ListModelsResponse:
+        try:
+            metadata = dict(grpc_context.invocation_metadata()) if grpc_context else {}
+            self._authorize(metadata.get("authorization"))
+        except Exception as exc:
+            raise _grpc_error(exc, grpc_context, "grpc_list_models") from None
         return pb.ListModelsResponse(models=[self.model_name])
 
     async def Health(self, request: pb.HealthRequest, grpc_context=None) -> pb.HealthResponse:

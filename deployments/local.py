@@ -140,6 +140,21 @@ def _served_name(app: AppConfig) -> str:
     return inspect_model(app.model.engine.model, app.model.engine.served_model_name).name
 
 
+def banner(endpoints: Endpoints, keyed: bool) -> str:
+    """What `msa-serve up` prints once serving; with API keys on, the examples send one."""
+    header = " -H \"Authorization: Bearer $KEY\"" if keyed else ""
+    key_flag = " --api-key \"$KEY\"" if keyed else ""
+    return (f"\nmsa-serve is up: model {endpoints.model}\n"
+            f"  OpenAI HTTP  {endpoints.http}/v1   (metrics {endpoints.http}/metrics)\n"
+            f"  gRPC         {endpoints.grpc}   (msa_serve.v1.MSAServe)\n\n"
+            + ("API keys are on: set KEY to one of them first.\n" if keyed else "")
+            + f"Try:\n  curl {endpoints.http}/v1/chat/completions{header} -H 'Content-Type: "
+            f"application/json' \\\n    -d '{{\"model\": \"{endpoints.model}\", \"messages\": "
+            f"[{{\"role\": \"user\", \"content\": \"What is the capital of France?\"}}]}}'\n"
+            f"  msa-serve client chat 'What is the capital of France?' --target "
+            f"{endpoints.grpc}{key_flag}\n\nCtrl-C stops everything.")
+
+
 def up(config_path: str | Path = DEFAULT_SERVE_CONFIG, model: str | None = None,
        http_port: int | None = None, grpc_port: int | None = None,
        http_host: str | None = None) -> None:
@@ -155,13 +170,6 @@ def up(config_path: str | Path = DEFAULT_SERVE_CONFIG, model: str | None = None,
     print("starting redis-server, Ray and Serve (the first start takes a minute) ...",
           flush=True)
     with local_stack(config_file, app, http_port, grpc_port, http_host=http_host) as endpoints:
-        print(f"\nmsa-serve is up: model {endpoints.model}\n"
-              f"  OpenAI HTTP  {endpoints.http}/v1   (metrics {endpoints.http}/metrics)\n"
-              f"  gRPC         {endpoints.grpc}   (msa_serve.v1.MSAServe)\n\n"
-              f"Try:\n  curl {endpoints.http}/v1/chat/completions -H 'Content-Type: "
-              f"application/json' \\\n    -d '{{\"model\": \"{endpoints.model}\", \"messages\": "
-              f"[{{\"role\": \"user\", \"content\": \"What is the capital of France?\"}}]}}'\n"
-              f"  msa-serve client chat 'What is the capital of France?' --target "
-              f"{endpoints.grpc}\n\nCtrl-C stops everything.", flush=True)
+        print(banner(endpoints, keyed=bool(app.resolved_api_keys())), flush=True)
         stop.wait()
         print("\nshutting down ...", flush=True)

@@ -7,7 +7,11 @@ One stack (tiny model, two model replicas) serves the whole module; the tests th
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import grpc
 import httpx
@@ -20,7 +24,7 @@ from ray import serve
 
 from deployments.client import MSAServeClient
 from deployments.config import AppConfig, ServeConfigFile
-from deployments.local import free_port, local_stack
+from deployments.local import Endpoints, banner, free_port, local_stack
 from tests.preprocess.media_files import (
     data_url,
     encode_audio_only,
@@ -289,6 +293,11 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, htt
 
     anonymous = httpx.post(f"{stack.http}/v1/models")
     assert anonymous.status_code in (401, 405)
+    for route in ("/metrics", "/v1/models"):  # with keys set, all but /health need one
+        assert httpx.get(f"{stack.http}{route}").status_code == 401, route
+    assert httpx.get(f"{stack.http}/health").status_code == 200
+    for route in ("/docs", "/openapi.json", "/redoc"):
+        assert httpx.get(f"{stack.http}{route}").status_code == 404, route
     unauthorized = httpx.get(f"{stack.http}/v1/models")
     assert unauthorized.status_code == 401
     assert unauthorized.json()["error"]["type"] == "authentication_error"
@@ -357,6 +366,21 @@ def test_a_prompt_too_long_for_the_context_is_refused_before_tokenizing(http, cl
     assert time.monotonic() - started < 10
 
 
+def test_banner_commands_work_with_api_keys_set(stack):
+    """The example commands `msa-serve up` prints send the key when keys are on, and work."""
+    text = banner(Endpoints(stack.http, stack.grpc, "tiny", None), keyed=True)
+    lines = text[text.index("curl "):text.index("\n\nCtrl-C")].replace("\\\n", " ")
+    curl, client = lines.split("\n  ")
+    env = {**os.environ, "KEY": API_KEY,
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    answer = subprocess.run(["bash", "-c", f"{curl} --fail -s"], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert answer.returncode == 0 and json.loads(answer.stdout)["choices"], answer.stderr
+    chat = subprocess.run(["bash", "-c", client + " --max-tokens 3"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert chat.returncode == 0, chat.stderr
+
+
 # -- gRPC -------------------------------------------------------------------------------------
 def test_grpc_generate_chat_and_status_codes(stack):
     with MSAServeClient(stack.grpc, api_key=API_KEY, timeout_s=60) as grpc_client:
@@ -389,6 +413,10 @@ def test_grpc_generate_chat_and_status_codes(stack):
         with pytest.raises(grpc.RpcError) as err:
             list(anonymous.generate("x"))
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as err:
+            anonymous.list_models()
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert anonymous.health()  # the one method open to all, as /health
     _wait_idle(stack)  # the request past its deadline released its pages
 
 
