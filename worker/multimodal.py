@@ -16,7 +16,11 @@ import torch
 
 from worker.errors import InvalidRequestError
 from worker.prefix_hash import MultimodalSpan
+from worker.minimax_m3_vision import M3VisionTower
 from worker.vision import VisionTower
+
+# Either tower takes (pixel_values, grid_thw) and carries its VisionConfig as `.config`.
+AnyVisionTower = VisionTower | M3VisionTower
 
 
 @dataclass
@@ -29,7 +33,7 @@ class MultimodalInput:
 
 
 def validate_inputs(items: tuple[MultimodalInput, ...], token_ids: list[int],
-                    tower: VisionTower | None, model_name: str) -> None:
+                    tower: AnyVisionTower | None, model_name: str) -> None:
     """Placeholders and pixels agree, or the request is refused (before it touches the cache)."""
     if not items:
         return
@@ -66,7 +70,7 @@ def validate_inputs(items: tuple[MultimodalInput, ...], token_ids: list[int],
 class VisionEncoder:
     """The model's vision tower behind an LRU of item embeddings keyed by content hash."""
 
-    def __init__(self, tower: VisionTower, cache_bytes: int = 256 * 2**20):
+    def __init__(self, tower: AnyVisionTower, cache_bytes: int = 256 * 2**20):
         self.tower = tower
         self.cache_bytes = cache_bytes
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
