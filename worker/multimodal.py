@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from worker.errors import InvalidRequestError
-from worker.prefix_hash import MultimodalSpan
 from worker.minimax_m3_vision import M3VisionTower
+from worker.prefix_hash import MultimodalSpan
 from worker.vision import VisionTower
 
 # Either tower takes (pixel_values, grid_thw) and carries its VisionConfig as `.config`.
