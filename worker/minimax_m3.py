@@ -26,7 +26,7 @@ from torch import nn
 from worker.config import ModelConfig
 from worker.kv_cache import AttentionMetadata, KVCache
 from worker.minimax_m3_vision import M3VisionTower
-from worker.model import paged_attention
+from worker.model import PagedCausalLM, paged_attention, rms_normalize
 
 # The vision tower's and projectors' tensors (loaded into `visual`), and the multi-token
 # prediction head, which serving does not use (transformers skips it too).
@@ -44,9 +44,7 @@ class GemmaRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x32 * (1.0 + self.weight.float())).to(x.dtype)
+        return (rms_normalize(x, self.eps) * (1.0 + self.weight.float())).to(x.dtype)
 
 
 @functools.lru_cache(maxsize=8)
@@ -219,34 +217,15 @@ class M3TextModel(nn.Module):
         self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-class MiniMaxM3ForCausalLM(nn.Module):
-    """Same interface as `MSAForCausalLM`: packed tokens in, hidden states out, K/V and index
-    keys written to the paged cache."""
+class MiniMaxM3ForCausalLM(PagedCausalLM):
+    """Its layers take the (cos, sin) tables of the positions, computed once per step."""
 
     def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.config = config
-        self.model = M3TextModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        self.visual = M3VisionTower(config.vision) if config.vision else None
+        super().__init__(config, M3TextModel(config),
+                         M3VisionTower(config.vision) if config.vision else None)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
-                cache: KVCache, topk: int | None = None,
-                mm_embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        topk = self.config.msa.topk if topk is None else topk
-        rope = rotary_tables(positions, self.config.m3.rotary_dim, self.config.rope_theta)
-        x = self.model.embed_tokens(input_ids)
-        if mm_embeds is not None:  # images' tokens take the vision tower's embeddings
-            rows, embeds = mm_embeds
-            x = x.index_put((rows,), embeds.to(x.dtype))
-        for layer in self.model.layers:
-            x = layer(x, rope, attn, cache, topk)
-        return self.model.norm(x)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+    def layer_positions(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return rotary_tables(positions, self.config.m3.rotary_dim, self.config.rope_theta)
 
     def checkpoint_target(self, name: str) -> tuple[str, tuple] | None:
         """Where a released-checkpoint tensor goes: (parameter name, index into it), or None for

@@ -20,6 +20,12 @@ from worker.kv_cache import AttentionMetadata, KVCache
 from worker.vision import VisionTower
 
 
+def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) over the last dim, in fp32 (the norms differ only in how they scale it)."""
+    x32 = x.float()
+    return x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -27,9 +33,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return self.weight * rms_normalize(x, self.eps).to(x.dtype)
 
 
 @functools.lru_cache(maxsize=8)
@@ -195,15 +199,23 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-class MSAForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig):
+class PagedCausalLM(nn.Module):
+    """What every served model is around its decoder: token embeddings, optional image
+    embeddings in place of placeholder tokens, the layers over the paged cache, the final norm
+    and the LM head. A model family gives its decoder (`embed_tokens`, `layers`, `norm`), its
+    vision tower, and what its layers take for positions (`layer_positions`)."""
+
+    def __init__(self, config: ModelConfig, decoder: nn.Module, visual: nn.Module | None):
         super().__init__()
         self.config = config
-        self.model = DecoderModel(config)
+        self.model = decoder
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.visual = VisionTower(config.vision) if config.vision else None
+        self.visual = visual
+
+    def layer_positions(self, positions: torch.Tensor):
+        return positions
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
                 cache: KVCache, topk: int | None = None,
@@ -213,13 +225,20 @@ class MSAForCausalLM(nn.Module):
         mm_embeds: (packed rows, embeddings) that replace those rows' token embeddings (the
         placeholder tokens of images and videos)."""
         topk = self.config.msa.topk if topk is None else topk
+        layer_positions = self.layer_positions(positions)
         x = self.model.embed_tokens(input_ids)
         if mm_embeds is not None:
             rows, embeds = mm_embeds
             x = x.index_put((rows,), embeds.to(x.dtype))
         for layer in self.model.layers:
-            x = layer(x, positions, attn, cache, topk)
+            x = layer(x, layer_positions, attn, cache, topk)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
+
+
+class MSAForCausalLM(PagedCausalLM):
+    def __init__(self, config: ModelConfig):
+        super().__init__(config, DecoderModel(config),
+                         VisionTower(config.vision) if config.vision else None)
