@@ -1,7 +1,7 @@
 """MSA kernels: validation at the boundary, then dispatch to a backend.
 
 Public functions (fixed by shared/msa_spec.md): `select_blocks`, `sparse_attention`,
-`dense_attention`. The backend is chosen by device (Triton on CUDA, the PyTorch reference
+`dense_attention`; and `routed_experts`, a MoE layer's experts as grouped GEMMs. The backend is chosen by device (Triton on CUDA, the PyTorch reference
 otherwise) or forced with `backend="reference" | "triton"`.
 """
 
@@ -16,7 +16,7 @@ from kernels import reference
 from kernels.reference import BLOCK_SIZE
 
 __all__ = ["BLOCK_SIZE", "INDEX_KEY_FP8", "select_blocks", "sparse_attention",
-           "dense_attention", "to_index_key_dtype"]
+           "dense_attention", "routed_experts", "to_index_key_dtype"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Index keys may also be stored as fp8 e4m3 (half the bytes of the decode scan). Only the order
@@ -206,3 +206,27 @@ def dense_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     impl = _resolve_backend(backend, q.device)
     return impl.dense_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
                                 softmax_scale, return_lse)
+
+
+def routed_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                   route_weights: torch.Tensor, chosen: torch.Tensor,
+                   activation: Callable[[torch.Tensor], torch.Tensor],
+                   backend: str | None = None) -> torch.Tensor:
+    """A MoE layer's routed experts, weighted and summed per token: out [T, H] (see
+    `reference.routed_experts`). Shapes are checked here; expert ids are trusted (the router
+    makes them), so the check costs no device sync and a CUDA graph can capture the call."""
+    _check_float("x", x, backend)
+    _check(x.dim() == 2, lambda: f"x must be [T, H], got {tuple(x.shape)}")
+    _check(w13.dim() == 3 and w2.dim() == 3 and w13.shape[0] == w2.shape[0],
+           lambda: f"w13 [E, 2I, H] and w2 [E, H, I] disagree: {tuple(w13.shape)}, "
+                   f"{tuple(w2.shape)}")
+    _check(w13.shape[2] == x.shape[1] and w2.shape[1] == x.shape[1]
+           and w13.shape[1] == 2 * w2.shape[2],
+           lambda: f"expert weights w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)} do not fit "
+                   f"x {tuple(x.shape)}")
+    _check(chosen.shape == route_weights.shape and chosen.dim() == 2
+           and chosen.shape[0] == x.shape[0],
+           lambda: f"chosen {tuple(chosen.shape)} and route_weights "
+                   f"{tuple(route_weights.shape)} must both be [T={x.shape[0]}, top_k]")
+    impl = _resolve_backend(backend, x.device)
+    return impl.routed_experts(x, w13, w2, route_weights, chosen, activation)

@@ -1,4 +1,5 @@
-"""MiniMax Sparse Attention in PyTorch: the executable form of the MSA contract.
+"""MiniMax Sparse Attention in PyTorch: the executable form of the MSA contract (and, at the
+end, the routed experts of M3's MoE layers, which the grouped-GEMM kernel must equal).
 
 This module is the single source of truth for the math (`shared/msa_spec.md`). Every faster
 backend is tested against it, and on CPU it *is* the implementation, so it is vectorized over
@@ -19,10 +20,11 @@ Arguments are assumed valid here; `kernels.__init__` validates them at the bound
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 BLOCK_SIZE = 128
 
@@ -224,3 +226,30 @@ def dense_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     out, lse = _attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, None,
                           softmax_scale, return_lse)
     return (out, lse) if return_lse else out
+
+
+def routed_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                   route_weights: torch.Tensor, chosen: torch.Tensor,
+                   activation: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """A mixture-of-experts layer's routed experts: out [T, H] = sum over each token's choices
+    of route_weight * (activation(x @ w13[e].T) @ w2[e].T).
+
+    x [T, H]; w13 [E, 2I, H] (both input projections stacked, as `activation` splits them);
+    w2 [E, H, I]; route_weights [T, top_k] (fp32); chosen int [T, top_k] expert ids. Each
+    expert that was chosen runs once on its tokens, so CPU steps cost the chosen experts only.
+    """
+    top_k = chosen.shape[1]
+    flat = chosen.flatten()
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
+    out = torch.zeros_like(x)
+    start = 0
+    for expert, count in enumerate(counts):
+        if count:
+            picks = order[start:start + count]
+            rows = picks // top_k
+            hidden = activation(F.linear(x[rows], w13[expert]))
+            scaled = F.linear(hidden, w2[expert]) * route_weights.flatten()[picks, None]
+            out.index_add_(0, rows, scaled.to(x.dtype))
+            start += count
+    return out

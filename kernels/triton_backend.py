@@ -9,9 +9,10 @@ import torch.nn.functional as F
 
 from kernels import prefill_kv_major, prefill_query_tiled, query_major, reference
 from kernels.index_scoring import select_blocks
+from kernels.moe_grouped_gemm import routed_experts
 from kernels.triton_layout import AttentionShape, GatedOutput
 
-__all__ = ["select_blocks", "sparse_attention", "dense_attention"]
+__all__ = ["select_blocks", "sparse_attention", "dense_attention", "routed_experts"]
 
 
 def dense_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

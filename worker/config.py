@@ -350,6 +350,9 @@ class EngineConfig(BaseModel):
     model: str | None = Field(None, description="checkpoint dir or .gguf file; None = the "
                                                  "embedded default (SmolLM2-135M-Instruct)")
     served_model_name: str | None = None
+    load_format: Literal["auto", "dummy"] = Field(
+        "auto", description="dummy = random weights of the config's shapes, no weight file "
+                            "read (benchmarks and capacity planning on config.json alone)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     kv_cache_memory: int | None = Field(

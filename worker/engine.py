@@ -102,7 +102,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, page_listener: PageEventListener | None = None):
         self.config = config
         self.device, self.dtype = resolve_device_and_dtype(config)
-        loaded = load_model(config.model, self.dtype, self.device, config.served_model_name)
+        loaded = load_model(config.model, self.dtype, self.device, config.served_model_name,
+                            config.load_format)
         self.model_name = loaded.name
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer

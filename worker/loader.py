@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 from worker.config import M3_VISION_END_TOKEN, M3_VISION_START_TOKEN, ModelConfig
 from worker.errors import ModelLoadError
-from worker.minimax_m3 import MiniMaxM3ForCausalLM
-from worker.model import MSAForCausalLM
+from worker.minimax_m3 import GemmaRMSNorm, MiniMaxM3ForCausalLM
+from worker.model import MSAForCausalLM, RMSNorm
 from worker.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -97,10 +97,13 @@ def inspect_model(path: str | Path | None, name: str | None = None) -> ModelInfo
 
 
 def load_model(path: str | Path | None, dtype: torch.dtype, device: torch.device,
-               name: str | None = None) -> LoadedModel:
-    """path None -> the embedded default model; a directory -> safetensors; *.gguf -> GGUF."""
+               name: str | None = None, load_format: str = "auto") -> LoadedModel:
+    """path None -> the embedded default model; a directory -> safetensors; *.gguf -> GGUF.
+    load_format "dummy": a directory's config and tokenizer with random weights, none read."""
     resolved = _resolve(path)
-    if resolved.is_dir():
+    if load_format == "dummy":
+        loaded = _load_dummy(resolved, dtype, device)
+    elif resolved.is_dir():
         loaded = _load_safetensors_dir(resolved, dtype, device)
     else:
         loaded = _load_gguf(resolved, dtype, device)
@@ -151,12 +154,45 @@ class WeightFiller:
         destination.copy_(tensor)
         self.filled[param_name] += destination.numel()
 
+    def fill_random(self, seed: int) -> None:
+        """Random weights instead of the checkpoint's (`load_format: dummy`, the tiny test
+        checkpoints): larger than a trained model's, so outputs are peaked and depend on the
+        input; norm scales and the router bias small but not zero, so each of them matters."""
+        generator = torch.Generator(device=next(iter(self.params.values())).device)
+        generator.manual_seed(seed)
+        norms = {}
+        for module_name, module in self.model.named_modules():
+            if isinstance(module, (nn.LayerNorm, RMSNorm, GemmaRMSNorm)):
+                # LayerNorm and RMSNorm scale by w (around 1), Gemma's norm by 1 + w.
+                centre = 0.0 if isinstance(module, GemmaRMSNorm) else 1.0
+                for name, _ in module.named_parameters():
+                    norms[f"{module_name}.{name}"] = centre if name == "weight" else 0.0
+        with torch.no_grad():
+            for name, param in self.params.items():
+                if name in norms or "e_score_correction_bias" in name:
+                    param.normal_(0.0, 0.1, generator=generator).add_(norms.get(name, 0.0))
+                else:
+                    fan_in = param[0].numel() if param.dim() > 1 else param.shape[0]
+                    std = 1.0 if "embed_tokens" in name else 1.5 / fan_in ** 0.5
+                    param.normal_(0.0, std, generator=generator)
+                self.filled[name] = param.numel()
+
     def finish(self) -> nn.Module:
         wrong = sorted(n for n, p in self.params.items() if self.filled[n] != p.numel())
         if wrong:
             raise ModelLoadError(f"{self.source}: weights do not match the config: missing or "
                                  f"repeated tensors for {wrong[:5]}")
         return self.model.eval().requires_grad_(False)
+
+
+def _load_dummy(path: Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    if not path.is_dir():
+        raise ModelLoadError(f"load_format 'dummy' needs a directory with config.json and a "
+                             f"tokenizer, got {path}")
+    info, _ = _describe_safetensors_dir(path)
+    filler = WeightFiller(info.config, path, dtype, device)
+    filler.fill_random(seed=0)
+    return LoadedModel(**vars(info), model=filler.finish())
 
 
 def _describe_safetensors_dir(path: Path) -> tuple[ModelInfo, list[Path]]:
@@ -169,8 +205,6 @@ def _describe_safetensors_dir(path: Path) -> tuple[ModelInfo, list[Path]]:
         raise ModelLoadError(f"{config_file} is not valid JSON: {exc}") from exc
     config = ModelConfig.from_hf_dict(raw)
     files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise ModelLoadError(f"{path} has no *.safetensors weights")
     tokenizer = Tokenizer.from_directory(path)
     if config.m3 is not None and config.vision is not None:
         config = _with_m3_vision_markers(config, tokenizer, path)
@@ -216,6 +250,9 @@ def _load_safetensors_dir(path: Path, dtype: torch.dtype, device: torch.device) 
     from safetensors import safe_open
 
     info, files = _describe_safetensors_dir(path)
+    if not files:
+        raise ModelLoadError(f"{path} has no *.safetensors weights (load_format 'dummy' runs "
+                             "a config without weights, randomly initialised)")
     filler = WeightFiller(info.config, path, dtype, device)
     shards = _shards(path, files)
     for shard in tqdm(shards, desc="loading weights", unit="shard", disable=len(shards) < 2):

@@ -11,7 +11,8 @@ What sets it apart from the Llama-shaped decoder in `worker/model.py`:
 
 Parameter names are the released checkpoint's, without its `language_model.` prefix; the
 routed experts are stacked per layer (`w13` [E, 2I, H] = w1 over w3, `w2` [E, H, I]), filled
-from the checkpoint's per-expert tensors by `checkpoint_target`.
+from the checkpoint's per-expert tensors by `checkpoint_target`, and run by
+`kernels.routed_experts` (grouped GEMMs on CUDA).
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ import functools
 import re
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+import kernels
 from worker.config import ModelConfig
 from worker.kv_cache import AttentionMetadata, KVCache
 from worker.minimax_m3_vision import M3VisionTower
@@ -158,33 +159,15 @@ class M3MoE(nn.Module):
         weights = scores.gather(1, chosen)
         return weights / weights.sum(dim=-1, keepdim=True), chosen
 
-    def _expert(self, x: torch.Tensor, expert: int) -> torch.Tensor:
-        gate, up = F.linear(x, self.w13[expert]).chunk(2, dim=-1)
-        return F.linear(swiglu_oai(gate, up, self.alpha, self.limit), self.w2[expert])
+    def activation(self, projected: torch.Tensor) -> torch.Tensor:
+        gate, up = projected.chunk(2, dim=-1)  # w13 is w1 (gate) over w3 (up)
+        return swiglu_oai(gate, up, self.alpha, self.limit)
 
-    def forward(self, x: torch.Tensor, in_cuda_graph: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, chosen = self.route(x)
-        routed = torch.zeros_like(x)
-        if in_cuda_graph:
-            # A graph cannot read the choice on the host: every expert runs on every token
-            # (decode batches are small), weighted by zero where it was not chosen.
-            dense = torch.zeros(x.shape[0], self.w13.shape[0], device=x.device)
-            dense.scatter_(1, chosen, weights)
-            for expert in range(self.w13.shape[0]):
-                routed += (self._expert(x, expert) * dense[:, expert, None]).to(x.dtype)
-        else:
-            # Tokens sorted by expert; each expert that was chosen runs once on its tokens.
-            flat = chosen.flatten()
-            order = flat.argsort(stable=True)
-            counts = torch.bincount(flat, minlength=self.w13.shape[0]).tolist()
-            start = 0
-            for expert, count in enumerate(counts):
-                if count:
-                    picks = order[start:start + count]
-                    rows = picks // self.top_k
-                    out = self._expert(x[rows], expert) * weights.flatten()[picks, None]
-                    routed.index_add_(0, rows, out.to(x.dtype))
-                    start += count
+        # Grouped GEMMs on CUDA (graph-safe: the layout needs no host sync); on CPU the
+        # reference runs each chosen expert once on its tokens.
+        routed = kernels.routed_experts(x, self.w13, self.w2, weights, chosen, self.activation)
         return routed * self.scaling + self.shared_experts(x)
 
 
@@ -204,7 +187,7 @@ class M3DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), rope, attn, cache, topk)
         h = self.post_attention_layernorm(x)
         if hasattr(self, "block_sparse_moe"):
-            return x + self.block_sparse_moe(h, in_cuda_graph=attn.all_blocks is not None)
+            return x + self.block_sparse_moe(h)
         return x + self.mlp(h)
 
 

@@ -3,8 +3,7 @@
 The tiny one has everything a real MSA checkpoint has: a learned index branch (one shared
 index-key head), mixture-of-experts layers beside a dense-MLP layer, a dense-attention layer, a
 byte-level BPE tokenizer with a ChatML template; topk is small so that a few hundred tokens are
-already sparse. The M3-shaped one has MiniMax-M3's attention at full width (Hq 64, Hkv 4,
-D = Di = 128, topk 16) for GPU benchmarks.
+already sparse. `make_m3_checkpoint` writes a tiny MiniMax-M3 in the released layout.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ from worker.config import (
     M3_VISION_START_TOKEN,
     ModelConfig,
 )
+from worker.loader import WeightFiller
 from worker.minimax_m3 import MiniMaxM3ForCausalLM
 from worker.model import MSAForCausalLM
 
@@ -40,17 +40,22 @@ VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video
 M3_VISION_TOKENS = (M3_VISION_START_TOKEN, M3_VISION_END_TOKEN, M3_IMAGE_TOKEN, M3_VIDEO_TOKEN)
 
 
-def _byte_level_tokenizer(vision: bool = False,
-                          vision_tokens: tuple[str, ...] = VISION_TOKENS) -> Tokenizer:
+def write_tokenizer(path: Path, vision_tokens: tuple[str, ...] = ()) -> Tokenizer:
+    """A byte-level BPE tokenizer (no merges) with ChatML's special tokens, then the given
+    vision placeholder tokens; saved with its tokenizer_config.json (ChatML template)."""
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
     vocab.update({ch: len(SPECIAL_TOKENS) + i for i, ch in enumerate(sorted(alphabet))})
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    specials = SPECIAL_TOKENS + (vision_tokens if vision else ())
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                  for t in specials])
+                                  for t in SPECIAL_TOKENS + vision_tokens])
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": None, "eos_token": "<|im_end|>", "add_bos_token": False,
+        "chat_template": CHATML_TEMPLATE}, indent=2))
     return tokenizer
 
 
@@ -85,38 +90,11 @@ def tiny_config_dict(vocab_size: int, topk: int = 4) -> dict:
     }
 
 
-def m3_shaped_config_dict(vocab_size: int, num_layers: int = 4) -> dict:
-    """MiniMax-M3's attention at full width (dense MLPs: the benchmark measures attention)."""
-    return {
-        "model_type": "msa",
-        "architectures": ["MSAForCausalLM"],
-        "vocab_size": vocab_size,
-        "hidden_size": 6144,
-        "intermediate_size": 8192,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": 64,
-        "num_key_value_heads": 4,
-        "head_dim": 128,
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 5_000_000.0,
-        "max_position_embeddings": 1 << 20,
-        "tie_word_embeddings": False,
-        "msa_config": {"indexer": "learned", "index_head_dim": 128, "index_key_heads": 1,
-                       "topk": 16},
-    }
-
-
-def make_random_checkpoint(path: str | Path, raw_config: dict, seed: int = 0,
-                           device: str = "cpu", dtype: torch.dtype = torch.float32) -> Path:
+def make_random_checkpoint(path: str | Path, raw_config: dict, seed: int = 0) -> Path:
     """config.json + random weights + the byte-level tokenizer (vocab_size is set to match)."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     vision = "vision_config" in raw_config
-    tokenizer = _byte_level_tokenizer(vision)
-    tokenizer.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": None, "eos_token": "<|im_end|>", "add_bos_token": False,
-        "chat_template": CHATML_TEMPLATE}, indent=2))
+    tokenizer = write_tokenizer(path, VISION_TOKENS if vision else ())
     raw = dict(raw_config, vocab_size=tokenizer.get_vocab_size())
     if vision:
         raw.update({f"{name}_token_id": tokenizer.token_to_id(f"<|{name}|>")
@@ -125,8 +103,7 @@ def make_random_checkpoint(path: str | Path, raw_config: dict, seed: int = 0,
                    video_token_id=tokenizer.token_to_id("<|video_pad|>"))
     (path / "config.json").write_text(json.dumps(raw, indent=2))
     torch.manual_seed(seed)
-    with torch.device(device):
-        model = MSAForCausalLM(ModelConfig.from_hf_dict(raw)).to(dtype)
+    model = MSAForCausalLM(ModelConfig.from_hf_dict(raw))
     with torch.no_grad():
         # Larger-than-default weights give peaked, input-dependent outputs, so tests that
         # compare generations actually discriminate.
@@ -215,35 +192,16 @@ def make_m3_checkpoint(path: str | Path, seed: int = 0, topk: int = 3,
     model.safetensors.index.json, and a tokenizer. transformers loads it as
     MiniMaxM3SparseForConditionalGeneration."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tokenizer = _byte_level_tokenizer(vision=True, vision_tokens=M3_VISION_TOKENS)
-    tokenizer.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": None, "eos_token": "<|im_end|>", "add_bos_token": False,
-        "chat_template": CHATML_TEMPLATE}, indent=2))
+    tokenizer = write_tokenizer(path, M3_VISION_TOKENS)
     raw = tiny_m3_config_dict(tokenizer.get_vocab_size(), tokenizer.token_to_id("<|im_end|>"),
                               topk)
     raw.update(image_token_index=tokenizer.token_to_id(M3_IMAGE_TOKEN),
                video_token_index=tokenizer.token_to_id(M3_VIDEO_TOKEN))
     (path / "config.json").write_text(json.dumps(raw, indent=2))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.device("meta"):
-        model = MiniMaxM3ForCausalLM(ModelConfig.from_hf_dict(raw))
-    model = model.to_empty(device="cpu")
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "layrnorm" in name or "layer_norm" in name:
-                param.copy_(1.0 + torch.randn(param.shape, generator=generator) * 0.1
-                            if name.endswith("weight") else
-                            torch.randn(param.shape, generator=generator) * 0.1)
-            elif name.endswith("norm.weight") or "e_score_correction_bias" in name:
-                # Zero-centred norm weights and the router bias, small but not zero, so the
-                # `1 + w` scale and the bias's say in the choice are both exercised.
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
-            else:
-                fan_in = param[0].numel() if param.dim() > 1 else param.shape[0]
-                scale = 1.0 if "embed_tokens" in name else 1.5 / fan_in ** 0.5
-                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+    filler = WeightFiller(ModelConfig.from_hf_dict(raw), path, torch.float32,
+                          torch.device("cpu"))
+    filler.fill_random(seed)
+    model = filler.finish()
     tensors = m3_checkpoint_tensors(model)
     names = sorted(tensors)
     shards = [names[i::num_shards] for i in range(num_shards)]

@@ -202,3 +202,26 @@ def test_image_in_the_prompt_matches_transformers(m3_dir, reference):
     ours = torch.cat(captured)
     assert (ours - ref[len(ids) - 1:]).abs().max().item() < 1e-3
     assert engine.runner.vision.items_encoded == 1
+
+
+def test_dummy_load_format_runs_a_config_without_weights(m3_dir, tmp_path):
+    """`load_format: dummy` (benchmarks at full width): config.json and tokenizer only, random
+    weights of the config's shapes, the same on every load; without it the missing weights are
+    a ModelLoadError that names the way out."""
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(m3_dir / name, config_only / name)
+    with pytest.raises(ModelLoadError, match="no \\*.safetensors weights.*dummy"):
+        load_model(config_only, torch.float32, torch.device("cpu"))
+    first, second = (LLMEngine(EngineConfig(model=str(config_only), load_format="dummy",
+                                            device="cpu", dtype="float32",
+                                            kv_cache_memory="8MiB"))
+                     for _ in range(2))
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    outputs = [e.generate([prompt(500)], params, use_tqdm=False)[0].new_token_ids
+               for e in (first, second)]
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 6
+    weights = first.runner.model.state_dict()
+    moe = next(w for name, w in weights.items() if name.endswith("block_sparse_moe.w13"))
+    assert moe.std() > 0.01  # really filled, not left empty

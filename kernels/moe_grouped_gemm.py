@@ -1,0 +1,144 @@
+"""Triton: the routed experts of a mixture-of-experts layer as grouped GEMMs.
+
+A step's (token, expert) pairs are sorted by expert and each expert's run is padded to a whole
+number of row tiles (`ExpertRows`); one launch then multiplies every tile by its own expert's
+weight matrix (`grouped_gemm`). Each expert's weights are read once per row tile that chose it,
+so a decode step reads about the chosen experts' bytes and nothing else, and nothing in the
+layout needs the host: the sort, the padding and the tile -> expert map are tensor ops of fixed
+size, so a CUDA graph captures a step whatever the router picks.
+
+The math is `reference.routed_experts`; `routed_experts` here is the same contract.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton_layout import dot_precision
+
+
+@dataclass(frozen=True)
+class ExpertRows:
+    """(token, expert) pairs grouped by expert, in tiles of `tile_rows` rows.
+
+    `rows[i]` is the pair at sorted slot i (pair p = token * top_k + choice), or the pair count
+    where a tile's expert has too few pairs to fill it; `tile_expert[j]` is tile j's expert, or
+    the expert count for tiles past the last one in use (their programs return at once).
+    """
+
+    rows: torch.Tensor  # int32 [num_tiles * tile_rows]
+    tile_expert: torch.Tensor  # int32 [num_tiles]
+    tile_rows: int
+
+    @classmethod
+    def build(cls, chosen: torch.Tensor, num_experts: int, tile_rows: int) -> "ExpertRows":
+        experts = chosen.flatten().long()
+        pairs = experts.numel()
+        # Tiles in use are at most one partial tile per expert plus the full ones: a bound
+        # known on the host, so the buffers have fixed sizes.
+        num_tiles = triton.cdiv(pairs, tile_rows) + min(pairs, num_experts)
+        counts = torch.zeros(num_experts, dtype=torch.long, device=chosen.device)
+        counts.scatter_add_(0, experts, torch.ones_like(experts))
+        padded = (counts + tile_rows - 1) // tile_rows * tile_rows
+        padded_end = padded.cumsum(0)
+        first_pair = counts.cumsum(0) - counts  # of each expert, in the unpadded sort
+        order = experts.argsort(stable=True)
+        sorted_experts = experts[order]
+        rank = torch.arange(pairs, device=chosen.device) - first_pair[sorted_experts]
+        slot = padded_end[sorted_experts] - padded[sorted_experts] + rank
+        rows = torch.full((num_tiles * tile_rows,), pairs, dtype=torch.int32,
+                          device=chosen.device)
+        rows[slot] = order.to(torch.int32)
+        tile_start = torch.arange(num_tiles, device=chosen.device) * tile_rows
+        tile_expert = torch.searchsorted(padded_end, tile_start, right=True).to(torch.int32)
+        return cls(rows, tile_expert, tile_rows)
+
+
+@triton.jit
+def _grouped_gemm_kernel(
+    a, weights, out, rows, tile_expert, row_scale,
+    num_pairs, num_experts, n, k, stride_am, stride_we, stride_wn, stride_wk, stride_om,
+    A_ROW_DIV: tl.constexpr, SCALED: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    expert = tl.load(tile_expert + tile)
+    if expert >= num_experts:  # past the tiles in use
+        return
+    pair = tl.load(rows + tile * BLOCK_M + tl.arange(0, BLOCK_M))
+    real = pair < num_pairs
+    # Row p of the output is pair p; its input row is token p // top_k of the layer's input
+    # (first projection) or row p of the activations (second).
+    a_rows = a + (pair // A_ROW_DIV).to(tl.int64)[:, None] * stride_am
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    w = weights + expert.to(tl.int64) * stride_we + cols[None, :] * stride_wn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, k, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(a_rows + ks[None, :], mask=real[:, None] & (ks[None, :] < k), other=0.0)
+        wt = tl.load(w + ks[:, None] * stride_wk, mask=(ks[:, None] < k) & (cols[None, :] < n),
+                     other=0.0)
+        acc = tl.dot(x, wt, acc, input_precision=PRECISION)
+    if SCALED:
+        acc *= tl.load(row_scale + pair, mask=real, other=0.0)[:, None]
+    tl.store(out + pair.to(tl.int64)[:, None] * stride_om + cols[None, :],
+             acc.to(out.dtype.element_ty), mask=real[:, None] & (cols[None, :] < n))
+
+
+@dataclass(frozen=True)
+class TileShape:
+    rows: int  # BLOCK_M: (token, expert) pairs a program multiplies
+    cols: int  # BLOCK_N
+    depth: int  # BLOCK_K
+    num_warps: int
+
+    @classmethod
+    def for_pairs(cls, pairs: int) -> "TileShape":
+        # Decode steps read weights (a few pairs an expert: small row tiles waste nothing but
+        # padding); prefill chunks are compute-bound and take the tensor cores' big tiles.
+        if pairs <= 64:
+            return cls(16, 64, 64, 4)
+        if pairs < 4096:
+            return cls(64, 64, 64, 4)
+        return cls(128, 128, 64, 8)
+
+
+def grouped_gemm(a: torch.Tensor, weights: torch.Tensor, layout: ExpertRows, num_pairs: int,
+                 a_row_div: int, shape: TileShape,
+                 row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """out [num_pairs, N]: row p = a[p // a_row_div] @ weights[expert of p].T (x row_scale[p])."""
+    num_experts, n, k = weights.shape
+    out = torch.empty(num_pairs, n, dtype=a.dtype, device=a.device)
+    block_n = min(shape.cols, max(16, triton.next_power_of_2(n)))
+    block_k = min(shape.depth, max(16, triton.next_power_of_2(k)))
+    grid = (layout.tile_expert.numel(), triton.cdiv(n, block_n))
+    _grouped_gemm_kernel[grid](
+        a, weights, out, layout.rows, layout.tile_expert,
+        row_scale if row_scale is not None else out,
+        num_pairs, num_experts, n, k, a.stride(0), weights.stride(0), weights.stride(1),
+        weights.stride(2), out.stride(0),
+        A_ROW_DIV=a_row_div, SCALED=row_scale is not None, PRECISION=dot_precision(a.dtype),
+        BLOCK_M=layout.tile_rows, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=shape.num_warps, num_stages=3)
+    return out
+
+
+def routed_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                   route_weights: torch.Tensor, chosen: torch.Tensor,
+                   activation: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Same contract as `reference.routed_experts`: two launches, one per projection."""
+    num_tokens, top_k = chosen.shape
+    pairs = num_tokens * top_k
+    if pairs == 0:
+        return torch.zeros_like(x)
+    shape = TileShape.for_pairs(pairs)
+    layout = ExpertRows.build(chosen, w13.shape[0], shape.rows)
+    hidden = activation(grouped_gemm(x, w13, layout, pairs, top_k, shape))
+    out = grouped_gemm(hidden.contiguous(), w2, layout, pairs, 1, shape,
+                       row_scale=route_weights.flatten().float().contiguous())
+    return out.view(num_tokens, top_k, -1).sum(dim=1)
