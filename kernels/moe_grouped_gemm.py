@@ -96,16 +96,18 @@ class TileShape:
     cols: int  # BLOCK_N
     depth: int  # BLOCK_K
     num_warps: int
+    num_stages: int = 3
 
     @classmethod
     def for_pairs(cls, pairs: int) -> "TileShape":
         # Decode steps read weights (a few pairs an expert: small row tiles waste nothing but
-        # padding); prefill chunks are compute-bound and take the tensor cores' big tiles.
+        # padding, deep K tiles keep loads in flight); prefill chunks are compute-bound and
+        # take the tensor cores' big tiles. Chosen by bench/moe_tiles.py at M3's width.
         if pairs <= 64:
-            return cls(16, 64, 64, 4)
+            return cls(16, 64, 128, 4, num_stages=4)
         if pairs < 4096:
             return cls(64, 64, 64, 4)
-        return cls(128, 128, 64, 8)
+        return cls(128, 256, 64, 8)
 
 
 def grouped_gemm(a: torch.Tensor, weights: torch.Tensor, layout: ExpertRows, num_pairs: int,
@@ -124,7 +126,7 @@ def grouped_gemm(a: torch.Tensor, weights: torch.Tensor, layout: ExpertRows, num
         weights.stride(2), out.stride(0),
         A_ROW_DIV=a_row_div, SCALED=row_scale is not None, PRECISION=dot_precision(a.dtype),
         BLOCK_M=layout.tile_rows, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=shape.num_warps, num_stages=3)
+        num_warps=shape.num_warps, num_stages=shape.num_stages)
     return out
 
 
