@@ -14,10 +14,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import markdown_table, timed, write_results  # noqa: E402
+from worker.checkpoint import default_model_path  # noqa: E402
 from worker.config import EngineConfig  # noqa: E402
-from worker.engine import LLMEngine  # noqa: E402
-from worker.loader import default_model_path  # noqa: E402
-from worker.sequence import SamplingParams  # noqa: E402
+from worker.engine.llm_engine import LLMEngine  # noqa: E402
+from worker.wire import SamplingParams  # noqa: E402
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 

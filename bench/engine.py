@@ -23,9 +23,9 @@ from deployments.bench_engine import (  # noqa: E402
     random_prompts,
     shared_prefix_ttft,
 )
+from worker.checkpoint import default_model_path  # noqa: E402
 from worker.config import EngineConfig  # noqa: E402
-from worker.engine import LLMEngine  # noqa: E402
-from worker.loader import default_model_path  # noqa: E402
+from worker.engine.llm_engine import LLMEngine  # noqa: E402
 
 
 def transformers_throughput(prompts: list[list[int]], output_tokens: int) -> float:

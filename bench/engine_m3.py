@@ -33,10 +33,10 @@ import kernels  # noqa: E402
 from bench.common import markdown_table, write_results  # noqa: E402
 from deployments.bench_engine import random_prompts, time_to_first_token  # noqa: E402
 from worker.config import M3_MODEL_TYPE, EngineConfig  # noqa: E402
-from worker.cuda_graphs import DecodeGraphs  # noqa: E402
-from worker.engine import LLMEngine  # noqa: E402
-from worker.sequence import SamplingParams  # noqa: E402
-from worker.tiny_model import M3_VISION_TOKENS, write_tokenizer  # noqa: E402
+from worker.engine.cuda_graphs import DecodeGraphs  # noqa: E402
+from worker.engine.llm_engine import LLMEngine  # noqa: E402
+from worker.tiny_model import M3_SPECIAL_TOKENS, write_tokenizer  # noqa: E402
+from worker.wire import SamplingParams  # noqa: E402
 
 DENSE_TOPK = 1 << 20  # every block of a 128M-token context: attention is dense
 DECODE_STEPS = 32
@@ -47,7 +47,7 @@ MOE_BATCHES = (1, 2, 4, 8, 16, 32, 64, 512, 16384)
 
 def write_config(path: Path, moe_layers: int) -> None:
     """M3's text config (transformers' defaults are the released model's) with fewer layers."""
-    tokenizer = write_tokenizer(path, M3_VISION_TOKENS)
+    tokenizer = write_tokenizer(path, M3_SPECIAL_TOKENS)
     layers = 1 + moe_layers
     (path / "config.json").write_text(json.dumps({
         "model_type": M3_MODEL_TYPE,

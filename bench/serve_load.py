@@ -211,7 +211,7 @@ async def serve_run(policy: str, args) -> dict:
 
 
 def _vocab(model: str | None) -> int:
-    from worker.loader import inspect_model
+    from worker.checkpoint import inspect_model
 
     return inspect_model(model).config.vocab_size
 
@@ -219,11 +219,10 @@ def _vocab(model: str | None) -> int:
 async def direct_first_token(args) -> list[float]:
     import torch
 
-    from worker.async_engine import AsyncLLMEngine
     from worker.config import EngineConfig
-    from worker.engine import LLMEngine
-    from worker.sequence import SamplingParams
-
+    from worker.engine.async_engine import AsyncLLMEngine
+    from worker.engine.llm_engine import LLMEngine
+    from worker.wire import SamplingParams
     torch.set_num_threads(1)  # as each model replica runs
     engine = AsyncLLMEngine(LLMEngine(EngineConfig(model=args.model, device="cpu",
                                                    dtype="float32",

@@ -6,8 +6,8 @@ import random
 import time
 from dataclasses import dataclass
 
-from worker.engine import LLMEngine
-from worker.sequence import SamplingParams
+from worker.engine.llm_engine import LLMEngine
+from worker.wire import SamplingParams
 
 
 def random_prompts(vocab_size: int, num: int, min_len: int, max_len: int,

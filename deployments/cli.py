@@ -40,15 +40,14 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
 
 def _engine(args):
     from worker.config import EngineConfig
-    from worker.engine import LLMEngine
+    from worker.engine.llm_engine import LLMEngine
 
     return LLMEngine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
                                   kv_cache_memory=args.kv_cache_memory, topk=args.topk))
 
 
 def _sampling(args):
-    from worker.sequence import SamplingParams
-
+    from worker.wire import SamplingParams
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                           top_p=args.top_p, top_k=args.top_k, seed=args.seed)
 

@@ -23,7 +23,7 @@ from deployments import metrics
 from deployments.protocol import GenerateChunk, GenerateRequest, PreparedPrompt
 from preprocess import MediaError
 from worker.errors import EngineDeadError, InvalidRequestError, MSAServeError
-from worker.sequence import SamplingParams
+from worker.wire import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -141,13 +141,14 @@ class ModelGateway:
         self._limit = limit
 
     async def prepare(self, messages: list[dict[str, Any]] | None = None,
-                      prompt: str | list[int] | None = None) -> PreparedPrompt:
+                      prompt: str | list[int] | None = None,
+                      template_kwargs: dict[str, Any] | None = None) -> PreparedPrompt:
         """Text goes through the preprocess tier; token ids skip that hop. Prompts that cannot
         fit the context are refused here, before anything tokenizes them."""
         self._limit.check(messages, prompt)
         try:
             if messages is not None:
-                return await self._preprocessor.prepare_chat.remote(messages)
+                return await self._preprocessor.prepare_chat.remote(messages, template_kwargs)
             if isinstance(prompt, str):
                 return await self._preprocessor.prepare_text.remote(prompt)
             return PreparedPrompt.from_token_ids(list(prompt), self._salt)

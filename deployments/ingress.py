@@ -37,6 +37,7 @@ from deployments.gateway import (
 from deployments.openai_api import (
     ChatCompletionRequest,
     CompletionRequest,
+    ReasoningSplitter,
     ResponseWriter,
     error_body,
     parse_request,
@@ -45,8 +46,8 @@ from deployments.openai_api import (
 from deployments.prefix_index import PrefixIndexLookup
 from deployments.proto import msa_serve_pb2 as pb
 from preprocess.sources import data_url
-from worker.loader import inspect_model
-from worker.sequence import SamplingParams
+from worker.checkpoint import inspect_model
+from worker.wire import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +128,7 @@ class Ingress:
                              self.config.model.engine.served_model_name)
         self.model_name = info.name
         self.tokenizer = info.tokenizer
+        self.reasoning_markers = info.reasoning_markers
         self.api_keys = self.config.resolved_api_keys()
         engine = self.config.model.engine
         context = min(engine.max_model_len or info.config.max_position_embeddings,
@@ -225,10 +227,13 @@ class Ingress:
         self._check_model(body.model)
         params = self._sampling(body, body.num_logprobs)
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
-        prompt = await self.gateway.prepare(messages=messages)
+        prompt = await self.gateway.prepare(messages=messages,
+                                            template_kwargs=body.template_kwargs)
         stream = await self.gateway.start("chat", prompt, params, arrived)
+        reasoning = (ReasoningSplitter(self.reasoning_markers, prompt.opens_reasoning)
+                     if self.reasoning_markers else None)
         writer = ResponseWriter("chat", f"chatcmpl-{uuid.uuid4().hex}",
-                                self.model_name, self.tokenizer, body.logprobs)
+                                self.model_name, self.tokenizer, body.logprobs, reasoning)
         return await self._respond(writer, stream, body.stream, body.include_usage_in_stream)
 
     async def _completion(self, request: Request) -> Response:

@@ -135,7 +135,7 @@ def local_stack(config_file: ServeConfigFile, app: AppConfig, http_port: int | N
 
 
 def _served_name(app: AppConfig) -> str:
-    from worker.loader import inspect_model
+    from worker.checkpoint import inspect_model
 
     return inspect_model(app.model.engine.model, app.model.engine.served_model_name).name
 

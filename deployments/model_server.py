@@ -11,8 +11,8 @@ from ray import serve
 from deployments.config import AppConfig
 from deployments.prefix_index import PrefixIndexPublisher
 from deployments.protocol import GenerateChunk, GenerateRequest
-from worker.async_engine import AsyncLLMEngine
-from worker.engine import LLMEngine
+from worker.engine.async_engine import AsyncLLMEngine
+from worker.engine.llm_engine import LLMEngine
 
 logger = logging.getLogger(__name__)
 

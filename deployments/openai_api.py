@@ -12,8 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from deployments.protocol import GenerateChunk
 from worker.errors import InvalidRequestError
-from worker.sequence import SamplingParams, TokenLogprob
 from worker.tokenizer import Tokenizer
+from worker.wire import SamplingParams, TokenLogprob
 
 
 class _Request(BaseModel):
@@ -76,6 +76,17 @@ class ChatCompletionRequest(_Request):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    thinking_mode: str | None = Field(None, max_length=64,
+                                      description="extension: passed to the chat template")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="extension: variables for the chat template (as vLLM and SGLang)")
+
+    @property
+    def template_kwargs(self) -> dict[str, Any]:
+        kwargs = dict(self.chat_template_kwargs or {})
+        if self.thinking_mode is not None:
+            kwargs["thinking_mode"] = self.thinking_mode
+        return kwargs
 
     @model_validator(mode="after")
     def _newer_max_tokens_name(self):
@@ -147,17 +158,80 @@ def completion_logprobs(logprobs: list[TokenLogprob], tokenizer: Tokenizer) -> d
             "text_offset": []}
 
 
+class ReasoningSplitter:
+    """Splits a model's output into reasoning and answer at its markers (M3: `<mm:think>` ...
+    `</mm:think>`), fed whole or delta by delta. A marker split across deltas is held back
+    until it is whole, so no client ever sees part of one."""
+
+    def __init__(self, markers: tuple[str, str], opens_reasoning: bool):
+        self.start, self.end = markers
+        self.in_reasoning = opens_reasoning
+        self.seen_any = opens_reasoning  # a start marker is only read at the very beginning
+        self.after_end = False  # the newlines between the end marker and the answer go
+        self.pending = ""
+
+    def feed(self, delta: str) -> tuple[str, str]:
+        """(reasoning, content) text this delta completes."""
+        text = self.pending + delta
+        self.pending = ""
+        reasoning, content = [], []
+        while text:
+            if not self.seen_any:
+                if self.start.startswith(text):  # maybe the start marker, not whole yet
+                    self.pending = text
+                    break
+                self.seen_any = True
+                if text.startswith(self.start):
+                    self.in_reasoning = True
+                    text = text[len(self.start):]
+                continue
+            if not self.in_reasoning:
+                if self.after_end:
+                    text = text.lstrip("\n")
+                    self.after_end = not text
+                content.append(text)
+                break
+            at = text.find(self.end)
+            if at >= 0:
+                reasoning.append(text[:at])
+                self.in_reasoning = False
+                self.after_end = True
+                text = text[at + len(self.end):]
+                continue
+            keep = _partial_suffix(text, self.end)
+            reasoning.append(text[:len(text) - keep])
+            self.pending = text[len(text) - keep:]
+            break
+        return "".join(reasoning), "".join(content)
+
+    def finish(self) -> tuple[str, str]:
+        """What was held back when the output ends (a marker that never completed is text)."""
+        held, self.pending = self.pending, ""
+        return (held, "") if self.in_reasoning else ("", held)
+
+
+def _partial_suffix(text: str, marker: str) -> int:
+    """The length of the longest end of text that begins the marker."""
+    for size in range(min(len(text), len(marker) - 1), 0, -1):
+        if marker.startswith(text[-size:]):
+            return size
+    return 0
+
+
 class ResponseWriter:
-    """Builds one request's response bodies in the chat or the completions shape."""
+    """Builds one request's response bodies in the chat or the completions shape; with a
+    reasoning splitter, chat reasoning comes back apart as `reasoning_content`."""
 
     def __init__(self, kind: Literal["chat", "completion"], request_id: str, model: str,
-                 tokenizer: Tokenizer, with_logprobs: bool):
+                 tokenizer: Tokenizer, with_logprobs: bool,
+                 reasoning: ReasoningSplitter | None = None):
         self.kind = kind
         self.id = request_id
         self.model = model
         self.created = int(time.time())
         self.tokenizer = tokenizer
         self.with_logprobs = with_logprobs
+        self.reasoning = reasoning
 
     def _envelope(self, object_name: str, choices: list[dict], **extra) -> dict[str, Any]:
         return {"id": self.id, "object": object_name, "created": self.created,
@@ -175,7 +249,13 @@ class ResponseWriter:
         choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason(last),
                                   "logprobs": self._logprobs(logprobs)}
         if self.kind == "chat":
-            choice["message"] = {"role": "assistant", "content": text}
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if self.reasoning is not None:
+                reasoning, content = self.reasoning.feed(text)
+                held_reasoning, held_content = self.reasoning.finish()
+                message["content"] = content + held_content
+                message["reasoning_content"] = (reasoning + held_reasoning) or None
+            choice["message"] = message
             return self._envelope("chat.completion", [choice], usage=usage_body(last))
         choice["text"] = text
         return self._envelope("text_completion", [choice], usage=usage_body(last))
@@ -185,6 +265,14 @@ class ResponseWriter:
                                   "logprobs": self._logprobs(chunk.logprobs)}
         if self.kind == "chat":
             delta: dict[str, Any] = {"content": chunk.delta}
+            if self.reasoning is not None:
+                reasoning, content = self.reasoning.feed(chunk.delta)
+                if chunk.finish_reason is not None:
+                    held_reasoning, held_content = self.reasoning.finish()
+                    reasoning, content = reasoning + held_reasoning, content + held_content
+                delta = {"content": content}
+                if reasoning:
+                    delta["reasoning_content"] = reasoning
             if first:
                 delta["role"] = "assistant"
             choice["delta"] = delta

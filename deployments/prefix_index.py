@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from deployments.config import RedisSettings
-from worker.block_manager import PageEvent
+from worker.wire import PageEvent
 
 logger = logging.getLogger(__name__)
 

@@ -19,11 +19,10 @@ from deployments.config import AppConfig
 from deployments.protocol import PreparedPrompt
 from preprocess import MediaError, MediaProcessor, ProcessedMedia, VisionGeometry
 from preprocess.processor import MediaPart, media_part
+from worker.checkpoint import inspect_model
 from worker.config import VisionConfig
 from worker.errors import InvalidRequestError
-from worker.loader import inspect_model
-from worker.multimodal import MultimodalInput
-from worker.prefix_hash import MultimodalSpan
+from worker.wire import MultimodalInput, MultimodalSpan
 
 
 @serve.deployment(name="Preprocessor")
@@ -34,6 +33,7 @@ class Preprocessor:
         self.tokenizer = info.tokenizer
         self.salt = info.fingerprint
         self.model_name = info.name
+        self.reasoning_markers = info.reasoning_markers
         self.vision = info.config.vision
         # MiniMax-M3 brackets every video frame group with its own markers and a timestamp,
         # and its tower attends over segments of frames: not built yet, so videos are refused.
@@ -44,7 +44,9 @@ class Preprocessor:
                                       self.vision.spatial_merge_size)
             self.media = MediaProcessor(app.preprocess.media, geometry)
 
-    async def prepare_chat(self, messages: list[dict[str, Any]]) -> PreparedPrompt:
+    async def prepare_chat(self, messages: list[dict[str, Any]],
+                           template_kwargs: dict[str, Any] | None = None) -> PreparedPrompt:
+        """template_kwargs: variables for the chat template (`thinking_mode`, ...)."""
         parts: list[MediaPart] = []
         texts = [self._message_text(m, parts) for m in messages]
         if parts and self.media is None:
@@ -54,19 +56,20 @@ class Preprocessor:
             raise MediaError(f"{self.model_name}: video input for MiniMax-M3 models is not "
                              f"served yet; send images or text")
         # Templating and tokenizing a long prompt take CPU seconds: never on the event loop.
-        token_ids = await asyncio.to_thread(self._encode_chat, texts)
-        if not parts:
-            return PreparedPrompt.from_token_ids(token_ids, self.salt)
-        items = await self.media.process(parts)
-        token_ids, mm_inputs = expand_placeholders(token_ids, items, self.vision)
-        return PreparedPrompt.from_token_ids(token_ids, self.salt, mm_inputs)
+        text = await asyncio.to_thread(self.tokenizer.apply_chat_template, texts, True,
+                                       template_kwargs)
+        token_ids = await asyncio.to_thread(self.tokenizer.encode, text)
+        opens_reasoning = bool(self.reasoning_markers) and \
+            text.rstrip().endswith(self.reasoning_markers[0])
+        mm_inputs: list[MultimodalInput] = []
+        if parts:
+            items = await self.media.process(parts)
+            token_ids, mm_inputs = expand_placeholders(token_ids, items, self.vision)
+        return PreparedPrompt.from_token_ids(token_ids, self.salt, mm_inputs, opens_reasoning)
 
     async def prepare_text(self, prompt: str) -> PreparedPrompt:
         token_ids = await asyncio.to_thread(self.tokenizer.encode, prompt)
         return PreparedPrompt.from_token_ids(token_ids, self.salt)
-
-    def _encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages))
 
     def _message_text(self, message: dict[str, Any], parts: list[MediaPart]) -> dict[str, Any]:
         """OpenAI content as template text: text parts joined, each image or video part one

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kernels import BLOCK_SIZE
 from worker.errors import InvalidRequestError
-from worker.multimodal import MultimodalInput
 from worker.prefix_hash import chain_page_hashes
-from worker.sequence import SamplingParams, TokenLogprob
+from worker.wire import BLOCK_SIZE, MultimodalInput, SamplingParams, TokenLogprob
 
 
 @dataclass
@@ -19,10 +17,13 @@ class PreparedPrompt:
     token_ids: list[int]
     page_hashes: list[str]  # chained hashes of the full pages: what the router looks up
     mm_inputs: list[MultimodalInput] = field(default_factory=list)
+    # The chat template left the model's reasoning open: its output starts as reasoning.
+    opens_reasoning: bool = False
 
     @classmethod
     def from_token_ids(cls, token_ids: list[int], salt: str,
-                       mm_inputs: list[MultimodalInput] = ()) -> PreparedPrompt:
+                       mm_inputs: list[MultimodalInput] = (),
+                       opens_reasoning: bool = False) -> PreparedPrompt:
         """salt: the model's fingerprint, as the engine's BlockManager uses it."""
         if not token_ids:
             raise InvalidRequestError("the prompt is empty")
@@ -30,7 +31,7 @@ class PreparedPrompt:
         matchable = (len(token_ids) - 1) // BLOCK_SIZE * BLOCK_SIZE
         spans = [item.span for item in mm_inputs]
         return cls(token_ids, chain_page_hashes(token_ids[:matchable], salt, spans),
-                   list(mm_inputs))
+                   list(mm_inputs), opens_reasoning)
 
 
 @dataclass

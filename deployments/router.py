@@ -18,7 +18,7 @@ from deployments import metrics
 from deployments.config import RedisSettings
 from deployments.prefix_index import PrefixIndexLookup
 from deployments.protocol import GenerateRequest
-from kernels import BLOCK_SIZE
+from worker.wire import BLOCK_SIZE
 
 
 class PrefixAwareRouter(FIFOMixin, RequestRouter):

@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from worker.config import EngineConfig  # noqa: E402
-from worker.engine import LLMEngine  # noqa: E402
+from worker.engine.llm_engine import LLMEngine  # noqa: E402
 from worker.tiny_model import make_tiny_checkpoint  # noqa: E402
 
 

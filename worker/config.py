@@ -11,8 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from kernels import BLOCK_SIZE
 from worker.errors import ModelLoadError
+from worker.wire import BLOCK_SIZE
 
 # Architectures whose Hugging Face layout (weight names and config keys) the models implement.
 M3_MODEL_TYPE = "minimax_m3_vl"
@@ -47,6 +47,9 @@ M3_IMAGE_TOKEN = "]<]image[>["
 M3_VIDEO_TOKEN = "]<]video[>["
 M3_VISION_START_TOKEN = "]<]start of image[>["
 M3_VISION_END_TOKEN = "]<]end of image[>["
+# MiniMax-M3 reasons between these markers before it answers.
+M3_THINK_START = "<mm:think>"
+M3_THINK_END = "</mm:think>"
 M3_ATTENTION_TYPES = {"full_attention": "dense", "minimax_m3_sparse": "msa"}
 M3_MLP_TYPES = ("dense", "sparse")
 

@@ -10,20 +10,10 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
-from kernels import BLOCK_SIZE
-
-
-@dataclass(frozen=True)
-class MultimodalSpan:
-    """An item's placeholder tokens [offset, offset + length) and its content hash."""
-
-    offset: int
-    length: int
-    content_hash: str
+from worker.wire import BLOCK_SIZE, MultimodalSpan
 
 
 def chain_page_hashes(token_ids: Sequence[int], salt: str,

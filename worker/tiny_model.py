@@ -18,14 +18,16 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from worker.config import (
     M3_IMAGE_TOKEN,
     M3_MODEL_TYPE,
+    M3_THINK_END,
+    M3_THINK_START,
     M3_VIDEO_TOKEN,
     M3_VISION_END_TOKEN,
     M3_VISION_START_TOKEN,
     ModelConfig,
 )
 from worker.loader import WeightFiller
-from worker.minimax_m3 import MiniMaxM3ForCausalLM
-from worker.model import MSAForCausalLM
+from worker.models.minimax_m3 import MiniMaxM3ForCausalLM
+from worker.models.msa import MSAForCausalLM
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 CHATML_TEMPLATE = (
@@ -37,12 +39,23 @@ CHATML_TEMPLATE = (
 
 # Qwen2-VL's placeholder tokens; appended after the byte alphabet so text-only ids stay put.
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
-M3_VISION_TOKENS = (M3_VISION_START_TOKEN, M3_VISION_END_TOKEN, M3_IMAGE_TOKEN, M3_VIDEO_TOKEN)
+# MiniMax-M3's image/video tokens, then its reasoning markers (special: the tokenizer must keep
+# them in decoded text for the reasoning parser).
+M3_SPECIAL_TOKENS = (M3_VISION_START_TOKEN, M3_VISION_END_TOKEN, M3_IMAGE_TOKEN, M3_VIDEO_TOKEN,
+                     M3_THINK_START, M3_THINK_END)
+# ChatML whose generation prompt opens M3's reasoning unless `thinking_mode` is "disabled".
+M3_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% if thinking_mode != 'disabled' %}"
+    "{{ '" + M3_THINK_START + "' }}{% endif %}{% endif %}"
+)
 
 
-def write_tokenizer(path: Path, vision_tokens: tuple[str, ...] = ()) -> Tokenizer:
+def write_tokenizer(path: Path, extra_special_tokens: tuple[str, ...] = (),
+                    chat_template: str = CHATML_TEMPLATE) -> Tokenizer:
     """A byte-level BPE tokenizer (no merges) with ChatML's special tokens, then the given
-    vision placeholder tokens; saved with its tokenizer_config.json (ChatML template)."""
+    ones (vision placeholders, reasoning markers); saved with its tokenizer_config.json."""
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
     vocab.update({ch: len(SPECIAL_TOKENS) + i for i, ch in enumerate(sorted(alphabet))})
@@ -50,12 +63,12 @@ def write_tokenizer(path: Path, vision_tokens: tuple[str, ...] = ()) -> Tokenize
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                  for t in SPECIAL_TOKENS + vision_tokens])
+                                  for t in SPECIAL_TOKENS + extra_special_tokens])
     path.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": None, "eos_token": "<|im_end|>", "add_bos_token": False,
-        "chat_template": CHATML_TEMPLATE}, indent=2))
+        "chat_template": chat_template}, indent=2))
     return tokenizer
 
 
@@ -192,7 +205,7 @@ def make_m3_checkpoint(path: str | Path, seed: int = 0, topk: int = 3,
     model.safetensors.index.json, and a tokenizer. transformers loads it as
     MiniMaxM3SparseForConditionalGeneration."""
     path = Path(path)
-    tokenizer = write_tokenizer(path, M3_VISION_TOKENS)
+    tokenizer = write_tokenizer(path, M3_SPECIAL_TOKENS, M3_CHAT_TEMPLATE)
     raw = tiny_m3_config_dict(tokenizer.get_vocab_size(), tokenizer.token_to_id("<|im_end|>"),
                               topk)
     raw.update(image_token_index=tokenizer.token_to_id(M3_IMAGE_TOKEN),

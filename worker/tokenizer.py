@@ -36,6 +36,7 @@ class Tokenizer:
         self.bos_token, self.eos_token = bos_token, eos_token
         self.add_bos = add_bos
         self.chat_template = chat_template
+        self._skipped_ids: set[int] | None = None  # see keep_in_text
         self._template = None
         if chat_template:
             env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
@@ -67,15 +68,31 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        if skip_special_tokens and self._skipped_ids is not None:
+            # Special tokens the text must keep (reasoning markers): drop the others here.
+            ids = [i for i in ids if i not in self._skipped_ids]
+            skip_special_tokens = False
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def keep_in_text(self, tokens: Sequence[str]) -> None:
+        """Decoded text keeps these tokens even where the vocabulary marks them special (a
+        reasoning parser reads the markers from the text)."""
+        kept = {self.backend.token_to_id(t) for t in tokens}
+        self._skipped_ids = {i for i, token in self.backend.get_added_tokens_decoder().items()
+                             if token.special and i not in kept}
+
     def apply_chat_template(self, messages: list[dict[str, Any]],
-                            add_generation_prompt: bool = True) -> str:
+                            add_generation_prompt: bool = True,
+                            template_kwargs: dict[str, Any] | None = None) -> str:
+        """template_kwargs: extra variables the template reads (e.g. `thinking_mode`); they
+        cannot override the ones set here."""
         if self._template is None:
             raise InvalidRequestError("this model has no chat template; send a plain completion")
         try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         bos_token=self.bos_token, eos_token=self.eos_token)
+            return self._template.render({
+                **(template_kwargs or {}), "messages": messages,
+                "add_generation_prompt": add_generation_prompt, "bos_token": self.bos_token,
+                "eos_token": self.eos_token})
         except jinja2.TemplateError as exc:
             raise InvalidRequestError(f"chat template failed on these messages: {exc}") from exc
 
@@ -111,7 +128,8 @@ class Tokenizer:
 
     @classmethod
     def from_directory(cls, path: Path) -> "Tokenizer":
-        """tokenizer.json + tokenizer_config.json (chat template, bos/eos) of a HF checkpoint."""
+        """tokenizer.json + tokenizer_config.json (bos/eos, chat template) of a HF checkpoint;
+        a chat_template.jinja beside them (how transformers 5 saves it) takes precedence."""
         tokenizer_file = path / "tokenizer.json"
         if not tokenizer_file.exists():
             raise ModelLoadError(f"{path} has no tokenizer.json")
@@ -127,7 +145,10 @@ class Tokenizer:
         eos_id = backend.token_to_id(eos) if eos else None
         if eos_id is None:
             raise ModelLoadError(f"{path}/tokenizer_config.json names no eos_token in the vocab")
-        return cls(backend, eos_token_ids=[eos_id], chat_template=settings.get("chat_template"),
+        template_file = path / "chat_template.jinja"
+        template = (template_file.read_text() if template_file.exists()
+                    else settings.get("chat_template"))
+        return cls(backend, eos_token_ids=[eos_id], chat_template=template,
                    bos_token=content(settings.get("bos_token")), eos_token=eos,
                    add_bos=bool(settings.get("add_bos_token", False)))
 

@@ -9,7 +9,7 @@ import pytest
 from deployments.config import RedisSettings
 from deployments.local import LocalRedis, free_port
 from deployments.prefix_index import PrefixIndexLookup, PrefixIndexPublisher, pages_key
-from worker.block_manager import PageEvent
+from worker.wire import PageEvent
 
 
 @pytest.fixture

@@ -41,20 +41,42 @@ def _image_url() -> str:
 
 
 def test_streamed_chat_and_prefix_cache_hit(client):
+    """The template opens M3's reasoning, so the (random) model's whole output is reasoning:
+    streamed as reasoning_content deltas, equal to the non-streamed message's (a prefix-cache
+    hit, index keys restored with the pages)."""
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hi"}]
-    pieces, usage = [], None
+    reasoning, content, usage = [], [], None
     for chunk in client.chat.completions.create(
             model="tiny-m3", messages=messages, temperature=0, max_tokens=8, stream=True,
             stream_options={"include_usage": True}, extra_body={"ignore_eos": True}):
         if chunk.choices:
-            pieces.append(chunk.choices[0].delta.content or "")
+            reasoning.append(getattr(chunk.choices[0].delta, "reasoning_content", None) or "")
+            content.append(chunk.choices[0].delta.content or "")
         usage = chunk.usage or usage
     assert usage.completion_tokens == 8 and usage.prompt_tokens > 256
+    assert "".join(reasoning) and not "".join(content)
     again = client.chat.completions.create(model="tiny-m3", messages=messages, temperature=0,
                                            max_tokens=8, extra_body={"ignore_eos": True})
-    assert again.choices[0].message.content == "".join(pieces)  # index keys restored too
+    assert again.choices[0].message.reasoning_content == "".join(reasoning)
+    assert again.choices[0].message.content == ""
     assert again.usage.prompt_tokens_details.cached_tokens == \
         (usage.prompt_tokens - 1) // 128 * 128
+
+
+def test_thinking_mode_reaches_the_template(client):
+    """thinking_mode "disabled" renders no open reasoning marker: the answer is plain content
+    and the prompt is one token shorter."""
+    messages = [{"role": "user", "content": "hello"}]
+    thinking = client.chat.completions.create(
+        model="tiny-m3", messages=messages, temperature=0, max_tokens=5,
+        extra_body={"ignore_eos": True})
+    direct = client.chat.completions.create(
+        model="tiny-m3", messages=messages, temperature=0, max_tokens=5,
+        extra_body={"ignore_eos": True, "thinking_mode": "disabled"})
+    assert thinking.choices[0].message.reasoning_content
+    assert direct.choices[0].message.content
+    assert getattr(direct.choices[0].message, "reasoning_content", None) is None
+    assert thinking.usage.prompt_tokens == direct.usage.prompt_tokens + 1
 
 
 def test_image_chat(client):

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from tests.worker.test_engine import GREEDY, random_prompt
-from worker.cuda_graphs import DecodeGraphs, is_decode_step
-from worker.sequence import SamplingParams
+from worker.engine.cuda_graphs import DecodeGraphs, is_decode_step
+from worker.wire import SamplingParams
 
 # The tiny model has topk 4: contexts up to 512 tokens take the all-blocks path, longer ones
 # the sparse one. Layer 0 is dense attention and later layers are mixtures of experts.

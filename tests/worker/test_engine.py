@@ -11,13 +11,13 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from worker.async_engine import AsyncLLMEngine
-from worker.block_manager import PageEvent
 from worker.config import EngineConfig
-from worker.engine import LLMEngine
+from worker.engine.async_engine import AsyncLLMEngine
+from worker.engine.llm_engine import LLMEngine
+from worker.engine.sequence import FinishReason
 from worker.errors import CapacityError, InvalidRequestError
-from worker.prefix_hash import MultimodalSpan, chain_page_hashes
-from worker.sequence import FinishReason, SamplingParams
+from worker.prefix_hash import chain_page_hashes
+from worker.wire import MultimodalSpan, PageEvent, SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
@@ -71,7 +71,7 @@ def test_fp8_index_key_cache(make_tiny_engine):
 
 def test_fp8_index_keys_need_a_learned_indexer(tmp_path):
     from worker.config import EngineConfig
-    from worker.engine import LLMEngine
+    from worker.engine.llm_engine import LLMEngine
     from worker.errors import ModelLoadError
     from worker.tiny_model import make_random_checkpoint, tiny_config_dict
 

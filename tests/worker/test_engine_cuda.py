@@ -36,7 +36,7 @@ def test_minimax_m3_on_cuda_matches_cpu(tmp_path):
     """The tiny M3 (MoE through the grouped-GEMM kernel, decode from CUDA graphs) generates on
     CUDA what it generates on CPU (the reference experts, eager), fp32, greedy; sparse prompts."""
     from worker.config import EngineConfig
-    from worker.engine import LLMEngine
+    from worker.engine.llm_engine import LLMEngine
     from worker.tiny_model import make_m3_checkpoint
 
     model = make_m3_checkpoint(tmp_path / "m3")

@@ -9,10 +9,11 @@ import threading
 import pytest
 
 from tests.worker.test_engine import GREEDY, assert_no_pages_held, generate_alone, random_prompt
-from worker.async_engine import AsyncLLMEngine
-from worker.engine import MAX_FAILED_STEPS, LLMEngine
+from worker.engine.async_engine import AsyncLLMEngine
+from worker.engine.llm_engine import MAX_FAILED_STEPS, LLMEngine
+from worker.engine.sequence import FinishReason
 from worker.errors import EngineDeadError, InvalidRequestError, RequestFailedError
-from worker.sequence import SEED_RANGE, FinishReason, SamplingParams
+from worker.wire import SEED_RANGE, SamplingParams
 
 
 def poison_model(engine: LLMEngine, poison: int) -> None:

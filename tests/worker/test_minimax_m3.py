@@ -14,13 +14,11 @@ import torch
 import kernels
 from tests.worker.test_model import _forward_logits
 from worker.config import EngineConfig
-from worker.engine import LLMEngine
+from worker.engine.llm_engine import LLMEngine
 from worker.errors import ModelLoadError
 from worker.loader import load_model
-from worker.multimodal import MultimodalInput
-from worker.prefix_hash import MultimodalSpan
-from worker.sequence import SamplingParams
 from worker.tiny_model import make_m3_checkpoint
+from worker.wire import MultimodalInput, MultimodalSpan, SamplingParams
 
 transformers = pytest.importorskip("transformers", minversion="5.23")
 

@@ -10,12 +10,13 @@ import pytest
 import torch
 
 import kernels
+from worker.checkpoint import default_model_path
 from worker.config import EngineConfig
-from worker.engine import LLMEngine
+from worker.engine.kv_cache import AttentionMetadata, KVCache
+from worker.engine.llm_engine import LLMEngine
 from worker.errors import InvalidRequestError, ModelLoadError
-from worker.kv_cache import AttentionMetadata, KVCache
-from worker.loader import default_model_path, load_model
-from worker.sequence import SamplingParams
+from worker.loader import load_model
+from worker.wire import SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24)
 

@@ -11,10 +11,9 @@ from preprocess.processor import MediaPart, process_part
 from tests.preprocess.media_files import data_url, encode_image
 from tests.worker.test_engine import GREEDY, assert_no_pages_held, random_prompt
 from worker.config import EngineConfig
-from worker.engine import LLMEngine
+from worker.engine.llm_engine import LLMEngine
 from worker.errors import InvalidRequestError
-from worker.multimodal import MultimodalInput
-from worker.prefix_hash import MultimodalSpan
+from worker.wire import MultimodalInput, MultimodalSpan
 
 # 64 x 96 pixels in 8-pixel patches: grid (1, 8, 12), 96 patches, 24 placeholder tokens.
 IMAGE_SIZE = (96, 64)

@@ -11,23 +11,11 @@ evicted (its hash is dropped and a `removed` event emitted).
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Literal
 
 from kernels import BLOCK_SIZE
-from worker.sequence import Sequence
-
-
-@dataclass(frozen=True)
-class PageEvent:
-    """Published so that routers know which replica holds which prefix pages."""
-
-    kind: Literal["stored", "removed"]
-    hashes: tuple[str, ...]
-
-
-PageEventListener = Callable[[PageEvent], None]
+from worker.engine.sequence import Sequence
+from worker.wire import PageEvent, PageEventListener
 
 
 def pages_for(num_tokens: int) -> int:

@@ -19,9 +19,9 @@ import logging
 import torch
 
 from kernels import BLOCK_SIZE
-from worker.kv_cache import AttentionMetadata, KVCache
-from worker.model import MSAForCausalLM
-from worker.scheduler import ScheduledBatch
+from worker.engine.kv_cache import AttentionMetadata, KVCache
+from worker.engine.scheduler import ScheduledBatch
+from worker.models.base import PagedCausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class DecodeGraphs:
     the padding and the graph-safe layer paths without a GPU.
     """
 
-    def __init__(self, model: MSAForCausalLM, cache: KVCache, topk: int, max_batch: int,
+    def __init__(self, model: PagedCausalLM, cache: KVCache, topk: int, max_batch: int,
                  max_model_len: int, capture: bool = True):
         self.model = model
         self.cache = cache

@@ -7,13 +7,14 @@ from dataclasses import dataclass
 import torch
 
 from kernels import BLOCK_SIZE
-from worker.cuda_graphs import DecodeGraphs
-from worker.kv_cache import AttentionMetadata, KVCache
-from worker.model import MSAForCausalLM
-from worker.multimodal import VisionEncoder
-from worker.sampler import Sampler
-from worker.scheduler import ScheduledBatch
-from worker.sequence import Sequence, TokenLogprob
+from worker.engine.cuda_graphs import DecodeGraphs
+from worker.engine.kv_cache import AttentionMetadata, KVCache
+from worker.engine.multimodal import VisionEncoder
+from worker.engine.sampler import Sampler
+from worker.engine.scheduler import ScheduledBatch
+from worker.engine.sequence import Sequence
+from worker.models.base import PagedCausalLM
+from worker.wire import TokenLogprob
 
 
 @dataclass
@@ -34,7 +35,7 @@ class ModelRunner:
     """`decode_graphs`, when given, replays the decode steps that fit it (CUDA only);
     `vision` embeds the images and videos of the prompt chunks that reach them."""
 
-    def __init__(self, model: MSAForCausalLM, cache: KVCache, sampler: Sampler,
+    def __init__(self, model: PagedCausalLM, cache: KVCache, sampler: Sampler,
                  topk: int | None = None, debug_checks: bool = False,
                  decode_graphs: DecodeGraphs | None = None, vision: VisionEncoder | None = None):
         self.model = model

@@ -1,4 +1,5 @@
-"""The decoder: GQA attention made sparse by MSA, SwiGLU or mixture-of-experts MLPs.
+"""The dense GQA family (Llama, Mistral, our `msa` type): attention made sparse by MSA with a
+learned index branch or one derived from the queries, SwiGLU or mixture-of-experts MLPs.
 
 Parameter names follow the Hugging Face Llama / Qwen3-MoE layout so checkpoints load with a
 plain `load_state_dict`; the MSA index branch adds `self_attn.index_q_proj` and
@@ -7,50 +8,17 @@ plain `load_state_dict`; the MSA index branch adds `self_attn.index_q_proj` and
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
 from worker.config import ModelConfig
-from worker.kv_cache import AttentionMetadata, KVCache
-from worker.vision import VisionTower
-
-
-def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / rms(x) over the last dim, in fp32 (the norms differ only in how they scale it)."""
-    x32 = x.float()
-    return x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * rms_normalize(x, self.eps).to(x.dtype)
-
-
-@functools.lru_cache(maxsize=8)
-def rope_tables(dim: int, theta: float, max_positions: int, device: torch.device):
-    """(cos, sin) [max_positions, dim / 2] float32, computed once per shape and device."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-    angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
-    return angles.cos().float().to(device), angles.sin().float().to(device)
-
-
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float,
-               max_positions: int) -> torch.Tensor:
-    """Half-split ("rotate_half") RoPE, the Hugging Face Llama convention; x [T, heads, dim]."""
-    cos, sin = rope_tables(x.shape[-1], theta, max_positions, x.device)
-    cos, sin = cos[positions][:, None, :], sin[positions][:, None, :]
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+from worker.engine.kv_cache import AttentionMetadata, KVCache
+from worker.layers.attention import paged_attention
+from worker.layers.norms import RMSNorm
+from worker.layers.rotary import apply_rope
+from worker.models.base import PagedCausalLM
+from worker.models.vision import VisionTower
 
 
 class MSAAttention(nn.Module):
@@ -104,31 +72,6 @@ class MSAAttention(nn.Module):
                               self._index_keys(x, positions),
                               lambda: self._index_queries(x, q, positions), attn, cache, topk)
         return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))
-
-
-def paged_attention(layer_index: int, dense: bool, q: torch.Tensor, k: torch.Tensor,
-                    v: torch.Tensor, k_idx: torch.Tensor | None,
-                    index_queries: Callable[[], torch.Tensor], attn: AttentionMetadata,
-                    cache: KVCache, topk: int) -> torch.Tensor:
-    """Writes this step's K/V (and index keys) into the paged cache, then attends: exactly over
-    every visible block in dense layers and short contexts, else over the index branch's picks.
-
-    q [T, Hq, D]; k, v [T, Hkv, D]; index_queries() -> q_idx [T, Hkv, Di], only called when
-    attention is sparse. Returns [T, Hq, D]."""
-    cache.write(layer_index, attn.slot_mapping, k, v, k_idx)
-    k_cache, v_cache, k_idx_cache = cache.layer(layer_index)
-    layout = (attn.block_table, attn.seq_lens, attn.cu_seqlens_q)
-    checks = {"check_indices": attn.check_indices}
-    # With at most topk blocks visible, MSA selects everything and equals dense attention.
-    if dense or attn.max_seq_len <= topk * kernels.BLOCK_SIZE:
-        if attn.all_blocks is None:
-            return kernels.dense_attention(q, k_cache, v_cache, *layout, **checks)
-        # A CUDA-graph step: the same dense attention, as the paged kernel.
-        width = attn.all_blocks.shape[1] if dense else topk
-        blocks = attn.all_blocks[:, None, :width].expand(-1, k.shape[1], -1)
-        return kernels.sparse_attention(q, k_cache, v_cache, *layout, blocks, **checks)
-    blocks = kernels.select_blocks(index_queries(), k_idx_cache, *layout, topk=topk, **checks)
-    return kernels.sparse_attention(q, k_cache, v_cache, *layout, blocks, **checks)
 
 
 class MLP(nn.Module):
@@ -197,45 +140,6 @@ class DecoderModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-
-class PagedCausalLM(nn.Module):
-    """What every served model is around its decoder: token embeddings, optional image
-    embeddings in place of placeholder tokens, the layers over the paged cache, the final norm
-    and the LM head. A model family gives its decoder (`embed_tokens`, `layers`, `norm`), its
-    vision tower, and what its layers take for positions (`layer_positions`)."""
-
-    def __init__(self, config: ModelConfig, decoder: nn.Module, visual: nn.Module | None):
-        super().__init__()
-        self.config = config
-        self.model = decoder
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        self.visual = visual
-
-    def layer_positions(self, positions: torch.Tensor):
-        return positions
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
-                cache: KVCache, topk: int | None = None,
-                mm_embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """Hidden states [T, hidden] of the packed tokens; writes their K/V into the cache.
-
-        mm_embeds: (packed rows, embeddings) that replace those rows' token embeddings (the
-        placeholder tokens of images and videos)."""
-        topk = self.config.msa.topk if topk is None else topk
-        layer_positions = self.layer_positions(positions)
-        x = self.model.embed_tokens(input_ids)
-        if mm_embeds is not None:
-            rows, embeds = mm_embeds
-            x = x.index_put((rows,), embeds.to(x.dtype))
-        for layer in self.model.layers:
-            x = layer(x, layer_positions, attn, cache, topk)
-        return self.model.norm(x)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
 
 
 class MSAForCausalLM(PagedCausalLM):

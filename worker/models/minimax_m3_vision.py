@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker.config import VisionConfig
-from worker.vision import patch_coordinates
+from worker.models.vision import patch_coordinates
 
 
 def axial_rotary(grid_thw: tuple[int, int, int], merge: int, head_dim: int, theta: float,

@@ -1,18 +1,34 @@
-"""A request's state inside the engine, and the sampling parameters it carries."""
+"""What crosses the tiers: constants and wire types shared by the CPU tiers (ingress, router,
+preprocess) and the model replicas. Torch-free by design: the CPU tiers import this module and
+never torch (tests/test_wire.py checks it)."""
 
 from __future__ import annotations
 
-import enum
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
 
-import torch
+import numpy as np
 
-from kernels import BLOCK_SIZE
 from worker.errors import InvalidRequestError
-from worker.multimodal import MultimodalInput
-from worker.prefix_hash import MultimodalSpan, chain_page_hashes
-from worker.tokenizer import IncrementalDetokenizer
+
+if TYPE_CHECKING:
+    import torch
+
+# Tokens per KV page, which is one MSA block (`kernels.BLOCK_SIZE`, the spec's block; a test
+# checks that the two agree, since kernels cannot be imported without torch).
+BLOCK_SIZE = 128
+
+@dataclass(frozen=True)
+class MultimodalSpan:
+    """An item's placeholder tokens [offset, offset + length) and its content hash."""
+
+    offset: int
+    length: int
+    content_hash: str
+
+
 
 MAX_LOGPROBS = 20
 MAX_TEMPERATURE = 2.0  # OpenAI's bound; HTTP, gRPC and offline callers share it
@@ -80,19 +96,6 @@ class SamplingParams:
         return self.temperature == 0
 
 
-class SequenceStatus(enum.Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
-
-
-class FinishReason(str, enum.Enum):
-    STOP = "stop"  # EOS, a stop token or a stop string
-    LENGTH = "length"  # max_tokens or the context limit
-    ABORT = "abort"  # cancelled by the client or the server
-    ERROR = "error"  # the engine failed on this request (RequestOutput.error says how)
-
-
 @dataclass
 class TokenLogprob:
     token_id: int
@@ -100,52 +103,21 @@ class TokenLogprob:
     top: list[tuple[int, float]]  # (token id, logprob), best first
 
 
-class Sequence:
-    """Prompt + generated tokens, how many are in the KV cache, and which pages hold them."""
+@dataclass
+class MultimodalInput:
+    """One image or video of a prompt: where its placeholders are and the tower's input."""
 
-    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 detokenizer: IncrementalDetokenizer,
-                 mm_inputs: tuple[MultimodalInput, ...] = ()):
-        self.request_id = request_id
-        self.params = params
-        self.token_ids = list(prompt_token_ids)
-        self.num_prompt_tokens = len(prompt_token_ids)
-        self.mm_inputs = mm_inputs  # images and videos, by placeholder span
-        self.mm_spans: tuple[MultimodalSpan, ...] = tuple(i.span for i in mm_inputs)
-        self.status = SequenceStatus.WAITING
-        self.finish_reason: FinishReason | None = None
-        self.num_computed_tokens = 0  # tokens whose K/V are in the cache
-        self.num_cached_tokens = 0  # of the prompt, served from the prefix cache
-        self.page_ids: list[int] = []
-        self.num_registered_pages = 0  # leading full pages already published to the prefix cache
-        self._page_hashes: list[str] = []
-        self.detokenizer = detokenizer
-        self.num_emitted_chars = 0  # text already handed to the caller
-        self.generator: torch.Generator | None = None  # per-request RNG when a seed is given
+    span: MultimodalSpan
+    pixel_values: np.ndarray | torch.Tensor  # [t * h * w patches, patch_dim]
+    grid_thw: tuple[int, int, int]
 
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
 
-    @property
-    def num_output_tokens(self) -> int:
-        return self.num_tokens - self.num_prompt_tokens
+@dataclass(frozen=True)
+class PageEvent:
+    """Published so that routers know which replica holds which prefix pages."""
 
-    @property
-    def is_finished(self) -> bool:
-        return self.status is SequenceStatus.FINISHED
+    kind: Literal["stored", "removed"]
+    hashes: tuple[str, ...]
 
-    def page_hashes(self, salt: str) -> list[str]:
-        """Chained hashes of the sequence's full pages, computed incrementally."""
-        full_pages = self.num_tokens // BLOCK_SIZE
-        if len(self._page_hashes) < full_pages:
-            self._page_hashes = chain_page_hashes(self.token_ids[: full_pages * BLOCK_SIZE], salt,
-                                                  self.mm_spans, known=self._page_hashes)
-        return self._page_hashes[:full_pages]
 
-    def reset_for_recompute(self) -> None:
-        """After preemption: everything is recomputed from the (prompt + output) tokens."""
-        self.status = SequenceStatus.WAITING
-        self.num_computed_tokens = 0
-        self.page_ids = []
-        self.num_registered_pages = 0
+PageEventListener = Callable[[PageEvent], None]

@@ -15,9 +15,15 @@ import torch
 from tqdm import tqdm
 
 from kernels import BLOCK_SIZE
-from worker.block_manager import BlockManager, PageEventListener, pages_for
 from worker.config import EngineConfig
-from worker.cuda_graphs import BATCH_BUCKETS, DecodeGraphs
+from worker.engine.block_manager import BlockManager, pages_for
+from worker.engine.cuda_graphs import BATCH_BUCKETS, DecodeGraphs
+from worker.engine.kv_cache import KVCache
+from worker.engine.model_runner import ModelRunner, StepResult
+from worker.engine.multimodal import VisionEncoder, validate_inputs
+from worker.engine.sampler import Sampler
+from worker.engine.scheduler import ScheduledBatch, Scheduler
+from worker.engine.sequence import FinishReason, Sequence, SequenceStatus
 from worker.errors import (
     CapacityError,
     EngineDeadError,
@@ -27,20 +33,9 @@ from worker.errors import (
     RequestFailedError,
     RequestNotFoundError,
 )
-from worker.kv_cache import KVCache
 from worker.loader import load_model
-from worker.model_runner import ModelRunner, StepResult
-from worker.multimodal import MultimodalInput, VisionEncoder, validate_inputs
-from worker.sampler import Sampler
-from worker.scheduler import ScheduledBatch, Scheduler
-from worker.sequence import (
-    FinishReason,
-    SamplingParams,
-    Sequence,
-    SequenceStatus,
-    TokenLogprob,
-)
 from worker.tokenizer import IncrementalDetokenizer
+from worker.wire import MultimodalInput, PageEventListener, SamplingParams, TokenLogprob
 
 logger = logging.getLogger(__name__)
 

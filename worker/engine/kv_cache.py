@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import BLOCK_SIZE, to_index_key_dtype
+from kernels import to_index_key_dtype
 from worker.config import ModelConfig
+from worker.wire import BLOCK_SIZE
 
 
 @dataclass

@@ -17,7 +17,6 @@ from the checkpoint's per-expert tensors by `checkpoint_target`, and run by
 
 from __future__ import annotations
 
-import functools
 import re
 
 import torch
@@ -25,53 +24,18 @@ from torch import nn
 
 import kernels
 from worker.config import ModelConfig
-from worker.kv_cache import AttentionMetadata, KVCache
-from worker.minimax_m3_vision import M3VisionTower
-from worker.model import PagedCausalLM, paged_attention, rms_normalize
+from worker.engine.kv_cache import AttentionMetadata, KVCache
+from worker.layers.attention import paged_attention
+from worker.layers.norms import GemmaRMSNorm
+from worker.layers.rotary import apply_partial_rope, rotary_tables
+from worker.models.base import PagedCausalLM
+from worker.models.minimax_m3_vision import M3VisionTower
 
 # The vision tower's and projectors' tensors (loaded into `visual`), and the multi-token
 # prediction head, which serving does not use (transformers skips it too).
 VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "patch_merge_mlp.")
 SKIPPED_PREFIXES = ("mtp.",)
 _EXPERT_RE = re.compile(r"(model\.layers\.\d+\.block_sparse_moe)\.experts\.(\d+)\.w([123])\.weight")
-
-
-class GemmaRMSNorm(nn.Module):
-    """Normalizes in fp32 and scales by `1 + weight` (weights are stored zero-centred)."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (rms_normalize(x, self.eps) * (1.0 + self.weight.float())).to(x.dtype)
-
-
-@functools.lru_cache(maxsize=8)
-def _inv_freq(rotary_dim: int, theta: float, device: torch.device) -> torch.Tensor:
-    return 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32,
-                                         device=device) / rotary_dim))
-
-
-def rotary_tables(positions: torch.Tensor, rotary_dim: int,
-                  theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin) [T, rotary_dim] fp32, each frequency twice (the rotate_half layout)."""
-    freqs = positions.float()[:, None] * _inv_freq(rotary_dim, theta, positions.device)
-    angles = torch.cat((freqs, freqs), dim=-1)
-    return angles.cos(), angles.sin()
-
-
-def apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotates the first cos.shape[-1] channels of x [T, heads, dim]; the rest pass through.
-    A head narrower than the tables (a small index head) takes the tables' leading columns,
-    as the reference does."""
-    width = min(cos.shape[-1], x.shape[-1])
-    cos, sin = cos[:, None, :width], sin[:, None, :width]
-    rotated, rest = x[..., :width].float(), x[..., width:]
-    first, second = rotated.chunk(2, dim=-1)
-    out = rotated * cos + torch.cat((-second, first), dim=-1) * sin
-    return torch.cat((out.to(x.dtype), rest), dim=-1)
 
 
 class M3Attention(nn.Module):

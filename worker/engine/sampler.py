@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from worker.sequence import Sequence, TokenLogprob
+from worker.engine.sequence import Sequence
+from worker.wire import TokenLogprob
 
 
 class Sampler:

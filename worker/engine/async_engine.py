@@ -18,10 +18,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from worker.engine import LLMEngine, RequestOutput
+from worker.engine.llm_engine import LLMEngine, RequestOutput
+from worker.engine.sequence import Sequence
 from worker.errors import EngineDeadError, RequestNotFoundError
-from worker.multimodal import MultimodalInput
-from worker.sequence import SamplingParams, Sequence
+from worker.wire import MultimodalInput, SamplingParams
 
 logger = logging.getLogger(__name__)
 

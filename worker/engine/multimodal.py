@@ -9,27 +9,16 @@ the same image in later requests (or in later chunks of one long video) is encod
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from worker.errors import InvalidRequestError
-from worker.minimax_m3_vision import M3VisionTower
-from worker.prefix_hash import MultimodalSpan
-from worker.vision import VisionTower
+from worker.models.minimax_m3_vision import M3VisionTower
+from worker.models.vision import VisionTower
+from worker.wire import MultimodalInput
 
 # Either tower takes (pixel_values, grid_thw) and carries its VisionConfig as `.config`.
 AnyVisionTower = VisionTower | M3VisionTower
-
-
-@dataclass
-class MultimodalInput:
-    """One image or video of a prompt: where its placeholders are and the tower's input."""
-
-    span: MultimodalSpan
-    pixel_values: np.ndarray | torch.Tensor  # [t * h * w patches, patch_dim]
-    grid_thw: tuple[int, int, int]
 
 
 def validate_inputs(items: tuple[MultimodalInput, ...], token_ids: list[int],
