@@ -40,8 +40,11 @@ class Preprocessor:
         self.accepts_video = info.config.m3 is None
         self.media = None
         if self.vision is not None:
-            geometry = VisionGeometry(self.vision.patch_size, self.vision.temporal_patch_size,
-                                      self.vision.spatial_merge_size)
+            vision = self.vision
+            geometry = VisionGeometry(vision.patch_size, vision.temporal_patch_size,
+                                      vision.spatial_merge_size, vision.image_mean,
+                                      vision.image_std, vision.image_min_pixels,
+                                      vision.image_max_pixels)
             self.media = MediaProcessor(app.preprocess.media, geometry)
 
     async def prepare_chat(self, messages: list[dict[str, Any]],

@@ -7,20 +7,21 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-# CLIP's normalization, which ViT-style towers (Qwen2-VL's included) are trained with.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from worker.config import CLIP_MEAN, CLIP_STD
 
 
 @dataclass(frozen=True)
 class VisionGeometry:
-    """How the model's vision tower cuts pixels into tokens (from its config.json)."""
+    """How the model's vision tower cuts pixels into tokens (from its config.json), and its
+    image processor's resize budget and normalization (from its preprocessor_config.json)."""
 
     patch_size: int  # pixels per patch side
     temporal_patch_size: int  # frames per patch (an image is repeated to fill it)
     merge_size: int  # merge_size x merge_size patches become one placeholder token
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
+    min_pixels: int = 56 * 56  # an image's resize budget, unless the operator sets one
+    max_pixels: int = 1280 * 28 * 28
 
     @property
     def factor(self) -> int:
@@ -47,8 +48,12 @@ class MediaConfig(BaseModel):
     max_input_bytes: int = Field(32 * 2**20, ge=1024, description="largest encoded item")
     max_image_pixels: int = Field(
         64_000_000, ge=1, description="largest decoded image (decompression-bomb limit)")
-    min_pixels: int = Field(56 * 56, ge=1, description="resize budget: fewest pixels per frame")
-    max_pixels: int = Field(1280 * 28 * 28, ge=1, description="resize budget: most per frame")
+    min_pixels: int | None = Field(
+        None, ge=1, description="resize budget: fewest pixels per image or frame; null = the "
+                                "model's image processor's (its preprocessor_config.json)")
+    max_pixels: int | None = Field(
+        None, ge=1, description="resize budget: most pixels per image; null = the model's "
+                                "image processor's")
     video_max_pixels: int = Field(
         256 * 28 * 28, ge=1, description="resize budget of one video frame (video is many "
                                          "frames: a smaller budget than an image's)")
@@ -62,10 +67,15 @@ class MediaConfig(BaseModel):
     max_items_per_request: int = Field(16, ge=1)
     workers: int = Field(2, ge=1, description="processes per replica for multi-item requests")
 
+    def image_budget(self, geometry: VisionGeometry) -> tuple[int, int]:
+        """(min, max) pixels of a resized image: the operator's where set, else the model's."""
+        return (self.min_pixels or geometry.min_pixels, self.max_pixels or geometry.max_pixels)
+
     @model_validator(mode="after")
     def _budget_in_order(self):
         for budget in ("max_pixels", "video_max_pixels"):
-            if self.min_pixels > getattr(self, budget):
+            if self.min_pixels and getattr(self, budget) and \
+                    self.min_pixels > getattr(self, budget):
                 raise ValueError(f"min_pixels ({self.min_pixels}) exceeds {budget} "
                                  f"({getattr(self, budget)})")
         return self

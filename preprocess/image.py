@@ -29,7 +29,7 @@ def image_frames(data: bytes, config: MediaConfig, geometry: VisionGeometry) -> 
             orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
             upright = (width, height) if orientation not in _TRANSPOSED else (height, width)
             target_h, target_w = fit_size(upright[1], upright[0], geometry.factor,
-                                          config.min_pixels, config.max_pixels)
+                                          *config.image_budget(geometry))
             # JPEG decodes straight to a smaller scale (1/2, 1/4, 1/8) that still covers the
             # target: a 1080p photo resized to ~1 MP never decodes all of its pixels.
             draft_size = (target_w, target_h) if orientation not in _TRANSPOSED \

@@ -107,6 +107,7 @@ def describe_safetensors_dir(path: Path) -> tuple[ModelInfo, list[Path]]:
         tokenizer.keep_in_text(markers)
     if config.m3 is not None and config.vision is not None:
         config = _with_m3_vision_markers(config, tokenizer, path)
+    config = _with_image_processor(config, path)
     info = ModelInfo(config, tokenizer, name=raw.get("_name_or_path") or path.name,
                      fingerprint=fingerprint(files, config_file.read_text()),
                      reasoning_markers=markers)
@@ -119,6 +120,28 @@ def _reasoning_markers(config: ModelConfig, tokenizer: Tokenizer) -> tuple[str, 
     if config.m3 is None or any(tokenizer.backend.token_to_id(m) is None for m in markers):
         return None
     return markers
+
+
+def _with_image_processor(config: ModelConfig, path: Path) -> ModelConfig:
+    """The resize budget and normalization of the checkpoint's image processor
+    (preprocessor_config.json: `size` {shortest_edge, longest_edge} in pixels, or the older
+    min_pixels / max_pixels; image_mean / image_std), over the family's defaults."""
+    file = path / "preprocessor_config.json"
+    if config.vision is None or not file.exists():
+        return config
+    try:
+        raw = json.loads(file.read_text())
+        size = raw.get("size") or {}
+        settings = {
+            "image_min_pixels": raw.get("min_pixels") or size.get("shortest_edge"),
+            "image_max_pixels": raw.get("max_pixels") or size.get("longest_edge"),
+            "image_mean": tuple(raw["image_mean"]) if "image_mean" in raw else None,
+            "image_std": tuple(raw["image_std"]) if "image_std" in raw else None,
+        }
+    except (json.JSONDecodeError, AttributeError, TypeError) as exc:
+        raise ModelLoadError(f"{file} is not an image processor config: {exc}") from exc
+    settings = {k: v for k, v in settings.items() if v is not None}
+    return dataclasses.replace(config, vision=dataclasses.replace(config.vision, **settings))
 
 
 def _with_m3_vision_markers(config: ModelConfig, tokenizer: Tokenizer,

@@ -54,6 +54,14 @@ M3_ATTENTION_TYPES = {"full_attention": "dense", "minimax_m3_sparse": "msa"}
 M3_MLP_TYPES = ("dense", "sparse")
 
 
+# CLIP's normalization, which ViT-style towers (Qwen2-VL's, M3's) are trained with.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# transformers' MiniMaxM3VLImageProcessor budget (size shortest_edge / longest_edge).
+M3_IMAGE_MIN_PIXELS = 4 * 28 * 28
+M3_IMAGE_MAX_PIXELS = 451584
+
+
 @dataclass(frozen=True)
 class MSAConfig:
     """How attention is made sparse.
@@ -82,10 +90,9 @@ class MSAConfig:
 
 @dataclass(frozen=True)
 class VisionConfig:
-    """A ViT-style vision tower in the Qwen2-VL layout (`visual.*` weights): linear patch
-    embedding, 2D rotary positions, pre-norm blocks, a merger of merge x merge patches into one
-    token of the text model's width. MiniMax-M3's vision config is not public; this follows the
-    public layout closest to it."""
+    """A ViT-style vision tower: the Qwen2-VL layout (`visual.*` weights) or MiniMax-M3's
+    (`vision_tower.*`), and what its image processor does before it (the resize budget and
+    normalization, from the checkpoint's preprocessor_config.json where it has one)."""
 
     hidden_size: int
     depth: int
@@ -105,6 +112,11 @@ class VisionConfig:
     # MiniMax-M3's tower: the projector's hidden width and the axial rotary base.
     projector_hidden_size: int = 0
     rope_theta: float = 10000.0
+    # The image processor: pixels per resized image and the normalization.
+    image_min_pixels: int = 56 * 56
+    image_max_pixels: int = 1280 * 28 * 28
+    image_mean: tuple[float, float, float] = CLIP_MEAN
+    image_std: tuple[float, float, float] = CLIP_STD
 
     @property
     def patch_dim(self) -> int:
@@ -295,6 +307,7 @@ class ModelConfig:
                 spatial_merge_size=tower["spatial_merge_size"], in_channels=tower["num_channels"],
                 layer_norm_eps=tower["layer_norm_eps"],
                 projector_hidden_size=raw.get("projector_hidden_size", 6144),
+                image_min_pixels=M3_IMAGE_MIN_PIXELS, image_max_pixels=M3_IMAGE_MAX_PIXELS,
                 rope_theta=float((tower.get("rope_parameters") or {}).get("rope_theta", 10000.0)))
         try:
             return cls(

@@ -16,6 +16,10 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from worker.config import (
+    CLIP_MEAN,
+    CLIP_STD,
+    M3_IMAGE_MAX_PIXELS,
+    M3_IMAGE_MIN_PIXELS,
     M3_IMAGE_TOKEN,
     M3_MODEL_TYPE,
     M3_THINK_END,
@@ -43,6 +47,13 @@ VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video
 # them in decoded text for the reasoning parser).
 M3_SPECIAL_TOKENS = (M3_VISION_START_TOKEN, M3_VISION_END_TOKEN, M3_IMAGE_TOKEN, M3_VIDEO_TOKEN,
                      M3_THINK_START, M3_THINK_END)
+# transformers' MiniMaxM3VLImageProcessor settings, as the released checkpoint ships them.
+M3_IMAGE_PROCESSOR = {
+    "image_processor_type": "MiniMaxM3VLImageProcessor",
+    "size": {"shortest_edge": M3_IMAGE_MIN_PIXELS, "longest_edge": M3_IMAGE_MAX_PIXELS},
+    "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+    "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
+}
 # ChatML whose generation prompt opens M3's reasoning unless `thinking_mode` is "disabled".
 M3_CHAT_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
@@ -211,6 +222,7 @@ def make_m3_checkpoint(path: str | Path, seed: int = 0, topk: int = 3,
     raw.update(image_token_index=tokenizer.token_to_id(M3_IMAGE_TOKEN),
                video_token_index=tokenizer.token_to_id(M3_VIDEO_TOKEN))
     (path / "config.json").write_text(json.dumps(raw, indent=2))
+    (path / "preprocessor_config.json").write_text(json.dumps(M3_IMAGE_PROCESSOR, indent=2))
     filler = WeightFiller(ModelConfig.from_hf_dict(raw), path, torch.float32,
                           torch.device("cpu"))
     filler.fill_random(seed)
