@@ -36,7 +36,9 @@ from preprocess.resize import fit_size  # noqa: E402
 from preprocess.sources import data_url  # noqa: E402
 
 GEOMETRY = VisionGeometry(patch_size=14, temporal_patch_size=2, merge_size=2)
-CONFIG = MediaConfig()
+# The budgets spelled out (the defaults defer to a model's processor config).
+CONFIG = MediaConfig(min_pixels=56 * 56, max_pixels=1280 * 28 * 28,
+                     video_max_pixels=256 * 28 * 28, video_fps=2.0)
 
 
 def synthetic_picture(width: int, height: int, seed: int) -> np.ndarray:

@@ -11,6 +11,7 @@ Decoding never runs on the replica's event loop (a thread for one item, processe
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from ray import serve
@@ -20,7 +21,7 @@ from deployments.protocol import PreparedPrompt
 from preprocess import MediaError, MediaProcessor, ProcessedMedia, VisionGeometry
 from preprocess.processor import MediaPart, media_part
 from worker.checkpoint import inspect_model
-from worker.config import VisionConfig
+from worker.config import M3_VIDEO_TIMESTAMP, VisionConfig
 from worker.errors import InvalidRequestError
 from worker.wire import MultimodalInput, MultimodalSpan
 
@@ -35,16 +36,14 @@ class Preprocessor:
         self.model_name = info.name
         self.reasoning_markers = info.reasoning_markers
         self.vision = info.config.vision
-        # MiniMax-M3 brackets every video frame group with its own markers and a timestamp,
-        # and its tower attends over segments of frames: not built yet, so videos are refused.
-        self.accepts_video = info.config.m3 is None
         self.media = None
         if self.vision is not None:
             vision = self.vision
             geometry = VisionGeometry(vision.patch_size, vision.temporal_patch_size,
                                       vision.spatial_merge_size, vision.image_mean,
                                       vision.image_std, vision.image_min_pixels,
-                                      vision.image_max_pixels)
+                                      vision.image_max_pixels, vision.video_fps,
+                                      vision.video_max_pixels)
             self.media = MediaProcessor(app.preprocess.media, geometry)
 
     async def prepare_chat(self, messages: list[dict[str, Any]],
@@ -55,9 +54,6 @@ class Preprocessor:
         if parts and self.media is None:
             raise InvalidRequestError(f"{self.model_name} has no vision tower; send text parts "
                                       f"only")
-        if not self.accepts_video and any(p.kind == "video" for p in parts):
-            raise MediaError(f"{self.model_name}: video input for MiniMax-M3 models is not "
-                             f"served yet; send images or text")
         # Templating and tokenizing a long prompt take CPU seconds: never on the event loop.
         text = await asyncio.to_thread(self.tokenizer.apply_chat_template, texts, True,
                                        template_kwargs)
@@ -67,7 +63,9 @@ class Preprocessor:
         mm_inputs: list[MultimodalInput] = []
         if parts:
             items = await self.media.process(parts)
-            token_ids, mm_inputs = expand_placeholders(token_ids, items, self.vision)
+            token_ids, mm_inputs = expand_placeholders(
+                token_ids, items, self.vision,
+                lambda text: self.tokenizer.encode(text, add_special_tokens=False))
         return PreparedPrompt.from_token_ids(token_ids, self.salt, mm_inputs, opens_reasoning)
 
     async def prepare_text(self, prompt: str) -> PreparedPrompt:
@@ -92,6 +90,9 @@ class Preprocessor:
 
     def _placeholder_text(self, part: MediaPart) -> str:
         vision = self.vision
+        if part.kind == "video" and vision.video_frame_timestamps:
+            # M3 wraps each frame in markers of its own: expand_placeholders writes them.
+            return self.tokenizer.backend.id_to_token(vision.video_token_id)
         ids = [vision.vision_start_token_id,
                vision.image_token_id if part.kind == "image" else vision.video_token_id,
                vision.vision_end_token_id]
@@ -102,10 +103,11 @@ class Preprocessor:
             self.media.close()
 
 
-def expand_placeholders(token_ids: list[int], items: list[ProcessedMedia],
-                        vision: VisionConfig) -> tuple[list[int], list[MultimodalInput]]:
-    """Each item's single placeholder token becomes num_tokens copies; returns the new ids and
-    the items with their spans."""
+def expand_placeholders(token_ids: list[int], items: list[ProcessedMedia], vision: VisionConfig,
+                        encode: Callable[[str], list[int]]) -> tuple[list[int],
+                                                                      list[MultimodalInput]]:
+    """Each item's single placeholder token becomes num_tokens copies (an M3 video: its frames'
+    timestamped, marked runs); returns the new ids and the tower inputs with their spans."""
     pad_ids = {"image": vision.image_token_id, "video": vision.video_token_id}
     found = [i for i, t in enumerate(token_ids) if t in pad_ids.values()]
     if len(found) != len(items):
@@ -118,8 +120,39 @@ def expand_placeholders(token_ids: list[int], items: list[ProcessedMedia],
         if token_ids[position] != pad_ids[item.kind]:
             raise MediaError("the prompt text holds placeholder tokens of its own; remove them")
         expanded += token_ids[start:position]
-        span = MultimodalSpan(len(expanded), item.num_tokens, item.content_hash)
-        expanded += [token_ids[position]] * item.num_tokens
-        mm_inputs.append(MultimodalInput(span, item.pixel_values, item.grid_thw))
+        if item.kind == "video" and vision.video_frame_timestamps:
+            mm_inputs += _timestamped_video(item, expanded, vision, encode)
+        else:
+            span = MultimodalSpan(len(expanded), item.num_tokens, item.content_hash)
+            expanded += [token_ids[position]] * item.num_tokens
+            mm_inputs.append(MultimodalInput((span,), item.pixel_values, item.grid_thw))
         start = position + 1
     return expanded + token_ids[start:], mm_inputs
+
+
+def _timestamped_video(item: ProcessedMedia, expanded: list[int], vision: VisionConfig,
+                       encode: Callable[[str], list[int]]) -> list[MultimodalInput]:
+    """MiniMax-M3's video layout, appended to `expanded`: for every temporal patch, its first
+    frame's time as `]<]{seconds} seconds[>[`, then its tokens between the image markers. The
+    tower sees segments of at most `video_segment_frames` temporal patches (one input each, its
+    spans the frames' runs in order), as transformers' processor splits `video_grid_thw`."""
+    t, h, w = item.grid_thw
+    frame_tokens = h * w // vision.spatial_merge_size ** 2
+    segment = vision.video_segment_frames or t
+    inputs = []
+    for first in range(0, t, segment):
+        frames = range(first, min(t, first + segment))
+        spans = []
+        for frame in frames:
+            seconds = item.frame_times[min(frame * vision.temporal_patch_size,
+                                           len(item.frame_times) - 1)]
+            expanded += encode(M3_VIDEO_TIMESTAMP.format(seconds))
+            expanded.append(vision.vision_start_token_id)
+            spans.append(MultimodalSpan(len(expanded), frame_tokens,
+                                        f"{item.content_hash}:{first}"))
+            expanded += [vision.video_token_id] * frame_tokens
+            expanded.append(vision.vision_end_token_id)
+        rows = slice(first * h * w, frames.stop * h * w)
+        inputs.append(MultimodalInput(tuple(spans), item.pixel_values[rows],
+                                      (len(frames), h, w)))
+    return inputs

@@ -29,7 +29,7 @@ class PreparedPrompt:
             raise InvalidRequestError("the prompt is empty")
         # Only pages before the last prompt token can come from the cache (BlockManager's rule).
         matchable = (len(token_ids) - 1) // BLOCK_SIZE * BLOCK_SIZE
-        spans = [item.span for item in mm_inputs]
+        spans = [span for item in mm_inputs for span in item.spans]
         return cls(token_ids, chain_page_hashes(token_ids[:matchable], salt, spans),
                    list(mm_inputs), opens_reasoning)
 

@@ -22,6 +22,8 @@ class VisionGeometry:
     std: tuple[float, float, float] = CLIP_STD
     min_pixels: int = 56 * 56  # an image's resize budget, unless the operator sets one
     max_pixels: int = 1280 * 28 * 28
+    video_fps: float = 2.0  # frames sampled per second, unless the operator sets a rate
+    video_max_pixels: int = 256 * 28 * 28  # a video frame's budget, likewise
 
     @property
     def factor(self) -> int:
@@ -54,10 +56,12 @@ class MediaConfig(BaseModel):
     max_pixels: int | None = Field(
         None, ge=1, description="resize budget: most pixels per image; null = the model's "
                                 "image processor's")
-    video_max_pixels: int = Field(
-        256 * 28 * 28, ge=1, description="resize budget of one video frame (video is many "
-                                         "frames: a smaller budget than an image's)")
-    video_fps: float = Field(2.0, gt=0, description="frames sampled per second of video")
+    video_max_pixels: int | None = Field(
+        None, ge=1, description="resize budget of one video frame (video is many frames: a "
+                                "smaller budget than an image's); null = the model's video "
+                                "processor's")
+    video_fps: float | None = Field(None, gt=0, description="frames sampled per second of "
+                                                            "video; null = the model's")
     max_video_frames: int = Field(64, ge=1, description="most frames sampled from one video")
     max_video_frame_size: int = Field(3840 * 2160, ge=1,
                                       description="largest decoded video frame, in pixels")
@@ -70,6 +74,13 @@ class MediaConfig(BaseModel):
     def image_budget(self, geometry: VisionGeometry) -> tuple[int, int]:
         """(min, max) pixels of a resized image: the operator's where set, else the model's."""
         return (self.min_pixels or geometry.min_pixels, self.max_pixels or geometry.max_pixels)
+
+    def video_budget(self, geometry: VisionGeometry) -> tuple[int, int]:
+        """(min, max) pixels of a resized video frame."""
+        return (self.image_budget(geometry)[0], self.video_max_pixels or geometry.video_max_pixels)
+
+    def frame_rate(self, geometry: VisionGeometry) -> float:
+        return self.video_fps or geometry.video_fps
 
     @model_validator(mode="after")
     def _budget_in_order(self):

@@ -52,8 +52,8 @@ def video_frames(data: bytes, config: MediaConfig,
             raise MediaError(f"the video is {width}x{height}; this server takes frames of at "
                              f"most {config.max_video_frame_size} pixels")
         target_h, target_w = fit_size(height, width, geometry.factor,
-                                      config.image_budget(geometry)[0], config.video_max_pixels)
-        times = sample_times(_duration(container, stream), config.video_fps,
+                                      *config.video_budget(geometry))
+        times = sample_times(_duration(container, stream), config.frame_rate(geometry),
                              config.max_video_frames)
         stream.codec_context.skip_frame = "NONREF"
         try:

@@ -123,14 +123,15 @@ def _reasoning_markers(config: ModelConfig, tokenizer: Tokenizer) -> tuple[str, 
 
 
 def _with_image_processor(config: ModelConfig, path: Path) -> ModelConfig:
-    """The resize budget and normalization of the checkpoint's image processor
-    (preprocessor_config.json: `size` {shortest_edge, longest_edge} in pixels, or the older
-    min_pixels / max_pixels; image_mean / image_std), over the family's defaults."""
+    """The settings of the checkpoint's image processor (preprocessor_config.json: `size`
+    {shortest_edge, longest_edge} in pixels, or the older min_pixels / max_pixels; image_mean /
+    image_std) and video processor (video_preprocessor_config.json: fps, max_pixels,
+    vision_segment_max_frames), over the family's defaults."""
     file = path / "preprocessor_config.json"
-    if config.vision is None or not file.exists():
+    if config.vision is None:
         return config
     try:
-        raw = json.loads(file.read_text())
+        raw = json.loads(file.read_text()) if file.exists() else {}
         size = raw.get("size") or {}
         settings = {
             "image_min_pixels": raw.get("min_pixels") or size.get("shortest_edge"),
@@ -140,6 +141,14 @@ def _with_image_processor(config: ModelConfig, path: Path) -> ModelConfig:
         }
     except (json.JSONDecodeError, AttributeError, TypeError) as exc:
         raise ModelLoadError(f"{file} is not an image processor config: {exc}") from exc
+    video_file = path / "video_preprocessor_config.json"
+    try:
+        video = json.loads(video_file.read_text()) if video_file.exists() else {}
+        settings.update(video_fps=video.get("fps"), video_max_pixels=video.get("max_pixels"))
+        if "vision_segment_max_frames" in video:
+            settings["video_segment_frames"] = video["vision_segment_max_frames"] or 0
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise ModelLoadError(f"{video_file} is not a video processor config: {exc}") from exc
     settings = {k: v for k, v in settings.items() if v is not None}
     return dataclasses.replace(config, vision=dataclasses.replace(config.vision, **settings))
 

@@ -60,6 +60,11 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # transformers' MiniMaxM3VLImageProcessor budget (size shortest_edge / longest_edge).
 M3_IMAGE_MIN_PIXELS = 4 * 28 * 28
 M3_IMAGE_MAX_PIXELS = 451584
+# ... and its MiniMaxM3VLVideoProcessor defaults.
+M3_VIDEO_FPS = 1.0
+M3_VIDEO_MAX_PIXELS = 768 * 28 * 28
+M3_VIDEO_SEGMENT_FRAMES = 4
+M3_VIDEO_TIMESTAMP = "]<]{:.1f} seconds[>["
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,14 @@ class VisionConfig:
     image_max_pixels: int = 1280 * 28 * 28
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
+    # The video processor: frames sampled per second and pixels per resized frame.
+    video_fps: float = 2.0
+    video_max_pixels: int = 256 * 28 * 28
+    # MiniMax-M3's video layout: every temporal patch's tokens between the start and end
+    # markers after a `]<]{seconds} seconds[>[` timestamp, and the tower run on segments of at
+    # most this many temporal patches (0: a video is one segment, Qwen2-VL's layout).
+    video_frame_timestamps: bool = False
+    video_segment_frames: int = 0
 
     @property
     def patch_dim(self) -> int:
@@ -308,6 +321,8 @@ class ModelConfig:
                 layer_norm_eps=tower["layer_norm_eps"],
                 projector_hidden_size=raw.get("projector_hidden_size", 6144),
                 image_min_pixels=M3_IMAGE_MIN_PIXELS, image_max_pixels=M3_IMAGE_MAX_PIXELS,
+                video_fps=M3_VIDEO_FPS, video_max_pixels=M3_VIDEO_MAX_PIXELS,
+                video_frame_timestamps=True, video_segment_frames=M3_VIDEO_SEGMENT_FRAMES,
                 rope_theta=float((tower.get("rope_parameters") or {}).get("rope_theta", 10000.0)))
         try:
             return cls(

@@ -105,11 +105,21 @@ class TokenLogprob:
 
 @dataclass
 class MultimodalInput:
-    """One image or video of a prompt: where its placeholders are and the tower's input."""
+    """One vision-tower input of a prompt (an image, a video, or one segment of a video) and
+    where its embedding rows go: one span, or several filled in order (MiniMax-M3 puts each
+    video frame's tokens between markers of their own, after its timestamp)."""
 
-    span: MultimodalSpan
+    spans: tuple[MultimodalSpan, ...]
     pixel_values: np.ndarray | torch.Tensor  # [t * h * w patches, patch_dim]
     grid_thw: tuple[int, int, int]
+
+    @property
+    def content_hash(self) -> str:
+        return self.spans[0].content_hash
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(span.length for span in self.spans)
 
 
 @dataclass(frozen=True)

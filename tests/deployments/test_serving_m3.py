@@ -93,10 +93,19 @@ def test_image_chat(client):
     assert with_image.usage.completion_tokens == 4
 
 
-def test_video_is_refused_with_a_reason(client):
+def test_video_chat(client):
+    """A 2 s clip sampled at M3's 1 fps: 2 frames, one temporal patch of 64x48 -> 56x56 pixels
+    (4 tokens), laid out as `]<]0.0 seconds[>[` + start marker + 4 tokens + end marker."""
     video = {"type": "video_url", "video_url": {"url": data_url(encode_video(8, fps=4),
                                                                 "video/mp4")}}
-    with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model="tiny-m3", max_tokens=2,
-                                       messages=[{"role": "user", "content": [video]}])
-    assert "video input for MiniMax-M3" in err.value.message
+    text = {"type": "text", "text": "What happens?"}
+    with_video = client.chat.completions.create(
+        model="tiny-m3", max_tokens=3, temperature=0, extra_body={"ignore_eos": True},
+        messages=[{"role": "user", "content": [text, video]}])
+    text_only = client.chat.completions.create(
+        model="tiny-m3", max_tokens=3, temperature=0, extra_body={"ignore_eos": True},
+        messages=[{"role": "user", "content": [text]}])
+    timestamp_tokens = len("]<]0.0 seconds[>[")  # byte-level tokenizer: a token a byte
+    assert with_video.usage.prompt_tokens - text_only.usage.prompt_tokens == \
+        timestamp_tokens + 2 + 4
+    assert with_video.usage.completion_tokens == 3

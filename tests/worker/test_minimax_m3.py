@@ -187,7 +187,7 @@ def test_image_in_the_prompt_matches_transformers(m3_dir, reference):
     before, after = prompt(300, seed=2), prompt(150, seed=3)
     ids = (before + [vision.vision_start_token_id] + [vision.image_token_id] * 6
            + [vision.vision_end_token_id] + after)
-    item = MultimodalInput(MultimodalSpan(len(before) + 1, 6, "image-0"), pixels.numpy(), grid)
+    item = MultimodalInput((MultimodalSpan(len(before) + 1, 6, "image-0"),), pixels.numpy(), grid)
     captured = capture_logits(engine)
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     engine.add_sequence(engine.make_sequence(ids, params, mm_inputs=(item,)))
@@ -223,3 +223,40 @@ def test_dummy_load_format_runs_a_config_without_weights(m3_dir, tmp_path):
     weights = first.runner.model.state_dict()
     moe = next(w for name, w in weights.items() if name.endswith("block_sparse_moe.w13"))
     assert moe.std() > 0.01  # really filled, not left empty
+
+
+def test_video_in_the_prompt_matches_transformers(m3_dir, reference):
+    """A 12-frame video laid out as M3's processor lays it out (each temporal patch's tokens
+    between markers after its timestamp; the tower on segments of at most 4 temporal patches,
+    here 4 + 2) and prefilled in chunks: every step's logits match transformers' given the same
+    pixel_values_videos and the segments' video_grid_thw."""
+    from deployments.preprocessor import expand_placeholders
+    from preprocess import ProcessedMedia
+
+    engine = LLMEngine(EngineConfig(model=str(m3_dir), device="cpu", dtype="float32",
+                                    kv_cache_memory="8MiB", max_num_batched_tokens=200,
+                                    debug_checks=True))
+    vision = engine.model_config.vision
+    assert vision.video_frame_timestamps and vision.video_segment_frames == 4
+    grid = (6, 4, 6)
+    pixels = torch.randn(6 * 24, vision.patch_dim, generator=torch.Generator().manual_seed(1))
+    video = ProcessedMedia("video", pixels.numpy(), grid, 6 * 6, "video-0",
+                           frame_times=tuple(i * 0.5 for i in range(12)))
+    before, after = prompt(300, seed=4), prompt(120, seed=5)
+    ids, items = expand_placeholders(before + [vision.video_token_id] + after, [video], vision,
+                                     lambda text: engine.tokenizer.encode(text))
+    assert [item.grid_thw for item in items] == [(4, 4, 6), (2, 4, 6)]
+    assert engine.tokenizer.decode(ids[300:320]).startswith("]<]0.0 seconds[>[")
+    captured = capture_logits(engine)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    engine.add_sequence(engine.make_sequence(ids, params, mm_inputs=tuple(items)))
+    generated = []
+    while engine.has_unfinished_requests:
+        generated += [t for out in engine.step() for t in out.new_token_ids]
+    with torch.inference_mode():
+        ref = reference(input_ids=torch.tensor([ids + generated[:-1]]),
+                        pixel_values_videos=pixels,
+                        video_grid_thw=torch.tensor([[4, 4, 6], [2, 4, 6]])).logits[0].float()
+    ours = torch.cat(captured)
+    assert (ours - ref[len(ids) - 1:]).abs().max().item() < 1e-3
+    assert engine.runner.vision.items_encoded == 2

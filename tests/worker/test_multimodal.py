@@ -38,13 +38,13 @@ def image_item(engine: LLMEngine, color, offset: int) -> tuple[MultimodalInput, 
     data = encode_image(Image.fromarray(pixels), "PNG")
     media = process_part(MediaPart("image", data_url(data, "image/png")), MEDIA, geometry)
     span = MultimodalSpan(offset, media.num_tokens, media.content_hash)
-    return MultimodalInput(span, media.pixel_values, media.grid_thw), vision.image_token_id
+    return MultimodalInput((span,), media.pixel_values, media.grid_thw), vision.image_token_id
 
 
 def image_prompt(engine, color, before: int = 300, after: int = 40, seed: int = 1):
     """random text, an image's placeholders, more text; the image spans pages 2 and 3."""
     item, pad = image_item(engine, color, before)
-    tokens = (random_prompt(before, seed) + [pad] * item.span.length
+    tokens = (random_prompt(before, seed) + [pad] * item.num_tokens
               + random_prompt(after, seed + 1))
     return tokens, (item,)
 
@@ -62,7 +62,7 @@ def test_image_embeddings_steer_generation(make_engine):
     engine = make_engine()
     tokens, red = image_prompt(engine, (255, 0, 0))
     _, blue = image_prompt(engine, (0, 0, 255))
-    assert red[0].span.length == 24
+    assert red[0].num_tokens == 24
     with_red, _ = run(engine, tokens, red)
     with_blue, _ = run(engine, tokens, blue)
     text_only = engine.generate([[t if t < 259 else 32 for t in tokens]], GREEDY,
@@ -104,11 +104,11 @@ def test_bad_multimodal_requests_are_refused(make_engine, make_tiny_engine):
     cases = {
         "no vision tower": (make_tiny_engine(), [t if t < 259 else 32 for t in tokens], red),
         "span length": (engine, tokens, (MultimodalInput(
-            MultimodalSpan(300, 20, "x"), item.pixel_values, item.grid_thw),)),
+            (MultimodalSpan(300, 20, "x"),), item.pixel_values, item.grid_thw),)),
         "pixel shape": (engine, tokens, (MultimodalInput(
-            item.span, item.pixel_values[:10], item.grid_thw),)),
+            item.spans, item.pixel_values[:10], item.grid_thw),)),
         "span over text": (engine, tokens, (MultimodalInput(
-            MultimodalSpan(10, 24, "x"), item.pixel_values, item.grid_thw),)),
+            (MultimodalSpan(10, 24, "x"),), item.pixel_values, item.grid_thw),)),
         "orphan placeholders": (engine, tokens + [pad] * 3, red),
     }
     messages = {"no vision tower": "has no vision tower", "span length": "fills 24 tokens",

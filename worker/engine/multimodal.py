@@ -30,23 +30,23 @@ def validate_inputs(items: tuple[MultimodalInput, ...], token_ids: list[int],
         raise InvalidRequestError(f"{model_name} has no vision tower; send text only")
     config = tower.config
     placeholders = config.placeholder_token_ids
-    covered = 0
-    end = 0
-    for item in sorted(items, key=lambda i: i.span.offset):
-        span = item.span
+    merge = config.spatial_merge_size
+    for item in items:
         t, h, w = item.grid_thw
-        merge = config.spatial_merge_size
         if min(t, h, w) < 1 or h % merge or w % merge:
             raise InvalidRequestError(f"grid {item.grid_thw} is not whole {merge}x{merge} windows")
         if tuple(item.pixel_values.shape) != (t * h * w, config.patch_dim):
             raise InvalidRequestError(
                 f"pixel_values of shape {tuple(item.pixel_values.shape)} do not match grid "
                 f"{item.grid_thw} (expected [{t * h * w}, {config.patch_dim}])")
-        if span.length != t * h * w // merge ** 2:
+        if not item.spans or item.num_tokens != t * h * w // merge ** 2:
             raise InvalidRequestError(f"an item of grid {item.grid_thw} fills "
-                                      f"{t * h * w // merge ** 2} tokens, not {span.length}")
-        if span.offset < end or span.offset + span.length > len(token_ids):
-            raise InvalidRequestError("multimodal spans overlap or run past the prompt")
+                                      f"{t * h * w // merge ** 2} tokens, not {item.num_tokens}")
+    covered = 0
+    end = 0
+    for span in sorted((s for i in items for s in i.spans), key=lambda s: s.offset):
+        if span.length < 1 or span.offset < end or span.offset + span.length > len(token_ids):
+            raise InvalidRequestError("multimodal spans are empty, overlap or run past the prompt")
         tokens = set(token_ids[span.offset:span.offset + span.length])
         if len(tokens) != 1 or tokens.pop() not in placeholders:
             raise InvalidRequestError("a multimodal span must cover placeholder tokens only")
@@ -68,7 +68,7 @@ class VisionEncoder:
 
     @torch.inference_mode()
     def embeddings(self, item: MultimodalInput) -> torch.Tensor:
-        key = item.span.content_hash
+        key = item.content_hash
         hit = self._cache.get(key)
         if hit is not None:
             self._cache.move_to_end(key)
@@ -92,9 +92,13 @@ class VisionEncoder:
         sequence whose token `start` sits at packed row `first_row`."""
         rows, embeds = [], []
         for item in items:
-            lo = max(start, item.span.offset)
-            hi = min(end, item.span.offset + item.span.length)
-            if lo < hi:
-                rows.extend(range(first_row + lo - start, first_row + hi - start))
-                embeds.append(self.embeddings(item)[lo - item.span.offset:hi - item.span.offset])
+            item_row = 0  # the item's embedding rows fill its spans in order
+            for span in item.spans:
+                lo = max(start, span.offset)
+                hi = min(end, span.offset + span.length)
+                if lo < hi:
+                    rows.extend(range(first_row + lo - start, first_row + hi - start))
+                    first = item_row + lo - span.offset
+                    embeds.append(self.embeddings(item)[first:first + hi - lo])
+                item_row += span.length
         return rows, embeds

@@ -36,7 +36,7 @@ class Sequence:
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.mm_inputs = mm_inputs  # images and videos, by placeholder span
-        self.mm_spans: tuple[MultimodalSpan, ...] = tuple(i.span for i in mm_inputs)
+        self.mm_spans: tuple[MultimodalSpan, ...] = tuple(s for i in mm_inputs for s in i.spans)
         self.status = SequenceStatus.WAITING
         self.finish_reason: FinishReason | None = None
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
