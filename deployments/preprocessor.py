@@ -38,13 +38,8 @@ class Preprocessor:
         self.vision = info.config.vision
         self.media = None
         if self.vision is not None:
-            vision = self.vision
-            geometry = VisionGeometry(vision.patch_size, vision.temporal_patch_size,
-                                      vision.spatial_merge_size, vision.image_mean,
-                                      vision.image_std, vision.image_min_pixels,
-                                      vision.image_max_pixels, vision.video_fps,
-                                      vision.video_max_pixels)
-            self.media = MediaProcessor(app.preprocess.media, geometry)
+            self.media = MediaProcessor(app.preprocess.media,
+                                        VisionGeometry.for_model(self.vision))
 
     async def prepare_chat(self, messages: list[dict[str, Any]],
                            template_kwargs: dict[str, Any] | None = None) -> PreparedPrompt:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from worker.config import CLIP_MEAN, CLIP_STD
+from worker.config import CLIP_MEAN, CLIP_STD, VisionConfig
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,13 @@ class VisionGeometry:
     max_pixels: int = 1280 * 28 * 28
     video_fps: float = 2.0  # frames sampled per second, unless the operator sets a rate
     video_max_pixels: int = 256 * 28 * 28  # a video frame's budget, likewise
+
+    @classmethod
+    def for_model(cls, vision: VisionConfig) -> VisionGeometry:
+        """The geometry and processor settings of a checkpoint's vision config."""
+        return cls(vision.patch_size, vision.temporal_patch_size, vision.spatial_merge_size,
+                   vision.image_mean, vision.image_std, vision.image_min_pixels,
+                   vision.image_max_pixels, vision.video_fps, vision.video_max_pixels)
 
     @property
     def factor(self) -> int:

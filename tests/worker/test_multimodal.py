@@ -31,8 +31,7 @@ def make_engine(vision_model_dir):
 
 def image_item(engine: LLMEngine, color, offset: int) -> tuple[MultimodalInput, int]:
     vision = engine.model_config.vision
-    geometry = VisionGeometry(vision.patch_size, vision.temporal_patch_size,
-                              vision.spatial_merge_size)
+    geometry = VisionGeometry.for_model(vision)
     pixels = np.zeros((IMAGE_SIZE[1], IMAGE_SIZE[0], 3), dtype=np.uint8)
     pixels[:, : IMAGE_SIZE[0] // 2] = color  # half colored: patches differ across the image
     data = encode_image(Image.fromarray(pixels), "PNG")
