@@ -24,6 +24,9 @@ from worker.config import (
     M3_MODEL_TYPE,
     M3_THINK_END,
     M3_THINK_START,
+    M3_VIDEO_FPS,
+    M3_VIDEO_MAX_PIXELS,
+    M3_VIDEO_SEGMENT_FRAMES,
     M3_VIDEO_TOKEN,
     M3_VISION_END_TOKEN,
     M3_VISION_START_TOKEN,
@@ -53,6 +56,12 @@ M3_IMAGE_PROCESSOR = {
     "size": {"shortest_edge": M3_IMAGE_MIN_PIXELS, "longest_edge": M3_IMAGE_MAX_PIXELS},
     "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
     "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
+}
+M3_VIDEO_PROCESSOR = {
+    "video_processor_type": "MiniMaxM3VLVideoProcessor", "fps": M3_VIDEO_FPS,
+    "min_pixels": M3_IMAGE_MIN_PIXELS, "max_pixels": M3_VIDEO_MAX_PIXELS,
+    "vision_segment_max_frames": M3_VIDEO_SEGMENT_FRAMES,
+    "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
 }
 # ChatML whose generation prompt opens M3's reasoning unless `thinking_mode` is "disabled".
 M3_CHAT_TEMPLATE = (
@@ -223,6 +232,7 @@ def make_m3_checkpoint(path: str | Path, seed: int = 0, topk: int = 3,
                video_token_index=tokenizer.token_to_id(M3_VIDEO_TOKEN))
     (path / "config.json").write_text(json.dumps(raw, indent=2))
     (path / "preprocessor_config.json").write_text(json.dumps(M3_IMAGE_PROCESSOR, indent=2))
+    (path / "video_preprocessor_config.json").write_text(json.dumps(M3_VIDEO_PROCESSOR, indent=2))
     filler = WeightFiller(ModelConfig.from_hf_dict(raw), path, torch.float32,
                           torch.device("cpu"))
     filler.fill_random(seed)
