@@ -5,9 +5,30 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch import nn
 
 import kernels
+from worker.config import ModelConfig
 from worker.engine.kv_cache import AttentionMetadata, KVCache
+
+
+class GQAProjections(nn.Module):
+    """A GQA attention layer's shape and its q/k/v/o projections (no biases); each model
+    family adds its norms, rotary embedding and index branch, then calls `paged_attention`."""
+
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.config = config
+        self.layer_index = layer_index
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.dense = config.is_dense_attention_layer(layer_index)
+        hidden, q_width = config.hidden_size, self.num_heads * self.head_dim
+        self.q_proj = nn.Linear(hidden, q_width, bias=False)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(q_width, hidden, bias=False)
 
 
 def paged_attention(layer_index: int, dense: bool, q: torch.Tensor, k: torch.Tensor,

@@ -25,7 +25,7 @@ from torch import nn
 import kernels
 from worker.config import ModelConfig
 from worker.engine.kv_cache import AttentionMetadata, KVCache
-from worker.layers.attention import paged_attention
+from worker.layers.attention import GQAProjections, paged_attention
 from worker.layers.norms import GemmaRMSNorm
 from worker.layers.rotary import apply_partial_rope, rotary_tables
 from worker.models.base import PagedCausalLM
@@ -38,20 +38,10 @@ SKIPPED_PREFIXES = ("mtp.",)
 _EXPERT_RE = re.compile(r"(model\.layers\.\d+\.block_sparse_moe)\.experts\.(\d+)\.w([123])\.weight")
 
 
-class M3Attention(nn.Module):
+class M3Attention(GQAProjections):
     def __init__(self, config: ModelConfig, layer_index: int):
-        super().__init__()
-        self.config = config
-        self.layer_index = layer_index
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
-        self.dense = config.is_dense_attention_layer(layer_index)
+        super().__init__(config, layer_index)
         hidden, eps = config.hidden_size, config.rms_norm_eps
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
         self.q_norm = GemmaRMSNorm(self.head_dim, eps)
         self.k_norm = GemmaRMSNorm(self.head_dim, eps)
         if not self.dense:  # the lightning indexer exists on MSA layers only

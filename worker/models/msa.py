@@ -14,27 +14,17 @@ from torch import nn
 
 from worker.config import ModelConfig
 from worker.engine.kv_cache import AttentionMetadata, KVCache
-from worker.layers.attention import paged_attention
+from worker.layers.attention import GQAProjections, paged_attention
 from worker.layers.norms import RMSNorm
 from worker.layers.rotary import apply_rope
 from worker.models.base import PagedCausalLM
 from worker.models.vision import VisionTower
 
 
-class MSAAttention(nn.Module):
+class MSAAttention(GQAProjections):
     def __init__(self, config: ModelConfig, layer_index: int):
-        super().__init__()
-        self.config = config
-        self.layer_index = layer_index
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
-        self.dense = config.is_dense_attention_layer(layer_index)
+        super().__init__(config, layer_index)
         hidden = config.hidden_size
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
         msa = config.msa
         self.learned_indexer = msa.indexer == "learned"
         if self.learned_indexer:
