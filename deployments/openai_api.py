@@ -150,12 +150,16 @@ def chat_logprobs(logprobs: list[TokenLogprob], tokenizer: Tokenizer) -> dict[st
                          "top_logprobs": [entry(t, v) for t, v in lp.top]} for lp in logprobs]}
 
 
-def completion_logprobs(logprobs: list[TokenLogprob], tokenizer: Tokenizer) -> dict[str, Any]:
+def completion_logprobs(logprobs: list[TokenLogprob], tokenizer: Tokenizer,
+                        first_offset: int = 0) -> dict[str, Any]:
+    """text_offset: where each token starts in the completion's text (characters), counting
+    from `first_offset` (what earlier stream chunks carried)."""
     tokens = [tokenizer.decode([lp.token_id], skip_special_tokens=False) for lp in logprobs]
+    offsets = [first_offset + sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
     return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs],
             "top_logprobs": [{tokenizer.decode([t], skip_special_tokens=False): v
                               for t, v in lp.top} for lp in logprobs],
-            "text_offset": []}
+            "text_offset": offsets}
 
 
 class ReasoningSplitter:
@@ -232,6 +236,7 @@ class ResponseWriter:
         self.tokenizer = tokenizer
         self.with_logprobs = with_logprobs
         self.reasoning = reasoning
+        self.text_offset = 0  # characters of completion tokens already sent (text_offset)
 
     def _envelope(self, object_name: str, choices: list[dict], **extra) -> dict[str, Any]:
         return {"id": self.id, "object": object_name, "created": self.created,
@@ -242,7 +247,9 @@ class ResponseWriter:
             return None
         if self.kind == "chat":
             return chat_logprobs(logprobs, self.tokenizer)
-        return completion_logprobs(logprobs, self.tokenizer)
+        body = completion_logprobs(logprobs, self.tokenizer, self.text_offset)
+        self.text_offset += sum(len(token) for token in body["tokens"])
+        return body
 
     def whole(self, text: str, last: GenerateChunk,
               logprobs: list[TokenLogprob]) -> dict[str, Any]:

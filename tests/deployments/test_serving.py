@@ -191,6 +191,21 @@ def test_chat_streaming_and_logprobs(client):
     assert all(e.top_logprobs[0].logprob == pytest.approx(e.logprob) for e in entries)
 
 
+def test_completion_logprobs_text_offset(client):
+    """text_offset: each token's start in the completion text, carried on across stream
+    chunks; the same offsets whole and streamed."""
+    args = dict(model="tiny", prompt="Once upon", temperature=0, max_tokens=8, logprobs=1,
+                extra_body={"ignore_eos": True})
+    whole = client.completions.create(**args).choices[0]
+    tokens = whole.logprobs.tokens
+    assert len(tokens) == 8
+    assert whole.logprobs.text_offset == [len("".join(tokens[:i])) for i in range(8)]
+    streamed = [o for chunk in client.completions.create(**args, stream=True)
+                for o in (chunk.choices[0].logprobs.text_offset if chunk.choices[0].logprobs
+                          else [])]
+    assert streamed == whole.logprobs.text_offset
+
+
 # -- images through the OpenAI API ------------------------------------------------------------
 def test_image_chat_hits_the_prefix_cache_only_for_the_same_image(client, media_dir, stack):
     red = data_url(_image_png((255, 0, 0)), "image/png")
