@@ -19,6 +19,8 @@ import numpy as np
 import openai
 import pytest
 import ray
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from ray import serve
 
@@ -508,3 +510,64 @@ def test_killed_replica_fails_its_stream_cleanly_and_serve_replaces_it(client):
     while _running_model_replicas() < 2:
         assert time.monotonic() < deadline, "Serve did not replace the killed replica"
         time.sleep(1)
+
+
+# -- fuzzing both front doors ------------------------------------------------------------------
+FIELDS = ("model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature",
+          "top_p", "top_k", "min_p", "n", "stop", "seed", "logprobs", "top_logprobs", "stream",
+          "stream_options", "ignore_eos", "presence_penalty", "echo", "thinking_mode",
+          "chat_template_kwargs", "user")
+_scalars = (st.none() | st.booleans() | st.integers(-5, 40) | st.integers(2**31, 2**80)
+            | st.integers(-2**80, -2**31) | st.floats(allow_nan=True, allow_infinity=True)
+            | st.text(max_size=20) | st.sampled_from(["tiny", "user", "assistant", "wizard"]))
+_json = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4)
+                     | st.dictionaries(st.sampled_from(["role", "content", "type", "text",
+                                                        "image_url", "url", "x"]),
+                                       inner, max_size=4), max_leaves=12)
+_bodies = st.dictionaries(st.sampled_from(FIELDS), _json, max_size=8) | _json
+
+
+@settings(max_examples=60, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=_bodies, path=st.sampled_from(["/v1/chat/completions", "/v1/completions"]))
+def test_random_http_bodies_get_4xx_or_200_never_5xx(http, body, path):
+    # Generation stays short: a body that would be valid generates at most 40 tokens.
+    response = http.post(path, content=json.dumps(body).encode(),
+                         headers={"Content-Type": "application/json"})
+    assert response.status_code == 200 or 400 <= response.status_code < 500, \
+        (body, response.status_code, response.text[:300])
+    if response.status_code >= 400:
+        assert response.json()["error"]["message"]
+
+
+_grpc_numbers = st.none() | st.floats(allow_nan=True, allow_infinity=True, width=32)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(temperature=_grpc_numbers, top_p=_grpc_numbers,
+       top_k=st.none() | st.integers(0, 2**32 - 1),  # the proto's types bound the rest
+       max_tokens=st.none() | st.integers(0, 40) | st.integers(1001, 2**32 - 1),
+       seed=st.none() | st.integers(-2**63, 2**63 - 1), role=st.sampled_from(["user", "wizard", ""]),
+       text=st.text(max_size=30), model=st.sampled_from(["tiny", "", "other"]))
+def test_random_grpc_requests_get_ok_or_a_client_status(stack, temperature, top_p, top_k,
+                                                        max_tokens, seed, role, text, model):
+    client_errors = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+                     grpc.StatusCode.OUT_OF_RANGE}
+    sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
+                    seed=seed)
+    with MSAServeClient(stack.grpc, api_key=API_KEY, timeout_s=60) as grpc_client:
+        for call in (lambda: list(grpc_client.generate(text or "x", model=model, **sampling)),
+                     lambda: grpc_client.chat([{"role": role, "content": text}], model=model,
+                                              **sampling)):
+            try:
+                call()
+            except grpc.RpcError as err:
+                assert err.code() in client_errors, (sampling, role, err.code(), err.details())
+
+
+def test_the_stack_serves_after_the_fuzzing(client):
+    reply = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "still there?"}], temperature=0,
+        max_tokens=4, extra_body={"ignore_eos": True})
+    assert reply.usage.completion_tokens == 4
