@@ -5,6 +5,7 @@ Pure functions and pydantic models; the ingress deployment wires them to the mod
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Any, Literal
 
@@ -155,7 +156,7 @@ def completion_logprobs(logprobs: list[TokenLogprob], tokenizer: Tokenizer,
     """text_offset: where each token starts in the completion's text (characters), counting
     from `first_offset` (what earlier stream chunks carried)."""
     tokens = [tokenizer.decode([lp.token_id], skip_special_tokens=False) for lp in logprobs]
-    offsets = [first_offset + sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    offsets = list(itertools.accumulate(map(len, tokens), initial=first_offset))[:-1]
     return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs],
             "top_logprobs": [{tokenizer.decode([t], skip_special_tokens=False): v
                               for t, v in lp.top} for lp in logprobs],
@@ -213,6 +214,14 @@ class ReasoningSplitter:
         held, self.pending = self.pending, ""
         return (held, "") if self.in_reasoning else ("", held)
 
+    def take(self, delta: str, last: bool) -> tuple[str, str]:
+        """feed(delta), and on the output's last piece what finish() releases too."""
+        reasoning, content = self.feed(delta)
+        if last:
+            held_reasoning, held_content = self.finish()
+            reasoning, content = reasoning + held_reasoning, content + held_content
+        return reasoning, content
+
 
 def _partial_suffix(text: str, marker: str) -> int:
     """The length of the longest end of text that begins the marker."""
@@ -258,10 +267,8 @@ class ResponseWriter:
         if self.kind == "chat":
             message: dict[str, Any] = {"role": "assistant", "content": text}
             if self.reasoning is not None:
-                reasoning, content = self.reasoning.feed(text)
-                held_reasoning, held_content = self.reasoning.finish()
-                message["content"] = content + held_content
-                message["reasoning_content"] = (reasoning + held_reasoning) or None
+                reasoning, message["content"] = self.reasoning.take(text, last=True)
+                message["reasoning_content"] = reasoning or None
             choice["message"] = message
             return self._envelope("chat.completion", [choice], usage=usage_body(last))
         choice["text"] = text
@@ -273,10 +280,8 @@ class ResponseWriter:
         if self.kind == "chat":
             delta: dict[str, Any] = {"content": chunk.delta}
             if self.reasoning is not None:
-                reasoning, content = self.reasoning.feed(chunk.delta)
-                if chunk.finish_reason is not None:
-                    held_reasoning, held_content = self.reasoning.finish()
-                    reasoning, content = reasoning + held_reasoning, content + held_content
+                reasoning, content = self.reasoning.take(chunk.delta,
+                                                         last=chunk.finish_reason is not None)
                 delta = {"content": content}
                 if reasoning:
                     delta["reasoning_content"] = reasoning

@@ -50,9 +50,7 @@ class Preprocessor:
             raise InvalidRequestError(f"{self.model_name} has no vision tower; send text parts "
                                       f"only")
         # Templating and tokenizing a long prompt take CPU seconds: never on the event loop.
-        text = await asyncio.to_thread(self.tokenizer.apply_chat_template, texts, True,
-                                       template_kwargs)
-        token_ids = await asyncio.to_thread(self.tokenizer.encode, text)
+        text, token_ids = await asyncio.to_thread(self._render_chat, texts, template_kwargs)
         opens_reasoning = bool(self.reasoning_markers) and \
             text.rstrip().endswith(self.reasoning_markers[0])
         mm_inputs: list[MultimodalInput] = []
@@ -62,6 +60,11 @@ class Preprocessor:
                 token_ids, items, self.vision,
                 lambda text: self.tokenizer.encode(text, add_special_tokens=False))
         return PreparedPrompt.from_token_ids(token_ids, self.salt, mm_inputs, opens_reasoning)
+
+    def _render_chat(self, messages: list[dict[str, Any]],
+                     template_kwargs: dict[str, Any] | None) -> tuple[str, list[int]]:
+        text = self.tokenizer.apply_chat_template(messages, True, template_kwargs)
+        return text, self.tokenizer.encode(text)
 
     async def prepare_text(self, prompt: str) -> PreparedPrompt:
         token_ids = await asyncio.to_thread(self.tokenizer.encode, prompt)
