@@ -67,7 +67,7 @@ def decode_tokens_per_s(engine: LLMEngine, prompts: list[list[int]]) -> float:
     # Early requests decode while later ones still prefill: leave them room, abort after.
     params = SamplingParams(temperature=0, max_tokens=4096, ignore_eos=True)
     ids = [engine.add_request(p, params) for p in prompts]
-    while any(engine.requests[i].num_output_tokens == 0 for i in ids):
+    while any(engine.requests[i][0].num_output_tokens == 0 for i in ids):
         engine.step()
     torch.cuda.synchronize()
     start = time.perf_counter()

@@ -20,7 +20,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from deployments import metrics
-from deployments.protocol import GenerateChunk, GenerateRequest, PreparedPrompt
+from deployments.protocol import GenerateChunk, GenerateRequest, PreparedPrompt, Usage
 from preprocess import MediaError
 from worker.errors import EngineDeadError, InvalidRequestError, MSAServeError
 from worker.wire import SamplingParams
@@ -70,34 +70,41 @@ def classify(exc: BaseException) -> ApiError:
 
 
 class ChunkStream:
-    """A request's chunks (the first one already received), with TTFT/TPOT/usage metrics."""
+    """A request's chunks (the first one already received; with n > 1 its samples'
+    interleaved), with TTFT/TPOT/usage metrics."""
 
     def __init__(self, api: str, first: GenerateChunk, rest: DeploymentResponseGenerator,
-                 arrived: float):
+                 arrived: float, num_samples: int):
         self.api = api
         self.first = first
         self.replica = first.replica
+        self.last: dict[int, GenerateChunk] = {first.index: first}  # each sample's latest
         self._rest = rest
-        self._arrived = arrived
         self._first_at = time.perf_counter()
-        self._done = first.finish_reason is not None
+        self._unfinished = num_samples - (first.finish_reason is not None)
         metrics.TTFT.labels(api=api).observe(self._first_at - arrived)
 
+    @property
+    def usage(self) -> Usage:
+        return Usage.of(list(self.last.values()))
+
     async def __aiter__(self) -> AsyncIterator[GenerateChunk]:
-        last = self.first
         try:
             yield self.first
-            while not self._done:
-                last = await self._rest.__anext__()
-                self._done = last.finish_reason is not None
-                yield last
+            while self._unfinished:
+                chunk = await self._rest.__anext__()
+                self.last[chunk.index] = chunk
+                self._unfinished -= chunk.finish_reason is not None
+                yield chunk
         finally:
-            if not self._done:  # the client left or the replica failed: stop the work there
+            if self._unfinished:  # the client left or the replica failed: stop the work there
                 self._rest.cancel()
-        metrics.record_usage(last.prompt_tokens, last.cached_tokens, last.completion_tokens)
-        if last.completion_tokens > 1:
+        usage = self.usage
+        metrics.record_usage(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
+        tokens = max(chunk.completion_tokens for chunk in self.last.values())
+        if tokens > 1:
             metrics.TPOT.labels(api=self.api).observe(
-                (time.perf_counter() - self._first_at) / (last.completion_tokens - 1))
+                (time.perf_counter() - self._first_at) / (tokens - 1))
 
 
 def text_bytes(messages: list[dict[str, Any]] | None, prompt: str | list[int] | None) -> int:
@@ -166,4 +173,4 @@ class ModelGateway:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             raise classify(exc) from None
-        return ChunkStream(api, first, responses, arrived)
+        return ChunkStream(api, first, responses, arrived, params.n)

@@ -37,8 +37,9 @@ from deployments.gateway import (
 from deployments.openai_api import (
     ChatCompletionRequest,
     CompletionRequest,
-    ReasoningSplitter,
     ResponseWriter,
+    SampleOutput,
+    best_samples,
     error_body,
     parse_request,
     validate_messages,
@@ -96,13 +97,11 @@ def _grpc_error(exc: BaseException, grpc_context, api_name: str) -> BaseExceptio
 async def _sse(writer: ResponseWriter, stream: ChunkStream,
                include_usage: bool) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's shape; a failure mid-stream becomes an error event."""
-    first, last = True, stream.first
     try:
         async for chunk in stream:
-            yield _event(writer.stream_chunk(chunk, first))
-            first, last = False, chunk
+            yield _event(writer.stream_chunk(chunk))
         if include_usage:
-            yield _event(writer.usage_chunk(last))
+            yield _event(writer.usage_chunk(stream.usage))
     except Exception as exc:
         error = classify(exc)
         yield _event(error_body(error.message, error.error_type, error.code))
@@ -230,35 +229,40 @@ class Ingress:
         prompt = await self.gateway.prepare(messages=messages,
                                             template_kwargs=body.template_kwargs)
         stream = await self.gateway.start("chat", prompt, params, arrived)
-        reasoning = (ReasoningSplitter(self.reasoning_markers, prompt.opens_reasoning)
-                     if self.reasoning_markers else None)
-        writer = ResponseWriter("chat", f"chatcmpl-{uuid.uuid4().hex}",
-                                self.model_name, self.tokenizer, body.logprobs, reasoning)
-        return await self._respond(writer, stream, body.stream, body.include_usage_in_stream)
+        writer = ResponseWriter("chat", f"chatcmpl-{uuid.uuid4().hex}", self.model_name,
+                                self.tokenizer, body.logprobs, self.reasoning_markers,
+                                prompt.opens_reasoning)
+        return await self._respond(writer, stream, body)
 
     async def _completion(self, request: Request) -> Response:
         arrived = time.perf_counter()
         body = parse_request(CompletionRequest, await self._read_body(request))
         self._check_model(body.model)
-        params = self._sampling(body, body.logprobs)
+        # best_of ranks samples by their log-probability: the engine reports it then.
+        logprobs = body.logprobs if body.logprobs is not None or not body.picks_best else 0
+        params = self._sampling(body, logprobs)
         prompt = await self.gateway.prepare(prompt=body.prompt)
         stream = await self.gateway.start("completion", prompt, params, arrived)
         writer = ResponseWriter("completion", f"cmpl-{uuid.uuid4().hex}",
                                 self.model_name, self.tokenizer, body.logprobs is not None)
-        return await self._respond(writer, stream, body.stream, body.include_usage_in_stream)
+        return await self._respond(writer, stream, body)
 
-    async def _respond(self, writer: ResponseWriter, stream: ChunkStream, streaming: bool,
-                       include_usage: bool) -> Response:
+    async def _respond(self, writer: ResponseWriter, stream: ChunkStream, body) -> Response:
         headers = {"x-msa-replica": stream.replica}
-        if streaming:
-            return StreamingResponse(_sse(writer, stream, include_usage), headers=headers,
-                                     media_type="text/event-stream")
-        text, logprobs, last = [], [], stream.first
+        if body.stream:
+            return StreamingResponse(_sse(writer, stream, body.include_usage_in_stream),
+                                     headers=headers, media_type="text/event-stream")
+        texts: dict[int, list[str]] = {}
+        logprobs: dict[int, list] = {}
         async for chunk in stream:
-            text.append(chunk.delta)
-            logprobs += chunk.logprobs
-            last = chunk
-        return JSONResponse(writer.whole("".join(text), last, logprobs), headers=headers)
+            texts.setdefault(chunk.index, []).append(chunk.delta)
+            logprobs.setdefault(chunk.index, []).extend(chunk.logprobs)
+        samples = [SampleOutput(index, "".join(texts[index]),
+                                stream.last[index].finish_reason, logprobs[index])
+                   for index in sorted(texts)]
+        if body.num_samples > body.n:
+            samples = best_samples(samples, body.n)
+        return JSONResponse(writer.whole(samples, stream.usage), headers=headers)
 
     # -- gRPC (method names are the RPC names of msa_serve.v1.MSAServe) --------------------------
     async def Generate(self, request: pb.GenerateRequest,

@@ -47,7 +47,7 @@ class ModelServer:
             reason = out.finish_reason.value if out.finish_reason else None
             yield GenerateChunk(self.replica, out.delta, out.new_token_ids, reason,
                                 out.usage.prompt_tokens, out.usage.completion_tokens,
-                                out.usage.cached_tokens, out.logprobs)
+                                out.usage.cached_tokens, out.logprobs, out.index)
 
     async def check_health(self) -> None:
         """Serve restarts the replica when its engine loop has died or a step hangs; a long

@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from deployments.protocol import GenerateChunk
+from deployments.protocol import GenerateChunk, Usage
 from worker.errors import InvalidRequestError
 from worker.tokenizer import Tokenizer
-from worker.wire import SamplingParams, TokenLogprob
+from worker.wire import MAX_CHOICES, SamplingParams, TokenLogprob
 
 
 class _Request(BaseModel):
@@ -28,7 +29,7 @@ class _Request(BaseModel):
     top_k: int = Field(0, ge=0, description="extension: 0 = off")
     min_p: float = Field(0.0, ge=0, le=1)
     ignore_eos: bool = Field(False, description="extension: keep generating past EOS")
-    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
@@ -41,6 +42,11 @@ class _Request(BaseModel):
     def include_usage_in_stream(self) -> bool:
         return bool((self.stream_options or {}).get("include_usage"))
 
+    @property
+    def num_samples(self) -> int:
+        """Samples the engine generates: n (completions' best_of may ask for more)."""
+        return self.n
+
     def sampling_params(self, default_max_tokens: int, max_tokens_limit: int,
                         logprobs: int | None) -> SamplingParams:
         max_tokens = self.max_tokens or default_max_tokens
@@ -51,7 +57,7 @@ class _Request(BaseModel):
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature,
                               top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
                               seed=self.seed, stop=stop, ignore_eos=self.ignore_eos,
-                              logprobs=logprobs)
+                              n=self.num_samples, logprobs=logprobs)
 
 
 class ChatMessage(BaseModel):
@@ -104,6 +110,16 @@ class CompletionRequest(_Request):
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = Field(False, description="not supported: must be false")
+    best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)
+
+    @property
+    def num_samples(self) -> int:
+        return max(self.n, self.best_of or 1)
+
+    @property
+    def picks_best(self) -> bool:
+        """best_of > n: more samples than choices, the likeliest n returned."""
+        return self.num_samples > self.n
 
     @model_validator(mode="after")
     def _one_prompt(self):
@@ -113,6 +129,11 @@ class CompletionRequest(_Request):
             self.prompt = self.prompt[0]
         if self.echo:
             raise ValueError("echo is not supported")
+        if self.best_of is not None and self.best_of < self.n:
+            raise ValueError(f"best_of ({self.best_of}) must be at least n ({self.n})")
+        if self.picks_best and self.stream:
+            raise ValueError("best_of > n cannot be streamed: the best samples are known only "
+                             "at the end")
         return self
 
 
@@ -130,16 +151,16 @@ def _problems(exc: ValidationError) -> str:
 
 
 # -- responses ------------------------------------------------------------------------------------
-def usage_body(chunk: GenerateChunk) -> dict[str, Any]:
-    return {"prompt_tokens": chunk.prompt_tokens, "completion_tokens": chunk.completion_tokens,
-            "total_tokens": chunk.prompt_tokens + chunk.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": chunk.cached_tokens}}
+def usage_body(usage: Usage) -> dict[str, Any]:
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
 
 
-def finish_reason(chunk: GenerateChunk) -> str | None:
-    if chunk.finish_reason is None:
+def finish_reason(engine_reason: str | None) -> str | None:
+    if engine_reason is None:
         return None
-    return "length" if chunk.finish_reason == "length" else "stop"
+    return "length" if engine_reason == "length" else "stop"
 
 
 def chat_logprobs(logprobs: list[TokenLogprob], tokenizer: Tokenizer) -> dict[str, Any]:
@@ -231,70 +252,119 @@ def _partial_suffix(text: str, marker: str) -> int:
     return 0
 
 
+@dataclass
+class SampleOutput:
+    """One sample's whole output, gathered from its chunks (for non-streaming responses)."""
+
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: list[TokenLogprob]
+
+    @property
+    def cumulative_logprob(self) -> float:
+        return sum(lp.logprob for lp in self.logprobs)
+
+
+def best_samples(samples: list[SampleOutput], n: int) -> list[SampleOutput]:
+    """best_of: the n samples of highest cumulative log-probability, renumbered 0..n-1."""
+    best = sorted(samples, key=lambda sample: sample.cumulative_logprob, reverse=True)[:n]
+    return [SampleOutput(index, s.text, s.finish_reason, s.logprobs)
+            for index, s in enumerate(best)]
+
+
+@dataclass
+class _ChoiceState:
+    """What a response remembers of one choice between its stream chunks."""
+
+    reasoning: ReasoningSplitter | None
+    text_offset: int = 0  # characters of completion tokens already sent (text_offset)
+    started: bool = False  # its first chunk (which carries the role) went out
+
+
 class ResponseWriter:
-    """Builds one request's response bodies in the chat or the completions shape; with a
-    reasoning splitter, chat reasoning comes back apart as `reasoning_content`."""
+    """Builds one request's response bodies in the chat or the completions shape, one choice
+    per sample; with reasoning markers, chat reasoning comes back apart as
+    `reasoning_content`."""
 
     def __init__(self, kind: Literal["chat", "completion"], request_id: str, model: str,
                  tokenizer: Tokenizer, with_logprobs: bool,
-                 reasoning: ReasoningSplitter | None = None):
+                 reasoning_markers: tuple[str, str] | None = None,
+                 opens_reasoning: bool = False):
         self.kind = kind
         self.id = request_id
         self.model = model
         self.created = int(time.time())
         self.tokenizer = tokenizer
         self.with_logprobs = with_logprobs
-        self.reasoning = reasoning
-        self.text_offset = 0  # characters of completion tokens already sent (text_offset)
+        self.reasoning_markers = reasoning_markers
+        self.opens_reasoning = opens_reasoning
+        self._choices: dict[int, _ChoiceState] = {}
+
+    def _choice(self, index: int) -> _ChoiceState:
+        state = self._choices.get(index)
+        if state is None:
+            markers = self.reasoning_markers
+            reasoning = ReasoningSplitter(markers, self.opens_reasoning) if markers else None
+            state = self._choices[index] = _ChoiceState(reasoning)
+        return state
 
     def _envelope(self, object_name: str, choices: list[dict], **extra) -> dict[str, Any]:
         return {"id": self.id, "object": object_name, "created": self.created,
                 "model": self.model, "choices": choices, **extra}
 
-    def _logprobs(self, logprobs: list[TokenLogprob]) -> dict[str, Any] | None:
+    def _logprobs(self, state: _ChoiceState, logprobs: list[TokenLogprob]) -> dict | None:
         if not self.with_logprobs:
             return None
         if self.kind == "chat":
             return chat_logprobs(logprobs, self.tokenizer)
-        body = completion_logprobs(logprobs, self.tokenizer, self.text_offset)
-        self.text_offset += sum(len(token) for token in body["tokens"])
+        body = completion_logprobs(logprobs, self.tokenizer, state.text_offset)
+        state.text_offset += sum(len(token) for token in body["tokens"])
         return body
 
-    def whole(self, text: str, last: GenerateChunk,
-              logprobs: list[TokenLogprob]) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason(last),
-                                  "logprobs": self._logprobs(logprobs)}
-        if self.kind == "chat":
-            message: dict[str, Any] = {"role": "assistant", "content": text}
-            if self.reasoning is not None:
-                reasoning, message["content"] = self.reasoning.take(text, last=True)
-                message["reasoning_content"] = reasoning or None
-            choice["message"] = message
-            return self._envelope("chat.completion", [choice], usage=usage_body(last))
-        choice["text"] = text
-        return self._envelope("text_completion", [choice], usage=usage_body(last))
+    def whole(self, samples: list[SampleOutput], usage: Usage) -> dict[str, Any]:
+        choices = []
+        for sample in samples:
+            state = self._choice(sample.index)
+            choice: dict[str, Any] = {"index": sample.index,
+                                      "finish_reason": finish_reason(sample.finish_reason),
+                                      "logprobs": self._logprobs(state, sample.logprobs)}
+            if self.kind == "chat":
+                message: dict[str, Any] = {"role": "assistant", "content": sample.text}
+                if state.reasoning is not None:
+                    reasoning, message["content"] = state.reasoning.take(sample.text, last=True)
+                    message["reasoning_content"] = reasoning or None
+                choice["message"] = message
+            else:
+                choice["text"] = sample.text
+            choices.append(choice)
+        name = "chat.completion" if self.kind == "chat" else "text_completion"
+        return self._envelope(name, choices, usage=usage_body(usage))
 
-    def stream_chunk(self, chunk: GenerateChunk, first: bool) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason(chunk),
-                                  "logprobs": self._logprobs(chunk.logprobs)}
+    def stream_chunk(self, chunk: GenerateChunk) -> dict[str, Any]:
+        state = self._choice(chunk.index)
+        choice: dict[str, Any] = {"index": chunk.index,
+                                  "finish_reason": finish_reason(chunk.finish_reason),
+                                  "logprobs": self._logprobs(state, chunk.logprobs)}
         if self.kind == "chat":
             delta: dict[str, Any] = {"content": chunk.delta}
-            if self.reasoning is not None:
-                reasoning, content = self.reasoning.take(chunk.delta,
-                                                         last=chunk.finish_reason is not None)
+            if state.reasoning is not None:
+                reasoning, content = state.reasoning.take(chunk.delta,
+                                                          last=chunk.finish_reason is not None)
                 delta = {"content": content}
                 if reasoning:
                     delta["reasoning_content"] = reasoning
-            if first:
+            if not state.started:
                 delta["role"] = "assistant"
+            state.started = True
             choice["delta"] = delta
             return self._envelope("chat.completion.chunk", [choice])
         choice["text"] = chunk.delta
         return self._envelope("text_completion", [choice])
 
-    def usage_chunk(self, last: GenerateChunk) -> dict[str, Any]:
+    def usage_chunk(self, usage: Usage) -> dict[str, Any]:
         name = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
-        return self._envelope(name, [], usage=usage_body(last))
+        return self._envelope(name, [], usage=usage_body(usage))
 
 
 def error_body(message: str, error_type: str, code: str | None = None,

@@ -53,3 +53,21 @@ class GenerateChunk:
     completion_tokens: int
     cached_tokens: int
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    index: int = 0  # which of the request's n samples
+
+
+@dataclass
+class Usage:
+    """A request's token counts over all its samples: the prompt once, every sample's
+    output tokens, and the prompt tokens the first sample found in the prefix cache."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+    @classmethod
+    def of(cls, last_chunks: list[GenerateChunk]) -> Usage:
+        """From each sample's latest chunk."""
+        first = min(last_chunks, key=lambda chunk: chunk.index)
+        return cls(first.prompt_tokens, sum(c.completion_tokens for c in last_chunks),
+                   first.cached_tokens)

@@ -35,6 +35,7 @@ MAX_TEMPERATURE = 2.0  # OpenAI's bound; HTTP, gRPC and offline callers share it
 # torch.Generator.manual_seed takes any integer in [-2^63, 2^64); beyond that it overflows.
 SEED_RANGE = (-(2**63), 2**64 - 1)
 MAX_TOP_K = 2**31 - 1  # larger values mean "off" as much as 0 does; the sampler clamps to vocab
+MAX_CHOICES = 16  # n (and best_of): parallel samples of one prompt
 
 
 @dataclass
@@ -48,7 +49,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
-    n: int = 1
+    n: int = 1  # parallel samples of the prompt, sharing its KV pages
     logprobs: int | None = None  # top-N alternatives per token (0 = only the sampled one)
 
     def __post_init__(self):
@@ -77,7 +78,8 @@ class SamplingParams:
             (self.seed is None or integer_in(self.seed, *SEED_RANGE),
              lambda: f"seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], "
                      f"got {self.seed!r}"),
-            (self.n == 1, lambda: f"only n=1 is supported, got n={self.n}"),
+            (integer_in(self.n, 1, MAX_CHOICES),
+             lambda: f"n must be an integer in [1, {MAX_CHOICES}], got {self.n!r}"),
             (self.logprobs is None or integer_in(self.logprobs, 0, MAX_LOGPROBS),
              lambda: f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}"),
             (all(isinstance(s, str) and s for s in self.stop),

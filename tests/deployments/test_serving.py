@@ -208,6 +208,38 @@ def test_completion_logprobs_text_offset(client):
     assert streamed == whole.logprobs.text_offset
 
 
+def test_n_samples_and_best_of(client):
+    """n=3: three different seeded samples of one prompt, streamed or whole alike; the usage
+    counts the prompt once and every sample's tokens. best_of=4, n=2: the two samples of
+    highest log-probability, in that order."""
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "three"}]
+    args = dict(model="tiny", messages=messages, temperature=1.0, seed=5, max_tokens=6, n=3,
+                extra_body={"ignore_eos": True})
+    whole = client.chat.completions.create(**args)
+    assert [c.index for c in whole.choices] == [0, 1, 2]
+    texts = [c.message.content for c in whole.choices]
+    assert len(set(texts)) == 3 and all(c.finish_reason == "length" for c in whole.choices)
+    assert whole.usage.completion_tokens == 18 and whole.usage.prompt_tokens > 256
+    streamed = {0: "", 1: "", 2: ""}
+    roles = 0
+    for chunk in client.chat.completions.create(**args, stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+            roles += choice.delta.role == "assistant"
+    assert [streamed[i] for i in range(3)] == texts and roles == 3
+
+    args = dict(model="tiny", prompt="Once upon a time", temperature=1.0, seed=11, max_tokens=5,
+                extra_body={"ignore_eos": True})
+    samples = client.completions.create(**args, n=4, logprobs=0).choices
+    score = {c.text: sum(c.logprobs.token_logprobs) for c in samples}
+    best = client.completions.create(**args, n=2, best_of=4)
+    assert [c.text for c in best.choices] == sorted(score, key=score.get, reverse=True)[:2]
+    assert best.choices[0].logprobs is None and best.usage.completion_tokens == 20
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(**args, n=3, best_of=2)
+    assert "best_of" in err.value.body["message"]
+
+
 # -- images through the OpenAI API ------------------------------------------------------------
 def test_image_chat_hits_the_prefix_cache_only_for_the_same_image(client, media_dir, stack):
     red = data_url(_image_png((255, 0, 0)), "image/png")
@@ -288,7 +320,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, htt
     assert "max_tokens" in err.value.body["message"]
 
     with pytest.raises(openai.BadRequestError) as err:
-        client.completions.create(model="tiny", prompt="x", n=2)
+        client.completions.create(model="tiny", prompt="x", n=17)
     assert "n:" in err.value.body["message"]
 
     with pytest.raises(openai.BadRequestError) as err:

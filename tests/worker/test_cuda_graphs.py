@@ -24,7 +24,7 @@ def decode_batch(engine, lengths):
     """A scheduled batch in which every sequence of these prompt lengths decodes."""
     params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
     ids = [engine.add_request(random_prompt(n, seed=n), params) for n in lengths]
-    while any(engine.requests[i].num_output_tokens == 0 for i in ids):
+    while any(engine.requests[i][0].num_output_tokens == 0 for i in ids):
         engine.step()
     batch = engine.scheduler.schedule()
     assert is_decode_step(batch) and len(batch) == len(lengths)

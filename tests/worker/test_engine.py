@@ -208,6 +208,40 @@ def test_seeded_sampling_is_reproducible_and_logprobs_are_consistent(make_tiny_e
     assert all(e.top[0][0] == e.token_id for e in greedy.logprobs)
 
 
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_parallel_samples_share_the_prompt_pages(make_tiny_engine, prefix_caching):
+    """n=3: the prompt's full pages are computed once and shared; each sample computes only
+    the partial last page, and equals the same seeded request sent alone."""
+    engine = make_tiny_engine(enable_prefix_caching=prefix_caching)
+    prompt = random_prompt(600, seed=21)
+    params = SamplingParams(temperature=0.9, seed=7, max_tokens=12, ignore_eos=True, n=3)
+    samples = engine.generate([prompt], params, use_tqdm=False)
+    assert [s.index for s in samples] == [0, 1, 2]
+    tail = len(prompt) % 128
+    assert engine.stats.prompt_tokens_computed == len(prompt) + 2 * tail
+    assert [s.usage.cached_tokens for s in samples] == [0, len(prompt) - tail, len(prompt) - tail]
+    assert len({tuple(s.new_token_ids) for s in samples}) == 3, "samples must differ"
+    for index, sample in enumerate(samples):  # sample i draws from seed 7 + i
+        alone = make_tiny_engine().generate(
+            [prompt], SamplingParams(temperature=0.9, seed=7 + index, max_tokens=12,
+                                     ignore_eos=True), use_tqdm=False)[0]
+        assert sample.new_token_ids == alone.new_token_ids
+    assert_no_pages_held(engine)
+
+
+def test_aborting_a_request_ends_all_its_samples(make_tiny_engine):
+    engine = make_tiny_engine()
+    request_id = engine.add_request(random_prompt(300, seed=4),
+                                    SamplingParams(max_tokens=50, n=4, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    outputs = engine.abort(request_id)
+    assert sorted(o.index for o in outputs) == [0, 1, 2, 3]
+    assert all(o.finished and o.finish_reason is FinishReason.ABORT for o in outputs)
+    assert not engine.has_unfinished_requests
+    assert_no_pages_held(engine)
+
+
 def test_incremental_detokenizer_never_splits_utf8(make_tiny_engine):
     engine = make_tiny_engine()
     text = "héllo wörld 🎉 ok ✓"
@@ -286,12 +320,12 @@ class EngineLeakMachine(RuleBasedStateMachine):
         self.live: list[str] = []
 
     @rule(length=st.integers(1, 500), max_tokens=st.integers(1, 40), seed=st.integers(0, 999),
-          with_stop=st.booleans())
-    def add(self, length, max_tokens, seed, with_stop):
+          with_stop=st.booleans(), n=st.sampled_from([1, 1, 3]))
+    def add(self, length, max_tokens, seed, with_stop, n):
         stop = ["a", "e"] if with_stop else []
         self.live.append(self.engine.add_request(
             random_prompt(length, seed), SamplingParams(temperature=0.7, seed=seed, stop=stop,
-                                                        max_tokens=max_tokens)))
+                                                        max_tokens=max_tokens, n=n)))
 
     @precondition(lambda self: self.live)
     @rule(index=st.integers(0, 100))
@@ -307,7 +341,7 @@ class EngineLeakMachine(RuleBasedStateMachine):
 
     @invariant()
     def bookkeeping_is_consistent(self):
-        live = list(self.engine.requests.values())
+        live = self.engine.live_sequences
         self.engine.block_manager.check_invariants(live_sequences=live)
 
     def teardown(self):

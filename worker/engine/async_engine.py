@@ -27,16 +27,19 @@ logger = logging.getLogger(__name__)
 
 
 class _RequestStream:
-    """Outputs of one request, waiting to be read on the consumer's event loop."""
+    """Outputs of one request (of each of its n samples), waiting to be read on the
+    consumer's event loop."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
+    def __init__(self, loop: asyncio.AbstractEventLoop, num_samples: int):
         self.loop = loop
-        self.pending: RequestOutput | None = None
+        self.num_unfinished = num_samples  # counted on the engine's loop thread
+        self.pending: dict[int, RequestOutput] = {}  # by sample index, in arrival order
         self.error: BaseException | None = None
         self.ready = asyncio.Event()
 
     def put(self, output: RequestOutput) -> None:  # on the consumer's loop
-        self.pending = output if self.pending is None else self.pending.merge(output)
+        earlier = self.pending.get(output.index)
+        self.pending[output.index] = output if earlier is None else earlier.merge(output)
         self.ready.set()
 
     def fail(self, error: BaseException) -> None:  # on the consumer's loop
@@ -45,10 +48,10 @@ class _RequestStream:
 
     async def get(self) -> RequestOutput:
         await self.ready.wait()
-        if self.pending is None:
+        if not self.pending:
             raise self.error
-        output, self.pending = self.pending, None
-        if self.error is None:  # an error stays ready for the next get
+        output = self.pending.pop(next(iter(self.pending)))
+        if not self.pending and self.error is None:  # an error stays ready for the next get
             self.ready.clear()
         return output
 
@@ -90,20 +93,21 @@ class AsyncLLMEngine:
                        request_id: str | None = None,
                        mm_inputs: tuple[MultimodalInput, ...] = ()
                        ) -> AsyncIterator[RequestOutput]:
-        """Streams a request's outputs; raises InvalidRequestError & co. before the first one."""
+        """Streams a request's outputs (its n samples' interleaved, told apart by `index`);
+        raises InvalidRequestError & co. before the first one."""
         if self._dead is not None:
             raise EngineDeadError(f"the engine loop has stopped: {self._dead}")
         seq = self.engine.make_sequence(prompt, params, request_id, mm_inputs)
-        stream = _RequestStream(asyncio.get_running_loop())
+        stream = _RequestStream(asyncio.get_running_loop(), params.n)
         self._send(_Add(seq, stream))
-        finished = False
+        unfinished = params.n
         try:
-            while not finished:
+            while unfinished:
                 output = await stream.get()
-                finished = output.finished
+                unfinished -= output.finished
                 yield output
         finally:
-            if not finished:  # the consumer left (cancelled, disconnected, or broke out)
+            if unfinished:  # the consumer left (cancelled, disconnected, or broke out)
                 self._send(_Abort(seq.request_id))
 
     def abort(self, request_id: str) -> None:
@@ -193,12 +197,17 @@ class AsyncLLMEngine:
         stream = self._streams.get(output.request_id)
         if stream is None:
             return
-        if output.finished:
-            del self._streams[output.request_id]
+        stream.num_unfinished -= output.finished
         if output.error is not None:
+            # One failed sample fails the request: its other samples stop too.
+            del self._streams[output.request_id]
+            if output.request_id in self.engine.requests:
+                self.engine.abort(output.request_id)
             stream.loop.call_soon_threadsafe(stream.fail, output.error)
-        else:
-            stream.loop.call_soon_threadsafe(stream.put, output)
+            return
+        if stream.num_unfinished == 0:
+            del self._streams[output.request_id]
+        stream.loop.call_soon_threadsafe(stream.put, output)
 
 
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:

@@ -70,6 +70,21 @@ class BlockManager:
         seq.num_registered_pages = len(seq.page_ids)
         self._check()
 
+    def share_prompt(self, seq: Sequence, source: Sequence) -> None:
+        """Gives a new parallel sample (n > 1) the full prompt pages its sibling has computed:
+        one copy of the prompt's K/V for all samples, with or without prefix caching. The
+        partial last page is not shared (each sample writes its own tokens after it), so
+        each sample computes at most one page of the prompt itself."""
+        assert not seq.page_ids, "share_prompt is for sequences without pages"
+        shared = min((seq.num_tokens - 1) // BLOCK_SIZE, seq.num_prompt_tokens // BLOCK_SIZE,
+                     source.num_computed_tokens // BLOCK_SIZE, len(source.page_ids))
+        for page in source.page_ids[:shared]:
+            self._acquire(page)
+            seq.page_ids.append(page)
+        seq.num_computed_tokens = shared * BLOCK_SIZE
+        seq.num_registered_pages = shared  # the sibling published them, if caching is on
+        self._check()
+
     def reserve(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Gives seq the pages for its next num_new_tokens; False (and nothing taken) if short."""
         needed = pages_for(seq.num_computed_tokens + num_new_tokens) - len(seq.page_ids)

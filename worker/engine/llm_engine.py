@@ -52,7 +52,8 @@ class Usage:
 
 @dataclass
 class RequestOutput:
-    """What one request produced since its previous output (deltas), plus running totals."""
+    """What one sample of a request produced since its previous output (deltas), plus
+    running totals. A request with n > 1 has n samples, told apart by `index`."""
 
     request_id: str
     new_token_ids: list[int]
@@ -63,13 +64,15 @@ class RequestOutput:
     usage: Usage
     logprobs: list[TokenLogprob] = field(default_factory=list)
     error: MSAServeError | None = None  # set when finish_reason is ERROR
+    index: int = 0  # which of the request's n samples
 
     def merge(self, later: "RequestOutput") -> "RequestOutput":
-        """Coalesces two consecutive outputs of one request (for slow consumers)."""
+        """Coalesces two consecutive outputs of one sample (for slow consumers)."""
+        assert later.index == self.index, "only outputs of the same sample merge"
         return RequestOutput(self.request_id, self.new_token_ids + later.new_token_ids,
                              self.delta + later.delta, later.text, later.finished,
                              later.finish_reason, later.usage, self.logprobs + later.logprobs,
-                             later.error)
+                             later.error, self.index)
 
 
 @dataclass
@@ -120,7 +123,7 @@ class LLMEngine:
                                   decode_graphs=self._decode_graphs(loaded.model),
                                   vision=(VisionEncoder(loaded.model.visual)
                                           if loaded.model.visual is not None else None))
-        self.requests: dict[str, Sequence] = {}
+        self.requests: dict[str, list[Sequence]] = {}  # each live request's unfinished samples
         self.stats = EngineStats()
         self._failed_steps = 0  # consecutive steps in which every request failed
         if config.warm_up if config.warm_up is not None else self.device.type == "cuda":
@@ -227,10 +230,13 @@ class LLMEngine:
                         tuple(mm_inputs))
 
     def add_sequence(self, seq: Sequence) -> None:
+        """Queues a request; with n > 1 its other samples are forked from it here."""
         if seq.request_id in self.requests:
             raise InvalidRequestError(f"request id {seq.request_id!r} is already in use")
-        self.requests[seq.request_id] = seq
-        self.scheduler.add(seq)
+        samples = [seq] + [seq.fork(index) for index in range(1, seq.params.n)]
+        self.requests[seq.request_id] = samples
+        for sample in samples:
+            self.scheduler.add(sample)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
@@ -238,11 +244,16 @@ class LLMEngine:
         self.add_sequence(seq)
         return seq.request_id
 
-    def abort(self, request_id: str) -> RequestOutput:
-        seq = self.requests.get(request_id)
-        if seq is None:
+    def abort(self, request_id: str) -> list[RequestOutput]:
+        """Ends every unfinished sample of a request."""
+        samples = self.requests.get(request_id)
+        if samples is None:
             raise RequestNotFoundError(f"no live request {request_id!r}")
-        return self._finish(seq, FinishReason.ABORT, [], None)
+        return [self._finish(seq, FinishReason.ABORT, [], None) for seq in list(samples)]
+
+    @property
+    def live_sequences(self) -> list[Sequence]:
+        return [seq for samples in self.requests.values() for seq in samples]
 
     @property
     def has_unfinished_requests(self) -> bool:
@@ -357,7 +368,10 @@ class LLMEngine:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         self.scheduler.remove(seq)
-        del self.requests[seq.request_id]
+        samples = self.requests[seq.request_id]
+        samples.remove(seq)
+        if not samples:
+            del self.requests[seq.request_id]
         return self._output(seq, new_tokens, logprob)
 
     def _output(self, seq: Sequence, new_tokens: list[int],
@@ -370,19 +384,22 @@ class LLMEngine:
         seq.num_emitted_chars = emit_to
         usage = Usage(seq.num_prompt_tokens, seq.num_output_tokens, seq.num_cached_tokens)
         return RequestOutput(seq.request_id, new_tokens, delta, text[:emit_to], seq.is_finished,
-                             seq.finish_reason, usage, [logprob] if logprob else [])
+                             seq.finish_reason, usage, [logprob] if logprob else [],
+                             index=seq.index)
 
     # -- offline batches ----------------------------------------------------------------------------
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams],
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        """Runs prompts to completion; returns one cumulative output per prompt, in order."""
+        """Runs prompts to completion; returns one cumulative output per sample, in order:
+        prompt by prompt, and a prompt's n samples by index."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
-        merged: dict[str, RequestOutput] = {}
-        with tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm) as bar:
+        keys = [(i, index) for i, sp in zip(ids, params_list) for index in range(sp.n)]
+        merged: dict[tuple[str, int], RequestOutput] = {}
+        with tqdm(total=len(keys), desc="generating", unit="seq", disable=not use_tqdm) as bar:
             while self.has_unfinished_requests:
                 for out in self.step():
-                    merged[out.request_id] = (merged[out.request_id].merge(out)
-                                              if out.request_id in merged else out)
+                    key = (out.request_id, out.index)
+                    merged[key] = merged[key].merge(out) if key in merged else out
                     bar.update(int(out.finished))
-        return [merged[i] for i in ids]
+        return [merged[key] for key in keys]

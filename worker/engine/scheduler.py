@@ -5,6 +5,9 @@ chunk of long prompts alike), then waiting ones are admitted while budget, seque
 pages remain; a prompt longer than what is left is chunked across steps. When pages run out the
 newest running sequence is preempted (its pages freed, recomputed later from its tokens), so the
 oldest requests always make progress.
+
+The n samples of one request (n > 1) are admitted after the first one has computed the prompt
+and take its pages (`BlockManager.share_prompt`): the prompt is computed once, not n times.
 """
 
 from __future__ import annotations
@@ -84,7 +87,15 @@ class Scheduler:
     def _admit(self, batch: ScheduledBatch, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            self.block_manager.match_prefix(seq)
+            source = seq.fork_of
+            if source is not None:
+                # A parallel sample waits for its sibling's prompt, then shares its pages.
+                if not (source.prompt_computed or source.is_finished):
+                    break
+            if source is not None and source.page_ids:
+                self.block_manager.share_prompt(seq, source)
+            else:
+                self.block_manager.match_prefix(seq)
             seq.num_cached_tokens = max(seq.num_cached_tokens, seq.num_computed_tokens)
             num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.block_manager.reserve(seq, num_tokens):
@@ -92,6 +103,7 @@ class Scheduler:
                 seq.reset_for_recompute()
                 break
             self.waiting.popleft()
+            seq.fork_of = None  # after a preemption it is an ordinary sequence
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.add(seq, num_tokens)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 
 import torch
@@ -9,7 +10,7 @@ import torch
 from kernels import BLOCK_SIZE
 from worker.prefix_hash import chain_page_hashes
 from worker.tokenizer import IncrementalDetokenizer
-from worker.wire import MultimodalInput, MultimodalSpan, SamplingParams
+from worker.wire import SEED_RANGE, MultimodalInput, MultimodalSpan, SamplingParams
 
 
 class SequenceStatus(enum.Enum):
@@ -30,8 +31,9 @@ class Sequence:
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  detokenizer: IncrementalDetokenizer,
-                 mm_inputs: tuple[MultimodalInput, ...] = ()):
+                 mm_inputs: tuple[MultimodalInput, ...] = (), index: int = 0):
         self.request_id = request_id
+        self.index = index  # which of the request's n parallel samples (its choice index)
         self.params = params
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
@@ -47,6 +49,8 @@ class Sequence:
         self.detokenizer = detokenizer
         self.num_emitted_chars = 0  # text already handed to the caller
         self.generator: torch.Generator | None = None  # per-request RNG when a seed is given
+        # The sibling whose computed prompt pages this sample takes at its first admission.
+        self.fork_of: Sequence | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -59,6 +63,25 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+    def fork(self, index: int) -> Sequence:
+        """Another sample of the same prompt. A seeded request's samples draw from seeds
+        seed, seed + 1, ... so that they differ and each is reproducible."""
+        params = self.params
+        if params.seed is not None:
+            low, high = SEED_RANGE
+            params = dataclasses.replace(params, seed=(params.seed + index - low)
+                                         % (high - low + 1) + low)
+        child = Sequence(self.request_id, self.token_ids[: self.num_prompt_tokens], params,
+                         type(self.detokenizer)(self.detokenizer.tokenizer,
+                                                self.token_ids[: self.num_prompt_tokens]),
+                         self.mm_inputs, index)
+        child.fork_of = self
+        return child
+
+    @property
+    def prompt_computed(self) -> bool:
+        return self.num_computed_tokens >= self.num_prompt_tokens
 
     def page_hashes(self, salt: str) -> list[str]:
         """Chained hashes of the sequence's full pages, computed incrementally."""
