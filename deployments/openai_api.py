@@ -6,6 +6,7 @@ Pure functions and pydantic models; the ingress deployment wires them to the mod
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -15,7 +16,40 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from deployments.protocol import GenerateChunk, Usage
 from worker.errors import InvalidRequestError
 from worker.tokenizer import Tokenizer
-from worker.wire import MAX_CHOICES, SamplingParams, TokenLogprob
+from worker.wire import MAX_CHOICES, GuidedDecoding, SamplingParams, TokenLogprob
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format, plus `regex` and `grammar` (EBNF) as extensions."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "json_object", "json_schema", "regex", "grammar"]
+    json_schema: dict[str, Any] | None = None  # {"name": ..., "schema": {...}, "strict": ...}
+    regex: str | None = None
+    grammar: str | None = None
+
+    @model_validator(mode="after")
+    def _has_its_specification(self):
+        needed = {"json_schema": self.json_schema, "regex": self.regex, "grammar": self.grammar}
+        if self.type in needed and needed[self.type] is None:
+            raise ValueError(f"response_format of type {self.type!r} needs its {self.type!r} "
+                             f"field")
+        return self
+
+    def guided(self) -> GuidedDecoding | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return GuidedDecoding("json")
+        if self.type == "json_schema":
+            schema = self.json_schema.get("schema")
+            if schema is None:
+                return GuidedDecoding("json")
+            return GuidedDecoding("json_schema", json.dumps(schema))
+        if self.type == "regex":
+            return GuidedDecoding("regex", self.regex)
+        return GuidedDecoding("grammar", self.grammar)
 
 
 class _Request(BaseModel):
@@ -37,6 +71,7 @@ class _Request(BaseModel):
     presence_penalty: float = Field(0.0, ge=0, le=0, description="not supported: must be 0")
     frequency_penalty: float = Field(0.0, ge=0, le=0, description="not supported: must be 0")
     user: str | None = None
+    response_format: ResponseFormat | None = None
 
     @property
     def include_usage_in_stream(self) -> bool:
@@ -57,7 +92,9 @@ class _Request(BaseModel):
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature,
                               top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
                               seed=self.seed, stop=stop, ignore_eos=self.ignore_eos,
-                              n=self.num_samples, logprobs=logprobs)
+                              n=self.num_samples, logprobs=logprobs,
+                              guided=self.response_format.guided() if self.response_format
+                              else None)
 
 
 class ChatMessage(BaseModel):

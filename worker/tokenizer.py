@@ -37,6 +37,7 @@ class Tokenizer:
         self.add_bos = add_bos
         self.chat_template = chat_template
         self._skipped_ids: set[int] | None = None  # see keep_in_text
+        self.text_ids: frozenset[int] = frozenset()  # special tokens kept in text
         self._template = None
         if chat_template:
             env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
@@ -78,6 +79,7 @@ class Tokenizer:
         """Decoded text keeps these tokens even where the vocabulary marks them special (a
         reasoning parser reads the markers from the text)."""
         kept = {self.backend.token_to_id(t) for t in tokens}
+        self.text_ids = frozenset(kept)
         self._skipped_ids = {i for i, token in self.backend.get_added_tokens_decoder().items()
                              if token.special and i not in kept}
 

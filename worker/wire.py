@@ -36,6 +36,26 @@ MAX_TEMPERATURE = 2.0  # OpenAI's bound; HTTP, gRPC and offline callers share it
 SEED_RANGE = (-(2**63), 2**64 - 1)
 MAX_TOP_K = 2**31 - 1  # larger values mean "off" as much as 0 does; the sampler clamps to vocab
 MAX_CHOICES = 16  # n (and best_of): parallel samples of one prompt
+MAX_GUIDE_CHARS = 65536  # a schema, regex or grammar: compiling costs grow with its size
+
+
+@dataclass(frozen=True)
+class GuidedDecoding:
+    """A constraint on a request's output, enforced token by token (the engine compiles it
+    with xgrammar): any JSON, a JSON schema, a regex, an EBNF grammar, or a structural tag
+    (a model's tool-call format around JSON-schema arguments)."""
+
+    kind: Literal["json", "json_schema", "regex", "grammar", "structural_tag"]
+    spec: str = ""  # the schema or structural tag as JSON text, the regex, or the grammar
+
+    def __post_init__(self):
+        if self.kind not in ("json", "json_schema", "regex", "grammar", "structural_tag"):
+            raise InvalidRequestError(f"unknown constraint kind {self.kind!r}")
+        if self.kind != "json" and not self.spec:
+            raise InvalidRequestError(f"a {self.kind} constraint needs its specification")
+        if len(self.spec) > MAX_GUIDE_CHARS:
+            raise InvalidRequestError(f"the {self.kind} specification is {len(self.spec)} "
+                                      f"characters; at most {MAX_GUIDE_CHARS} are accepted")
 
 
 @dataclass
@@ -51,6 +71,7 @@ class SamplingParams:
     ignore_eos: bool = False
     n: int = 1  # parallel samples of the prompt, sharing its KV pages
     logprobs: int | None = None  # top-N alternatives per token (0 = only the sampled one)
+    guided: GuidedDecoding | None = None  # structured output: the text must match this
 
     def __post_init__(self):
         """The one validator of sampling fields: every front door builds a SamplingParams, so

@@ -18,6 +18,7 @@ from kernels import BLOCK_SIZE
 from worker.config import EngineConfig
 from worker.engine.block_manager import BlockManager, pages_for
 from worker.engine.cuda_graphs import BATCH_BUCKETS, DecodeGraphs
+from worker.engine.grammar import GrammarCompiler
 from worker.engine.kv_cache import KVCache
 from worker.engine.model_runner import ModelRunner, StepResult
 from worker.engine.multimodal import VisionEncoder, validate_inputs
@@ -123,6 +124,7 @@ class LLMEngine:
                                   decode_graphs=self._decode_graphs(loaded.model),
                                   vision=(VisionEncoder(loaded.model.visual)
                                           if loaded.model.visual is not None else None))
+        self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
         self.requests: dict[str, list[Sequence]] = {}  # each live request's unfinished samples
         self.stats = EngineStats()
         self._failed_steps = 0  # consecutive steps in which every request failed
@@ -226,8 +228,11 @@ class LLMEngine:
                 f"{self.max_model_len} tokens (prompt + at least one generated token must fit)")
         validate_inputs(tuple(mm_inputs), token_ids, self.runner.model.visual, self.model_name)
         detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids)
-        return Sequence(request_id or uuid.uuid4().hex, token_ids, params, detokenizer,
-                        tuple(mm_inputs))
+        seq = Sequence(request_id or uuid.uuid4().hex, token_ids, params, detokenizer,
+                       tuple(mm_inputs))
+        if params.guided is not None:
+            seq.grammar = self.grammars.matcher(params.guided)
+        return seq
 
     def add_sequence(self, seq: Sequence) -> None:
         """Queues a request; with n > 1 its other samples are forked from it here."""
@@ -344,6 +349,12 @@ class LLMEngine:
         seq.token_ids.append(token)
         self.stats.generated_tokens += 1
         params = seq.params
+        if seq.grammar is not None:
+            if not seq.grammar.accept_token(token):
+                raise RequestFailedError(f"token {token} broke this request's output "
+                                         f"constraint")
+            if seq.grammar.is_terminated():  # the constrained output is complete
+                return self._finish(seq, FinishReason.STOP, [token], logprob)
         if not params.ignore_eos and token in self.tokenizer.eos_token_ids:
             return self._finish(seq, FinishReason.STOP, [token], logprob)
         delta = seq.detokenizer.push(token)

@@ -1,4 +1,5 @@
-"""Batched sampling on the logits' device: greedy, temperature, top-k, top-p, min-p, seeds.
+"""Batched sampling on the logits' device: greedy, temperature, top-k, top-p, min-p, seeds,
+and grammar masks for structured output.
 
 Sampling uses the exponential-race form (argmax of p / E with E ~ Exp(1)), which equals a
 categorical draw and lets each seeded request draw its noise from its own generator.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from worker.engine.grammar import mask_logits
 from worker.engine.sequence import Sequence
 from worker.wire import TokenLogprob
 
@@ -19,7 +21,10 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence],
                  ) -> tuple[list[int], list[TokenLogprob | None]]:
-        """logits [B, V] float32 -> one token id (and optional logprobs) per sequence."""
+        """logits [B, V] float32 -> one token id (and optional logprobs) per sequence.
+        Constrained sequences (structured output) sample among the tokens their grammar
+        allows next."""
+        mask_logits(logits, [s.grammar for s in seqs])
         params = [s.params for s in seqs]
         tokens = logits.argmax(dim=-1)
         sampled_rows = [i for i, p in enumerate(params) if not p.greedy]

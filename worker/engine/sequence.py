@@ -51,6 +51,8 @@ class Sequence:
         self.generator: torch.Generator | None = None  # per-request RNG when a seed is given
         # The sibling whose computed prompt pages this sample takes at its first admission.
         self.fork_of: Sequence | None = None
+        # Structured output: where the output stands in its grammar (an xgrammar matcher).
+        self.grammar = None
 
     @property
     def num_tokens(self) -> int:
@@ -77,6 +79,8 @@ class Sequence:
                                                 self.token_ids[: self.num_prompt_tokens]),
                          self.mm_inputs, index)
         child.fork_of = self
+        if self.grammar is not None:
+            child.grammar = self.grammar.fork()
         return child
 
     @property
