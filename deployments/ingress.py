@@ -9,6 +9,7 @@ Serve pickles the class when it is decorated, so every helper it uses is defined
 """
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -46,6 +47,7 @@ from deployments.openai_api import (
 )
 from deployments.prefix_index import PrefixIndexLookup
 from deployments.proto import msa_serve_pb2 as pb
+from deployments.tool_calls import tool_call_format
 from preprocess.sources import data_url
 from worker.checkpoint import inspect_model
 from worker.wire import SamplingParams
@@ -128,6 +130,7 @@ class Ingress:
         self.model_name = info.name
         self.tokenizer = info.tokenizer
         self.reasoning_markers = info.reasoning_markers
+        self.tool_format = tool_call_format(self.tokenizer.chat_template)
         self.api_keys = self.config.resolved_api_keys()
         engine = self.config.model.engine
         context = min(engine.max_model_len or info.config.max_position_embeddings,
@@ -225,13 +228,21 @@ class Ingress:
         body = parse_request(ChatCompletionRequest, await self._read_body(request))
         self._check_model(body.model)
         params = self._sampling(body, body.num_logprobs)
-        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        if body.uses_tools and self.tool_format is None:
+            raise invalid(f"{self.model_name}'s chat template has no tool-call format this "
+                          f"server can parse; send the request without tools",
+                          "tools_not_supported")
+        messages = [m.template_dict() for m in body.messages]
         prompt = await self.gateway.prepare(messages=messages,
                                             template_kwargs=body.template_kwargs)
+        if body.uses_tools:
+            params = dataclasses.replace(params, guided=body.tool_constraint(
+                self.tool_format, prompt.opens_reasoning))
         stream = await self.gateway.start("chat", prompt, params, arrived)
         writer = ResponseWriter("chat", f"chatcmpl-{uuid.uuid4().hex}", self.model_name,
                                 self.tokenizer, body.logprobs, self.reasoning_markers,
-                                prompt.opens_reasoning)
+                                prompt.opens_reasoning,
+                                body.tool_schemas if body.uses_tools else None)
         return await self._respond(writer, stream, body)
 
     async def _completion(self, request: Request) -> Response:

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from deployments.protocol import GenerateChunk, Usage
+from deployments.tool_calls import ToolCallExtractor
 from worker.errors import InvalidRequestError
 from worker.tokenizer import Tokenizer
 from worker.wire import MAX_CHOICES, GuidedDecoding, SamplingParams, TokenLogprob
@@ -97,12 +98,60 @@ class _Request(BaseModel):
                               else None)
 
 
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCallMessage(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallMessage] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool result: which call it answers
+
+    def template_dict(self) -> dict[str, Any]:
+        """As chat templates read it: a call's arguments as an object, not JSON text."""
+        message = self.model_dump(exclude_none=True)
+        for call in message.get("tool_calls", ()):
+            try:
+                arguments = json.loads(call["function"]["arguments"])
+            except json.JSONDecodeError:
+                raise InvalidRequestError(f"tool call {call['id']!r}: arguments must be JSON "
+                                          f"text") from None
+            if not isinstance(arguments, dict):
+                raise InvalidRequestError(f"tool call {call['id']!r}: arguments must be a "
+                                          f"JSON object")
+            call["function"]["arguments"] = arguments
+        return message
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object",
+                                                                "properties": {}})
+    strict: bool | None = None
+
+
+class ToolDefinition(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: dict[Literal["name"], str]
 
 
 def validate_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -110,7 +159,7 @@ def validate_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if not messages:
         raise InvalidRequestError("messages must not be empty")
     try:
-        return [ChatMessage.model_validate(m).model_dump(exclude_none=True) for m in messages]
+        return [ChatMessage.model_validate(m).template_dict() for m in messages]
     except ValidationError as exc:
         raise InvalidRequestError(f"invalid message: {_problems(exc)}") from None
 
@@ -124,12 +173,55 @@ class ChatCompletionRequest(_Request):
                                       description="extension: passed to the chat template")
     chat_template_kwargs: dict[str, Any] | None = Field(
         None, description="extension: variables for the chat template (as vLLM and SGLang)")
+    tools: list[ToolDefinition] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+
+    @model_validator(mode="after")
+    def _tool_choice_names_a_tool(self):
+        choice = self.tool_choice
+        if choice in ("required",) or isinstance(choice, NamedToolChoice):
+            if not self.tools:
+                raise ValueError("tool_choice needs tools")
+        if isinstance(choice, NamedToolChoice):
+            names = [tool.function.name for tool in self.tools]
+            if choice.function["name"] not in names:
+                raise ValueError(f"tool_choice names {choice.function['name']!r}, which is not "
+                                 f"among the tools {names}")
+        if self.tools and self.response_format and self.response_format.type != "text" \
+                and choice != "none":
+            raise ValueError("response_format cannot be combined with tools; set "
+                             "tool_choice='none' or drop one")
+        return self
+
+    @property
+    def uses_tools(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def tool_constraint(self, tool_format: str, reasoning_open: bool) -> GuidedDecoding | None:
+        """For tool_choice 'required' or a named function: the output is forced into the
+        model's tool-call format (compiled by the engine with xgrammar)."""
+        choice = self.tool_choice
+        if not (choice == "required" or isinstance(choice, NamedToolChoice)):
+            return None
+        tools = [tool.model_dump(exclude_none=True) for tool in self.tools]
+        spec = {"format": tool_format, "tools": tools,
+                "tool_choice": choice if choice == "required" else choice.model_dump(),
+                "reasoning": "enabled" if reasoning_open else "disabled",
+                "parallel_tool_calls": self.parallel_tool_calls}
+        return GuidedDecoding("tool_calls", json.dumps(spec))
+
+    @property
+    def tool_schemas(self) -> dict[str, dict[str, Any]]:
+        return {tool.function.name: tool.function.parameters for tool in self.tools or ()}
 
     @property
     def template_kwargs(self) -> dict[str, Any]:
         kwargs = dict(self.chat_template_kwargs or {})
         if self.thinking_mode is not None:
             kwargs["thinking_mode"] = self.thinking_mode
+        if self.uses_tools:
+            kwargs["tools"] = [tool.model_dump(exclude_none=True) for tool in self.tools]
         return kwargs
 
     @model_validator(mode="after")
@@ -315,6 +407,7 @@ class _ChoiceState:
     """What a response remembers of one choice between its stream chunks."""
 
     reasoning: ReasoningSplitter | None
+    tools: ToolCallExtractor | None
     text_offset: int = 0  # characters of completion tokens already sent (text_offset)
     started: bool = False  # its first chunk (which carries the role) went out
 
@@ -327,7 +420,8 @@ class ResponseWriter:
     def __init__(self, kind: Literal["chat", "completion"], request_id: str, model: str,
                  tokenizer: Tokenizer, with_logprobs: bool,
                  reasoning_markers: tuple[str, str] | None = None,
-                 opens_reasoning: bool = False):
+                 opens_reasoning: bool = False,
+                 tool_schemas: dict[str, dict[str, Any]] | None = None):
         self.kind = kind
         self.id = request_id
         self.model = model
@@ -336,6 +430,7 @@ class ResponseWriter:
         self.with_logprobs = with_logprobs
         self.reasoning_markers = reasoning_markers
         self.opens_reasoning = opens_reasoning
+        self.tool_schemas = tool_schemas  # None: tool calls are not looked for
         self._choices: dict[int, _ChoiceState] = {}
 
     def _choice(self, index: int) -> _ChoiceState:
@@ -343,8 +438,32 @@ class ResponseWriter:
         if state is None:
             markers = self.reasoning_markers
             reasoning = ReasoningSplitter(markers, self.opens_reasoning) if markers else None
-            state = self._choices[index] = _ChoiceState(reasoning)
+            tools = (ToolCallExtractor(self.tool_schemas) if self.tool_schemas is not None
+                     else None)
+            state = self._choices[index] = _ChoiceState(reasoning, tools)
         return state
+
+    @staticmethod
+    def _split(state: _ChoiceState, text: str, last: bool
+               ) -> tuple[str, str, list[dict[str, Any]]]:
+        """(reasoning, content, tool-call deltas) of a piece of one choice's output."""
+        reasoning, content = "", text
+        if state.reasoning is not None:
+            reasoning, content = state.reasoning.take(text, last)
+        calls: list[dict[str, Any]] = []
+        if state.tools is not None:
+            first_index = len(state.tools.calls)
+            content, new_calls = state.tools.feed(content)
+            if last:
+                content += state.tools.finish()
+            calls = [call.body(first_index + i) for i, call in enumerate(new_calls)]
+        return reasoning, content, calls
+
+    @staticmethod
+    def _finish_reason(state: _ChoiceState, engine_reason: str | None) -> str | None:
+        if engine_reason is not None and state.tools is not None and state.tools.calls:
+            return "tool_calls"
+        return finish_reason(engine_reason)
 
     def _envelope(self, object_name: str, choices: list[dict], **extra) -> dict[str, Any]:
         return {"id": self.id, "object": object_name, "created": self.created,
@@ -364,16 +483,20 @@ class ResponseWriter:
         for sample in samples:
             state = self._choice(sample.index)
             choice: dict[str, Any] = {"index": sample.index,
-                                      "finish_reason": finish_reason(sample.finish_reason),
                                       "logprobs": self._logprobs(state, sample.logprobs)}
             if self.kind == "chat":
-                message: dict[str, Any] = {"role": "assistant", "content": sample.text}
+                reasoning, content, calls = self._split(state, sample.text, last=True)
+                message: dict[str, Any] = {"role": "assistant",
+                                           "content": content if content or not calls else None}
                 if state.reasoning is not None:
-                    reasoning, message["content"] = state.reasoning.take(sample.text, last=True)
                     message["reasoning_content"] = reasoning or None
+                if calls:
+                    message["tool_calls"] = [{k: v for k, v in call.items() if k != "index"}
+                                             for call in calls]
                 choice["message"] = message
             else:
                 choice["text"] = sample.text
+            choice["finish_reason"] = self._finish_reason(state, sample.finish_reason)
             choices.append(choice)
         name = "chat.completion" if self.kind == "chat" else "text_completion"
         return self._envelope(name, choices, usage=usage_body(usage))
@@ -381,22 +504,23 @@ class ResponseWriter:
     def stream_chunk(self, chunk: GenerateChunk) -> dict[str, Any]:
         state = self._choice(chunk.index)
         choice: dict[str, Any] = {"index": chunk.index,
-                                  "finish_reason": finish_reason(chunk.finish_reason),
                                   "logprobs": self._logprobs(state, chunk.logprobs)}
         if self.kind == "chat":
-            delta: dict[str, Any] = {"content": chunk.delta}
-            if state.reasoning is not None:
-                reasoning, content = state.reasoning.take(chunk.delta,
-                                                          last=chunk.finish_reason is not None)
-                delta = {"content": content}
-                if reasoning:
-                    delta["reasoning_content"] = reasoning
+            reasoning, content, calls = self._split(state, chunk.delta,
+                                                    last=chunk.finish_reason is not None)
+            delta: dict[str, Any] = {"content": content}
+            if reasoning:
+                delta["reasoning_content"] = reasoning
+            if calls:
+                delta["tool_calls"] = calls
+            choice["finish_reason"] = self._finish_reason(state, chunk.finish_reason)
             if not state.started:
                 delta["role"] = "assistant"
             state.started = True
             choice["delta"] = delta
             return self._envelope("chat.completion.chunk", [choice])
         choice["text"] = chunk.delta
+        choice["finish_reason"] = finish_reason(chunk.finish_reason)
         return self._envelope("text_completion", [choice])
 
     def usage_chunk(self, usage: Usage) -> dict[str, Any]:

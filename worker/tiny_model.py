@@ -64,9 +64,21 @@ M3_VIDEO_PROCESSOR = {
     "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
 }
 # ChatML whose generation prompt opens M3's reasoning unless `thinking_mode` is "disabled".
+# M3's tool-call form (see deployments/tool_calls.py): tools listed in a system block, earlier
+# calls written back in the namespaced XML, tool results as their own turns.
+_M3_NS = "]<]minimax[>["
 M3_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
-    " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{% if tools %}{{ '<|im_start|>system\n# Tools\n' }}{% for tool in tools %}"
+    "{{ tool | tojson }}{{ '\n' }}{% endfor %}{{ '<|im_end|>\n' }}{% endif %}"
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']}}"
+    "{% if message['tool_calls'] %}{{ '" + _M3_NS + "<tool_call>\n' }}"
+    "{% for call in message['tool_calls'] %}"
+    "{{ '" + _M3_NS + "<invoke name=\"' + call['function']['name'] + '\">' }}"
+    "{% for key, value in call['function']['arguments'].items() %}"
+    "{{ '" + _M3_NS + "<' + key + '>' }}{{ value if value is string else value | tojson }}"
+    "{{ '" + _M3_NS + "</' + key + '>' }}{% endfor %}{{ '" + _M3_NS + "</invoke>\n' }}"
+    "{% endfor %}{{ '" + _M3_NS + "</tool_call>' }}{% endif %}"
+    "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|im_start|>assistant\n' }}{% if thinking_mode != 'disabled' %}"
     "{{ '" + M3_THINK_START + "' }}{% endif %}{% endif %}"
 )

@@ -42,14 +42,16 @@ MAX_GUIDE_CHARS = 65536  # a schema, regex or grammar: compiling costs grow with
 @dataclass(frozen=True)
 class GuidedDecoding:
     """A constraint on a request's output, enforced token by token (the engine compiles it
-    with xgrammar): any JSON, a JSON schema, a regex, an EBNF grammar, or a structural tag
-    (a model's tool-call format around JSON-schema arguments)."""
+    with xgrammar): any JSON object, a JSON schema, a regex, an EBNF grammar, or tool calls
+    in the model's format (forced by tool_choice)."""
 
-    kind: Literal["json", "json_schema", "regex", "grammar", "structural_tag"]
-    spec: str = ""  # the schema or structural tag as JSON text, the regex, or the grammar
+    kind: Literal["json", "json_schema", "regex", "grammar", "tool_calls"]
+    # The schema as JSON text, the regex, the grammar, or for tool_calls a JSON object:
+    # {"format", "tools", "tool_choice", "reasoning", "parallel_tool_calls"}.
+    spec: str = ""
 
     def __post_init__(self):
-        if self.kind not in ("json", "json_schema", "regex", "grammar", "structural_tag"):
+        if self.kind not in ("json", "json_schema", "regex", "grammar", "tool_calls"):
             raise InvalidRequestError(f"unknown constraint kind {self.kind!r}")
         if self.kind != "json" and not self.spec:
             raise InvalidRequestError(f"a {self.kind} constraint needs its specification")

@@ -364,6 +364,12 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, htt
         client.completions.create(model="tiny", prompt="x", n=17)
     assert "n:" in err.value.body["message"]
 
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    with pytest.raises(openai.BadRequestError) as err:  # a ChatML template without tools
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
+                                       tools=[tool], tool_choice="required")
+    assert err.value.body["code"] == "tools_not_supported"
+
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model="tiny", prompt="x", max_tokens=5000)
     assert "at most 1000" in err.value.body["message"]

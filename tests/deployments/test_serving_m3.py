@@ -3,6 +3,8 @@ real Ray Serve, redis-server and the official `openai` SDK."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import openai
 import pytest
@@ -109,3 +111,65 @@ def test_video_chat(client):
     assert with_video.usage.prompt_tokens - text_only.usage.prompt_tokens == \
         timestamp_tokens + 2 + 4
     assert with_video.usage.completion_tokens == 3
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "additionalProperties": False,
+                   "required": ["city", "days"],
+                   "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]},
+                                  "days": {"type": "integer", "minimum": 1, "maximum": 7}}}}}
+CLOCK = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "required": ["zone"],
+                                       "properties": {"zone": {"enum": ["UTC", "CET"]}}}}}
+
+
+def test_tool_calls_forced_parsed_streamed_and_continued(client):
+    """tool_choice "required" and a named tool force a call in M3's format (the random model
+    could not write one by chance); the SDK reads it back as tool_calls, whole and streamed,
+    and a conversation carrying the call and its result continues."""
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    # The tiny tokenizer spells one character per token: a call takes ~150 tokens.
+    args = dict(model="tiny-m3", messages=messages, tools=[WEATHER, CLOCK], max_tokens=300,
+                seed=3, parallel_tool_calls=False, extra_body={"thinking_mode": "disabled"})
+    reply = client.chat.completions.create(**args, tool_choice="required")
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
+    for call in choice.message.tool_calls:
+        arguments = json.loads(call.function.arguments)
+        if call.function.name == "get_weather":
+            assert arguments["city"] in ("Paris", "Rome") and 1 <= arguments["days"] <= 7
+        else:
+            assert call.function.name == "get_time" and arguments["zone"] in ("UTC", "CET")
+
+    named = dict(args, tool_choice={"type": "function", "function": {"name": "get_time"}})
+    whole = client.chat.completions.create(**named).choices[0]
+    assert [c.function.name for c in whole.message.tool_calls] == ["get_time"]
+    streamed, finish = [], None
+    for chunk in client.chat.completions.create(**named, stream=True):
+        streamed += chunk.choices[0].delta.tool_calls or []
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls"
+    assert [(c.function.name, c.function.arguments) for c in streamed] == \
+        [(c.function.name, c.function.arguments) for c in whole.message.tool_calls]
+
+    call = whole.message.tool_calls[0]
+    history = messages + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": call.id, "type": "function",
+             "function": {"name": call.function.name, "arguments": call.function.arguments}}]},
+        {"role": "tool", "tool_call_id": call.id, "content": "12:00"}]
+    after = client.chat.completions.create(model="tiny-m3", messages=history, max_tokens=4,
+                                           tools=[WEATHER, CLOCK], extra_body={
+                                               "ignore_eos": True, "thinking_mode": "disabled"})
+    assert after.usage.prompt_tokens > reply.usage.prompt_tokens  # the call and result are in
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="tiny-m3", messages=history[:2] + [
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "x", "type": "function",
+                 "function": {"name": "get_time", "arguments": "{not json"}}]}])
+    assert "arguments must be JSON" in err.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(**dict(args, tool_choice={
+            "type": "function", "function": {"name": "nope"}}))
+    assert "not among the tools" in err.value.body["message"]

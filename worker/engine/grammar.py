@@ -1,7 +1,8 @@
 """Constrained decoding: a request's output must match a JSON schema, a regex, an EBNF grammar or
-a model's tool-call format. xgrammar (the grammar engine vLLM and SGLang use) compiles the
-constraint against this model's vocabulary once per request; each step it yields a token bitmask
-per constrained sequence, applied to the batch's logits on their device.
+a model's tool-call format (xgrammar's structural tag for that model). xgrammar, the grammar
+engine vLLM and SGLang use, compiles the constraint against this model's vocabulary once per
+request; each step it yields a token bitmask per constrained sequence, applied to the batch's
+logits on their device.
 """
 
 from __future__ import annotations
@@ -14,6 +15,11 @@ import xgrammar as xgr
 from worker.errors import InvalidRequestError
 from worker.tokenizer import Tokenizer
 from worker.wire import GuidedDecoding
+
+
+# Whitespace between a tool call's elements, at most: formats put a newline or none there, and
+# an unbounded run would let a model pad the call until max_tokens.
+MAX_TOOL_CALL_WHITESPACE = 2
 
 
 def _vocab_type(backend_json: dict) -> tuple[xgr.VocabType, bool]:
@@ -86,7 +92,13 @@ class GrammarCompiler:
             elif guided.kind == "grammar":
                 compiled = self._compiler.compile_grammar(guided.spec)
             else:
-                compiled = self._compiler.compile_structural_tag(guided.spec)
+                spec = json.loads(guided.spec)
+                tag = xgr.get_builtin_structural_tag(
+                    spec["format"], tools=spec["tools"], tool_choice=spec["tool_choice"],
+                    reasoning=spec["reasoning"],
+                    parallel_tool_calls=spec["parallel_tool_calls"],
+                    max_whitespace_cnt=MAX_TOOL_CALL_WHITESPACE)
+                compiled = self._compiler.compile_structural_tag(tag)
         except Exception as exc:  # xgrammar raises RuntimeError/ValueError with the reason
             raise InvalidRequestError(f"the {guided.kind} constraint does not compile: "
                                       f"{str(exc).strip()[:500]}") from None
