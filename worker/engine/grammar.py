@@ -16,7 +16,6 @@ from worker.errors import InvalidRequestError
 from worker.tokenizer import Tokenizer
 from worker.wire import GuidedDecoding
 
-
 # Whitespace between a tool call's elements, at most: formats put a newline or none there, and
 # an unbounded run would let a model pad the call until max_tokens.
 MAX_TOOL_CALL_WHITESPACE = 2
