@@ -89,8 +89,9 @@ class ChunkStream:
         return Usage.of(list(self.last.values()))
 
     async def __aiter__(self) -> AsyncIterator[GenerateChunk]:
+        chunk = self.first
         try:
-            yield self.first
+            yield chunk
             while self._unfinished:
                 chunk = await self._rest.__anext__()
                 self.last[chunk.index] = chunk
@@ -101,6 +102,8 @@ class ChunkStream:
                 self._rest.cancel()
         usage = self.usage
         metrics.record_usage(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
+        if chunk.replica_load is not None:
+            metrics.set_replica_load(self.replica, chunk.replica_load)
         tokens = max(chunk.completion_tokens for chunk in self.last.values())
         if tokens > 1:
             metrics.TPOT.labels(api=self.api).observe(

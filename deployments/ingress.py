@@ -191,8 +191,11 @@ class Ingress:
         return await self._http("metrics", request, self._metrics_body)
 
     async def _metrics_body(self, request: Request) -> Response:
-        if self.loads is not None:
-            metrics.set_replica_loads(await self.loads.replica_loads())
+        # Redis lists every live replica; while it is unreachable the figures the replicas
+        # sent with their last answers stay.
+        loads = await self.loads.replica_loads() if self.loads is not None else None
+        if loads is not None:
+            metrics.set_replica_loads(loads)
         return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     @api.get("/v1/models")

@@ -39,7 +39,13 @@ def record_usage(prompt_tokens: int, cached_tokens: int, completion_tokens: int)
 
 
 def set_replica_loads(loads: dict[str, dict[str, int]]) -> None:
+    """Every live replica's figures (from Redis): replicas not listed are gone."""
     REPLICA_LOAD.clear()
     for replica, figures in loads.items():
-        for figure, value in figures.items():
-            REPLICA_LOAD.labels(replica=replica, figure=figure).set(value)
+        set_replica_load(replica, figures)
+
+
+def set_replica_load(replica: str, figures: dict[str, int]) -> None:
+    """One replica's figures, as it reported them with a request's last chunk."""
+    for figure, value in figures.items():
+        REPLICA_LOAD.labels(replica=replica, figure=figure).set(value)

@@ -42,12 +42,15 @@ class ModelServer:
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         """Streams chunks; the first one is yielded as soon as the first token exists."""
         prompt = request.prompt
+        unfinished = request.params.n
         async for out in self.engine.generate(prompt.token_ids, request.params,
                                               request.request_id, tuple(prompt.mm_inputs)):
             reason = out.finish_reason.value if out.finish_reason else None
+            unfinished -= out.finished
             yield GenerateChunk(self.replica, out.delta, out.new_token_ids, reason,
                                 out.usage.prompt_tokens, out.usage.completion_tokens,
-                                out.usage.cached_tokens, out.logprobs, out.index)
+                                out.usage.cached_tokens, out.logprobs, out.index,
+                                self.engine.engine.load_figures() if not unfinished else None)
 
     async def check_health(self) -> None:
         """Serve restarts the replica when its engine loop has died or a step hangs; a long

@@ -187,8 +187,8 @@ class PrefixIndexLookup:
         self._log.recovered()
         return {replica: _leading_hits(reply) for replica, reply in zip(replicas, replies)}
 
-    async def replica_loads(self) -> dict[str, dict[str, int]]:
-        """Every live replica's published load figures (for /metrics); {} without Redis."""
+    async def replica_loads(self) -> dict[str, dict[str, int]] | None:
+        """Every live replica's published load figures (for /metrics); None without Redis."""
         prefix = load_key(self.settings, self.model_key, "")
         try:
             keys = [k async for k in self._redis().scan_iter(match=prefix + "*", count=100)]
@@ -198,7 +198,7 @@ class PrefixIndexLookup:
             values = await pipe.execute()
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             self._log.failed(exc)
-            return {}
+            return None
         return {k.removeprefix(prefix): {f: int(v) for f, v in h.items()}
                 for k, h in zip(keys, values) if h}
 

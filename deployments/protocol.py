@@ -54,6 +54,9 @@ class GenerateChunk:
     cached_tokens: int
     logprobs: list[TokenLogprob] = field(default_factory=list)
     index: int = 0  # which of the request's n samples
+    # On a request's last chunk: the replica's load figures then (LLMEngine.load_figures), so
+    # that /metrics shows them with or without Redis.
+    replica_load: dict[str, int] | None = None
 
 
 @dataclass

@@ -555,6 +555,12 @@ def test_requests_succeed_with_redis_stopped(http, stack):
                                 {"role": "user", "content": f"no redis {turn}"}], max_tokens=3)
         assert response.status_code == 200, response.text
     assert _metric(http, "msa_routing_decisions_total", reason="redis_unavailable") >= before + 4
+    # The KV gauges stay: each replica's own figures came back with its last answer.
+    replica = response.headers["x-msa-replica"]
+    gauges = {figure: _metric(http, "msa_replica_load", figure=figure, replica=replica)
+              for figure in ("kv_pages_total", "generated_tokens", "kv_pages_in_use", "running")}
+    assert gauges["kv_pages_total"] > 0 and gauges["generated_tokens"] >= 3
+    assert gauges["kv_pages_in_use"] == 0 and gauges["running"] == 0
 
 
 def _replica_actor(replica_id: str):
