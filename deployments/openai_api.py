@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from deployments.protocol import GenerateChunk, Usage
-from deployments.tool_calls import ToolCallExtractor
+from deployments.tool_calls import ToolCallExtractor, partial_suffix
 from worker.errors import InvalidRequestError
 from worker.tokenizer import Tokenizer
 from worker.wire import MAX_CHOICES, GuidedDecoding, SamplingParams, TokenLogprob
@@ -353,7 +353,7 @@ class ReasoningSplitter:
                 self.after_end = True
                 text = text[at + len(self.end):]
                 continue
-            keep = _partial_suffix(text, self.end)
+            keep = partial_suffix(text, self.end)
             reasoning.append(text[:len(text) - keep])
             self.pending = text[len(text) - keep:]
             break
@@ -371,14 +371,6 @@ class ReasoningSplitter:
             held_reasoning, held_content = self.finish()
             reasoning, content = reasoning + held_reasoning, content + held_content
         return reasoning, content
-
-
-def _partial_suffix(text: str, marker: str) -> int:
-    """The length of the longest end of text that begins the marker."""
-    for size in range(min(len(text), len(marker) - 1), 0, -1):
-        if marker.startswith(text[-size:]):
-            return size
-    return 0
 
 
 @dataclass

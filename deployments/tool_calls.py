@@ -111,8 +111,9 @@ def parse_tool_calls(block: str, schemas: dict[str, dict[str, Any]]) -> list[Too
     return calls
 
 
-def _partial_suffix(text: str, marker: str) -> int:
-    """The length of the longest end of text that begins the marker."""
+def partial_suffix(text: str, marker: str) -> int:
+    """The length of the longest end of text that begins the marker (held back while
+    streaming, in case the marker completes in the next delta)."""
     for size in range(min(len(text), len(marker) - 1), 0, -1):
         if marker.startswith(text[-size:]):
             return size
@@ -137,7 +138,7 @@ class ToolCallExtractor:
         while text:
             start = text.find(CALL_START)
             if start < 0:
-                keep = _partial_suffix(text, CALL_START)
+                keep = partial_suffix(text, CALL_START)
                 content.append(text[:len(text) - keep])
                 self._pending = text[len(text) - keep:]
                 break
