@@ -104,7 +104,7 @@ class ChunkStream:
         metrics.record_usage(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
         if chunk.replica_load is not None:
             metrics.set_replica_load(self.replica, chunk.replica_load)
-        tokens = max(chunk.completion_tokens for chunk in self.last.values())
+        tokens = max(last.completion_tokens for last in self.last.values())
         if tokens > 1:
             metrics.TPOT.labels(api=self.api).observe(
                 (time.perf_counter() - self._first_at) / (tokens - 1))

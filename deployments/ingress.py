@@ -253,7 +253,7 @@ class Ingress:
         body = parse_request(CompletionRequest, await self._read_body(request))
         self._check_model(body.model)
         # best_of ranks samples by their log-probability: the engine reports it then.
-        logprobs = body.logprobs if body.logprobs is not None or not body.picks_best else 0
+        logprobs = 0 if body.picks_best and body.logprobs is None else body.logprobs
         params = self._sampling(body, logprobs)
         prompt = await self.gateway.prepare(prompt=body.prompt)
         stream = await self.gateway.start("completion", prompt, params, arrived)

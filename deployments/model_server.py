@@ -47,6 +47,8 @@ class ModelServer:
                                               request.request_id, tuple(prompt.mm_inputs)):
             reason = out.finish_reason.value if out.finish_reason else None
             unfinished -= out.finished
+            # load_figures only counts (lengths of the engine's queues and page lists): read
+            # here rather than through engine.call, which would hold the last chunk for a step.
             yield GenerateChunk(self.replica, out.delta, out.new_token_ids, reason,
                                 out.usage.prompt_tokens, out.usage.completion_tokens,
                                 out.usage.cached_tokens, out.logprobs, out.index,

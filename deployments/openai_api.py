@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from deployments.protocol import GenerateChunk, Usage
-from deployments.tool_calls import ToolCallExtractor, partial_suffix
+from deployments.tool_calls import ToolCall, ToolCallExtractor, partial_suffix
 from worker.errors import InvalidRequestError
 from worker.tokenizer import Tokenizer
 from worker.wire import MAX_CHOICES, GuidedDecoding, SamplingParams, TokenLogprob
@@ -180,7 +180,7 @@ class ChatCompletionRequest(_Request):
     @model_validator(mode="after")
     def _tool_choice_names_a_tool(self):
         choice = self.tool_choice
-        if choice in ("required",) or isinstance(choice, NamedToolChoice):
+        if choice == "required" or isinstance(choice, NamedToolChoice):
             if not self.tools:
                 raise ValueError("tool_choice needs tools")
         if isinstance(choice, NamedToolChoice):
@@ -204,12 +204,15 @@ class ChatCompletionRequest(_Request):
         choice = self.tool_choice
         if not (choice == "required" or isinstance(choice, NamedToolChoice)):
             return None
-        tools = [tool.model_dump(exclude_none=True) for tool in self.tools]
-        spec = {"format": tool_format, "tools": tools,
+        spec = {"format": tool_format, "tools": self.tool_dicts,
                 "tool_choice": choice if choice == "required" else choice.model_dump(),
                 "reasoning": "enabled" if reasoning_open else "disabled",
                 "parallel_tool_calls": self.parallel_tool_calls}
         return GuidedDecoding("tool_calls", json.dumps(spec))
+
+    @property
+    def tool_dicts(self) -> list[dict[str, Any]]:
+        return [tool.model_dump(exclude_none=True) for tool in self.tools or ()]
 
     @property
     def tool_schemas(self) -> dict[str, dict[str, Any]]:
@@ -221,7 +224,7 @@ class ChatCompletionRequest(_Request):
         if self.thinking_mode is not None:
             kwargs["thinking_mode"] = self.thinking_mode
         if self.uses_tools:
-            kwargs["tools"] = [tool.model_dump(exclude_none=True) for tool in self.tools]
+            kwargs["tools"] = self.tool_dicts
         return kwargs
 
     @model_validator(mode="after")
@@ -436,19 +439,16 @@ class ResponseWriter:
         return state
 
     @staticmethod
-    def _split(state: _ChoiceState, text: str, last: bool
-               ) -> tuple[str, str, list[dict[str, Any]]]:
-        """(reasoning, content, tool-call deltas) of a piece of one choice's output."""
+    def _split(state: _ChoiceState, text: str, last: bool) -> tuple[str, str, list[ToolCall]]:
+        """(reasoning, content, new tool calls) of a piece of one choice's output."""
         reasoning, content = "", text
         if state.reasoning is not None:
             reasoning, content = state.reasoning.take(text, last)
-        calls: list[dict[str, Any]] = []
+        calls: list[ToolCall] = []
         if state.tools is not None:
-            first_index = len(state.tools.calls)
-            content, new_calls = state.tools.feed(content)
+            content, calls = state.tools.feed(content)
             if last:
                 content += state.tools.finish()
-            calls = [call.body(first_index + i) for i, call in enumerate(new_calls)]
         return reasoning, content, calls
 
     @staticmethod
@@ -483,8 +483,7 @@ class ResponseWriter:
                 if state.reasoning is not None:
                     message["reasoning_content"] = reasoning or None
                 if calls:
-                    message["tool_calls"] = [{k: v for k, v in call.items() if k != "index"}
-                                             for call in calls]
+                    message["tool_calls"] = [call.body() for call in calls]
                 choice["message"] = message
             else:
                 choice["text"] = sample.text
@@ -503,8 +502,10 @@ class ResponseWriter:
             delta: dict[str, Any] = {"content": content}
             if reasoning:
                 delta["reasoning_content"] = reasoning
-            if calls:
-                delta["tool_calls"] = calls
+            if calls:  # numbered across the choice's stream
+                first_index = len(state.tools.calls) - len(calls)
+                delta["tool_calls"] = [call.body(first_index + i)
+                                       for i, call in enumerate(calls)]
             choice["finish_reason"] = self._finish_reason(state, chunk.finish_reason)
             if not state.started:
                 delta["role"] = "assistant"

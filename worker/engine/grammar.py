@@ -72,7 +72,6 @@ class GrammarCompiler:
         info = xgr.TokenizerInfo(vocab, vocab_type, vocab_size=vocab_size,
                                  stop_token_ids=list(tokenizer.eos_token_ids),
                                  add_prefix_space=prefix_space)
-        self.vocab_size = vocab_size
         self._compiler = xgr.GrammarCompiler(info)
 
     def matcher(self, guided: GuidedDecoding) -> xgr.GrammarMatcher:

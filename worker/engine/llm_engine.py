@@ -6,6 +6,7 @@ The engine owns the model, the KV cache and the scheduling state; it is not thre
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import uuid
@@ -124,7 +125,6 @@ class LLMEngine:
                                   decode_graphs=self._decode_graphs(loaded.model),
                                   vision=(VisionEncoder(loaded.model.visual)
                                           if loaded.model.visual is not None else None))
-        self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
         self.requests: dict[str, list[Sequence]] = {}  # each live request's unfinished samples
         self.stats = EngineStats()
         self._failed_steps = 0  # consecutive steps in which every request failed
@@ -167,6 +167,12 @@ class LLMEngine:
             self.stats = EngineStats()
             self.runner.sampler = Sampler(self.config.seed, self.device)  # as if never used
         logger.info("warm-up done in %.1f s", time.perf_counter() - started)
+
+    @functools.cached_property
+    def grammars(self) -> GrammarCompiler:
+        """Built at the first constrained request: most engines never need one, and indexing
+        a large vocabulary for xgrammar costs start-up time."""
+        return GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
 
     def _decode_graphs(self, model) -> DecodeGraphs | None:
         # debug_checks read indices on the host in every kernel call: not capturable.

@@ -88,10 +88,9 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             source = seq.fork_of
-            if source is not None:
-                # A parallel sample waits for its sibling's prompt, then shares its pages.
-                if not (source.prompt_computed or source.is_finished):
-                    break
+            # A parallel sample waits for its sibling's prompt, then shares its pages.
+            if source is not None and not (source.prompt_computed or source.is_finished):
+                break
             if source is not None and source.page_ids:
                 self.block_manager.share_prompt(seq, source)
             else:

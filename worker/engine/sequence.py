@@ -74,9 +74,9 @@ class Sequence:
             low, high = SEED_RANGE
             params = dataclasses.replace(params, seed=(params.seed + index - low)
                                          % (high - low + 1) + low)
-        child = Sequence(self.request_id, self.token_ids[: self.num_prompt_tokens], params,
-                         type(self.detokenizer)(self.detokenizer.tokenizer,
-                                                self.token_ids[: self.num_prompt_tokens]),
+        prompt = self.token_ids[: self.num_prompt_tokens]
+        child = Sequence(self.request_id, prompt, params,
+                         IncrementalDetokenizer(self.detokenizer.tokenizer, prompt),
                          self.mm_inputs, index)
         child.fork_of = self
         if self.grammar is not None:
