@@ -28,6 +28,20 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                         choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--kv-cache-memory", default=None, help="e.g. 512MiB, 2GiB")
     parser.add_argument("--topk", type=int, default=None, help="override the model's MSA topk")
+    _add_parallel_args(parser)
+
+
+def _add_parallel_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tensor-parallel-size", type=int, default=None,
+                        help="GPUs (processes) one model replica spans")
+    parser.add_argument("--expert-parallel", action="store_true", default=None,
+                        help="deal whole MoE experts out to the ranks")
+
+
+def _parallel_overrides(args) -> dict:
+    overrides = {"tensor_parallel_size": args.tensor_parallel_size,
+                 "expert_parallel": args.expert_parallel}
+    return {key: value for key, value in overrides.items() if value is not None}
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +57,8 @@ def _engine(args):
     from worker.engine.llm_engine import LLMEngine
 
     return LLMEngine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
-                                  kv_cache_memory=args.kv_cache_memory, topk=args.topk))
+                                  kv_cache_memory=args.kv_cache_memory, topk=args.topk,
+                                  **_parallel_overrides(args)))
 
 
 def _sampling(args):
@@ -123,8 +138,9 @@ def cmd_bench_engine(args) -> None:
 def cmd_up(args) -> None:
     from deployments.local import up
 
-    up(args.config, model=args.model, http_port=args.http_port, grpc_port=args.grpc_port,
-       http_host=args.host)
+    overrides = {"model": args.model} if args.model is not None else {}
+    up(args.config, engine_overrides=overrides | _parallel_overrides(args),
+       http_port=args.http_port, grpc_port=args.grpc_port, http_host=args.host)
 
 
 def cmd_client(args) -> None:
@@ -199,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "127.0.0.1; 0.0.0.0 inside a container)")
     p.add_argument("--http-port", type=int, default=None)
     p.add_argument("--grpc-port", type=int, default=None)
+    _add_parallel_args(p)
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("client", help="call a running server over gRPC")

@@ -75,6 +75,21 @@ class ModelDeployment(Replicas):
         600, gt=0, description="a replica whose engine step runs longer than this fails its "
                                "health check and is replaced (a long step is not a failure)")
 
+    def deployment_options(self) -> dict[str, Any]:
+        """A replica spanning engine.tensor_parallel_size GPUs reserves them all on one node
+        (STRICT_PACK): its own bundle first, then one per other rank (`RankWorker`s)."""
+        options = super().deployment_options()
+        ranks = self.engine.tensor_parallel_size
+        if ranks > 1:
+            def bundle(cpus: float, gpus: float) -> dict[str, float]:
+                return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+
+            options["placement_group_bundles"] = (
+                [bundle(self.num_cpus, self.num_gpus)]
+                + [bundle(1, 1 if self.num_gpus else 0)] * (ranks - 1))
+            options["placement_group_strategy"] = "STRICT_PACK"
+        return options
+
 
 class PreprocessDeployment(Replicas):
     # Autoscaling on ongoing requests per replica is scaling on the preprocess queue's length.

@@ -155,14 +155,16 @@ def banner(endpoints: Endpoints, keyed: bool) -> str:
             f"{endpoints.grpc}{key_flag}\n\nCtrl-C stops everything.")
 
 
-def up(config_path: str | Path = DEFAULT_SERVE_CONFIG, model: str | None = None,
+def up(config_path: str | Path = DEFAULT_SERVE_CONFIG, engine_overrides: dict | None = None,
        http_port: int | None = None, grpc_port: int | None = None,
        http_host: str | None = None) -> None:
-    """The embedded default: serve until Ctrl-C."""
+    """The embedded default: serve until Ctrl-C. engine_overrides replace fields of the
+    config's model.engine (the CLI's --model, --tensor-parallel-size, ...)."""
     config_file = ServeConfigFile.load(config_path)
     app = config_file.app_config()
-    if model is not None:
-        engine = app.model.engine.model_copy(update={"model": model})
+    if engine_overrides:
+        engine = app.model.engine.model_validate(
+            app.model.engine.model_dump() | engine_overrides)
         app = app.model_copy(update={"model": app.model.model_copy(update={"engine": engine})})
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

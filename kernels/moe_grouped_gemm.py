@@ -28,7 +28,8 @@ class ExpertRows:
 
     `rows[i]` is the pair at sorted slot i (pair p = token * top_k + choice), or the pair count
     where a tile's expert has too few pairs to fill it; `tile_expert[j]` is tile j's expert, or
-    the expert count for tiles past the last one in use (their programs return at once).
+    the expert count for tiles past the last one in use and for the pairs whose id is the
+    expert count (experts held by other ranks): their programs return at once.
     """
 
     rows: torch.Tensor  # int32 [num_tiles * tile_rows]
@@ -41,8 +42,9 @@ class ExpertRows:
         pairs = experts.numel()
         # Tiles in use are at most one partial tile per expert plus the full ones: a bound
         # known on the host, so the buffers have fixed sizes.
-        num_tiles = triton.cdiv(pairs, tile_rows) + min(pairs, num_experts)
-        counts = torch.zeros(num_experts, dtype=torch.long, device=chosen.device)
+        # One bucket past the experts holds the other ranks' choices (expert parallelism).
+        num_tiles = triton.cdiv(pairs, tile_rows) + min(pairs, num_experts + 1)
+        counts = torch.zeros(num_experts + 1, dtype=torch.long, device=chosen.device)
         counts.scatter_add_(0, experts, torch.ones_like(experts))
         padded = (counts + tile_rows - 1) // tile_rows * tile_rows
         padded_end = padded.cumsum(0)
@@ -55,7 +57,8 @@ class ExpertRows:
                           device=chosen.device)
         rows[slot] = order.to(torch.int32)
         tile_start = torch.arange(num_tiles, device=chosen.device) * tile_rows
-        tile_expert = torch.searchsorted(padded_end, tile_start, right=True).to(torch.int32)
+        tile_expert = torch.searchsorted(padded_end, tile_start, right=True)
+        tile_expert = tile_expert.clamp(max=num_experts).to(torch.int32)
         return cls(rows, tile_expert, tile_rows)
 
 
@@ -115,7 +118,8 @@ def grouped_gemm(a: torch.Tensor, weights: torch.Tensor, layout: ExpertRows, num
                  row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """out [num_pairs, N]: row p = a[p // a_row_div] @ weights[expert of p].T (x row_scale[p])."""
     num_experts, n, k = weights.shape
-    out = torch.empty(num_pairs, n, dtype=a.dtype, device=a.device)
+    # Zeros: the rows of pairs whose expert is on another rank are never written.
+    out = torch.zeros(num_pairs, n, dtype=a.dtype, device=a.device)
     block_n = min(shape.cols, max(16, triton.next_power_of_2(n)))
     block_k = min(shape.depth, max(16, triton.next_power_of_2(k)))
     grid = (layout.tile_expert.numel(), triton.cdiv(n, block_n))

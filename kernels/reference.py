@@ -45,8 +45,9 @@ class _WorkUnit:
     seqs: torch.Tensor  # int64 [n]: rows of block_table / seq_lens
     rows: torch.Tensor  # int64 [n * t]: packed query rows, sequence-major
     positions: torch.Tensor  # int64 [n, t]
-    own_pages: torch.Tensor  # int64 [n]: pages each sequence has
+    seq_lens: torch.Tensor  # int64 [n]: tokens each sequence has in the cache
     key_end: int  # keys [0, key_end) cover every row's causal window
+    prefill_of: int | None  # the sequence a prefill chunk belongs to; None for decode rows
 
     @property
     def num_pages(self) -> int:
@@ -54,13 +55,34 @@ class _WorkUnit:
 
     def gather(self, cache: torch.Tensor, block_table: torch.Tensor,
                dtype: torch.dtype) -> torch.Tensor:
-        """Each sequence's first key_end tokens of a paged cache, logical order: [n, S, H, D]."""
-        columns = torch.arange(self.num_pages, device=cache.device)
-        pages = block_table[self.seqs, : self.num_pages].long()
-        pages = torch.where(columns[None, :] < self.own_pages[:, None], pages, 0)
+        """Each sequence's pages of a paged cache in logical order, [n, pages * 128, H, D]:
+        every key up to the sequence's end, so a prefill's chunks can share one gather. Slots
+        past a sequence's end are zeroed: stale contents of a reused page (even NaN) must not
+        meet the zero softmax weight of a masked key."""
+        own_pages = -(-self.seq_lens // BLOCK_SIZE)
+        pages = block_table[self.seqs, : int(own_pages.max())].long()
+        columns = torch.arange(pages.shape[1], device=cache.device)
+        pages = torch.where(columns[None, :] < own_pages[:, None], pages, 0)
         # index_select copies whole pages (memcpy-sized rows): ~2x faster than fancy indexing.
-        tokens = torch.index_select(cache, 0, pages.flatten())
-        return tokens.view(-1, self.num_pages * BLOCK_SIZE, *cache.shape[2:])[:, : self.key_end].to(dtype)
+        tokens = torch.index_select(cache, 0, pages.flatten()).to(dtype)
+        tokens = tokens.view(len(self.seqs), -1, *cache.shape[2:])
+        slots = torch.arange(tokens.shape[1], device=cache.device)
+        past_end = slots[None, :] >= self.seq_lens[:, None]
+        return tokens.masked_fill_(past_end[:, :, None, None], 0)
+
+
+def _with_keys(units: Iterator[_WorkUnit], caches: tuple[torch.Tensor, ...],
+               block_table: torch.Tensor, dtype: torch.dtype,
+               ) -> Iterator[tuple[_WorkUnit, list[torch.Tensor]]]:
+    """Each unit with the whole pages of every cache its rows may see, [n, pages * 128, H, D].
+    The chunks of one prefill slice a single gather of their sequence: a long prompt's context
+    is copied out of the pages once per call, not once per chunk."""
+    held_for, held = None, []
+    for unit in units:
+        if unit.prefill_of is None or unit.prefill_of != held_for:
+            held_for = unit.prefill_of
+            held = [unit.gather(cache, block_table, dtype) for cache in caches]
+        yield unit, [keys[:, : unit.num_pages * BLOCK_SIZE] for keys in held]
 
 
 def _work_units(seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, elements_per_key: int,
@@ -79,7 +101,7 @@ def _work_units(seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, elements_per
                 end = min(start + step, cu[b + 1])
                 first = seq_len - q_len + (start - cu[b])
                 yield _unit([b], list(range(start, end)), [list(range(first, first + end - start))],
-                            [seq_len], device)
+                            [seq_len], device, prefill_of=b)
     # Decode rows batch by similar length: keys are padded to a unit's longest sequence, so a
     # unit ends once a sequence is 25% longer than its first (padding waste stays under 25%).
     decode.sort(key=lambda b: lens[b])
@@ -95,13 +117,12 @@ def _work_units(seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, elements_per
 
 
 def _unit(seqs: list[int], rows: list[int], positions: list[list[int]], seq_lens: list[int],
-          device: torch.device) -> _WorkUnit:
+          device: torch.device, prefill_of: int | None = None) -> _WorkUnit:
     def tensor(values):
         return torch.tensor(values, dtype=torch.long, device=device)
 
-    return _WorkUnit(tensor(seqs), tensor(rows), tensor(positions),
-                     tensor([-(-n // BLOCK_SIZE) for n in seq_lens]),
-                     key_end=max(p[-1] for p in positions) + 1)
+    return _WorkUnit(tensor(seqs), tensor(rows), tensor(positions), tensor(seq_lens),
+                     key_end=max(p[-1] for p in positions) + 1, prefill_of=prefill_of)
 
 
 def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
@@ -144,19 +165,19 @@ def select_blocks(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_table: t
     total_q, num_groups, index_dim = q_idx.shape
     acc = _accumulation_dtype(q_idx)
     selected = torch.full((total_q, num_groups, topk), -1, dtype=torch.int32, device=q_idx.device)
-    for unit in _work_units(seq_lens, cu_seqlens_q, num_groups, q_idx.device):
+    units = _work_units(seq_lens, cu_seqlens_q, num_groups, q_idx.device)
+    for unit, (keys,) in _with_keys(units, (k_idx_cache,), block_table, acc):
         n, t = unit.positions.shape
-        # [n, H_ik, Di, S]; H_ik == 1 broadcasts over the groups in the matmul below.
-        keys = unit.gather(k_idx_cache, block_table, acc).permute(0, 2, 3, 1)
+        # Only blocks wholly before a query's own block compete, and every key of those is
+        # causally visible: score just those pages, unmasked. The 1/sqrt(Di) scale of the
+        # spec's scores is left out: a positive scale keeps their order, and only order counts.
+        num_historical = (unit.key_end - 1) // BLOCK_SIZE
+        keys = keys[:, : num_historical * BLOCK_SIZE].permute(0, 2, 3, 1)  # [n, H_ik, Di, S]
+        # H_ik == 1 broadcasts over the groups in the matmul below.
         queries = q_idx[unit.rows].to(acc).view(n, t, num_groups, index_dim).transpose(1, 2)
-        scores = (queries @ keys) / math.sqrt(index_dim)  # [n, Hkv, t, S]
-        key_pos = torch.arange(unit.key_end, device=q_idx.device)
-        causal = key_pos[None, None, :] <= unit.positions[:, :, None]  # [n, t, S]
-        scores = scores.masked_fill(~causal[:, None], -math.inf)
-        padded = unit.num_pages * BLOCK_SIZE
-        scores = torch.nn.functional.pad(scores, (0, padded - unit.key_end), value=-math.inf)
-        block_scores = scores.view(n, num_groups, t, unit.num_pages, BLOCK_SIZE).amax(-1)
-        block_scores = block_scores.transpose(1, 2).reshape(n * t, num_groups, unit.num_pages)
+        scores = queries @ keys  # [n, Hkv, t, S]
+        block_scores = scores.view(n, num_groups, t, num_historical, BLOCK_SIZE).amax(-1)
+        block_scores = block_scores.transpose(1, 2).reshape(n * t, num_groups, num_historical)
         selected[unit.rows] = topk_with_local_block(block_scores, unit.positions.flatten(), topk)
     return selected
 
@@ -174,36 +195,38 @@ def _attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     out = torch.zeros_like(q)
     lse = (torch.full((total_q, num_heads), -math.inf, dtype=torch.float32, device=q.device)
            if return_lse else None)
-    for unit in _work_units(seq_lens, cu_seqlens_q, num_heads, q.device):
+    units = _work_units(seq_lens, cu_seqlens_q, num_heads, q.device)
+    for unit, (k, v) in _with_keys(units, (k_cache, v_cache), block_table, acc):
         n, t = unit.positions.shape
-        key_pos = torch.arange(unit.key_end, device=q.device)
-        visible = (key_pos[None, None, :] <= unit.positions[:, :, None])[:, None]  # [n,1,t,S]
+        num_pages = unit.num_pages
+        # The additive mask (0 visible, -inf hidden) is built as [n, Hkv, G, t, pages, 128] in
+        # one broadcast op: the G heads of a group share its keys and, row by row, its mask, so
+        # they fold into the query rows, [n, Hkv, G * t, D], and K/V stay a strided view of one
+        # gather. A float mask spares SDPA its own pass converting a boolean one.
+        key_pos = torch.arange(num_pages * BLOCK_SIZE, device=q.device).view(num_pages, BLOCK_SIZE)
+        causal = key_pos <= unit.positions[:, None, None, :, None, None]  # [n, 1, 1, t, P, 128]
+        page_bias = torch.zeros((1,) * 6, dtype=acc, device=q.device)
         if blocks is not None:
             chosen = blocks[unit.rows].long().view(n, t, num_groups, -1)
-            num_pages = unit.num_pages
             chosen = torch.where((chosen < 0) | (chosen >= num_pages), num_pages, chosen)
-            page_mask = torch.zeros(n, t, num_groups, num_pages + 1, dtype=torch.bool,
-                                    device=q.device)
-            page_mask.scatter_(-1, chosen, True)
-            token_mask = page_mask[..., key_pos // BLOCK_SIZE]  # [n, t, Hkv, S]
-            visible = visible & token_mask.permute(0, 2, 1, 3)  # [n, Hkv, t, S]
-        # The G heads of a group share its keys and, row by row, its mask: fold them into the
-        # query rows, [n, Hkv, G * t, D], so K/V stay a strided view of one gather.
-        visible = visible[:, :, None].expand(-1, -1, group_size, -1, -1)
-        visible = visible.reshape(n, visible.shape[1], group_size * t, unit.key_end)
+            page_bias = torch.full((n, t, num_groups, num_pages + 1), -math.inf, dtype=acc,
+                                   device=q.device)
+            page_bias.scatter_(-1, chosen, 0.0)
+            page_bias = page_bias[..., :num_pages].transpose(1, 2).contiguous()[:, :, None, ..., None]
+        page_bias = page_bias.expand(n, num_groups, group_size, t, num_pages, 1)
+        bias = torch.where(causal, page_bias, -math.inf).view(n, num_groups, group_size * t, -1)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [n, Hkv, S, D]
         queries = q[unit.rows].to(acc).view(n, t, num_groups, group_size, head_dim)
         queries = queries.permute(0, 2, 3, 1, 4).reshape(n, num_groups, group_size * t, head_dim)
-        k = unit.gather(k_cache, block_table, acc).transpose(1, 2)  # [n, Hkv, S, D]
-        v = unit.gather(v_cache, block_table, acc).transpose(1, 2)
         unit_out = torch.nn.functional.scaled_dot_product_attention(
-            queries, k, v, attn_mask=visible, scale=scale)
+            queries, k, v, attn_mask=bias, scale=scale)
         # A row that sees nothing (only possible with malformed selections) yields 0.
         unit_out = unit_out.nan_to_num(0.0).view(n, num_groups, group_size, t, head_dim)
         out[unit.rows] = unit_out.permute(0, 3, 1, 2, 4).reshape(n * t, num_heads,
                                                                  head_dim).to(q.dtype)
         if lse is not None:
             scores = (queries @ k.transpose(-1, -2)) * scale
-            row_lse = scores.masked_fill(~visible, -math.inf).logsumexp(dim=-1)  # [n,Hkv,G*t]
+            row_lse = (scores + bias).logsumexp(dim=-1)  # [n, Hkv, G * t]
             row_lse = row_lse.view(n, num_groups, group_size, t).permute(0, 3, 1, 2)
             lse[unit.rows] = row_lse.reshape(n * t, num_heads).float()
     return out, lse
@@ -235,13 +258,15 @@ def routed_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     of route_weight * (activation(x @ w13[e].T) @ w2[e].T).
 
     x [T, H]; w13 [E, 2I, H] (both input projections stacked, as `activation` splits them);
-    w2 [E, H, I]; route_weights [T, top_k] (fp32); chosen int [T, top_k] expert ids. Each
-    expert that was chosen runs once on its tokens, so CPU steps cost the chosen experts only.
+    w2 [E, H, I]; route_weights [T, top_k] (fp32); chosen int [T, top_k] expert ids in [0, E],
+    where E marks a choice of an expert held elsewhere (expert parallelism): it adds nothing.
+    Each expert that was chosen runs once on its tokens, so CPU steps cost the chosen experts
+    only.
     """
     top_k = chosen.shape[1]
     flat = chosen.flatten()
     order = flat.argsort(stable=True)
-    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
+    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()[: w13.shape[0]]
     out = torch.zeros_like(x)
     start = 0
     for expert, count in enumerate(counts):

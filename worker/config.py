@@ -390,6 +390,12 @@ class EngineConfig(BaseModel):
         None, description="bytes for KV pages (e.g. '1GiB'); default 1GiB on CPU, "
                           "gpu_memory_fraction of free memory on CUDA")
     gpu_memory_fraction: float = Field(0.85, gt=0, le=1)
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="processes (GPUs) one replica spans: attention heads, MLP columns "
+                             "and the vocabulary split across them; ranks 1.. run as Ray actors")
+    expert_parallel: bool = Field(
+        False, description="with tensor_parallel_size > 1, deal whole MoE experts out to the "
+                           "ranks instead of slicing every expert")
     max_num_seqs: int = Field(64, ge=1)
     max_num_batched_tokens: int = Field(2048, ge=16)
     max_model_len: int | None = Field(None, ge=1)

@@ -26,6 +26,7 @@ from worker.errors import ModelLoadError
 from worker.layers.norms import GemmaRMSNorm, RMSNorm
 from worker.models.minimax_m3 import MiniMaxM3ForCausalLM
 from worker.models.msa import MSAForCausalLM
+from worker.parallel import shard_specs
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class WeightFiller:
         if config.tie_word_embeddings:  # to_empty gives each module its own tensor: tie again
             self.model.lm_head.weight = self.model.model.embed_tokens.weight
         self.params = dict(self.model.named_parameters())
+        self.shards = shard_specs(self.model)  # this rank's pieces under tensor parallelism
         self.filled = dict.fromkeys(self.params, 0)  # elements copied into each weight
         self.resolve = getattr(self.model, "checkpoint_target", lambda name: (name, ()))
 
@@ -85,6 +87,12 @@ class WeightFiller:
         if param is None:
             raise ModelLoadError(f"{self.source}: unexpected tensor {name} (not a weight of "
                                  f"this {self.config.model_type} config)")
+        spec = self.shards.get(param_name)
+        if spec is not None:
+            local = spec.localize(index, tensor, param.shape)
+            if local is None:
+                return  # another rank's expert
+            index, tensor = local
         destination = param.data[index] if index else param.data
         if tuple(destination.shape) != tuple(tensor.shape):
             raise ModelLoadError(f"{self.source}: {name} has shape {tuple(tensor.shape)}, "

@@ -50,6 +50,9 @@ VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video
 # them in decoded text for the reasoning parser).
 M3_SPECIAL_TOKENS = (M3_VISION_START_TOKEN, M3_VISION_END_TOKEN, M3_IMAGE_TOKEN, M3_VIDEO_TOKEN,
                      M3_THINK_START, M3_THINK_END)
+# Released vocabularies are padded with reserved tokens so that the vocabulary splits evenly
+# over tensor-parallel ranks (M3's 200,064 = 8 x 25,008): these pad the tiny one to 272.
+M3_RESERVED_TOKENS = tuple(f"<|reserved_{i}|>" for i in range(7))
 # transformers' MiniMaxM3VLImageProcessor settings, as the released checkpoint ships them.
 M3_IMAGE_PROCESSOR = {
     "image_processor_type": "MiniMaxM3VLImageProcessor",
@@ -237,7 +240,7 @@ def make_m3_checkpoint(path: str | Path, seed: int = 0, topk: int = 3,
     model.safetensors.index.json, and a tokenizer. transformers loads it as
     MiniMaxM3SparseForConditionalGeneration."""
     path = Path(path)
-    tokenizer = write_tokenizer(path, M3_SPECIAL_TOKENS, M3_CHAT_TEMPLATE)
+    tokenizer = write_tokenizer(path, M3_SPECIAL_TOKENS + M3_RESERVED_TOKENS, M3_CHAT_TEMPLATE)
     raw = tiny_m3_config_dict(tokenizer.get_vocab_size(), tokenizer.token_to_id("<|im_end|>"),
                               topk)
     raw.update(image_token_index=tokenizer.token_to_id(M3_IMAGE_TOKEN),

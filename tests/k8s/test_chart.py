@@ -107,8 +107,16 @@ def test_production_values_render_valid_manifests(chart, rayservice_schema):
     args = AppConfig.model_validate(config["applications"][0]["args"])
     assert args.redis.url == "redis://prefix-cache.redis.svc.cluster.local:6379/0"
     assert args.model.autoscaling.max_replicas == 16 and args.model.num_replicas is None
-    assert args.model.num_gpus == 8 and args.model.engine.max_num_seqs == 256
+    assert args.model.num_gpus == 1 and args.model.engine.max_num_seqs == 256
+    assert args.model.engine.tensor_parallel_size == 8
+    bundles = args.model.deployment_options()["placement_group_bundles"]
+    assert bundles == [{"CPU": 16, "GPU": 1}] + [{"CPU": 1, "GPU": 1}] * 7
     assert args.preprocess.autoscaling.max_replicas == 32
+
+
+def test_a_replica_wider_than_a_pod_is_refused(chart):
+    with pytest.raises(Exception, match="tensorParallelSize \\(4\\) exceeds gpuWorkers.gpusPerPod"):
+        render(chart, {"modelReplicas": {"tensorParallelSize": 4}})
 
 
 def test_serve_config_has_one_source_of_truth(chart):

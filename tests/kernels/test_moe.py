@@ -65,6 +65,22 @@ def test_expert_rows_group_every_pair_once_in_its_experts_tiles():
     assert (rows[~used] == pairs).all()
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_experts_dealt_to_two_ranks_sum_to_the_whole_layer(backend):
+    """Expert parallelism: each rank holds half the experts and maps the other half's choices
+    to the id one past its own; the two partial outputs add up to the layer's."""
+    x, w13, w2, weights, chosen = _layer(40, 8, 4, 32, 40, seed=3)
+    whole = kernels.routed_experts(x, w13, w2, weights, chosen, _swiglu, backend="reference")
+    parts = []
+    for start in (0, 4):
+        local = chosen - start
+        local = torch.where((local >= 0) & (local < 4), local, 4)
+        parts.append(kernels.routed_experts(x, w13[start:start + 4], w2[start:start + 4],
+                                            weights, local, _swiglu, backend=backend))
+    assert parts[0].abs().max() > 0.1 and parts[1].abs().max() > 0.1
+    torch.testing.assert_close(parts[0] + parts[1], whole, atol=1e-5, rtol=1e-5)
+
+
 def test_routed_experts_refuses_weights_that_do_not_fit():
     x, w13, w2, weights, chosen = _layer(3, 4, 2, 16, 8, seed=0)
     with pytest.raises(ValueError, match="do not fit"):

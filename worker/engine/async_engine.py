@@ -130,11 +130,14 @@ class AsyncLLMEngine:
         if started is not None and time.monotonic() - started > stuck_step_s:
             raise EngineDeadError(f"one engine step has run for {time.monotonic() - started:.0f} s "
                                   f"(limit {stuck_step_s:g} s)")
+        if self.engine.peers is not None:
+            self.engine.peers.check_alive()
 
     def shutdown(self) -> None:
         self._stopping = True
         self._wakeup.set()
         self._thread.join(timeout=30)
+        self.engine.close()
 
     def _send(self, command) -> None:
         self._commands.put(command)

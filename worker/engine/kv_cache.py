@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels import to_index_key_dtype
+from worker import parallel
 from worker.config import ModelConfig
 from worker.wire import BLOCK_SIZE
 
@@ -34,8 +35,17 @@ class AttentionMetadata:
     check_indices: bool = False
 
 
+def local_index_key_heads(config: ModelConfig) -> int:
+    """Index-key heads on this rank: one per KV group are split with the KV heads, one shared
+    head is replicated."""
+    if config.msa.index_key_heads == 1:
+        return 1
+    return parallel.state().kv_heads(config.num_key_value_heads)[1]
+
+
 class KVCache:
-    """K, V and (for a learned indexer) index-key pages for every layer."""
+    """K, V and (for a learned indexer) index-key pages for every layer: this rank's KV heads
+    under tensor parallelism, with the same page ids on every rank."""
 
     def __init__(self, config: ModelConfig, num_pages: int, dtype: torch.dtype,
                  device: torch.device, index_key_dtype: torch.dtype | None = None):
@@ -44,14 +54,14 @@ class KVCache:
         # One page past those the BlockManager hands out: the padding rows of a CUDA-graph
         # batch write their throwaway K/V there.
         self.scratch_page = num_pages
-        shape = (config.num_hidden_layers, num_pages + 1, BLOCK_SIZE, config.num_key_value_heads,
-                 config.head_dim)
+        kv_heads = parallel.state().kv_heads(config.num_key_value_heads)[1]
+        shape = (config.num_hidden_layers, num_pages + 1, BLOCK_SIZE, kv_heads, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.k_idx = None
         if config.msa.indexer == "learned":
             self.k_idx = torch.zeros(config.num_hidden_layers, num_pages + 1, BLOCK_SIZE,
-                                     config.msa.index_key_heads, config.msa.index_head_dim,
+                                     local_index_key_heads(config), config.msa.index_head_dim,
                                      dtype=index_key_dtype or dtype, device=device)
 
     @staticmethod
@@ -60,9 +70,10 @@ class KVCache:
         def size(t: torch.dtype) -> int:
             return torch.empty((), dtype=t).element_size()
 
-        per_token = 2 * config.num_key_value_heads * config.head_dim * size(dtype)
+        kv_heads = parallel.state().kv_heads(config.num_key_value_heads)[1]
+        per_token = 2 * kv_heads * config.head_dim * size(dtype)
         if config.msa.indexer == "learned":
-            per_token += (config.msa.index_key_heads * config.msa.index_head_dim
+            per_token += (local_index_key_heads(config) * config.msa.index_head_dim
                           * size(index_key_dtype or dtype))
         return config.num_hidden_layers * BLOCK_SIZE * per_token
 

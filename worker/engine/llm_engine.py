@@ -23,6 +23,7 @@ from worker.engine.grammar import GrammarCompiler
 from worker.engine.kv_cache import KVCache
 from worker.engine.model_runner import ModelRunner, StepResult
 from worker.engine.multimodal import VisionEncoder, validate_inputs
+from worker.engine.rank_workers import RankWorkers
 from worker.engine.sampler import Sampler
 from worker.engine.scheduler import ScheduledBatch, Scheduler
 from worker.engine.sequence import FinishReason, Sequence, SequenceStatus
@@ -102,6 +103,23 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, page_listener: PageEventListener | None = None):
         self.config = config
         self.device, self.dtype = resolve_device_and_dtype(config)
+        # Ranks 1.. start first: the layers of every rank are built inside the group.
+        self.peers = RankWorkers(config) if config.tensor_parallel_size > 1 else None
+        try:
+            self._build(page_listener)
+        except BaseException:
+            if self.peers is not None:  # they must not outlive a replica that failed to start
+                self.peers.close(graceful=False)
+            raise
+        num_pages = self.block_manager.num_pages
+        logger.info("engine ready: model=%s device=%s dtype=%s kv_pages=%d kv_tokens=%d "
+                    "max_model_len=%d topk=%d tensor_parallel=%d", self.model_name, self.device,
+                    str(self.dtype).removeprefix("torch."), num_pages, num_pages * BLOCK_SIZE,
+                    self.max_model_len, self.topk, self.config.tensor_parallel_size)
+
+    def _build(self, page_listener: PageEventListener | None) -> None:
+        """The model, KV cache, scheduling state and runner (on every rank's layers)."""
+        config = self.config
         loaded = load_model(config.model, self.dtype, self.device, config.served_model_name,
                             config.load_format)
         self.model_name = loaded.name
@@ -118,22 +136,21 @@ class LLMEngine:
                                           listener=page_listener, debug_checks=config.debug_checks)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens)
+        if self.peers is not None:
+            self.peers.start_caches(num_pages, self.index_key_dtype)
         self.cache = KVCache(self.model_config, num_pages, self.dtype, self.device,
                              self.index_key_dtype)
         self.runner = ModelRunner(loaded.model, self.cache, Sampler(config.seed, self.device),
                                   topk=config.topk, debug_checks=config.debug_checks,
                                   decode_graphs=self._decode_graphs(loaded.model),
                                   vision=(VisionEncoder(loaded.model.visual)
-                                          if loaded.model.visual is not None else None))
+                                          if loaded.model.visual is not None else None),
+                                  peers=self.peers)
         self.requests: dict[str, list[Sequence]] = {}  # each live request's unfinished samples
         self.stats = EngineStats()
         self._failed_steps = 0  # consecutive steps in which every request failed
         if config.warm_up if config.warm_up is not None else self.device.type == "cuda":
             self._warm_up()
-        logger.info("engine ready: model=%s device=%s dtype=%s kv_pages=%d kv_tokens=%d "
-                    "max_model_len=%d topk=%d", self.model_name, self.device,
-                    str(self.dtype).removeprefix("torch."), num_pages, num_pages * BLOCK_SIZE,
-                    self.max_model_len, self.topk)
 
     def _warm_up(self) -> None:
         """Runs throwaway requests through every kind of step (a fresh prompt past the sparse
@@ -175,8 +192,10 @@ class LLMEngine:
         return GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
 
     def _decode_graphs(self, model) -> DecodeGraphs | None:
-        # debug_checks read indices on the host in every kernel call: not capturable.
-        if self.device.type != "cuda" or self.config.enforce_eager or self.config.debug_checks:
+        # debug_checks read indices on the host in every kernel call: not capturable. The
+        # other ranks of a tensor-parallel replica run eager steps only, so rank 0 does too.
+        if self.device.type != "cuda" or self.config.enforce_eager or \
+                self.config.debug_checks or self.peers is not None:
             return None
         return DecodeGraphs(model, self.cache, self.topk,
                             min(self.config.max_num_seqs, BATCH_BUCKETS[-1]), self.max_model_len)
@@ -269,6 +288,11 @@ class LLMEngine:
     @property
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    def close(self) -> None:
+        """Stops the other ranks of a tensor-parallel replica (nothing to do otherwise)."""
+        if self.peers is not None:
+            self.peers.close()
 
     def load_figures(self) -> dict[str, int]:
         """What routers and dashboards weigh a replica by, plus its running token total."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -15,6 +17,9 @@ from worker.engine.scheduler import ScheduledBatch
 from worker.engine.sequence import Sequence
 from worker.models.base import PagedCausalLM
 from worker.wire import TokenLogprob
+
+if TYPE_CHECKING:
+    from worker.engine.rank_workers import RankWorkers
 
 
 @dataclass
@@ -31,13 +36,60 @@ class StepResult:
         self.logprobs += other.logprobs
 
 
+@dataclass
+class StepInputs:
+    """An eager step's model inputs as built on the host: what rank 0 of a tensor-parallel
+    replica broadcasts to the other ranks once per step (and all that it broadcasts)."""
+
+    input_ids: torch.Tensor  # int64 [T]
+    positions: torch.Tensor  # int64 [T]
+    cu_seqlens_q: torch.Tensor  # int32 [B + 1]
+    seq_lens: torch.Tensor  # int32 [B]
+    block_table: torch.Tensor  # int32 [B, max_pages]
+    slot_mapping: torch.Tensor  # int64 [T]
+    logit_rows: list[int]  # packed rows whose logits are sampled
+    mm_embeds: tuple[torch.Tensor, torch.Tensor] | None  # (packed rows, embeddings)
+
+    def to_host(self) -> "StepInputs":
+        """The same inputs with the image embeddings (computed on rank 0's device) on the host."""
+        if self.mm_embeds is None:
+            return self
+        rows, embeds = self.mm_embeds
+        return dataclasses.replace(self, mm_embeds=(rows.cpu(), embeds.cpu()))
+
+
+def forward_step(model: PagedCausalLM, cache: KVCache, inputs: StepInputs, topk: int | None,
+                 check_indices: bool) -> torch.Tensor | None:
+    """The model's forward over one step's inputs: logits of the sampled rows, or None. Every
+    rank of a tensor-parallel replica runs it on the same inputs (its collectives pair up)."""
+    device = cache.k.device
+
+    def here(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(device, non_blocking=True)
+
+    metadata = AttentionMetadata(
+        cu_seqlens_q=here(inputs.cu_seqlens_q), seq_lens=here(inputs.seq_lens),
+        block_table=here(inputs.block_table), slot_mapping=here(inputs.slot_mapping),
+        max_seq_len=int(inputs.seq_lens.max()), check_indices=check_indices)
+    mm_embeds = None
+    if inputs.mm_embeds is not None:
+        mm_embeds = tuple(here(t) for t in inputs.mm_embeds)
+    hidden = model(here(inputs.input_ids), here(inputs.positions), metadata, cache, topk,
+                   mm_embeds)
+    if not inputs.logit_rows:
+        return None
+    return model.compute_logits(hidden[torch.tensor(inputs.logit_rows, device=device)])
+
+
 class ModelRunner:
     """`decode_graphs`, when given, replays the decode steps that fit it (CUDA only);
-    `vision` embeds the images and videos of the prompt chunks that reach them."""
+    `vision` embeds the images and videos of the prompt chunks that reach them; `peers`, on
+    rank 0 of a tensor-parallel replica, hands each eager step's inputs to the other ranks."""
 
     def __init__(self, model: PagedCausalLM, cache: KVCache, sampler: Sampler,
                  topk: int | None = None, debug_checks: bool = False,
-                 decode_graphs: DecodeGraphs | None = None, vision: VisionEncoder | None = None):
+                 decode_graphs: DecodeGraphs | None = None, vision: VisionEncoder | None = None,
+                 peers: "RankWorkers | None" = None):
         self.model = model
         self.vision = vision
         self.cache = cache
@@ -45,10 +97,11 @@ class ModelRunner:
         self.topk = topk
         self.debug_checks = debug_checks
         self.decode_graphs = decode_graphs
+        self.peers = peers
         self.device = cache.k.device
 
-    def prepare(self, batch: ScheduledBatch):
-        """(input_ids, positions, metadata, rows whose logits are sampled) for a mixed step."""
+    def prepare(self, batch: ScheduledBatch) -> tuple[StepInputs, list[int]]:
+        """(the model inputs of a mixed step, which batch rows are sampled)."""
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -69,22 +122,16 @@ class ModelRunner:
             block_table[b, : len(seq.page_ids)] = torch.tensor(seq.page_ids, dtype=torch.int32)
             if end == seq.num_tokens:  # the chunk reaches the newest token: sample the next
                 sample_rows.append(b)
-
-        def to_device(values, dtype):
-            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
-
-        metadata = AttentionMetadata(
-            cu_seqlens_q=to_device(cu_seqlens_q, torch.int32),
-            seq_lens=to_device(seq_lens, torch.int32),
-            block_table=block_table.to(self.device, non_blocking=True),
-            slot_mapping=to_device(slots, torch.long),
-            max_seq_len=max(seq_lens),
-            check_indices=self.debug_checks,
-        )
-        logit_rows = [cu_seqlens_q[b + 1] - 1 for b in sample_rows]
-        return (to_device(input_ids, torch.long), to_device(positions, torch.long), metadata,
-                sample_rows, logit_rows, self._mm_embeds(batch, cu_seqlens_q))
-
+        inputs = StepInputs(
+            input_ids=torch.tensor(input_ids, dtype=torch.long),
+            positions=torch.tensor(positions, dtype=torch.long),
+            cu_seqlens_q=torch.tensor(cu_seqlens_q, dtype=torch.int32),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+            block_table=block_table,
+            slot_mapping=torch.tensor(slots, dtype=torch.long),
+            logit_rows=[cu_seqlens_q[b + 1] - 1 for b in sample_rows],
+            mm_embeds=self._mm_embeds(batch, cu_seqlens_q))
+        return inputs, sample_rows
     def _mm_embeds(self, batch: ScheduledBatch, cu_seqlens_q: list[int]):
         """(packed rows, embeddings) of the placeholder tokens in this step, or None."""
         rows, embeds = [], []
@@ -116,9 +163,8 @@ class ModelRunner:
 
     def _run_eager(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, list[int]]:
         """(logits of the sampled rows, which batch rows they are) of a mixed step."""
-        input_ids, positions, metadata, sample_rows, logit_rows, mm_embeds = self.prepare(batch)
-        hidden = self.model(input_ids, positions, metadata, self.cache, self.topk, mm_embeds)
-        if not sample_rows:
-            return None, []
-        return (self.model.compute_logits(hidden[torch.tensor(logit_rows, device=self.device)]),
-                sample_rows)
+        inputs, sample_rows = self.prepare(batch)
+        if self.peers is not None:
+            self.peers.send(inputs.to_host())
+        return forward_step(self.model, self.cache, inputs, self.topk, self.debug_checks), \
+            sample_rows

@@ -8,27 +8,44 @@ import torch
 from torch import nn
 
 import kernels
+from worker import parallel
 from worker.config import ModelConfig
 from worker.engine.kv_cache import AttentionMetadata, KVCache
+from worker.layers.linear import ColumnParallelLinear, RowParallelLinear
 
 
 class GQAProjections(nn.Module):
     """A GQA attention layer's shape and its q/k/v/o projections (no biases); each model
-    family adds its norms, rotary embedding and index branch, then calls `paged_attention`."""
+    family adds its norms, rotary embedding and index branch, then calls `paged_attention`
+    and `output`. Under tensor parallelism `num_heads`/`num_kv_heads` are this rank's."""
 
     def __init__(self, config: ModelConfig, layer_index: int):
         super().__init__()
         self.config = config
         self.layer_index = layer_index
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        state = parallel.state()
+        _, self.num_heads = state.part(config.num_attention_heads, "num_attention_heads")
+        first_kv_head, self.num_kv_heads = state.kv_heads(config.num_key_value_heads)
+        # How the per-KV-head weights (k, v, one index query head per group) split: into
+        # kv_parts pieces, this rank holding piece kv_part (shared by ranks past the KV heads).
+        self.kv_parts = config.num_key_value_heads // self.num_kv_heads
+        self.kv_part = first_kv_head // self.num_kv_heads
         self.head_dim = config.head_dim
         self.dense = config.is_dense_attention_layer(layer_index)
-        hidden, q_width = config.hidden_size, self.num_heads * self.head_dim
-        self.q_proj = nn.Linear(hidden, q_width, bias=False)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(q_width, hidden, bias=False)
+        hidden, q_width = config.hidden_size, config.num_attention_heads * self.head_dim
+        kv_width = config.num_key_value_heads * self.head_dim
+        self.q_proj = ColumnParallelLinear(hidden, q_width)
+        self.k_proj = self.per_kv_head(hidden, kv_width)
+        self.v_proj = self.per_kv_head(hidden, kv_width)
+        self.o_proj = RowParallelLinear(q_width, hidden)
+
+    def per_kv_head(self, in_features: int, out_features: int) -> ColumnParallelLinear:
+        """A projection with one block of rows per KV head, split as the KV heads are."""
+        return ColumnParallelLinear(in_features, out_features, self.kv_parts, self.kv_part)
+
+    def output(self, attention: torch.Tensor) -> torch.Tensor:
+        """o_proj of the heads' outputs [T, heads, D], summed over the ranks' heads."""
+        return parallel.all_reduce(self.o_proj(attention.reshape(attention.shape[0], -1)))
 
 
 def paged_attention(layer_index: int, dense: bool, q: torch.Tensor, k: torch.Tensor,

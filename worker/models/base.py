@@ -7,6 +7,7 @@ from torch import nn
 
 from worker.config import ModelConfig
 from worker.engine.kv_cache import AttentionMetadata, KVCache
+from worker.layers.linear import ParallelLMHead
 
 
 class PagedCausalLM(nn.Module):
@@ -19,7 +20,7 @@ class PagedCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = decoder
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.visual = visual
@@ -45,4 +46,4 @@ class PagedCausalLM(nn.Module):
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        return self.lm_head.logits(hidden)

@@ -23,13 +23,16 @@ import torch
 from torch import nn
 
 import kernels
+from worker import parallel
 from worker.config import ModelConfig
 from worker.engine.kv_cache import AttentionMetadata, KVCache
 from worker.layers.attention import GQAProjections, paged_attention
+from worker.layers.linear import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from worker.layers.norms import GemmaRMSNorm
 from worker.layers.rotary import apply_partial_rope, rotary_tables
 from worker.models.base import PagedCausalLM
 from worker.models.minimax_m3_vision import M3VisionTower
+from worker.parallel import ShardSpec, set_shard
 
 # The vision tower's and projectors' tensors (loaded into `visual`), and the multi-token
 # prediction head, which serving does not use (transformers skips it too).
@@ -46,7 +49,8 @@ class M3Attention(GQAProjections):
         self.k_norm = GemmaRMSNorm(self.head_dim, eps)
         if not self.dense:  # the lightning indexer exists on MSA layers only
             index_dim = config.msa.index_head_dim
-            self.index_q_proj = nn.Linear(hidden, self.num_kv_heads * index_dim, bias=False)
+            # One index query head per KV group (split with them), one shared key head.
+            self.index_q_proj = self.per_kv_head(hidden, config.num_key_value_heads * index_dim)
             self.index_k_proj = nn.Linear(hidden, index_dim, bias=False)
             self.index_q_norm = GemmaRMSNorm(index_dim, eps)
             self.index_k_norm = GemmaRMSNorm(index_dim, eps)
@@ -67,7 +71,7 @@ class M3Attention(GQAProjections):
             self.layer_index, self.dense, q, k, v, k_idx,
             lambda: self._heads(self.index_q_proj, self.index_q_norm, x, rope),
             attn, cache, topk)
-        return self.o_proj(out.reshape(x.shape[0], self.num_heads * self.head_dim))
+        return self.output(out)
 
 
 def swiglu_oai(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
@@ -77,12 +81,14 @@ def swiglu_oai(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float)
 
 
 class M3DenseMLP(nn.Module):
+    """Its output is this rank's partial sum (the decoder layer all-reduces)."""
+
     def __init__(self, config: ModelConfig, intermediate: int):
         super().__init__()
         self.alpha, self.limit = config.m3.swiglu_alpha, config.m3.swiglu_limit
-        self.gate_proj = nn.Linear(config.hidden_size, intermediate, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, config.hidden_size, bias=False)
+        self.gate_proj = ColumnParallelLinear(config.hidden_size, intermediate)
+        self.up_proj = ColumnParallelLinear(config.hidden_size, intermediate)
+        self.down_proj = RowParallelLinear(intermediate, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(swiglu_oai(self.gate_proj(x), self.up_proj(x), self.alpha,
@@ -90,7 +96,13 @@ class M3DenseMLP(nn.Module):
 
 
 class M3MoE(nn.Module):
-    """Sigmoid-routed experts plus a shared expert (`block_sparse_moe` in the checkpoint)."""
+    """Sigmoid-routed experts plus a shared expert (`block_sparse_moe` in the checkpoint).
+
+    Across ranks the router is replicated and every rank sees every token; the experts are
+    either sliced (tensor parallel: each rank holds 1/N of every expert's intermediate width)
+    or dealt out whole (expert parallel: each rank holds 1/N of the experts and runs only the
+    choices that fall on them). Either way the output is a partial sum, all-reduced once with
+    the shared expert's by the decoder layer."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -101,8 +113,19 @@ class M3MoE(nn.Module):
         experts, hidden, inter = config.num_experts, config.hidden_size, config.intermediate_size
         self.gate = nn.Linear(hidden, experts, bias=False)
         self.e_score_correction_bias = nn.Parameter(torch.zeros(experts), requires_grad=False)
+        state = parallel.state()
+        self.expert_start = 0
+        if state.expert_parallel:
+            self.expert_start, experts = state.part(experts, "num_experts")
+            w13_spec = w2_spec = ShardSpec(expert_start=self.expert_start)
+        else:
+            _, inter = state.part(inter, "the experts' intermediate_size")
+            w13_spec = ShardSpec(dim=1, parts=state.size, part=state.rank)
+            w2_spec = ShardSpec(dim=2, parts=state.size, part=state.rank)
         self.w13 = nn.Parameter(torch.empty(experts, 2 * inter, hidden))
         self.w2 = nn.Parameter(torch.empty(experts, hidden, inter))
+        set_shard(self, "w13", w13_spec)
+        set_shard(self, "w2", w2_spec)
         self.shared_experts = M3DenseMLP(config, m3.shared_intermediate_size)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,6 +142,11 @@ class M3MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, chosen = self.route(x)
+        if parallel.state().expert_parallel:
+            # Choices of other ranks' experts become the id one past ours: the kernels skip it.
+            num_local = self.w13.shape[0]
+            chosen = chosen - self.expert_start
+            chosen = torch.where((chosen >= 0) & (chosen < num_local), chosen, num_local)
         # Grouped GEMMs on CUDA (graph-safe: the layout needs no host sync); on CPU the
         # reference runs each chosen expert once on its tokens.
         routed = kernels.routed_experts(x, self.w13, self.w2, weights, chosen, self.activation)
@@ -140,15 +168,14 @@ class M3DecoderLayer(nn.Module):
     def forward(self, x, rope, attn: AttentionMetadata, cache: KVCache, topk: int):
         x = x + self.self_attn(self.input_layernorm(x), rope, attn, cache, topk)
         h = self.post_attention_layernorm(x)
-        if hasattr(self, "block_sparse_moe"):
-            return x + self.block_sparse_moe(h)
-        return x + self.mlp(h)
+        mlp = self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
+        return x + parallel.all_reduce(mlp(h))
 
 
 class M3TextModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(M3DecoderLayer(config, i)
                                     for i in range(config.num_hidden_layers))
         self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)

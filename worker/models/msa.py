@@ -12,9 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from worker import parallel
 from worker.config import ModelConfig
-from worker.engine.kv_cache import AttentionMetadata, KVCache
+from worker.engine.kv_cache import AttentionMetadata, KVCache, local_index_key_heads
+from worker.errors import ModelLoadError
 from worker.layers.attention import GQAProjections, paged_attention
+from worker.layers.linear import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from worker.layers.norms import RMSNorm
 from worker.layers.rotary import apply_rope
 from worker.models.base import PagedCausalLM
@@ -27,17 +30,25 @@ class MSAAttention(GQAProjections):
         hidden = config.hidden_size
         msa = config.msa
         self.learned_indexer = msa.indexer == "learned"
+        if not self.learned_indexer and parallel.state().size > config.num_key_value_heads:
+            # A derived index query is the mean of a group's query heads: they must share a rank.
+            raise ModelLoadError(f"a derived indexer needs tensor_parallel_size <= "
+                                 f"num_key_value_heads ({config.num_key_value_heads})")
         if self.learned_indexer:
-            self.index_q_proj = nn.Linear(hidden, self.num_kv_heads * msa.index_head_dim, bias=False)
-            self.index_k_proj = nn.Linear(hidden, msa.index_key_heads * msa.index_head_dim,
-                                          bias=False)
+            self.index_q_proj = self.per_kv_head(hidden, config.num_key_value_heads
+                                                 * msa.index_head_dim)
+            # Index keys: one head per KV group (split with them) or one shared head.
+            self.index_key_heads = local_index_key_heads(config)
+            width = msa.index_key_heads * msa.index_head_dim
+            self.index_k_proj = (self.per_kv_head(hidden, width) if msa.index_key_heads > 1
+                                 else nn.Linear(hidden, width, bias=False))
 
     def _index_keys(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
         """New index keys [T, H_ik, Di] to cache; None when the index keys are the K cache."""
         if not self.learned_indexer:
             return None
         msa = self.config.msa
-        k_idx = self.index_k_proj(x).view(-1, msa.index_key_heads, msa.index_head_dim)
+        k_idx = self.index_k_proj(x).view(-1, self.index_key_heads, msa.index_head_dim)
         return self._rope(k_idx, positions)
 
     def _index_queries(self, x: torch.Tensor, q: torch.Tensor,
@@ -61,15 +72,17 @@ class MSAAttention(GQAProjections):
         out = paged_attention(self.layer_index, self.dense, q, k, v,
                               self._index_keys(x, positions),
                               lambda: self._index_queries(x, q, positions), attn, cache, topk)
-        return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))
+        return self.output(out)
 
 
 class MLP(nn.Module):
+    """Its output is this rank's partial sum (the decoder layer all-reduces)."""
+
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_proj = ColumnParallelLinear(hidden, intermediate)
+        self.up_proj = ColumnParallelLinear(hidden, intermediate)
+        self.down_proj = RowParallelLinear(intermediate, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -120,14 +133,14 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), positions, attn, cache, topk)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
-            return x + self.mlp(h, in_cuda_graph=attn.all_blocks is not None)
-        return x + self.mlp(h)
+            return x + parallel.all_reduce(self.mlp(h, in_cuda_graph=attn.all_blocks is not None))
+        return x + parallel.all_reduce(self.mlp(h))
 
 
 class DecoderModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 

@@ -143,6 +143,12 @@ spec:
 {{- $_ := set $engine "device" "cuda" -}}
 {{- with .Values.model.servedModelName }}{{ $_ := set $engine "served_model_name" . }}{{ end -}}
 {{- $replicas := .Values.modelReplicas -}}
+{{- $ranks := $replicas.tensorParallelSize | default 1 | int -}}
+{{- if gt $ranks (.Values.gpuWorkers.gpusPerPod | int) -}}
+{{- fail (printf "modelReplicas.tensorParallelSize (%d) exceeds gpuWorkers.gpusPerPod (%d): a replica's ranks share one node" $ranks (.Values.gpuWorkers.gpusPerPod | int)) -}}
+{{- end -}}
+{{- $_ := set $engine "tensor_parallel_size" $ranks -}}
+{{- $_ := set $engine "expert_parallel" ($replicas.expertParallel | default false) -}}
 {{- $_ := set $model "num_gpus" $replicas.gpusPerReplica -}}
 {{- $_ := set $model "num_cpus" $replicas.cpusPerReplica -}}
 {{- $_ := set $model "max_ongoing_requests" $replicas.maxOngoingRequests -}}

@@ -1,0 +1,90 @@
+"""Tensor and expert parallelism on CPU (gloo between Ray actors): the tiny MiniMax-M3 split
+over two ranks computes what one process computes, through chunked prefill, prefix-cache hits
+and paged decode; a rank that dies makes the replica report itself dead."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import ray
+
+from worker.config import EngineConfig
+from worker.engine.llm_engine import LLMEngine
+from worker.errors import EngineDeadError
+from worker.tiny_model import make_m3_checkpoint
+from worker.wire import SamplingParams
+
+# Over the sparse threshold (topk 3 x 128 tokens), so MSA selects blocks; prefilled in chunks.
+PROMPT = [(37 * i + 11) % 250 + 10 for i in range(700)]
+SHARED = PROMPT[:512] + [(13 * i) % 250 + 10 for i in range(90)]  # 4 cached pages, new tail
+GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=5)
+SEEDED = SamplingParams(temperature=1.0, seed=7, max_tokens=10, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def m3_dir(tmp_path_factory):
+    return make_m3_checkpoint(tmp_path_factory.mktemp("tp-m3"), seed=2)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def _engine(m3_dir, **parallel) -> LLMEngine:
+    return LLMEngine(EngineConfig(model=str(m3_dir), device="cpu", dtype="float32",
+                                  kv_cache_memory="8MiB", max_num_batched_tokens=160,
+                                  debug_checks=True, **parallel))
+
+
+def _outputs(engine: LLMEngine):
+    """Greedy outputs with top-5 logprobs, then a prefix-cache hit beside a fresh prompt,
+    then seeded sampling; and how many prompt tokens came from the cache."""
+    greedy = engine.generate([PROMPT], GREEDY, use_tqdm=False)
+    greedy += engine.generate([SHARED, PROMPT[:300]], GREEDY, use_tqdm=False)
+    seeded = engine.generate([PROMPT, SHARED], SEEDED, use_tqdm=False)
+    return greedy, seeded, engine.stats.prompt_tokens_cached
+
+
+@pytest.fixture(scope="module")
+def single_process(m3_dir):
+    engine = _engine(m3_dir)
+    return _outputs(engine)
+
+
+@pytest.mark.parametrize("parallel", [{"tensor_parallel_size": 2},
+                                      {"tensor_parallel_size": 2, "expert_parallel": True}],
+                         ids=["tp2", "tp2-ep2"])
+def test_two_ranks_compute_what_one_process_computes(m3_dir, local_ray, single_process,
+                                                     parallel):
+    engine = _engine(m3_dir, **parallel)
+    try:
+        greedy, seeded, cached = _outputs(engine)
+    finally:
+        engine.close()
+    want_greedy, want_seeded, want_cached = single_process
+    assert cached == want_cached > 0
+    for ours, want in zip(greedy, want_greedy, strict=True):
+        assert ours.new_token_ids == want.new_token_ids
+        for got, expected in zip(ours.logprobs, want.logprobs, strict=True):
+            assert [t for t, _ in got.top] == [t for t, _ in expected.top]
+            assert [lp for _, lp in got.top] == pytest.approx([lp for _, lp in expected.top],
+                                                              abs=1e-4)
+    assert [o.new_token_ids for o in seeded] == [o.new_token_ids for o in want_seeded]
+
+
+def test_a_dead_rank_makes_the_replica_report_itself_dead(m3_dir, local_ray):
+    engine = _engine(m3_dir, tensor_parallel_size=2)
+    try:
+        engine.peers.check_alive()
+        ray.kill(engine.peers.ranks[0])
+        deadline = time.monotonic() + 30
+        with pytest.raises(EngineDeadError, match="rank 1 of this replica's tensor-parallel"):
+            while time.monotonic() < deadline:
+                engine.peers.check_alive()
+                time.sleep(0.2)
+    finally:
+        engine.close()
