@@ -115,11 +115,11 @@ class TileShape:
 
 def grouped_gemm(a: torch.Tensor, weights: torch.Tensor, layout: ExpertRows, num_pairs: int,
                  a_row_div: int, shape: TileShape,
-                 row_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """out [num_pairs, N]: row p = a[p // a_row_div] @ weights[expert of p].T (x row_scale[p])."""
+                 row_scale: torch.Tensor | None = None, zeroed: bool = False) -> torch.Tensor:
+    """out [num_pairs, N]: row p = a[p // a_row_div] @ weights[expert of p].T (x row_scale[p]).
+    Rows of pairs whose expert is on another rank are left unwritten: zeros if `zeroed`."""
     num_experts, n, k = weights.shape
-    # Zeros: the rows of pairs whose expert is on another rank are never written.
-    out = torch.zeros(num_pairs, n, dtype=a.dtype, device=a.device)
+    out = (torch.zeros if zeroed else torch.empty)(num_pairs, n, dtype=a.dtype, device=a.device)
     block_n = min(shape.cols, max(16, triton.next_power_of_2(n)))
     block_k = min(shape.depth, max(16, triton.next_power_of_2(k)))
     grid = (layout.tile_expert.numel(), triton.cdiv(n, block_n))
@@ -145,6 +145,8 @@ def routed_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     shape = TileShape.for_pairs(pairs)
     layout = ExpertRows.build(chosen, w13.shape[0], shape.rows)
     hidden = activation(grouped_gemm(x, w13, layout, pairs, top_k, shape))
+    # The second pass's rows are summed per token, so other ranks' pairs must add zeros; the
+    # first pass's rows for them are never read.
     out = grouped_gemm(hidden.contiguous(), w2, layout, pairs, 1, shape,
-                       row_scale=route_weights.flatten().float().contiguous())
+                       row_scale=route_weights.flatten().float().contiguous(), zeroed=True)
     return out.view(num_tokens, top_k, -1).sum(dim=1)

@@ -35,12 +35,17 @@ class AttentionMetadata:
     check_indices: bool = False
 
 
+def local_kv_heads(config: ModelConfig) -> int:
+    """KV heads on this rank (all of them without tensor parallelism)."""
+    return parallel.state().kv_heads(config.num_key_value_heads)[1]
+
+
 def local_index_key_heads(config: ModelConfig) -> int:
     """Index-key heads on this rank: one per KV group are split with the KV heads, one shared
     head is replicated."""
     if config.msa.index_key_heads == 1:
         return 1
-    return parallel.state().kv_heads(config.num_key_value_heads)[1]
+    return local_kv_heads(config)
 
 
 class KVCache:
@@ -54,8 +59,8 @@ class KVCache:
         # One page past those the BlockManager hands out: the padding rows of a CUDA-graph
         # batch write their throwaway K/V there.
         self.scratch_page = num_pages
-        kv_heads = parallel.state().kv_heads(config.num_key_value_heads)[1]
-        shape = (config.num_hidden_layers, num_pages + 1, BLOCK_SIZE, kv_heads, config.head_dim)
+        shape = (config.num_hidden_layers, num_pages + 1, BLOCK_SIZE, local_kv_heads(config),
+                 config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.k_idx = None
@@ -70,8 +75,7 @@ class KVCache:
         def size(t: torch.dtype) -> int:
             return torch.empty((), dtype=t).element_size()
 
-        kv_heads = parallel.state().kv_heads(config.num_key_value_heads)[1]
-        per_token = 2 * kv_heads * config.head_dim * size(dtype)
+        per_token = 2 * local_kv_heads(config) * config.head_dim * size(dtype)
         if config.msa.indexer == "learned":
             per_token += (local_index_key_heads(config) * config.msa.index_head_dim
                           * size(index_key_dtype or dtype))

@@ -104,7 +104,8 @@ class LLMEngine:
         self.config = config
         self.device, self.dtype = resolve_device_and_dtype(config)
         # Ranks 1.. start first: the layers of every rank are built inside the group.
-        self.peers = RankWorkers(config) if config.tensor_parallel_size > 1 else None
+        self.peers = (RankWorkers(config, self.device) if config.tensor_parallel_size > 1
+                      else None)
         try:
             self._build(page_listener)
         except BaseException:

@@ -132,6 +132,7 @@ class ModelRunner:
             logit_rows=[cu_seqlens_q[b + 1] - 1 for b in sample_rows],
             mm_embeds=self._mm_embeds(batch, cu_seqlens_q))
         return inputs, sample_rows
+
     def _mm_embeds(self, batch: ScheduledBatch, cu_seqlens_q: list[int]):
         """(packed rows, embeddings) of the placeholder tokens in this step, or None."""
         rows, embeds = [], []

@@ -69,7 +69,8 @@ class RankWorker:
 class RankWorkers:
     """Rank 0's handle on ranks 1..N-1: starts them, sends each step, notices one dying."""
 
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, device: torch.device):
+        """device: rank 0's, as the engine resolved it; each other rank takes one alike."""
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -78,8 +79,7 @@ class RankWorkers:
         size = config.tensor_parallel_size
         init_method = f"tcp://{ray.util.get_node_ip_address()}:{_free_port()}"
         group = ray.util.get_current_placement_group()
-        on_gpu = config.device == "cuda" or (config.device == "auto"
-                                             and torch.cuda.is_available())
+        on_gpu = device.type == "cuda"
         actor = ray.remote(RankWorker)
         # Named after the actor that owns them (a Serve replica), so operators can find them.
         owner = ray.get_runtime_context().get_actor_id()
@@ -93,7 +93,6 @@ class RankWorkers:
                     group, placement_group_bundle_index=rank)
             self.ranks.append(actor.options(**options).remote(config, rank, init_method))
         self.done = [worker.serve_steps.remote() for worker in self.ranks]
-        device = torch.device("cuda" if on_gpu else "cpu")
         parallel.initialize(0, size, config.expert_parallel, init_method, device,
                             COLLECTIVE_TIMEOUT_S)
         self.closed = False
