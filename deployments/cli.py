@@ -120,9 +120,13 @@ def cmd_make_tiny_model(args) -> None:
         if args.vision:
             sys.exit("error: the tiny MiniMax-M3 always carries its vision tower's weights; "
                      "drop --vision")
-        path = make_m3_checkpoint(args.dir, seed=args.seed, topk=args.topk or 3)
-        print(f"wrote a tiny MiniMax-M3 checkpoint (released layout, sharded) to {path}")
+        path = make_m3_checkpoint(args.dir, seed=args.seed, topk=args.topk or 3,
+                                  fp8_layout=args.fp8)
+        weights = f", FP8 weights ({args.fp8} scales)" if args.fp8 else ""
+        print(f"wrote a tiny MiniMax-M3 checkpoint (released layout, sharded{weights}) to {path}")
         return
+    if args.fp8:
+        sys.exit("error: --fp8 writes the released MiniMax-M3 layout; add --arch minimax-m3")
     path = make_tiny_checkpoint(args.dir, seed=args.seed, topk=args.topk or 4,
                                 vision=args.vision)
     print(f"wrote a tiny MSA checkpoint to {path}")
@@ -198,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=int, default=None, help="MSA blocks kept per query "
                                                            "(default 4; 3 for minimax-m3)")
     p.add_argument("--vision", action="store_true", help="with a vision tower (msa)")
+    p.add_argument("--fp8", nargs="?", const="block", choices=("block", "mxfp8"), default=None,
+                   help="minimax-m3: e4m3 weights with fp32 block scales (block, the default) "
+                        "or MXFP8 e8m0 group-32 scales")
     p.set_defaults(func=cmd_make_tiny_model)
 
     p = sub.add_parser("bench-engine", help="offline engine throughput and prefix-cache TTFT")

@@ -1,7 +1,8 @@
 """MSA kernels: validation at the boundary, then dispatch to a backend.
 
 Public functions (fixed by shared/msa_spec.md): `select_blocks`, `sparse_attention`,
-`dense_attention`; and `routed_experts`, a MoE layer's experts as grouped GEMMs. The backend is chosen by device (Triton on CUDA, the PyTorch reference
+`dense_attention`; `routed_experts`, a MoE layer's experts as grouped GEMMs; `fp8_linear`, a
+projection by an e4m3 weight with block scales (`BlockScales`). The backend is chosen by device (Triton on CUDA, the PyTorch reference
 otherwise) or forced with `backend="reference" | "triton"`.
 """
 
@@ -13,10 +14,10 @@ from collections.abc import Callable
 import torch
 
 from kernels import reference
-from kernels.reference import BLOCK_SIZE
+from kernels.reference import BLOCK_SIZE, E4M3, BlockScales
 
-__all__ = ["BLOCK_SIZE", "INDEX_KEY_FP8", "select_blocks", "sparse_attention",
-           "dense_attention", "routed_experts", "to_index_key_dtype"]
+__all__ = ["BLOCK_SIZE", "INDEX_KEY_FP8", "BlockScales", "select_blocks", "sparse_attention",
+           "dense_attention", "routed_experts", "fp8_linear", "to_index_key_dtype"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Index keys may also be stored as fp8 e4m3 (half the bytes of the decode scan). Only the order
@@ -211,10 +212,12 @@ def dense_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 def routed_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                    route_weights: torch.Tensor, chosen: torch.Tensor,
                    activation: Callable[[torch.Tensor], torch.Tensor],
+                   w13_scales: BlockScales | None = None, w2_scales: BlockScales | None = None,
                    backend: str | None = None) -> torch.Tensor:
     """A MoE layer's routed experts, weighted and summed per token: out [T, H] (see
-    `reference.routed_experts`). Shapes are checked here; expert ids are trusted (the router
-    makes them), so the check costs no device sync and a CUDA graph can capture the call."""
+    `reference.routed_experts`); FP8 experts come with their `BlockScales`. Shapes are checked
+    here; expert ids are trusted (the router makes them), so the check costs no device sync
+    and a CUDA graph can capture the call."""
     _check_float("x", x, backend)
     _check(x.dim() == 2, lambda: f"x must be [T, H], got {tuple(x.shape)}")
     _check(w13.dim() == 3 and w2.dim() == 3 and w13.shape[0] == w2.shape[0],
@@ -229,4 +232,37 @@ def routed_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
            lambda: f"chosen {tuple(chosen.shape)} and route_weights "
                    f"{tuple(route_weights.shape)} must both be [T={x.shape[0]}, top_k]")
     impl = _resolve_backend(backend, x.device)
-    return impl.routed_experts(x, w13, w2, route_weights, chosen, activation)
+    for name, weight, scales in (("w13", w13, w13_scales), ("w2", w2, w2_scales)):
+        _check_weight(name, weight, scales, impl)
+    return impl.routed_experts(x, w13, w2, route_weights, chosen, activation, w13_scales,
+                               w2_scales)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockScales,
+               backend: str | None = None) -> torch.Tensor:
+    """x [..., K] @ W^T for an e4m3 weight W [N, K] with block scales: out [..., N] in x's
+    dtype (see `reference.fp8_linear`)."""
+    _check_float("x", x, backend)
+    _check(weight.dim() == 2 and x.shape[-1] == weight.shape[1],
+           lambda: f"weight must be [N, K={x.shape[-1]}], got {tuple(weight.shape)}")
+    impl = _resolve_backend(backend, x.device)
+    _check_weight("weight", weight, scales, impl)
+    return impl.fp8_linear(x, weight, scales)
+
+
+def _check_weight(name: str, weight: torch.Tensor, scales: BlockScales | None, impl) -> None:
+    """A weight is full precision with no scales, or e4m3 with scales of its blocks' shape."""
+    if scales is None:
+        _check(weight.dtype != E4M3, lambda: f"{name} is e4m3 but came without its scales")
+        return
+    _check(weight.dtype == E4M3, lambda: f"{name} must be e4m3 with scales, got {weight.dtype}")
+    *lead, n, k = weight.shape
+    expected = (*lead, -(-n // scales.block_n), -(-k // scales.block_k))
+    _check(tuple(scales.scale.shape) == expected,
+           lambda: f"{name} {tuple(weight.shape)} in blocks of [{scales.block_n}, "
+                   f"{scales.block_k}] needs scales {expected}, got {tuple(scales.scale.shape)}")
+    _check(scales.scale.dtype in (torch.float32, torch.uint8),
+           lambda: f"{name}'s scales must be fp32 or uint8 e8m0, got {scales.scale.dtype}")
+    _check(impl is reference or scales.block_k % 16 == 0,
+           lambda: f"the Triton FP8 GEMMs need scale blocks {scales.block_k} wide in K to be "
+                   "a multiple of 16")

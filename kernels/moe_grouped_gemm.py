@@ -7,6 +7,9 @@ so a decode step reads about the chosen experts' bytes and nothing else, and not
 layout needs the host: the sort, the padding and the tile -> expert map are tensor ops of fixed
 size, so a CUDA graph captures a step whatever the router picks.
 
+FP8 experts (e4m3 with block scales) are dequantized tile by tile in registers, as in
+`kernels.fp8_linear`, so a decode step reads half the bytes.
+
 The math is `reference.routed_experts`; `routed_experts` here is the same contract.
 """
 
@@ -19,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_layout import dot_precision
+from kernels.reference import BlockScales
+from kernels.triton_layout import dot_precision, e4m3_weight_tile, fp8_depth
 
 
 @dataclass(frozen=True)
@@ -64,9 +68,11 @@ class ExpertRows:
 
 @triton.jit
 def _grouped_gemm_kernel(
-    a, weights, out, rows, tile_expert, row_scale,
+    a, weights, out, rows, tile_expert, row_scale, w_scale,
     num_pairs, num_experts, n, k, stride_am, stride_we, stride_wn, stride_wk, stride_om,
+    stride_se, stride_sn, stride_sk,
     A_ROW_DIV: tl.constexpr, SCALED: tl.constexpr, PRECISION: tl.constexpr,
+    W_FP8: tl.constexpr, SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, E8M0: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     tile = tl.program_id(0)
@@ -84,8 +90,13 @@ def _grouped_gemm_kernel(
     for k0 in range(0, k, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(a_rows + ks[None, :], mask=real[:, None] & (ks[None, :] < k), other=0.0)
-        wt = tl.load(w + ks[:, None] * stride_wk, mask=(ks[:, None] < k) & (cols[None, :] < n),
-                     other=0.0)
+        w_mask = (ks[:, None] < k) & (cols[None, :] < n)
+        if W_FP8:
+            wt = e4m3_weight_tile(w + ks[:, None] * stride_wk, w_mask,
+                                  w_scale + expert.to(tl.int64) * stride_se, cols, k0, n,
+                                  stride_sn, stride_sk, SCALE_N, SCALE_K, E8M0).to(x.dtype)
+        else:
+            wt = tl.load(w + ks[:, None] * stride_wk, mask=w_mask, other=0.0)
         acc = tl.dot(x, wt, acc, input_precision=PRECISION)
     if SCALED:
         acc *= tl.load(row_scale + pair, mask=real, other=0.0)[:, None]
@@ -115,20 +126,27 @@ class TileShape:
 
 def grouped_gemm(a: torch.Tensor, weights: torch.Tensor, layout: ExpertRows, num_pairs: int,
                  a_row_div: int, shape: TileShape,
-                 row_scale: torch.Tensor | None = None, zeroed: bool = False) -> torch.Tensor:
+                 row_scale: torch.Tensor | None = None, zeroed: bool = False,
+                 scales: BlockScales | None = None) -> torch.Tensor:
     """out [num_pairs, N]: row p = a[p // a_row_div] @ weights[expert of p].T (x row_scale[p]).
-    Rows of pairs whose expert is on another rank are left unwritten: zeros if `zeroed`."""
+    Rows of pairs whose expert is on another rank are left unwritten: zeros if `zeroed`.
+    `scales`: the weights are e4m3 with these block scales."""
     num_experts, n, k = weights.shape
     out = (torch.zeros if zeroed else torch.empty)(num_pairs, n, dtype=a.dtype, device=a.device)
     block_n = min(shape.cols, max(16, triton.next_power_of_2(n)))
     block_k = min(shape.depth, max(16, triton.next_power_of_2(k)))
+    if scales is not None:
+        block_k = fp8_depth(block_k, scales.block_k)
+    w_scale = scales.scale if scales is not None else weights
     grid = (layout.tile_expert.numel(), triton.cdiv(n, block_n))
     _grouped_gemm_kernel[grid](
         a, weights, out, layout.rows, layout.tile_expert,
-        row_scale if row_scale is not None else out,
+        row_scale if row_scale is not None else out, w_scale,
         num_pairs, num_experts, n, k, a.stride(0), weights.stride(0), weights.stride(1),
-        weights.stride(2), out.stride(0),
+        weights.stride(2), out.stride(0), *(w_scale.stride() if scales else (0, 0, 0)),
         A_ROW_DIV=a_row_div, SCALED=row_scale is not None, PRECISION=dot_precision(a.dtype),
+        W_FP8=scales is not None, SCALE_N=scales.block_n if scales else 1,
+        SCALE_K=scales.block_k if scales else 1, E8M0=bool(scales and scales.e8m0),
         BLOCK_M=layout.tile_rows, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=shape.num_warps, num_stages=shape.num_stages)
     return out
@@ -136,7 +154,9 @@ def grouped_gemm(a: torch.Tensor, weights: torch.Tensor, layout: ExpertRows, num
 
 def routed_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                    route_weights: torch.Tensor, chosen: torch.Tensor,
-                   activation: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+                   activation: Callable[[torch.Tensor], torch.Tensor],
+                   w13_scales: BlockScales | None = None,
+                   w2_scales: BlockScales | None = None) -> torch.Tensor:
     """Same contract as `reference.routed_experts`: two launches, one per projection."""
     num_tokens, top_k = chosen.shape
     pairs = num_tokens * top_k
@@ -144,9 +164,10 @@ def routed_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         return torch.zeros_like(x)
     shape = TileShape.for_pairs(pairs)
     layout = ExpertRows.build(chosen, w13.shape[0], shape.rows)
-    hidden = activation(grouped_gemm(x, w13, layout, pairs, top_k, shape))
+    hidden = activation(grouped_gemm(x, w13, layout, pairs, top_k, shape, scales=w13_scales))
     # The second pass's rows are summed per token, so other ranks' pairs must add zeros; the
     # first pass's rows for them are never read.
     out = grouped_gemm(hidden.contiguous(), w2, layout, pairs, 1, shape,
-                       row_scale=route_weights.flatten().float().contiguous(), zeroed=True)
+                       row_scale=route_weights.flatten().float().contiguous(), zeroed=True,
+                       scales=w2_scales)
     return out.view(num_tokens, top_k, -1).sum(dim=1)

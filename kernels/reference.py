@@ -253,7 +253,9 @@ def dense_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 def routed_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                    route_weights: torch.Tensor, chosen: torch.Tensor,
-                   activation: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+                   activation: Callable[[torch.Tensor], torch.Tensor],
+                   w13_scales: BlockScales | None = None,
+                   w2_scales: BlockScales | None = None) -> torch.Tensor:
     """A mixture-of-experts layer's routed experts: out [T, H] = sum over each token's choices
     of route_weight * (activation(x @ w13[e].T) @ w2[e].T).
 
@@ -261,7 +263,7 @@ def routed_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     w2 [E, H, I]; route_weights [T, top_k] (fp32); chosen int [T, top_k] expert ids in [0, E],
     where E marks a choice of an expert held elsewhere (expert parallelism): it adds nothing.
     Each expert that was chosen runs once on its tokens, so CPU steps cost the chosen experts
-    only.
+    only. With FP8 experts (`*_scales` given) each chosen expert is dequantized as it runs.
     """
     top_k = chosen.shape[1]
     flat = chosen.flatten()
@@ -273,8 +275,82 @@ def routed_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         if count:
             picks = order[start:start + count]
             rows = picks // top_k
-            hidden = activation(F.linear(x[rows], w13[expert]))
-            scaled = F.linear(hidden, w2[expert]) * route_weights.flatten()[picks, None]
+            hidden = activation(F.linear(x[rows], _expert(w13, w13_scales, expert, x.dtype)))
+            scaled = (F.linear(hidden, _expert(w2, w2_scales, expert, x.dtype))
+                      * route_weights.flatten()[picks, None])
             out.index_add_(0, rows, scaled.to(x.dtype))
             start += count
     return out
+
+
+def _expert(weights: torch.Tensor, scales: BlockScales | None, expert: int,
+            dtype: torch.dtype) -> torch.Tensor:
+    if scales is None:
+        return weights[expert]
+    return dequantize_fp8(weights[expert], scales.expert(expert)).to(dtype)
+
+
+# -- FP8 weights ----------------------------------------------------------------------------------
+# Checkpoints store e4m3 weights with one scale per block of the weight matrix (DeepSeek-style
+# [128, 128] blocks with fp32 scales, or MXFP8's [1, 32] groups with power-of-two e8m0 scales).
+# They are multiplied as stored: dequantized tile by tile inside the GEMM (Triton), or one
+# weight at a time here, so no full-precision copy of the model ever exists.
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+E8M0_BIAS = 127
+
+
+@dataclass(frozen=True)
+class BlockScales:
+    """How an e4m3 weight [..., N, K] dequantizes: w[..., n, k] * scale[..., n // block_n,
+    k // block_k]. `scale` is fp32, or uint8 e8m0 exponents (the value 2 ** (e - 127))."""
+
+    scale: torch.Tensor
+    block_n: int
+    block_k: int
+
+    @property
+    def e8m0(self) -> bool:
+        return self.scale.dtype == torch.uint8
+
+    def expert(self, index: int) -> "BlockScales":
+        return BlockScales(self.scale[index], self.block_n, self.block_k)
+
+    def values(self) -> torch.Tensor:
+        if self.e8m0:
+            return torch.exp2(self.scale.float() - E8M0_BIAS)
+        return self.scale.float()
+
+
+def dequantize_fp8(weight: torch.Tensor, scales: BlockScales) -> torch.Tensor:
+    """The fp32 weight an e4m3 weight and its block scales stand for."""
+    n, k = weight.shape[-2:]
+    per_element = (scales.values().repeat_interleave(scales.block_n, dim=-2)[..., :n, :]
+                   .repeat_interleave(scales.block_k, dim=-1)[..., :k])
+    return weight.float() * per_element
+
+
+def quantize_fp8(weight: torch.Tensor, block_n: int, block_k: int,
+                 e8m0: bool = False) -> tuple[torch.Tensor, BlockScales]:
+    """(e4m3 weight, scales) for a weight [..., N, K]: each block's largest magnitude maps to
+    e4m3's largest value (rounded up to a power of two for e8m0 scales). How make-tiny-model
+    writes FP8 checkpoints and how tests quantize; the serving path never quantizes."""
+    *lead, n, k = weight.shape
+    rows, cols = -(-n // block_n), -(-k // block_k)
+    padded = F.pad(weight.float(), (0, cols * block_k - k, 0, rows * block_n - n))
+    blocks = padded.view(*lead, rows, block_n, cols, block_k)
+    amax = blocks.abs().amax(dim=(-3, -1)).clamp(min=1e-12)
+    scale = amax / E4M3_MAX
+    if e8m0:
+        exponent = torch.ceil(torch.log2(scale)).clamp(-E8M0_BIAS, E8M0_BIAS)
+        scale, stored = torch.exp2(exponent), (exponent + E8M0_BIAS).to(torch.uint8)
+    else:
+        stored = scale
+    quantized = (blocks / scale[..., :, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX)
+    quantized = quantized.view(*lead, rows * block_n, cols * block_k)[..., :n, :k]
+    return quantized.to(E4M3).contiguous(), BlockScales(stored.contiguous(), block_n, block_k)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockScales) -> torch.Tensor:
+    """x @ W^T for an e4m3 weight W [N, K] with block scales; out in x's dtype."""
+    return F.linear(x, dequantize_fp8(weight, scales).to(x.dtype))

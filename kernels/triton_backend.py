@@ -8,11 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from kernels import prefill_kv_major, prefill_query_tiled, query_major, reference
+from kernels.fp8_gemm import fp8_linear
 from kernels.index_scoring import select_blocks
 from kernels.moe_grouped_gemm import routed_experts
 from kernels.triton_layout import AttentionShape, GatedOutput
 
-__all__ = ["select_blocks", "sparse_attention", "dense_attention", "routed_experts"]
+__all__ = ["select_blocks", "sparse_attention", "dense_attention", "routed_experts",
+           "fp8_linear"]
 
 
 def dense_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

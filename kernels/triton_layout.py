@@ -301,3 +301,22 @@ def release_next_kernel(USE_PDL: tl.constexpr):
     """Lets the next dependent kernel launch: called once a program's heavy work is done."""
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def e4m3_weight_tile(w_ptrs, mask, scale_base, cols, k0, n, stride_sn, stride_sk,
+                     SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, E8M0: tl.constexpr):
+    """A [BLOCK_K, BLOCK_N] tile of W^T for an e4m3 weight W, dequantized in fp32 by its block
+    scales. The caller's K tile lies inside one scale block (BLOCK_K divides SCALE_K, k0 is a
+    multiple of BLOCK_K), so the tile needs one scale per column."""
+    w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(scale_base + (k0 // SCALE_K) * stride_sk + (cols // SCALE_N) * stride_sn,
+                    mask=cols < n, other=0.0).to(tl.float32)
+    if E8M0:  # the stored byte is the exponent of a power of two
+        scale = tl.exp2(scale - 127.0)
+    return w * scale[None, :]
+
+
+def fp8_depth(depth: int, scale_block_k: int) -> int:
+    """The deepest K tile up to `depth` that stays inside one scale block."""
+    return min(depth, scale_block_k & -scale_block_k)  # largest power of two dividing it

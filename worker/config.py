@@ -159,6 +159,51 @@ class VisionConfig:
 
 
 @dataclass(frozen=True)
+class FP8Config:
+    """FP8 weights as a checkpoint's `quantization_config` describes them (transformers'
+    FineGrainedFP8Config): e4m3 weights, one scale per [block_n, block_k] block of each
+    matrix, fp32 scales or e8m0 powers of two (MXFP8: [1, 32] groups). Projections named in
+    `modules_to_not_convert` (MiniMax's `ignored_layers`), the LM head, the router and the
+    vision tower stay in the model's dtype."""
+
+    block_n: int
+    block_k: int
+    e8m0_scales: bool = False
+    modules_to_not_convert: tuple[str, ...] = ()
+
+    @classmethod
+    def from_hf_dict(cls, raw: dict[str, Any] | None) -> "FP8Config | None":
+        if not raw:
+            return None
+        method = raw.get("quant_method")
+        if method not in ("fp8", "mxfp8"):
+            raise ModelLoadError(f"config.json: quantization_config quant_method {method!r} is "
+                                 "not supported; msa-serve loads 'fp8' (block scales) and "
+                                 "'mxfp8' checkpoints, or unquantized ones")
+        fmt = raw.get("fmt", "float8_e4m3fn")
+        if fmt not in ("e4m3", "float8_e4m3fn"):
+            raise ModelLoadError(f"config.json: FP8 format {fmt!r} is not supported (e4m3 only)")
+        scale_fmt = raw.get("scale_fmt", "ue8m0" if method == "mxfp8" else "float")
+        if scale_fmt not in ("float", "ue8m0"):
+            raise ModelLoadError(f"config.json: scale_fmt {scale_fmt!r} is not supported "
+                                 "('float' or 'ue8m0')")
+        block = raw.get("weight_block_size", [1, 32] if method == "mxfp8" else None)
+        if not (isinstance(block, (list, tuple)) and len(block) == 2
+                and all(isinstance(b, int) and b > 0 for b in block)):
+            raise ModelLoadError(f"config.json: weight_block_size {block!r} must be two positive "
+                                 "integers (per-tensor FP8 scales are not supported)")
+        skipped = raw.get("modules_to_not_convert") or raw.get("ignored_layers") or ()
+        return cls(block_n=block[0], block_k=block[1], e8m0_scales=scale_fmt == "ue8m0",
+                   modules_to_not_convert=tuple(skipped))
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        return {"quant_method": "fp8", "fmt": "float8_e4m3fn", "activation_scheme": "dynamic",
+                "weight_block_size": [self.block_n, self.block_k],
+                "scale_fmt": "ue8m0" if self.e8m0_scales else "float",
+                "modules_to_not_convert": list(self.modules_to_not_convert)}
+
+
+@dataclass(frozen=True)
 class M3Settings:
     """What MiniMax-M3's text model has beyond a GQA decoder (transformers'
     MiniMaxM3VLTextConfig): partial RoPE, SwiGLU-OAI MLPs, MoE routing, per-layer MLP kinds."""
@@ -195,6 +240,7 @@ class ModelConfig:
     msa: MSAConfig = field(default_factory=MSAConfig)
     vision: VisionConfig | None = None
     m3: M3Settings | None = None  # set for MiniMax-M3 checkpoints
+    fp8: FP8Config | None = None  # FP8 weights (the checkpoint's quantization_config)
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
@@ -252,6 +298,7 @@ class ModelConfig:
                 mlp_only_layers=tuple(raw.get("mlp_only_layers", ())),
                 msa=MSAConfig(**msa_raw),
                 vision=VisionConfig.from_hf_dict(raw),
+                fp8=FP8Config.from_hf_dict(raw.get("quantization_config")),
             )
         except KeyError as exc:
             raise ModelLoadError(f"config.json lacks the required key {exc}") from exc
@@ -354,6 +401,8 @@ class ModelConfig:
                     shared_intermediate_size=text["shared_intermediate_size"],
                     routed_scaling_factor=text["routed_scaling_factor"],
                     mlp_layer_types=mlp_types),
+                fp8=FP8Config.from_hf_dict(raw.get("quantization_config")
+                                           or text.get("quantization_config")),
             )
         except TypeError as exc:
             raise ModelLoadError(f"config.json has an unexpected text_config: {exc}") from exc

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 from dataclasses import dataclass
@@ -13,6 +14,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from kernels import E4M3
+from kernels.reference import quantize_fp8
 from worker.checkpoint import (
     ModelInfo,
     apply_served_name,
@@ -23,6 +26,7 @@ from worker.checkpoint import (
 )
 from worker.config import ModelConfig
 from worker.errors import ModelLoadError
+from worker.layers import fp8
 from worker.layers.norms import GemmaRMSNorm, RMSNorm
 from worker.models.minimax_m3 import MiniMaxM3ForCausalLM
 from worker.models.msa import MSAForCausalLM
@@ -67,6 +71,8 @@ class WeightFiller:
         self.source = source
         with torch.device("meta"):
             model = model_class(config)(config).to(dtype)
+        if config.fp8 is not None:  # after .to(dtype), which would widen the e4m3 weights
+            fp8.quantize_(model, config.fp8)
         self.model = model.to_empty(device=device)
         if config.tie_word_embeddings:  # to_empty gives each module its own tensor: tie again
             self.model.lm_head.weight = self.model.model.embed_tokens.weight
@@ -87,6 +93,7 @@ class WeightFiller:
         if param is None:
             raise ModelLoadError(f"{self.source}: unexpected tensor {name} (not a weight of "
                                  f"this {self.config.model_type} config)")
+        tensor = self._stored_dtype(name, tensor, param)
         spec = self.shards.get(param_name)
         if spec is not None:
             local = spec.localize(index, tensor, param.shape)
@@ -99,6 +106,22 @@ class WeightFiller:
                                  f"the config implies {tuple(destination.shape)}")
         destination.copy_(tensor)
         self.filled[param_name] += destination.numel()
+
+    def _stored_dtype(self, name: str, tensor: torch.Tensor,
+                      param: torch.Tensor) -> torch.Tensor:
+        """The checkpoint tensor as the parameter stores it; FP8 weights and their scales are
+        copied bit for bit, never converted from or to another dtype."""
+        if tensor.dtype == torch.float8_e8m0fnu:
+            tensor = tensor.view(fp8.E8M0_STORAGE)
+        quantized = (param.dtype == E4M3, param.dtype == fp8.E8M0_STORAGE)
+        stored = (tensor.dtype == E4M3, tensor.dtype == fp8.E8M0_STORAGE)
+        if quantized != stored:
+            raise ModelLoadError(
+                f"{self.source}: {name} is stored as {tensor.dtype} but this config "
+                f"({'no ' if self.config.fp8 is None else ''}quantization_config) expects "
+                f"{param.dtype}; check quantization_config (weight_block_size, scale_fmt, "
+                "modules_to_not_convert) against the checkpoint")
+        return tensor
 
     def fill_random(self, seed: int) -> None:
         """Random weights instead of the checkpoint's (`load_format: dummy`, the tiny test
@@ -115,13 +138,32 @@ class WeightFiller:
                     norms[f"{module_name}.{name}"] = centre if name == "weight" else 0.0
         with torch.no_grad():
             for name, param in self.params.items():
-                if name in norms or "e_score_correction_bias" in name:
+                if name.endswith(fp8.SCALE_SUFFIX):
+                    continue  # filled with its weight
+                if param.dtype == E4M3:
+                    self._fill_random_fp8(name, param, generator)
+                elif name in norms or "e_score_correction_bias" in name:
                     param.normal_(0.0, 0.1, generator=generator).add_(norms.get(name, 0.0))
                 else:
                     fan_in = param[0].numel() if param.dim() > 1 else param.shape[0]
                     std = 1.0 if "embed_tokens" in name else 1.5 / fan_in ** 0.5
                     param.normal_(0.0, std, generator=generator)
                 self.filled[name] = param.numel()
+
+    def _fill_random_fp8(self, name: str, param: torch.Tensor,
+                         generator: torch.Generator) -> None:
+        """Random full-precision values quantized one matrix at a time (an expert's at most)."""
+        scale = self.params[name + fp8.SCALE_SUFFIX]
+        block = self.config.fp8
+        std = 1.5 / param.shape[-1] ** 0.5
+        for index in itertools.product(*map(range, param.shape[:-2])):
+            values = torch.empty(param.shape[-2:], device=param.device).normal_(
+                0.0, std, generator=generator)
+            quantized, scales = quantize_fp8(values, block.block_n, block.block_k,
+                                             block.e8m0_scales)
+            param[index].copy_(quantized)
+            scale[index].copy_(scales.scale)
+        self.filled[name + fp8.SCALE_SUFFIX] = scale.numel()
 
     def finish(self) -> nn.Module:
         wrong = sorted(n for n, p in self.params.items() if self.filled[n] != p.numel())

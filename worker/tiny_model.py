@@ -8,6 +8,7 @@ already sparse. `make_m3_checkpoint` writes a tiny MiniMax-M3 in the released la
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
+from kernels import E4M3
+from kernels.reference import quantize_fp8
 from worker.config import (
     CLIP_MEAN,
     CLIP_STD,
@@ -30,8 +33,10 @@ from worker.config import (
     M3_VIDEO_TOKEN,
     M3_VISION_END_TOKEN,
     M3_VISION_START_TOKEN,
+    FP8Config,
     ModelConfig,
 )
+from worker.layers import fp8
 from worker.loader import WeightFiller
 from worker.models.minimax_m3 import MiniMaxM3ForCausalLM
 from worker.models.msa import MSAForCausalLM
@@ -233,26 +238,66 @@ def m3_checkpoint_tensors(model: MiniMaxM3ForCausalLM) -> dict[str, torch.Tensor
     return tensors
 
 
+# FP8 layouts of the tiny M3 (`make-tiny-model --fp8`): fp32 block scales as in DeepSeek-style
+# checkpoints, at a block size the toy widths split into under tensor parallel 2 (a [128, 128]
+# block would cover a toy matrix whole), and MXFP8's [1, 32] groups with e8m0 scales.
+TINY_FP8_LAYOUTS = {
+    "block": FP8Config(block_n=16, block_k=16, modules_to_not_convert=("lm_head",)),
+    "mxfp8": FP8Config(block_n=1, block_k=32, e8m0_scales=True,
+                       modules_to_not_convert=("lm_head",)),
+}
+
+
+def quantize_checkpoint_tensors(model: MiniMaxM3ForCausalLM, tensors: dict[str, torch.Tensor],
+                                config: FP8Config) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors with every weight the loader runs in FP8 stored as e4m3 and its
+    `*_scale_inv` beside it (e8m0 scales as float8_e8m0fnu, as transformers writes them)."""
+    with torch.device("meta"):
+        shell = MiniMaxM3ForCausalLM(dataclasses.replace(model.config, fp8=config))
+    fp8.quantize_(shell, config)
+    quantized = {name for name, param in shell.named_parameters() if param.dtype == E4M3}
+    out = {}
+    for name, tensor in tensors.items():
+        target = shell.checkpoint_target(name)
+        if target is None or target[0] not in quantized:
+            out[name] = tensor
+            continue
+        weight, scales = quantize_fp8(tensor, config.block_n, config.block_k,
+                                      config.e8m0_scales)
+        out[name] = weight
+        out[name + fp8.SCALE_SUFFIX] = (scales.scale.view(torch.float8_e8m0fnu)
+                                        if scales.e8m0 else scales.scale)
+    return out
+
+
 def make_m3_checkpoint(path: str | Path, seed: int = 0, topk: int = 3,
-                       num_shards: int = 3) -> Path:
+                       num_shards: int = 3, fp8_layout: str | None = None,
+                       text_overrides: dict | None = None) -> Path:
     """A random tiny MiniMax-M3 written as the released checkpoint is: config.json with
     text_config and vision_config, the checkpoint's own tensor names, sharded safetensors with
     model.safetensors.index.json, and a tokenizer. transformers loads it as
-    MiniMaxM3SparseForConditionalGeneration."""
+    MiniMaxM3SparseForConditionalGeneration. `fp8_layout` (a key of TINY_FP8_LAYOUTS) stores
+    the same random weights quantized, with their quantization_config; `text_overrides`
+    changes text_config entries (wider models for memory measurements)."""
     path = Path(path)
     tokenizer = write_tokenizer(path, M3_SPECIAL_TOKENS + M3_RESERVED_TOKENS, M3_CHAT_TEMPLATE)
     raw = tiny_m3_config_dict(tokenizer.get_vocab_size(), tokenizer.token_to_id("<|im_end|>"),
                               topk)
     raw.update(image_token_index=tokenizer.token_to_id(M3_IMAGE_TOKEN),
                video_token_index=tokenizer.token_to_id(M3_VIDEO_TOKEN))
-    (path / "config.json").write_text(json.dumps(raw, indent=2))
-    (path / "preprocessor_config.json").write_text(json.dumps(M3_IMAGE_PROCESSOR, indent=2))
-    (path / "video_preprocessor_config.json").write_text(json.dumps(M3_VIDEO_PROCESSOR, indent=2))
+    raw["text_config"].update(text_overrides or {})
     filler = WeightFiller(ModelConfig.from_hf_dict(raw), path, torch.float32,
                           torch.device("cpu"))
     filler.fill_random(seed)
     model = filler.finish()
     tensors = m3_checkpoint_tensors(model)
+    if fp8_layout is not None:
+        fp8_config = TINY_FP8_LAYOUTS[fp8_layout]
+        tensors = quantize_checkpoint_tensors(model, tensors, fp8_config)
+        raw["quantization_config"] = fp8_config.to_hf_dict()
+    (path / "config.json").write_text(json.dumps(raw, indent=2))
+    (path / "preprocessor_config.json").write_text(json.dumps(M3_IMAGE_PROCESSOR, indent=2))
+    (path / "video_preprocessor_config.json").write_text(json.dumps(M3_VIDEO_PROCESSOR, indent=2))
     names = sorted(tensors)
     shards = [names[i::num_shards] for i in range(num_shards)]
     weight_map = {}

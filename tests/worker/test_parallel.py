@@ -76,6 +76,22 @@ def test_two_ranks_compute_what_one_process_computes(m3_dir, local_ray, single_p
     assert [o.new_token_ids for o in seeded] == [o.new_token_ids for o in want_seeded]
 
 
+def test_fp8_weights_split_over_two_ranks_compute_what_one_process_computes(tmp_path,
+                                                                           local_ray):
+    """The scales split with their weights (block scales of 16 x 16 rows and columns)."""
+    fp8_dir = make_m3_checkpoint(tmp_path / "fp8", seed=2, fp8_layout="block")
+    want = _engine(fp8_dir).generate([PROMPT], GREEDY, use_tqdm=False)[0]
+    engine = _engine(fp8_dir, tensor_parallel_size=2)
+    try:
+        ours = engine.generate([PROMPT], GREEDY, use_tqdm=False)[0]
+    finally:
+        engine.close()
+    assert ours.new_token_ids == want.new_token_ids
+    for got, expected in zip(ours.logprobs, want.logprobs, strict=True):
+        assert [lp for _, lp in got.top] == pytest.approx([lp for _, lp in expected.top],
+                                                          abs=1e-4)
+
+
 def test_a_dead_rank_makes_the_replica_report_itself_dead(m3_dir, local_ray):
     engine = _engine(m3_dir, tensor_parallel_size=2)
     try:

@@ -7,11 +7,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
 from worker import parallel
+from worker.layers import fp8
 from worker.parallel import ShardSpec, set_shard
 
 
-class ColumnParallelLinear(nn.Linear):
+class ParallelLinear(nn.Linear):
+    """A projection whose weight may be FP8 (`worker.layers.fp8`): e4m3 with block scales,
+    multiplied as stored."""
+
+    fp8_weights = {"weight": 1}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scales = fp8.scales(self, "weight")
+        if scales is None:
+            return F.linear(x, self.weight)
+        return kernels.fp8_linear(x, self.weight, scales)
+
+
+class ColumnParallelLinear(ParallelLinear):
     """Output features split: each rank computes its slice of y = x W^T (its heads, its MLP
     columns), no communication. `parts`/`part` override the split for weights replicated over
     groups of ranks (KV heads when ranks outnumber them)."""
@@ -27,7 +42,7 @@ class ColumnParallelLinear(nn.Linear):
         set_shard(self, "weight", ShardSpec(dim=0, parts=parts, part=part))
 
 
-class RowParallelLinear(nn.Linear):
+class RowParallelLinear(ParallelLinear):
     """Input features split: each rank's output is a partial sum. The caller all-reduces once
     for all the partial sums of its block (attention, or routed plus shared experts)."""
 

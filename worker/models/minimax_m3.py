@@ -26,6 +26,7 @@ import kernels
 from worker import parallel
 from worker.config import ModelConfig
 from worker.engine.kv_cache import AttentionMetadata, KVCache
+from worker.layers import fp8
 from worker.layers.attention import GQAProjections, paged_attention
 from worker.layers.linear import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from worker.layers.norms import GemmaRMSNorm
@@ -38,7 +39,8 @@ from worker.parallel import ShardSpec, set_shard
 # prediction head, which serving does not use (transformers skips it too).
 VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "patch_merge_mlp.")
 SKIPPED_PREFIXES = ("mtp.",)
-_EXPERT_RE = re.compile(r"(model\.layers\.\d+\.block_sparse_moe)\.experts\.(\d+)\.w([123])\.weight")
+_EXPERT_RE = re.compile(
+    r"(model\.layers\.\d+\.block_sparse_moe)\.experts\.(\d+)\.w([123])\.weight(_scale_inv)?")
 
 
 class M3Attention(GQAProjections):
@@ -51,7 +53,7 @@ class M3Attention(GQAProjections):
             index_dim = config.msa.index_head_dim
             # One index query head per KV group (split with them), one shared key head.
             self.index_q_proj = self.per_kv_head(hidden, config.num_key_value_heads * index_dim)
-            self.index_k_proj = nn.Linear(hidden, index_dim, bias=False)
+            self.index_k_proj = ColumnParallelLinear(hidden, index_dim, parts=1, part=0)
             self.index_q_norm = GemmaRMSNorm(index_dim, eps)
             self.index_k_norm = GemmaRMSNorm(index_dim, eps)
 
@@ -104,6 +106,8 @@ class M3MoE(nn.Module):
     choices that fall on them). Either way the output is a partial sum, all-reduced once with
     the shared expert's by the decoder layer."""
 
+    fp8_weights = {"w13": 2, "w2": 1}  # w13 stacks w1 over w3
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         m3 = config.m3
@@ -149,7 +153,8 @@ class M3MoE(nn.Module):
             chosen = torch.where((chosen >= 0) & (chosen < num_local), chosen, num_local)
         # Grouped GEMMs on CUDA (graph-safe: the layout needs no host sync); on CPU the
         # reference runs each chosen expert once on its tokens.
-        routed = kernels.routed_experts(x, self.w13, self.w2, weights, chosen, self.activation)
+        routed = kernels.routed_experts(x, self.w13, self.w2, weights, chosen, self.activation,
+                                        fp8.scales(self, "w13"), fp8.scales(self, "w2"))
         return routed * self.scaling + self.shared_experts(x)
 
 
@@ -203,8 +208,12 @@ class MiniMaxM3ForCausalLM(PagedCausalLM):
         if expert is None:
             return name, ()
         moe, index, which = expert.group(1), int(expert.group(2)), expert.group(3)
-        inter = self.config.intermediate_size
+        suffix = expert.group(4) or ""  # FP8 checkpoints: the block scales beside the weight
         if which == "2":
-            return f"{moe}.w2", (index,)
+            return f"{moe}.w2{suffix}", (index,)
+        # w1's rows, then w3's (of the scales: one row per block_n weight rows).
+        inter = self.config.intermediate_size
+        if suffix:
+            inter //= self.config.fp8.block_n
         rows = slice(0, inter) if which == "1" else slice(inter, 2 * inter)
-        return f"{moe}.w13", (index, rows)
+        return f"{moe}.w13{suffix}", (index, rows)

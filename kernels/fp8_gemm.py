@@ -1,0 +1,65 @@
+"""Triton: y = x @ W^T for an e4m3 weight W with block scales (W8A16: the weight stays 8-bit in
+memory and is dequantized tile by tile in registers, the product runs in the activations'
+dtype). Decode GEMMs read every weight byte for a few rows, so halving the bytes is the gain;
+the scales cost one load per column per K tile.
+
+The math is `reference.fp8_linear`."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.reference import BlockScales
+from kernels.triton_layout import dot_precision, e4m3_weight_tile, fp8_depth
+
+
+@triton.jit
+def _fp8_linear_kernel(
+    x, w, scale, out, m, n, k, stride_xm, stride_wn, stride_sn, stride_sk, stride_om,
+    SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, E8M0: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    x_rows = x + rows.to(tl.int64)[:, None] * stride_xm
+    w_cols = w + cols.to(tl.int64)[None, :] * stride_wn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, k, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(x_rows + ks[None, :], mask=(rows[:, None] < m) & (ks[None, :] < k),
+                    other=0.0)
+        wt = e4m3_weight_tile(w_cols + ks[:, None], (ks[:, None] < k) & (cols[None, :] < n),
+                              scale, cols, k0, n, stride_sn, stride_sk, SCALE_N, SCALE_K, E8M0)
+        acc = tl.dot(a, wt.to(a.dtype), acc, input_precision=PRECISION)
+    tl.store(out + rows.to(tl.int64)[:, None] * stride_om + cols[None, :],
+             acc.to(out.dtype.element_ty), mask=(rows[:, None] < m) & (cols[None, :] < n))
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockScales) -> torch.Tensor:
+    """Same contract as `reference.fp8_linear`; x [..., K], weight [N, K] e4m3."""
+    n, k = weight.shape
+    flat = x.reshape(-1, k)
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    m = flat.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out.view(*x.shape[:-1], n)
+    # Few rows (decode): small row tiles and deep K tiles keep weight loads in flight; many
+    # rows (prefill): the tensor cores' large tiles.
+    if m <= 64:
+        block_m, block_n, depth, warps, stages = max(16, triton.next_power_of_2(m)), 64, 128, 4, 4
+    else:
+        block_m, block_n, depth, warps, stages = 128, 128, 64, 8, 3
+    block_k = fp8_depth(min(depth, max(16, triton.next_power_of_2(k))), scales.block_k)
+    scale = scales.scale
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    _fp8_linear_kernel[grid](
+        flat, weight, scale, out, m, n, k, flat.stride(0), weight.stride(0), scale.stride(0),
+        scale.stride(1), out.stride(0),
+        SCALE_N=scales.block_n, SCALE_K=scales.block_k, E8M0=scales.e8m0,
+        PRECISION=dot_precision(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=warps, num_stages=stages)
+    return out.view(*x.shape[:-1], n)

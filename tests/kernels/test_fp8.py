@@ -1,0 +1,108 @@
+"""FP8 weights (e4m3 with block scales): quantization round trips within e4m3's rounding, and
+the Triton GEMMs (dense and grouped) multiply exactly what the reference dequantizes.
+
+On CPU the kernels run under Triton's interpreter at small shapes; on a CUDA machine the `gpu`
+test repeats them at M3's width in bf16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels.reference import E4M3, dequantize_fp8, quantize_fp8
+from tests.kernels.test_moe import _layer, _swiglu
+
+# (block_n, block_k, e8m0): DeepSeek-style blocks with fp32 scales, MXFP8's groups of 32 with
+# power-of-two scales, and a block that does not divide the matrix (partial edge blocks).
+LAYOUTS = [(128, 128, False), (1, 32, True), (16, 48, False)]
+
+
+@pytest.mark.parametrize("block_n,block_k,e8m0", LAYOUTS)
+def test_quantized_weights_round_trip_within_e4m3_rounding(block_n, block_k, e8m0):
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(3, 80, 200, generator=g) * torch.rand(3, 80, 1, generator=g)
+    quantized, scales = quantize_fp8(weight, block_n, block_k, e8m0)
+    assert quantized.dtype == E4M3
+    assert scales.scale.shape == (3, -(-80 // block_n), -(-200 // block_k))
+    assert scales.scale.dtype == (torch.uint8 if e8m0 else torch.float32)
+    restored = dequantize_fp8(quantized, scales)
+    # e4m3 keeps 3 mantissa bits: a relative error of at most 2^-4 on normal values, and an
+    # absolute one of half its smallest subnormal step (2^-10 x scale) below them.
+    per_element = scales.values().repeat_interleave(block_n, -2)[:, :80].repeat_interleave(
+        block_k, -1)[..., :200]
+    bound = weight.abs() * 2 ** -4 + per_element * 2 ** -10
+    assert ((restored - weight).abs() <= bound * 1.0001).all()
+    # Each block's largest magnitude lands near e4m3's largest value (exactly, for fp32 scales).
+    assert quantized.float().abs().max() <= 448
+    if not e8m0:
+        assert quantized.float().abs().amax() == 448
+
+
+def _fp8_weight(n: int, k: int, layout, seed: int, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    weight, scales = quantize_fp8(torch.randn(n, k, generator=g) / k ** 0.5, *layout)
+    return weight.to(device), type(scales)(scales.scale.to(device), scales.block_n,
+                                           scales.block_k)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("rows", [1, 37, 130])  # a decode row, a few, a prefill chunk's tiles
+def test_fp8_linear_matches_reference(layout, rows):
+    weight, scales = _fp8_weight(96, 160, layout, seed=rows)
+    x = torch.randn(rows, 160, generator=torch.Generator().manual_seed(1))
+    ours = kernels.fp8_linear(x, weight, scales, backend="triton")
+    ref = kernels.fp8_linear(x, weight, scales, backend="reference")
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ref, x @ dequantize_fp8(weight, scales).T)
+    assert ref.abs().max() > 0.1
+
+
+@pytest.mark.parametrize("layout", [(16, 16, False), (1, 32, True)])
+def test_grouped_gemm_with_fp8_experts_matches_reference(layout):
+    x, w13, w2, weights, chosen = _layer(40, 8, 4, 64, 32, seed=5)
+    q13, s13 = quantize_fp8(w13, *layout)
+    q2, s2 = quantize_fp8(w2, *layout)
+    ours = kernels.routed_experts(x, q13, q2, weights, chosen, _swiglu, s13, s2,
+                                  backend="triton")
+    ref = kernels.routed_experts(x, q13, q2, weights, chosen, _swiglu, s13, s2,
+                                 backend="reference")
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    dequantized = kernels.routed_experts(x, dequantize_fp8(q13, s13), dequantize_fp8(q2, s2),
+                                         weights, chosen, _swiglu, backend="reference")
+    torch.testing.assert_close(ref, dequantized, atol=1e-5, rtol=1e-5)
+    full = kernels.routed_experts(x, w13, w2, weights, chosen, _swiglu, backend="reference")
+    assert (ref - full).norm() / full.norm() < 0.05  # e4m3's rounding, not a wrong product
+
+
+def test_fp8_weights_without_matching_scales_are_refused():
+    weight, scales = _fp8_weight(32, 64, (16, 32, False), seed=0)
+    x = torch.randn(2, 64)
+    with pytest.raises(ValueError, match=r"needs scales \(2, 2\)"):
+        kernels.fp8_linear(x, weight, type(scales)(scales.scale[:, :1], 16, 32))
+    x2, w13, w2, weights, chosen = _layer(3, 4, 2, 32, 16, seed=0)
+    with pytest.raises(ValueError, match="e4m3 but came without its scales"):
+        kernels.routed_experts(x2, w13.to(E4M3), w2, weights, chosen, _swiglu)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        kernels.fp8_linear(x, *_fp8_weight(32, 64, (1, 8, False), seed=0), backend="triton")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU; CPU runs the interpreter tests above")
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", [(128, 128, False), (1, 32, True)])
+@pytest.mark.parametrize("rows", [8, 64, 512])
+def test_fp8_gemms_at_m3_width_on_the_gpu(layout, rows):
+    weight, scales = _fp8_weight(4096, 6144, layout, seed=0, device="cuda")
+    x = torch.randn(rows, 6144, device="cuda", dtype=torch.bfloat16)
+    ours = kernels.fp8_linear(x, weight, scales)
+    ref = F.linear(x.float(), dequantize_fp8(weight, scales))
+    torch.testing.assert_close(ours.float(), ref, atol=3e-2, rtol=3e-2)
+    x, w13, w2, weights, chosen = _layer(rows, 128, 4, 3072, 1024, seed=1, device="cuda",
+                                         dtype=torch.bfloat16)
+    (q13, s13), (q2, s2) = quantize_fp8(w13, *layout), quantize_fp8(w2, *layout)
+    ours = kernels.routed_experts(x, q13, q2, weights, chosen, _swiglu, s13, s2)
+    ref = kernels.routed_experts(x, q13, q2, weights, chosen, _swiglu, s13, s2,
+                                 backend="reference")
+    torch.testing.assert_close(ours.float(), ref.float(), atol=3e-2, rtol=3e-2)

@@ -1,0 +1,79 @@
+"""FP8 weights: which parameters a quantized checkpoint stores as e4m3, and their scales.
+
+A module lists the weights it can run in FP8 in `fp8_weights` (name -> how many matrices are
+stacked along its output rows: w1 over w3 in the fused expert projection). `quantize_` turns
+those of a model built on the meta device into e4m3 parameters with a `<name>_scale_inv`
+parameter beside each (the checkpoint's name for the scales), so loading copies the stored
+bytes and nothing is ever held in full precision. The kernels multiply by them as they are
+(`kernels.fp8_linear`, `kernels.routed_experts`).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from kernels import E4M3, BlockScales
+from worker.config import FP8Config
+from worker.errors import ModelLoadError
+from worker.parallel import set_shard
+
+SCALE_SUFFIX = "_scale_inv"
+E8M0_STORAGE = torch.uint8  # e8m0 exponents, as the kernels read them
+
+
+def quantize_(model: nn.Module, config: FP8Config) -> None:
+    """Makes every FP8-capable weight of `model` (on the meta device) e4m3 with block scales,
+    except the modules the config exempts and the LM head (its output embedding)."""
+    for module_name, module in model.named_modules():
+        if module_name == "lm_head" or _exempt(module_name, config.modules_to_not_convert):
+            continue
+        for param_name, stacked in getattr(module, "fp8_weights", {}).items():
+            _quantize_param(module, f"{module_name}.{param_name}", param_name, stacked, config)
+
+
+def scales(module: nn.Module, name: str) -> BlockScales | None:
+    """The block scales of `module.<name>`, or None when it is not FP8."""
+    block = module.__dict__.get("fp8_block")
+    if block is None:
+        return None
+    return BlockScales(getattr(module, name + SCALE_SUFFIX), *block)
+
+
+def _exempt(module_name: str, patterns: tuple[str, ...]) -> bool:
+    """As transformers matches `modules_to_not_convert`: a pattern (a regex) from the start of
+    the name up to a module boundary, or a suffix; names may carry the checkpoint's
+    `language_model.` prefix."""
+    names = (module_name, f"language_model.{module_name}")
+    return any(re.match(rf"(?:{pattern})(?:(?<=\.)|(?=\.|$))", name) or name.endswith(pattern)
+               for pattern in patterns for name in names)
+
+
+def _quantize_param(module: nn.Module, full_name: str, name: str, stacked: int,
+                    config: FP8Config) -> None:
+    weight = getattr(module, name)
+    *lead, n, k = weight.shape
+    blocks = {weight.dim() - 2: config.block_n, weight.dim() - 1: config.block_k}
+    spec = module.__dict__.get("shard_specs", {}).get(name)
+    split = spec is not None and spec.dim is not None and spec.parts > 1
+    if stacked > 1 or split:
+        # A piece of a matrix (a stacked one, or this rank's share) must be whole scale
+        # blocks, or the scales would not split with it.
+        dim = spec.dim if split else weight.dim() - 2
+        extent = weight.shape[dim] // (stacked if dim == weight.dim() - 2 else 1)
+        if extent % blocks[dim]:
+            raise ModelLoadError(
+                f"FP8 weight {full_name}: pieces of {extent} along dim {dim} are not whole "
+                f"scale blocks of {blocks[dim]}; pick a tensor_parallel_size that keeps them "
+                "whole (or expert_parallel for the experts)")
+    setattr(module, name, nn.Parameter(torch.empty(weight.shape, dtype=E4M3,
+                                                   device=weight.device), requires_grad=False))
+    scale_shape = (*lead, -(-n // config.block_n), -(-k // config.block_k))
+    scale_dtype = E8M0_STORAGE if config.e8m0_scales else torch.float32
+    setattr(module, name + SCALE_SUFFIX, nn.Parameter(
+        torch.empty(scale_shape, dtype=scale_dtype, device=weight.device), requires_grad=False))
+    if spec is not None:
+        set_shard(module, name + SCALE_SUFFIX, spec)
+    module.__dict__["fp8_block"] = (config.block_n, config.block_k)
