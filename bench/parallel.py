@@ -230,10 +230,13 @@ def main() -> None:
             dirs[fp8] = Path(tmp) / ("fp8" if fp8 else "bf16")
             dirs[fp8].mkdir()
             write_config(dirs[fp8], args.moe_layers)
+            config = json.loads((dirs[fp8] / "config.json").read_text())
+            # Padded, as released vocabularies are, so it splits over the ranks.
+            text = config["text_config"]
+            text["vocab_size"] = -(-text["vocab_size"] // 64) * 64
             if fp8:
-                config = json.loads((dirs[fp8] / "config.json").read_text())
                 config["quantization_config"] = FP8_BLOCK
-                (dirs[fp8] / "config.json").write_text(json.dumps(config))
+            (dirs[fp8] / "config.json").write_text(json.dumps(config))
         for i, setup in enumerate(setups):
             results[setup] = run_setup(setup, dirs[setup.fp8], 29500 + i)
             print(setup.name, results[setup], flush=True)

@@ -1,18 +1,20 @@
 """Triton: y = x @ W^T for an e4m3 weight W with block scales (W8A16: the weight stays 8-bit in
-memory and is dequantized tile by tile in registers, the product runs in the activations'
-dtype). Decode GEMMs read every weight byte for a few rows, so halving the bytes is the gain;
-the scales cost one load per column per K tile.
+memory and is converted tile by tile in registers, the product runs in the activations'
+dtype, each tile's partial product is scaled by its columns' block scales). Decode GEMMs read
+every weight byte for a few rows, so halving the bytes is the gain.
 
 The math is `reference.fp8_linear`."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from kernels.reference import BlockScales
-from kernels.triton_layout import dot_precision, e4m3_weight_tile, fp8_depth
+from kernels.triton_layout import column_scales, dot_precision, fp8_depth, multiprocessors
 
 
 @triton.jit
@@ -30,15 +32,38 @@ def _fp8_linear_kernel(
         ks = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(x_rows + ks[None, :], mask=(rows[:, None] < m) & (ks[None, :] < k),
                     other=0.0)
-        wt = e4m3_weight_tile(w_cols + ks[:, None], (ks[:, None] < k) & (cols[None, :] < n),
-                              scale, cols, k0, n, stride_sn, stride_sk, SCALE_N, SCALE_K, E8M0)
-        acc = tl.dot(a, wt.to(a.dtype), acc, input_precision=PRECISION)
+        wt = tl.load(w_cols + ks[:, None], mask=(ks[:, None] < k) & (cols[None, :] < n),
+                     other=0.0)
+        part = tl.dot(a, wt.to(a.dtype), input_precision=PRECISION)
+        acc += part * column_scales(scale, cols, k0, n, stride_sn, stride_sk, SCALE_N, SCALE_K,
+                                    E8M0)[None, :]
     tl.store(out + rows.to(tl.int64)[:, None] * stride_om + cols[None, :],
              acc.to(out.dtype.element_ty), mask=(rows[:, None] < m) & (cols[None, :] < n))
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockScales) -> torch.Tensor:
-    """Same contract as `reference.fp8_linear`; x [..., K], weight [N, K] e4m3."""
+@dataclass(frozen=True)
+class GemmTile:
+    rows: int  # BLOCK_M
+    cols: int  # BLOCK_N
+    depth: int  # BLOCK_K before the scale block caps it
+    num_warps: int
+    num_stages: int
+
+    @classmethod
+    def for_shape(cls, m: int, n: int, device: torch.device) -> "GemmTile":
+        # Few rows (decode) read weights: narrow column tiles give every SM programs to keep
+        # loads in flight; many rows (prefill) take the tensor cores' large tiles.
+        if m <= 64:
+            rows = max(16, triton.next_power_of_2(m))
+            cols = 64 if n // 64 >= 2 * multiprocessors(device) else 32
+            return cls(rows, cols, 128, 4, 4)
+        return cls(128, 128, 64, 8, 3)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockScales,
+               tile: GemmTile | None = None) -> torch.Tensor:
+    """Same contract as `reference.fp8_linear`; x [..., K], weight [N, K] e4m3. `tile`
+    overrides the tile choice (bench/parallel.py sweeps them)."""
     n, k = weight.shape
     flat = x.reshape(-1, k)
     if flat.stride(-1) != 1:
@@ -47,19 +72,14 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockScales) -> to
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out.view(*x.shape[:-1], n)
-    # Few rows (decode): small row tiles and deep K tiles keep weight loads in flight; many
-    # rows (prefill): the tensor cores' large tiles.
-    if m <= 64:
-        block_m, block_n, depth, warps, stages = max(16, triton.next_power_of_2(m)), 64, 128, 4, 4
-    else:
-        block_m, block_n, depth, warps, stages = 128, 128, 64, 8, 3
-    block_k = fp8_depth(min(depth, max(16, triton.next_power_of_2(k))), scales.block_k)
+    tile = tile or GemmTile.for_shape(m, n, x.device)
+    block_k = fp8_depth(min(tile.depth, max(16, triton.next_power_of_2(k))), scales.block_k)
     scale = scales.scale
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    grid = (triton.cdiv(m, tile.rows), triton.cdiv(n, tile.cols))
     _fp8_linear_kernel[grid](
         flat, weight, scale, out, m, n, k, flat.stride(0), weight.stride(0), scale.stride(0),
         scale.stride(1), out.stride(0),
         SCALE_N=scales.block_n, SCALE_K=scales.block_k, E8M0=scales.e8m0,
-        PRECISION=dot_precision(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=warps, num_stages=stages)
+        PRECISION=dot_precision(x.dtype), BLOCK_M=tile.rows, BLOCK_N=tile.cols, BLOCK_K=block_k,
+        num_warps=tile.num_warps, num_stages=tile.num_stages)
     return out.view(*x.shape[:-1], n)

@@ -10,6 +10,7 @@ import pytest
 import ray
 
 from worker.config import EngineConfig
+from worker.engine.cuda_graphs import DecodeGraphs
 from worker.engine.llm_engine import LLMEngine
 from worker.errors import EngineDeadError
 from worker.tiny_model import make_m3_checkpoint
@@ -74,6 +75,30 @@ def test_two_ranks_compute_what_one_process_computes(m3_dir, local_ray, single_p
             assert [lp for _, lp in got.top] == pytest.approx([lp for _, lp in expected.top],
                                                               abs=1e-4)
     assert [o.new_token_ids for o in seeded] == [o.new_token_ids for o in want_seeded]
+
+
+def test_graphed_decode_steps_replay_on_every_rank(m3_dir, local_ray, single_process):
+    """Decode steps through DecodeGraphs (uncaptured on CPU: the same static buffers and
+    padding): rank 0 sends each step's DecodeInputs, the other rank replays the same step from
+    its own buffers, and the outputs are the single process's."""
+    engine = _engine(m3_dir, tensor_parallel_size=2)
+    try:
+        engine.runner.decode_graphs = DecodeGraphs(
+            engine.runner.model, engine.cache, engine.topk, max_batch=4,
+            max_model_len=engine.max_model_len, capture=False)
+        replayed = []
+        replay = engine.runner.decode_graphs.replay
+        engine.runner.decode_graphs.replay = lambda inputs: replayed.append(inputs) or \
+            replay(inputs)
+        ours = engine.generate([PROMPT], GREEDY, use_tqdm=False)[0]
+    finally:
+        engine.close()
+    want = single_process[0][0]
+    assert len(replayed) == GREEDY.max_tokens - 1  # every decode step was graphed
+    assert ours.new_token_ids == want.new_token_ids
+    for got, expected in zip(ours.logprobs, want.logprobs, strict=True):
+        assert [lp for _, lp in got.top] == pytest.approx([lp for _, lp in expected.top],
+                                                          abs=1e-4)
 
 
 def test_fp8_weights_split_over_two_ranks_compute_what_one_process_computes(tmp_path,

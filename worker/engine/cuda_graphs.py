@@ -15,10 +15,13 @@ Two paths per bucket because the layer's dense-or-sparse choice is made on the h
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from kernels import BLOCK_SIZE
+from worker.config import EngineConfig
 from worker.engine.kv_cache import AttentionMetadata, KVCache
 from worker.engine.scheduler import ScheduledBatch
 from worker.models.base import PagedCausalLM
@@ -28,11 +31,29 @@ logger = logging.getLogger(__name__)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
+def max_graph_batch(config: EngineConfig) -> int:
+    """The largest decode batch replayed from a graph (every rank sizes its buffers so)."""
+    return min(config.max_num_seqs, BATCH_BUCKETS[-1])
+
+
 def is_decode_step(batch: ScheduledBatch) -> bool:
     """Every sequence computes exactly its newest token, a generated one (so never an image's
     placeholder), and samples the next."""
     return all(n == 1 and seq.num_computed_tokens + 1 == seq.num_tokens > seq.num_prompt_tokens
                for seq, n in zip(batch.sequences, batch.num_tokens))
+
+
+@dataclass
+class DecodeInputs:
+    """One graphed decode step's inputs on the host: the batch padded to its bucket."""
+
+    bucket: int
+    short: bool  # every row within topk blocks: the all-blocks path
+    input_ids: torch.Tensor  # int64 [bucket]
+    positions: torch.Tensor  # int64 [bucket]
+    slot_mapping: torch.Tensor  # int64 [bucket]
+    seq_lens: torch.Tensor  # int32 [bucket]
+    block_table: torch.Tensor  # int32 [bucket, pages of the widest row]
 
 
 class DecodeGraphs:
@@ -76,52 +97,78 @@ class DecodeGraphs:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
         """Logits [len(batch), vocab] of each sequence's next token."""
-        size = len(batch)
-        bucket = next(b for b in self.buckets if b >= size)
-        short = max(seq.num_tokens for seq in batch.sequences) <= self.topk * BLOCK_SIZE
-        self._fill(batch, bucket)
-        key = (bucket, short)
-        if not self.capture:
-            return self._forward(bucket, short)[:size]
-        if key not in self.graphs:
-            self._capture(key)
-            self._fill(batch, bucket)  # capture's warm-up step ran on padding rows only
-        self.graphs[key].replay()
-        return self.logits[key][:size]
+        return self.replay(self.prepare(batch))[: len(batch)]
 
-    def capture_all(self) -> None:
-        """Every bucket and attention path ahead of time (the engine's warm-up)."""
-        if not self.capture:
-            return
-        sparse_possible = self.max_model_len > self.topk * BLOCK_SIZE
-        for bucket in reversed(self.buckets):  # largest first: smaller ones reuse its pool
-            for short in (True, False) if sparse_possible else (True,):
-                if (bucket, short) not in self.graphs:
-                    self._capture((bucket, short))
-
-    def _fill(self, batch: ScheduledBatch, bucket: int) -> None:
-        """Copies the step into the static buffers; rows past the batch become padding."""
-        size = len(batch)
+    def prepare(self, batch: ScheduledBatch) -> DecodeInputs:
+        """The step's static-buffer contents, built on the host: also what rank 0 of a
+        tensor-parallel replica sends the other ranks, which replay the same graph."""
+        bucket = next(b for b in self.buckets if b >= len(batch))
+        padding = bucket - len(batch)
         scratch = self.cache.scratch_page
         positions = [seq.num_tokens - 1 for seq in batch.sequences]
         widest = max(len(seq.page_ids) for seq in batch.sequences)
         table = torch.full((bucket, widest), scratch, dtype=torch.int32)
         for row, seq in enumerate(batch.sequences):
             table[row, : len(seq.page_ids)] = torch.tensor(seq.page_ids, dtype=torch.int32)
-        padding = bucket - size
-        host = {
-            "input_ids": [seq.token_ids[-1] for seq in batch.sequences] + [0] * padding,
-            "positions": positions + [0] * padding,
-            "slot_mapping": [seq.page_ids[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE
-                             for seq, p in zip(batch.sequences, positions)]
-            + [scratch * BLOCK_SIZE] * padding,
-            "seq_lens": [p + 1 for p in positions] + [1] * padding,
-        }
-        for name, values in host.items():
-            static = getattr(self, name)
-            static[:bucket].copy_(torch.tensor(values, dtype=static.dtype), non_blocking=True)
+        slots = [seq.page_ids[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE
+                 for seq, p in zip(batch.sequences, positions)]
+        return DecodeInputs(
+            bucket=bucket,
+            short=max(seq.num_tokens for seq in batch.sequences) <= self.topk * BLOCK_SIZE,
+            input_ids=torch.tensor([seq.token_ids[-1] for seq in batch.sequences]
+                                   + [0] * padding),
+            positions=torch.tensor(positions + [0] * padding),
+            slot_mapping=torch.tensor(slots + [scratch * BLOCK_SIZE] * padding),
+            seq_lens=torch.tensor([p + 1 for p in positions] + [1] * padding, dtype=torch.int32),
+            block_table=table)
+
+    def padding(self, bucket: int, short: bool) -> DecodeInputs:
+        """A step of padding rows only, which write to the scratch page alone (captures ahead
+        of time run on it, so they never touch a live sequence's pages)."""
+        scratch = self.cache.scratch_page
+        return DecodeInputs(
+            bucket=bucket, short=short, input_ids=torch.zeros(bucket, dtype=torch.long),
+            positions=torch.zeros(bucket, dtype=torch.long),
+            slot_mapping=torch.full((bucket,), scratch * BLOCK_SIZE, dtype=torch.long),
+            seq_lens=torch.ones(bucket, dtype=torch.int32),
+            block_table=torch.full((bucket, self.max_pages), scratch, dtype=torch.int32))
+
+    def capture_all(self, announce: Callable[[DecodeInputs], None] | None = None) -> None:
+        """Every bucket and attention path ahead of time (the engine's warm-up), largest
+        bucket first (smaller ones reuse its memory pool). `announce` hands each padding step
+        to a replica's other ranks first, which capture alongside."""
+        if not self.capture:
+            return
+        sparse_possible = self.max_model_len > self.topk * BLOCK_SIZE
+        for bucket in reversed(self.buckets):
+            for short in (True, False) if sparse_possible else (True,):
+                inputs = self.padding(bucket, short)
+                if announce is not None:
+                    announce(inputs)
+                self.replay(inputs)
+
+    @torch.inference_mode()
+    def replay(self, inputs: DecodeInputs) -> torch.Tensor:
+        """Logits [bucket, vocab]. A key's graph is captured at its first step; every rank of
+        a tensor-parallel replica replays (and captures) at the same step, so the NCCL calls
+        captured in the graphs pair up."""
+        key = (inputs.bucket, inputs.short)
+        self._load(inputs)
+        if not self.capture:
+            return self._forward(*key)
+        if key not in self.graphs:
+            self._capture(key)
+            self._load(inputs)  # capture's warm-up step ran on padding rows only
+        self.graphs[key].replay()
+        return self.logits[key]
+
+    def _load(self, inputs: DecodeInputs) -> None:
+        bucket = inputs.bucket
+        for name in ("input_ids", "positions", "slot_mapping", "seq_lens"):
+            getattr(self, name)[:bucket].copy_(getattr(inputs, name), non_blocking=True)
         # Columns past a row's pages keep stale ids: nothing reads past a row's length.
-        self.block_table[:bucket, :widest].copy_(table, non_blocking=True)
+        widest = inputs.block_table.shape[1]
+        self.block_table[:bucket, :widest].copy_(inputs.block_table, non_blocking=True)
 
     def _forward(self, bucket: int, short: bool) -> torch.Tensor:
         seq_lens = self.seq_lens[:bucket]
@@ -142,12 +189,7 @@ class DecodeGraphs:
         bucket, short = key
         logger.info("capturing a CUDA graph: decode batch %d, %s attention", bucket,
                     "all-blocks" if short else "sparse")
-        # Capture runs on padding rows only, so it never touches a live sequence's pages.
-        self.input_ids.zero_()
-        self.positions.zero_()
-        self.slot_mapping.fill_(self.cache.scratch_page * BLOCK_SIZE)
-        self.seq_lens.fill_(1)
-        self.block_table.fill_(self.cache.scratch_page)
+        self._load(self.padding(bucket, short))
         self._forward(bucket, short)  # warm-up: compiles kernels, fills lazy caches
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()

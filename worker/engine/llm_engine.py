@@ -18,12 +18,12 @@ from tqdm import tqdm
 from kernels import BLOCK_SIZE
 from worker.config import EngineConfig
 from worker.engine.block_manager import BlockManager, pages_for
-from worker.engine.cuda_graphs import BATCH_BUCKETS, DecodeGraphs
+from worker.engine.cuda_graphs import DecodeGraphs, max_graph_batch
 from worker.engine.grammar import GrammarCompiler
 from worker.engine.kv_cache import KVCache
 from worker.engine.model_runner import ModelRunner, StepResult
 from worker.engine.multimodal import VisionEncoder, validate_inputs
-from worker.engine.rank_workers import RankWorkers
+from worker.engine.rank_workers import CacheSetup, RankWorkers
 from worker.engine.sampler import Sampler
 from worker.engine.scheduler import ScheduledBatch, Scheduler
 from worker.engine.sequence import FinishReason, Sequence, SequenceStatus
@@ -137,13 +137,15 @@ class LLMEngine:
                                           listener=page_listener, debug_checks=config.debug_checks)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens)
-        if self.peers is not None:
-            self.peers.start_caches(num_pages, self.index_key_dtype)
         self.cache = KVCache(self.model_config, num_pages, self.dtype, self.device,
                              self.index_key_dtype)
+        decode_graphs = self._decode_graphs(loaded.model)
+        if self.peers is not None:
+            self.peers.start_caches(CacheSetup(num_pages, self.index_key_dtype, self.topk,
+                                               self.max_model_len))
         self.runner = ModelRunner(loaded.model, self.cache, Sampler(config.seed, self.device),
                                   topk=config.topk, debug_checks=config.debug_checks,
-                                  decode_graphs=self._decode_graphs(loaded.model),
+                                  decode_graphs=decode_graphs,
                                   vision=(VisionEncoder(loaded.model.visual)
                                           if loaded.model.visual is not None else None),
                                   peers=self.peers)
@@ -177,8 +179,7 @@ class LLMEngine:
             batch = min(self.config.max_num_seqs, 8)
             self.generate([prompt[:-1] + [tokens[i]] for i in range(batch)],  # cached prefix
                           params, use_tqdm=False)
-            if self.runner.decode_graphs is not None:
-                self.runner.decode_graphs.capture_all()
+            self.runner.capture_decode_graphs()
         finally:
             self.block_manager, self.scheduler = block_manager, scheduler
             self.requests.clear()
@@ -193,13 +194,11 @@ class LLMEngine:
         return GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
 
     def _decode_graphs(self, model) -> DecodeGraphs | None:
-        # debug_checks read indices on the host in every kernel call: not capturable. The
-        # other ranks of a tensor-parallel replica run eager steps only, so rank 0 does too.
-        if self.device.type != "cuda" or self.config.enforce_eager or \
-                self.config.debug_checks or self.peers is not None:
+        # debug_checks read indices on the host in every kernel call: not capturable.
+        if self.device.type != "cuda" or self.config.enforce_eager or self.config.debug_checks:
             return None
-        return DecodeGraphs(model, self.cache, self.topk,
-                            min(self.config.max_num_seqs, BATCH_BUCKETS[-1]), self.max_model_len)
+        return DecodeGraphs(model, self.cache, self.topk, max_graph_batch(self.config),
+                            self.max_model_len)
 
     def _index_key_dtype(self) -> torch.dtype | None:
         if self.config.index_key_dtype == "auto":

@@ -82,7 +82,8 @@ def forward_step(model: PagedCausalLM, cache: KVCache, inputs: StepInputs, topk:
 
 
 class ModelRunner:
-    """`decode_graphs`, when given, replays the decode steps that fit it (CUDA only);
+    """`decode_graphs`, when given, replays the decode steps that fit it (CUDA only; the
+    other ranks of a tensor-parallel replica replay theirs from the same `DecodeInputs`);
     `vision` embeds the images and videos of the prompt chunks that reach them; `peers`, on
     rank 0 of a tensor-parallel replica, hands each eager step's inputs to the other ranks."""
 
@@ -152,7 +153,10 @@ class ModelRunner:
         """Computes the step and samples; changes no request state (the scheduler's
         `postprocess` does), so a step that raises can be run again."""
         if self.decode_graphs is not None and self.decode_graphs.fits(batch):
-            logits = self.decode_graphs.run(batch)
+            inputs = self.decode_graphs.prepare(batch)
+            if self.peers is not None:
+                self.peers.send(inputs)
+            logits = self.decode_graphs.replay(inputs)[: len(batch)]
             sample_rows = range(len(batch))
         else:
             logits, sample_rows = self._run_eager(batch)
@@ -161,6 +165,11 @@ class ModelRunner:
         sequences = [batch.sequences[b] for b in sample_rows]
         token_ids, logprobs = self.sampler(logits, sequences)
         return StepResult(sequences, token_ids, logprobs)
+
+    def capture_decode_graphs(self) -> None:
+        """Every decode graph ahead of time (the engine's warm-up), on every rank at once."""
+        if self.decode_graphs is not None:
+            self.decode_graphs.capture_all(self.peers.send if self.peers is not None else None)
 
     def _run_eager(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, list[int]]:
         """(logits of the sampled rows, which batch rows they are) of a mixed step."""

@@ -2,9 +2,11 @@
 
 Rank 0 is the engine's own process (the Serve replica, or an offline `LLMEngine`): it
 schedules, owns the block manager and samples. Ranks 1..N-1 are `RankWorker` actors, each with
-its slice of the model and its shard of the KV cache. Each eager step rank 0 broadcasts the
-step's `StepInputs` once (host tensors, over gloo); every rank runs the same forward and the
-layers' all-reduces join them; no per-layer call crosses a process boundary.
+its slice of the model and its shard of the KV cache. Each step rank 0 broadcasts the step's
+inputs once (host tensors, over gloo): `StepInputs` for an eager step, `DecodeInputs` for a
+decode step every rank replays from its own CUDA graphs (captured at the same step on every
+rank, NCCL calls included). Every rank runs the same forward and the layers' all-reduces join
+them; no per-layer call crosses a process boundary.
 
 Inside a Serve replica whose deployment reserved a placement group of N bundles (STRICT_PACK,
 one GPU each), the replica holds bundle 0 and the workers take bundles 1..N-1; offline they
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from dataclasses import dataclass
 
 import torch
 
@@ -28,6 +31,16 @@ logger = logging.getLogger(__name__)
 COLLECTIVE_TIMEOUT_S = 300.0
 
 
+@dataclass(frozen=True)
+class CacheSetup:
+    """What rank 0 decides after loading and every rank needs for its cache and graphs."""
+
+    num_pages: int
+    index_key_dtype: torch.dtype | None
+    topk: int
+    max_model_len: int
+
+
 class RankWorker:
     """Ranks 1..N-1: load this rank's slice, then run every step rank 0 broadcasts until it
     broadcasts None."""
@@ -39,6 +52,7 @@ class RankWorker:
 
     def serve_steps(self) -> int:
         """Returns the number of steps run, once rank 0 closes the group."""
+        from worker.engine.cuda_graphs import DecodeGraphs, DecodeInputs, max_graph_batch
         from worker.engine.kv_cache import KVCache
         from worker.engine.llm_engine import resolve_device_and_dtype
         from worker.engine.model_runner import forward_step
@@ -51,13 +65,20 @@ class RankWorker:
         try:
             model = load_model(config.model, dtype, device, config.served_model_name,
                                config.load_format).model
-            num_pages, index_key_dtype = parallel.broadcast_from_rank0()
-            cache = KVCache(model.config, num_pages, dtype, device, index_key_dtype)
+            setup: CacheSetup = parallel.broadcast_from_rank0()
+            cache = KVCache(model.config, setup.num_pages, dtype, device, setup.index_key_dtype)
+            graphs = None
             steps = 0
             with torch.inference_mode():
                 while (inputs := parallel.broadcast_from_rank0()) is not None:
                     try:
-                        forward_step(model, cache, inputs, config.topk, config.debug_checks)
+                        if isinstance(inputs, DecodeInputs):
+                            graphs = graphs or DecodeGraphs(
+                                model, cache, setup.topk, max_graph_batch(config),
+                                setup.max_model_len, capture=device.type == "cuda")
+                            graphs.replay(inputs)
+                        else:
+                            forward_step(model, cache, inputs, config.topk, config.debug_checks)
                     except Exception:  # rank 0 raised on the same inputs and reports it
                         logger.exception("rank %d: step failed", self.rank)
                     steps += 1
@@ -97,9 +118,9 @@ class RankWorkers:
                             COLLECTIVE_TIMEOUT_S)
         self.closed = False
 
-    def start_caches(self, num_pages: int, index_key_dtype: torch.dtype | None) -> None:
+    def start_caches(self, setup: CacheSetup) -> None:
         """Rank 0 sized the KV cache (the ranks' devices are alike): the others follow."""
-        parallel.broadcast_from_rank0((num_pages, index_key_dtype))
+        parallel.broadcast_from_rank0(setup)
 
     def send(self, inputs) -> None:
         parallel.broadcast_from_rank0(inputs)
