@@ -1,7 +1,6 @@
 """Triton: y = x @ W^T for an e4m3 weight W with block scales (W8A16: the weight stays 8-bit in
-memory and is converted tile by tile in registers, the product runs in the activations'
-dtype, each tile's partial product is scaled by its columns' block scales). Decode GEMMs read
-every weight byte for a few rows, so halving the bytes is the gain.
+memory and is dequantized tile by tile in registers, the product runs in the activations'
+dtype). Decode GEMMs read every weight byte for a few rows, so halving the bytes is the aim.
 
 The math is `reference.fp8_linear`."""
 
@@ -14,7 +13,7 @@ import triton
 import triton.language as tl
 
 from kernels.reference import BlockScales
-from kernels.triton_layout import column_scales, dot_precision, fp8_depth, multiprocessors
+from kernels.triton_layout import dot_precision, e4m3_weight_tile, fp8_depth
 
 
 @triton.jit
@@ -32,11 +31,9 @@ def _fp8_linear_kernel(
         ks = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(x_rows + ks[None, :], mask=(rows[:, None] < m) & (ks[None, :] < k),
                     other=0.0)
-        wt = tl.load(w_cols + ks[:, None], mask=(ks[:, None] < k) & (cols[None, :] < n),
-                     other=0.0)
-        part = tl.dot(a, wt.to(a.dtype), input_precision=PRECISION)
-        acc += part * column_scales(scale, cols, k0, n, stride_sn, stride_sk, SCALE_N, SCALE_K,
-                                    E8M0)[None, :]
+        wt = e4m3_weight_tile(w_cols + ks[:, None], (ks[:, None] < k) & (cols[None, :] < n),
+                              scale, cols, k0, n, stride_sn, stride_sk, SCALE_N, SCALE_K, E8M0)
+        acc = tl.dot(a, wt.to(a.dtype), acc, input_precision=PRECISION)
     tl.store(out + rows.to(tl.int64)[:, None] * stride_om + cols[None, :],
              acc.to(out.dtype.element_ty), mask=(rows[:, None] < m) & (cols[None, :] < n))
 
@@ -50,13 +47,11 @@ class GemmTile:
     num_stages: int
 
     @classmethod
-    def for_shape(cls, m: int, n: int, device: torch.device) -> "GemmTile":
-        # Few rows (decode) read weights: narrow column tiles give every SM programs to keep
-        # loads in flight; many rows (prefill) take the tensor cores' large tiles.
+    def for_rows(cls, m: int) -> "GemmTile":
+        # Few rows (decode) read weights: deep pipelines keep loads in flight; many rows
+        # (prefill) take the tensor cores' large tiles. Chosen by a sweep on an H200.
         if m <= 64:
-            rows = max(16, triton.next_power_of_2(m))
-            cols = 64 if n // 64 >= 2 * multiprocessors(device) else 32
-            return cls(rows, cols, 128, 4, 4)
+            return cls(max(16, triton.next_power_of_2(m)), 64, 128, 4, 6)
         return cls(128, 128, 64, 8, 3)
 
 
@@ -72,7 +67,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockScales,
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out.view(*x.shape[:-1], n)
-    tile = tile or GemmTile.for_shape(m, n, x.device)
+    tile = tile or GemmTile.for_rows(m)
     block_k = fp8_depth(min(tile.depth, max(16, triton.next_power_of_2(k))), scales.block_k)
     scale = scales.scale
     grid = (triton.cdiv(m, tile.rows), triton.cdiv(n, tile.cols))

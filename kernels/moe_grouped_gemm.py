@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from kernels.reference import BlockScales
-from kernels.triton_layout import column_scales, dot_precision, fp8_depth
+from kernels.triton_layout import dot_precision, e4m3_weight_tile, fp8_depth
 
 
 @dataclass(frozen=True)
@@ -90,14 +90,14 @@ def _grouped_gemm_kernel(
     for k0 in range(0, k, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(a_rows + ks[None, :], mask=real[:, None] & (ks[None, :] < k), other=0.0)
-        wt = tl.load(w + ks[:, None] * stride_wk, mask=(ks[:, None] < k) & (cols[None, :] < n),
-                     other=0.0)
+        w_mask = (ks[:, None] < k) & (cols[None, :] < n)
         if W_FP8:
-            part = tl.dot(x, wt.to(x.dtype), input_precision=PRECISION)
-            acc += part * column_scales(w_scale + expert.to(tl.int64) * stride_se, cols, k0, n,
-                                        stride_sn, stride_sk, SCALE_N, SCALE_K, E8M0)[None, :]
+            wt = e4m3_weight_tile(w + ks[:, None] * stride_wk, w_mask,
+                                  w_scale + expert.to(tl.int64) * stride_se, cols, k0, n,
+                                  stride_sn, stride_sk, SCALE_N, SCALE_K, E8M0).to(x.dtype)
         else:
-            acc = tl.dot(x, wt, acc, input_precision=PRECISION)
+            wt = tl.load(w + ks[:, None] * stride_wk, mask=w_mask, other=0.0)
+        acc = tl.dot(x, wt, acc, input_precision=PRECISION)
     if SCALED:
         acc *= tl.load(row_scale + pair, mask=real, other=0.0)[:, None]
     tl.store(out + pair.to(tl.int64)[:, None] * stride_om + cols[None, :],
