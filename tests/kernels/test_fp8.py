@@ -49,9 +49,10 @@ def _fp8_weight(n: int, k: int, layout, seed: int, device="cpu"):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("rows", [1, 37, 130])  # a decode row, a few, a prefill chunk's tiles
-def test_fp8_linear_matches_reference(layout, rows):
-    weight, scales = _fp8_weight(96, 160, layout, seed=rows)
-    x = torch.randn(rows, 160, generator=torch.Generator().manual_seed(1))
+@pytest.mark.parametrize("n,k", [(96, 160), (128, 256)])  # partial tiles; whole tiles only
+def test_fp8_linear_matches_reference(layout, rows, n, k):
+    weight, scales = _fp8_weight(n, k, layout, seed=rows)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1))
     ours = kernels.fp8_linear(x, weight, scales, backend="triton")
     ref = kernels.fp8_linear(x, weight, scales, backend="reference")
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
