@@ -20,7 +20,7 @@ from kernels.triton_layout import dot_precision, e4m3_weight_tile, fp8_depth
 def _fp8_linear_kernel(
     x, w, scale, out, m, n, k, stride_xm, stride_wn, stride_sn, stride_sk, stride_om,
     SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, E8M0: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -32,8 +32,7 @@ def _fp8_linear_kernel(
         a = tl.load(x_rows + ks[None, :], mask=(rows[:, None] < m) & (ks[None, :] < k),
                     other=0.0)
         wt = e4m3_weight_tile(w_cols + ks[:, None], (ks[:, None] < k) & (cols[None, :] < n),
-                              scale, cols, k0, n, stride_sn, stride_sk, SCALE_N, SCALE_K, E8M0,
-                              EVEN)
+                              scale, cols, k0, n, stride_sn, stride_sk, SCALE_N, SCALE_K, E8M0)
         acc = tl.dot(a, wt.to(a.dtype), acc, input_precision=PRECISION)
     tl.store(out + rows.to(tl.int64)[:, None] * stride_om + cols[None, :],
              acc.to(out.dtype.element_ty), mask=(rows[:, None] < m) & (cols[None, :] < n))
@@ -77,5 +76,5 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockScales,
         scale.stride(1), out.stride(0),
         SCALE_N=scales.block_n, SCALE_K=scales.block_k, E8M0=scales.e8m0,
         PRECISION=dot_precision(x.dtype), BLOCK_M=tile.rows, BLOCK_N=tile.cols, BLOCK_K=block_k,
-        EVEN=n % tile.cols == 0 and k % block_k == 0, num_warps=tile.num_warps, num_stages=tile.num_stages)
+        num_warps=tile.num_warps, num_stages=tile.num_stages)
     return out.view(*x.shape[:-1], n)
