@@ -27,8 +27,8 @@ from PIL import Image
 from ray import serve
 
 from deployments.client import MSAServeClient
-from deployments.config import AppConfig, ServeConfigFile
-from deployments.local import Endpoints, banner, free_port, local_stack
+from deployments.local import Endpoints, banner
+from tests.deployments.stack import openai_client, serving
 from tests.preprocess.media_files import (
     data_url,
     encode_audio_only,
@@ -51,7 +51,7 @@ def media_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stack(vision_model_dir, media_dir):
-    app = AppConfig.model_validate({
+    app = {
         "model": {"engine": {"model": str(vision_model_dir), "device": "cpu", "dtype": "float32",
                              "kv_cache_memory": "16MiB", "max_model_len": 1024,
                              "max_num_batched_tokens": 512, "served_model_name": "tiny"},
@@ -63,16 +63,14 @@ def stack(vision_model_dir, media_dir):
                   "flush_interval_ms": 20},
         "limits": {"max_body_bytes": 65536, "max_tokens": 1000, "default_max_tokens": 16},
         "api_keys": [API_KEY],
-    })
-    with local_stack(ServeConfigFile.load(), app, http_port=free_port(), grpc_port=free_port(),
-                     num_cpus=4) as endpoints:
+    }
+    with serving(app, num_cpus=4) as endpoints:
         yield endpoints
 
 
 @pytest.fixture(scope="module")
 def client(stack):
-    return openai.OpenAI(base_url=f"{stack.http}/v1", api_key=API_KEY, max_retries=0,
-                         timeout=120)
+    return openai_client(stack, API_KEY)
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,8 @@ import time
 import httpx
 from ray import serve
 
-from deployments.config import AppConfig, ServeConfigFile
-from deployments.local import free_port, local_stack
 from deployments.model_server import ModelServer
+from tests.deployments.stack import serving
 
 # ~4,000 SmolLM2 tokens, prefilled in one step (max_num_batched_tokens below).
 LONG_PROMPT = "The lighthouse keeper walked along the shore and counted the ships. " * 330
@@ -26,7 +25,7 @@ def _complete(http: httpx.Client, prompt: str) -> httpx.Response:
 
 
 def test_a_step_longer_than_the_health_period_keeps_the_replica():
-    app = AppConfig.model_validate({
+    app = {
         "model": {"engine": {"device": "cpu", "dtype": "float32", "kv_cache_memory": "256MiB",
                              "max_num_batched_tokens": 4096, "served_model_name": "smollm2",
                              "enable_prefix_caching": False},
@@ -34,9 +33,9 @@ def test_a_step_longer_than_the_health_period_keeps_the_replica():
         "preprocess": {"num_replicas": 1, "autoscaling": None, "num_cpus": 0.25},
         "ingress": {"num_cpus": 0.25},
         "redis": {"url": None},
-    })
-    with local_stack(ServeConfigFile.load(), app, http_port=free_port(), grpc_port=free_port(),
-                     num_cpus=3) as stack, httpx.Client(base_url=stack.http, timeout=300) as http:
+    }
+    with serving(app, num_cpus=3) as stack, httpx.Client(base_url=stack.http,
+                                                         timeout=300) as http:
         replica = _complete(http, "hello").headers["x-msa-replica"]
         model_server = serve.get_deployment_handle("ModelServer", "msa-serve")
         long_reply: dict[str, object] = {}

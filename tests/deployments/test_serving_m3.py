@@ -10,8 +10,7 @@ import openai
 import pytest
 from PIL import Image
 
-from deployments.config import AppConfig, ServeConfigFile
-from deployments.local import free_port, local_stack
+from tests.deployments.stack import openai_client, serving
 from tests.preprocess.media_files import data_url, encode_image, encode_video
 from worker.tiny_model import make_m3_checkpoint
 
@@ -21,7 +20,7 @@ SYSTEM = ("Answer briefly. " * 30).strip()  # over two pages of the byte-level t
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
     model_dir = make_m3_checkpoint(tmp_path_factory.mktemp("tiny-m3-served"), seed=1)
-    app = AppConfig.model_validate({
+    app = {
         "model": {"engine": {"model": str(model_dir), "device": "cpu", "dtype": "float32",
                              "kv_cache_memory": "8MiB", "max_num_batched_tokens": 256,
                              "served_model_name": "tiny-m3"},
@@ -29,11 +28,9 @@ def client(tmp_path_factory):
         "preprocess": {"num_replicas": 1, "autoscaling": None, "num_cpus": 0.25,
                        "media": {"max_pixels": 56 * 84}},
         "ingress": {"num_cpus": 0.25},
-    })
-    with local_stack(ServeConfigFile.load(), app, http_port=free_port(), grpc_port=free_port(),
-                     num_cpus=3) as endpoints:
-        yield openai.OpenAI(base_url=f"{endpoints.http}/v1", api_key="none", max_retries=0,
-                            timeout=120)
+    }
+    with serving(app, num_cpus=3) as endpoints:
+        yield openai_client(endpoints)
 
 
 def _image_url() -> str:

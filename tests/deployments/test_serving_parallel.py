@@ -11,8 +11,7 @@ import pytest
 import ray
 from ray import serve
 
-from deployments.config import AppConfig, ServeConfigFile
-from deployments.local import free_port, local_stack
+from tests.deployments.stack import openai_client, serving
 from worker.engine.rank_workers import rank_worker_name
 from worker.tiny_model import make_m3_checkpoint
 
@@ -20,7 +19,7 @@ from worker.tiny_model import make_m3_checkpoint
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
     model_dir = make_m3_checkpoint(tmp_path_factory.mktemp("tp-m3-served"), seed=3)
-    app = AppConfig.model_validate({
+    app = {
         "model": {"engine": {"model": str(model_dir), "device": "cpu", "dtype": "float32",
                              "kv_cache_memory": "8MiB", "max_num_batched_tokens": 256,
                              "served_model_name": "tiny-m3", "tensor_parallel_size": 2},
@@ -28,11 +27,9 @@ def client(tmp_path_factory):
         "preprocess": {"num_replicas": 1, "autoscaling": None, "num_cpus": 0.25},
         "ingress": {"num_cpus": 0.25},
         "redis": {"url": None},
-    })
-    with local_stack(ServeConfigFile.load(), app, http_port=free_port(), grpc_port=free_port(),
-                     num_cpus=4) as endpoints:
-        yield openai.OpenAI(base_url=f"{endpoints.http}/v1", api_key="none", max_retries=0,
-                            timeout=120)
+    }
+    with serving(app, num_cpus=4) as endpoints:
+        yield openai_client(endpoints)
 
 
 def _replica_actor_id(replica_id: str) -> str:

@@ -153,12 +153,11 @@ class DecodeGraphs:
         a tensor-parallel replica replays (and captures) at the same step, so the NCCL calls
         captured in the graphs pair up."""
         key = (inputs.bucket, inputs.short)
+        if self.capture and key not in self.graphs:
+            self._capture(key)  # on padding rows: the step's own rows are loaded after
         self._load(inputs)
         if not self.capture:
             return self._forward(*key)
-        if key not in self.graphs:
-            self._capture(key)
-            self._load(inputs)  # capture's warm-up step ran on padding rows only
         self.graphs[key].replay()
         return self.logits[key]
 

@@ -85,7 +85,7 @@ class ModelRunner:
     """`decode_graphs`, when given, replays the decode steps that fit it (CUDA only; the
     other ranks of a tensor-parallel replica replay theirs from the same `DecodeInputs`);
     `vision` embeds the images and videos of the prompt chunks that reach them; `peers`, on
-    rank 0 of a tensor-parallel replica, hands each eager step's inputs to the other ranks."""
+    rank 0 of a tensor-parallel replica, hands each step's inputs to the other ranks."""
 
     def __init__(self, model: PagedCausalLM, cache: KVCache, sampler: Sampler,
                  topk: int | None = None, debug_checks: bool = False,
