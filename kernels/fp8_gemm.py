@@ -1,6 +1,9 @@
-"""Triton: y = x @ W^T for an e4m3 weight W with block scales (W8A16: the weight stays 8-bit in
-memory and is dequantized tile by tile in registers, the product runs in the activations'
-dtype). Decode GEMMs read every weight byte for a few rows, so halving the bytes is the aim.
+"""Triton: y = x @ W^T for an e4m3 weight W with block scales, as FP8 checkpoints run (W8A8,
+dynamic activation scales). The activations are quantized per token in groups as wide as a
+weight block along K (`kernels.fp8_quantize`); each K tile then is one e4m3 x e4m3 tensor-core
+product, scaled by the rows' activation scales and the columns' weight scales and summed in
+fp32. The weight tiles go from memory to the tensor cores as stored: decode GEMMs read every
+weight byte for a few rows, so half the bytes of bf16 is the aim.
 
 The math is `reference.fp8_linear`."""
 
@@ -12,28 +15,34 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.fp8_quantize import quantize_activations
 from kernels.reference import BlockScales
-from kernels.triton_layout import dot_precision, e4m3_weight_tile, fp8_depth
+from kernels.triton_layout import fp8_depth, weight_block_scales
 
 
 @triton.jit
 def _fp8_linear_kernel(
-    x, w, scale, out, m, n, k, stride_xm, stride_wn, stride_sn, stride_sk, stride_om,
-    SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, E8M0: tl.constexpr, PRECISION: tl.constexpr,
+    xq, xs, w, scale, out, m, n, k, stride_xm, stride_xsm, stride_wn, stride_sn, stride_sk,
+    stride_om,
+    SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, E8M0: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    x_rows = x + rows.to(tl.int64)[:, None] * stride_xm
+    x_rows = xq + rows.to(tl.int64)[:, None] * stride_xm
+    xs_rows = xs + rows.to(tl.int64) * stride_xsm
     w_cols = w + cols.to(tl.int64)[None, :] * stride_wn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, k, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(x_rows + ks[None, :], mask=(rows[:, None] < m) & (ks[None, :] < k),
                     other=0.0)
-        wt = e4m3_weight_tile(w_cols + ks[:, None], (ks[:, None] < k) & (cols[None, :] < n),
-                              scale, cols, k0, n, stride_sn, stride_sk, SCALE_N, SCALE_K, E8M0)
-        acc = tl.dot(a, wt.to(a.dtype), acc, input_precision=PRECISION)
+        b = tl.load(w_cols + ks[:, None], mask=(ks[:, None] < k) & (cols[None, :] < n),
+                    other=0.0)
+        a_scale = tl.load(xs_rows + k0 // SCALE_K, mask=rows < m, other=0.0)
+        b_scale = weight_block_scales(scale, cols, k0, n, stride_sn, stride_sk, SCALE_N,
+                                      SCALE_K, E8M0)
+        acc += tl.dot(a, b) * (a_scale[:, None] * b_scale[None, :])
     tl.store(out + rows.to(tl.int64)[:, None] * stride_om + cols[None, :],
              acc.to(out.dtype.element_ty), mask=(rows[:, None] < m) & (cols[None, :] < n))
 
@@ -48,11 +57,12 @@ class GemmTile:
 
     @classmethod
     def for_rows(cls, m: int) -> "GemmTile":
-        # Few rows (decode) read weights: deep pipelines keep loads in flight; many rows
-        # (prefill) take the tensor cores' large tiles. Chosen by a sweep on an H200.
+        # Few rows (decode) read weights: narrow column tiles spread them over every SM and deep
+        # pipelines keep loads in flight; many rows (prefill) take the tensor cores' large
+        # tiles. Chosen by bench/parallel.py's sweep on an H200.
         if m <= 64:
             return cls(max(16, triton.next_power_of_2(m)), 64, 128, 4, 4)
-        return cls(128, 128, 64, 8, 3)
+        return cls(128, 128, 128, 8, 3)
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockScales,
@@ -67,14 +77,15 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockScales,
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out.view(*x.shape[:-1], n)
+    xq, xs = quantize_activations(flat, scales.block_k)
     tile = tile or GemmTile.for_rows(m)
     block_k = fp8_depth(min(tile.depth, max(16, triton.next_power_of_2(k))), scales.block_k)
     scale = scales.scale
     grid = (triton.cdiv(m, tile.rows), triton.cdiv(n, tile.cols))
     _fp8_linear_kernel[grid](
-        flat, weight, scale, out, m, n, k, flat.stride(0), weight.stride(0), scale.stride(0),
-        scale.stride(1), out.stride(0),
+        xq, xs, weight, scale, out, m, n, k, xq.stride(0), xs.stride(0), weight.stride(0),
+        scale.stride(0), scale.stride(1), out.stride(0),
         SCALE_N=scales.block_n, SCALE_K=scales.block_k, E8M0=scales.e8m0,
-        PRECISION=dot_precision(x.dtype), BLOCK_M=tile.rows, BLOCK_N=tile.cols, BLOCK_K=block_k,
+        BLOCK_M=tile.rows, BLOCK_N=tile.cols, BLOCK_K=block_k,
         num_warps=tile.num_warps, num_stages=tile.num_stages)
     return out.view(*x.shape[:-1], n)

@@ -7,8 +7,9 @@ so a decode step reads about the chosen experts' bytes and nothing else, and not
 layout needs the host: the sort, the padding and the tile -> expert map are tensor ops of fixed
 size, so a CUDA graph captures a step whatever the router picks.
 
-FP8 experts (e4m3 with block scales) are dequantized tile by tile in registers, as in
-`kernels.fp8_linear`, so a decode step reads half the bytes.
+FP8 experts (e4m3 with block scales) multiply as `kernels.fp8_linear` does: the rows are
+quantized per token in groups along K and each K tile is an e4m3 x e4m3 tensor-core product
+scaled by both sides' scales, so a decode step reads half the bytes.
 
 The math is `reference.routed_experts`; `routed_experts` here is the same contract.
 """
@@ -22,8 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.fp8_quantize import quantize_activations
 from kernels.reference import BlockScales
-from kernels.triton_layout import dot_precision, e4m3_weight_tile, fp8_depth
+from kernels.triton_layout import dot_precision, fp8_depth, weight_block_scales
 
 
 @dataclass(frozen=True)
@@ -68,9 +70,9 @@ class ExpertRows:
 
 @triton.jit
 def _grouped_gemm_kernel(
-    a, weights, out, rows, tile_expert, row_scale, w_scale,
-    num_pairs, num_experts, n, k, stride_am, stride_we, stride_wn, stride_wk, stride_om,
-    stride_se, stride_sn, stride_sk,
+    a, a_scale, weights, out, rows, tile_expert, row_scale, w_scale,
+    num_pairs, num_experts, n, k, stride_am, stride_asm, stride_we, stride_wn, stride_wk,
+    stride_om, stride_se, stride_sn, stride_sk,
     A_ROW_DIV: tl.constexpr, SCALED: tl.constexpr, PRECISION: tl.constexpr,
     W_FP8: tl.constexpr, SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, E8M0: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -83,21 +85,23 @@ def _grouped_gemm_kernel(
     real = pair < num_pairs
     # Row p of the output is pair p; its input row is token p // top_k of the layer's input
     # (first projection) or row p of the activations (second).
-    a_rows = a + (pair // A_ROW_DIV).to(tl.int64)[:, None] * stride_am
+    a_row = (pair // A_ROW_DIV).to(tl.int64)
+    a_rows = a + a_row[:, None] * stride_am
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     w = weights + expert.to(tl.int64) * stride_we + cols[None, :] * stride_wn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, k, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(a_rows + ks[None, :], mask=real[:, None] & (ks[None, :] < k), other=0.0)
-        w_mask = (ks[:, None] < k) & (cols[None, :] < n)
-        if W_FP8:
-            wt = e4m3_weight_tile(w + ks[:, None] * stride_wk, w_mask,
-                                  w_scale + expert.to(tl.int64) * stride_se, cols, k0, n,
-                                  stride_sn, stride_sk, SCALE_N, SCALE_K, E8M0).to(x.dtype)
+        wt = tl.load(w + ks[:, None] * stride_wk, mask=(ks[:, None] < k) & (cols[None, :] < n),
+                     other=0.0)
+        if W_FP8:  # e4m3 rows and weights: scale the tile's product by both sides' scales
+            x_scale = tl.load(a_scale + a_row * stride_asm + k0 // SCALE_K, mask=real, other=0.0)
+            wt_scale = weight_block_scales(w_scale + expert.to(tl.int64) * stride_se, cols, k0,
+                                           n, stride_sn, stride_sk, SCALE_N, SCALE_K, E8M0)
+            acc += tl.dot(x, wt) * (x_scale[:, None] * wt_scale[None, :])
         else:
-            wt = tl.load(w + ks[:, None] * stride_wk, mask=w_mask, other=0.0)
-        acc = tl.dot(x, wt, acc, input_precision=PRECISION)
+            acc = tl.dot(x, wt, acc, input_precision=PRECISION)
     if SCALED:
         acc *= tl.load(row_scale + pair, mask=real, other=0.0)[:, None]
     tl.store(out + pair.to(tl.int64)[:, None] * stride_om + cols[None, :],
@@ -130,21 +134,25 @@ def grouped_gemm(a: torch.Tensor, weights: torch.Tensor, layout: ExpertRows, num
                  scales: BlockScales | None = None) -> torch.Tensor:
     """out [num_pairs, N]: row p = a[p // a_row_div] @ weights[expert of p].T (x row_scale[p]).
     Rows of pairs whose expert is on another rank are left unwritten: zeros if `zeroed`.
-    `scales`: the weights are e4m3 with these block scales."""
+    `scales`: the weights are e4m3 with these block scales (and `a` is quantized to match)."""
     num_experts, n, k = weights.shape
     out = (torch.zeros if zeroed else torch.empty)(num_pairs, n, dtype=a.dtype, device=a.device)
     block_n = min(shape.cols, max(16, triton.next_power_of_2(n)))
     block_k = min(shape.depth, max(16, triton.next_power_of_2(k)))
     if scales is not None:
         block_k = fp8_depth(block_k, scales.block_k)
-    w_scale = scales.scale if scales is not None else weights
+        a, a_scale = quantize_activations(a, scales.block_k)
+        w_scale = scales.scale
+    else:
+        a_scale = w_scale = weights  # unused
     grid = (layout.tile_expert.numel(), triton.cdiv(n, block_n))
     _grouped_gemm_kernel[grid](
-        a, weights, out, layout.rows, layout.tile_expert,
+        a, a_scale, weights, out, layout.rows, layout.tile_expert,
         row_scale if row_scale is not None else out, w_scale,
-        num_pairs, num_experts, n, k, a.stride(0), weights.stride(0), weights.stride(1),
-        weights.stride(2), out.stride(0), *(w_scale.stride() if scales else (0, 0, 0)),
-        A_ROW_DIV=a_row_div, SCALED=row_scale is not None, PRECISION=dot_precision(a.dtype),
+        num_pairs, num_experts, n, k, a.stride(0), a_scale.stride(0), weights.stride(0),
+        weights.stride(1), weights.stride(2), out.stride(0),
+        *(w_scale.stride() if scales else (0, 0, 0)),
+        A_ROW_DIV=a_row_div, SCALED=row_scale is not None, PRECISION=dot_precision(out.dtype),
         W_FP8=scales is not None, SCALE_N=scales.block_n if scales else 1,
         SCALE_K=scales.block_k if scales else 1, E8M0=bool(scales and scales.e8m0),
         BLOCK_M=layout.tile_rows, BLOCK_N=block_n, BLOCK_K=block_k,

@@ -263,7 +263,7 @@ def routed_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     w2 [E, H, I]; route_weights [T, top_k] (fp32); chosen int [T, top_k] expert ids in [0, E],
     where E marks a choice of an expert held elsewhere (expert parallelism): it adds nothing.
     Each expert that was chosen runs once on its tokens, so CPU steps cost the chosen experts
-    only. With FP8 experts (`*_scales` given) each chosen expert is dequantized as it runs.
+    only. FP8 experts (`*_scales` given) multiply as `fp8_linear` does.
     """
     top_k = chosen.shape[1]
     flat = chosen.flatten()
@@ -275,29 +275,34 @@ def routed_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         if count:
             picks = order[start:start + count]
             rows = picks // top_k
-            hidden = activation(F.linear(x[rows], _expert(w13, w13_scales, expert, x.dtype)))
-            scaled = (F.linear(hidden, _expert(w2, w2_scales, expert, x.dtype))
+            hidden = activation(_expert_linear(x[rows], w13, w13_scales, expert))
+            scaled = (_expert_linear(hidden, w2, w2_scales, expert)
                       * route_weights.flatten()[picks, None])
             out.index_add_(0, rows, scaled.to(x.dtype))
             start += count
     return out
 
 
-def _expert(weights: torch.Tensor, scales: BlockScales | None, expert: int,
-            dtype: torch.dtype) -> torch.Tensor:
+def _expert_linear(x: torch.Tensor, weights: torch.Tensor, scales: BlockScales | None,
+                   expert: int) -> torch.Tensor:
     if scales is None:
-        return weights[expert]
-    return dequantize_fp8(weights[expert], scales.expert(expert)).to(dtype)
+        return F.linear(x, weights[expert])
+    return fp8_linear(x, weights[expert], scales.expert(expert))
 
 
 # -- FP8 weights ----------------------------------------------------------------------------------
 # Checkpoints store e4m3 weights with one scale per block of the weight matrix (DeepSeek-style
 # [128, 128] blocks with fp32 scales, or MXFP8's [1, 32] groups with power-of-two e8m0 scales).
-# They are multiplied as stored: dequantized tile by tile inside the GEMM (Triton), or one
-# weight at a time here, so no full-precision copy of the model ever exists.
+# They run as such checkpoints declare (`activation_scheme: dynamic`, transformers' default):
+# each token's activations are quantized to e4m3 in groups as wide as a weight block along K,
+# and the product of two e4m3 tiles is scaled by both scales. A weight is multiplied as stored:
+# by the tensor cores (Triton), or dequantized one at a time here, so no full-precision copy of
+# the model ever exists.
+
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 E8M0_BIAS = 127
+AMAX_FLOOR = 1e-10  # an all-zero group still gets a finite scale
 
 
 @dataclass(frozen=True)
@@ -351,6 +356,20 @@ def quantize_fp8(weight: torch.Tensor, block_n: int, block_k: int,
     return quantized.to(E4M3).contiguous(), BlockScales(stored.contiguous(), block_n, block_k)
 
 
+def quantize_activations(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 values, fp32 scales [..., ceil(K / group)]) for x [..., K]: each token's groups of
+    `group` along K scaled so that the largest magnitude maps to e4m3's largest value."""
+    k = x.shape[-1]
+    groups = -(-k // group)
+    padded = F.pad(x.float(), (0, groups * group - k)).unflatten(-1, (groups, group))
+    scale = padded.abs().amax(dim=-1).clamp(min=AMAX_FLOOR) / E4M3_MAX
+    quantized = (padded / scale[..., None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    return quantized.flatten(-2)[..., :k], scale
+
+
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockScales) -> torch.Tensor:
-    """x @ W^T for an e4m3 weight W [N, K] with block scales; out in x's dtype."""
-    return F.linear(x, dequantize_fp8(weight, scales).to(x.dtype))
+    """x @ W^T for an e4m3 weight W [N, K] with block scales, x quantized per token in groups
+    of the weight's block width (`quantize_activations`); out in x's dtype."""
+    quantized, act_scales = quantize_activations(x, scales.block_k)
+    act = quantized.float() * act_scales.repeat_interleave(scales.block_k, dim=-1)[..., :x.shape[-1]]
+    return F.linear(act, dequantize_fp8(weight, scales)).to(x.dtype)

@@ -304,18 +304,16 @@ def release_next_kernel(USE_PDL: tl.constexpr):
 
 
 @triton.jit
-def e4m3_weight_tile(w_ptrs, mask, scale_base, cols, k0, n, stride_sn, stride_sk,
-                     SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, E8M0: tl.constexpr):
-    """A [BLOCK_K, BLOCK_N] tile of W^T for an e4m3 weight W, dequantized in fp32 by its block
-    scales. The caller's K tile lies inside one scale block (BLOCK_K divides SCALE_K, k0 is a
-    multiple of BLOCK_K), so the tile needs one scale per column. (Scaling each tile's partial
-    product instead, or running the product in fp16, measured no faster: bench/results.)"""
-    w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
+def weight_block_scales(scale_base, cols, k0, n, stride_sn, stride_sk, SCALE_N: tl.constexpr,
+                        SCALE_K: tl.constexpr, E8M0: tl.constexpr):
+    """The fp32 scale of each column of an e4m3 weight's K tile starting at k0. The caller's K
+    tile lies inside one scale block (BLOCK_K divides SCALE_K, k0 is a multiple of BLOCK_K),
+    so a column has one scale for the whole tile."""
     scale = tl.load(scale_base + (k0 // SCALE_K) * stride_sk + (cols // SCALE_N) * stride_sn,
                     mask=cols < n, other=0.0).to(tl.float32)
     if E8M0:  # the stored byte is the exponent of a power of two
         scale = tl.exp2(scale - 127.0)
-    return w * scale[None, :]
+    return scale
 
 
 def fp8_depth(depth: int, scale_block_k: int) -> int:

@@ -162,7 +162,8 @@ class VisionConfig:
 class FP8Config:
     """FP8 weights as a checkpoint's `quantization_config` describes them (transformers'
     FineGrainedFP8Config): e4m3 weights, one scale per [block_n, block_k] block of each
-    matrix, fp32 scales or e8m0 powers of two (MXFP8: [1, 32] groups). Projections named in
+    matrix, fp32 scales or e8m0 powers of two (MXFP8: [1, 32] groups); activations quantized
+    per token as the GEMMs run ("dynamic", the only activation scheme). Projections named in
     `modules_to_not_convert` (MiniMax's `ignored_layers`), the LM head, the router and the
     vision tower stay in the model's dtype."""
 
@@ -192,6 +193,11 @@ class FP8Config:
                 and all(isinstance(b, int) and b > 0 for b in block)):
             raise ModelLoadError(f"config.json: weight_block_size {block!r} must be two positive "
                                  "integers (per-tensor FP8 scales are not supported)")
+        scheme = raw.get("activation_scheme", "dynamic")
+        if scheme != "dynamic":
+            raise ModelLoadError(f"config.json: FP8 activation_scheme {scheme!r} is not supported "
+                                 "(static activation scales are not read); msa-serve runs "
+                                 "'dynamic' checkpoints, activations scaled per token group")
         skipped = raw.get("modules_to_not_convert") or raw.get("ignored_layers") or ()
         return cls(block_n=block[0], block_k=block[1], e8m0_scales=scale_fmt == "ue8m0",
                    modules_to_not_convert=tuple(skipped))

@@ -1,6 +1,7 @@
 """FP8 checkpoints of the tiny MiniMax-M3 (`make-tiny-model --arch minimax-m3 --fp8`): loaded
 as stored (e4m3 weights, their scales, no full-precision copy: peak memory measured), multiplied
-exactly as the scales say, and within a stated tolerance of the full-precision model."""
+exactly as the scales say, and, activations quantized as such checkpoints run, within a stated
+tolerance of the full-precision model."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import textwrap
 import pytest
 import torch
 
+from kernels import reference
 from kernels.reference import E4M3, BlockScales, dequantize_fp8
 from tests.worker.test_model import _forward_logits
 from worker import parallel
@@ -76,9 +78,12 @@ def test_fp8_checkpoint_loads_as_stored_and_stays_within_tolerance(fp8_dir, full
     assert kl < MAX_MEAN_KL
 
 
-def test_fp8_model_multiplies_exactly_the_stored_weights(fp8_dir):
+def test_fp8_model_multiplies_exactly_the_stored_weights(fp8_dir, monkeypatch):
     """The same model with every e4m3 weight replaced by its dequantized fp32 values gives the
-    same logits: the FP8 path adds no error beyond the checkpoint's own rounding."""
+    same logits once activations are left unquantized: the weights are multiplied as the
+    checkpoint stores them. (The activations' quantization is the kernels' tests' subject.)"""
+    monkeypatch.setattr(reference, "quantize_activations", lambda x, group: (
+        x.float(), torch.ones(*x.shape[:-1], -(-x.shape[-1] // group))))
     loaded = load_model(fp8_dir, torch.float32, CPU)
     ours = _forward_logits(loaded, PROMPT, 3)
     config = json.loads((fp8_dir / "config.json").read_text())
@@ -155,6 +160,10 @@ def test_checkpoints_and_configs_that_disagree_fail_at_load(fp8_dir, tmp_path):
     (stripped / "config.json").write_text(json.dumps(
         {**config, "quantization_config": {"quant_method": "awq"}}))
     with pytest.raises(ModelLoadError, match="quant_method 'awq' is not supported"):
+        load_model(stripped, torch.float32, CPU)
+    (stripped / "config.json").write_text(json.dumps({**config, "quantization_config": {
+        **config["quantization_config"], "activation_scheme": "static"}}))
+    with pytest.raises(ModelLoadError, match="activation_scheme 'static' is not supported"):
         load_model(stripped, torch.float32, CPU)
 
 

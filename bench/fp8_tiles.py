@@ -1,0 +1,150 @@
+"""Tile shapes of the FP8 GEMMs (`kernels/fp8_gemm.py`, the grouped MoE GEMM's FP8 path) at
+M3's width, against the bf16 GEMMs they replace.
+
+For each projection, layout (128 x 128 fp32 block scales; MXFP8 1 x 32 e8m0) and batch, every
+candidate tile runs the whole FP8 linear (activation quantization included) and the table
+gives the best one, the tile picked today and bf16 (cuBLAS for dense projections, the grouped
+GEMM for the experts), all in CUDA-graph replays, so a better pick shows as a ratio above
+today's.
+
+Usage (CUDA): python -m bench.fp8_tiles [--out-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton.testing
+
+from bench.common import markdown_table, write_results
+from kernels.fp8_gemm import GemmTile, fp8_linear
+from kernels.moe_grouped_gemm import ExpertRows, TileShape, grouped_gemm
+from kernels.reference import quantize_fp8
+
+HIDDEN, INTER, EXPERTS, TOP_K = 6144, 3072, 128, 4
+PROJECTIONS = (("q_proj", 6144, 8192), ("o_proj", 8192, 6144), ("dense gate_proj", 6144, 12288),
+               ("dense down_proj", 12288, 6144), ("shared expert up", 6144, 3072))
+LAYOUTS = {"128x128": (128, 128, False), "MXFP8 1x32": (1, 32, True)}
+DECODE_BATCHES, PREFILL_BATCH = (8, 64), 4096
+DECODE_TILES = [(cols, 128, warps, stages) for cols in (32, 64, 128) for warps, stages in
+                ((4, 3), (4, 4), (4, 6), (4, 8))] + [(128, 128, 8, 4), (256, 128, 8, 3)]
+PREFILL_TILES = [(128, 128, 8, 3), (128, 128, 4, 4), (256, 128, 8, 3), (64, 128, 4, 4)]
+EXPERT_TILES = [TileShape(rows, cols, 128, 4, stages) for rows in (16, 32, 64)
+                for cols in (32, 64, 128) for stages in (4, 6)]
+
+
+def _ms(fn) -> float:
+    return triton.testing.do_bench_cudagraph(fn, rep=60, return_mode="median")
+
+
+def _best(candidates, run, reference) -> dict:
+    """{candidate: ms} for the candidates that compile and agree with the reference output."""
+    times = {}
+    for candidate in candidates:
+        try:
+            out = run(candidate).float()
+        except Exception as exc:  # a tile the compiler cannot fit (shared memory, registers)
+            print(f"  {candidate}: {type(exc).__name__}", flush=True)
+            continue
+        error = ((out - reference).norm() / reference.norm()).item()
+        assert error < 1e-2, f"{candidate} disagrees with the picked tile: {error:.2e}"
+        times[candidate] = _ms(functools.partial(run, candidate))
+    return times
+
+
+def _dense(x, weight, scales, tile: GemmTile) -> torch.Tensor:
+    return fp8_linear(x, weight, scales, tile)
+
+
+def _experts(x, chosen, first, second, shape: TileShape) -> torch.Tensor:
+    """Both projections of the routed experts (the activation left out); `first` and `second`
+    are (weights, scales or None)."""
+    pairs = chosen.numel()
+    layout = ExpertRows.build(chosen, EXPERTS, shape.rows)
+    hidden = grouped_gemm(x, first[0], layout, pairs, TOP_K, shape, scales=first[1])
+    return grouped_gemm(hidden[:, :INTER].contiguous(), second[0], layout, pairs, 1, shape,
+                        scales=second[1])
+
+
+def dense_rows() -> list[list[object]]:
+    rows = []
+    for name, k, n in PROJECTIONS:
+        weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
+        for batch in (*DECODE_BATCHES, PREFILL_BATCH):
+            x = torch.randn(batch, k, device="cuda", dtype=torch.bfloat16)
+            bf16_ms = _ms(functools.partial(F.linear, x, weight))
+            for layout, spec in LAYOUTS.items():
+                q, scales = quantize_fp8(weight, *spec)
+                picked = GemmTile.for_rows(batch)
+                reference = fp8_linear(x, q, scales, picked).float()
+                tiles = [picked] + [
+                    GemmTile(picked.rows, c, d, w, s)
+                    for c, d, w, s in (DECODE_TILES if batch <= 64 else PREFILL_TILES)]
+                tiles = list(dict.fromkeys(tiles))
+                times = _best(tiles, functools.partial(_dense, x, q, scales), reference)
+                best = min(times, key=times.get)
+                rows.append([name, f"{k} -> {n}", batch, layout, f"{bf16_ms * 1e3:.1f}",
+                             f"{times[picked] * 1e3:.1f}", f"{bf16_ms / times[picked]:.2f}x",
+                             f"{best.cols}x{best.depth} w{best.num_warps} s{best.num_stages}",
+                             f"{times[best] * 1e3:.1f}", f"{bf16_ms / times[best]:.2f}x"])
+                print(rows[-1], flush=True)
+    return rows
+
+
+def expert_rows() -> list[list[object]]:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w13 = torch.randn(EXPERTS, 2 * INTER, HIDDEN, device="cuda", dtype=torch.bfloat16,
+                      generator=g) / HIDDEN ** 0.5
+    w2 = torch.randn(EXPERTS, HIDDEN, INTER, device="cuda", dtype=torch.bfloat16,
+                     generator=g) / INTER ** 0.5
+    rows = []
+    for layout, spec in LAYOUTS.items():
+        quantized = [[quantize_fp8(w, *spec) for w in weights] for weights in (w13, w2)]
+        (q13, s13), (q2, s2) = [
+            (torch.stack([q for q, _ in pieces]),
+             type(pieces[0][1])(torch.stack([s.scale for _, s in pieces]), *spec[:2]))
+            for pieces in quantized]
+        for batch in DECODE_BATCHES:
+            x = torch.randn(batch, HIDDEN, device="cuda", dtype=torch.bfloat16, generator=g)
+            chosen = torch.rand(batch, EXPERTS, device="cuda", generator=g).topk(TOP_K).indices
+
+            run = functools.partial(_experts, x, chosen, (q13, s13), (q2, s2))
+            picked = TileShape.for_pairs(batch * TOP_K)
+            bf16_ms = _ms(functools.partial(_experts, x, chosen, (w13, None), (w2, None), picked))
+            reference = run(picked).float()
+            times = _best(list(dict.fromkeys([picked, *EXPERT_TILES])), run, reference)
+            best = min(times, key=times.get)
+            rows.append(["routed experts (both projections)", "128 experts, top 4", batch,
+                         layout, f"{bf16_ms * 1e3:.1f}", f"{times[picked] * 1e3:.1f}",
+                         f"{bf16_ms / times[picked]:.2f}x",
+                         f"{best.rows}x{best.cols}x{best.depth} w{best.num_warps} "
+                         f"s{best.num_stages}", f"{times[best] * 1e3:.1f}",
+                         f"{bf16_ms / times[best]:.2f}x"])
+            print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out-dir", default=None)
+    args = parser.parse_args()
+    table = markdown_table(
+        ["GEMM", "shape", "rows", "FP8 layout", "bf16 (us)", "FP8, today's tile (us)", "vs bf16",
+         "best tile (N x K, warps, stages)", "FP8, best (us)", "vs bf16"],
+        dense_rows() + expert_rows())
+    gpu = torch.cuda.get_device_name()
+    write_results("fp8_tiles_" + next((g.lower() for g in ("H100", "H200") if g in gpu), "gpu"),
+                  "FP8 GEMMs (W8A8, dynamic activation scales): tiles at M3's width", table,
+                  "'vs bf16' above 1 means the FP8 GEMM is faster (goal at batch 64: >= 1.6x). "
+                  "FP8 times include quantizing the activations. Dense bf16: cuBLAS (F.linear); "
+                  "experts bf16: the same grouped GEMM with bf16 weights and today's tile. "
+                  "Random weights, random routing; CUDA-graph replays, median.",
+                  directory=Path(args.out_dir) if args.out_dir else None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Triton: activations quantized to e4m3 per token in groups along K (the "dynamic" activation
+scheme of FP8 checkpoints), so the FP8 GEMMs multiply e4m3 by e4m3 on the tensor cores and the
+weight tiles go from memory to the tensor cores untouched.
+
+Each group's largest magnitude maps to e4m3's largest value; its scale is stored in fp32. The
+math is `reference.quantize_activations`."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.reference import AMAX_FLOOR, E4M3, E4M3_MAX
+
+
+@triton.jit
+def _quantize_groups_kernel(x, q, s, k, num_groups, stride_xm, stride_qm, stride_sm,
+                            GROUP: tl.constexpr, GROUP_P2: tl.constexpr, GROUPS: tl.constexpr,
+                            E4M3_MAX: tl.constexpr, AMAX_FLOOR: tl.constexpr,
+                            E4M3_MIN_NORMAL: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    groups = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+    offsets = tl.arange(0, GROUP_P2)
+    ks = groups[:, None] * GROUP + offsets[None, :]
+    mask = (offsets[None, :] < GROUP) & (ks < k)
+    v = tl.load(x + row * stride_xm + ks, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(v), axis=1), AMAX_FLOOR) / E4M3_MAX
+    # Rounded division, as torch divides: the same bytes as the reference.
+    quantized = tl.clamp(tl.div_rn(v, scale[:, None]), -E4M3_MAX, E4M3_MAX)
+    # Normal values are rounded to e4m3's 3 mantissa bits (to nearest, ties to even) in the
+    # fp32 bits, so the cast below is exact: Triton's interpreter, which the CPU tests run,
+    # drops the carry when a cast rounds up into the next power of two. Subnormals are left
+    # to the cast.
+    bits = quantized.to(tl.int32, bitcast=True)
+    rounded = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
+    quantized = tl.where(tl.abs(quantized) >= E4M3_MIN_NORMAL, rounded, quantized)
+    tl.store(q + row * stride_qm + ks, quantized.to(tl.float8e4nv), mask=mask)
+    tl.store(s + row * stride_sm + groups, scale, mask=groups < num_groups)
+
+
+def quantize_activations(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 [M, K], fp32 scales [M, ceil(K / group)]) for x [M, K] (rows contiguous)."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    num_groups = -(-k // group)
+    q = torch.empty(m, k, dtype=E4M3, device=x.device)
+    s = torch.empty(m, num_groups, dtype=torch.float32, device=x.device)
+    if m == 0:
+        return q, s
+    group_p2 = triton.next_power_of_2(group)
+    groups = max(1, min(triton.next_power_of_2(num_groups), 4096 // group_p2))
+    _quantize_groups_kernel[(m, triton.cdiv(num_groups, groups))](
+        x, q, s, k, num_groups, x.stride(0), q.stride(0), s.stride(0), GROUP=group,
+        GROUP_P2=group_p2, GROUPS=groups, E4M3_MAX=E4M3_MAX, AMAX_FLOOR=AMAX_FLOOR,
+        E4M3_MIN_NORMAL=2.0 ** -6)
+    return q, s
