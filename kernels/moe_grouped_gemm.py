@@ -99,6 +99,8 @@ def _grouped_gemm_kernel(
             x_scale = tl.load(a_scale + a_row * stride_asm + k0 // SCALE_K, mask=real, other=0.0)
             wt_scale = weight_block_scales(w_scale + expert.to(tl.int64) * stride_se, cols, k0,
                                            n, stride_sn, stride_sk, SCALE_N, SCALE_K, E8M0)
+            if BLOCK_K < 32:  # e4m3 tensor-core products need K >= 32 (see fp8_linear)
+                x, wt = x.to(tl.float32), wt.to(tl.float32)
             acc += tl.dot(x, wt) * (x_scale[:, None] * wt_scale[None, :])
         else:
             acc = tl.dot(x, wt, acc, input_precision=PRECISION)
