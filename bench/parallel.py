@@ -1,6 +1,6 @@
 """MiniMax-M3 split across GPUs: decode and prefill step times under tensor parallel 1/2/4 and
-expert parallel, the collectives' share of a step, FP8 against bf16 weights, and the FP8 GEMMs
-against bf16 ones.
+expert parallel, the collectives' share of a step, and FP8 against bf16 weights (the FP8 GEMMs
+alone: bench/fp8_tiles.py).
 
 The model is M3 at full width with fewer layers (random weights, `load_format: dummy`, the
 layers of `bench/engine_m3.py`): layer 0 dense attention with its dense MLP, then MSA layers
@@ -29,14 +29,11 @@ from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
-import torch.nn.functional as F
-import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import kernels  # noqa: E402
 from bench.common import markdown_table, write_results  # noqa: E402
 from bench.engine_m3 import write_config  # noqa: E402
-from kernels.reference import quantize_fp8  # noqa: E402
 from worker import parallel  # noqa: E402
 from worker.engine.cuda_graphs import DecodeGraphs  # noqa: E402
 from worker.engine.kv_cache import KVCache  # noqa: E402
@@ -52,9 +49,6 @@ PREFILL_TOKENS, PREFILL_CHUNK = 131072, 16384
 POOL_PAGES = 2048  # shared by every decode row: 256K tokens per layer
 REPLAYS = 20
 FP8_BLOCK = {"quant_method": "fp8", "fmt": "float8_e4m3fn", "weight_block_size": [128, 128]}
-# M3's projections at one rank's full width (tensor parallel 1), for the GEMM table.
-GEMMS = (("q_proj", 6144, 8192), ("o_proj", 8192, 6144), ("dense gate_proj", 6144, 12288),
-         ("dense down_proj", 12288, 6144), ("shared expert up", 6144, 3072))
 
 
 @dataclass(frozen=True)
@@ -162,63 +156,12 @@ def run_setup(setup: Setup, model_dir: Path, port: int) -> dict:
         return dict(results[setup])
 
 
-def _quantize_experts(weights: torch.Tensor, layout) -> tuple[torch.Tensor, kernels.BlockScales]:
-    """One expert at a time: the fp32 temporaries of all 128 would not fit beside them."""
-    pieces = [quantize_fp8(w, *layout) for w in weights]
-    scales = torch.stack([s.scale for _, s in pieces])
-    return (torch.stack([q for q, _ in pieces]),
-            kernels.BlockScales(scales, pieces[0][1].block_n, pieces[0][1].block_k))
-
-
-def gemm_table() -> str:
-    """bf16 cuBLAS against the Triton FP8 GEMMs at decode batch 64, one GPU."""
-    rows = []
-    x = torch.randn(64, 12288, device="cuda", dtype=torch.bfloat16)
-    for name, k, n in GEMMS:
-        weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
-        bf16_us = triton.testing.do_bench(lambda w=weight, k=k: F.linear(x[:, :k], w)) * 1e3
-        row = [name, f"{k} -> {n}", f"{bf16_us:.1f}"]
-        for layout in ((128, 128, False), (1, 32, True)):
-            q, scales = quantize_fp8(weight, *layout)
-            us = triton.testing.do_bench(
-                lambda q=q, s=scales, k=k: kernels.fp8_linear(x[:, :k], q, s)) * 1e3
-            row += [f"{us:.1f}", f"{bf16_us / us:.2f}x"]
-        rows.append(row)
-    # One MoE layer's routed experts (128 experts of 3072, top 4) for 64 decode tokens.
-    g = torch.Generator(device="cuda").manual_seed(0)
-    w13 = torch.randn(128, 6144, 6144, device="cuda", dtype=torch.bfloat16, generator=g) / 80
-    w2 = torch.randn(128, 6144, 3072, device="cuda", dtype=torch.bfloat16, generator=g) / 60
-    tokens = torch.randn(64, 6144, device="cuda", dtype=torch.bfloat16, generator=g)
-    weights, chosen = torch.rand(64, 128, device="cuda", generator=g).topk(4, dim=-1)
-
-    def act(p):
-        gate, up = p.chunk(2, dim=-1)
-        return F.silu(gate) * up
-
-    bf16_us = triton.testing.do_bench(
-        lambda: kernels.routed_experts(tokens, w13, w2, weights, chosen, act)) * 1e3
-    row = ["MoE routed experts", "6144 -> 2 x 3072 -> 6144, 128 experts top 4",
-           f"{bf16_us:.1f}"]
-    for layout in ((128, 128, False), (1, 32, True)):
-        (q13, s13), (q2, s2) = _quantize_experts(w13, layout), _quantize_experts(w2, layout)
-        us = triton.testing.do_bench(lambda q13=q13, q2=q2, s13=s13, s2=s2: kernels.routed_experts(
-            tokens, q13, q2, weights, chosen, act, s13, s2)) * 1e3
-        row += [f"{us:.1f}", f"{bf16_us / us:.2f}x"]
-        del q13, q2
-    rows.append(row)
-    return markdown_table(["GEMM", "shape", "bf16 (us)", "FP8 128x128 (us)", "vs bf16",
-                           "MXFP8 1x32 (us)", "vs bf16"], rows)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gpus", type=int, default=torch.cuda.device_count())
     parser.add_argument("--moe-layers", type=int, default=2)
     parser.add_argument("--out-dir", type=Path, default=None)
     args = parser.parse_args()
-    gemms = gemm_table()
-    print(gemms, flush=True)
-    torch.cuda.empty_cache()  # the ranks need GPU 0's memory
     sizes = [s for s in (1, 2, 4) if s <= args.gpus]
     setups = [Setup(s, False, False) for s in sizes]
     setups += [Setup(s, True, False) for s in sizes if s > 1]
@@ -264,17 +207,13 @@ def main() -> None:
              "the goals: TP 2 <= 0.6x, TP 4 <= 0.35x at batch 64). 'collectives' is "
              "1 - (the same step captured without its collectives) / (the step). Prefill: one "
              "128K prompt in 16K chunks, eager, second run. FP8: e4m3 weights with 128 x 128 "
-             "fp32 block scales, W8A16 Triton GEMMs. GEMM table: decode batch 64, "
-             "triton.testing.do_bench; 'vs bf16' above 1 means FP8 is faster (goal >= 1.6x). "
-             "Variants swept on the same H200 at 6144 -> 8192 and 12288 -> 6144, batch 64 "
-             "(scaling each tile's partial product instead of each weight; an fp16 product; "
-             "column tiles 32/64, 3-6 stages) reached 0.67-0.93x of bf16: the W8A16 kernels "
-             "do not yet turn half the bytes into time. 'TP 2 + EP' deals whole experts to "
+             "fp32 block scales, activations quantized per token group (W8A8 Triton GEMMs; "
+             "each GEMM against bf16: bench/results/fp8_tiles_<gpu>.md). 'TP 2 + EP' deals whole experts to "
              "ranks; tensor parallel inside the experts ('TP 2') is faster at every shape "
              "here, so it stays the default.")
     write_results(f"parallel_{torch.cuda.get_device_name().split()[-1].lower()}",
                   "MiniMax-M3 across GPUs: tensor and expert parallel, FP8 weights",
-                  f"## FP8 GEMMs\n\n{gemms}\n\n## Steps\n\n{steps}", notes, args.out_dir)
+                  f"## Steps\n\n{steps}", notes, args.out_dir)
 
 
 if __name__ == "__main__":

@@ -58,13 +58,15 @@ class GemmTile:
     num_stages: int
 
     @classmethod
-    def for_rows(cls, m: int) -> "GemmTile":
-        # Few rows (decode) read weights: narrow column tiles spread them over every SM and deep
-        # pipelines keep loads in flight; many rows (prefill) take the tensor cores' large
-        # tiles. Chosen by bench/parallel.py's sweep on an H200.
+    def for_rows(cls, m: int, scale_block_k: int) -> "GemmTile":
+        # Few rows (decode) read weights: deep pipelines keep loads in flight, and K tiles cut
+        # short by 32-wide scale groups (MXFP8) take wider column tiles to stay busy; many rows
+        # (prefill) take the tensor cores' large tiles. Picked by bench/fp8_tiles.py (H200).
+        rows = max(16, triton.next_power_of_2(m))
+        narrow_k = scale_block_k < 64
         if m <= 64:
-            return cls(max(16, triton.next_power_of_2(m)), 64, 128, 4, 4)
-        return cls(128, 128, 128, 8, 3)
+            return cls(rows, 128 if narrow_k and m > 8 else 64, 128, 4, 6)
+        return cls(128, 64, 128, 4, 4) if narrow_k else cls(128, 128, 128, 8, 3)
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockScales,
@@ -80,7 +82,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockScales,
     if m == 0:
         return out.view(*x.shape[:-1], n)
     xq, xs = quantize_activations(flat, scales.block_k)
-    tile = tile or GemmTile.for_rows(m)
+    tile = tile or GemmTile.for_rows(m, scales.block_k)
     block_k = fp8_depth(min(tile.depth, max(16, triton.next_power_of_2(k))), scales.block_k)
     scale = scales.scale
     grid = (triton.cdiv(m, tile.rows), triton.cdiv(n, tile.cols))

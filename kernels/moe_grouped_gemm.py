@@ -119,10 +119,17 @@ class TileShape:
     num_stages: int = 3
 
     @classmethod
-    def for_pairs(cls, pairs: int) -> "TileShape":
+    def for_pairs(cls, pairs: int, scale_block_k: int | None = None) -> "TileShape":
         # Decode steps read weights (a few pairs an expert: small row tiles waste nothing but
         # padding, deep K tiles keep loads in flight); prefill chunks are compute-bound and
-        # take the tensor cores' big tiles. Chosen by bench/moe_tiles.py at M3's width.
+        # take the tensor cores' big tiles. FP8 experts (`scale_block_k` given) halve the bytes
+        # a decode tile waits for, so small row tiles pay up to batch 64 (256 pairs); 32-wide
+        # scale groups cut their K tiles short and take wider ones. Chosen by
+        # bench/moe_tiles.py (bf16) and bench/fp8_tiles.py (FP8) at M3's width.
+        if scale_block_k is not None and pairs <= 256:
+            if scale_block_k < 64 and pairs > 64:
+                return cls(32, 128, 128, 4, num_stages=4)
+            return cls(16, 64, 128, 4, num_stages=6)
         if pairs <= 64:
             return cls(16, 64, 128, 4, num_stages=4)
         if pairs < 4096:
@@ -172,7 +179,7 @@ def routed_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     pairs = num_tokens * top_k
     if pairs == 0:
         return torch.zeros_like(x)
-    shape = TileShape.for_pairs(pairs)
+    shape = TileShape.for_pairs(pairs, w13_scales.block_k if w13_scales else None)
     layout = ExpertRows.build(chosen, w13.shape[0], shape.rows)
     hidden = activation(grouped_gemm(x, w13, layout, pairs, top_k, shape, scales=w13_scales))
     # The second pass's rows are summed per token, so other ranks' pairs must add zeros; the
