@@ -35,6 +35,9 @@ DECODE_TILES = [(cols, 128, warps, stages) for cols in (32, 64, 128) for warps, 
 PREFILL_TILES = [(128, 128, 8, 3), (128, 128, 4, 4), (256, 128, 8, 3), (64, 128, 4, 4)]
 EXPERT_TILES = [TileShape(rows, cols, 128, 4, stages) for rows in (16, 32, 64)
                 for cols in (32, 64, 128) for stages in (4, 6)]
+EXPERT_PREFILL_TILES = [TileShape(128, 128, 128, 8, 3), TileShape(128, 128, 64, 8, 3),
+                        TileShape(128, 256, 64, 8, 3), TileShape(64, 128, 128, 4, 4),
+                        TileShape(128, 64, 128, 4, 4), TileShape(64, 64, 128, 4, 4)]
 
 
 def _ms(fn) -> float:
@@ -110,7 +113,7 @@ def expert_rows() -> list[list[object]]:
             (torch.stack([q for q, _ in pieces]),
              type(pieces[0][1])(torch.stack([s.scale for _, s in pieces]), *spec[:2]))
             for pieces in quantized]
-        for batch in DECODE_BATCHES:
+        for batch in (*DECODE_BATCHES, PREFILL_BATCH):
             x = torch.randn(batch, HIDDEN, device="cuda", dtype=torch.bfloat16, generator=g)
             chosen = torch.rand(batch, EXPERTS, device="cuda", generator=g).topk(TOP_K).indices
 
@@ -119,7 +122,8 @@ def expert_rows() -> list[list[object]]:
                                             TileShape.for_pairs(batch * TOP_K)))
             picked = TileShape.for_pairs(batch * TOP_K, s13.block_k)
             reference = run(picked).float()
-            times = _best(list(dict.fromkeys([picked, *EXPERT_TILES])), run, reference)
+            candidates = EXPERT_TILES if batch in DECODE_BATCHES else EXPERT_PREFILL_TILES
+            times = _best(list(dict.fromkeys([picked, *candidates])), run, reference)
             best = min(times, key=times.get)
             rows.append(["routed experts (both projections)", "128 experts, top 4", batch,
                          layout, f"{bf16_ms * 1e3:.1f}", f"{times[picked] * 1e3:.1f}",
