@@ -124,10 +124,14 @@ class TileShape:
         # padding, deep K tiles keep loads in flight); prefill chunks are compute-bound and
         # take the tensor cores' big tiles. FP8 experts (`scale_block_k` given) halve the bytes
         # a decode tile waits for, so small row tiles pay up to batch 64 (256 pairs); 32-wide
-        # scale groups cut their K tiles short and take wider ones. Chosen by
+        # scale groups cut their K tiles short and take wider ones; in prefill each K tile's
+        # scaled product is a second accumulator, so FP8 tiles stay under 128 x 128. Chosen by
         # bench/moe_tiles.py (bf16) and bench/fp8_tiles.py (FP8) at M3's width.
-        if scale_block_k is not None and pairs <= 256:
-            if scale_block_k < 64 and pairs > 64:
+        if scale_block_k is not None:
+            narrow_k = scale_block_k < 64
+            if pairs > 256:
+                return cls(64, 128, 128, 4, 4) if narrow_k else cls(128, 128, 128, 8, 3)
+            if narrow_k and pairs > 64:
                 return cls(32, 128, 128, 4, num_stages=4)
             return cls(16, 64, 128, 4, num_stages=6)
         if pairs <= 64:
