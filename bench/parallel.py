@@ -68,7 +68,7 @@ def _sequence(context: int, row: int) -> Sequence:
     newest token differs from row to row, so the rows route to different experts as real
     traffic does (identical rows would all read the same four)."""
     seq = Sequence(f"r{row}", [1] * (context - 1), SamplingParams(max_tokens=2), None)
-    seq.token_ids.append(1000 + row * 997)
+    seq.token_ids.append(10 + 3 * row)  # inside the bench tokenizer's byte vocabulary
     seq.num_computed_tokens = context - 1
     seq.page_ids = [(row * 131 + i) % POOL_PAGES for i in range(-(-context // BLOCK))]
     return seq
