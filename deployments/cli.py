@@ -4,6 +4,7 @@
     msa-serve chat                   interactive chat
     msa-serve make-tiny-model DIR    write a tiny random MSA checkpoint (tests, demos);
                                      --arch minimax-m3 for MiniMax-M3's released layout
+    msa-serve export-tokenizer DIR   write the model's tokenizer as a Hugging Face directory
     msa-serve bench-engine           offline throughput / prefix-cache benchmark of the engine
     msa-serve up                     the whole serving stack locally (Redis, Ray Serve, HTTP, gRPC)
     msa-serve client chat "hi"       talk to a running server over gRPC
@@ -132,6 +133,16 @@ def cmd_make_tiny_model(args) -> None:
     print(f"wrote a tiny MSA checkpoint to {path}")
 
 
+def cmd_export_tokenizer(args) -> None:
+    from worker.checkpoint import inspect_model
+
+    info = inspect_model(args.model)
+    directory = Path(args.dir)
+    info.tokenizer.save(directory, info.config.max_position_embeddings)
+    print(f"wrote {info.name}'s tokenizer (tokenizer.json, tokenizer_config.json with its chat "
+          f"template) to {directory}")
+
+
 def cmd_bench_engine(args) -> None:
     from deployments.bench_engine import run_engine_benchmark
 
@@ -206,6 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="minimax-m3: e4m3 weights with fp32 block scales (block, the default) "
                         "or MXFP8 e8m0 group-32 scales")
     p.set_defaults(func=cmd_make_tiny_model)
+
+    p = sub.add_parser("export-tokenizer", help="write the model's tokenizer as a Hugging Face "
+                                                "tokenizer directory (for lm-eval, aiperf, ...)")
+    p.add_argument("dir")
+    p.add_argument("--model", default=None,
+                   help="checkpoint dir or .gguf (default: embedded SmolLM2-135M-Instruct)")
+    p.set_defaults(func=cmd_export_tokenizer)
 
     p = sub.add_parser("bench-engine", help="offline engine throughput and prefix-cache TTFT")
     _add_engine_args(p)

@@ -1,7 +1,7 @@
 """The ingress deployment: the OpenAI-compatible HTTP API and the gRPC service, on Ray Serve.
 
 HTTP routes are a FastAPI app (`/v1/chat/completions`, `/v1/completions`, `/v1/models`,
-`/health`, `/metrics`); the gRPC methods (`msa_serve.v1.MSAServe`) are methods of the same class,
+vLLM's `/tokenize`, `/detokenize` and `/tokenizer_info`, `/health`, `/metrics`); the gRPC methods (`msa_serve.v1.MSAServe`) are methods of the same class,
 reached through Serve's gRPC proxy. Both go through one `ModelGateway`.
 
 No `from __future__ import annotations` here: FastAPI reads the route signatures at run time, and
@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments import metrics
 from deployments.config import AppConfig
@@ -38,8 +39,10 @@ from deployments.gateway import (
 from deployments.openai_api import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     ResponseWriter,
     SampleOutput,
+    TokenizeRequest,
     best_samples,
     error_body,
     parse_request,
@@ -96,12 +99,13 @@ def _grpc_error(exc: BaseException, grpc_context, api_name: str) -> BaseExceptio
     return error
 
 
-async def _sse(writer: ResponseWriter, stream: ChunkStream,
-               include_usage: bool) -> AsyncIterator[str]:
+async def _sse(writer: ResponseWriter, stream: ChunkStream, include_usage: bool,
+               usage_in_every_chunk: bool) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's shape; a failure mid-stream becomes an error event."""
     try:
         async for chunk in stream:
-            yield _event(writer.stream_chunk(chunk))
+            yield _event(writer.stream_chunk(chunk, stream.usage if usage_in_every_chunk
+                                             else None))
         if include_usage:
             yield _event(writer.usage_chunk(stream.usage))
     except Exception as exc:
@@ -118,6 +122,22 @@ def _event(body: dict[str, Any]) -> str:
 # OpenAI's, documented in the README.
 api = FastAPI(title="msa-serve", description="OpenAI-compatible API for MSA models",
               docs_url=None, redoc_url=None, openapi_url=None)
+ROUTES = ("POST /v1/chat/completions, POST /v1/completions, GET /v1/models, POST /tokenize, "
+          "POST /detokenize, GET /tokenizer_info, GET /health, GET /metrics")
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _route_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Unknown routes and methods answer in OpenAI's error shape, as every other error does."""
+    if exc.status_code == 404:
+        message = f"no route {request.method} {request.url.path}; this server answers {ROUTES}"
+        body = error_body(message, "invalid_request_error", "not_found")
+    elif exc.status_code == 405:
+        message = f"{request.method} is not allowed on {request.url.path}; routes: {ROUTES}"
+        body = error_body(message, "invalid_request_error", "method_not_allowed")
+    else:
+        body = error_body(str(exc.detail), "invalid_request_error")
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 
 @serve.deployment(name="Ingress")
@@ -135,6 +155,7 @@ class Ingress:
         engine = self.config.model.engine
         context = min(engine.max_model_len or info.config.max_position_embeddings,
                       info.config.max_position_embeddings)
+        self.context = context
         limit = PromptLimit(context, self.tokenizer.max_prompt_bytes(context))
         self.max_body_bytes = self.config.limits.body_bytes(limit.max_text_bytes,
                                                             info.config.vision is not None)
@@ -206,6 +227,37 @@ class Ingress:
         return JSONResponse({"object": "list", "data": [
             {"id": self.model_name, "object": "model", "created": 0, "owned_by": "msa-serve"}]})
 
+    # vLLM's tokenizer routes: lm-eval and other tools take the model's tokenizer from them.
+    @api.post("/tokenize")
+    async def tokenize(self, request: Request) -> Response:
+        return await self._http("tokenize", request, self._tokenize)
+
+    async def _tokenize(self, request: Request) -> Response:
+        body = parse_request(TokenizeRequest, await self._read_body(request))
+        self._check_model(body.model)
+        ids = await asyncio.to_thread(body.token_ids, self.tokenizer)  # off the event loop
+        result: dict[str, Any] = {"count": len(ids), "max_model_len": self.context,
+                                  "tokens": ids}
+        if body.return_token_strs:
+            result["token_strs"] = [self.tokenizer.backend.id_to_token(i) for i in ids]
+        return JSONResponse(result)
+
+    @api.post("/detokenize")
+    async def detokenize(self, request: Request) -> Response:
+        return await self._http("detokenize", request, self._detokenize)
+
+    async def _detokenize(self, request: Request) -> Response:
+        body = parse_request(DetokenizeRequest, await self._read_body(request))
+        self._check_model(body.model)
+        return JSONResponse({"prompt": await asyncio.to_thread(body.text, self.tokenizer)})
+
+    @api.get("/tokenizer_info")
+    async def tokenizer_info(self, request: Request) -> Response:
+        return await self._http("tokenizer_info", request, self._tokenizer_info)
+
+    async def _tokenizer_info(self, request: Request) -> Response:
+        return JSONResponse(self.tokenizer.hf_config(self.context))
+
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
         return await self._http("chat", request, self._chat)
@@ -264,7 +316,8 @@ class Ingress:
     async def _respond(self, writer: ResponseWriter, stream: ChunkStream, body) -> Response:
         headers = {"x-msa-replica": stream.replica}
         if body.stream:
-            return StreamingResponse(_sse(writer, stream, body.include_usage_in_stream),
+            return StreamingResponse(_sse(writer, stream, body.include_usage_in_stream,
+                                          body.usage_in_every_chunk),
                                      headers=headers, media_type="text/event-stream")
         texts: dict[int, list[str]] = {}
         logprobs: dict[int, list] = {}

@@ -79,6 +79,13 @@ class _Request(BaseModel):
         return bool((self.stream_options or {}).get("include_usage"))
 
     @property
+    def usage_in_every_chunk(self) -> bool:
+        """`stream_options.continuous_usage_stats` (vLLM's extension, with include_usage):
+        the usage so far in every chunk, as aiperf's per-chunk usage and guidellm read it."""
+        return self.include_usage_in_stream and bool(
+            (self.stream_options or {}).get("continuous_usage_stats"))
+
+    @property
     def num_samples(self) -> int:
         """Samples the engine generates: n (completions' best_of may ask for more)."""
         return self.n
@@ -267,6 +274,53 @@ class CompletionRequest(_Request):
             raise ValueError("best_of > n cannot be streamed: the best samples are known only "
                              "at the end")
         return self
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a text prompt, or chat messages rendered by the chat template."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = ""
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    # As vLLM: special tokens (a BOS) are added to a text prompt, not to rendered messages,
+    # whose template writes its own.
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("send either prompt (text) or messages (chat), not both")
+        return self
+
+    def token_ids(self, tokenizer: Tokenizer) -> list[int]:
+        if self.prompt is not None:
+            return tokenizer.encode(self.prompt, add_special_tokens=self.add_special_tokens
+                                    is not False)
+        text = tokenizer.apply_chat_template([m.template_dict() for m in self.messages],
+                                             self.add_generation_prompt,
+                                             self.chat_template_kwargs)
+        return tokenizer.encode(text, add_special_tokens=bool(self.add_special_tokens))
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's /detokenize: token ids back to text (special tokens kept, as vLLM does)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = ""
+    tokens: list[int]
+
+    def text(self, tokenizer: Tokenizer) -> str:
+        unknown = [i for i in self.tokens if not 0 <= i < tokenizer.vocab_size]
+        if unknown:
+            raise InvalidRequestError(f"tokens {unknown[:5]} are not in the vocabulary "
+                                      f"(ids 0 to {tokenizer.vocab_size - 1})")
+        return tokenizer.decode(self.tokens, skip_special_tokens=False)
 
 
 def parse_request(model: type[BaseModel], body: bytes) -> Any:
@@ -492,7 +546,9 @@ class ResponseWriter:
         name = "chat.completion" if self.kind == "chat" else "text_completion"
         return self._envelope(name, choices, usage=usage_body(usage))
 
-    def stream_chunk(self, chunk: GenerateChunk) -> dict[str, Any]:
+    def stream_chunk(self, chunk: GenerateChunk, usage: Usage | None = None) -> dict[str, Any]:
+        """One chunk's body; `usage` (the request's so far) goes in it when given."""
+        extra = {"usage": usage_body(usage)} if usage is not None else {}
         state = self._choice(chunk.index)
         choice: dict[str, Any] = {"index": chunk.index,
                                   "logprobs": self._logprobs(state, chunk.logprobs)}
@@ -511,10 +567,10 @@ class ResponseWriter:
                 delta["role"] = "assistant"
             state.started = True
             choice["delta"] = delta
-            return self._envelope("chat.completion.chunk", [choice])
+            return self._envelope("chat.completion.chunk", [choice], **extra)
         choice["text"] = chunk.delta
         choice["finish_reason"] = finish_reason(chunk.finish_reason)
-        return self._envelope("text_completion", [choice])
+        return self._envelope("text_completion", [choice], **extra)
 
     def usage_chunk(self, usage: Usage) -> dict[str, Any]:
         name = "chat.completion.chunk" if self.kind == "chat" else "text_completion"

@@ -98,6 +98,24 @@ class Tokenizer:
         except jinja2.TemplateError as exc:
             raise InvalidRequestError(f"chat template failed on these messages: {exc}") from exc
 
+    def hf_config(self, model_max_length: int) -> dict[str, Any]:
+        """The tokenizer_config.json of this tokenizer, as Hugging Face tools read it (and as
+        vLLM's /tokenizer_info reports it)."""
+        return {"tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": self.bos_token or None, "eos_token": self.eos_token,
+                "pad_token": None, "unk_token": None, "add_bos_token": self.add_bos,
+                "add_eos_token": False, "clean_up_tokenization_spaces": False,
+                "model_max_length": model_max_length, "chat_template": self.chat_template}
+
+    def save(self, directory: Path, model_max_length: int) -> None:
+        """Writes a Hugging Face tokenizer directory (tokenizer.json, tokenizer_config.json):
+        what tools that load a tokenizer by path need, for a model whose tokenizer lives
+        inside its GGUF."""
+        directory.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(directory / "tokenizer.json"))
+        (directory / "tokenizer_config.json").write_text(
+            json.dumps(self.hf_config(model_max_length), indent=2, ensure_ascii=False) + "\n")
+
     @classmethod
     def from_gguf_fields(cls, fields: dict[str, Any]) -> "Tokenizer":
         """Builds the tokenizer from `tokenizer.ggml.*` metadata (gpt2-style byte-level BPE)."""

@@ -208,6 +208,53 @@ def test_completion_logprobs_text_offset(client):
     assert streamed == whole.logprobs.text_offset
 
 
+def test_usage_in_every_chunk_when_asked(client):
+    """stream_options.continuous_usage_stats (aiperf's per-chunk usage, guidellm's default):
+    each chunk carries the usage so far; without it only the last one does."""
+    args = dict(model="tiny", prompt="The quick brown fox", temperature=0, max_tokens=6,
+                stream=True, extra_body={"ignore_eos": True})
+    chunks = list(client.completions.create(
+        stream_options={"include_usage": True, "continuous_usage_stats": True}, **args))
+    counted = [c.usage.completion_tokens for c in chunks if c.choices]
+    assert counted == [1, 2, 3, 4, 5, 6]
+    assert len({c.usage.prompt_tokens for c in chunks}) == 1
+    assert chunks[-1].usage.completion_tokens == 6  # the closing usage chunk
+    plain = list(client.completions.create(stream_options={"include_usage": True}, **args))
+    assert [c.usage is None for c in plain] == [True] * 6 + [False]
+
+
+def test_tokenizer_routes_answer_as_vllm_s_for_lm_eval(http, client, stack):
+    """/tokenizer_info, /tokenize and /detokenize as lm-eval's remote tokenizer calls them."""
+    info = http.get("/tokenizer_info").json()
+    assert info["eos_token"] and info["chat_template"] and info["model_max_length"] == 1024
+    text = "The quick brown fox"
+    tokenized = http.post("/tokenize", json={"prompt": text, "add_special_tokens": False,
+                                            "return_token_strs": True}).json()
+    assert tokenized["count"] == len(tokenized["tokens"]) == len(tokenized["token_strs"]) > 3
+    assert tokenized["max_model_len"] == 1024
+    assert http.post("/detokenize", json={"tokens": tokenized["tokens"]}).json() == \
+        {"prompt": text}
+    # Messages are rendered by the chat template exactly as a chat request's prompt is.
+    messages = [{"role": "user", "content": "hi"}]
+    counted = http.post("/tokenize", json={"model": "tiny", "messages": messages}).json()
+    reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=1)
+    assert counted["count"] == reply.usage.prompt_tokens
+    bad = http.post("/detokenize", json={"tokens": [1, 10**9]})
+    assert bad.status_code == 400 and "not in the vocabulary" in bad.json()["error"]["message"]
+    both = http.post("/tokenize", json={"prompt": "x", "messages": messages})
+    assert both.status_code == 400 and "either prompt" in both.json()["error"]["message"]
+    assert httpx.get(f"{stack.http}/tokenizer_info").status_code == 401  # no key
+
+
+def test_unknown_routes_and_methods_answer_openai_errors(http):
+    missing = http.get("/v1/embeddings")
+    assert missing.status_code == 404
+    error = missing.json()["error"]
+    assert error["code"] == "not_found" and "/v1/chat/completions" in error["message"]
+    wrong = http.get("/v1/completions")
+    assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
+
+
 def test_n_samples_and_best_of(client):
     """n=3: three different seeded samples of one prompt, streamed or whole alike; the usage
     counts the prompt once and every sample's tokens. best_of=4, n=2: the two samples of

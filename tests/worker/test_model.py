@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import kernels
-from worker.checkpoint import default_model_path
+from worker.checkpoint import default_model_path, inspect_model
 from worker.config import EngineConfig
 from worker.engine.kv_cache import AttentionMetadata, KVCache
 from worker.engine.llm_engine import LLMEngine
@@ -76,6 +78,24 @@ def test_tokenizer_matches_transformers(default_loaded, hf_reference, text):
     ours = default_loaded.tokenizer.encode(text)
     assert ours == hf_tokenizer.encode(text, add_special_tokens=False)
     assert default_loaded.tokenizer.decode(ours, skip_special_tokens=False) == text
+
+
+def test_exported_tokenizer_loads_in_transformers_and_encodes_as_the_server(tmp_path):
+    """`msa-serve export-tokenizer`: the GGUF's tokenizer as a Hugging Face directory."""
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "tokenizer"
+    subprocess.run([sys.executable, "-m", "deployments.cli", "export-tokenizer", str(out)],
+                   check=True, capture_output=True, timeout=120)
+    ours = inspect_model(None).tokenizer
+    exported = transformers.AutoTokenizer.from_pretrained(str(out))
+    text = "naïve café 🎉 12345 <|im_start|>user\nhi<|im_end|>\n def f(x): return x**2"
+    assert exported.encode(text, add_special_tokens=False) == ours.encode(text)
+    assert exported.eos_token == ours.eos_token == "<|im_end|>"
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    assert exported.apply_chat_template(messages, tokenize=False,
+                                        add_generation_prompt=True) == \
+        ours.apply_chat_template(messages)
+    assert exported.model_max_length == inspect_model(None).config.max_position_embeddings
 
 
 def test_capital_of_france(default_engine):
