@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -88,6 +89,10 @@ class ChunkStream:
     def usage(self) -> Usage:
         return Usage.of(list(self.last.values()))
 
+    def cancel(self) -> None:
+        """Stops the request's work on its replica (a stream never iterated)."""
+        self._rest.cancel()
+
     async def __aiter__(self) -> AsyncIterator[GenerateChunk]:
         chunk = self.first
         try:
@@ -108,6 +113,64 @@ class ChunkStream:
         if tokens > 1:
             metrics.TPOT.labels(api=self.api).observe(
                 (time.perf_counter() - self._first_at) / (tokens - 1))
+
+
+class PromptStreams:
+    """A completions batch's streams as one (a single prompt's stream passes through): prompt
+    i's sample j is choice i x `stride` + j, chunks come in arrival order, usage is summed."""
+
+    def __init__(self, streams: list[ChunkStream], stride: int):
+        self.streams, self.stride = streams, stride
+
+    @property
+    def replica(self) -> str:
+        return ",".join(dict.fromkeys(stream.replica for stream in self.streams))
+
+    @property
+    def usage(self) -> Usage:
+        parts = [stream.usage for stream in self.streams]
+        return Usage(sum(u.prompt_tokens for u in parts), sum(u.completion_tokens for u in parts),
+                     sum(u.cached_tokens for u in parts))
+
+    @property
+    def last(self) -> dict[int, GenerateChunk]:
+        return {i * self.stride + index: chunk for i, stream in enumerate(self.streams)
+                for index, chunk in stream.last.items()}
+
+    async def __aiter__(self) -> AsyncIterator[GenerateChunk]:
+        if len(self.streams) == 1:
+            async for chunk in self.streams[0]:
+                yield chunk
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, stream: ChunkStream) -> None:
+            try:
+                async for chunk in stream:
+                    queue.put_nowait(dataclasses.replace(chunk,
+                                                         index=i * self.stride + chunk.index))
+                queue.put_nowait(None)
+            except Exception as exc:  # the request fails as a whole, with this error
+                queue.put_nowait(exc)
+
+        tasks = [asyncio.create_task(pump(i, stream)) for i, stream in enumerate(self.streams)]
+        try:
+            finished = 0
+            while finished < len(tasks):
+                item = await queue.get()
+                if item is None:
+                    finished += 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield item
+        finally:  # the client left or one prompt failed: the others' work stops too
+            for task in tasks:
+                task.cancel()
+
+    def cancel(self) -> None:
+        for stream in self.streams:
+            stream.cancel()
 
 
 def text_bytes(messages: list[dict[str, Any]] | None, prompt: str | list[int] | None) -> int:

@@ -33,6 +33,7 @@ from deployments.gateway import (
     ChunkStream,
     ModelGateway,
     PromptLimit,
+    PromptStreams,
     classify,
     invalid,
 )
@@ -99,7 +100,7 @@ def _grpc_error(exc: BaseException, grpc_context, api_name: str) -> BaseExceptio
     return error
 
 
-async def _sse(writer: ResponseWriter, stream: ChunkStream, include_usage: bool,
+async def _sse(writer: ResponseWriter, stream: ChunkStream | PromptStreams, include_usage: bool,
                usage_in_every_chunk: bool) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's shape; a failure mid-stream becomes an error event."""
     try:
@@ -307,13 +308,22 @@ class Ingress:
         # best_of ranks samples by their log-probability: the engine reports it then.
         logprobs = 0 if body.picks_best and body.logprobs is None else body.logprobs
         params = self._sampling(body, logprobs)
-        prompt = await self.gateway.prepare(prompt=body.prompt)
-        stream = await self.gateway.start("completion", prompt, params, arrived)
+        # Every prompt of a batch is checked before any starts.
+        prompts = [await self.gateway.prepare(prompt=prompt) for prompt in body.prompts]
+        streams: list[ChunkStream] = []
+        try:
+            for prompt in prompts:
+                streams.append(await self.gateway.start("completion", prompt, params, arrived))
+        except BaseException:
+            for stream in streams:
+                stream.cancel()
+            raise
         writer = ResponseWriter("completion", f"cmpl-{uuid.uuid4().hex}",
                                 self.model_name, self.tokenizer, body.logprobs is not None)
-        return await self._respond(writer, stream, body)
+        return await self._respond(writer, PromptStreams(streams, body.num_samples), body)
 
-    async def _respond(self, writer: ResponseWriter, stream: ChunkStream, body) -> Response:
+    async def _respond(self, writer: ResponseWriter, stream: ChunkStream | PromptStreams,
+                       body) -> Response:
         headers = {"x-msa-replica": stream.replica}
         if body.stream:
             return StreamingResponse(_sse(writer, stream, body.include_usage_in_stream,
@@ -327,8 +337,11 @@ class Ingress:
         samples = [SampleOutput(index, "".join(texts[index]),
                                 stream.last[index].finish_reason, logprobs[index])
                    for index in sorted(texts)]
-        if body.num_samples > body.n:
-            samples = best_samples(samples, body.n)
+        if body.num_samples > body.n:  # the likeliest n of each prompt's samples
+            stride = body.num_samples
+            samples = [best for start in range(0, len(samples), stride)
+                       for best in best_samples(samples[start:start + stride], body.n,
+                                                start // stride * body.n)]
         return JSONResponse(writer.whole(samples, stream.usage), headers=headers)
 
     # -- gRPC (method names are the RPC names of msa_serve.v1.MSAServe) --------------------------

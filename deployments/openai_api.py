@@ -19,6 +19,8 @@ from worker.errors import InvalidRequestError
 from worker.tokenizer import Tokenizer
 from worker.wire import MAX_CHOICES, GuidedDecoding, SamplingParams, TokenLogprob
 
+MAX_PROMPTS = 64  # in one completions request: each is its own engine request
+
 
 class ResponseFormat(BaseModel):
     """OpenAI's response_format, plus `regex` and `grammar` (EBNF) as extensions."""
@@ -245,11 +247,20 @@ class ChatCompletionRequest(_Request):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[int] | list[str] = Field(min_length=1)
+    # One prompt or a batch (OpenAI's API): text, token ids, or a list of either.
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(min_length=1)
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = Field(False, description="not supported: must be false")
     best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The batch: one engine request per prompt, its choices numbered after the previous
+        prompt's."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return list(self.prompt)
 
     @property
     def num_samples(self) -> int:
@@ -261,11 +272,12 @@ class CompletionRequest(_Request):
         return self.num_samples > self.n
 
     @model_validator(mode="after")
-    def _one_prompt(self):
-        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str):
-            if len(self.prompt) != 1:
-                raise ValueError("one prompt per request: send a batch as separate requests")
-            self.prompt = self.prompt[0]
+    def _valid_batch(self):
+        prompts = self.prompts
+        if len(prompts) > MAX_PROMPTS:
+            raise ValueError(f"{len(prompts)} prompts in one request; at most {MAX_PROMPTS}")
+        if any(len(prompt) == 0 for prompt in prompts if isinstance(prompt, list)):
+            raise ValueError("a token-id prompt is empty")
         if self.echo:
             raise ValueError("echo is not supported")
         if self.best_of is not None and self.best_of < self.n:
@@ -444,10 +456,12 @@ class SampleOutput:
         return sum(lp.logprob for lp in self.logprobs)
 
 
-def best_samples(samples: list[SampleOutput], n: int) -> list[SampleOutput]:
-    """best_of: the n samples of highest cumulative log-probability, renumbered 0..n-1."""
+def best_samples(samples: list[SampleOutput], n: int,
+                 first_index: int = 0) -> list[SampleOutput]:
+    """best_of: the n samples of highest cumulative log-probability, renumbered from
+    `first_index` (a batch's later prompts number their choices after the earlier ones')."""
     best = sorted(samples, key=lambda sample: sample.cumulative_logprob, reverse=True)[:n]
-    return [SampleOutput(index, s.text, s.finish_reason, s.logprobs)
+    return [SampleOutput(first_index + index, s.text, s.finish_reason, s.logprobs)
             for index, s in enumerate(best)]
 
 

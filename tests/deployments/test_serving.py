@@ -223,6 +223,31 @@ def test_usage_in_every_chunk_when_asked(client):
     assert [c.usage is None for c in plain] == [True] * 6 + [False]
 
 
+def test_completions_take_a_batch_of_prompts_text_or_token_ids(client, http):
+    """As lm-eval's local-completions sends them (`prompt: [[ids], ...]`, batch size > 1): one
+    choice set per prompt, in order, each what the prompt alone gets."""
+    args = dict(model="tiny", temperature=0, max_tokens=5, extra_body={"ignore_eos": True})
+    texts = ["The quick brown fox", "Once upon a time"]
+    alone = [client.completions.create(prompt=text, **args) for text in texts]
+    batch = client.completions.create(prompt=texts, **args)
+    assert [c.index for c in batch.choices] == [0, 1]
+    assert [c.text for c in batch.choices] == [a.choices[0].text for a in alone]
+    assert batch.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    assert batch.usage.completion_tokens == 10
+    ids = [http.post("/tokenize", json={"prompt": text}).json()["tokens"] for text in texts]
+    by_ids = client.completions.create(prompt=ids, **args)
+    assert [c.text for c in by_ids.choices] == [c.text for c in batch.choices]
+    pieces: dict[int, str] = {}
+    for chunk in client.completions.create(prompt=ids, stream=True, **args):
+        for choice in chunk.choices:
+            pieces[choice.index] = pieces.get(choice.index, "") + choice.text
+    assert pieces == {0: batch.choices[0].text, 1: batch.choices[1].text}
+    sampled = client.completions.create(prompt=texts, n=2, seed=3, **{**args, "temperature": 1})
+    assert sorted(c.index for c in sampled.choices) == [0, 1, 2, 3]
+    empty = http.post("/v1/completions", json={"model": "tiny", "prompt": [[1, 2], []]})
+    assert empty.status_code == 400 and "empty" in empty.json()["error"]["message"]
+
+
 def test_tokenizer_routes_answer_as_vllm_s_for_lm_eval(http, client, stack):
     """/tokenizer_info, /tokenize and /detokenize as lm-eval's remote tokenizer calls them."""
     info = http.get("/tokenizer_info").json()
