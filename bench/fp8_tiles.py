@@ -61,10 +61,6 @@ def _best(candidates, run, reference) -> dict:
     return times
 
 
-def _dense(x, weight, scales, tile: GemmTile) -> torch.Tensor:
-    return fp8_linear(x, weight, scales, tile)
-
-
 def _experts(x, chosen, first, second, shape: TileShape) -> torch.Tensor:
     """Both projections of the routed experts (the activation left out); `first` and `second`
     are (weights, scales or None)."""
@@ -90,7 +86,7 @@ def dense_rows() -> list[list[object]]:
                     GemmTile(picked.rows, c, d, w, s)
                     for c, d, w, s in (DECODE_TILES if batch <= 64 else PREFILL_TILES)]
                 tiles = list(dict.fromkeys(tiles))
-                times = _best(tiles, functools.partial(_dense, x, q, scales), reference)
+                times = _best(tiles, functools.partial(fp8_linear, x, q, scales), reference)
                 best = min(times, key=times.get)
                 rows.append([name, f"{k} -> {n}", batch, layout, f"{bf16_ms * 1e3:.1f}",
                              f"{times[picked] * 1e3:.1f}", f"{bf16_ms / times[picked]:.2f}x",

@@ -168,10 +168,6 @@ class PromptStreams:
             for task in tasks:
                 task.cancel()
 
-    def cancel(self) -> None:
-        for stream in self.streams:
-            stream.cancel()
-
 
 def text_bytes(messages: list[dict[str, Any]] | None, prompt: str | list[int] | None) -> int:
     """UTF-8 bytes of a request's text (message contents and text parts, or a text prompt)."""

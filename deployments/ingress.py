@@ -1,8 +1,9 @@
 """The ingress deployment: the OpenAI-compatible HTTP API and the gRPC service, on Ray Serve.
 
 HTTP routes are a FastAPI app (`/v1/chat/completions`, `/v1/completions`, `/v1/models`,
-vLLM's `/tokenize`, `/detokenize` and `/tokenizer_info`, `/health`, `/metrics`); the gRPC methods (`msa_serve.v1.MSAServe`) are methods of the same class,
-reached through Serve's gRPC proxy. Both go through one `ModelGateway`.
+vLLM's `/tokenize`, `/detokenize` and `/tokenizer_info`, `/health`, `/metrics`); the gRPC
+methods (`msa_serve.v1.MSAServe`) are methods of the same class, reached through Serve's gRPC
+proxy. Both go through one `ModelGateway`.
 
 No `from __future__ import annotations` here: FastAPI reads the route signatures at run time, and
 Serve pickles the class when it is decorated, so every helper it uses is defined above it.
@@ -154,10 +155,9 @@ class Ingress:
         self.tool_format = tool_call_format(self.tokenizer.chat_template)
         self.api_keys = self.config.resolved_api_keys()
         engine = self.config.model.engine
-        context = min(engine.max_model_len or info.config.max_position_embeddings,
-                      info.config.max_position_embeddings)
-        self.context = context
-        limit = PromptLimit(context, self.tokenizer.max_prompt_bytes(context))
+        self.context = min(engine.max_model_len or info.config.max_position_embeddings,
+                           info.config.max_position_embeddings)
+        limit = PromptLimit(self.context, self.tokenizer.max_prompt_bytes(self.context))
         self.max_body_bytes = self.config.limits.body_bytes(limit.max_text_bytes,
                                                             info.config.vision is not None)
         self.gateway = ModelGateway(preprocessor, model, info.fingerprint, limit)

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from kernels.fp8_quantize import quantize_activations
 from kernels.reference import BlockScales
-from kernels.triton_layout import fp8_depth, weight_block_scales
+from kernels.triton_layout import fp8_depth, scaled_e4m3_dot, weight_block_scales
 
 
 @triton.jit
@@ -42,9 +42,7 @@ def _fp8_linear_kernel(
         a_scale = tl.load(xs_rows + k0 // SCALE_K, mask=rows < m, other=0.0)
         b_scale = weight_block_scales(scale, cols, k0, n, stride_sn, stride_sk, SCALE_N,
                                       SCALE_K, E8M0)
-        if BLOCK_K < 32:  # e4m3 tensor-core products need K >= 32; the values are exact in tf32
-            a, b = a.to(tl.float32), b.to(tl.float32)
-        acc += tl.dot(a, b) * (a_scale[:, None] * b_scale[None, :])
+        acc += scaled_e4m3_dot(a, b, a_scale, b_scale, BLOCK_K)
     tl.store(out + rows.to(tl.int64)[:, None] * stride_om + cols[None, :],
              acc.to(out.dtype.element_ty), mask=(rows[:, None] < m) & (cols[None, :] < n))
 

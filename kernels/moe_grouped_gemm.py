@@ -25,7 +25,12 @@ import triton.language as tl
 
 from kernels.fp8_quantize import quantize_activations
 from kernels.reference import BlockScales
-from kernels.triton_layout import dot_precision, fp8_depth, weight_block_scales
+from kernels.triton_layout import (
+    dot_precision,
+    fp8_depth,
+    scaled_e4m3_dot,
+    weight_block_scales,
+)
 
 
 @dataclass(frozen=True)
@@ -99,9 +104,7 @@ def _grouped_gemm_kernel(
             x_scale = tl.load(a_scale + a_row * stride_asm + k0 // SCALE_K, mask=real, other=0.0)
             wt_scale = weight_block_scales(w_scale + expert.to(tl.int64) * stride_se, cols, k0,
                                            n, stride_sn, stride_sk, SCALE_N, SCALE_K, E8M0)
-            if BLOCK_K < 32:  # e4m3 tensor-core products need K >= 32 (see fp8_linear)
-                x, wt = x.to(tl.float32), wt.to(tl.float32)
-            acc += tl.dot(x, wt) * (x_scale[:, None] * wt_scale[None, :])
+            acc += scaled_e4m3_dot(x, wt, x_scale, wt_scale, BLOCK_K)
         else:
             acc = tl.dot(x, wt, acc, input_precision=PRECISION)
     if SCALED:

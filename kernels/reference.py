@@ -367,9 +367,14 @@ def quantize_activations(x: torch.Tensor, group: int) -> tuple[torch.Tensor, tor
     return quantized.flatten(-2)[..., :k], scale
 
 
+def dequantize_activations(quantized: torch.Tensor, scales: torch.Tensor,
+                           group: int) -> torch.Tensor:
+    """The fp32 activations `quantize_activations`' output stands for."""
+    return quantized.float() * scales.repeat_interleave(group, dim=-1)[..., :quantized.shape[-1]]
+
+
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockScales) -> torch.Tensor:
     """x @ W^T for an e4m3 weight W [N, K] with block scales, x quantized per token in groups
     of the weight's block width (`quantize_activations`); out in x's dtype."""
-    quantized, act_scales = quantize_activations(x, scales.block_k)
-    act = quantized.float() * act_scales.repeat_interleave(scales.block_k, dim=-1)[..., :x.shape[-1]]
+    act = dequantize_activations(*quantize_activations(x, scales.block_k), scales.block_k)
     return F.linear(act, dequantize_fp8(weight, scales)).to(x.dtype)

@@ -316,6 +316,15 @@ def weight_block_scales(scale_base, cols, k0, n, stride_sn, stride_sk, SCALE_N: 
     return scale
 
 
+@triton.jit
+def scaled_e4m3_dot(a, b, a_scale, b_scale, BLOCK_K: tl.constexpr):
+    """a [M, K] @ b [K, N] for e4m3 tiles, scaled by the rows' and the columns' scales: one K
+    tile's contribution, in fp32."""
+    if BLOCK_K < 32:  # e4m3 tensor-core products need K >= 32; the values are exact in tf32
+        a, b = a.to(tl.float32), b.to(tl.float32)
+    return tl.dot(a, b) * (a_scale[:, None] * b_scale[None, :])
+
+
 def fp8_depth(depth: int, scale_block_k: int) -> int:
     """The deepest K tile up to `depth` that stays inside one scale block."""
     return min(depth, scale_block_k & -scale_block_k)  # largest power of two dividing it
