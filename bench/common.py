@@ -46,6 +46,24 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
+def kernel_times_us(fn: Callable[[], object], runs: int) -> dict[str, float]:
+    """GPU time of each kernel name over one call of `fn`, averaged over `runs` calls
+    (torch.profiler's CUDA activity; kernels replayed inside CUDA graphs included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(runs):
+            fn()
+        torch.cuda.synchronize()
+    times: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            times[event.name] = (times.get(event.name, 0.0)
+                                  + event.time_range.elapsed_us() / runs)
+    return times
+
+
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

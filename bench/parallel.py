@@ -13,7 +13,14 @@ share. Contexts share a pool of KV pages (rows read different pages, each as man
 private context), so 64 x 128K fits beside the weights. Prefill: one 128K prompt in 16K-token
 chunks, eager.
 
-Usage (CUDA): python bench/parallel.py [--gpus 2] [--moe-layers 2] [--out-dir DIR]
+`--profile` instead lists each kernel's GPU time in one batch-64 x 32K decode step at TP 1 and
+at TP `--gpus` (bf16 and FP8): what does not shrink as the ranks grow.
+
+Rows marked "eager glue" run the norms, rotary embeddings and activations as separate torch ops
+(`MSA_SERVE_COMPILE=0`), as before `worker/layers/fused.py`: the fusion's effect, same run.
+
+Usage (CUDA): python -m bench.parallel [--gpus 2] [--moe-layers 2] [--skip-expert-parallel]
+                                       [--profile] [--out-dir DIR]
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import kernels  # noqa: E402
-from bench.common import markdown_table, write_results  # noqa: E402
+from bench.common import kernel_times_us, markdown_table, write_results  # noqa: E402
 from bench.engine_m3 import write_config  # noqa: E402
 from worker import parallel  # noqa: E402
 from worker.engine.cuda_graphs import DecodeGraphs  # noqa: E402
@@ -48,6 +55,8 @@ DECODE_SHAPES = ((8, 32768), (8, 131072), (64, 32768), (64, 131072))  # (request
 PREFILL_TOKENS, PREFILL_CHUNK = 131072, 16384
 POOL_PAGES = 2048  # shared by every decode row: 256K tokens per layer
 REPLAYS = 20
+PROFILE_SHAPE = (64, 32768)
+PROFILE_ROWS = 30  # the costliest kernels at TP N, one row each
 FP8_BLOCK = {"quant_method": "fp8", "fmt": "float8_e4m3fn", "weight_block_size": [128, 128]}
 
 
@@ -56,11 +65,12 @@ class Setup:
     size: int  # tensor-parallel ranks
     expert_parallel: bool
     fp8: bool
+    compiled: bool = True  # the elementwise glue fused by torch.compile (worker/layers/fused.py)
 
     @property
     def name(self) -> str:
         return (f"TP {self.size}" + (" + EP" if self.expert_parallel else "")
-                + (" FP8" if self.fp8 else " bf16"))
+                + (" FP8" if self.fp8 else " bf16") + ("" if self.compiled else ", eager glue"))
 
 
 def _sequence(context: int, row: int) -> Sequence:
@@ -116,7 +126,40 @@ def _prefill_s(model, cache, topk: int) -> float:
     return time.perf_counter() - start
 
 
-def _rank_main(rank: int, setup: Setup, model_dir: str, port: int, results: dict) -> None:
+def _decode_graphs(model, cache, topk: int, requests: int, context: int):
+    batch = ScheduledBatch()
+    for r in range(requests):
+        batch.add(_sequence(context, r), 1)
+    max_len = max(c for _, c in DECODE_SHAPES) + BLOCK
+    return DecodeGraphs(model, cache, topk, requests, max_len), batch
+
+
+def _measure(model, cache, topk: int) -> dict:
+    row = {}
+    _prefill_s(model, cache, topk)  # compiles the prefill kernels
+    row["prefill_s"] = _prefill_s(model, cache, topk)
+    for requests, context in DECODE_SHAPES:
+        graphs, batch = _decode_graphs(model, cache, topk, requests, context)
+        row[f"decode_ms_{requests}x{context}"] = _replay_ms(graphs, batch)
+        saved = _without_collectives()
+        try:
+            local, _ = _decode_graphs(model, cache, topk, requests, context)
+            row[f"local_ms_{requests}x{context}"] = _replay_ms(local, batch)
+        finally:
+            parallel.all_reduce, parallel.all_gather_last_dim = saved
+        del graphs, local
+    return row
+
+
+def _profile(model, cache, topk: int) -> dict:
+    graphs, batch = _decode_graphs(model, cache, topk, *PROFILE_SHAPE)
+    step_ms = _replay_ms(graphs, batch)
+    graph = next(iter(graphs.graphs.values()))
+    return {"kernels_us": kernel_times_us(graph.replay, REPLAYS), "step_us": 1000 * step_ms}
+
+
+def _rank_main(rank: int, setup: Setup, model_dir: str, port: int, results: dict,
+               profile: bool) -> None:
     device = torch.device("cuda", rank)
     torch.cuda.set_device(device)
     parallel.initialize(rank, setup.size, setup.expert_parallel, f"tcp://127.0.0.1:{port}",
@@ -127,64 +170,47 @@ def _rank_main(rank: int, setup: Setup, model_dir: str, port: int, results: dict
         cache = KVCache(loaded.config, POOL_PAGES, torch.bfloat16, device,
                         kernels.INDEX_KEY_FP8)
         weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
-        row = {"weights_gib": weights_gib}
         with torch.inference_mode():
-            _prefill_s(model, cache, topk)  # compiles the prefill kernels
-            row["prefill_s"] = _prefill_s(model, cache, topk)
-            for requests, context in DECODE_SHAPES:
-                batch = ScheduledBatch()
-                for r in range(requests):
-                    batch.add(_sequence(context, r), 1)
-                max_len = max(c for _, c in DECODE_SHAPES) + BLOCK
-                graphs = DecodeGraphs(model, cache, topk, requests, max_len)
-                row[f"decode_ms_{requests}x{context}"] = _replay_ms(graphs, batch)
-                saved = _without_collectives()
-                try:
-                    local = DecodeGraphs(model, cache, topk, requests, max_len)
-                    row[f"local_ms_{requests}x{context}"] = _replay_ms(local, batch)
-                finally:
-                    parallel.all_reduce, parallel.all_gather_last_dim = saved
-                del graphs, local
+            row = (_profile if profile else _measure)(model, cache, topk)
         if rank == 0:
-            results[setup] = row
+            results[setup] = {"weights_gib": weights_gib, **row}
     finally:
         parallel.shutdown()
 
 
-def run_setup(setup: Setup, model_dir: Path, port: int) -> dict:
+def run_setup(setup: Setup, model_dir: Path, port: int, profile: bool = False) -> dict:
+    os.environ["MSA_SERVE_COMPILE"] = "1" if setup.compiled else "0"  # read by the ranks
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_rank_main, args=(setup, str(model_dir), port, results), nprocs=setup.size)
+        mp.spawn(_rank_main, args=(setup, str(model_dir), port, results, profile),
+                 nprocs=setup.size)
         return dict(results[setup])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--gpus", type=int, default=torch.cuda.device_count())
-    parser.add_argument("--moe-layers", type=int, default=2)
-    parser.add_argument("--out-dir", type=Path, default=None)
-    args = parser.parse_args()
-    sizes = [s for s in (1, 2, 4) if s <= args.gpus]
-    setups = [Setup(s, False, False) for s in sizes]
-    setups += [Setup(s, True, False) for s in sizes if s > 1]
-    setups += [Setup(s, False, True) for s in sizes]
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        dirs = {}
-        for fp8 in (False, True):
-            dirs[fp8] = Path(tmp) / ("fp8" if fp8 else "bf16")
-            dirs[fp8].mkdir()
-            write_config(dirs[fp8], args.moe_layers)
-            config = json.loads((dirs[fp8] / "config.json").read_text())
-            # Padded, as released vocabularies are, so it splits over the ranks.
-            text = config["text_config"]
-            text["vocab_size"] = -(-text["vocab_size"] // 64) * 64
-            if fp8:
-                config["quantization_config"] = FP8_BLOCK
-            (dirs[fp8] / "config.json").write_text(json.dumps(config))
-        for i, setup in enumerate(setups):
-            results[setup] = run_setup(setup, dirs[setup.fp8], 29500 + i)
-            print(setup.name, results[setup], flush=True)
+def _write_configs(tmp: Path, moe_layers: int) -> dict[bool, Path]:
+    """The bf16 and FP8 model directories, keyed by `fp8`."""
+    dirs = {}
+    for fp8 in (False, True):
+        dirs[fp8] = tmp / ("fp8" if fp8 else "bf16")
+        dirs[fp8].mkdir()
+        write_config(dirs[fp8], moe_layers)
+        config = json.loads((dirs[fp8] / "config.json").read_text())
+        # Padded, as released vocabularies are, so it splits over the ranks.
+        text = config["text_config"]
+        text["vocab_size"] = -(-text["vocab_size"] // 64) * 64
+        if fp8:
+            config["quantization_config"] = FP8_BLOCK
+        (dirs[fp8] / "config.json").write_text(json.dumps(config))
+    return dirs
+
+
+def _model_note(moe_layers: int) -> str:
+    return (f"MiniMax-M3 at full width, {1 + moe_layers} layers (layer 0 dense attention + "
+            "dense MLP 12288; the rest MSA topk 16 + MoE: 128 experts of 3072, top 4, shared "
+            "expert), random weights.")
+
+
+def _steps_report(results: dict, moe_layers: int, out_dir: Path | None) -> None:
     baseline = results[Setup(1, False, False)]
     header = ["setup", "weights/GPU (GiB)", "prefill 128K (s)", "vs TP 1 bf16"]
     for requests, context in DECODE_SHAPES:
@@ -200,22 +226,92 @@ def main() -> None:
             line += [f"{step:.2f}", f"{step / baseline[f'decode_ms_{key}']:.2f}x",
                      f"{max(0.0, 1 - local / step):.0%}"]
         rows.append(line)
-    steps = markdown_table(header, rows)
-    layers = 1 + args.moe_layers
-    notes = (f"MiniMax-M3 at full width, {layers} layers (layer 0 dense attention + dense MLP "
-             f"12288; the rest MSA topk 16 + MoE: 128 experts of 3072, top 4, shared expert), "
-             "random weights. Decode: GPU time of one CUDA-graph step (NCCL captured), "
-             f"{REPLAYS} replays; 'vs TP 1 bf16' is the step time's ratio (lower is faster; "
-             "the goals: TP 2 <= 0.6x, TP 4 <= 0.35x at batch 64). 'collectives' is "
+    notes = (_model_note(moe_layers) + " Decode: GPU time of one CUDA-graph step (NCCL "
+             f"captured), {REPLAYS} replays; 'vs TP 1 bf16' is the step time's ratio (lower is "
+             "faster; the goals: TP 2 <= 0.6x, TP 4 <= 0.35x at batch 64). 'collectives' is "
              "1 - (the same step captured without its collectives) / (the step). Prefill: one "
              "128K prompt in 16K chunks, eager, second run. FP8: e4m3 weights with 128 x 128 "
              "fp32 block scales, activations quantized per token group (W8A8 Triton GEMMs; "
-             "each GEMM against bf16: bench/results/fp8_tiles_<gpu>.md). 'TP 2 + EP' deals whole experts to "
-             "ranks; tensor parallel inside the experts ('TP 2') is faster at every shape "
-             "here, so it stays the default.")
+             "each GEMM against bf16: bench/results/fp8_tiles_<gpu>.md). 'TP N + EP' deals "
+             "whole experts to ranks; tensor parallel inside the experts ('TP N') is faster at "
+             "every shape here, so it stays the default.")
     write_results(f"parallel_{torch.cuda.get_device_name().split()[-1].lower()}",
                   "MiniMax-M3 across GPUs: tensor and expert parallel, FP8 weights",
-                  f"## Steps\n\n{steps}", notes, args.out_dir)
+                  f"## Steps\n\n{markdown_table(header, rows)}", notes, out_dir)
+
+
+def _short_kernel_name(name: str) -> str:
+    for noise in ("void ", "at::native::", "(anonymous namespace)::", "at_cuda_detail::"):
+        name = name.replace(noise, "")
+    return name[:110].replace("|", "/")
+
+
+def _profile_report(results: dict, moe_layers: int, out_dir: Path | None) -> None:
+    sections = []
+    for fp8 in (False, True):
+        one, *split = [(s, r["kernels_us"]) for s, r in results.items() if s.fp8 == fp8]
+        names = sorted(set(one[1]).union(*(k for _, k in split)),
+                       key=lambda n: -max(k.get(n, 0.0) for _, k in split))
+        header = ["kernel", f"{one[0].name} (us)"]
+        for setup, _ in split:
+            header += [f"{setup.name} (us)", f"x {setup.size} / TP 1"]
+        rows = []
+        shown, rest = names[:PROFILE_ROWS], names[PROFILE_ROWS:]
+        groups = [(_short_kernel_name(n), [n]) for n in shown]
+        groups.append((f"the other {len(rest)} kernels", rest))
+        for label, members in groups:
+            base = sum(one[1].get(n, 0.0) for n in members)
+            line = [label, f"{base:.1f}"]
+            for setup, kernels_us in split:
+                ours = sum(kernels_us.get(n, 0.0) for n in members)
+                line += [f"{ours:.1f}", f"{ours * setup.size / base:.2f}" if base else "-"]
+            rows.append(line)
+        for label, totals in (("all kernels", {s: sum(r["kernels_us"].values())
+                                               for s, r in results.items()}),
+                              ("graph step (kernels and the gaps between)",
+                               {s: r["step_us"] for s, r in results.items()})):
+            line = [label, f"{totals[one[0]]:.1f}"]
+            for setup, _ in split:
+                line += [f"{totals[setup]:.1f}",
+                         f"{totals[setup] * setup.size / totals[one[0]]:.2f}"]
+            rows.append(line)
+        sections.append(f"## {'FP8' if fp8 else 'bf16'}\n\n{markdown_table(header, rows)}")
+    requests, context = PROFILE_SHAPE
+    notes = (_model_note(moe_layers) + f" GPU time of each kernel in one {requests} x "
+             f"{context // 1024}K CUDA-graph decode step on rank 0 (torch.profiler, "
+             f"{REPLAYS} replays). 'x N / TP 1' is the kernel's time at TP N times N over its "
+             "time at TP 1: 1.00 means it splits perfectly, N means it does not shrink at all.")
+    write_results(f"parallel_profile_{torch.cuda.get_device_name().split()[-1].lower()}",
+                  "MiniMax-M3 decode kernels across GPUs: what does not split",
+                  "\n\n".join(sections), notes, out_dir)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--gpus", type=int, default=torch.cuda.device_count())
+    parser.add_argument("--moe-layers", type=int, default=2)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--skip-expert-parallel", action="store_true")
+    parser.add_argument("--out-dir", type=Path, default=None)
+    args = parser.parse_args()
+    if args.profile:
+        setups = [Setup(s, False, fp8) for fp8 in (False, True) for s in (1, args.gpus)]
+    else:
+        sizes = [s for s in (1, 2, 4) if s <= args.gpus]
+        setups = [Setup(s, False, False) for s in sizes]
+        setups += [Setup(s, False, False, compiled=False) for s in (1, sizes[-1])]
+        if not args.skip_expert_parallel:
+            setups += [Setup(s, True, False) for s in sizes if s > 1]
+        setups += [Setup(s, False, True) for s in sizes]
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = _write_configs(Path(tmp), args.moe_layers)
+        for i, setup in enumerate(setups):
+            results[setup] = run_setup(setup, dirs[setup.fp8], 29500 + i, args.profile)
+            if not args.profile:
+                print(setup.name, results[setup], flush=True)
+    report = _profile_report if args.profile else _steps_report
+    report(results, args.moe_layers, args.out_dir)
 
 
 if __name__ == "__main__":

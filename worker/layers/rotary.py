@@ -8,6 +8,8 @@ import functools
 
 import torch
 
+from worker.layers.fused import fused
+
 
 @functools.lru_cache(maxsize=8)
 def rope_tables(dim: int, theta: float, max_positions: int, device: torch.device):
@@ -21,6 +23,12 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float,
                max_positions: int) -> torch.Tensor:
     """Half-split ("rotate_half") RoPE, the Hugging Face Llama convention; x [T, heads, dim]."""
     cos, sin = rope_tables(x.shape[-1], theta, max_positions, x.device)
+    return rotate_half(x, positions, cos, sin)
+
+
+@fused
+def rotate_half(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor) -> torch.Tensor:
     cos, sin = cos[positions][:, None, :], sin[positions][:, None, :]
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
@@ -40,6 +48,7 @@ def rotary_tables(positions: torch.Tensor, rotary_dim: int,
     return angles.cos(), angles.sin()
 
 
+@fused
 def apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotates the first cos.shape[-1] channels of x [T, heads, dim]; the rest pass through.
     A head narrower than the tables (a small index head) takes the tables' leading columns,

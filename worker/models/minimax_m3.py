@@ -28,8 +28,9 @@ from worker.config import ModelConfig
 from worker.engine.kv_cache import AttentionMetadata, KVCache
 from worker.layers import fp8
 from worker.layers.attention import GQAProjections, paged_attention
+from worker.layers.fused import fused
 from worker.layers.linear import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
-from worker.layers.norms import GemmaRMSNorm
+from worker.layers.norms import GemmaRMSNorm, gemma_rms_norm
 from worker.layers.rotary import apply_partial_rope, rotary_tables
 from worker.models.base import PagedCausalLM
 from worker.models.minimax_m3_vision import M3VisionTower
@@ -41,6 +42,13 @@ VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "patch_merge_mlp."
 SKIPPED_PREFIXES = ("mtp.",)
 _EXPERT_RE = re.compile(
     r"(model\.layers\.\d+\.block_sparse_moe)\.experts\.(\d+)\.w([123])\.weight(_scale_inv)?")
+
+
+@fused
+def norm_and_rotate(heads: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor,
+                    sin: torch.Tensor) -> torch.Tensor:
+    """A per-head Gemma RMSNorm, then partial RoPE: one kernel on CUDA."""
+    return apply_partial_rope(gemma_rms_norm(heads, weight, eps), cos, sin)
 
 
 class M3Attention(GQAProjections):
@@ -61,7 +69,7 @@ class M3Attention(GQAProjections):
                rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """proj(x) split into heads, normed per head, then partially rotated."""
         heads = proj(x).view(x.shape[0], -1, norm.weight.shape[0])
-        return apply_partial_rope(norm(heads), *rope)
+        return norm_and_rotate(heads, norm.weight, norm.eps, *rope)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 attn: AttentionMetadata, cache: KVCache, topk: int) -> torch.Tensor:
@@ -76,10 +84,29 @@ class M3Attention(GQAProjections):
         return self.output(out)
 
 
+@fused
 def swiglu_oai(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
     gate = gate.clamp(max=limit)
     up = up.clamp(min=-limit, max=limit)
     return (up + 1.0) * gate * torch.sigmoid(gate * alpha)
+
+
+@fused
+def swiglu_oai_stacked(projected: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """swiglu_oai of a stacked projection [.., 2I]: the gate's columns over the up's."""
+    gate, up = projected.chunk(2, dim=-1)
+    return swiglu_oai(gate, up, alpha, limit)
+
+
+@fused
+def sigmoid_route(logits: torch.Tensor, correction_bias: torch.Tensor,
+                  top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [T, k] fp32, experts [T, k]): sigmoid scores; the correction bias only decides
+    which experts, and the chosen scores are renormalised."""
+    scores = torch.sigmoid(logits.float())
+    _, chosen = torch.topk(scores + correction_bias.float(), top_k, dim=-1, sorted=False)
+    weights = scores.gather(1, chosen)
+    return weights / weights.sum(dim=-1, keepdim=True), chosen
 
 
 class M3DenseMLP(nn.Module):
@@ -133,16 +160,11 @@ class M3MoE(nn.Module):
         self.shared_experts = M3DenseMLP(config, m3.shared_intermediate_size)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weights [T, k] fp32, experts [T, k]): the bias only decides which experts."""
-        scores = torch.sigmoid(self.gate(x.to(self.gate.weight.dtype)).float())
-        _, chosen = torch.topk(scores + self.e_score_correction_bias.float(), self.top_k,
-                               dim=-1, sorted=False)
-        weights = scores.gather(1, chosen)
-        return weights / weights.sum(dim=-1, keepdim=True), chosen
+        return sigmoid_route(self.gate(x.to(self.gate.weight.dtype)),
+                             self.e_score_correction_bias, self.top_k)
 
     def activation(self, projected: torch.Tensor) -> torch.Tensor:
-        gate, up = projected.chunk(2, dim=-1)  # w13 is w1 (gate) over w3 (up)
-        return swiglu_oai(gate, up, self.alpha, self.limit)
+        return swiglu_oai_stacked(projected, self.alpha, self.limit)  # w13: w1 (gate) over w3
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, chosen = self.route(x)
@@ -155,7 +177,7 @@ class M3MoE(nn.Module):
         # reference runs each chosen expert once on its tokens.
         routed = kernels.routed_experts(x, self.w13, self.w2, weights, chosen, self.activation,
                                         fp8.scales(self, "w13"), fp8.scales(self, "w2"))
-        return routed * self.scaling + self.shared_experts(x)
+        return torch.add(self.shared_experts(x), routed, alpha=self.scaling)
 
 
 class M3DecoderLayer(nn.Module):
