@@ -87,3 +87,17 @@ class MSAServeClient:
     def health(self) -> bool:
         return self.stub.Health(pb.HealthRequest(), timeout=self.timeout_s,
                                 metadata=self.metadata).ok
+
+    def tokenize(self, text: str = "", messages: Sequence[dict[str, Any]] = (),
+                 add_special_tokens: bool | None = None, model: str = "") -> list[int]:
+        """The server's token ids of a text, or of chat messages as its template renders them."""
+        request = pb.TokenizeRequest(model=model, text=text,
+                                     messages=[chat_message(m) for m in messages])
+        if add_special_tokens is not None:
+            request.add_special_tokens = add_special_tokens
+        reply = self.stub.Tokenize(request, timeout=self.timeout_s, metadata=self.metadata)
+        return list(reply.tokens)
+
+    def detokenize(self, tokens: Sequence[int], model: str = "") -> str:
+        return self.stub.Detokenize(pb.DetokenizeRequest(model=model, tokens=list(tokens)),
+                                    timeout=self.timeout_s, metadata=self.metadata).text

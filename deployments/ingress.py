@@ -298,7 +298,9 @@ class Ingress:
         writer = ResponseWriter("chat", f"chatcmpl-{uuid.uuid4().hex}", self.model_name,
                                 self.tokenizer, body.logprobs, self.reasoning_markers,
                                 prompt.opens_reasoning,
-                                body.tool_schemas if body.uses_tools else None)
+                                body.tool_schemas if body.uses_tools else None,
+                                prompts=[prompt.token_ids], samples_per_prompt=body.num_samples,
+                                with_prompt_logprobs=body.prompt_logprobs is not None)
         return await self._respond(writer, stream, body)
 
     async def _completion(self, request: Request) -> Response:
@@ -319,7 +321,10 @@ class Ingress:
                 stream.cancel()
             raise
         writer = ResponseWriter("completion", f"cmpl-{uuid.uuid4().hex}",
-                                self.model_name, self.tokenizer, body.logprobs is not None)
+                                self.model_name, self.tokenizer, body.logprobs is not None,
+                                prompts=[prompt.token_ids for prompt in prompts],
+                                samples_per_prompt=body.num_samples, echo=body.echo,
+                                with_prompt_logprobs=body.prompt_logprobs is not None)
         return await self._respond(writer, PromptStreams(streams, body.num_samples), body)
 
     async def _respond(self, writer: ResponseWriter, stream: ChunkStream | PromptStreams,
@@ -331,11 +336,15 @@ class Ingress:
                                      headers=headers, media_type="text/event-stream")
         texts: dict[int, list[str]] = {}
         logprobs: dict[int, list] = {}
+        prompt_logprobs: dict[int, list] = {}
         async for chunk in stream:
             texts.setdefault(chunk.index, []).append(chunk.delta)
             logprobs.setdefault(chunk.index, []).extend(chunk.logprobs)
+            if chunk.prompt_logprobs is not None:
+                prompt_logprobs[chunk.index] = chunk.prompt_logprobs
         samples = [SampleOutput(index, "".join(texts[index]),
-                                stream.last[index].finish_reason, logprobs[index])
+                                stream.last[index].finish_reason, logprobs[index],
+                                index // body.num_samples, prompt_logprobs.get(index))
                    for index in sorted(texts)]
         if body.num_samples > body.n:  # the likeliest n of each prompt's samples
             stride = body.num_samples
@@ -381,6 +390,37 @@ class Ingress:
 
     async def Health(self, request: pb.HealthRequest, grpc_context=None) -> pb.HealthResponse:
         return pb.HealthResponse(ok=True, status="ok")
+
+    async def Tokenize(self, request: pb.TokenizeRequest,
+                       grpc_context=None) -> pb.TokenizeResponse:
+        try:
+            metadata = dict(grpc_context.invocation_metadata()) if grpc_context else {}
+            self._authorize(metadata.get("authorization"))
+            fields: dict[str, Any] = {"model": request.model}
+            if request.text:
+                fields["prompt"] = request.text
+            if request.messages:
+                fields["messages"] = [_grpc_message(m) for m in request.messages]
+            if request.HasField("add_special_tokens"):
+                fields["add_special_tokens"] = request.add_special_tokens
+            body = parse_request(TokenizeRequest, fields)
+            self._check_model(body.model)
+            ids = await asyncio.to_thread(body.token_ids, self.tokenizer)
+        except Exception as exc:
+            raise _grpc_error(exc, grpc_context, "grpc_tokenize") from None
+        return pb.TokenizeResponse(tokens=ids, count=len(ids), max_model_len=self.context)
+
+    async def Detokenize(self, request: pb.DetokenizeRequest,
+                         grpc_context=None) -> pb.DetokenizeResponse:
+        try:
+            metadata = dict(grpc_context.invocation_metadata()) if grpc_context else {}
+            self._authorize(metadata.get("authorization"))
+            body = DetokenizeRequest(model=request.model, tokens=list(request.tokens))
+            self._check_model(body.model)
+            text = await asyncio.to_thread(body.text, self.tokenizer)
+        except Exception as exc:
+            raise _grpc_error(exc, grpc_context, "grpc_detokenize") from None
+        return pb.DetokenizeResponse(text=text)
 
     async def _grpc_start(self, request, grpc_context,
                           messages: list[dict[str, str]] | None) -> ChunkStream:

@@ -52,7 +52,8 @@ class ModelServer:
             yield GenerateChunk(self.replica, out.delta, out.new_token_ids, reason,
                                 out.usage.prompt_tokens, out.usage.completion_tokens,
                                 out.usage.cached_tokens, out.logprobs, out.index,
-                                self.engine.engine.load_figures() if not unfinished else None)
+                                self.engine.engine.load_figures() if not unfinished else None,
+                                out.prompt_logprobs)
 
     async def check_health(self) -> None:
         """Serve restarts the replica when its engine loop has died or a step hangs; a long

@@ -5,10 +5,10 @@ Pure functions and pydantic models; the ingress deployment wires them to the mod
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import time
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -17,7 +17,7 @@ from deployments.protocol import GenerateChunk, Usage
 from deployments.tool_calls import ToolCall, ToolCallExtractor, partial_suffix
 from worker.errors import InvalidRequestError
 from worker.tokenizer import Tokenizer
-from worker.wire import MAX_CHOICES, GuidedDecoding, SamplingParams, TokenLogprob
+from worker.wire import MAX_CHOICES, MAX_LOGPROBS, GuidedDecoding, SamplingParams, TokenLogprob
 
 MAX_PROMPTS = 64  # in one completions request: each is its own engine request
 
@@ -75,6 +75,10 @@ class _Request(BaseModel):
     frequency_penalty: float = Field(0.0, ge=0, le=0, description="not supported: must be 0")
     user: str | None = None
     response_format: ResponseFormat | None = None
+    prompt_logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS,
+        description="extension (vLLM's): log-probabilities of the prompt's tokens, with this "
+                    "many alternatives each")
 
     @property
     def include_usage_in_stream(self) -> bool:
@@ -92,9 +96,14 @@ class _Request(BaseModel):
         """Samples the engine generates: n (completions' best_of may ask for more)."""
         return self.n
 
+    @property
+    def scored_prompt_logprobs(self) -> int | None:
+        """The engine's prompt_logprobs: alternatives per prompt token, None for none."""
+        return self.prompt_logprobs
+
     def sampling_params(self, default_max_tokens: int, max_tokens_limit: int,
                         logprobs: int | None) -> SamplingParams:
-        max_tokens = self.max_tokens or default_max_tokens
+        max_tokens = default_max_tokens if self.max_tokens is None else self.max_tokens
         if max_tokens > max_tokens_limit:
             raise InvalidRequestError(f"max_tokens is {max_tokens}; this server allows at most "
                                       f"{max_tokens_limit}")
@@ -103,6 +112,7 @@ class _Request(BaseModel):
                               top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
                               seed=self.seed, stop=stop, ignore_eos=self.ignore_eos,
                               n=self.num_samples, logprobs=logprobs,
+                              prompt_logprobs=self.scored_prompt_logprobs,
                               guided=self.response_format.guided() if self.response_format
                               else None)
 
@@ -249,10 +259,22 @@ class ChatCompletionRequest(_Request):
 class CompletionRequest(_Request):
     # One prompt or a batch (OpenAI's API): text, token ids, or a list of either.
     prompt: str | list[int] | list[str] | list[list[int]] = Field(min_length=1)
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    # OpenAI's default for completions; 0 only scores the prompt (with echo).
+    max_tokens: int | None = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0, le=5)
-    echo: bool = Field(False, description="not supported: must be false")
+    echo: bool = Field(False, description="the prompt comes back before each completion "
+                                          "(with its tokens' logprobs when logprobs is set)")
     best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)
+
+    @property
+    def scored_prompt_logprobs(self) -> int | None:
+        """Echo with logprobs scores the prompt's tokens as the completion's; max_tokens 0
+        asks for the score alone."""
+        wanted = [n for n in (self.prompt_logprobs,
+                              self.logprobs if self.echo else None) if n is not None]
+        if self.max_tokens == 0 and not wanted:
+            wanted = [0]
+        return max(wanted) if wanted else None
 
     @property
     def prompts(self) -> list[str | list[int]]:
@@ -278,8 +300,9 @@ class CompletionRequest(_Request):
             raise ValueError(f"{len(prompts)} prompts in one request; at most {MAX_PROMPTS}")
         if any(len(prompt) == 0 for prompt in prompts if isinstance(prompt, list)):
             raise ValueError("a token-id prompt is empty")
-        if self.echo:
-            raise ValueError("echo is not supported")
+        if self.max_tokens == 0 and not (self.echo or self.prompt_logprobs is not None):
+            raise ValueError("max_tokens 0 generates nothing: it only scores a prompt, with "
+                             "echo or prompt_logprobs")
         if self.best_of is not None and self.best_of < self.n:
             raise ValueError(f"best_of ({self.best_of}) must be at least n ({self.n})")
         if self.picks_best and self.stream:
@@ -335,9 +358,12 @@ class DetokenizeRequest(BaseModel):
         return tokenizer.decode(self.tokens, skip_special_tokens=False)
 
 
-def parse_request(model: type[BaseModel], body: bytes) -> Any:
-    """Validates a JSON body; any problem becomes one InvalidRequestError naming the fields."""
+def parse_request(model: type[BaseModel], body: bytes | dict[str, Any]) -> Any:
+    """Validates a JSON body (or the fields of a gRPC message); any problem becomes one
+    InvalidRequestError naming the fields."""
     try:
+        if isinstance(body, dict):
+            return model.model_validate(body)
         return model.model_validate_json(body)
     except ValidationError as exc:
         raise InvalidRequestError(f"invalid request: {_problems(exc)}") from None
@@ -371,15 +397,42 @@ def chat_logprobs(logprobs: list[TokenLogprob], tokenizer: Tokenizer) -> dict[st
 
 
 def completion_logprobs(logprobs: list[TokenLogprob], tokenizer: Tokenizer,
-                        first_offset: int = 0) -> dict[str, Any]:
+                        first_offset: int = 0, unscored_first: int | None = None
+                        ) -> dict[str, Any]:
     """text_offset: where each token starts in the completion's text (characters), counting
-    from `first_offset` (what earlier stream chunks carried)."""
-    tokens = [tokenizer.decode([lp.token_id], skip_special_tokens=False) for lp in logprobs]
+    from `first_offset` (what earlier stream chunks carried). `unscored_first`: a token before
+    them with no log-probability (an echoed prompt's first token: nothing precedes it)."""
+    ids = [lp.token_id for lp in logprobs]
+    token_logprobs: list[float | None] = [lp.logprob for lp in logprobs]
+    top: list[dict[str, float] | None] = [
+        {tokenizer.decode([t], skip_special_tokens=False): v for t, v in lp.top}
+        for lp in logprobs]
+    if unscored_first is not None:
+        ids, token_logprobs, top = [unscored_first] + ids, [None] + token_logprobs, [None] + top
+    tokens = [tokenizer.decode([i], skip_special_tokens=False) for i in ids]
     offsets = list(itertools.accumulate(map(len, tokens), initial=first_offset))[:-1]
-    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs],
-            "top_logprobs": [{tokenizer.decode([t], skip_special_tokens=False): v
-                              for t, v in lp.top} for lp in logprobs],
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top,
             "text_offset": offsets}
+
+
+def merge_completion_logprobs(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    return {key: first[key] + second[key] for key in first}
+
+
+def prompt_logprobs_body(prompt_ids: list[int], scored: list[TokenLogprob],
+                         tokenizer: Tokenizer) -> list[dict[str, Any] | None]:
+    """vLLM's `prompt_logprobs`: per prompt token (the first has none), the token and its
+    alternatives by id, each with its logprob, rank and text."""
+    def entry(token_id: int, logprob: float, rank: int) -> dict[str, Any]:
+        return {"logprob": logprob, "rank": rank,
+                "decoded_token": tokenizer.decode([token_id], skip_special_tokens=False)}
+
+    body: list[dict[str, Any] | None] = [None] if prompt_ids else []
+    for lp in scored:
+        alternatives = {str(t): entry(t, v, rank) for rank, (t, v) in enumerate(lp.top, 1)}
+        body.append({str(lp.token_id): entry(lp.token_id, lp.logprob, lp.rank),
+                     **{k: v for k, v in alternatives.items() if k != str(lp.token_id)}})
+    return body
 
 
 class ReasoningSplitter:
@@ -442,7 +495,7 @@ class ReasoningSplitter:
         return reasoning, content
 
 
-@dataclass
+@dataclasses.dataclass
 class SampleOutput:
     """One sample's whole output, gathered from its chunks (for non-streaming responses)."""
 
@@ -450,6 +503,8 @@ class SampleOutput:
     text: str
     finish_reason: str | None
     logprobs: list[TokenLogprob]
+    prompt: int = 0  # which prompt of the request (completions take a batch)
+    prompt_logprobs: list[TokenLogprob] | None = None
 
     @property
     def cumulative_logprob(self) -> float:
@@ -461,11 +516,10 @@ def best_samples(samples: list[SampleOutput], n: int,
     """best_of: the n samples of highest cumulative log-probability, renumbered from
     `first_index` (a batch's later prompts number their choices after the earlier ones')."""
     best = sorted(samples, key=lambda sample: sample.cumulative_logprob, reverse=True)[:n]
-    return [SampleOutput(first_index + index, s.text, s.finish_reason, s.logprobs)
-            for index, s in enumerate(best)]
+    return [dataclasses.replace(s, index=first_index + index) for index, s in enumerate(best)]
 
 
-@dataclass
+@dataclasses.dataclass
 class _ChoiceState:
     """What a response remembers of one choice between its stream chunks."""
 
@@ -478,13 +532,20 @@ class _ChoiceState:
 class ResponseWriter:
     """Builds one request's response bodies in the chat or the completions shape, one choice
     per sample; with reasoning markers, chat reasoning comes back apart as
-    `reasoning_content`."""
+    `reasoning_content`.
+
+    `prompts`: the token ids of the request's prompts (completions take a batch), their choices
+    numbered `samples_per_prompt` apiece; `echo` puts each prompt before its choices' text
+    (and its tokens before their logprobs); `with_prompt_logprobs` adds vLLM's
+    `prompt_logprobs`."""
 
     def __init__(self, kind: Literal["chat", "completion"], request_id: str, model: str,
                  tokenizer: Tokenizer, with_logprobs: bool,
                  reasoning_markers: tuple[str, str] | None = None,
                  opens_reasoning: bool = False,
-                 tool_schemas: dict[str, dict[str, Any]] | None = None):
+                 tool_schemas: dict[str, dict[str, Any]] | None = None,
+                 prompts: list[list[int]] | None = None, samples_per_prompt: int = 1,
+                 echo: bool = False, with_prompt_logprobs: bool = False):
         self.kind = kind
         self.id = request_id
         self.model = model
@@ -494,6 +555,10 @@ class ResponseWriter:
         self.reasoning_markers = reasoning_markers
         self.opens_reasoning = opens_reasoning
         self.tool_schemas = tool_schemas  # None: tool calls are not looked for
+        self.prompts = prompts or []
+        self.samples_per_prompt = samples_per_prompt
+        self.echo = echo
+        self.with_prompt_logprobs = with_prompt_logprobs
         self._choices: dict[int, _ChoiceState] = {}
 
     def _choice(self, index: int) -> _ChoiceState:
@@ -538,13 +603,49 @@ class ResponseWriter:
         state.text_offset += sum(len(token) for token in body["tokens"])
         return body
 
+    def _echoed(self, state: _ChoiceState, prompt: int,
+                scored: list[TokenLogprob] | None) -> tuple[str, dict | None]:
+        """(the prompt's text, its tokens' completion logprobs) that open an echoed choice."""
+        ids = self.prompts[prompt]
+        text = self.tokenizer.decode(ids, skip_special_tokens=False)
+        if not self.with_logprobs:
+            return text, None
+        body = completion_logprobs(scored or [], self.tokenizer, state.text_offset,
+                                   unscored_first=ids[0])
+        state.text_offset += sum(len(token) for token in body["tokens"])
+        return text, body
+
+    def _opening(self, state: _ChoiceState, prompt: int, scored: list[TokenLogprob] | None,
+                 text: str, logprobs: list[TokenLogprob]) -> dict[str, Any]:
+        """A completion choice's text and logprobs, echo and vLLM's prompt_logprobs included."""
+        choice: dict[str, Any] = {"text": text, "logprobs": None}
+        if self.echo:
+            echo_text, echo_logprobs = self._echoed(state, prompt, scored)
+            choice["text"] = echo_text + text
+            if echo_logprobs is not None:
+                choice["logprobs"] = merge_completion_logprobs(
+                    echo_logprobs, self._logprobs(state, logprobs))
+        if choice["logprobs"] is None:
+            choice["logprobs"] = self._logprobs(state, logprobs)
+        if self.with_prompt_logprobs:
+            choice["prompt_logprobs"] = prompt_logprobs_body(self.prompts[prompt], scored or [],
+                                                             self.tokenizer)
+        return choice
+
     def whole(self, samples: list[SampleOutput], usage: Usage) -> dict[str, Any]:
         choices = []
+        extra: dict[str, Any] = {}
         for sample in samples:
             state = self._choice(sample.index)
-            choice: dict[str, Any] = {"index": sample.index,
-                                      "logprobs": self._logprobs(state, sample.logprobs)}
-            if self.kind == "chat":
+            choice: dict[str, Any] = {"index": sample.index}
+            if self.kind == "completion":
+                choice.update(self._opening(state, sample.prompt, sample.prompt_logprobs,
+                                            sample.text, sample.logprobs))
+            else:
+                choice["logprobs"] = self._logprobs(state, sample.logprobs)
+                if self.with_prompt_logprobs and "prompt_logprobs" not in extra:
+                    extra["prompt_logprobs"] = prompt_logprobs_body(
+                        self.prompts[0], sample.prompt_logprobs or [], self.tokenizer)
                 reasoning, content, calls = self._split(state, sample.text, last=True)
                 message: dict[str, Any] = {"role": "assistant",
                                            "content": content if content or not calls else None}
@@ -553,38 +654,45 @@ class ResponseWriter:
                 if calls:
                     message["tool_calls"] = [call.body() for call in calls]
                 choice["message"] = message
-            else:
-                choice["text"] = sample.text
             choice["finish_reason"] = self._finish_reason(state, sample.finish_reason)
             choices.append(choice)
         name = "chat.completion" if self.kind == "chat" else "text_completion"
-        return self._envelope(name, choices, usage=usage_body(usage))
+        return self._envelope(name, choices, usage=usage_body(usage), **extra)
 
     def stream_chunk(self, chunk: GenerateChunk, usage: Usage | None = None) -> dict[str, Any]:
         """One chunk's body; `usage` (the request's so far) goes in it when given."""
         extra = {"usage": usage_body(usage)} if usage is not None else {}
         state = self._choice(chunk.index)
-        choice: dict[str, Any] = {"index": chunk.index,
-                                  "logprobs": self._logprobs(state, chunk.logprobs)}
-        if self.kind == "chat":
-            reasoning, content, calls = self._split(state, chunk.delta,
-                                                    last=chunk.finish_reason is not None)
-            delta: dict[str, Any] = {"content": content}
-            if reasoning:
-                delta["reasoning_content"] = reasoning
-            if calls:  # numbered across the choice's stream
-                first_index = len(state.tools.calls) - len(calls)
-                delta["tool_calls"] = [call.body(first_index + i)
-                                       for i, call in enumerate(calls)]
-            choice["finish_reason"] = self._finish_reason(state, chunk.finish_reason)
-            if not state.started:
-                delta["role"] = "assistant"
+        choice: dict[str, Any] = {"index": chunk.index}
+        if self.kind == "completion":
+            if state.started:
+                choice.update(text=chunk.delta, logprobs=self._logprobs(state, chunk.logprobs))
+            else:  # the choice's first chunk opens with the echoed prompt
+                choice.update(self._opening(state, chunk.index // self.samples_per_prompt,
+                                            chunk.prompt_logprobs, chunk.delta,
+                                            chunk.logprobs))
             state.started = True
-            choice["delta"] = delta
-            return self._envelope("chat.completion.chunk", [choice], **extra)
-        choice["text"] = chunk.delta
-        choice["finish_reason"] = finish_reason(chunk.finish_reason)
-        return self._envelope("text_completion", [choice], **extra)
+            choice["finish_reason"] = finish_reason(chunk.finish_reason)
+            return self._envelope("text_completion", [choice], **extra)
+        choice["logprobs"] = self._logprobs(state, chunk.logprobs)
+        if self.with_prompt_logprobs and not state.started:
+            extra["prompt_logprobs"] = prompt_logprobs_body(
+                self.prompts[0], chunk.prompt_logprobs or [], self.tokenizer)
+        reasoning, content, calls = self._split(state, chunk.delta,
+                                                last=chunk.finish_reason is not None)
+        delta: dict[str, Any] = {"content": content}
+        if reasoning:
+            delta["reasoning_content"] = reasoning
+        if calls:  # numbered across the choice's stream
+            first_index = len(state.tools.calls) - len(calls)
+            delta["tool_calls"] = [call.body(first_index + i)
+                                   for i, call in enumerate(calls)]
+        choice["finish_reason"] = self._finish_reason(state, chunk.finish_reason)
+        if not state.started:
+            delta["role"] = "assistant"
+        state.started = True
+        choice["delta"] = delta
+        return self._envelope("chat.completion.chunk", [choice], **extra)
 
     def usage_chunk(self, usage: Usage) -> dict[str, Any]:
         name = "chat.completion.chunk" if self.kind == "chat" else "text_completion"

@@ -57,6 +57,8 @@ class GenerateChunk:
     # On a request's last chunk: the replica's load figures then (LLMEngine.load_figures), so
     # that /metrics shows them with or without Redis.
     replica_load: dict[str, int] | None = None
+    # With SamplingParams.prompt_logprobs, on each sample's first chunk: prompt tokens 1.. scored.
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass

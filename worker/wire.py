@@ -73,6 +73,10 @@ class SamplingParams:
     ignore_eos: bool = False
     n: int = 1  # parallel samples of the prompt, sharing its KV pages
     logprobs: int | None = None  # top-N alternatives per token (0 = only the sampled one)
+    # Log-probabilities of the prompt's own tokens (each given the ones before it), with top-N
+    # alternatives: what scoring (echo, lm-eval's log-likelihoods) reads. Such a prompt is
+    # computed in full, not taken from the prefix cache. With max_tokens 0 nothing is generated.
+    prompt_logprobs: int | None = None
     guided: GuidedDecoding | None = None  # structured output: the text must match this
 
     def __post_init__(self):
@@ -87,8 +91,10 @@ class SamplingParams:
                     and math.isfinite(value) and low <= value <= high)
 
         checks = [
-            (integer_in(self.max_tokens, 1, 2**31 - 1),
-             lambda: f"max_tokens must be an integer >= 1, got {self.max_tokens!r}"),
+            (integer_in(self.max_tokens, 1, 2**31 - 1)
+             or (self.max_tokens == 0 and self.prompt_logprobs is not None),
+             lambda: f"max_tokens must be an integer >= 1 (0 only to score a prompt, with "
+                     f"prompt_logprobs or echo), got {self.max_tokens!r}"),
             (number_in(self.temperature, 0, MAX_TEMPERATURE),
              lambda: f"temperature must be a number in [0, {MAX_TEMPERATURE:g}], "
                      f"got {self.temperature!r}"),
@@ -105,6 +111,9 @@ class SamplingParams:
              lambda: f"n must be an integer in [1, {MAX_CHOICES}], got {self.n!r}"),
             (self.logprobs is None or integer_in(self.logprobs, 0, MAX_LOGPROBS),
              lambda: f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}"),
+            (self.prompt_logprobs is None or integer_in(self.prompt_logprobs, 0, MAX_LOGPROBS),
+             lambda: f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], "
+                     f"got {self.prompt_logprobs!r}"),
             (all(isinstance(s, str) and s for s in self.stop),
              lambda: "stop strings must be non-empty"),
             (all(integer_in(t, 0, 2**31 - 1) for t in self.stop_token_ids),
@@ -126,6 +135,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]]  # (token id, logprob), best first
+    rank: int = 1  # of the token among the vocabulary by probability (1 = the likeliest)
 
 
 @dataclass

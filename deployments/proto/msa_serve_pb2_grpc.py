@@ -54,6 +54,16 @@ class MSAServeStub:
                 request_serializer=deployments_dot_proto_dot_msa__serve__pb2.HealthRequest.SerializeToString,
                 response_deserializer=deployments_dot_proto_dot_msa__serve__pb2.HealthResponse.FromString,
                 _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/msa_serve.v1.MSAServe/Tokenize',
+                request_serializer=deployments_dot_proto_dot_msa__serve__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=deployments_dot_proto_dot_msa__serve__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
+        self.Detokenize = channel.unary_unary(
+                '/msa_serve.v1.MSAServe/Detokenize',
+                request_serializer=deployments_dot_proto_dot_msa__serve__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=deployments_dot_proto_dot_msa__serve__pb2.DetokenizeResponse.FromString,
+                _registered_method=True)
 
 
 class MSAServeServicer:
@@ -85,6 +95,19 @@ class MSAServeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Tokenize(self, request, context):
+        """The server's tokenizer, as HTTP's /tokenize and /detokenize (vLLM's routes) give it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Detokenize(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MSAServeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -107,6 +130,16 @@ def add_MSAServeServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=deployments_dot_proto_dot_msa__serve__pb2.HealthRequest.FromString,
                     response_serializer=deployments_dot_proto_dot_msa__serve__pb2.HealthResponse.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=deployments_dot_proto_dot_msa__serve__pb2.TokenizeRequest.FromString,
+                    response_serializer=deployments_dot_proto_dot_msa__serve__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'Detokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detokenize,
+                    request_deserializer=deployments_dot_proto_dot_msa__serve__pb2.DetokenizeRequest.FromString,
+                    response_serializer=deployments_dot_proto_dot_msa__serve__pb2.DetokenizeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -217,6 +250,60 @@ class MSAServe:
             '/msa_serve.v1.MSAServe/Health',
             deployments_dot_proto_dot_msa__serve__pb2.HealthRequest.SerializeToString,
             deployments_dot_proto_dot_msa__serve__pb2.HealthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/msa_serve.v1.MSAServe/Tokenize',
+            deployments_dot_proto_dot_msa__serve__pb2.TokenizeRequest.SerializeToString,
+            deployments_dot_proto_dot_msa__serve__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/msa_serve.v1.MSAServe/Detokenize',
+            deployments_dot_proto_dot_msa__serve__pb2.DetokenizeRequest.SerializeToString,
+            deployments_dot_proto_dot_msa__serve__pb2.DetokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -248,6 +248,75 @@ def test_completions_take_a_batch_of_prompts_text_or_token_ids(client, http):
     assert empty.status_code == 400 and "empty" in empty.json()["error"]["message"]
 
 
+def test_echo_scores_prompts_as_lm_eval_reads_them(http):
+    """lm-eval's log-likelihood request (a batch of token-id lists, `echo`, `logprobs: 1`,
+    `max_tokens: 1`): the prompt's text opens each choice; its tokens come first in the
+    logprobs, the first unscored; offsets point at each token's text; the batch scores as its
+    prompts do one by one; `max_tokens: 0` scores alone."""
+    texts = ["The quick brown fox jumps", "Once upon a time there was"]
+    ids = [http.post("/tokenize", json={"prompt": text}).json()["tokens"] for text in texts]
+    payload = {"model": "tiny", "prompt": ids, "temperature": 0, "max_tokens": 1, "logprobs": 1,
+               "seed": 1234, "echo": True}
+    batch = http.post("/v1/completions", json=payload).json()["choices"]
+    assert [c["index"] for c in batch] == [0, 1]
+    for choice, prompt_ids, text in zip(batch, ids, texts, strict=True):
+        logprobs = choice["logprobs"]
+        assert choice["text"].startswith(text)
+        assert len(logprobs["tokens"]) == len(prompt_ids) + 1
+        assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+        # (A generated token may be part of a character, or EOS: no text of its own yet.)
+        for token, offset in zip(logprobs["tokens"][:len(prompt_ids)],
+                                 logprobs["text_offset"][:len(prompt_ids)], strict=True):
+            assert choice["text"][offset:offset + len(token)] == token
+        for value, top in zip(logprobs["token_logprobs"][1:], logprobs["top_logprobs"][1:],
+                              strict=True):
+            assert value <= 0 and len(top) == 1 and max(top.values()) >= value
+        # Greedy: the generated token is its own best alternative (lm-eval's is_greedy).
+        assert logprobs["token_logprobs"][-1] == max(logprobs["top_logprobs"][-1].values())
+    for choice, prompt_ids in zip(batch, ids, strict=True):
+        alone = http.post("/v1/completions", json={**payload, "prompt": prompt_ids}).json()
+        assert alone["choices"][0]["logprobs"]["token_logprobs"][1:] == pytest.approx(
+            choice["logprobs"]["token_logprobs"][1:], abs=1e-5)
+    scored = http.post("/v1/completions", json={**payload, "prompt": ids[0], "max_tokens": 0})
+    assert scored.status_code == 200, scored.text
+    only = scored.json()
+    assert only["usage"]["completion_tokens"] == 0 and only["choices"][0]["text"] == texts[0]
+    assert only["choices"][0]["logprobs"]["token_logprobs"][1:] == pytest.approx(
+        batch[0]["logprobs"]["token_logprobs"][1:-1], abs=1e-5)
+    refused = http.post("/v1/completions", json={"model": "tiny", "prompt": "hi",
+                                                 "max_tokens": 0})
+    assert refused.status_code == 400 and "scores a prompt" in refused.json()["error"]["message"]
+
+
+def test_streamed_echo_and_vllm_prompt_logprobs(client, http):
+    """A streamed choice opens with its prompt; `prompt_logprobs` (vLLM's extension) gives each
+    prompt token (after the first) with its rank and alternatives, on completions per choice
+    and on chat for the request."""
+    text = "The quick brown fox"
+    chunks = list(client.completions.create(model="tiny", prompt=text, temperature=0,
+                                            max_tokens=3, echo=True, stream=True,
+                                            extra_body={"ignore_eos": True}))
+    assert chunks[0].choices[0].text.startswith(text)
+    whole = client.completions.create(model="tiny", prompt=text, temperature=0, max_tokens=3,
+                                      echo=True, extra_body={"ignore_eos": True})
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    ids = http.post("/tokenize", json={"prompt": text}).json()["tokens"]
+    body = http.post("/v1/completions", json={"model": "tiny", "prompt": text, "max_tokens": 1,
+                                              "prompt_logprobs": 2}).json()
+    entries = body["choices"][0]["prompt_logprobs"]
+    assert len(entries) == len(ids) and entries[0] is None
+    for token_id, entry in zip(ids[1:], entries[1:], strict=True):
+        own = entry[str(token_id)]
+        assert own["rank"] >= 1 and own["logprob"] <= 0
+        ranked = sorted(entry.values(), key=lambda e: e["rank"])
+        assert ranked[0]["rank"] == 1 and len(entry) in (2, 3)
+    chat = http.post("/v1/chat/completions", json={
+        "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
+        "prompt_logprobs": 0}).json()
+    assert chat["prompt_logprobs"][0] is None
+    assert len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"]
+
+
 def test_tokenizer_routes_answer_as_vllm_s_for_lm_eval(http, client, stack):
     """/tokenizer_info, /tokenize and /detokenize as lm-eval's remote tokenizer calls them."""
     info = http.get("/tokenizer_info").json()
@@ -269,6 +338,18 @@ def test_tokenizer_routes_answer_as_vllm_s_for_lm_eval(http, client, stack):
     both = http.post("/tokenize", json={"prompt": "x", "messages": messages})
     assert both.status_code == 400 and "either prompt" in both.json()["error"]["message"]
     assert httpx.get(f"{stack.http}/tokenizer_info").status_code == 401  # no key
+    # gRPC's Tokenize and Detokenize answer as the HTTP routes do, behind the same key.
+    with MSAServeClient(stack.grpc, api_key=API_KEY, timeout_s=60) as grpc_client:
+        assert grpc_client.tokenize(text, add_special_tokens=False) == tokenized["tokens"]
+        assert grpc_client.tokenize(messages=messages) == counted["tokens"]
+        assert grpc_client.detokenize(tokenized["tokens"]) == text
+        with pytest.raises(grpc.RpcError) as err:
+            grpc_client.detokenize([10**9])
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with MSAServeClient(stack.grpc, timeout_s=60) as keyless:
+        with pytest.raises(grpc.RpcError) as err:
+            keyless.tokenize(text)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_unknown_routes_and_methods_answer_openai_errors(http):

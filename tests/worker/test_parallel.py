@@ -43,11 +43,15 @@ def _engine(m3_dir, **parallel) -> LLMEngine:
 
 def _outputs(engine: LLMEngine):
     """Greedy outputs with top-5 logprobs, then a prefix-cache hit beside a fresh prompt,
-    then seeded sampling; and how many prompt tokens came from the cache."""
+    then seeded sampling; how many prompt tokens came from the cache; and the prompt's
+    scored tokens (prompt logprobs, in prefill chunks)."""
     greedy = engine.generate([PROMPT], GREEDY, use_tqdm=False)
     greedy += engine.generate([SHARED, PROMPT[:300]], GREEDY, use_tqdm=False)
     seeded = engine.generate([PROMPT, SHARED], SEEDED, use_tqdm=False)
-    return greedy, seeded, engine.stats.prompt_tokens_cached
+    cached = engine.stats.prompt_tokens_cached
+    scored = engine.generate([PROMPT], SamplingParams(max_tokens=0, prompt_logprobs=2),
+                             use_tqdm=False)[0].prompt_logprobs
+    return greedy, seeded, cached, [lp.logprob for lp in scored]
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +67,13 @@ def test_two_ranks_compute_what_one_process_computes(m3_dir, local_ray, single_p
                                                      parallel):
     engine = _engine(m3_dir, **parallel)
     try:
-        greedy, seeded, cached = _outputs(engine)
+        greedy, seeded, cached, scored = _outputs(engine)
     finally:
         engine.close()
-    want_greedy, want_seeded, want_cached = single_process
+    want_greedy, want_seeded, want_cached, want_scored = single_process
     assert cached == want_cached > 0
+    assert len(scored) == len(PROMPT) - 1
+    assert scored == pytest.approx(want_scored, abs=1e-4)
     for ours, want in zip(greedy, want_greedy, strict=True):
         assert ours.new_token_ids == want.new_token_ids
         for got, expected in zip(ours.logprobs, want.logprobs, strict=True):

@@ -68,6 +68,8 @@ class RequestOutput:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     error: MSAServeError | None = None  # set when finish_reason is ERROR
     index: int = 0  # which of the request's n samples
+    # SamplingParams.prompt_logprobs: prompt tokens 1.. scored, on the sample's first output.
+    prompt_logprobs: list[TokenLogprob] | None = None
 
     def merge(self, later: "RequestOutput") -> "RequestOutput":
         """Coalesces two consecutive outputs of one sample (for slow consumers)."""
@@ -75,7 +77,8 @@ class RequestOutput:
         return RequestOutput(self.request_id, self.new_token_ids + later.new_token_ids,
                              self.delta + later.delta, later.text, later.finished,
                              later.finish_reason, later.usage, self.logprobs + later.logprobs,
-                             later.error, self.index)
+                             later.error, self.index,
+                             self.prompt_logprobs or later.prompt_logprobs)
 
 
 @dataclass
@@ -317,6 +320,8 @@ class LLMEngine:
         self.scheduler.postprocess(ran)
         for seq in ran.sequences:
             self.block_manager.register_full_pages(seq)
+        for seq, scored in result.prompt_logprobs:
+            seq.prompt_logprobs += scored
         for seq, token, logprob in zip(result.sequences, result.token_ids, result.logprobs):
             try:
                 outputs.append(self._append_token(seq, token, logprob))
@@ -376,9 +381,11 @@ class LLMEngine:
                       logprob: TokenLogprob | None) -> RequestOutput:
         if seq.num_output_tokens == 0:
             self.stats.prompt_tokens_cached += seq.num_cached_tokens
+        params = seq.params
+        if params.max_tokens == 0:  # scoring only: the prompt's log-probabilities are the answer
+            return self._finish(seq, FinishReason.LENGTH, [], None)
         seq.token_ids.append(token)
         self.stats.generated_tokens += 1
-        params = seq.params
         if seq.grammar is not None:
             if not seq.grammar.accept_token(token):
                 raise RequestFailedError(f"token {token} broke this request's output "
@@ -424,9 +431,12 @@ class LLMEngine:
         delta = text[seq.num_emitted_chars:emit_to]
         seq.num_emitted_chars = emit_to
         usage = Usage(seq.num_prompt_tokens, seq.num_output_tokens, seq.num_cached_tokens)
+        first = seq.num_output_tokens == len(new_tokens)  # the sample's first output
+        prompt_logprobs = (list(seq.prompt_logprobs)
+                           if first and seq.params.prompt_logprobs is not None else None)
         return RequestOutput(seq.request_id, new_tokens, delta, text[:emit_to], seq.is_finished,
                              seq.finish_reason, usage, [logprob] if logprob else [],
-                             index=seq.index)
+                             index=seq.index, prompt_logprobs=prompt_logprobs)
 
     # -- offline batches ----------------------------------------------------------------------------
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams],

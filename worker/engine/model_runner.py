@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -12,7 +13,7 @@ from kernels import BLOCK_SIZE
 from worker.engine.cuda_graphs import DecodeGraphs
 from worker.engine.kv_cache import AttentionMetadata, KVCache
 from worker.engine.multimodal import VisionEncoder
-from worker.engine.sampler import Sampler
+from worker.engine.sampler import Sampler, token_logprobs
 from worker.engine.scheduler import ScheduledBatch
 from worker.engine.sequence import Sequence
 from worker.models.base import PagedCausalLM
@@ -29,11 +30,49 @@ class StepResult:
     sequences: list[Sequence]
     token_ids: list[int]
     logprobs: list[TokenLogprob | None]
+    # The prompt tokens scored this step (SamplingParams.prompt_logprobs), by sequence, in
+    # prompt order.
+    prompt_logprobs: list[tuple[Sequence, list[TokenLogprob]]] = field(default_factory=list)
 
     def extend(self, other: "StepResult") -> None:
         self.sequences += other.sequences
         self.token_ids += other.token_ids
         self.logprobs += other.logprobs
+        self.prompt_logprobs += other.prompt_logprobs
+
+
+@dataclass
+class PromptScoring:
+    """Which prompt tokens a step scores: packed row r predicts targets[r]; the rows are the
+    sequences' in `counts` order."""
+
+    counts: list[tuple[Sequence, int]] = field(default_factory=list)
+    targets: list[int] = field(default_factory=list)
+    top_n: list[int] = field(default_factory=list)
+
+    def add(self, seq: Sequence, targets: list[int]) -> None:
+        self.counts.append((seq, len(targets)))
+        self.targets += targets
+        self.top_n += [seq.params.prompt_logprobs] * len(targets)
+
+    def score(self) -> tuple[Callable[[int, torch.Tensor], None],
+                             Callable[[], list[tuple[Sequence, list[TokenLogprob]]]]]:
+        """(a callback for forward_step that scores rows [begin, begin + len(logits)), and
+        what the scores are per sequence once every row is scored)."""
+        scored: list[TokenLogprob] = []
+
+        def on_logits(begin: int, logits: torch.Tensor) -> None:
+            end = begin + logits.shape[0]
+            scored.extend(token_logprobs(logits, self.targets[begin:end], self.top_n[begin:end]))
+
+        def by_sequence() -> list[tuple[Sequence, list[TokenLogprob]]]:
+            result, start = [], 0
+            for seq, count in self.counts:
+                result.append((seq, scored[start:start + count]))
+                start += count
+            return result
+
+        return on_logits, by_sequence
 
 
 @dataclass
@@ -49,6 +88,7 @@ class StepInputs:
     slot_mapping: torch.Tensor  # int64 [T]
     logit_rows: list[int]  # packed rows whose logits are sampled
     mm_embeds: tuple[torch.Tensor, torch.Tensor] | None  # (packed rows, embeddings)
+    prompt_rows: list[int] = field(default_factory=list)  # packed rows that score a prompt token
 
     def to_host(self) -> "StepInputs":
         """The same inputs with the image embeddings (computed on rank 0's device) on the host."""
@@ -58,10 +98,20 @@ class StepInputs:
         return dataclasses.replace(self, mm_embeds=(rows.cpu(), embeds.cpu()))
 
 
+# Prompt rows turned into full-vocabulary logits at once: bounds the memory of scoring a long
+# prompt chunk to this many rows of logits.
+PROMPT_SCORE_ROWS = 256
+
+
 def forward_step(model: PagedCausalLM, cache: KVCache, inputs: StepInputs, topk: int | None,
-                 check_indices: bool) -> torch.Tensor | None:
+                 check_indices: bool,
+                 score_prompt: Callable[[int, torch.Tensor], None] | None = None
+                 ) -> torch.Tensor | None:
     """The model's forward over one step's inputs: logits of the sampled rows, or None. Every
-    rank of a tensor-parallel replica runs it on the same inputs (its collectives pair up)."""
+    rank of a tensor-parallel replica runs it on the same inputs (its collectives pair up).
+
+    The prompt rows' logits go, PROMPT_SCORE_ROWS at a time, to `score_prompt(first row,
+    logits)` (rank 0's scoring; the other ranks compute them only for the collectives)."""
     device = cache.k.device
 
     def here(tensor: torch.Tensor) -> torch.Tensor:
@@ -76,6 +126,11 @@ def forward_step(model: PagedCausalLM, cache: KVCache, inputs: StepInputs, topk:
         mm_embeds = tuple(here(t) for t in inputs.mm_embeds)
     hidden = model(here(inputs.input_ids), here(inputs.positions), metadata, cache, topk,
                    mm_embeds)
+    for begin in range(0, len(inputs.prompt_rows), PROMPT_SCORE_ROWS):
+        rows = inputs.prompt_rows[begin:begin + PROMPT_SCORE_ROWS]
+        logits = model.compute_logits(hidden[torch.tensor(rows, device=device)])
+        if score_prompt is not None:
+            score_prompt(begin, logits)
     if not inputs.logit_rows:
         return None
     return model.compute_logits(hidden[torch.tensor(inputs.logit_rows, device=device)])
@@ -101,14 +156,17 @@ class ModelRunner:
         self.peers = peers
         self.device = cache.k.device
 
-    def prepare(self, batch: ScheduledBatch) -> tuple[StepInputs, list[int]]:
-        """(the model inputs of a mixed step, which batch rows are sampled)."""
+    def prepare(self, batch: ScheduledBatch) -> tuple[StepInputs, list[int], PromptScoring]:
+        """(the model inputs of a mixed step, which batch rows are sampled, which prompt
+        tokens are scored)."""
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         cu_seqlens_q = [0]
         seq_lens = []
         sample_rows = []
+        scoring = PromptScoring()
+        prompt_rows: list[int] = []
         max_pages = max(len(s.page_ids) for s in batch.sequences)
         block_table = torch.zeros(len(batch), max_pages, dtype=torch.int32)
         for b, (seq, num_tokens) in enumerate(zip(batch.sequences, batch.num_tokens)):
@@ -123,6 +181,15 @@ class ModelRunner:
             block_table[b, : len(seq.page_ids)] = torch.tensor(seq.page_ids, dtype=torch.int32)
             if end == seq.num_tokens:  # the chunk reaches the newest token: sample the next
                 sample_rows.append(b)
+            if seq.needs_prompt_logprobs:
+                # Position p scores prompt token p + 1; positions scored before a preemption
+                # are not scored again.
+                first = max(start, len(seq.prompt_logprobs))
+                last = min(end, seq.num_prompt_tokens - 1)
+                if first < last:
+                    prompt_rows += range(cu_seqlens_q[b] + first - start,
+                                         cu_seqlens_q[b] + last - start)
+                    scoring.add(seq, seq.token_ids[first + 1:last + 1])
         inputs = StepInputs(
             input_ids=torch.tensor(input_ids, dtype=torch.long),
             positions=torch.tensor(positions, dtype=torch.long),
@@ -131,8 +198,9 @@ class ModelRunner:
             block_table=block_table,
             slot_mapping=torch.tensor(slots, dtype=torch.long),
             logit_rows=[cu_seqlens_q[b + 1] - 1 for b in sample_rows],
-            mm_embeds=self._mm_embeds(batch, cu_seqlens_q))
-        return inputs, sample_rows
+            mm_embeds=self._mm_embeds(batch, cu_seqlens_q),
+            prompt_rows=prompt_rows)
+        return inputs, sample_rows, scoring
 
     def _mm_embeds(self, batch: ScheduledBatch, cu_seqlens_q: list[int]):
         """(packed rows, embeddings) of the placeholder tokens in this step, or None."""
@@ -157,24 +225,29 @@ class ModelRunner:
             if self.peers is not None:
                 self.peers.send(inputs)
             logits = self.decode_graphs.replay(inputs)[: len(batch)]
-            sample_rows = range(len(batch))
+            sample_rows, prompt_logprobs = range(len(batch)), []
         else:
-            logits, sample_rows = self._run_eager(batch)
+            logits, sample_rows, prompt_logprobs = self._run_eager(batch)
         if not sample_rows:
-            return StepResult([], [], [])
+            return StepResult([], [], [], prompt_logprobs)
         sequences = [batch.sequences[b] for b in sample_rows]
         token_ids, logprobs = self.sampler(logits, sequences)
-        return StepResult(sequences, token_ids, logprobs)
+        return StepResult(sequences, token_ids, logprobs, prompt_logprobs)
 
     def capture_decode_graphs(self) -> None:
         """Every decode graph ahead of time (the engine's warm-up), on every rank at once."""
         if self.decode_graphs is not None:
             self.decode_graphs.capture_all(self.peers.send if self.peers is not None else None)
 
-    def _run_eager(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, list[int]]:
-        """(logits of the sampled rows, which batch rows they are) of a mixed step."""
-        inputs, sample_rows = self.prepare(batch)
+    def _run_eager(self, batch: ScheduledBatch
+                   ) -> tuple[torch.Tensor | None, list[int],
+                              list[tuple[Sequence, list[TokenLogprob]]]]:
+        """(logits of the sampled rows, which batch rows they are, the scored prompt tokens)
+        of a mixed step."""
+        inputs, sample_rows, scoring = self.prepare(batch)
         if self.peers is not None:
             self.peers.send(inputs.to_host())
-        return forward_step(self.model, self.cache, inputs, self.topk, self.debug_checks), \
-            sample_rows
+        on_logits, by_sequence = scoring.score()
+        logits = forward_step(self.model, self.cache, inputs, self.topk, self.debug_checks,
+                              on_logits)
+        return logits, sample_rows, by_sequence()

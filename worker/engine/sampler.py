@@ -75,13 +75,23 @@ class Sampler:
         if not wanted:
             return result
         rows = torch.tensor(wanted, device=logits.device)
-        logp = torch.log_softmax(logits[rows], dim=-1)
-        top_n = max(seqs[i].params.logprobs for i in wanted)
-        top_values, top_ids = logp.topk(max(top_n, 1), dim=-1)
-        chosen = logp.gather(-1, torch.tensor([tokens[i] for i in wanted],
-                                              device=logits.device)[:, None]).squeeze(-1)
-        for j, i in enumerate(wanted):
-            n = seqs[i].params.logprobs
-            result[i] = TokenLogprob(tokens[i], float(chosen[j]),
-                                     list(zip(top_ids[j, :n].tolist(), top_values[j, :n].tolist())))
+        scored = token_logprobs(logits[rows], [tokens[i] for i in wanted],
+                                [seqs[i].params.logprobs for i in wanted])
+        for i, logprob in zip(wanted, scored, strict=True):
+            result[i] = logprob
         return result
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int],
+                   top_n: list[int]) -> list[TokenLogprob]:
+    """Row i's log-probability of tokens[i] (log-softmax of the logits, fp32), its rank, and
+    the top_n[i] likeliest tokens, best first."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(-1, torch.tensor(tokens, device=logits.device)[:, None])
+    ranks = (logp > chosen).sum(dim=-1) + 1
+    top_values, top_ids = logp.topk(max(max(top_n), 1), dim=-1)
+    chosen, ranks = chosen.squeeze(-1).tolist(), ranks.tolist()
+    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    return [TokenLogprob(token, chosen[j], list(zip(top_ids[j][:n], top_values[j][:n])),
+                         ranks[j])
+            for j, (token, n) in enumerate(zip(tokens, top_n))]

@@ -93,7 +93,7 @@ class Scheduler:
                 break
             if source is not None and source.page_ids:
                 self.block_manager.share_prompt(seq, source)
-            else:
+            elif not seq.needs_prompt_logprobs:  # cached tokens would go unscored
                 self.block_manager.match_prefix(seq)
             seq.num_cached_tokens = max(seq.num_cached_tokens, seq.num_computed_tokens)
             num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)

@@ -10,7 +10,7 @@ import torch
 from kernels import BLOCK_SIZE
 from worker.prefix_hash import chain_page_hashes
 from worker.tokenizer import IncrementalDetokenizer
-from worker.wire import SEED_RANGE, MultimodalInput, MultimodalSpan, SamplingParams
+from worker.wire import SEED_RANGE, MultimodalInput, MultimodalSpan, SamplingParams, TokenLogprob
 
 
 class SequenceStatus(enum.Enum):
@@ -53,6 +53,9 @@ class Sequence:
         self.fork_of: Sequence | None = None
         # Structured output: where the output stands in its grammar (an xgrammar matcher).
         self.grammar = None
+        # With params.prompt_logprobs: entry i scores prompt token i + 1 (the first token has
+        # no context to score it). Parallel samples share their first sample's list.
+        self.prompt_logprobs: list[TokenLogprob] = []
 
     @property
     def num_tokens(self) -> int:
@@ -79,9 +82,15 @@ class Sequence:
                          IncrementalDetokenizer(self.detokenizer.tokenizer, prompt),
                          self.mm_inputs, index)
         child.fork_of = self
+        child.prompt_logprobs = self.prompt_logprobs  # the prompt is scored once
         if self.grammar is not None:
             child.grammar = self.grammar.fork()
         return child
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        return (self.params.prompt_logprobs is not None
+                and len(self.prompt_logprobs) < self.num_prompt_tokens - 1)
 
     @property
     def prompt_computed(self) -> bool:

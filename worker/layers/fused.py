@@ -25,13 +25,19 @@ import torch
 F = TypeVar("F", bound=Callable)
 
 COMPILE = os.environ.get("MSA_SERVE_COMPILE", "1") != "0"
+# Each dtype, grad mode and tensor kind (inference or not) a function meets is one more compiled
+# variant. A serving process meets a handful; a process that runs many models (the tests) meets
+# more than dynamo's default limit of 8, past which a function would run eagerly.
+torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
 
 def fused(fn: F) -> F:
     """`fn`, compiled on first use with a CUDA tensor as its first argument. Shapes are
     dynamic, so decode buckets and prefill chunks share one compiled kernel. Inside another
-    fused function it is simply inlined."""
-    compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+    fused function it is simply inlined. Not `fullgraph`: should dynamo ever fail to trace or
+    run out of variants, the function runs eagerly rather than failing the step (the tests
+    trace every fused function with `fullgraph=True`: tests/worker/test_fused.py)."""
+    compiled = torch.compile(fn, dynamic=True)
 
     @functools.wraps(fn)
     def dispatch(x: torch.Tensor, *args):
