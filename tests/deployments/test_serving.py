@@ -317,6 +317,48 @@ def test_streamed_echo_and_vllm_prompt_logprobs(client, http):
     assert len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"]
 
 
+TOOL_REQUESTS = json.loads(
+    (Path(__file__).parent / "fixtures" / "tool_requests.json").read_text())["requests"]
+
+
+def _field(body: dict, dotted: str) -> list:
+    """The values at a dotted path; a list along the way yields each of its items."""
+    values = [body]
+    for key in dotted.split("."):
+        values = [v for value in values
+                  for v in (value if isinstance(value, list) else [value])]
+        assert all(key in value for value in values), (key, values)
+        values = [value[key] for value in values]
+    return values
+
+
+@pytest.mark.parametrize("request_", TOOL_REQUESTS, ids=lambda r: r["tool"].split(",")[0])
+def test_the_tools_request_bodies_get_the_fields_they_read(http, request_):
+    """lm-eval's, aiperf's and guidellm's bodies (tests/deployments/fixtures): 200, and every
+    field the tool reads is there, in every streamed chunk that carries choices."""
+    body = request_["body"]
+    if not body.get("stream"):
+        response = http.post(request_["path"], json=body)
+        assert response.status_code == 200, response.text
+        for dotted in request_["reads"]:
+            assert _field(response.json(), dotted)
+        return
+    with http.stream("POST", request_["path"], json=body) as response:
+        assert response.status_code == 200
+        events = [json.loads(line[len("data: "):]) for line in response.iter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    with_choices = [event for event in events if event["choices"]]
+    assert with_choices and "error" not in events[-1]
+    for event in with_choices:  # per-chunk usage: every chunk carries it
+        for dotted in request_["reads"]:
+            if dotted.startswith(("choices.delta.content", "choices.text")):
+                continue  # a chunk may close the stream with no new text
+            assert _field(event, dotted)
+    assert any(_field(event, "choices.delta.content" if "chat" in request_["path"]
+                      else "choices.text")[0] for event in with_choices)
+    assert events[-1]["usage"]["completion_tokens"] >= 1
+
+
 def test_tokenizer_routes_answer_as_vllm_s_for_lm_eval(http, client, stack):
     """/tokenizer_info, /tokenize and /detokenize as lm-eval's remote tokenizer calls them."""
     info = http.get("/tokenizer_info").json()
