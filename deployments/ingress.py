@@ -177,6 +177,10 @@ class Ingress:
                            "missing or invalid API key: send 'Authorization: Bearer <key>'",
                            "invalid_api_key")
 
+    def _grpc_authorize(self, grpc_context) -> None:
+        metadata = dict(grpc_context.invocation_metadata()) if grpc_context else {}
+        self._authorize(metadata.get("authorization"))
+
     def _check_model(self, model: str) -> None:
         if model and model != self.model_name:
             raise ApiError(404, grpc.StatusCode.NOT_FOUND, "invalid_request_error",
@@ -382,8 +386,7 @@ class Ingress:
     async def ListModels(self, request: pb.ListModelsRequest,
                          grpc_context=None) -> pb.ListModelsResponse:
         try:
-            metadata = dict(grpc_context.invocation_metadata()) if grpc_context else {}
-            self._authorize(metadata.get("authorization"))
+            self._grpc_authorize(grpc_context)
         except Exception as exc:
             raise _grpc_error(exc, grpc_context, "grpc_list_models") from None
         return pb.ListModelsResponse(models=[self.model_name])
@@ -394,8 +397,7 @@ class Ingress:
     async def Tokenize(self, request: pb.TokenizeRequest,
                        grpc_context=None) -> pb.TokenizeResponse:
         try:
-            metadata = dict(grpc_context.invocation_metadata()) if grpc_context else {}
-            self._authorize(metadata.get("authorization"))
+            self._grpc_authorize(grpc_context)
             fields: dict[str, Any] = {"model": request.model}
             if request.text:
                 fields["prompt"] = request.text
@@ -413,8 +415,7 @@ class Ingress:
     async def Detokenize(self, request: pb.DetokenizeRequest,
                          grpc_context=None) -> pb.DetokenizeResponse:
         try:
-            metadata = dict(grpc_context.invocation_metadata()) if grpc_context else {}
-            self._authorize(metadata.get("authorization"))
+            self._grpc_authorize(grpc_context)
             body = DetokenizeRequest(model=request.model, tokens=list(request.tokens))
             self._check_model(body.model)
             text = await asyncio.to_thread(body.text, self.tokenizer)
@@ -425,8 +426,7 @@ class Ingress:
     async def _grpc_start(self, request, grpc_context,
                           messages: list[dict[str, str]] | None) -> ChunkStream:
         arrived = time.perf_counter()
-        metadata = dict(grpc_context.invocation_metadata()) if grpc_context else {}
-        self._authorize(metadata.get("authorization"))
+        self._grpc_authorize(grpc_context)
         self._check_model(request.model)
         params = self._grpc_sampling(request.sampling)
         if messages is not None:

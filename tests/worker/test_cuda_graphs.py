@@ -40,7 +40,7 @@ def graphs_for(engine, capture: bool, max_batch: int = 4) -> DecodeGraphs:
 def test_padded_decode_matches_eager(make_tiny_engine, lengths):
     engine = make_tiny_engine()
     batch = decode_batch(engine, lengths)
-    eager, rows = engine.runner._run_eager(batch)
+    eager, rows, _ = engine.runner._run_eager(batch)
     assert list(rows) == [0, 1, 2]
     live = engine.cache.k[:, : engine.cache.num_pages].clone()
     scratch = engine.cache.scratch_page
@@ -77,7 +77,7 @@ def test_captured_replay_matches_eager(make_tiny_engine, lengths):
     engine = make_tiny_engine(device="cuda", dtype="float32", debug_checks=False,
                               enforce_eager=True)
     batch = decode_batch(engine, lengths)
-    eager, _ = engine.runner._run_eager(batch)
+    eager = engine.runner._run_eager(batch)[0]
     graphs = graphs_for(engine, capture=True)
     first = graphs.run(batch).clone()
     again = graphs.run(batch)  # the second call replays the graph captured by the first
