@@ -303,7 +303,6 @@ class Ingress:
                                 self.tokenizer, body.logprobs, self.reasoning_markers,
                                 prompt.opens_reasoning,
                                 body.tool_schemas if body.uses_tools else None,
-                                prompts=[prompt.token_ids], samples_per_prompt=body.num_samples,
                                 with_prompt_logprobs=body.prompt_logprobs is not None)
         return await self._respond(writer, stream, body)
 
@@ -326,8 +325,8 @@ class Ingress:
             raise
         writer = ResponseWriter("completion", f"cmpl-{uuid.uuid4().hex}",
                                 self.model_name, self.tokenizer, body.logprobs is not None,
-                                prompts=[prompt.token_ids for prompt in prompts],
-                                samples_per_prompt=body.num_samples, echo=body.echo,
+                                echo=[prompt.token_ids for prompt in prompts] if body.echo
+                                else None, samples_per_prompt=body.num_samples,
                                 with_prompt_logprobs=body.prompt_logprobs is not None)
         return await self._respond(writer, PromptStreams(streams, body.num_samples), body)
 

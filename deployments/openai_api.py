@@ -415,11 +415,7 @@ def completion_logprobs(logprobs: list[TokenLogprob], tokenizer: Tokenizer,
             "text_offset": offsets}
 
 
-def merge_completion_logprobs(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
-    return {key: first[key] + second[key] for key in first}
-
-
-def prompt_logprobs_body(prompt_ids: list[int], scored: list[TokenLogprob],
+def prompt_logprobs_body(scored: list[TokenLogprob] | None,
                          tokenizer: Tokenizer) -> list[dict[str, Any] | None]:
     """vLLM's `prompt_logprobs`: per prompt token (the first has none), the token and its
     alternatives by id, each with its logprob, rank and text."""
@@ -427,11 +423,12 @@ def prompt_logprobs_body(prompt_ids: list[int], scored: list[TokenLogprob],
         return {"logprob": logprob, "rank": rank,
                 "decoded_token": tokenizer.decode([token_id], skip_special_tokens=False)}
 
-    body: list[dict[str, Any] | None] = [None] if prompt_ids else []
-    for lp in scored:
-        alternatives = {str(t): entry(t, v, rank) for rank, (t, v) in enumerate(lp.top, 1)}
-        body.append({str(lp.token_id): entry(lp.token_id, lp.logprob, lp.rank),
-                     **{k: v for k, v in alternatives.items() if k != str(lp.token_id)}})
+    body: list[dict[str, Any] | None] = [None]
+    for lp in scored or []:
+        tokens = {str(lp.token_id): entry(lp.token_id, lp.logprob, lp.rank)}
+        for rank, (token_id, logprob) in enumerate(lp.top, 1):
+            tokens.setdefault(str(token_id), entry(token_id, logprob, rank))
+        body.append(tokens)
     return body
 
 
@@ -534,18 +531,17 @@ class ResponseWriter:
     per sample; with reasoning markers, chat reasoning comes back apart as
     `reasoning_content`.
 
-    `prompts`: the token ids of the request's prompts (completions take a batch), their choices
-    numbered `samples_per_prompt` apiece; `echo` puts each prompt before its choices' text
-    (and its tokens before their logprobs); `with_prompt_logprobs` adds vLLM's
-    `prompt_logprobs`."""
+    `echo`: the token ids of the request's prompts (completions take a batch), their choices
+    numbered `samples_per_prompt` apiece, each prompt put before its choices' text (and its
+    tokens before their logprobs); `with_prompt_logprobs` adds vLLM's `prompt_logprobs`."""
 
     def __init__(self, kind: Literal["chat", "completion"], request_id: str, model: str,
                  tokenizer: Tokenizer, with_logprobs: bool,
                  reasoning_markers: tuple[str, str] | None = None,
                  opens_reasoning: bool = False,
                  tool_schemas: dict[str, dict[str, Any]] | None = None,
-                 prompts: list[list[int]] | None = None, samples_per_prompt: int = 1,
-                 echo: bool = False, with_prompt_logprobs: bool = False):
+                 echo: list[list[int]] | None = None, samples_per_prompt: int = 1,
+                 with_prompt_logprobs: bool = False):
         self.kind = kind
         self.id = request_id
         self.model = model
@@ -555,9 +551,8 @@ class ResponseWriter:
         self.reasoning_markers = reasoning_markers
         self.opens_reasoning = opens_reasoning
         self.tool_schemas = tool_schemas  # None: tool calls are not looked for
-        self.prompts = prompts or []
-        self.samples_per_prompt = samples_per_prompt
         self.echo = echo
+        self.samples_per_prompt = samples_per_prompt
         self.with_prompt_logprobs = with_prompt_logprobs
         self._choices: dict[int, _ChoiceState] = {}
 
@@ -594,42 +589,27 @@ class ResponseWriter:
         return {"id": self.id, "object": object_name, "created": self.created,
                 "model": self.model, "choices": choices, **extra}
 
-    def _logprobs(self, state: _ChoiceState, logprobs: list[TokenLogprob]) -> dict | None:
+    def _logprobs(self, state: _ChoiceState, logprobs: list[TokenLogprob],
+                  unscored_first: int | None = None) -> dict | None:
         if not self.with_logprobs:
             return None
         if self.kind == "chat":
             return chat_logprobs(logprobs, self.tokenizer)
-        body = completion_logprobs(logprobs, self.tokenizer, state.text_offset)
+        body = completion_logprobs(logprobs, self.tokenizer, state.text_offset, unscored_first)
         state.text_offset += sum(len(token) for token in body["tokens"])
         return body
-
-    def _echoed(self, state: _ChoiceState, prompt: int,
-                scored: list[TokenLogprob] | None) -> tuple[str, dict | None]:
-        """(the prompt's text, its tokens' completion logprobs) that open an echoed choice."""
-        ids = self.prompts[prompt]
-        text = self.tokenizer.decode(ids, skip_special_tokens=False)
-        if not self.with_logprobs:
-            return text, None
-        body = completion_logprobs(scored or [], self.tokenizer, state.text_offset,
-                                   unscored_first=ids[0])
-        state.text_offset += sum(len(token) for token in body["tokens"])
-        return text, body
 
     def _opening(self, state: _ChoiceState, prompt: int, scored: list[TokenLogprob] | None,
                  text: str, logprobs: list[TokenLogprob]) -> dict[str, Any]:
         """A completion choice's text and logprobs, echo and vLLM's prompt_logprobs included."""
-        choice: dict[str, Any] = {"text": text, "logprobs": None}
-        if self.echo:
-            echo_text, echo_logprobs = self._echoed(state, prompt, scored)
-            choice["text"] = echo_text + text
-            if echo_logprobs is not None:
-                choice["logprobs"] = merge_completion_logprobs(
-                    echo_logprobs, self._logprobs(state, logprobs))
-        if choice["logprobs"] is None:
-            choice["logprobs"] = self._logprobs(state, logprobs)
+        if self.echo is None:
+            choice = {"text": text, "logprobs": self._logprobs(state, logprobs)}
+        else:  # the prompt's text and tokens first, its first token unscored
+            ids = self.echo[prompt]
+            choice = {"text": self.tokenizer.decode(ids, skip_special_tokens=False) + text,
+                      "logprobs": self._logprobs(state, (scored or []) + logprobs, ids[0])}
         if self.with_prompt_logprobs:
-            choice["prompt_logprobs"] = prompt_logprobs_body(self.prompts[prompt], scored or [],
-                                                             self.tokenizer)
+            choice["prompt_logprobs"] = prompt_logprobs_body(scored, self.tokenizer)
         return choice
 
     def whole(self, samples: list[SampleOutput], usage: Usage) -> dict[str, Any]:
@@ -644,8 +624,8 @@ class ResponseWriter:
             else:
                 choice["logprobs"] = self._logprobs(state, sample.logprobs)
                 if self.with_prompt_logprobs and "prompt_logprobs" not in extra:
-                    extra["prompt_logprobs"] = prompt_logprobs_body(
-                        self.prompts[0], sample.prompt_logprobs or [], self.tokenizer)
+                    extra["prompt_logprobs"] = prompt_logprobs_body(sample.prompt_logprobs,
+                                                                    self.tokenizer)
                 reasoning, content, calls = self._split(state, sample.text, last=True)
                 message: dict[str, Any] = {"role": "assistant",
                                            "content": content if content or not calls else None}
@@ -676,8 +656,7 @@ class ResponseWriter:
             return self._envelope("text_completion", [choice], **extra)
         choice["logprobs"] = self._logprobs(state, chunk.logprobs)
         if self.with_prompt_logprobs and not state.started:
-            extra["prompt_logprobs"] = prompt_logprobs_body(
-                self.prompts[0], chunk.prompt_logprobs or [], self.tokenizer)
+            extra["prompt_logprobs"] = prompt_logprobs_body(chunk.prompt_logprobs, self.tokenizer)
         reasoning, content, calls = self._split(state, chunk.delta,
                                                 last=chunk.finish_reason is not None)
         delta: dict[str, Any] = {"content": content}

@@ -43,36 +43,32 @@ class StepResult:
 
 @dataclass
 class PromptScoring:
-    """Which prompt tokens a step scores: packed row r predicts targets[r]; the rows are the
-    sequences' in `counts` order."""
+    """Which prompt tokens a step scores: packed row rows[i] predicts targets[i]; the rows are
+    the sequences' in `counts` order. `score_rows` (forward_step's callback) fills `scored`."""
 
     counts: list[tuple[Sequence, int]] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
     targets: list[int] = field(default_factory=list)
     top_n: list[int] = field(default_factory=list)
+    scored: list[TokenLogprob] = field(default_factory=list)
 
-    def add(self, seq: Sequence, targets: list[int]) -> None:
+    def add(self, seq: Sequence, rows: range, targets: list[int]) -> None:
         self.counts.append((seq, len(targets)))
+        self.rows += rows
         self.targets += targets
         self.top_n += [seq.params.prompt_logprobs] * len(targets)
 
-    def score(self) -> tuple[Callable[[int, torch.Tensor], None],
-                             Callable[[], list[tuple[Sequence, list[TokenLogprob]]]]]:
-        """(a callback for forward_step that scores rows [begin, begin + len(logits)), and
-        what the scores are per sequence once every row is scored)."""
-        scored: list[TokenLogprob] = []
+    def score_rows(self, begin: int, logits: torch.Tensor) -> None:
+        """Scores rows [begin, begin + len(logits)) from their logits."""
+        end = begin + logits.shape[0]
+        self.scored += token_logprobs(logits, self.targets[begin:end], self.top_n[begin:end])
 
-        def on_logits(begin: int, logits: torch.Tensor) -> None:
-            end = begin + logits.shape[0]
-            scored.extend(token_logprobs(logits, self.targets[begin:end], self.top_n[begin:end]))
-
-        def by_sequence() -> list[tuple[Sequence, list[TokenLogprob]]]:
-            result, start = [], 0
-            for seq, count in self.counts:
-                result.append((seq, scored[start:start + count]))
-                start += count
-            return result
-
-        return on_logits, by_sequence
+    def by_sequence(self) -> list[tuple[Sequence, list[TokenLogprob]]]:
+        result, start = [], 0
+        for seq, count in self.counts:
+            result.append((seq, self.scored[start:start + count]))
+            start += count
+        return result
 
 
 @dataclass
@@ -166,7 +162,6 @@ class ModelRunner:
         seq_lens = []
         sample_rows = []
         scoring = PromptScoring()
-        prompt_rows: list[int] = []
         max_pages = max(len(s.page_ids) for s in batch.sequences)
         block_table = torch.zeros(len(batch), max_pages, dtype=torch.int32)
         for b, (seq, num_tokens) in enumerate(zip(batch.sequences, batch.num_tokens)):
@@ -187,9 +182,9 @@ class ModelRunner:
                 first = max(start, len(seq.prompt_logprobs))
                 last = min(end, seq.num_prompt_tokens - 1)
                 if first < last:
-                    prompt_rows += range(cu_seqlens_q[b] + first - start,
-                                         cu_seqlens_q[b] + last - start)
-                    scoring.add(seq, seq.token_ids[first + 1:last + 1])
+                    scoring.add(seq, range(cu_seqlens_q[b] + first - start,
+                                           cu_seqlens_q[b] + last - start),
+                                seq.token_ids[first + 1:last + 1])
         inputs = StepInputs(
             input_ids=torch.tensor(input_ids, dtype=torch.long),
             positions=torch.tensor(positions, dtype=torch.long),
@@ -199,7 +194,7 @@ class ModelRunner:
             slot_mapping=torch.tensor(slots, dtype=torch.long),
             logit_rows=[cu_seqlens_q[b + 1] - 1 for b in sample_rows],
             mm_embeds=self._mm_embeds(batch, cu_seqlens_q),
-            prompt_rows=prompt_rows)
+            prompt_rows=scoring.rows)
         return inputs, sample_rows, scoring
 
     def _mm_embeds(self, batch: ScheduledBatch, cu_seqlens_q: list[int]):
@@ -247,7 +242,6 @@ class ModelRunner:
         inputs, sample_rows, scoring = self.prepare(batch)
         if self.peers is not None:
             self.peers.send(inputs.to_host())
-        on_logits, by_sequence = scoring.score()
         logits = forward_step(self.model, self.cache, inputs, self.topk, self.debug_checks,
-                              on_logits)
-        return logits, sample_rows, by_sequence()
+                              scoring.score_rows)
+        return logits, sample_rows, scoring.by_sequence()
