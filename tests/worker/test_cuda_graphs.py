@@ -31,6 +31,11 @@ def decode_batch(engine, lengths):
     return batch
 
 
+def replay(graphs: DecodeGraphs, engine, batch) -> torch.Tensor:
+    """Logits [len(batch), vocab] of each sequence's next token, through the graphs."""
+    return graphs.replay(graphs.prepare(batch, engine.runner.block_tables))[: len(batch)]
+
+
 def graphs_for(engine, capture: bool, max_batch: int = 4) -> DecodeGraphs:
     return DecodeGraphs(engine.runner.model, engine.cache, engine.model_config.msa.topk,
                         max_batch=max_batch, max_model_len=engine.max_model_len, capture=capture)
@@ -40,12 +45,12 @@ def graphs_for(engine, capture: bool, max_batch: int = 4) -> DecodeGraphs:
 def test_padded_decode_matches_eager(make_tiny_engine, lengths):
     engine = make_tiny_engine()
     batch = decode_batch(engine, lengths)
-    eager, rows, _ = engine.runner._run_eager(batch)
+    eager, rows, _ = engine.runner._run_eager(batch, None)
     assert list(rows) == [0, 1, 2]
     live = engine.cache.k[:, : engine.cache.num_pages].clone()
     scratch = engine.cache.scratch_page
     engine.cache.k[:, scratch] = 0
-    padded = graphs_for(engine, capture=False).run(batch)  # 3 sequences in a bucket of 4
+    padded = replay(graphs_for(engine, capture=False), engine, batch)  # 3 sequences in a bucket of 4
     assert padded.shape == eager.shape
     torch.testing.assert_close(padded, eager, rtol=1e-4, atol=1e-4)
     assert torch.equal(padded.argmax(-1), eager.argmax(-1))
@@ -77,10 +82,10 @@ def test_captured_replay_matches_eager(make_tiny_engine, lengths):
     engine = make_tiny_engine(device="cuda", dtype="float32", debug_checks=False,
                               enforce_eager=True)
     batch = decode_batch(engine, lengths)
-    eager = engine.runner._run_eager(batch)[0]
+    eager = engine.runner._run_eager(batch, None)[0]
     graphs = graphs_for(engine, capture=True)
-    first = graphs.run(batch).clone()
-    again = graphs.run(batch)  # the second call replays the graph captured by the first
+    first = replay(graphs, engine, batch).clone()
+    again = replay(graphs, engine, batch)  # the second call replays the graph captured by the first
     assert len(graphs.graphs) == 1
     torch.testing.assert_close(first, eager, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(again, first)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 
 import pytest
@@ -350,8 +351,10 @@ class EngineLeakMachine(RuleBasedStateMachine):
         assert_no_pages_held(self.engine)
 
 
-def test_no_page_leaks_under_random_traffic(make_tiny_engine):
-    EngineLeakMachine.engine_factory = staticmethod(make_tiny_engine)
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlapped"])
+def test_no_page_leaks_under_random_traffic(make_tiny_engine, overlap):
+    EngineLeakMachine.engine_factory = staticmethod(
+        functools.partial(make_tiny_engine, overlap_scheduling=overlap))
     EngineLeakMachine.TestCase().runTest()
 
 

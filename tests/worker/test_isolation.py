@@ -151,15 +151,15 @@ def test_async_streams_survive_a_failing_request(make_tiny_engine):
 def test_health_does_not_wait_for_a_long_step(make_tiny_engine):
     """check_alive answers at once while a step runs, and fails only past the stuck deadline."""
     engine = make_tiny_engine()
-    original = engine.runner.run
+    original = engine.runner.launch
     entered, release = threading.Event(), threading.Event()
 
-    def slow_run(batch):
+    def slow_launch(batch, earlier=()):
         entered.set()
         release.wait(timeout=30)
-        return original(batch)
+        return original(batch, earlier)
 
-    engine.runner.run = slow_run
+    engine.runner.launch = slow_launch
     async_engine = AsyncLLMEngine(engine)
 
     async def main():

@@ -94,8 +94,8 @@ def test_graphed_decode_steps_replay_on_every_rank(m3_dir, local_ray, single_pro
             max_model_len=engine.max_model_len, capture=False)
         replayed = []
         replay = engine.runner.decode_graphs.replay
-        engine.runner.decode_graphs.replay = lambda inputs: replayed.append(inputs) or \
-            replay(inputs)
+        engine.runner.decode_graphs.replay = lambda inputs, fed=None: \
+            replayed.append(inputs) or replay(inputs, fed)
         ours = engine.generate([PROMPT], GREEDY, use_tqdm=False)[0]
     finally:
         engine.close()

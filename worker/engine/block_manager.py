@@ -96,8 +96,9 @@ class BlockManager:
         return True
 
     def register_full_pages(self, seq: Sequence) -> None:
-        """Publishes the pages that became full and computed in the last step."""
-        full = seq.num_computed_tokens // BLOCK_SIZE
+        """Publishes the pages that became full and computed in the last step (a token
+        still on the device cannot be hashed: its page waits for the next call)."""
+        full = min(seq.num_computed_tokens, len(seq.token_ids)) // BLOCK_SIZE
         if not self.enable_prefix_caching or full <= seq.num_registered_pages:
             return
         hashes = seq.page_hashes(self.salt)

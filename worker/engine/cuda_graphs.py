@@ -17,14 +17,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from kernels import BLOCK_SIZE
 from worker.config import EngineConfig
+from worker.engine.block_table import BlockTables, slot_mapping
+from worker.engine.host_copies import to_device
 from worker.engine.kv_cache import AttentionMetadata, KVCache
 from worker.engine.scheduler import ScheduledBatch
 from worker.models.base import PagedCausalLM
+
+if TYPE_CHECKING:
+    from worker.engine.model_runner import FedTokens
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +77,7 @@ class DecodeGraphs:
         self.max_model_len = max_model_len
         self.capture = capture
         self.buckets = [b for b in BATCH_BUCKETS if b < max_batch] + [max_batch]
-        device = cache.k.device
+        self.device = device = cache.k.device
         self.max_pages = -(-max_model_len // BLOCK_SIZE)
 
         def buffer(*shape, dtype):
@@ -94,32 +100,29 @@ class DecodeGraphs:
     def fits(self, batch: ScheduledBatch) -> bool:
         return len(batch) <= self.max_batch and is_decode_step(batch)
 
-    @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Logits [len(batch), vocab] of each sequence's next token."""
-        return self.replay(self.prepare(batch))[: len(batch)]
-
-    def prepare(self, batch: ScheduledBatch) -> DecodeInputs:
+    def prepare(self, batch: ScheduledBatch, block_tables: BlockTables) -> DecodeInputs:
         """The step's static-buffer contents, built on the host: also what rank 0 of a
-        tensor-parallel replica sends the other ranks, which replay the same graph."""
+        tensor-parallel replica sends the other ranks, which replay the same graph. A token
+        still on the device enters as 0 (`replay` feeds it)."""
         bucket = next(b for b in self.buckets if b >= len(batch))
         padding = bucket - len(batch)
         scratch = self.cache.scratch_page
-        positions = [seq.num_tokens - 1 for seq in batch.sequences]
-        widest = max(len(seq.page_ids) for seq in batch.sequences)
+        sequences = batch.sequences
+        lengths = [seq.num_tokens for seq in sequences]
+        widest = max(len(seq.page_ids) for seq in sequences)
         table = torch.full((bucket, widest), scratch, dtype=torch.int32)
-        for row, seq in enumerate(batch.sequences):
-            table[row, : len(seq.page_ids)] = torch.tensor(seq.page_ids, dtype=torch.int32)
-        slots = [seq.page_ids[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE
-                 for seq, p in zip(batch.sequences, positions)]
+        table[: len(batch)] = block_tables.gather(sequences, widest)
+        seq_lens = torch.tensor(lengths + [1] * padding, dtype=torch.int32)
+        positions = seq_lens.long() - 1
         return DecodeInputs(
             bucket=bucket,
-            short=max(seq.num_tokens for seq in batch.sequences) <= self.topk * BLOCK_SIZE,
-            input_ids=torch.tensor([seq.token_ids[-1] for seq in batch.sequences]
-                                   + [0] * padding),
-            positions=torch.tensor(positions + [0] * padding),
-            slot_mapping=torch.tensor(slots + [scratch * BLOCK_SIZE] * padding),
-            seq_lens=torch.tensor([p + 1 for p in positions] + [1] * padding, dtype=torch.int32),
+            short=max(lengths) <= self.topk * BLOCK_SIZE,
+            input_ids=torch.tensor([seq.token_ids[-1] if not seq.num_pending_tokens else 0
+                                    for seq in sequences] + [0] * padding),
+            positions=positions,
+            # Padding rows' table is the scratch page alone: their slot is its first.
+            slot_mapping=slot_mapping(table, torch.arange(bucket), positions),
+            seq_lens=seq_lens,
             block_table=table)
 
     def padding(self, bucket: int, short: bool) -> DecodeInputs:
@@ -148,14 +151,17 @@ class DecodeGraphs:
                 self.replay(inputs)
 
     @torch.inference_mode()
-    def replay(self, inputs: DecodeInputs) -> torch.Tensor:
+    def replay(self, inputs: DecodeInputs, fed: "FedTokens | None" = None) -> torch.Tensor:
         """Logits [bucket, vocab]. A key's graph is captured at its first step; every rank of
         a tensor-parallel replica replays (and captures) at the same step, so the NCCL calls
-        captured in the graphs pair up."""
+        captured in the graphs pair up. `fed`: input tokens taken from an earlier step's
+        sampled ids on the device."""
         key = (inputs.bucket, inputs.short)
         if self.capture and key not in self.graphs:
             self._capture(key)  # on padding rows: the step's own rows are loaded after
         self._load(inputs)
+        if fed is not None:
+            fed.write_into(self.input_ids)
         if not self.capture:
             return self._forward(*key)
         self.graphs[key].replay()
@@ -164,10 +170,12 @@ class DecodeGraphs:
     def _load(self, inputs: DecodeInputs) -> None:
         bucket = inputs.bucket
         for name in ("input_ids", "positions", "slot_mapping", "seq_lens"):
-            getattr(self, name)[:bucket].copy_(getattr(inputs, name), non_blocking=True)
+            getattr(self, name)[:bucket].copy_(to_device(getattr(inputs, name), self.device),
+                                               non_blocking=True)
         # Columns past a row's pages keep stale ids: nothing reads past a row's length.
         widest = inputs.block_table.shape[1]
-        self.block_table[:bucket, :widest].copy_(inputs.block_table, non_blocking=True)
+        self.block_table[:bucket, :widest].copy_(to_device(inputs.block_table, self.device),
+                                                 non_blocking=True)
 
     def _forward(self, bucket: int, short: bool) -> torch.Tensor:
         seq_lens = self.seq_lens[:bucket]

@@ -1,7 +1,14 @@
-"""LLMEngine: requests in, token/text deltas out, one `step()` at a time (synchronous).
+"""LLMEngine: requests in, token/text deltas out, one `step()` at a time.
 
 The engine owns the model, the KV cache and the scheduling state; it is not thread-safe.
 `AsyncLLMEngine` drives it from a background thread for servers.
+
+With overlapped scheduling (`overlap_scheduling`, on for single-GPU CUDA replicas) a step
+schedules and launches step N+1 before it reads step N's sampled tokens, so the GPU runs N+1
+while the host detokenizes N, matches stop strings and builds the outputs. Step N+1 takes N's
+tokens as inputs on the device. A sequence that N finished (EOS, a stop string) has one more
+token computed in N+1, which is thrown away: nobody receives a token past a stop, and usage
+counts only the tokens delivered. Sequences that finish by length are not scheduled again.
 """
 
 from __future__ import annotations
@@ -18,10 +25,11 @@ from tqdm import tqdm
 from kernels import BLOCK_SIZE
 from worker.config import EngineConfig
 from worker.engine.block_manager import BlockManager, pages_for
+from worker.engine.block_table import BlockTables
 from worker.engine.cuda_graphs import DecodeGraphs, max_graph_batch
 from worker.engine.grammar import GrammarCompiler
 from worker.engine.kv_cache import KVCache
-from worker.engine.model_runner import ModelRunner, StepResult
+from worker.engine.model_runner import LaunchedStep, ModelRunner
 from worker.engine.multimodal import VisionEncoder, validate_inputs
 from worker.engine.rank_workers import CacheSetup, RankWorkers
 from worker.engine.sampler import Sampler
@@ -139,20 +147,24 @@ class LLMEngine:
                                           enable_prefix_caching=config.enable_prefix_caching,
                                           listener=page_listener, debug_checks=config.debug_checks)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
-                                   config.max_num_batched_tokens)
+                                   config.max_num_batched_tokens, self.max_model_len)
         self.cache = KVCache(self.model_config, num_pages, self.dtype, self.device,
                              self.index_key_dtype)
         decode_graphs = self._decode_graphs(loaded.model)
         if self.peers is not None:
             self.peers.start_caches(CacheSetup(num_pages, self.index_key_dtype, self.topk,
                                                self.max_model_len))
+        block_tables = BlockTables(config.max_num_seqs, pages_for(self.max_model_len))
         self.runner = ModelRunner(loaded.model, self.cache, Sampler(config.seed, self.device),
-                                  topk=config.topk, debug_checks=config.debug_checks,
+                                  block_tables, topk=config.topk, debug_checks=config.debug_checks,
                                   decode_graphs=decode_graphs,
                                   vision=(VisionEncoder(loaded.model.visual)
                                           if loaded.model.visual is not None else None),
                                   peers=self.peers)
         self.requests: dict[str, list[Sequence]] = {}  # each live request's unfinished samples
+        self.overlap = (config.overlap_scheduling if config.overlap_scheduling is not None
+                        else self.device.type == "cuda" and self.peers is None)
+        self._unread: list[LaunchedStep] = []  # launched steps whose tokens are not read yet
         self.stats = EngineStats()
         self._failed_steps = 0  # consecutive steps in which every request failed
         if config.warm_up if config.warm_up is not None else self.device.type == "cuda":
@@ -169,7 +181,7 @@ class LLMEngine:
         block_manager, scheduler = self.block_manager, self.scheduler
         self.block_manager = BlockManager(block_manager.num_pages, salt="warm-up")
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs,
-                                   self.config.max_num_batched_tokens)
+                                   self.config.max_num_batched_tokens, self.max_model_len)
         try:
             length = max(1, min(self.max_model_len - 8, 2 * self.topk * BLOCK_SIZE + 64))
             vision = self.model_config.vision
@@ -186,6 +198,7 @@ class LLMEngine:
         finally:
             self.block_manager, self.scheduler = block_manager, scheduler
             self.requests.clear()
+            self._unread.clear()
             self.stats = EngineStats()
             self.runner.sampler = Sampler(self.config.seed, self.device)  # as if never used
         logger.info("warm-up done in %.1f s", time.perf_counter() - started)
@@ -306,55 +319,76 @@ class LLMEngine:
 
     # -- the step ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedules and launches a step, then reads the tokens of the step launched before
+        it (overlapped) or of this one (otherwise): the outputs of the step read."""
         batch = self.scheduler.schedule()
         self.stats.preemptions += batch.num_preempted
-        if not batch:
-            return []
-        for seq, num_tokens in zip(batch.sequences, batch.num_tokens):
-            start = seq.num_computed_tokens
-            self.stats.prompt_tokens_computed += max(0, min(start + num_tokens,
-                                                            seq.num_prompt_tokens) - start)
-        ran, result, failures = self._run_isolated(batch)
-        self.stats.steps += 1
-        outputs = [self._fail(seq, exc) for seq, exc in failures]
-        self.scheduler.postprocess(ran)
-        for seq in ran.sequences:
-            self.block_manager.register_full_pages(seq)
-        for seq, scored in result.prompt_logprobs:
-            seq.prompt_logprobs += scored
+        launched: list[LaunchedStep] = []
+        failures: list[tuple[Sequence, Exception]] = []
+        if batch:
+            for seq, num_tokens in zip(batch.sequences, batch.num_tokens):
+                start = seq.num_computed_tokens
+                self.stats.prompt_tokens_computed += max(0, min(start + num_tokens,
+                                                                seq.num_prompt_tokens) - start)
+            launched, failures = self._launch_isolated(batch)
+            self.stats.steps += 1
+        earlier, self._unread = self._unread, launched
+        if not self.overlap or any(step.needs_host_first for step in launched):
+            earlier, self._unread = earlier + launched, []
+        outputs = [output for step in earlier for output in self._read(step)]
+        # After the reads: a failed request still gets the tokens sampled before its failure.
+        return outputs + [self._fail(seq, exc) for seq, exc in failures if not seq.is_finished]
+
+    def _launch_isolated(self, batch: ScheduledBatch
+                         ) -> tuple[list[LaunchedStep], list[tuple[Sequence, Exception]]]:
+        """Launches the step; when that raises, launches its requests one by one so that only
+        those that fail alone are failed. Re-launching is safe: a launch changes no request
+        state, and writing a token's K/V again writes the same values to the same slots.
+
+        Returns the launched steps (the scheduler has counted their tokens) and the failed
+        requests."""
+        try:
+            launched = [self.runner.launch(batch, self._unread)]
+            failures = []
+        except Exception as exc:
+            if len(batch) == 1:
+                launched, failures = [], [(batch.sequences[0], exc)]
+            else:
+                logger.warning("a step of %d requests failed (%r); running them one at a "
+                               "time to find the failing ones", len(batch), exc)
+                launched, failures = [], []
+                for seq, num_tokens in zip(batch.sequences, batch.num_tokens):
+                    try:
+                        launched.append(self.runner.launch(ScheduledBatch([seq], [num_tokens]),
+                                                           self._unread))
+                    except Exception as exc:
+                        failures.append((seq, exc))
+        for step in launched:
+            self.scheduler.postprocess(step.batch, step.sequences, step.prompt_logprobs)
+        return launched, self._count_failures(failures, len(launched))
+
+    def _read(self, step: LaunchedStep) -> list[RequestOutput]:
+        """Reads a launched step's tokens and turns them into outputs. Its sequences that
+        finished (or were aborted) since it was launched drop their token."""
+        try:
+            result = step.result()
+        except Exception as exc:  # the device failed under this step: its requests alone
+            live = [seq for seq in step.sequences if not seq.is_finished]
+            self._count_failures([(seq, exc) for seq in live], 0)
+            return [self._fail(seq, exc) for seq in live]
+        for seq in step.batch.sequences:
+            if not seq.is_finished:
+                self.block_manager.register_full_pages(seq)
+        outputs = []
         for seq, token, logprob in zip(result.sequences, result.token_ids, result.logprobs):
+            if seq.is_finished:
+                continue
+            seq.num_pending_tokens -= 1
             try:
                 outputs.append(self._append_token(seq, token, logprob))
             except Exception as exc:  # e.g. a detokenizer error: this request's alone
                 outputs.append(self._fail(seq, exc))
         return outputs
-
-    def _run_isolated(self, batch: ScheduledBatch
-                      ) -> tuple[ScheduledBatch, StepResult, list[tuple[Sequence, Exception]]]:
-        """Runs the step; when it raises, runs its requests one by one so that only those that
-        fail alone are failed. Re-running is safe: a step changes no request state, and writing
-        a token's K/V again writes the same values to the same slots.
-
-        Returns the part of the batch that ran, its result, and the failed requests."""
-        try:
-            return batch, self.runner.run(batch), []
-        except Exception as exc:
-            if len(batch) == 1:
-                failures = [(batch.sequences[0], exc)]
-                return ScheduledBatch(), StepResult([], [], []), self._count_failures(failures, 0)
-            logger.warning("a step of %d requests failed (%r); running them one at a time to "
-                           "find the failing ones", len(batch), exc)
-        ran, result, failures = ScheduledBatch(), StepResult([], [], []), []
-        for seq, num_tokens in zip(batch.sequences, batch.num_tokens):
-            alone = ScheduledBatch([seq], [num_tokens])
-            try:
-                single = self.runner.run(alone)
-            except Exception as exc:
-                failures.append((seq, exc))
-                continue
-            ran.add(seq, num_tokens)
-            result.extend(single)
-        return ran, result, self._count_failures(failures, len(ran))
 
     def _count_failures(self, failures: list[tuple[Sequence, Exception]], num_ran: int
                         ) -> list[tuple[Sequence, Exception]]:
@@ -407,7 +441,7 @@ class LLMEngine:
                 # The stop string and anything after it are not part of the answer.
                 seq.detokenizer.text = text[: min(hits)]
                 return self._finish(seq, FinishReason.STOP, [token], logprob)
-        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+        if seq.num_output_tokens >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
             return self._finish(seq, FinishReason.LENGTH, [token], logprob)
         return self._output(seq, [token], logprob)
 
@@ -415,6 +449,7 @@ class LLMEngine:
                 logprob: TokenLogprob | None) -> RequestOutput:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+        seq.num_pending_tokens = 0  # tokens a running step still computes are thrown away
         self.scheduler.remove(seq)
         samples = self.requests[seq.request_id]
         samples.remove(seq)

@@ -1,4 +1,8 @@
-"""Runs one scheduled step: packs tokens, builds the spec's paged metadata, forwards, samples."""
+"""Runs one scheduled step: packs tokens, builds the spec's paged metadata, forwards, samples.
+
+`launch` queues a step's GPU work and returns at once; its sampled token ids stay on the
+device, where the next step can read them as inputs (overlapped scheduling), and come to the
+host when the engine asks for the `LaunchedStep`'s result."""
 
 from __future__ import annotations
 
@@ -9,11 +13,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kernels import BLOCK_SIZE
+from worker.engine.block_table import BlockTables, slot_mapping
 from worker.engine.cuda_graphs import DecodeGraphs
+from worker.engine.host_copies import HostCopy, to_device
 from worker.engine.kv_cache import AttentionMetadata, KVCache
 from worker.engine.multimodal import VisionEncoder
-from worker.engine.sampler import Sampler, token_logprobs
+from worker.engine.sampler import SampledTokens, Sampler, token_logprobs
 from worker.engine.scheduler import ScheduledBatch
 from worker.engine.sequence import Sequence
 from worker.models.base import PagedCausalLM
@@ -30,15 +35,6 @@ class StepResult:
     sequences: list[Sequence]
     token_ids: list[int]
     logprobs: list[TokenLogprob | None]
-    # The prompt tokens scored this step (SamplingParams.prompt_logprobs), by sequence, in
-    # prompt order.
-    prompt_logprobs: list[tuple[Sequence, list[TokenLogprob]]] = field(default_factory=list)
-
-    def extend(self, other: "StepResult") -> None:
-        self.sequences += other.sequences
-        self.token_ids += other.token_ids
-        self.logprobs += other.logprobs
-        self.prompt_logprobs += other.prompt_logprobs
 
 
 @dataclass
@@ -94,6 +90,18 @@ class StepInputs:
         return dataclasses.replace(self, mm_embeds=(rows.cpu(), embeds.cpu()))
 
 
+@dataclass
+class FedTokens:
+    """Input rows whose token an earlier, still unread step sampled: the step copies them
+    from that step's token ids on the device instead of from the host."""
+
+    rows: torch.Tensor  # int64 [P], rows of the step's input ids (device)
+    token_ids: torch.Tensor  # int64 [P] (device)
+
+    def write_into(self, input_ids: torch.Tensor) -> None:
+        input_ids.index_copy_(0, self.rows, self.token_ids)
+
+
 # Prompt rows turned into full-vocabulary logits at once: bounds the memory of scoring a long
 # prompt chunk to this many rows of logits.
 PROMPT_SCORE_ROWS = 256
@@ -101,8 +109,8 @@ PROMPT_SCORE_ROWS = 256
 
 def forward_step(model: PagedCausalLM, cache: KVCache, inputs: StepInputs, topk: int | None,
                  check_indices: bool,
-                 score_prompt: Callable[[int, torch.Tensor], None] | None = None
-                 ) -> torch.Tensor | None:
+                 score_prompt: Callable[[int, torch.Tensor], None] | None = None,
+                 fed: FedTokens | None = None) -> torch.Tensor | None:
     """The model's forward over one step's inputs: logits of the sampled rows, or None. Every
     rank of a tensor-parallel replica runs it on the same inputs (its collectives pair up).
 
@@ -111,7 +119,7 @@ def forward_step(model: PagedCausalLM, cache: KVCache, inputs: StepInputs, topk:
     device = cache.k.device
 
     def here(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.to(device, non_blocking=True)
+        return to_device(tensor, device)
 
     metadata = AttentionMetadata(
         cu_seqlens_q=here(inputs.cu_seqlens_q), seq_lens=here(inputs.seq_lens),
@@ -120,16 +128,57 @@ def forward_step(model: PagedCausalLM, cache: KVCache, inputs: StepInputs, topk:
     mm_embeds = None
     if inputs.mm_embeds is not None:
         mm_embeds = tuple(here(t) for t in inputs.mm_embeds)
-    hidden = model(here(inputs.input_ids), here(inputs.positions), metadata, cache, topk,
-                   mm_embeds)
+    input_ids = here(inputs.input_ids)
+    if fed is not None:
+        fed.write_into(input_ids)
+    hidden = model(input_ids, here(inputs.positions), metadata, cache, topk, mm_embeds)
     for begin in range(0, len(inputs.prompt_rows), PROMPT_SCORE_ROWS):
         rows = inputs.prompt_rows[begin:begin + PROMPT_SCORE_ROWS]
-        logits = model.compute_logits(hidden[torch.tensor(rows, device=device)])
+        logits = model.compute_logits(hidden[to_device(rows, device, torch.long)])
         if score_prompt is not None:
             score_prompt(begin, logits)
     if not inputs.logit_rows:
         return None
-    return model.compute_logits(hidden[torch.tensor(inputs.logit_rows, device=device)])
+    return model.compute_logits(hidden[to_device(inputs.logit_rows, device, torch.long)])
+
+
+class LaunchedStep:
+    """A step whose GPU work is queued. `sequences` sampled one token each, on the device
+    (`sampled.token_ids`, row by row); `result()` reads them on the host, waiting for the
+    step's GPU work if it is still running. `prompt_logprobs`: the prompt tokens it scored
+    (SamplingParams.prompt_logprobs), by sequence, in prompt order, read during the launch."""
+
+    def __init__(self, batch: ScheduledBatch, sequences: list[Sequence],
+                 sampled: SampledTokens | None,
+                 prompt_logprobs: list[tuple[Sequence, list[TokenLogprob]]]):
+        self.batch = batch
+        self.sequences = sequences
+        self.sampled = sampled
+        self.prompt_logprobs = prompt_logprobs
+        self._copy = None
+        if sampled is not None:
+            scored = sampled.scored.tensors() if sampled.scored is not None else ()
+            self._copy = HostCopy(sampled.token_ids, *scored)
+
+    @property
+    def needs_host_first(self) -> bool:
+        """The next step's inputs need this step's tokens on the host: a grammar (structured
+        output) must accept a token before it can mask the next one."""
+        return any(seq.grammar is not None for seq in self.sequences)
+
+    def result(self) -> StepResult:
+        if self._copy is None:
+            return StepResult([], [], [])
+        token_tensor, *scored = self._copy.get()
+        token_ids = token_tensor.tolist()
+        logprobs: list[TokenLogprob | None] = [None] * len(token_ids)
+        if scored:
+            rows = self.sampled.logprob_rows
+            values = type(self.sampled.scored)(*scored).to_list(
+                [token_ids[i] for i in rows], [self.sequences[i].params.logprobs for i in rows])
+            for i, logprob in zip(rows, values, strict=True):
+                logprobs[i] = logprob
+        return StepResult(self.sequences, token_ids, logprobs)
 
 
 class ModelRunner:
@@ -139,13 +188,14 @@ class ModelRunner:
     rank 0 of a tensor-parallel replica, hands each step's inputs to the other ranks."""
 
     def __init__(self, model: PagedCausalLM, cache: KVCache, sampler: Sampler,
-                 topk: int | None = None, debug_checks: bool = False,
+                 block_tables: BlockTables, topk: int | None = None, debug_checks: bool = False,
                  decode_graphs: DecodeGraphs | None = None, vision: VisionEncoder | None = None,
                  peers: "RankWorkers | None" = None):
         self.model = model
         self.vision = vision
         self.cache = cache
         self.sampler = sampler
+        self.block_tables = block_tables
         self.topk = topk
         self.debug_checks = debug_checks
         self.decode_graphs = decode_graphs
@@ -154,26 +204,20 @@ class ModelRunner:
 
     def prepare(self, batch: ScheduledBatch) -> tuple[StepInputs, list[int], PromptScoring]:
         """(the model inputs of a mixed step, which batch rows are sampled, which prompt
-        tokens are scored)."""
+        tokens are scored). A sequence's token still on the device enters input_ids as 0 and
+        is fed on the device (`launch`)."""
         input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
         cu_seqlens_q = [0]
         seq_lens = []
         sample_rows = []
         scoring = PromptScoring()
-        max_pages = max(len(s.page_ids) for s in batch.sequences)
-        block_table = torch.zeros(len(batch), max_pages, dtype=torch.int32)
         for b, (seq, num_tokens) in enumerate(zip(batch.sequences, batch.num_tokens)):
             start = seq.num_computed_tokens
             end = start + num_tokens
-            input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            slots.extend(seq.page_ids[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE
-                         for p in range(start, end))
+            known = seq.token_ids[start:end]
+            input_ids += known + [0] * (num_tokens - len(known))
             cu_seqlens_q.append(cu_seqlens_q[-1] + num_tokens)
             seq_lens.append(end)
-            block_table[b, : len(seq.page_ids)] = torch.tensor(seq.page_ids, dtype=torch.int32)
             if end == seq.num_tokens:  # the chunk reaches the newest token: sample the next
                 sample_rows.append(b)
             if seq.needs_prompt_logprobs:
@@ -185,13 +229,22 @@ class ModelRunner:
                     scoring.add(seq, range(cu_seqlens_q[b] + first - start,
                                            cu_seqlens_q[b] + last - start),
                                 seq.token_ids[first + 1:last + 1])
+        counts = torch.tensor(batch.num_tokens)
+        ends = torch.tensor(seq_lens, dtype=torch.int32)
+        cu = torch.tensor(cu_seqlens_q, dtype=torch.int32)
+        rows = torch.repeat_interleave(torch.arange(len(batch)), counts)
+        # Packed token t of row b sits at position (end_b - count_b) + (t - cu_b).
+        positions = torch.arange(cu_seqlens_q[-1]) + (ends - counts - cu[:-1]).repeat_interleave(
+            counts)
+        block_table = self.block_tables.gather(batch.sequences,
+                                               max(len(s.page_ids) for s in batch.sequences))
         inputs = StepInputs(
             input_ids=torch.tensor(input_ids, dtype=torch.long),
-            positions=torch.tensor(positions, dtype=torch.long),
-            cu_seqlens_q=torch.tensor(cu_seqlens_q, dtype=torch.int32),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+            positions=positions,
+            cu_seqlens_q=cu,
+            seq_lens=ends,
             block_table=block_table,
-            slot_mapping=torch.tensor(slots, dtype=torch.long),
+            slot_mapping=slot_mapping(block_table, rows, positions),
             logit_rows=[cu_seqlens_q[b + 1] - 1 for b in sample_rows],
             mm_embeds=self._mm_embeds(batch, cu_seqlens_q),
             prompt_rows=scoring.rows)
@@ -209,32 +262,60 @@ class ModelRunner:
                 embeds += seq_embeds
         if not rows:
             return None
-        return torch.tensor(rows, dtype=torch.long, device=self.device), torch.cat(embeds)
+        return to_device(rows, self.device, torch.long), torch.cat(embeds)
+
+    def _fed_tokens(self, batch: ScheduledBatch, cu_seqlens_q: list[int],
+                    earlier: list[LaunchedStep]) -> FedTokens | None:
+        """Where this step's inputs still on the device come from: each is the last token of
+        its row's chunk, sampled by one of the earlier, unread steps."""
+        sources, offset = {}, 0
+        for step in earlier:
+            for row, seq in enumerate(step.sequences):
+                sources[seq] = offset + row
+            offset += len(step.sequences)
+        rows, picks = [], []
+        for b, seq in enumerate(batch.sequences):
+            if seq.num_pending_tokens:
+                assert seq.num_computed_tokens + batch.num_tokens[b] == seq.num_tokens == \
+                    len(seq.token_ids) + 1, "only a chunk's last token can be on the device"
+                rows.append(cu_seqlens_q[b + 1] - 1)
+                picks.append(sources[seq])
+        if not rows:
+            return None
+        # The other ranks of a tensor-parallel replica get host inputs only (no overlap there).
+        assert self.peers is None, "tokens fed on the device with tensor-parallel peers"
+        token_ids = torch.cat([step.sampled.token_ids for step in earlier])
+        return FedTokens(to_device(rows, self.device, torch.long),
+                         token_ids[to_device(picks, self.device, torch.long)])
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> StepResult:
-        """Computes the step and samples; changes no request state (the scheduler's
-        `postprocess` does), so a step that raises can be run again."""
+    def launch(self, batch: ScheduledBatch, earlier: list[LaunchedStep] = ()) -> LaunchedStep:
+        """Queues the step's forward and sampling; changes no request state (the scheduler's
+        `postprocess` does), so a step that raises can be run again. `earlier`: the launched
+        steps not yet read, whose sampled tokens this step may take as inputs."""
+        cu_seqlens_q = [0]
+        for num_tokens in batch.num_tokens:
+            cu_seqlens_q.append(cu_seqlens_q[-1] + num_tokens)
+        fed = self._fed_tokens(batch, cu_seqlens_q, list(earlier))
         if self.decode_graphs is not None and self.decode_graphs.fits(batch):
-            inputs = self.decode_graphs.prepare(batch)
+            inputs = self.decode_graphs.prepare(batch, self.block_tables)
             if self.peers is not None:
                 self.peers.send(inputs)
-            logits = self.decode_graphs.replay(inputs)[: len(batch)]
+            logits = self.decode_graphs.replay(inputs, fed)[: len(batch)]
             sample_rows, prompt_logprobs = range(len(batch)), []
         else:
-            logits, sample_rows, prompt_logprobs = self._run_eager(batch)
+            logits, sample_rows, prompt_logprobs = self._run_eager(batch, fed)
         if not sample_rows:
-            return StepResult([], [], [], prompt_logprobs)
+            return LaunchedStep(batch, [], None, prompt_logprobs)
         sequences = [batch.sequences[b] for b in sample_rows]
-        token_ids, logprobs = self.sampler(logits, sequences)
-        return StepResult(sequences, token_ids, logprobs, prompt_logprobs)
+        return LaunchedStep(batch, sequences, self.sampler(logits, sequences), prompt_logprobs)
 
     def capture_decode_graphs(self) -> None:
         """Every decode graph ahead of time (the engine's warm-up), on every rank at once."""
         if self.decode_graphs is not None:
             self.decode_graphs.capture_all(self.peers.send if self.peers is not None else None)
 
-    def _run_eager(self, batch: ScheduledBatch
+    def _run_eager(self, batch: ScheduledBatch, fed: FedTokens | None
                    ) -> tuple[torch.Tensor | None, list[int],
                               list[tuple[Sequence, list[TokenLogprob]]]]:
         """(logits of the sampled rows, which batch rows they are, the scored prompt tokens)
@@ -243,5 +324,5 @@ class ModelRunner:
         if self.peers is not None:
             self.peers.send(inputs.to_host())
         logits = forward_step(self.model, self.cache, inputs, self.topk, self.debug_checks,
-                              scoring.score_rows)
+                              scoring.score_rows, fed)
         return logits, sample_rows, scoring.by_sequence()

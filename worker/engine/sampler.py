@@ -7,11 +7,63 @@ categorical draw and lets each seeded request draw its noise from its own genera
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from worker.engine.grammar import mask_logits
+from worker.engine.host_copies import to_device
 from worker.engine.sequence import Sequence
 from worker.wire import TokenLogprob
+
+
+@dataclass
+class ScoredTokens:
+    """Log-probabilities of one token per row, with its rank and the row's likeliest tokens,
+    as tensors (on the logits' device until copied)."""
+
+    chosen: torch.Tensor  # float32 [R]
+    ranks: torch.Tensor  # int64 [R]
+    top_values: torch.Tensor  # float32 [R, n]
+    top_ids: torch.Tensor  # int64 [R, n]
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.chosen, self.ranks, self.top_values, self.top_ids
+
+    def to_list(self, tokens: list[int], top_n: list[int]) -> list[TokenLogprob]:
+        """Row i as a TokenLogprob of tokens[i] with its top_n[i] likeliest tokens."""
+        chosen, ranks = self.chosen.tolist(), self.ranks.tolist()
+        top_values, top_ids = self.top_values.tolist(), self.top_ids.tolist()
+        return [TokenLogprob(token, chosen[j], list(zip(top_ids[j][:n], top_values[j][:n])),
+                             ranks[j])
+                for j, (token, n) in enumerate(zip(tokens, top_n))]
+
+
+def score_tokens(logits: torch.Tensor, tokens: torch.Tensor, top_n: int) -> ScoredTokens:
+    """Row i's log-probability of tokens[i] (log-softmax of the logits, fp32), its rank, and
+    the top_n likeliest tokens, best first. Runs on the logits' device without a host sync."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(-1, tokens[:, None])
+    ranks = (logp > chosen).sum(dim=-1) + 1
+    top_values, top_ids = logp.topk(max(top_n, 1), dim=-1)
+    return ScoredTokens(chosen.squeeze(-1), ranks, top_values, top_ids)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int],
+                   top_n: list[int]) -> list[TokenLogprob]:
+    """score_tokens for tokens and top-n counts given on the host, read back at once."""
+    scored = score_tokens(logits, to_device(tokens, logits.device, torch.long), max(top_n))
+    return scored.to_list(tokens, top_n)
+
+
+@dataclass
+class SampledTokens:
+    """One step's sampled token ids, on the logits' device; `scored` holds the logprobs of
+    the rows in `logprob_rows` (the sequences that asked for them)."""
+
+    token_ids: torch.Tensor  # int64 [B]
+    logprob_rows: list[int] = field(default_factory=list)
+    scored: ScoredTokens | None = None
 
 
 class Sampler:
@@ -19,24 +71,28 @@ class Sampler:
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.device = device
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence],
-                 ) -> tuple[list[int], list[TokenLogprob | None]]:
-        """logits [B, V] float32 -> one token id (and optional logprobs) per sequence.
-        Constrained sequences (structured output) sample among the tokens their grammar
-        allows next."""
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledTokens:
+        """logits [B, V] float32 -> one token id (and optional logprobs) per sequence, left on
+        the device. Constrained sequences (structured output) sample among the tokens their
+        grammar allows next."""
         mask_logits(logits, [s.grammar for s in seqs])
         params = [s.params for s in seqs]
         tokens = logits.argmax(dim=-1)
         sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
         if sampled_rows:
-            rows = torch.tensor(sampled_rows, device=logits.device)
+            rows = to_device(sampled_rows, logits.device, torch.long)
             tokens[rows] = self._sample(logits[rows], [seqs[i] for i in sampled_rows])
-        token_list = tokens.tolist()
-        return token_list, self._logprobs(logits, seqs, token_list)
+        wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if not wanted:
+            return SampledTokens(tokens)
+        rows = to_device(wanted, logits.device, torch.long)
+        scored = score_tokens(logits[rows], tokens[rows],
+                              max(params[i].logprobs for i in wanted))
+        return SampledTokens(tokens, wanted, scored)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         def column(values, dtype=torch.float32):
-            return torch.tensor(values, dtype=dtype, device=logits.device)[:, None]
+            return to_device(values, logits.device, dtype)[:, None]
 
         params = [s.params for s in seqs]
         logits = logits / column([p.temperature for p in params])
@@ -66,32 +122,3 @@ class Sampler:
         if seq.generator is None:
             seq.generator = torch.Generator(device=self.device).manual_seed(seq.params.seed)
         return seq.generator
-
-    @staticmethod
-    def _logprobs(logits: torch.Tensor, seqs: list[Sequence],
-                  tokens: list[int]) -> list[TokenLogprob | None]:
-        wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
-        result: list[TokenLogprob | None] = [None] * len(seqs)
-        if not wanted:
-            return result
-        rows = torch.tensor(wanted, device=logits.device)
-        scored = token_logprobs(logits[rows], [tokens[i] for i in wanted],
-                                [seqs[i].params.logprobs for i in wanted])
-        for i, logprob in zip(wanted, scored, strict=True):
-            result[i] = logprob
-        return result
-
-
-def token_logprobs(logits: torch.Tensor, tokens: list[int],
-                   top_n: list[int]) -> list[TokenLogprob]:
-    """Row i's log-probability of tokens[i] (log-softmax of the logits, fp32), its rank, and
-    the top_n[i] likeliest tokens, best first."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    chosen = logp.gather(-1, torch.tensor(tokens, device=logits.device)[:, None])
-    ranks = (logp > chosen).sum(dim=-1) + 1
-    top_values, top_ids = logp.topk(max(max(top_n), 1), dim=-1)
-    chosen, ranks = chosen.squeeze(-1).tolist(), ranks.tolist()
-    top_values, top_ids = top_values.tolist(), top_ids.tolist()
-    return [TokenLogprob(token, chosen[j], list(zip(top_ids[j][:n], top_values[j][:n])),
-                         ranks[j])
-            for j, (token, n) in enumerate(zip(tokens, top_n))]

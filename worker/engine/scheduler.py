@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from worker.engine.block_manager import BlockManager
 from worker.engine.sequence import Sequence, SequenceStatus
+from worker.wire import TokenLogprob
 
 
 @dataclass
@@ -35,10 +36,11 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int,
-                 max_num_batched_tokens: int):
+                 max_num_batched_tokens: int, max_model_len: int):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()  # arrival order
         self.running: list[Sequence] = []  # arrival order
 
@@ -63,6 +65,9 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
+            if seq.samples_no_more(self.max_model_len):  # it finishes when its token is read
+                index += 1
+                continue
             num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.block_manager.reserve(seq, num_tokens):
                 victim = self.running[-1]
@@ -79,10 +84,19 @@ class Scheduler:
             self._admit(batch, budget)
         return batch
 
-    def postprocess(self, batch: ScheduledBatch) -> None:
-        """After a step ran: its tokens' K/V are now in the cache."""
+    def postprocess(self, batch: ScheduledBatch, sampled: list[Sequence],
+                    prompt_logprobs: list[tuple[Sequence, list[TokenLogprob]]]) -> None:
+        """After a step was launched: its tokens' K/V are (being) written to the cache, each
+        sampled sequence has one more token on the device, which the engine reads after the
+        step (at once, or during the next one with overlapped scheduling), and the prompt
+        tokens it scored (computed during the launch) are recorded, so that a parallel sample
+        admitted next does not score them again."""
         for seq, num_tokens in zip(batch.sequences, batch.num_tokens):
             seq.num_computed_tokens += num_tokens
+        for seq in sampled:
+            seq.num_pending_tokens += 1
+        for seq, scored in prompt_logprobs:
+            seq.prompt_logprobs += scored
 
     def _admit(self, batch: ScheduledBatch, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:

@@ -41,7 +41,10 @@ class Sequence:
         self.mm_spans: tuple[MultimodalSpan, ...] = tuple(s for i in mm_inputs for s in i.spans)
         self.status = SequenceStatus.WAITING
         self.finish_reason: FinishReason | None = None
-        self.num_computed_tokens = 0  # tokens whose K/V are in the cache
+        self.num_computed_tokens = 0  # tokens whose K/V are in the cache (or being written)
+        # Tokens sampled on the device whose ids the host has not read yet (overlapped
+        # scheduling): they follow token_ids, and the next step reads them on the device.
+        self.num_pending_tokens = 0
         self.num_cached_tokens = 0  # of the prompt, served from the prefix cache
         self.page_ids: list[int] = []
         self.num_registered_pages = 0  # leading full pages already published to the prefix cache
@@ -59,11 +62,20 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        """Every token the cache will hold, those still on the device included."""
+        return len(self.token_ids) + self.num_pending_tokens
 
     @property
     def num_output_tokens(self) -> int:
-        return self.num_tokens - self.num_prompt_tokens
+        """Generated tokens the host has read: what the user is told of."""
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    def samples_no_more(self, max_model_len: int) -> bool:
+        """Its newest token, still on the device, is its last by length (max_tokens or the
+        context): scheduling it again would compute a token nobody receives."""
+        return self.num_pending_tokens > 0 and (
+            self.num_tokens - self.num_prompt_tokens >= self.params.max_tokens
+            or self.num_tokens >= max_model_len)
 
     @property
     def is_finished(self) -> bool:
@@ -97,8 +109,9 @@ class Sequence:
         return self.num_computed_tokens >= self.num_prompt_tokens
 
     def page_hashes(self, salt: str) -> list[str]:
-        """Chained hashes of the sequence's full pages, computed incrementally."""
-        full_pages = self.num_tokens // BLOCK_SIZE
+        """Chained hashes of the sequence's full pages of known tokens, computed
+        incrementally."""
+        full_pages = len(self.token_ids) // BLOCK_SIZE
         if len(self._page_hashes) < full_pages:
             self._page_hashes = chain_page_hashes(self.token_ids[: full_pages * BLOCK_SIZE], salt,
                                                   self.mm_spans, known=self._page_hashes)
