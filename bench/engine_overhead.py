@@ -108,13 +108,20 @@ def main() -> None:
     parser.add_argument("--skip-m3", action="store_true")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "bench/engine_overhead.py needs a CUDA GPU"
+    directory = Path(args.out_dir) if args.out_dir else None
     decode = [] if args.skip_m3 else m3_rows()
+    write_tables(decode, [], directory)  # a partial file, should the rest not finish
     gc.collect()  # the M3 engine's weights and cache go before SmolLM2 loads
     torch.cuda.empty_cache()
     smol = LLMEngine(EngineConfig(device="cuda", max_num_seqs=256))
     for context, batches in SMOL_SHAPES:
         decode += decode_rows(smol, "SmolLM2-135M", context, batches)
-    throughput = throughput_rows(smol)
+    write_tables(decode, [], directory)
+    write_tables(decode, throughput_rows(smol), directory)
+
+
+def write_tables(decode: list[list[object]], throughput: list[list[object]],
+                 directory: Path | None) -> None:
     tables = (
         "## Decode step: wall time against GPU kernel time\n\n"
         + markdown_table(["model", "batch x context", "scheduling", "wall ms/step",
@@ -129,9 +136,7 @@ def main() -> None:
     gpu = torch.cuda.get_device_name()
     write_results("engine_overhead_" + next((g.lower() for g in ("H100", "H200") if g in gpu),
                                             "gpu"),
-                  "Engine overhead: overlapped scheduling", tables, notes,
-                  directory=Path(args.out_dir) if args.out_dir else None)
-
+                  "Engine overhead: overlapped scheduling", tables, notes, directory=directory)
 
 if __name__ == "__main__":
     main()
