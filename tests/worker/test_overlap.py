@@ -54,10 +54,9 @@ def run(engine, requests, abort_after: dict[int, int]) -> dict[tuple[int, int], 
                 tokens=[], text="", logprobs=[], prompt_logprobs=None))
             stream["tokens"] += out.new_token_ids
             stream["text"] += out.delta
-            stream["logprobs"] += [(lp.token_id, round(lp.logprob, 4)) for lp in out.logprobs]
+            stream["logprobs"] += [lp.logprob for lp in out.logprobs]
             stream["prompt_logprobs"] = stream["prompt_logprobs"] or (
-                [round(lp.logprob, 4) for lp in out.prompt_logprobs]
-                if out.prompt_logprobs else None)
+                [lp.logprob for lp in out.prompt_logprobs] if out.prompt_logprobs else None)
             stream.update(finished=out.finished, reason=out.finish_reason,
                           usage=(out.usage.prompt_tokens, out.usage.completion_tokens,
                                  out.usage.cached_tokens))
@@ -117,7 +116,12 @@ def check_overlap_matches_serial(make_tiny_engine, pressure: bool, **device) -> 
         # published and freed, which overlap shifts by a step: cached_tokens may differ.
         for stream in (*expected.values(), *got.values()):
             stream["usage"] = stream["usage"][:2]
-    assert got == expected
+    assert got.keys() == expected.keys()
+    for key, stream in got.items():
+        # On a GPU a row's float sums may differ in the last bits with the batch it ran in.
+        for field in ("logprobs", "prompt_logprobs"):
+            assert stream.pop(field) == pytest.approx(expected[key].pop(field), abs=1e-4), key
+        assert stream == expected[key], key
     assert fed_steps[0] > 10, "overlapped steps must take their inputs from the device"
     if pressure:
         assert serial.stats.preemptions > 0 and overlapped.stats.preemptions > 0
