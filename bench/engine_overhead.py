@@ -106,21 +106,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out-dir", default=None)
     parser.add_argument("--skip-m3", action="store_true")
+    parser.add_argument("--smol-shapes", default=None, metavar="DIR",
+                        help="a directory with SmolLM2-135M's config.json and tokenizer: its "
+                             "shapes with random weights (load_format dummy), where the "
+                             "embedded GGUF cannot be installed")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "bench/engine_overhead.py needs a CUDA GPU"
     directory = Path(args.out_dir) if args.out_dir else None
     decode = [] if args.skip_m3 else m3_rows()
-    write_tables(decode, [], directory)  # a partial file, should the rest not finish
+    write_tables(decode, [], "", directory)  # a partial file, should the rest not finish
     gc.collect()  # the M3 engine's weights and cache go before SmolLM2 loads
     torch.cuda.empty_cache()
-    smol = LLMEngine(EngineConfig(device="cuda", max_num_seqs=256))
+    smol = LLMEngine(EngineConfig(model=args.smol_shapes, device="cuda", max_num_seqs=256,
+                                  load_format="dummy" if args.smol_shapes else "auto"))
+    smol_source = ("its shapes with random weights (load_format dummy); with EOS ignored "
+                   "every step computes the same as with the real weights" if args.smol_shapes
+                   else "the embedded GGUF")
     for context, batches in SMOL_SHAPES:
         decode += decode_rows(smol, "SmolLM2-135M", context, batches)
-    write_tables(decode, [], directory)
-    write_tables(decode, throughput_rows(smol), directory)
+    write_tables(decode, [], smol_source, directory)
+    write_tables(decode, throughput_rows(smol), smol_source, directory)
 
 
-def write_tables(decode: list[list[object]], throughput: list[list[object]],
+def write_tables(decode: list[list[object]], throughput: list[list[object]], smol_source: str,
                  directory: Path | None) -> None:
     tables = (
         "## Decode step: wall time against GPU kernel time\n\n"
@@ -132,7 +140,8 @@ def write_tables(decode: list[list[object]], throughput: list[list[object]],
     notes = (f"Decode: {STEPS} timed steps after {WARM_STEPS} warm ones, then {STEPS} profiled "
              "steps, both modes on the same prefilled sequences (the serial rows first), "
              "CUDA-graph decode, bf16. Throughput: prompts of 256-2,048 tokens, 128 output "
-             "tokens each, greedy, EOS ignored, prefill included, max_num_seqs 256.")
+             "tokens each, greedy, EOS ignored, prefill included, max_num_seqs 256. "
+             f"SmolLM2-135M: {smol_source}.")
     gpu = torch.cuda.get_device_name()
     write_results("engine_overhead_" + next((g.lower() for g in ("H100", "H200") if g in gpu),
                                             "gpu"),
