@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from worker.errors import ModelLoadError
 from worker.wire import BLOCK_SIZE
@@ -466,7 +466,8 @@ class EngineConfig(BaseModel):
     overlap_scheduling: bool | None = Field(
         None, description="schedule and launch step N+1 before reading step N's tokens, so the "
                           "GPU never waits for the host; None = on for single-GPU CUDA "
-                          "replicas (not yet with tensor_parallel_size > 1)")
+                          "replicas (tensor-parallel ones take true: the sampled tokens reach "
+                          "the other ranks by an NCCL broadcast)")
     seed: int = 0
     debug_checks: bool = False
 
@@ -474,10 +475,3 @@ class EngineConfig(BaseModel):
     @classmethod
     def _parse_size(cls, value):
         return None if value is None else parse_bytes(value)
-
-    @model_validator(mode="after")
-    def _overlap_needs_one_rank(self) -> "EngineConfig":
-        if self.overlap_scheduling and self.tensor_parallel_size > 1:
-            raise ValueError("overlap_scheduling is not supported with tensor_parallel_size > 1 "
-                             "yet (the other ranks take host inputs); leave it unset or false")
-        return self

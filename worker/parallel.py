@@ -91,6 +91,13 @@ def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(pieces, dim=-1)
 
 
+def broadcast_tensor(x: torch.Tensor) -> torch.Tensor:
+    """Rank 0's `x` into every rank's `x` (same shape and dtype), over the model's group: on
+    GPUs an NCCL broadcast queued on the device, which the host does not wait for."""
+    dist.broadcast(x, src=0)
+    return x
+
+
 def broadcast_from_rank0(payload: object = None) -> object:
     """Rank 0 sends `payload` (any picklable object: CPU tensors travel whole); the other ranks
     pass nothing and get it."""

@@ -154,7 +154,7 @@ def test_health_does_not_wait_for_a_long_step(make_tiny_engine):
     original = engine.runner.launch
     entered, release = threading.Event(), threading.Event()
 
-    def slow_launch(batch, earlier=()):
+    def slow_launch(batch, earlier):
         entered.set()
         release.wait(timeout=30)
         return original(batch, earlier)

@@ -147,10 +147,3 @@ def test_length_limited_sequences_are_not_scheduled_past_their_last_token(make_t
                               if engine.live_sequences else 0)
     assert tokens_computed == 50 + 3, "no token past max_tokens is computed"
     assert engine.stats.steps == 3, "the prefill and two decodes, nothing more"
-
-
-def test_overlap_is_refused_with_tensor_parallel(tiny_model_dir):
-    from worker.config import EngineConfig
-
-    with pytest.raises(ValueError, match="overlap_scheduling is not supported"):
-        EngineConfig(model=str(tiny_model_dir), tensor_parallel_size=2, overlap_scheduling=True)

@@ -61,8 +61,9 @@ def single_process(m3_dir):
 
 
 @pytest.mark.parametrize("parallel", [{"tensor_parallel_size": 2},
-                                      {"tensor_parallel_size": 2, "expert_parallel": True}],
-                         ids=["tp2", "tp2-ep2"])
+                                      {"tensor_parallel_size": 2, "expert_parallel": True,
+                                       "overlap_scheduling": True}],
+                         ids=["tp2", "tp2-ep2-overlapped"])
 def test_two_ranks_compute_what_one_process_computes(m3_dir, local_ray, single_process,
                                                      parallel):
     engine = _engine(m3_dir, **parallel)
@@ -86,8 +87,9 @@ def test_two_ranks_compute_what_one_process_computes(m3_dir, local_ray, single_p
 def test_graphed_decode_steps_replay_on_every_rank(m3_dir, local_ray, single_process):
     """Decode steps through DecodeGraphs (uncaptured on CPU: the same static buffers and
     padding): rank 0 sends each step's DecodeInputs, the other rank replays the same step from
-    its own buffers, and the outputs are the single process's."""
-    engine = _engine(m3_dir, tensor_parallel_size=2)
+    its own buffers, and the outputs are the single process's. Overlapped: each decode's
+    input token reaches the other rank by a broadcast on the device, not in DecodeInputs."""
+    engine = _engine(m3_dir, tensor_parallel_size=2, overlap_scheduling=True)
     try:
         engine.runner.decode_graphs = DecodeGraphs(
             engine.runner.model, engine.cache, engine.topk, max_batch=4,
@@ -101,6 +103,7 @@ def test_graphed_decode_steps_replay_on_every_rank(m3_dir, local_ray, single_pro
         engine.close()
     want = single_process[0][0]
     assert len(replayed) == GREEDY.max_tokens - 1  # every decode step was graphed
+    assert all(inputs.fed_rows == [0] for inputs in replayed), "tokens fed on the device"
     assert ours.new_token_ids == want.new_token_ids
     for got, expected in zip(ours.logprobs, want.logprobs, strict=True):
         assert [lp for _, lp in got.top] == pytest.approx([lp for _, lp in expected.top],

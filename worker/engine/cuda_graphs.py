@@ -14,6 +14,7 @@ Two paths per bucket because the layer's dense-or-sparse choice is made on the h
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,6 +61,7 @@ class DecodeInputs:
     slot_mapping: torch.Tensor  # int64 [bucket]
     seq_lens: torch.Tensor  # int32 [bucket]
     block_table: torch.Tensor  # int32 [bucket, pages of the widest row]
+    fed_rows: list[int] = dataclasses.field(default_factory=list)  # as StepInputs.fed_rows
 
 
 class DecodeGraphs:

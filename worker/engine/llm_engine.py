@@ -3,7 +3,8 @@
 The engine owns the model, the KV cache and the scheduling state; it is not thread-safe.
 `AsyncLLMEngine` drives it from a background thread for servers.
 
-With overlapped scheduling (`overlap_scheduling`, on for single-GPU CUDA replicas) a step
+With overlapped scheduling (`overlap_scheduling`; on by default for single-GPU CUDA
+replicas, asked for with tensor parallelism) a step
 schedules and launches step N+1 before it reads step N's sampled tokens, so the GPU runs N+1
 while the host detokenizes N, matches stop strings and builds the outputs. Step N+1 takes N's
 tokens as inputs on the device. A sequence that N finished (EOS, a stop string) has one more

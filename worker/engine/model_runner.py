@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from worker import parallel
 from worker.engine.block_table import BlockTables, slot_mapping
-from worker.engine.cuda_graphs import DecodeGraphs
+from worker.engine.cuda_graphs import DecodeGraphs, DecodeInputs
 from worker.engine.host_copies import HostCopy, to_device
 from worker.engine.kv_cache import AttentionMetadata, KVCache
 from worker.engine.multimodal import VisionEncoder
@@ -81,6 +82,9 @@ class StepInputs:
     logit_rows: list[int]  # packed rows whose logits are sampled
     mm_embeds: tuple[torch.Tensor, torch.Tensor] | None  # (packed rows, embeddings)
     prompt_rows: list[int] = field(default_factory=list)  # packed rows that score a prompt token
+    # Packed rows whose token an earlier step sampled on the device (overlapped scheduling):
+    # rank 0 broadcasts those tokens to the other ranks right after these inputs.
+    fed_rows: list[int] = field(default_factory=list)
 
     def to_host(self) -> "StepInputs":
         """The same inputs with the image embeddings (computed on rank 0's device) on the host."""
@@ -95,11 +99,22 @@ class FedTokens:
     """Input rows whose token an earlier, still unread step sampled: the step copies them
     from that step's token ids on the device instead of from the host."""
 
-    rows: torch.Tensor  # int64 [P], rows of the step's input ids (device)
+    host_rows: list[int]  # rows of the step's input ids
+    rows: torch.Tensor  # int64 [P], the same rows on the device
     token_ids: torch.Tensor  # int64 [P] (device)
 
     def write_into(self, input_ids: torch.Tensor) -> None:
         input_ids.index_copy_(0, self.rows, self.token_ids)
+
+    @classmethod
+    def receive(cls, rows: list[int], device: torch.device) -> "FedTokens | None":
+        """Ranks 1..N-1 of a tensor-parallel replica: the tokens rank 0 broadcasts for these
+        rows (`ModelRunner._send_to_peers`), or None when the step has none."""
+        if not rows:
+            return None
+        token_ids = parallel.broadcast_tensor(torch.empty(len(rows), dtype=torch.long,
+                                                          device=device))
+        return cls(rows, to_device(rows, device, torch.long), token_ids)
 
 
 # Prompt rows turned into full-vocabulary logits at once: bounds the memory of scoring a long
@@ -282,25 +297,32 @@ class ModelRunner:
                 picks.append(sources[seq])
         if not rows:
             return None
-        # The other ranks of a tensor-parallel replica get host inputs only (no overlap there).
-        assert self.peers is None, "tokens fed on the device with tensor-parallel peers"
         token_ids = torch.cat([step.sampled.token_ids for step in earlier])
-        return FedTokens(to_device(rows, self.device, torch.long),
+        return FedTokens(rows, to_device(rows, self.device, torch.long),
                          token_ids[to_device(picks, self.device, torch.long)])
 
+    def _send_to_peers(self, inputs: StepInputs | DecodeInputs, fed: FedTokens | None) -> None:
+        """Hands a step to the other ranks: its host inputs, then the tokens fed on the
+        device (a broadcast on the device, so overlapped scheduling stays overlapped)."""
+        inputs.fed_rows = fed.host_rows if fed is not None else []
+        if self.peers is None:
+            return
+        self.peers.send(inputs)
+        if fed is not None:
+            parallel.broadcast_tensor(fed.token_ids)
+
     @torch.inference_mode()
-    def launch(self, batch: ScheduledBatch, earlier: list[LaunchedStep] = ()) -> LaunchedStep:
+    def launch(self, batch: ScheduledBatch, earlier: list[LaunchedStep]) -> LaunchedStep:
         """Queues the step's forward and sampling; changes no request state (the scheduler's
         `postprocess` does), so a step that raises can be run again. `earlier`: the launched
         steps not yet read, whose sampled tokens this step may take as inputs."""
         cu_seqlens_q = [0]
         for num_tokens in batch.num_tokens:
             cu_seqlens_q.append(cu_seqlens_q[-1] + num_tokens)
-        fed = self._fed_tokens(batch, cu_seqlens_q, list(earlier))
+        fed = self._fed_tokens(batch, cu_seqlens_q, earlier)
         if self.decode_graphs is not None and self.decode_graphs.fits(batch):
             inputs = self.decode_graphs.prepare(batch, self.block_tables)
-            if self.peers is not None:
-                self.peers.send(inputs)
+            self._send_to_peers(inputs, fed)
             logits = self.decode_graphs.replay(inputs, fed)[: len(batch)]
             sample_rows, prompt_logprobs = range(len(batch)), []
         else:
@@ -321,8 +343,7 @@ class ModelRunner:
         """(logits of the sampled rows, which batch rows they are, the scored prompt tokens)
         of a mixed step."""
         inputs, sample_rows, scoring = self.prepare(batch)
-        if self.peers is not None:
-            self.peers.send(inputs.to_host())
+        self._send_to_peers(inputs.to_host(), fed)
         logits = forward_step(self.model, self.cache, inputs, self.topk, self.debug_checks,
                               scoring.score_rows, fed)
         return logits, sample_rows, scoring.by_sequence()

@@ -55,7 +55,7 @@ class RankWorker:
         from worker.engine.cuda_graphs import DecodeGraphs, DecodeInputs, max_graph_batch
         from worker.engine.kv_cache import KVCache
         from worker.engine.llm_engine import resolve_device_and_dtype
-        from worker.engine.model_runner import forward_step
+        from worker.engine.model_runner import FedTokens, forward_step
         from worker.loader import load_model
 
         config = self.config
@@ -72,13 +72,15 @@ class RankWorker:
             with torch.inference_mode():
                 while (inputs := parallel.broadcast_from_rank0()) is not None:
                     try:
+                        fed = FedTokens.receive(inputs.fed_rows, device)
                         if isinstance(inputs, DecodeInputs):
                             graphs = graphs or DecodeGraphs(
                                 model, cache, setup.topk, max_graph_batch(config),
                                 setup.max_model_len, capture=device.type == "cuda")
-                            graphs.replay(inputs)
+                            graphs.replay(inputs, fed)
                         else:
-                            forward_step(model, cache, inputs, config.topk, config.debug_checks)
+                            forward_step(model, cache, inputs, config.topk, config.debug_checks,
+                                         fed=fed)
                     except Exception:  # rank 0 raised on the same inputs and reports it
                         logger.exception("rank %d: step failed", self.rank)
                     steps += 1
