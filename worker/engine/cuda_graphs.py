@@ -25,7 +25,7 @@ import torch
 from kernels import BLOCK_SIZE
 from worker.config import EngineConfig
 from worker.engine.block_table import BlockTables, slot_mapping
-from worker.engine.host_copies import to_device
+from worker.engine.host_copies import copy_to_device
 from worker.engine.kv_cache import AttentionMetadata, KVCache
 from worker.engine.scheduler import ScheduledBatch
 from worker.models.base import PagedCausalLM
@@ -79,7 +79,7 @@ class DecodeGraphs:
         self.max_model_len = max_model_len
         self.capture = capture
         self.buckets = [b for b in BATCH_BUCKETS if b < max_batch] + [max_batch]
-        self.device = device = cache.k.device
+        device = cache.k.device
         self.max_pages = -(-max_model_len // BLOCK_SIZE)
 
         def buffer(*shape, dtype):
@@ -172,12 +172,10 @@ class DecodeGraphs:
     def _load(self, inputs: DecodeInputs) -> None:
         bucket = inputs.bucket
         for name in ("input_ids", "positions", "slot_mapping", "seq_lens"):
-            getattr(self, name)[:bucket].copy_(to_device(getattr(inputs, name), self.device),
-                                               non_blocking=True)
+            copy_to_device(getattr(self, name)[:bucket], getattr(inputs, name))
         # Columns past a row's pages keep stale ids: nothing reads past a row's length.
         widest = inputs.block_table.shape[1]
-        self.block_table[:bucket, :widest].copy_(to_device(inputs.block_table, self.device),
-                                                 non_blocking=True)
+        copy_to_device(self.block_table[:bucket, :widest], inputs.block_table)
 
     def _forward(self, bucket: int, short: bool) -> torch.Tensor:
         seq_lens = self.seq_lens[:bucket]

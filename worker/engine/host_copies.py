@@ -20,6 +20,14 @@ def to_device(values: torch.Tensor | list, device: torch.device,
     return host.pin_memory().to(device, non_blocking=True)
 
 
+def copy_to_device(target: torch.Tensor, values: torch.Tensor) -> None:
+    """Copies a host tensor into `target` (a device buffer) without blocking the host."""
+    if target.device.type != "cuda":
+        target.copy_(values)
+        return
+    target.copy_(values.pin_memory(), non_blocking=True)
+
+
 class HostCopy:
     """Device tensors copied to the host as soon as the GPU has computed them; `get()`
     waits for that copy alone (not for work queued after it)."""

@@ -7,6 +7,7 @@ host when the engine asks for the `LaunchedStep`'s result."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -19,7 +20,7 @@ from worker.engine.cuda_graphs import DecodeGraphs, DecodeInputs
 from worker.engine.host_copies import HostCopy, to_device
 from worker.engine.kv_cache import AttentionMetadata, KVCache
 from worker.engine.multimodal import VisionEncoder
-from worker.engine.sampler import SampledTokens, Sampler, token_logprobs
+from worker.engine.sampler import SampledTokens, Sampler, ScoredTokens, token_logprobs
 from worker.engine.scheduler import ScheduledBatch
 from worker.engine.sequence import Sequence
 from worker.models.base import PagedCausalLM
@@ -189,7 +190,7 @@ class LaunchedStep:
         logprobs: list[TokenLogprob | None] = [None] * len(token_ids)
         if scored:
             rows = self.sampled.logprob_rows
-            values = type(self.sampled.scored)(*scored).to_list(
+            values = ScoredTokens(*scored).to_list(
                 [token_ids[i] for i in rows], [self.sequences[i].params.logprobs for i in rows])
             for i, logprob in zip(rows, values, strict=True):
                 logprobs[i] = logprob
@@ -279,7 +280,7 @@ class ModelRunner:
             return None
         return to_device(rows, self.device, torch.long), torch.cat(embeds)
 
-    def _fed_tokens(self, batch: ScheduledBatch, cu_seqlens_q: list[int],
+    def _fed_tokens(self, batch: ScheduledBatch,
                     earlier: list[LaunchedStep]) -> FedTokens | None:
         """Where this step's inputs still on the device come from: each is the last token of
         its row's chunk, sampled by one of the earlier, unread steps."""
@@ -289,11 +290,12 @@ class ModelRunner:
                 sources[seq] = offset + row
             offset += len(step.sequences)
         rows, picks = [], []
-        for b, seq in enumerate(batch.sequences):
+        chunk_ends = itertools.accumulate(batch.num_tokens)
+        for seq, num_tokens, chunk_end in zip(batch.sequences, batch.num_tokens, chunk_ends):
             if seq.num_pending_tokens:
-                assert seq.num_computed_tokens + batch.num_tokens[b] == seq.num_tokens == \
+                assert seq.num_computed_tokens + num_tokens == seq.num_tokens == \
                     len(seq.token_ids) + 1, "only a chunk's last token can be on the device"
-                rows.append(cu_seqlens_q[b + 1] - 1)
+                rows.append(chunk_end - 1)
                 picks.append(sources[seq])
         if not rows:
             return None
@@ -316,10 +318,7 @@ class ModelRunner:
         """Queues the step's forward and sampling; changes no request state (the scheduler's
         `postprocess` does), so a step that raises can be run again. `earlier`: the launched
         steps not yet read, whose sampled tokens this step may take as inputs."""
-        cu_seqlens_q = [0]
-        for num_tokens in batch.num_tokens:
-            cu_seqlens_q.append(cu_seqlens_q[-1] + num_tokens)
-        fed = self._fed_tokens(batch, cu_seqlens_q, earlier)
+        fed = self._fed_tokens(batch, earlier)
         if self.decode_graphs is not None and self.decode_graphs.fits(batch):
             inputs = self.decode_graphs.prepare(batch, self.block_tables)
             self._send_to_peers(inputs, fed)
