@@ -15,19 +15,20 @@ from deployments.ingress import Ingress
 from deployments.model_server import ModelServer
 from deployments.preprocessor import Preprocessor
 
-PREFIX_AWARE_ROUTER = "deployments.router:PrefixAwareRouter"
-ROUND_ROBIN_ROUTER = "deployments.router:RoundRobinRouter"
+ROUTERS = {"prefix_aware": "deployments.router:PrefixAwareRouter",
+           "prefix_cache_affinity": "deployments.affinity_router:PrefixCacheAffinityBaseline",
+           "power_of_two": "deployments.router:PowerOfTwoRouter",
+           "round_robin": "deployments.router:RoundRobinRouter"}
 
 
 def router_config(config: AppConfig) -> RequestRouterConfig:
-    if config.routing.policy == "power_of_two":
-        return RequestRouterConfig()
-    if config.routing.policy == "round_robin":
-        return RequestRouterConfig(request_router_class=ROUND_ROBIN_ROUTER)
-    return RequestRouterConfig(
-        request_router_class=PREFIX_AWARE_ROUTER,
-        request_router_kwargs={"redis": config.redis.model_dump(), "model_key": config.model_key,
-                               "load_penalty_tokens": config.routing.load_penalty_tokens})
+    policy = config.routing.policy
+    kwargs = {}
+    if policy == "prefix_aware":
+        kwargs = {"redis": config.redis.model_dump(), "model_key": config.model_key,
+                  "routing": config.routing.model_dump()}
+    return RequestRouterConfig(request_router_class=ROUTERS[policy],
+                               request_router_kwargs=kwargs)
 
 
 def build_app(args: dict[str, Any]):

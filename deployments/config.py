@@ -120,15 +120,33 @@ class RedisSettings(_Strict):
         return self
 
 
+class PeerPulls(_Strict):
+    """A replica sent a request whose prefix another replica holds pulls those pages instead of
+    recomputing them (into its host tier: `kv_host_memory` must be set)."""
+
+    # auto: when moving the pages is measured to cost less than computing them; always: for
+    # every hint the router gives; off: never (the router then credits peers nothing).
+    mode: Literal["auto", "always", "off"] = "auto"
+    timeout_s: float = Field(2.0, gt=0, description="a slower pull is abandoned: the request "
+                                                     "recomputes the prefix")
+
+
 class RoutingSettings(_Strict):
-    # prefix_aware: Redis prefix matches minus a load penalty; power_of_two: Serve's default
-    # (the shorter queue of two random replicas); round_robin: each replica in turn.
-    policy: Literal["prefix_aware", "power_of_two", "round_robin"] = "prefix_aware"
-    # One ongoing request weighs as much as recomputing one cached page: a session stays on its
-    # replica unless the other is clearly idler (a 512 penalty moved sessions off replicas
-    # holding 1,400-token prefixes on the CPU load benchmark).
-    load_penalty_tokens: int = Field(
-        128, ge=0, description="matched prefix tokens one ongoing request at a replica is worth")
+    # prefix_aware: the replica that costs least, counting the request's uncached prefill, the
+    # prefill queued there and the KV its decodes read (the form of NVIDIA Dynamo's KV router);
+    # prefix_cache_affinity: Ray Serve LLM's PrefixCacheAffinityRouter, fed our token ids;
+    # power_of_two: Serve's default (the shorter queue of two random replicas); round_robin:
+    # each replica in turn.
+    policy: Literal["prefix_aware", "prefix_cache_affinity", "power_of_two",
+                    "round_robin"] = "prefix_aware"
+    prefill_weight: float = Field(
+        1.0, ge=0, description="weight of a 128-token block of prefill against a block of KV "
+                               "that a replica's decodes read each step")
+    host_credit: float = Field(0.75, ge=0, le=1, description="a prefix page in a replica's "
+                                                             "host tier, against one on device")
+    peer_credit: float = Field(0.5, ge=0, le=1, description="a prefix page another replica "
+                                                            "holds, which this one can pull")
+    peer_pulls: PeerPulls = Field(default_factory=PeerPulls)
 
 
 class Limits(_Strict):

@@ -19,9 +19,10 @@ TOKENS = Counter("msa_tokens", "Tokens by kind (prompt, cached = prompt tokens s
 PREFIX_HIT_RATE = Gauge("msa_prefix_hit_rate", "Cached prompt tokens / prompt tokens so far",
                         registry=REGISTRY)
 ROUTING_DECISIONS = Counter("msa_routing_decisions", "Model-replica choices by reason (prefix, "
-                            "load, redis_unavailable)", ["reason"], registry=REGISTRY)
+                            "pull, load, redis_unavailable)", ["reason"], registry=REGISTRY)
 REPLICA_LOAD = Gauge("msa_replica_load", "Load figures each model replica publishes "
-                     "(running, waiting, kv_pages_in_use, kv_pages_total, generated_tokens)",
+                     "(LLMEngine.load_figures: queues, KV pages by tier, pages copied back "
+                     "from the host tier, pulled from peers and refused)",
                      ["replica", "figure"], registry=REGISTRY)
 
 

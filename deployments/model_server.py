@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import torch
 from ray import serve
 
 from deployments.config import AppConfig
+from deployments.page_pulls import PagePuller, PullCosts
 from deployments.prefix_index import PrefixIndexPublisher
-from deployments.protocol import GenerateChunk, GenerateRequest
+from deployments.protocol import ExportRequest, GenerateChunk, GenerateRequest
 from worker.engine.async_engine import AsyncLLMEngine
 from worker.engine.llm_engine import LLMEngine
+from worker.wire import PagePayload
 
 logger = logging.getLogger(__name__)
 
@@ -34,14 +37,27 @@ class ModelServer:
             publisher = self.publisher
             publisher.start(
                 snapshot=lambda: self.engine.call(
-                    lambda e: publisher.take_snapshot(e.block_manager.cached_hashes())),
-                load=lambda: self.engine.call(LLMEngine.load_figures))
+                    lambda e: publisher.take_snapshot(e.block_manager.hashes_by_tier())),
+                # Stamped on the engine thread: routers count what they sent after it.
+                load=lambda: self.engine.call(
+                    lambda e: {**e.load_figures(), "at_ms": int(time.time() * 1000)}))
+        self.puller = None
+        pulls = app.routing.peer_pulls
+        if self.engine.engine.page_exchange is not None and pulls.mode != "off":
+            costs = None
+            if pulls.mode == "auto":
+                costs = await PullCosts.measure(self.engine,
+                                                self.engine.engine.host_cache.page_bytes)
+            self.puller = PagePuller(self.engine, pulls, costs)
         logger.info("model replica ready", extra={"replica": self.replica,
                                                   "model": self.engine.engine.model_name})
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         """Streams chunks; the first one is yielded as soon as the first token exists."""
         prompt = request.prompt
+        if request.pull is not None and self.puller is not None \
+                and request.pull.holder != self.replica:
+            await self.puller.pull(prompt.page_hashes[:request.pull.pages], request.pull.holder)
         unfinished = request.params.n
         async for out in self.engine.generate(prompt.token_ids, request.params,
                                               request.request_id, tuple(prompt.mm_inputs)):
@@ -54,6 +70,11 @@ class ModelServer:
                                 out.usage.cached_tokens, out.logprobs, out.index,
                                 self.engine.engine.load_figures() if not unfinished else None,
                                 out.prompt_logprobs)
+
+    async def export_pages(self, request: ExportRequest) -> list[PagePayload]:
+        """The leading pages of request.page_hashes this replica holds, for a peer to pull."""
+        return await self.engine.call(
+            lambda e: e.page_exchange.export(request.page_hashes) if e.page_exchange else [])
 
     async def check_health(self) -> None:
         """Serve restarts the replica when its engine loop has died or a step hangs; a long

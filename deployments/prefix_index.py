@@ -1,12 +1,14 @@
 """Prefix-cache metadata in Redis: model replicas publish which page hashes they hold, routers ask.
 
 Layout, under `{key_prefix}:{model_key}`:
-    ...:pages:{replica}   SET of the page hashes the replica can serve from its cache
-    ...:load:{replica}    HASH of the replica's load figures (running, waiting, KV pages)
-Both keys carry a TTL that the replica's heartbeat renews, so a dead replica's entries vanish on
+    ...:pages:{replica}      SET of the page hashes the replica holds in its device KV cache
+    ...:hostpages:{replica}  SET of those it holds in its host-memory tier (the tiers overlap)
+    ...:load:{replica}       HASH of the replica's load figures (LLMEngine.load_figures), and
+                             `at_ms`, when the engine counted them
+The keys carry a TTL that the replica's heartbeat renews, so a dead replica's entries vanish on
 their own; a (re)starting replica deletes its keys first. A lookup is one pipelined round trip:
-SMISMEMBER of the request's hash chain against each candidate's set; the number of leading hits
-is how many prefix pages that replica could reuse.
+SMISMEMBER of the request's hash chain against each candidate's two sets, and its load; the
+leading pages held in either tier are the prefix that replica could reuse.
 """
 
 from __future__ import annotations
@@ -16,18 +18,21 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from deployments.config import RedisSettings
-from worker.wire import PageEvent
+from worker.wire import PageEvent, PageTier
 
 logger = logging.getLogger(__name__)
 
 
-def pages_key(settings: RedisSettings, model_key: str, replica: str) -> str:
-    return f"{settings.key_prefix}:{model_key}:pages:{replica}"
+def pages_key(settings: RedisSettings, model_key: str, replica: str,
+              tier: PageTier = "device") -> str:
+    name = "pages" if tier == "device" else "hostpages"
+    return f"{settings.key_prefix}:{model_key}:{name}:{replica}"
 
 
 def load_key(settings: RedisSettings, model_key: str, replica: str) -> str:
@@ -62,14 +67,16 @@ class PrefixIndexPublisher:
     """Batches a replica's page events into Redis off the token path.
 
     `on_page_event` is the engine's listener: it runs on the engine thread and only appends to a
-    deque. A task on the replica's event loop flushes the deque every `flush_interval_ms` in one
-    pipeline and renews the TTLs every `heartbeat_s`. After Redis was unreachable the replica's
-    set is rebuilt from a snapshot of its cache, since the events missed meanwhile are gone.
+    deque. A task on the replica's event loop flushes the deque and the replica's load figures
+    every `flush_interval_ms` in one pipeline (routers weigh the load, so it must be fresh) and
+    renews the TTLs every `heartbeat_s`. After Redis was unreachable the replica's sets are
+    rebuilt from a snapshot of its cache, since the events missed meanwhile are gone.
     """
 
     def __init__(self, settings: RedisSettings, model_key: str, replica: str):
         self.settings = settings
-        self.pages_key = pages_key(settings, model_key, replica)
+        self.pages_keys = {tier: pages_key(settings, model_key, replica, tier)
+                           for tier in ("device", "host")}
         self.load_key = load_key(settings, model_key, replica)
         self._events: deque[PageEvent] = deque()
         self._events_lock = threading.Lock()
@@ -82,13 +89,14 @@ class PrefixIndexPublisher:
         with self._events_lock:
             self._events.append(event)
 
-    def take_snapshot(self, cached_hashes: list[str]) -> list[str]:  # engine thread
+    def take_snapshot(self, hashes: dict[PageTier, list[str]]
+                      ) -> dict[PageTier, list[str]]:  # engine thread
         """Drops queued events: the snapshot taken at the same instant supersedes them."""
         with self._events_lock:
             self._events.clear()
-        return cached_hashes
+        return hashes
 
-    def start(self, snapshot: Callable[[], Awaitable[list[str]]],
+    def start(self, snapshot: Callable[[], Awaitable[dict[PageTier, list[str]]]],
               load: Callable[[], Awaitable[dict[str, int]]]) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(snapshot, load))
 
@@ -113,7 +121,7 @@ class PrefixIndexPublisher:
                     if self._needs_resync:
                         await self._resync(client, await snapshot())
                         self._needs_resync = False
-                    await self._flush(client, await load() if tick % beats_every == 0 else None)
+                    await self._flush(client, await load(), renew=tick % beats_every == 0)
                     self._log.recovered()
                 except (RedisError, OSError, asyncio.TimeoutError) as exc:
                     self._log.failed(exc)
@@ -123,31 +131,33 @@ class PrefixIndexPublisher:
         finally:
             await client.aclose()
 
-    async def _resync(self, client: aioredis.Redis, hashes: list[str]) -> None:
+    async def _resync(self, client: aioredis.Redis, snapshot: dict[PageTier, list[str]]
+                      ) -> None:
         pipe = client.pipeline(transaction=True)
-        pipe.delete(self.pages_key)
-        for start in range(0, len(hashes), 4096):
-            pipe.sadd(self.pages_key, *hashes[start:start + 4096])
-        pipe.expire(self.pages_key, int(self.settings.ttl_s))
+        for tier, key in self.pages_keys.items():
+            hashes = snapshot.get(tier, [])
+            pipe.delete(key)
+            for start in range(0, len(hashes), 4096):
+                pipe.sadd(key, *hashes[start:start + 4096])
+            pipe.expire(key, int(self.settings.ttl_s))
         await pipe.execute()
 
-    async def _flush(self, client: aioredis.Redis, load: dict[str, int] | None) -> None:
+    async def _flush(self, client: aioredis.Redis, load: dict[str, int], renew: bool) -> None:
         with self._events_lock:
             events = list(self._events)
             self._events.clear()
-        if not events and load is None:
-            return
         pipe = client.pipeline(transaction=False)
         for event in events:
+            key = self.pages_keys[event.tier]
             if event.kind == "stored":
-                pipe.sadd(self.pages_key, *event.hashes)
+                pipe.sadd(key, *event.hashes)
             else:
-                pipe.srem(self.pages_key, *event.hashes)
-        ttl = int(self.settings.ttl_s)
-        pipe.expire(self.pages_key, ttl)
-        if load is not None:
-            pipe.hset(self.load_key, mapping=load)
-            pipe.expire(self.load_key, ttl)
+                pipe.srem(key, *event.hashes)
+        pipe.hset(self.load_key, mapping=load)
+        if renew or events:  # a key created by this flush needs its TTL at once
+            ttl = int(self.settings.ttl_s)
+            for key in (*self.pages_keys.values(), self.load_key):
+                pipe.expire(key, ttl)
         try:
             await pipe.execute()
         except BaseException:
@@ -156,8 +166,22 @@ class PrefixIndexPublisher:
             raise
 
 
+@dataclass
+class ReplicaView:
+    """What a router knows of one replica for one request: the request's leading prefix pages
+    it holds, by the best tier each is in, and its latest load figures (empty if unknown)."""
+
+    device_pages: int = 0
+    host_pages: int = 0
+    load: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def pages(self) -> int:
+        return self.device_pages + self.host_pages
+
+
 class PrefixIndexLookup:
-    """The router's side: how many leading pages of a request each replica holds."""
+    """The router's side: which leading pages of a request each replica holds, and its load."""
 
     def __init__(self, settings: RedisSettings, model_key: str):
         self.settings = settings
@@ -170,14 +194,16 @@ class PrefixIndexLookup:
             self._client = _client(self.settings)
         return self._client
 
-    async def matched_pages(self, replicas: Sequence[str],
-                            page_hashes: Sequence[str]) -> dict[str, int] | None:
-        """replica -> leading pages it holds; None if Redis did not answer within the timeout."""
-        if not page_hashes or not replicas:
-            return dict.fromkeys(replicas, 0)
+    async def lookup(self, replicas: Sequence[str],
+                     page_hashes: Sequence[str]) -> dict[str, ReplicaView] | None:
+        """replica -> its view; None if Redis did not answer within the timeout."""
         pipe = self._redis().pipeline(transaction=False)
         for replica in replicas:
-            pipe.smismember(pages_key(self.settings, self.model_key, replica), list(page_hashes))
+            if page_hashes:
+                for tier in ("device", "host"):
+                    pipe.smismember(pages_key(self.settings, self.model_key, replica, tier),
+                                    list(page_hashes))
+            pipe.hgetall(load_key(self.settings, self.model_key, replica))
         try:
             replies = await asyncio.wait_for(pipe.execute(),
                                              self.settings.lookup_timeout_ms / 1000)
@@ -185,7 +211,20 @@ class PrefixIndexLookup:
             self._log.failed(exc)
             return None
         self._log.recovered()
-        return {replica: _leading_hits(reply) for replica, reply in zip(replicas, replies)}
+        per_replica = 3 if page_hashes else 1
+        views = {}
+        for index, replica in enumerate(replicas):
+            *members, load = replies[index * per_replica:(index + 1) * per_replica]
+            view = ReplicaView(load={f: int(v) for f, v in load.items()})
+            for in_device, in_host in zip(*members):
+                if in_device:
+                    view.device_pages += 1
+                elif in_host:
+                    view.host_pages += 1
+                else:
+                    break
+            views[replica] = view
+        return views
 
     async def replica_loads(self) -> dict[str, dict[str, int]] | None:
         """Every live replica's published load figures (for /metrics); None without Redis."""
@@ -202,11 +241,3 @@ class PrefixIndexLookup:
         return {k.removeprefix(prefix): {f: int(v) for f, v in h.items()}
                 for k, h in zip(keys, values) if h}
 
-
-def _leading_hits(reply: Sequence[int]) -> int:
-    count = 0
-    for hit in reply:
-        if not hit:
-            break
-        count += 1
-    return count

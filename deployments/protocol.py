@@ -34,11 +34,30 @@ class PreparedPrompt:
                    list(mm_inputs), opens_reasoning)
 
 
+@dataclass(frozen=True)
+class PullHint:
+    """The router's note on a request it sends away from the replica holding its prefix: that
+    replica (`holder`) holds the first `pages` prefix pages, which the chosen one may pull."""
+
+    holder: str
+    pages: int
+
+
 @dataclass
 class GenerateRequest:
     request_id: str
     prompt: PreparedPrompt
     params: SamplingParams
+    pull: PullHint | None = None  # set by the router (deployments/router.py)
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """One replica asking another (`target`, a replica id) for the pages of a hash chain it
+    holds: routers send it to that replica alone."""
+
+    target: str
+    page_hashes: list[str]
 
 
 @dataclass

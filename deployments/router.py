@@ -1,64 +1,127 @@
-"""Prefix-aware replica choice for the model deployment (a Ray Serve custom request router).
+"""Replica choice for the model deployment (Ray Serve custom request routers).
 
-It runs inside every caller of the model deployment's handle (the ingress replicas). For each
-request it asks Redis how many leading prefix pages each candidate replica already holds and
-scores `matched tokens - load_penalty_tokens * ongoing requests`. The best replica with a hit is
-tried first, the others after it (least loaded first). With no hit anywhere, or when Redis is down
-or slower than `lookup_timeout_ms`, it falls back to Serve's power of two choices: requests never
-fail because of Redis.
+They run inside every caller of the model deployment's handle (the ingress replicas, and model
+replicas pulling pages from each other). `PrefixAwareRouter` asks Redis which leading prefix
+pages each candidate holds, in which tier, and how loaded it is, then sends the request where it
+costs least:
+
+    cost = prefill_weight x (prompt blocks - credited cached blocks + queued prefill blocks)
+           + decode blocks
+
+the form of NVIDIA Dynamo's KV router. A page on the replica's device counts fully, one in its
+host tier `host_credit`, one that another replica holds (and this one can pull) `peer_credit`.
+Queued prefill and decode blocks are what the replica last published, plus what this router
+sent it since. When the cheapest replica is not the one holding the prefix the request carries
+a `PullHint`. When Redis is down or slow it falls back to Serve's power of two choices:
+requests never fail because of Redis.
+
+Every router sends an `ExportRequest` (a replica asking a peer for pages) to its target alone.
 """
 
 from __future__ import annotations
 
 import random
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
 from deployments import metrics
-from deployments.config import RedisSettings
-from deployments.prefix_index import PrefixIndexLookup
-from deployments.protocol import GenerateRequest
+from deployments.config import RedisSettings, RoutingSettings
+from deployments.prefix_index import PrefixIndexLookup, ReplicaView
+from deployments.protocol import ExportRequest, GenerateRequest, PullHint
 from worker.wire import BLOCK_SIZE
+
+# Requests this router sent a replica stay in its estimate until the replica publishes figures
+# counted after them; this long at most, should its figures stop coming.
+DISPATCH_MEMORY_S = 10.0
+
+
+@dataclass
+class Choice:
+    replica: str
+    cost: float
+    credited_blocks: float
+    pull: PullHint | None
+
+
+def rank_replicas(prompt_tokens: int, views: dict[str, ReplicaView], costs: RoutingSettings,
+                  unpublished_prefill_blocks: dict[str, float]) -> list[Choice]:
+    """Every replica with its cost for this request, cheapest first (ties: fewer queued)."""
+    prompt_blocks = prompt_tokens / BLOCK_SIZE
+    pulls = costs.peer_pulls.mode != "off"
+    holder = max(views, key=lambda r: views[r].pages) if views else None
+    choices = []
+    for replica, view in views.items():
+        credited = view.device_pages + costs.host_credit * view.host_pages
+        pull = None
+        if pulls and holder != replica and views[holder].pages > view.pages:
+            credited += costs.peer_credit * (views[holder].pages - view.pages)
+            pull = PullHint(holder, views[holder].pages)
+        queued = (view.load.get("prefill_tokens_queued", 0) / BLOCK_SIZE
+                  + unpublished_prefill_blocks.get(replica, 0.0))
+        cost = (costs.prefill_weight * (prompt_blocks - credited + queued)
+                + view.load.get("decode_pages", 0))
+        choices.append(Choice(replica, cost, credited, pull))
+    return sorted(choices, key=lambda c: (c.cost, views[c.replica].load.get("waiting", 0)))
+
+
+def export_target(candidates: list[RunningReplica], pending: PendingRequest | None
+                  ) -> list[list[RunningReplica]] | None:
+    """For a page export, the replica it is for (none while that one is not a candidate: the
+    caller's timeout then ends the wait); None for any other request."""
+    request = request_argument(pending, ExportRequest)
+    if request is None:
+        return None
+    return [[r for r in candidates if r.replica_id.unique_id == request.target]]
 
 
 class PrefixAwareRouter(FIFOMixin, RequestRouter):
-    def initialize_state(self, redis: dict, model_key: str, load_penalty_tokens: int) -> None:
+    def initialize_state(self, redis: dict, model_key: str, routing: dict) -> None:
         settings = RedisSettings.model_validate(redis)
         self._index = PrefixIndexLookup(settings, model_key) if settings.url else None
-        self._load_penalty_tokens = load_penalty_tokens
-
-    def _load(self, replica: RunningReplica) -> int:
-        return self.replica_queue_len_cache.get(replica.replica_id) or 0
+        self._costs = RoutingSettings.model_validate(routing)
+        # replica -> (wall time sent, uncached prefill blocks) of requests routed there
+        self._sent: dict[str, deque[tuple[float, float]]] = defaultdict(deque)
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None
                               ) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
-        by_load = sorted(candidate_replicas, key=self._load)
-        request = _generate_request(pending_request)
+        if (target := export_target(candidate_replicas, pending_request)) is not None:
+            return target
+        request = request_argument(pending_request, GenerateRequest)
         if request is None or self._index is None:
-            return self._power_of_two(candidate_replicas, "load")
-        ids = [r.replica_id.unique_id for r in candidate_replicas]
-        matched = await self._index.matched_pages(ids, request.prompt.page_hashes)
-        if matched is None:
-            return self._power_of_two(candidate_replicas, "redis_unavailable")
-
-        def score(replica: RunningReplica) -> int:
-            tokens = matched[replica.replica_id.unique_id] * BLOCK_SIZE
-            return tokens - self._load_penalty_tokens * self._load(replica)
-
-        best = max(by_load, key=score)  # ties go to the least loaded (max keeps the first)
-        if matched[best.replica_id.unique_id] == 0:
-            return self._power_of_two(candidate_replicas, "load")
-        metrics.ROUTING_DECISIONS.labels(reason="prefix").inc()
-        return [[best], [r for r in by_load if r is not best]]
-
-    @staticmethod
-    def _power_of_two(replicas: list[RunningReplica], reason: str) -> list[list[RunningReplica]]:
+            return power_of_two(candidate_replicas, "load")
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        views = await self._index.lookup(list(by_id), request.prompt.page_hashes)
+        if views is None:
+            return power_of_two(candidate_replicas, "redis_unavailable")
+        ranked = rank_replicas(len(request.prompt.token_ids), views, self._costs,
+                               self._unpublished(views))
+        best = ranked[0]
+        # The chosen replica reads the hint; a retry of this choice writes it anew.
+        request.pull = best.pull
+        self._sent[best.replica].append(
+            (time.time(), max(0.0, len(request.prompt.token_ids) / BLOCK_SIZE
+                              - best.credited_blocks)))
+        reason = "pull" if best.pull else "prefix" if best.credited_blocks else "load"
         metrics.ROUTING_DECISIONS.labels(reason=reason).inc()
-        # Serve's base router then probes both and picks the shorter queue.
-        return [random.sample(replicas, min(2, len(replicas)))]
+        return [[by_id[best.replica]], [by_id[c.replica] for c in ranked[1:]]]
+
+    def _unpublished(self, views: dict[str, ReplicaView]) -> dict[str, float]:
+        """Prefill blocks sent to each replica after the figures it last published."""
+        now = time.time()
+        blocks = {}
+        for replica, sent in self._sent.items():
+            published = views[replica].load.get("at_ms", 0) / 1000 if replica in views else now
+            while sent and sent[0][0] < max(published, now - DISPATCH_MEMORY_S):
+                sent.popleft()
+            blocks[replica] = sum(b for _, b in sent)
+        return blocks
+
 
 
 class RoundRobinRouter(FIFOMixin, RequestRouter):
@@ -72,6 +135,8 @@ class RoundRobinRouter(FIFOMixin, RequestRouter):
                               ) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
+        if (target := export_target(candidate_replicas, pending_request)) is not None:
+            return target
         ordered = sorted(candidate_replicas, key=lambda r: r.replica_id.unique_id)
         start = self._turn % len(ordered)
         self._turn += 1
@@ -80,10 +145,30 @@ class RoundRobinRouter(FIFOMixin, RequestRouter):
         return [[ordered[start]], ordered[start + 1:] + ordered[:start]]
 
 
-def _generate_request(pending: PendingRequest | None) -> GenerateRequest | None:
+class PowerOfTwoRouter(FIFOMixin, RequestRouter):
+    """Serve's default choice (the shorter queue of two random replicas), with page exports
+    sent to their target."""
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None
+                              ) -> list[list[RunningReplica]]:
+        if not candidate_replicas:
+            return []
+        if (target := export_target(candidate_replicas, pending_request)) is not None:
+            return target
+        return power_of_two(candidate_replicas, "load")
+
+
+def power_of_two(replicas: list[RunningReplica], reason: str) -> list[list[RunningReplica]]:
+    metrics.ROUTING_DECISIONS.labels(reason=reason).inc()
+    # Serve's base router then probes both and picks the shorter queue.
+    return [random.sample(replicas, min(2, len(replicas)))]
+
+
+def request_argument(pending: PendingRequest | None, kind: type):
     if pending is None:
         return None
     for arg in (*pending.args, *pending.kwargs.values()):
-        if isinstance(arg, GenerateRequest):
+        if isinstance(arg, kind):
             return arg
     return None

@@ -445,6 +445,11 @@ class EngineConfig(BaseModel):
         None, description="bytes for KV pages (e.g. '1GiB'); default 1GiB on CPU, "
                           "gpu_memory_fraction of free memory on CUDA")
     gpu_memory_fraction: float = Field(0.85, gt=0, le=1)
+    kv_host_memory: int = Field(
+        0, ge=0, description="bytes of host memory (pinned beside a GPU) for the KV pages the "
+                             "device cache evicts, e.g. '8GiB': a prefix hit there is copied "
+                             "back instead of recomputed, and pages pulled from a peer replica "
+                             "land there; 0 = no host tier")
     tensor_parallel_size: int = Field(
         1, ge=1, description="processes (GPUs) one replica spans: attention heads, MLP columns "
                              "and the vocabulary split across them; ranks 1.. run as Ray actors")
@@ -471,7 +476,7 @@ class EngineConfig(BaseModel):
     seed: int = 0
     debug_checks: bool = False
 
-    @field_validator("kv_cache_memory", mode="before")
+    @field_validator("kv_cache_memory", "kv_host_memory", mode="before")
     @classmethod
     def _parse_size(cls, value):
         return None if value is None else parse_bytes(value)

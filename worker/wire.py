@@ -4,6 +4,7 @@ never torch (tests/test_wire.py checks it)."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -157,12 +158,49 @@ class MultimodalInput:
         return sum(span.length for span in self.spans)
 
 
+# Where a replica holds a page: in the device KV cache, or in its host-memory tier (a hit there
+# is copied back instead of recomputed).
+PageTier = Literal["device", "host"]
+
+
 @dataclass(frozen=True)
 class PageEvent:
-    """Published so that routers know which replica holds which prefix pages."""
+    """Published so that routers know which replica holds which prefix pages, and where."""
 
     kind: Literal["stored", "removed"]
     hashes: tuple[str, ...]
+    tier: PageTier = "device"
+
+
+@dataclass(frozen=True)
+class PagePayload:
+    """One prefix page's K, V and index keys of every layer, as raw bytes (numpy uint8, so
+    that Ray moves it without pickling tensors), on its way from the replica that holds it to
+    one that would otherwise recompute it. `digest` covers the chained hash and the bytes: a
+    page whose bytes were altered on the way is refused."""
+
+    page_hash: str
+    arrays: tuple[np.ndarray, ...]
+    digest: str
+
+    @staticmethod
+    def digest_of(page_hash: str, arrays: tuple[np.ndarray, ...]) -> str:
+        digest = hashlib.blake2b(bytes.fromhex(page_hash), digest_size=16)
+        for array in arrays:
+            digest.update(np.ascontiguousarray(array).data)
+        return digest.hexdigest()
+
+    @classmethod
+    def of(cls, page_hash: str, arrays: tuple[np.ndarray, ...]) -> PagePayload:
+        return cls(page_hash, arrays, cls.digest_of(page_hash, arrays))
+
+    @property
+    def intact(self) -> bool:
+        return self.digest == self.digest_of(self.page_hash, self.arrays)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(array.nbytes for array in self.arrays)
 
 
 PageEventListener = Callable[[PageEvent], None]

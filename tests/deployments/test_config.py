@@ -31,6 +31,8 @@ def test_router_config_follows_the_policy():
         AppConfig(routing={"policy": "power_of_two"})).request_router_class
     assert router_config(AppConfig(routing={"policy": "round_robin"})).request_router_class \
         .endswith("RoundRobinRouter")
+    assert router_config(AppConfig(routing={"policy": "prefix_cache_affinity"})) \
+        .request_router_class.endswith("PrefixCacheAffinityBaseline")
 
 
 @pytest.mark.parametrize("args, field", [

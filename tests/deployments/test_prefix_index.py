@@ -33,26 +33,26 @@ async def _until(predicate, timeout_s: float = 5.0) -> None:
 
 
 class FakeReplica:
-    """The engine side of a publisher: a set of cached hashes that changes by events."""
+    """The engine side of a publisher: sets of cached hashes, by tier, that change by events."""
 
     def __init__(self, publisher: PrefixIndexPublisher):
         self.publisher = publisher
-        self.cached: set[str] = set()
+        self.cached: dict[str, set[str]] = {"device": set(), "host": set()}
 
-    def store(self, *hashes: str) -> None:
-        self.cached.update(hashes)
-        self.publisher.on_page_event(PageEvent("stored", hashes))
+    def store(self, *hashes: str, tier: str = "device") -> None:
+        self.cached[tier].update(hashes)
+        self.publisher.on_page_event(PageEvent("stored", hashes, tier))
 
-    def remove(self, *hashes: str) -> None:
-        self.cached.difference_update(hashes)
-        self.publisher.on_page_event(PageEvent("removed", hashes))
+    def remove(self, *hashes: str, tier: str = "device") -> None:
+        self.cached[tier].difference_update(hashes)
+        self.publisher.on_page_event(PageEvent("removed", hashes, tier))
 
     def start(self) -> None:
         async def snapshot():
-            return self.publisher.take_snapshot(sorted(self.cached))
+            return self.publisher.take_snapshot({t: sorted(h) for t, h in self.cached.items()})
 
         async def load():
-            return {"running": 1, "waiting": 0, "kv_pages_in_use": len(self.cached),
+            return {"running": 1, "waiting": 0, "kv_pages_in_use": len(self.cached["device"]),
                     "kv_pages_total": 8}
 
         self.publisher.start(snapshot, load)
@@ -69,20 +69,25 @@ def test_lookup_counts_leading_pages_per_replica(redis_server):
         b.store("h1", "h3")  # h2 missing: only one leading page counts
         lookup = PrefixIndexLookup(settings, "m")
 
-        async def published():
-            got = await lookup.matched_pages(["replica-a", "replica-b", "replica-c"],
-                                             ["h1", "h2", "h3", "h4"])
-            return got == {"replica-a": 3, "replica-b": 1, "replica-c": 0}
-
-        await _until(published)
+        await _until(lambda: _equals(lookup, ["replica-a", "replica-b", "replica-c"],
+                                     ["h1", "h2", "h3", "h4"],
+                                     {"replica-a": (3, 0), "replica-b": (1, 0),
+                                      "replica-c": (0, 0)}))
         a.remove("h2")
-        await _until(lambda: _equals(lookup, ["replica-a"], ["h1", "h2"], {"replica-a": 1}))
+        await _until(lambda: _equals(lookup, ["replica-a"], ["h1", "h2"], {"replica-a": (1, 0)}))
+        # Evicted to the host tier: still part of the prefix, counted in its tier; a page in
+        # both tiers counts as on the device.
+        a.store("h2", "h3", tier="host")
+        await _until(lambda: _equals(lookup, ["replica-a"], ["h1", "h2", "h3"],
+                                     {"replica-a": (2, 1)}))
         expected_load = {"running": 1, "waiting": 0, "kv_pages_in_use": 2, "kv_pages_total": 8}
 
-        async def heartbeat_caught_up():
-            return (await lookup.replica_loads()).get("replica-a") == expected_load
+        async def load_published():
+            views = await lookup.lookup(["replica-a"], ["h1"])
+            return (await lookup.replica_loads()).get("replica-a") == expected_load \
+                == views["replica-a"].load
 
-        await _until(heartbeat_caught_up)
+        await _until(load_published)
         await a.publisher.stop()
         await b.publisher.stop()
 
@@ -90,7 +95,9 @@ def test_lookup_counts_leading_pages_per_replica(redis_server):
 
 
 async def _equals(lookup, replicas, hashes, expected) -> bool:
-    return await lookup.matched_pages(replicas, hashes) == expected
+    """expected: replica -> (leading pages on its device, then in its host tier)."""
+    views = await lookup.lookup(replicas, hashes)
+    return {r: (v.device_pages, v.host_pages) for r, v in views.items()} == expected
 
 
 def test_dead_replica_entries_expire_and_restart_clears_them(redis_server):
@@ -100,9 +107,9 @@ def test_dead_replica_entries_expire_and_restart_clears_them(redis_server):
         a = FakeReplica(PrefixIndexPublisher(settings, "m", "replica-a"))
         a.start()
         a.store("h1")
-        await _until(lambda: _equals(lookup, ["replica-a"], ["h1"], {"replica-a": 1}))
+        await _until(lambda: _equals(lookup, ["replica-a"], ["h1"], {"replica-a": (1, 0)}))
         await a.publisher.stop()  # the replica dies: no more heartbeats
-        await _until(lambda: _equals(lookup, ["replica-a"], ["h1"], {"replica-a": 0}),
+        await _until(lambda: _equals(lookup, ["replica-a"], ["h1"], {"replica-a": (0, 0)}),
                      timeout_s=settings.ttl_s + 3)
 
         # A replica restarting under the same id starts from an empty set, not stale entries.
@@ -111,7 +118,7 @@ def test_dead_replica_entries_expire_and_restart_clears_them(redis_server):
         fresh = FakeReplica(PrefixIndexPublisher(settings, "m", "replica-a"))
         fresh.start()
         fresh.store("h9")
-        await _until(lambda: _equals(lookup, ["replica-a"], ["h9"], {"replica-a": 1}))
+        await _until(lambda: _equals(lookup, ["replica-a"], ["h9"], {"replica-a": (1, 0)}))
         assert not await client.sismember(pages_key(settings, "m", "replica-a"), "stale")
         await fresh.publisher.stop()
 
@@ -124,7 +131,7 @@ def test_lookup_without_redis_says_so_quickly_and_publisher_resyncs_when_it_retu
         settings = _settings(f"redis://127.0.0.1:{port}/0", lookup_timeout_ms=5)
         lookup = PrefixIndexLookup(settings, "m")
         started = asyncio.get_running_loop().time()
-        assert await lookup.matched_pages(["replica-a"], ["h1"]) is None
+        assert await lookup.lookup(["replica-a"], ["h1"]) is None
         assert asyncio.get_running_loop().time() - started < 1.0
         assert await lookup.replica_loads() is None
 
@@ -136,7 +143,7 @@ def test_lookup_without_redis_says_so_quickly_and_publisher_resyncs_when_it_retu
         try:
             relaxed = PrefixIndexLookup(_settings(settings.url), "m")
             await _until(lambda: _equals(relaxed, ["replica-a"], ["h1", "h2"],
-                                         {"replica-a": 2}))
+                                         {"replica-a": (2, 0)}))
         finally:
             await a.publisher.stop()
             server.stop()

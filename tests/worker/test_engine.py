@@ -351,10 +351,12 @@ class EngineLeakMachine(RuleBasedStateMachine):
         assert_no_pages_held(self.engine)
 
 
-@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlapped"])
-def test_no_page_leaks_under_random_traffic(make_tiny_engine, overlap):
+@pytest.mark.parametrize("overlap,host_memory", [(False, 0), (True, 0), (True, "1MiB")],
+                         ids=["serial", "overlapped", "overlapped-host-tier"])
+def test_no_page_leaks_under_random_traffic(make_tiny_engine, overlap, host_memory):
     EngineLeakMachine.engine_factory = staticmethod(
-        functools.partial(make_tiny_engine, overlap_scheduling=overlap))
+        functools.partial(make_tiny_engine, overlap_scheduling=overlap,
+                          kv_host_memory=host_memory))
     EngineLeakMachine.TestCase().runTest()
 
 

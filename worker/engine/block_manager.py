@@ -5,7 +5,9 @@ A page is in exactly one of three states:
     cached      full page with a hash, no sequence uses it      (in `_evictable`, LRU order)
     in use      referenced by >= 1 sequence, maybe hashed       (refcount > 0)
 Free pages are handed out first; when none are left the least recently used cached page is
-evicted (its hash is dropped and a `removed` event emitted).
+evicted (its hash is dropped and a `removed` event emitted). With a host tier (`HostPageIndex`)
+an evicted page is copied to host memory first, and a prefix page found only there is copied
+back into a fresh page: both copies are recorded in `transfers`, for the step to execute.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections import OrderedDict, deque
 from typing import Literal
 
 from kernels import BLOCK_SIZE
+from worker.engine.host_tier import HostPageIndex, PageTransfer
 from worker.engine.sequence import Sequence
 from worker.wire import PageEvent, PageEventListener
 
@@ -24,7 +27,8 @@ def pages_for(num_tokens: int) -> int:
 
 class BlockManager:
     def __init__(self, num_pages: int, salt: str, enable_prefix_caching: bool = True,
-                 listener: PageEventListener | None = None, debug_checks: bool = False):
+                 listener: PageEventListener | None = None, debug_checks: bool = False,
+                 host: HostPageIndex | None = None):
         self.num_pages = num_pages
         self.salt = salt
         self.enable_prefix_caching = enable_prefix_caching
@@ -35,6 +39,9 @@ class BlockManager:
         self._free: deque[int] = deque(range(num_pages))
         self._cached: dict[str, int] = {}  # hash -> page holding that prefix page
         self._evictable: OrderedDict[int, None] = OrderedDict()
+        self.host = host
+        self.transfers: list[PageTransfer] = []  # recorded copies the next step executes
+        self.num_pages_from_host = 0  # prefix pages copied back from the host tier, ever
 
     @property
     def num_available_pages(self) -> int:
@@ -50,6 +57,28 @@ class BlockManager:
         """Every prefix page hash this pool can serve now (for re-publishing an index)."""
         return list(self._cached)
 
+    def hashes_by_tier(self) -> dict[str, list[str]]:
+        """Every prefix page hash this replica can serve, by tier (for re-publishing an index)."""
+        return {"device": self.cached_hashes(),
+                "host": self.host.hashes() if self.host is not None else []}
+
+    def num_leading_cached(self, page_hashes: list[str]) -> int:
+        """How many leading pages of a hash chain this replica holds, in either tier."""
+        count = 0
+        for page_hash in page_hashes:
+            if page_hash not in self._cached and (self.host is None
+                                                   or page_hash not in self.host):
+                break
+            count += 1
+        return count
+
+    def device_page(self, page_hash: str) -> int | None:
+        return self._cached.get(page_hash)
+
+    def take_transfers(self) -> list[PageTransfer]:
+        transfers, self.transfers = self.transfers, []
+        return transfers
+
     # -- sequence lifecycle ---------------------------------------------------------------------
     def match_prefix(self, seq: Sequence) -> None:
         """Takes the cached pages of the longest cached prefix of a new sequence.
@@ -62,9 +91,10 @@ class BlockManager:
         matchable = (seq.num_tokens - 1) // BLOCK_SIZE
         for page_hash in seq.page_hashes(self.salt)[:matchable]:
             page = self._cached.get(page_hash)
-            if page is None:
+            if page is not None:
+                self._acquire(page)
+            elif not self.num_available_pages or (page := self._from_host(page_hash)) is None:
                 break
-            self._acquire(page)
             seq.page_ids.append(page)
         seq.num_computed_tokens = len(seq.page_ids) * BLOCK_SIZE
         seq.num_registered_pages = len(seq.page_ids)
@@ -128,6 +158,24 @@ class BlockManager:
         self._check()
 
     # -- internals ------------------------------------------------------------------------------
+    def _from_host(self, page_hash: str) -> int | None:
+        """A fresh device page (referenced once) that the next step fills from the host tier's
+        copy of page_hash, or None if the host tier does not hold it."""
+        if self.host is None or self.host.lookup(page_hash) is None:  # (now most recent)
+            return None
+        page = self._take_fresh_page()  # may copy its victim out to the host tier
+        slot = self.host.lookup(page_hash)
+        if slot is None:  # the victim's copy took this page's slot (a tier of one page)
+            self._ref_counts[page] = 0
+            self._free.append(page)
+            return None
+        self.transfers.append(PageTransfer(to_host=False, page=page, slot=slot))
+        self._cached[page_hash] = page
+        self._page_hash[page] = page_hash
+        self.num_pages_from_host += 1
+        self._emit("stored", [page_hash])
+        return page
+
     def _acquire(self, page: int) -> None:
         if self._ref_counts[page] == 0:
             del self._evictable[page]
@@ -142,6 +190,8 @@ class BlockManager:
             del self._cached[evicted]
             self._page_hash[page] = None
             self._emit("removed", [evicted])
+            if self.host is not None and (slot := self.host.store(evicted)) is not None:
+                self.transfers.append(PageTransfer(to_host=True, page=page, slot=slot))
         self._ref_counts[page] = 1
         return page
 
@@ -167,6 +217,8 @@ class BlockManager:
         for page_hash, page in self._cached.items():
             assert self._page_hash[page] == page_hash, f"hash map and page {page} disagree"
         assert all(self._page_hash[p] is not None for p in evictable), "unhashed evictable page"
+        if self.host is not None:
+            self.host.check_invariants()
         if live_sequences is not None:
             expected = [0] * self.num_pages
             for seq in live_sequences:

@@ -13,6 +13,7 @@ import torch
 from kernels import to_index_key_dtype
 from worker import parallel
 from worker.config import ModelConfig
+from worker.engine.host_tier import PageTransfer
 from worker.wire import BLOCK_SIZE
 
 
@@ -81,6 +82,10 @@ class KVCache:
                           * size(index_key_dtype or dtype))
         return config.num_hidden_layers * BLOCK_SIZE * per_token
 
+    def tensors(self) -> list[torch.Tensor]:
+        """K, V and the index keys (if stored apart from K), each [layers, pages, ...]."""
+        return [self.k, self.v] + ([] if self.k_idx is None else [self.k_idx])
+
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(k_cache, v_cache, k_idx_cache) of one layer, each [num_pages, 128, H, dim].
 
@@ -98,3 +103,56 @@ class KVCache:
         if k_idx is not None:
             k_idx_cache.view(-1, *k_idx_cache.shape[2:])[slots] = to_index_key_dtype(
                 k_idx, k_idx_cache.dtype)
+
+
+class HostKVCache:
+    """The host-memory tier's bytes: slots of whole pages (every layer's K, V and index keys),
+    slot-major so that one page is one contiguous block per tensor. Pinned beside a CUDA cache,
+    so copies in and out do not block the host (they are ordered on the device's stream)."""
+
+    def __init__(self, device_cache: KVCache, num_slots: int):
+        self.device_cache = device_cache
+        self.pinned = device_cache.k.device.type == "cuda"
+        self.slots = [torch.empty((num_slots, t.shape[0], *t.shape[2:]), dtype=t.dtype,
+                                  pin_memory=self.pinned) for t in device_cache.tensors()]
+
+    @property
+    def page_bytes(self) -> int:
+        return sum(host[0].nbytes for host in self.slots)
+
+    def apply(self, transfers: list[PageTransfer]) -> None:
+        """Executes a step's recorded copies, in their order (`host_tier`)."""
+        for transfer in transfers:
+            if transfer.to_host:
+                self.copy_out(transfer.page, transfer.slot)
+            else:
+                self.copy_in(transfer.slot, transfer.page)
+
+    def copy_out(self, page: int, slot: int) -> None:
+        for host, device in zip(self.slots, self.device_cache.tensors()):
+            host[slot].copy_(device[:, page], non_blocking=self.pinned)
+
+    def copy_in(self, slot: int, page: int) -> None:
+        for host, device in zip(self.slots, self.device_cache.tensors()):
+            device[:, page].copy_(host[slot], non_blocking=self.pinned)
+
+    def _settle(self) -> None:
+        """The host reads or writes slots directly after this: wait for queued copies."""
+        if self.pinned:
+            torch.cuda.current_stream(self.device_cache.k.device).synchronize()
+
+    def read_slot(self, slot: int) -> list[torch.Tensor]:
+        self._settle()
+        return [host[slot].clone() for host in self.slots]
+
+    def read_device_page(self, page: int) -> list[torch.Tensor]:
+        self._settle()
+        return [device[:, page].cpu() for device in self.device_cache.tensors()]
+
+    def slot_layout(self) -> list[tuple[torch.dtype, tuple[int, ...]]]:
+        return [(host.dtype, tuple(host.shape[1:])) for host in self.slots]
+
+    def write_slot(self, slot: int, tensors: list[torch.Tensor]) -> None:
+        self._settle()  # a queued copy may still read this slot's previous page
+        for host, tensor in zip(self.slots, tensors, strict=True):
+            host[slot].copy_(tensor)

@@ -14,6 +14,7 @@ counts only the tokens delivered. Sequences that finish by length are not schedu
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -29,9 +30,11 @@ from worker.engine.block_manager import BlockManager, pages_for
 from worker.engine.block_table import BlockTables
 from worker.engine.cuda_graphs import DecodeGraphs, max_graph_batch
 from worker.engine.grammar import GrammarCompiler
-from worker.engine.kv_cache import KVCache
+from worker.engine.host_tier import HostPageIndex
+from worker.engine.kv_cache import HostKVCache, KVCache
 from worker.engine.model_runner import LaunchedStep, ModelRunner
 from worker.engine.multimodal import VisionEncoder, validate_inputs
+from worker.engine.page_exchange import PageExchange
 from worker.engine.rank_workers import CacheSetup, RankWorkers
 from worker.engine.sampler import Sampler
 from worker.engine.scheduler import ScheduledBatch, Scheduler
@@ -144,24 +147,31 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
                                  self.model_config.max_position_embeddings,
                                  num_pages * BLOCK_SIZE)
-        self.block_manager = BlockManager(num_pages, salt=loaded.fingerprint,
-                                          enable_prefix_caching=config.enable_prefix_caching,
-                                          listener=page_listener, debug_checks=config.debug_checks)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
-                                   config.max_num_batched_tokens, self.max_model_len)
         self.cache = KVCache(self.model_config, num_pages, self.dtype, self.device,
                              self.index_key_dtype)
+        host_slots = self.config.kv_host_memory // self._page_bytes()
+        host_index = HostPageIndex(host_slots, page_listener) if host_slots else None
+        self.host_cache = HostKVCache(self.cache, host_slots) if host_slots else None
+        self.block_manager = BlockManager(num_pages, salt=loaded.fingerprint,
+                                          enable_prefix_caching=config.enable_prefix_caching,
+                                          listener=page_listener, debug_checks=config.debug_checks,
+                                          host=host_index)
+        # Peer pulls read and write rank 0's pages only: not with tensor parallelism (yet).
+        self.page_exchange = (PageExchange(self.block_manager, host_index, self.host_cache)
+                              if host_slots and self.peers is None else None)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
+                                   config.max_num_batched_tokens, self.max_model_len)
         decode_graphs = self._decode_graphs(loaded.model)
         if self.peers is not None:
             self.peers.start_caches(CacheSetup(num_pages, self.index_key_dtype, self.topk,
-                                               self.max_model_len))
+                                               self.max_model_len, host_slots))
         block_tables = BlockTables(config.max_num_seqs, pages_for(self.max_model_len))
         self.runner = ModelRunner(loaded.model, self.cache, Sampler(config.seed, self.device),
                                   block_tables, topk=config.topk, debug_checks=config.debug_checks,
                                   decode_graphs=decode_graphs,
                                   vision=(VisionEncoder(loaded.model.visual)
                                           if loaded.model.visual is not None else None),
-                                  peers=self.peers)
+                                  peers=self.peers, host_cache=self.host_cache)
         self.requests: dict[str, list[Sequence]] = {}  # each live request's unfinished samples
         self.overlap = (config.overlap_scheduling if config.overlap_scheduling is not None
                         else self.device.type == "cuda" and self.peers is None)
@@ -175,34 +185,56 @@ class LLMEngine:
         """Runs throwaway requests through every kind of step (a fresh prompt past the sparse
         threshold, a chunk after a cached prefix, batched decodes) and captures every decode
         graph, so the first users do not wait for Triton to compile (up to ~1 s per kernel
-        shape) or for graph capture. A private BlockManager keeps the warm-up's pages out of
-        the real prefix cache and away from the page listener; its K/V are overwritten before
-        anything reads them."""
+        shape) or for graph capture."""
         started = time.perf_counter()
+        with self._private_state():
+            length = max(1, min(self.max_model_len - 8, 2 * self.topk * BLOCK_SIZE + 64))
+            prompt = self._filler_prompt(length)
+            params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+            self.generate([prompt], params, use_tqdm=False)  # fresh prompt, decode of one
+            batch = min(self.config.max_num_seqs, 8)
+            self.generate([prompt[:-1] + [t] for t in self._filler_prompt(batch, stride=1)],
+                          params, use_tqdm=False)  # cached prefix
+            self.runner.capture_decode_graphs()
+        logger.info("warm-up done in %.1f s", time.perf_counter() - started)
+
+    def measure_prefill_cost(self, num_tokens: int = 2 * BLOCK_SIZE) -> float:
+        """Seconds one prompt token costs to compute here (a timed prefill, after one untimed
+        run): what a replica weighs pulling pages from a peer against."""
+        num_tokens = max(1, min(num_tokens, self.max_model_len - 2))
+        params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+        with self._private_state():
+            self.generate([self._filler_prompt(num_tokens, stride=5)], params, use_tqdm=False)
+            started = time.perf_counter()
+            self.generate([self._filler_prompt(num_tokens, stride=7)], params, use_tqdm=False)
+            return (time.perf_counter() - started) / num_tokens
+
+    def _filler_prompt(self, length: int, stride: int = 7) -> list[int]:
+        """Token ids for throwaway requests: no vision placeholder among them."""
+        vision = self.model_config.vision
+        placeholders = vision.placeholder_token_ids if vision else ()
+        tokens = [t for t in range(min(self.model_config.vocab_size, 1024))
+                  if t not in placeholders]
+        return [tokens[(stride * i) % len(tokens)] for i in range(length)]
+
+    @contextlib.contextmanager
+    def _private_state(self):
+        """Throwaway requests run through a private BlockManager (no host tier), which keeps
+        their pages out of the real prefix cache and away from the page listener (their K/V
+        are overwritten before anything reads them); afterwards no request, statistic or
+        sampler state of theirs is left."""
         block_manager, scheduler = self.block_manager, self.scheduler
         self.block_manager = BlockManager(block_manager.num_pages, salt="warm-up")
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs,
                                    self.config.max_num_batched_tokens, self.max_model_len)
         try:
-            length = max(1, min(self.max_model_len - 8, 2 * self.topk * BLOCK_SIZE + 64))
-            vision = self.model_config.vision
-            placeholders = vision.placeholder_token_ids if vision else ()
-            tokens = [t for t in range(min(self.model_config.vocab_size, 1024))
-                      if t not in placeholders]
-            prompt = [tokens[(7 * i) % len(tokens)] for i in range(length)]
-            params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
-            self.generate([prompt], params, use_tqdm=False)  # fresh prompt, decode of one
-            batch = min(self.config.max_num_seqs, 8)
-            self.generate([prompt[:-1] + [tokens[i]] for i in range(batch)],  # cached prefix
-                          params, use_tqdm=False)
-            self.runner.capture_decode_graphs()
+            yield
         finally:
             self.block_manager, self.scheduler = block_manager, scheduler
             self.requests.clear()
             self._unread.clear()
             self.stats = EngineStats()
             self.runner.sampler = Sampler(self.config.seed, self.device)  # as if never used
-        logger.info("warm-up done in %.1f s", time.perf_counter() - started)
 
     @functools.cached_property
     def grammars(self) -> GrammarCompiler:
@@ -227,8 +259,11 @@ class LLMEngine:
                 f"indexer), which stays in {str(self.dtype).removeprefix('torch.')}")
         return getattr(torch, self.config.index_key_dtype)
 
+    def _page_bytes(self) -> int:
+        return KVCache.bytes_per_page(self.model_config, self.dtype, self.index_key_dtype)
+
     def _num_pages(self) -> int:
-        page_bytes = KVCache.bytes_per_page(self.model_config, self.dtype, self.index_key_dtype)
+        page_bytes = self._page_bytes()
         budget = self.config.kv_cache_memory
         if budget is None:
             if self.device.type == "cuda":
@@ -313,16 +348,30 @@ class LLMEngine:
 
     def load_figures(self) -> dict[str, int]:
         """What routers and dashboards weigh a replica by, plus its running token total."""
-        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+        running, waiting = list(self.scheduler.running), list(self.scheduler.waiting)
+        host = self.block_manager.host
+        exchange = self.page_exchange
+        return {"running": len(running), "waiting": len(waiting),
                 "kv_pages_in_use": self.block_manager.num_pages_in_use,
                 "kv_pages_total": self.block_manager.num_pages,
-                "generated_tokens": self.stats.generated_tokens}
+                "generated_tokens": self.stats.generated_tokens,
+                # What a work-counting router weighs (deployments/router.py): prompt tokens
+                # still to prefill, and the KV pages the decoding sequences read every step.
+                "prefill_tokens_queued": sum(seq.num_prompt_tokens - min(
+                    seq.num_computed_tokens, seq.num_prompt_tokens) for seq in running + waiting),
+                "decode_pages": sum(len(seq.page_ids) for seq in running if seq.prompt_computed),
+                "kv_host_pages": len(host) if host is not None else 0,
+                "kv_host_pages_total": host.num_slots if host is not None else 0,
+                "kv_pages_from_host": self.block_manager.num_pages_from_host,
+                "kv_pages_pulled": exchange.num_pages_pulled if exchange is not None else 0,
+                "kv_pages_refused": exchange.num_pages_refused if exchange is not None else 0}
 
     # -- the step ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedules and launches a step, then reads the tokens of the step launched before
         it (overlapped) or of this one (otherwise): the outputs of the step read."""
         batch = self.scheduler.schedule()
+        self.runner.move_pages(self.block_manager.take_transfers())
         self.stats.preemptions += batch.num_preempted
         launched: list[LaunchedStep] = []
         failures: list[tuple[Sequence, Exception]] = []

@@ -18,7 +18,8 @@ from worker import parallel
 from worker.engine.block_table import BlockTables, slot_mapping
 from worker.engine.cuda_graphs import DecodeGraphs, DecodeInputs
 from worker.engine.host_copies import HostCopy, to_device
-from worker.engine.kv_cache import AttentionMetadata, KVCache
+from worker.engine.host_tier import PageTransfer
+from worker.engine.kv_cache import AttentionMetadata, HostKVCache, KVCache
 from worker.engine.multimodal import VisionEncoder
 from worker.engine.sampler import SampledTokens, Sampler, ScoredTokens, token_logprobs
 from worker.engine.scheduler import ScheduledBatch
@@ -201,12 +202,13 @@ class ModelRunner:
     """`decode_graphs`, when given, replays the decode steps that fit it (CUDA only; the
     other ranks of a tensor-parallel replica replay theirs from the same `DecodeInputs`);
     `vision` embeds the images and videos of the prompt chunks that reach them; `peers`, on
-    rank 0 of a tensor-parallel replica, hands each step's inputs to the other ranks."""
+    rank 0 of a tensor-parallel replica, hands each step's inputs to the other ranks;
+    `host_cache` is the host tier's memory, which `move_pages` copies pages to and from."""
 
     def __init__(self, model: PagedCausalLM, cache: KVCache, sampler: Sampler,
                  block_tables: BlockTables, topk: int | None = None, debug_checks: bool = False,
                  decode_graphs: DecodeGraphs | None = None, vision: VisionEncoder | None = None,
-                 peers: "RankWorkers | None" = None):
+                 peers: "RankWorkers | None" = None, host_cache: HostKVCache | None = None):
         self.model = model
         self.vision = vision
         self.cache = cache
@@ -216,7 +218,17 @@ class ModelRunner:
         self.debug_checks = debug_checks
         self.decode_graphs = decode_graphs
         self.peers = peers
+        self.host_cache = host_cache
         self.device = cache.k.device
+
+    def move_pages(self, transfers: list[PageTransfer]) -> None:
+        """Queues the copies between the device cache and the host tier that the scheduler
+        recorded for the coming step, on every rank (each holds its own slice of a page)."""
+        if not transfers:
+            return
+        if self.peers is not None:
+            self.peers.send(transfers)
+        self.host_cache.apply(transfers)
 
     def prepare(self, batch: ScheduledBatch) -> tuple[StepInputs, list[int], PromptScoring]:
         """(the model inputs of a mixed step, which batch rows are sampled, which prompt

@@ -39,6 +39,7 @@ class CacheSetup:
     index_key_dtype: torch.dtype | None
     topk: int
     max_model_len: int
+    host_slots: int  # pages of the host KV tier (0: none)
 
 
 class RankWorker:
@@ -53,7 +54,7 @@ class RankWorker:
     def serve_steps(self) -> int:
         """Returns the number of steps run, once rank 0 closes the group."""
         from worker.engine.cuda_graphs import DecodeGraphs, DecodeInputs, max_graph_batch
-        from worker.engine.kv_cache import KVCache
+        from worker.engine.kv_cache import HostKVCache, KVCache
         from worker.engine.llm_engine import resolve_device_and_dtype
         from worker.engine.model_runner import FedTokens, forward_step
         from worker.loader import load_model
@@ -67,11 +68,15 @@ class RankWorker:
                                config.load_format).model
             setup: CacheSetup = parallel.broadcast_from_rank0()
             cache = KVCache(model.config, setup.num_pages, dtype, device, setup.index_key_dtype)
+            host_cache = HostKVCache(cache, setup.host_slots) if setup.host_slots else None
             graphs = None
             steps = 0
             with torch.inference_mode():
                 while (inputs := parallel.broadcast_from_rank0()) is not None:
                     try:
+                        if isinstance(inputs, list):  # page copies to and from the host tier
+                            host_cache.apply(inputs)
+                            continue
                         fed = FedTokens.receive(inputs.fed_rows, device)
                         if isinstance(inputs, DecodeInputs):
                             graphs = graphs or DecodeGraphs(
