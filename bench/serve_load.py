@@ -1,15 +1,21 @@
-"""Serving load benchmark: prefix-aware routing vs round-robin, and the ingress overhead.
+"""Serving load benchmark: the routing policies on standard multi-turn and shared-prefix
+workloads, two model replicas, requests arriving at a fixed rate; and the ingress overhead.
 
-The "agentic" shape: every session re-sends a system prompt shared by all sessions, its own long
-context and a conversation that grows by one exchange per turn; sessions run at a fixed
-concurrency through the OpenAI HTTP API (or gRPC with --protocol grpc). In one run, on the same
-model and machine:
-1. two model replicas behind the prefix-aware router, then behind the baseline router
-   (round-robin; --baseline power_of_two for Serve's default): TTFT / TPOT / ITL percentiles,
-   throughput, prefix hit rate, replicas per session;
-2. ingress overhead: time to the first token of a 1-token request through the Serve app (HTTP
-   and gRPC) against the same request on an AsyncLLMEngine in this process.
-Usage: python bench/serve_load.py [--sessions 8] [--turns 6] [--concurrency 4]
+Workloads (sized for this machine):
+- multi-turn (vLLM's benchmarks/multi_turn): conversations share a common prefix, each has its
+  own prefix, and every turn adds the previous answer and a 120-160-token user turn;
+- shared-prefix (SGLang's bench_serving --dataset-name generated-shared-prefix): groups of
+  prompts, each group one system prompt, each prompt its own question.
+Requests arrive as a Poisson process at --rate; a conversation's next turn is sent only after
+its previous answer (an arrival takes the conversation that has been ready longest). With
+--kv-cache-memory below the working set, the replicas' device caches cannot hold every
+session: the memory-pressure case, where the host tier and pulls matter.
+
+For each policy (in one run, on the same model and machine): TTFT and TPOT percentiles,
+output throughput, prefix hit rate split by tier (device, host, pulled from a peer) and pulled
+pages; then the ingress overhead (a 1-token request through the Serve app, HTTP and gRPC,
+against an AsyncLLMEngine in this process).
+Usage: python bench/serve_load.py [--workload multi-turn] [--rate 0.5]
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from pathlib import Path
 
 import grpc
 import httpx
+import redis
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -34,6 +41,9 @@ from deployments.config import AppConfig, ServeConfigFile  # noqa: E402
 from deployments.local import free_port, local_stack  # noqa: E402
 from deployments.proto import msa_serve_pb2 as pb  # noqa: E402
 from deployments.proto.msa_serve_pb2_grpc import MSAServeStub  # noqa: E402
+from worker.wire import BLOCK_SIZE  # noqa: E402
+
+POLICIES = ("prefix_aware", "prefix_cache_affinity", "round_robin", "power_of_two")
 
 
 @dataclass
@@ -105,37 +115,79 @@ async def grpc_request(stub: MSAServeStub, model: str, prompt: list[int],
     return record
 
 
-# -- the agentic load ---------------------------------------------------------------------------
-def session_turns(session: int, args, vocab: int) -> list[list[int]]:
-    """Prompts of one session: the shared system prompt, its own context, then one
-    (previous answer, new question) exchange more per turn."""
-    def tokens(rng: random.Random, count: int) -> list[int]:
-        return [rng.randrange(100, vocab) for _ in range(count)]
+# -- workloads ----------------------------------------------------------------------------------
+@dataclass
+class Conversation:
+    """A session's turns: prompt t holds every earlier prompt, an answer and a new user turn.
+    Answers are filler tokens of the output length (the served answer is not read back), so
+    a turn's prefix is the previous turn's prompt."""
 
-    rng = random.Random(1000 + session)
-    prompt = tokens(random.Random(0), args.system_tokens) + tokens(rng, args.context_tokens)
+    index: int
+    prompts: list[list[int]]
+    turn: int = 0
+
+
+def _tokens(rng: random.Random, count: int, vocab: int) -> list[int]:
+    return [rng.randrange(100, vocab) for _ in range(count)]
+
+
+def multi_turn(args, vocab: int) -> list[Conversation]:
+    common = _tokens(random.Random(0), args.common_prefix, vocab)
+    conversations = []
+    for index in range(args.conversations):
+        rng = random.Random(1000 + index)
+        prompt = common + _tokens(rng, args.conversation_prefix, vocab)
+        prompts = []
+        for turn in range(args.turns):
+            if turn:
+                prompt = prompt + _tokens(rng, args.max_tokens, vocab)  # the answer
+            prompt = prompt + _tokens(rng, rng.randint(120, 160), vocab)  # the user turn
+            prompts.append(prompt)
+        conversations.append(Conversation(index, prompts))
+    return conversations
+
+
+def shared_prefix(args, vocab: int) -> list[Conversation]:
+    """Each prompt a one-turn conversation, shuffled across groups."""
+    rng = random.Random(0)
     prompts = []
-    for _ in range(args.turns):
-        prompt = prompt + tokens(rng, args.turn_tokens)
-        prompts.append(prompt)
-    return prompts
+    for group in range(args.groups):
+        system = _tokens(random.Random(2000 + group), args.system_tokens, vocab)
+        prompts += [system + _tokens(rng, args.question_tokens, vocab)
+                    for _ in range(args.prompts_per_group)]
+    rng.shuffle(prompts)
+    return [Conversation(i, [p]) for i, p in enumerate(prompts)]
 
 
-async def run_load(send, args, vocab: int, label: str) -> tuple[list[RequestRecord], float]:
-    gate = asyncio.Semaphore(args.concurrency)
+WORKLOADS = {"multi-turn": multi_turn, "shared-prefix": shared_prefix}
+
+
+async def run_load(send, conversations: list[Conversation], args, label: str
+                   ) -> tuple[list[RequestRecord], float]:
+    """Poisson arrivals at args.rate; each takes the conversation ready the longest."""
+    ready: asyncio.Queue[Conversation] = asyncio.Queue()
+    for conversation in conversations:
+        ready.put_nowait(conversation)
+    total = sum(len(c.prompts) for c in conversations)
     records: list[RequestRecord] = []
-    bar = tqdm(total=args.sessions * args.turns, desc=label, unit="req", leave=False)
+    bar = tqdm(total=total, desc=label, unit="req", leave=False)
+    rng = random.Random(42)
 
-    async def session(index: int) -> None:
-        async with gate:
-            for turn, prompt in enumerate(session_turns(index, args, vocab)):
-                record = await send(prompt, args.max_tokens)
-                record.session, record.turn = index, turn
-                records.append(record)
-                bar.update()
+    async def serve_turn(conversation: Conversation) -> None:
+        record = await send(conversation.prompts[conversation.turn], args.max_tokens)
+        record.session, record.turn = conversation.index, conversation.turn
+        records.append(record)
+        bar.update()
+        conversation.turn += 1
+        if conversation.turn < len(conversation.prompts):
+            ready.put_nowait(conversation)
 
     start = time.perf_counter()
-    await asyncio.gather(*(session(i) for i in range(args.sessions)))
+    tasks = []
+    for _ in range(total):
+        await asyncio.sleep(rng.expovariate(args.rate))
+        tasks.append(asyncio.create_task(serve_turn(await ready.get())))
+    await asyncio.gather(*tasks)
     bar.close()
     return records, time.perf_counter() - start
 
@@ -145,30 +197,46 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def summarize(records: list[RequestRecord], seconds: float) -> dict[str, float]:
+def summarize(records: list[RequestRecord], seconds: float,
+              figures: dict[str, int]) -> dict[str, float]:
+    """Latencies and throughput from the client's records; the hit rate split by tier from the
+    replicas' counters (pages copied back from host tiers, of which pulled from a peer)."""
     ttfts = [r.ttft for r in records]
-    later = [r.ttft for r in records if r.turn > 0]
-    itls = [gap for r in records for gap in r.itls]
     tpots = [r.tpot for r in records if r.tpot is not None]
     prompt = sum(r.prompt_tokens for r in records)
+    cached = sum(r.cached_tokens for r in records)
+    from_host = figures.get("kv_pages_from_host", 0) * BLOCK_SIZE
+    pulled = min(figures.get("kv_pages_pulled", 0) * BLOCK_SIZE, from_host)
     return {
         "requests": len(records),
         "ttft_p50": percentile(ttfts, 50), "ttft_p90": percentile(ttfts, 90),
-        "ttft_p99": percentile(ttfts, 99), "ttft_later_p50": percentile(later, 50),
-        "tpot_p50": percentile(tpots, 50), "itl_p50": percentile(itls, 50),
-        "itl_p99": percentile(itls, 99),
+        "ttft_p99": percentile(ttfts, 99), "tpot_p50": percentile(tpots, 50),
         "output_tok_s": sum(r.completion_tokens for r in records) / seconds,
-        "hit_rate": sum(r.cached_tokens for r in records) / prompt if prompt else 0.0,
+        "hit_rate": cached / prompt,
+        "hit_device": max(0, cached - from_host) / prompt,
+        "hit_host": (from_host - pulled) / prompt, "hit_pulled": pulled / prompt,
+        "pulled_pages": figures.get("kv_pages_pulled", 0),
         "replicas_per_session": statistics.mean(
             len({r.replica for r in records if r.session == s})
             for s in {r.session for r in records}),
     }
 
 
+def replica_figures(redis_url: str, model_key: str) -> dict[str, int]:
+    """The replicas' published counters, summed."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    totals: dict[str, int] = {}
+    for key in client.keys(f"msa:{model_key}:load:*"):
+        for figure, value in client.hgetall(key).items():
+            totals[figure] = totals.get(figure, 0) + int(value)
+    return totals
+
+
 def app_config(policy: str, args) -> AppConfig:
     return AppConfig.model_validate({
         "model": {"engine": {"model": args.model, "device": "cpu", "dtype": "float32",
                              "kv_cache_memory": args.kv_cache_memory,
+                             "kv_host_memory": args.kv_host_memory,
                              "max_num_batched_tokens": 512},
                   "num_replicas": 2, "num_cpus": 1, "cpu_threads": 1},
         "preprocess": {"num_replicas": 1, "autoscaling": None, "num_cpus": 0},
@@ -181,16 +249,16 @@ def app_config(policy: str, args) -> AppConfig:
 
 
 async def first_token_latencies(send, count: int) -> list[float]:
-    prompt = list(range(1000, 1016))
+    prompt = list(range(100, 116))
     await send(prompt, 1)  # warm-up
     return [(await send(prompt, 1)).ttft for _ in range(count)]
 
 
-async def serve_run(policy: str, args) -> dict:
-    config_file = ServeConfigFile.load()
-    with local_stack(config_file, app_config(policy, args), http_port=free_port(),
+async def serve_run(policy: str, args, overhead: bool) -> dict:
+    config = app_config(policy, args)
+    with local_stack(ServeConfigFile.load(), config, http_port=free_port(),
                      grpc_port=free_port(), num_cpus=4) as endpoints:
-        vocab = _vocab(args.model)
+        conversations = WORKLOADS[args.workload](args, _vocab(args.model))
         async with httpx.AsyncClient(base_url=endpoints.http, timeout=600) as client, \
                 grpc.aio.insecure_channel(endpoints.grpc) as channel:
             stub = MSAServeStub(channel)
@@ -202,9 +270,11 @@ async def serve_run(policy: str, args) -> dict:
                 return await grpc_request(stub, endpoints.model, prompt, max_tokens)
 
             send = grpc_send if args.protocol == "grpc" else http_send
-            records, seconds = await run_load(send, args, vocab, policy)
-            result = {"load": summarize(records, seconds)}
-            if policy == "prefix_aware":  # the ingress overhead is measured once
+            records, seconds = await run_load(send, conversations, args, policy)
+            await asyncio.sleep(0.5)  # the replicas' last counters reach Redis
+            figures = replica_figures(endpoints.redis.url, config.model_key)
+            result = {"load": summarize(records, seconds, figures)}
+            if overhead:
                 result["http_first_token"] = await first_token_latencies(http_send, args.probes)
                 result["grpc_first_token"] = await first_token_latencies(grpc_send, args.probes)
             return result
@@ -245,61 +315,92 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="default: the embedded SmolLM2")
     parser.add_argument("--protocol", choices=["http", "grpc"], default="http")
-    parser.add_argument("--baseline", choices=["round_robin", "power_of_two"],
-                        default="round_robin")
-    parser.add_argument("--sessions", type=int, default=8)
-    parser.add_argument("--turns", type=int, default=6)
-    parser.add_argument("--concurrency", type=int, default=4,
-                        help="4 keeps two 1-thread CPU replicas short of saturation")
-    parser.add_argument("--system-tokens", type=int, default=256, help="shared by all sessions")
-    # The context-to-turn ratio of shared/workloads.md (8K context, ~200 tokens a turn), with
-    # a context this machine prefills in seconds.
-    parser.add_argument("--context-tokens", type=int, default=2048, help="each session's own")
-    parser.add_argument("--turn-tokens", type=int, default=64, help="added per turn")
-    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--policies", default=",".join(POLICIES[:3]),
+                        help=f"comma-separated, the first is compared with the others: "
+                             f"{', '.join(POLICIES)}")
+    parser.add_argument("--workload", choices=list(WORKLOADS), default="multi-turn")
+    parser.add_argument("--rate", type=float, default=0.5, help="requests per second (Poisson)")
+    parser.add_argument("--max-tokens", type=int, default=16, help="output tokens per request")
+    multi = parser.add_argument_group("multi-turn")
+    multi.add_argument("--conversations", type=int, default=8)
+    multi.add_argument("--turns", type=int, default=5)
+    multi.add_argument("--common-prefix", type=int, default=256, help="tokens all share")
+    multi.add_argument("--conversation-prefix", type=int, default=1024,
+                       help="tokens of each conversation's own prefix")
+    shared = parser.add_argument_group("shared-prefix")
+    shared.add_argument("--groups", type=int, default=4)
+    shared.add_argument("--prompts-per-group", type=int, default=8)
+    shared.add_argument("--system-tokens", type=int, default=1024)
+    shared.add_argument("--question-tokens", type=int, default=128)
+    parser.add_argument("--kv-cache-memory", default="192MiB",
+                        help="per replica; the default holds less than the multi-turn working "
+                             "set (memory pressure)")
+    parser.add_argument("--kv-host-memory", default="1GiB", help="per replica")
     parser.add_argument("--probes", type=int, default=30, help="requests per overhead figure")
-    parser.add_argument("--kv-cache-memory", default="1GiB")
     args = parser.parse_args()
+    policies = args.policies.split(",")
 
-    prefix = asyncio.run(serve_run("prefix_aware", args))
-    default = asyncio.run(serve_run(args.baseline, args))
+    results = {policy: asyncio.run(serve_run(policy, args, overhead=index == 0))
+               for index, policy in enumerate(policies)}
     direct = asyncio.run(direct_first_token(args))
 
-    p, d = prefix["load"], default["load"]
     ms = lambda s: f"{s * 1000:.0f} ms"  # noqa: E731
-    rows = [[name, fmt(p[key]), fmt(d[key]), f"{d[key] / p[key]:.2f}x" if ratio else ""]
-            for name, key, fmt, ratio in [
-                ("TTFT p50", "ttft_p50", ms, True), ("TTFT p90", "ttft_p90", ms, True),
-                ("TTFT p99", "ttft_p99", ms, True),
-                ("TTFT p50, turns 2+", "ttft_later_p50", ms, True),
-                ("TPOT p50", "tpot_p50", ms, True), ("ITL p50", "itl_p50", ms, True),
-                ("ITL p99", "itl_p99", ms, True),
-                ("output tokens/s", "output_tok_s", lambda v: f"{v:.1f}", False),
-                ("prefix hit rate", "hit_rate", lambda v: f"{v:.0%}", False),
-                ("replicas per session", "replicas_per_session", lambda v: f"{v:.2f}", False)]]
+    share = lambda v: f"{v:.0%}"  # noqa: E731
+    figures = [("TTFT p50", "ttft_p50", ms, True), ("TTFT p90", "ttft_p90", ms, True),
+               ("TTFT p99", "ttft_p99", ms, True), ("TPOT p50", "tpot_p50", ms, True),
+               ("output tokens/s", "output_tok_s", lambda v: f"{v:.1f}", False),
+               ("prefix hit rate", "hit_rate", share, False),
+               ("- from the device cache", "hit_device", share, False),
+               ("- from the host tier", "hit_host", share, False),
+               ("- pulled from a peer", "hit_pulled", share, False),
+               ("pages pulled", "pulled_pages", lambda v: f"{v:.0f}", False),
+               ("replicas per session", "replicas_per_session", lambda v: f"{v:.2f}", False)]
+    ours, others = results[policies[0]]["load"], policies[1:]
+    rows = []
+    for name, key, fmt, ratio in figures:
+        row = [name] + [fmt(results[p]["load"][key]) for p in policies]
+        if key == "output_tok_s":
+            ratio_cells = [f"{ours[key] / results[p]['load'][key]:.2f}x" for p in others]
+        elif ratio:
+            ratio_cells = [f"{results[p]['load'][key] / ours[key]:.2f}x" for p in others]
+        else:
+            ratio_cells = [""] * len(others)
+        rows.append(row + ratio_cells)
     load_table = markdown_table(
-        ["figure", "prefix-aware router", f"{args.baseline} router (baseline)",
-         "baseline / prefix-aware"],
-        rows)
+        ["figure", *policies, *(f"{p} / {policies[0]}" for p in others)], rows)
+
     direct_p50 = statistics.median(direct)
     overhead_rows = [["AsyncLLMEngine in process (baseline)", ms(direct_p50), "", "1.00x"]]
     for name, key in [("Serve app, OpenAI HTTP", "http_first_token"),
                       ("Serve app, gRPC", "grpc_first_token")]:
-        p50 = statistics.median(prefix[key])
+        p50 = statistics.median(results[policies[0]][key])
         overhead_rows.append([name, ms(p50), f"{(p50 - direct_p50) * 1000:.1f} ms",
                               f"{p50 / direct_p50:.2f}x"])
     overhead_table = markdown_table(
         ["path (16-token prompt, 1 output token)", "first token p50", "ingress overhead p50",
          "vs baseline"], overhead_rows)
-    notes = (f"Load: {args.sessions} sessions x {args.turns} turns at concurrency "
-             f"{args.concurrency} over {args.protocol}; every prompt is a {args.system_tokens}-"
-             f"token system prompt shared by all sessions, the session's own "
-             f"{args.context_tokens}-token context and {args.turn_tokens} more tokens per turn; "
-             f"{args.max_tokens} output tokens per request (ignore_eos). Two model replicas of the "
-             f"default model (fp32, 1 thread each, chunked prefill of 512 tokens per step) on this "
-             f"machine, with Redis, Ray and the load generator on the same 2 cores. 'turns 2+' "
-             f"leaves out each session's first request, a miss under any router.\n\n## Ingress overhead\n\n{overhead_table}\n")
-    write_results("serve_load_cpu", f"Serving load: prefix-aware routing vs {args.baseline}",
+    if args.workload == "multi-turn":
+        shape = (f"{args.conversations} conversations x {args.turns} turns: a {args.common_prefix}"
+                 f"-token prefix common to all, a {args.conversation_prefix}-token prefix of "
+                 f"each conversation's own, then per turn the previous answer and a 120-160-"
+                 f"token user turn")
+    else:
+        shape = (f"{args.groups} groups x {args.prompts_per_group} prompts: a "
+                 f"{args.system_tokens}-token system prompt per group and a "
+                 f"{args.question_tokens}-token question per prompt")
+    notes = (f"Workload {args.workload}: {shape}; {args.max_tokens} output tokens per request "
+             f"(ignore_eos); Poisson arrivals at {args.rate:g} requests/s over "
+             f"{args.protocol}. Two model replicas of {args.model or 'the default SmolLM2'} (fp32, "
+             f"1 thread each, "
+             f"chunked prefill of 512 tokens per step), each with a {args.kv_cache_memory} "
+             f"device KV cache and a {args.kv_host_memory} host tier, on this machine with "
+             f"Redis, Ray and the load generator on the same 2 cores. Ratios: the other "
+             f"policy's figure over {policies[0]}'s (throughput: {policies[0]}'s over the "
+             f"other's), so above 1 means {policies[0]} is better. Hit rates split by tier come "
+             f"from the replicas' counters (pages copied back from a host tier; those pulled "
+             f"from a peer land there first).\n\n## Ingress overhead\n\n{overhead_table}\n")
+    write_results(f"serve_load_cpu{'' if args.workload == 'multi-turn' else '_' + args.workload}",
+                  f"Serving load: routing policies on the {args.workload} workload",
                   load_table, notes)
 
 

@@ -3,8 +3,9 @@
 Rank 0 is the engine's own process (the Serve replica, or an offline `LLMEngine`): it
 schedules, owns the block manager and samples. Ranks 1..N-1 are `RankWorker` actors, each with
 its slice of the model and its shard of the KV cache. Each step rank 0 broadcasts the step's
-inputs once (host tensors, over gloo): `StepInputs` for an eager step, `DecodeInputs` for a
-decode step every rank replays from its own CUDA graphs (captured at the same step on every
+inputs once (host tensors, over gloo): the step's page copies to and from the host tier (a list
+of `PageTransfer`, when there are any), then `StepInputs` for an eager step, `DecodeInputs` for
+a decode step every rank replays from its own CUDA graphs (captured at the same step on every
 rank, NCCL calls included). Every rank runs the same forward and the layers' all-reduces join
 them; no per-layer call crosses a process boundary.
 
