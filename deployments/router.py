@@ -77,13 +77,9 @@ def export_target(candidates: list[RunningReplica], pending: PendingRequest | No
     return [[r for r in candidates if r.replica_id.unique_id == request.target]]
 
 
-class PrefixAwareRouter(FIFOMixin, RequestRouter):
-    def initialize_state(self, redis: dict, model_key: str, routing: dict) -> None:
-        settings = RedisSettings.model_validate(redis)
-        self._index = PrefixIndexLookup(settings, model_key) if settings.url else None
-        self._costs = RoutingSettings.model_validate(routing)
-        # replica -> (wall time sent, uncached prefill blocks) of requests routed there
-        self._sent: dict[str, deque[tuple[float, float]]] = defaultdict(deque)
+class ModelRouter(FIFOMixin, RequestRouter):
+    """What every policy of the model deployment shares: page exports go to their target;
+    other requests are the policy's (`choose`)."""
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None
@@ -92,6 +88,23 @@ class PrefixAwareRouter(FIFOMixin, RequestRouter):
             return []
         if (target := export_target(candidate_replicas, pending_request)) is not None:
             return target
+        return await self.choose(candidate_replicas, pending_request)
+
+    async def choose(self, candidate_replicas: list[RunningReplica],
+                     pending_request: PendingRequest | None) -> list[list[RunningReplica]]:
+        raise NotImplementedError
+
+
+class PrefixAwareRouter(ModelRouter):
+    def initialize_state(self, redis: dict, model_key: str, routing: dict) -> None:
+        settings = RedisSettings.model_validate(redis)
+        self._index = PrefixIndexLookup(settings, model_key) if settings.url else None
+        self._costs = RoutingSettings.model_validate(routing)
+        # replica -> (wall time sent, uncached prefill blocks) of requests routed there
+        self._sent: dict[str, deque[tuple[float, float]]] = defaultdict(deque)
+
+    async def choose(self, candidate_replicas: list[RunningReplica],
+                     pending_request: PendingRequest | None) -> list[list[RunningReplica]]:
         request = request_argument(pending_request, GenerateRequest)
         if request is None or self._index is None:
             return power_of_two(candidate_replicas, "load")
@@ -124,19 +137,14 @@ class PrefixAwareRouter(FIFOMixin, RequestRouter):
 
 
 
-class RoundRobinRouter(FIFOMixin, RequestRouter):
+class RoundRobinRouter(ModelRouter):
     """Cycles through the replicas whatever the request: the baseline prefix-aware routing beats."""
 
     def initialize_state(self) -> None:
         self._turn = 0
 
-    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
-                              pending_request: PendingRequest | None = None
-                              ) -> list[list[RunningReplica]]:
-        if not candidate_replicas:
-            return []
-        if (target := export_target(candidate_replicas, pending_request)) is not None:
-            return target
+    async def choose(self, candidate_replicas: list[RunningReplica],
+                     pending_request: PendingRequest | None) -> list[list[RunningReplica]]:
         ordered = sorted(candidate_replicas, key=lambda r: r.replica_id.unique_id)
         start = self._turn % len(ordered)
         self._turn += 1
@@ -145,17 +153,11 @@ class RoundRobinRouter(FIFOMixin, RequestRouter):
         return [[ordered[start]], ordered[start + 1:] + ordered[:start]]
 
 
-class PowerOfTwoRouter(FIFOMixin, RequestRouter):
-    """Serve's default choice (the shorter queue of two random replicas), with page exports
-    sent to their target."""
+class PowerOfTwoRouter(ModelRouter):
+    """Serve's default choice: the shorter queue of two random replicas."""
 
-    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
-                              pending_request: PendingRequest | None = None
-                              ) -> list[list[RunningReplica]]:
-        if not candidate_replicas:
-            return []
-        if (target := export_target(candidate_replicas, pending_request)) is not None:
-            return target
+    async def choose(self, candidate_replicas: list[RunningReplica],
+                     pending_request: PendingRequest | None) -> list[list[RunningReplica]]:
         return power_of_two(candidate_replicas, "load")
 
 
