@@ -27,7 +27,6 @@ from bench.common import markdown_table, write_results
 from bench.engine_m3 import write_config
 from kernels import BLOCK_SIZE
 from worker.config import EngineConfig
-from worker.engine.kv_cache import KVCache
 from worker.engine.llm_engine import LLMEngine
 from worker.prefix_hash import chain_page_hashes
 from worker.wire import SamplingParams
@@ -44,7 +43,7 @@ def ttft_ms(engine: LLMEngine, prompt: list[int]) -> float:
 def rows_for(model: str, name: str, lengths: list[int], device_pages: int) -> list[list[str]]:
     probe = LLMEngine(EngineConfig(model=model, load_format="dummy", kv_cache_memory="64MiB",
                                    warm_up=False))
-    page = KVCache.bytes_per_page(probe.model_config, probe.dtype, probe.index_key_dtype)
+    page = probe.page_bytes
     vocab = probe.model_config.vocab_size
     del probe
     host_pages = 4 * max(lengths) // BLOCK_SIZE + 64

@@ -46,8 +46,7 @@ class ModelServer:
         if self.engine.engine.page_exchange is not None and pulls.mode != "off":
             costs = None
             if pulls.mode == "auto":
-                costs = await PullCosts.measure(self.engine,
-                                                self.engine.engine.host_cache.page_bytes)
+                costs = await PullCosts.measure(self.engine, self.engine.engine.page_bytes)
             self.puller = PagePuller(self.engine, pulls, costs)
         logger.info("model replica ready", extra={"replica": self.replica,
                                                   "model": self.engine.engine.model_name})

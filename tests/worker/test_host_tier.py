@@ -9,14 +9,10 @@ import pytest
 import torch
 
 from tests.worker.test_engine import assert_no_pages_held, random_prompt
-from worker.engine.kv_cache import KVCache
+from worker.prefix_hash import chain_page_hashes
 from worker.wire import BLOCK_SIZE, PageEvent, SamplingParams
 
 SCORED = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=5)
-
-
-def page_bytes(engine) -> int:
-    return KVCache.bytes_per_page(engine.model_config, engine.dtype, engine.index_key_dtype)
 
 
 @pytest.fixture
@@ -25,7 +21,7 @@ def make_tiered_engine(make_tiny_engine):
     `host_pages`; page events go to `engine.events`."""
 
     def make(device_pages: int, host_pages: int, **overrides):
-        size = page_bytes(make_tiny_engine(kv_cache_memory="1MiB"))
+        size = make_tiny_engine(kv_cache_memory="1MiB").page_bytes
         events: list[PageEvent] = []
         engine = make_tiny_engine(kv_cache_memory=device_pages * size,
                                   kv_host_memory=host_pages * size, **overrides)
@@ -89,8 +85,6 @@ def test_evicted_prefix_comes_back_from_the_host_tier(make_tiered_engine, make_t
 
 
 def chain_of(engine, prompt):
-    from worker.prefix_hash import chain_page_hashes
-
     full = (len(prompt) - 1) // BLOCK_SIZE * BLOCK_SIZE
     return chain_page_hashes(prompt[:full], engine.block_manager.salt)
 

@@ -62,13 +62,14 @@ class BlockManager:
         return {"device": self.cached_hashes(),
                 "host": self.host.hashes() if self.host is not None else []}
 
+    def holds(self, page_hash: str) -> bool:
+        """Whether this replica holds the page, in either tier."""
+        return page_hash in self._cached or (self.host is not None and page_hash in self.host)
+
     def num_leading_cached(self, page_hashes: list[str]) -> int:
         """How many leading pages of a hash chain this replica holds, in either tier."""
         count = 0
-        for page_hash in page_hashes:
-            if page_hash not in self._cached and (self.host is None
-                                                   or page_hash not in self.host):
-                break
+        while count < len(page_hashes) and self.holds(page_hashes[count]):
             count += 1
         return count
 

@@ -116,10 +116,6 @@ class HostKVCache:
         self.slots = [torch.empty((num_slots, t.shape[0], *t.shape[2:]), dtype=t.dtype,
                                   pin_memory=self.pinned) for t in device_cache.tensors()]
 
-    @property
-    def page_bytes(self) -> int:
-        return sum(host[0].nbytes for host in self.slots)
-
     def apply(self, transfers: list[PageTransfer]) -> None:
         """Executes a step's recorded copies, in their order (`host_tier`)."""
         for transfer in transfers:
@@ -136,23 +132,21 @@ class HostKVCache:
         for host, device in zip(self.slots, self.device_cache.tensors()):
             device[:, page].copy_(host[slot], non_blocking=self.pinned)
 
-    def _settle(self) -> None:
-        """The host reads or writes slots directly after this: wait for queued copies."""
+    def settle(self) -> None:
+        """Waits for the queued copies: call it before the host reads or writes pages
+        directly (`read_slot`, `read_device_page`, `write_slot`)."""
         if self.pinned:
             torch.cuda.current_stream(self.device_cache.k.device).synchronize()
 
     def read_slot(self, slot: int) -> list[torch.Tensor]:
-        self._settle()
         return [host[slot].clone() for host in self.slots]
 
     def read_device_page(self, page: int) -> list[torch.Tensor]:
-        self._settle()
         return [device[:, page].cpu() for device in self.device_cache.tensors()]
 
     def slot_layout(self) -> list[tuple[torch.dtype, tuple[int, ...]]]:
         return [(host.dtype, tuple(host.shape[1:])) for host in self.slots]
 
     def write_slot(self, slot: int, tensors: list[torch.Tensor]) -> None:
-        self._settle()  # a queued copy may still read this slot's previous page
         for host, tensor in zip(self.slots, tensors, strict=True):
             host[slot].copy_(tensor)

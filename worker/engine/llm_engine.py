@@ -149,7 +149,7 @@ class LLMEngine:
                                  num_pages * BLOCK_SIZE)
         self.cache = KVCache(self.model_config, num_pages, self.dtype, self.device,
                              self.index_key_dtype)
-        host_slots = self.config.kv_host_memory // self._page_bytes()
+        host_slots = self.config.kv_host_memory // self.page_bytes
         host_index = HostPageIndex(host_slots, page_listener) if host_slots else None
         self.host_cache = HostKVCache(self.cache, host_slots) if host_slots else None
         self.block_manager = BlockManager(num_pages, salt=loaded.fingerprint,
@@ -157,7 +157,7 @@ class LLMEngine:
                                           listener=page_listener, debug_checks=config.debug_checks,
                                           host=host_index)
         # Peer pulls read and write rank 0's pages only: not with tensor parallelism (yet).
-        self.page_exchange = (PageExchange(self.block_manager, host_index, self.host_cache)
+        self.page_exchange = (PageExchange(self.block_manager, self.host_cache)
                               if host_slots and self.peers is None else None)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens, self.max_model_len)
@@ -259,11 +259,13 @@ class LLMEngine:
                 f"indexer), which stays in {str(self.dtype).removeprefix('torch.')}")
         return getattr(torch, self.config.index_key_dtype)
 
-    def _page_bytes(self) -> int:
+    @functools.cached_property
+    def page_bytes(self) -> int:
+        """Bytes of one KV page (every layer's K, V and index keys) on this rank."""
         return KVCache.bytes_per_page(self.model_config, self.dtype, self.index_key_dtype)
 
     def _num_pages(self) -> int:
-        page_bytes = self._page_bytes()
+        page_bytes = self.page_bytes
         budget = self.config.kv_cache_memory
         if budget is None:
             if self.device.type == "cuda":

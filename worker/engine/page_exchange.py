@@ -10,13 +10,13 @@ thread, between steps (`AsyncLLMEngine.call`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from worker.engine.block_manager import BlockManager
-from worker.engine.host_tier import HostPageIndex
 from worker.engine.kv_cache import HostKVCache
 from worker.wire import PagePayload
 
@@ -29,16 +29,17 @@ class ImportResult:
 
 
 class PageExchange:
-    def __init__(self, block_manager: BlockManager, host_index: HostPageIndex,
-                 host_cache: HostKVCache):
+    def __init__(self, block_manager: BlockManager, host_cache: HostKVCache):
+        """block_manager: one with a host tier, whose bytes host_cache holds."""
         self.block_manager = block_manager
-        self.host_index = host_index
+        self.host_index = block_manager.host
         self.host_cache = host_cache
         self.num_pages_pulled = 0
         self.num_pages_refused = 0
 
     def export(self, page_hashes: list[str]) -> list[PagePayload]:
         """The leading pages of the chain this replica holds, in either tier."""
+        self.host_cache.settle()  # copies queued by running steps land first
         payloads = []
         for page_hash in page_hashes:
             page = self.block_manager.device_page(page_hash)
@@ -54,6 +55,7 @@ class PageExchange:
     def import_(self, page_hashes: list[str], payloads: list[PagePayload]) -> ImportResult:
         """Stores the payloads of the chain `page_hashes` (the pages asked for, in order)."""
         result = ImportResult(0, 0, 0)
+        self.host_cache.settle()  # a queued copy may still read a slot about to be reused
         layout = self.host_cache.slot_layout()
         for index, page_hash in enumerate(page_hashes):
             payload = payloads[index] if index < len(payloads) else None
@@ -61,7 +63,7 @@ class PageExchange:
             if tensors is None:
                 result.refused = len(payloads) - index if payload is not None else 0
                 break
-            if self.block_manager.num_leading_cached([page_hash]):
+            if self.block_manager.holds(page_hash):
                 result.present += 1
                 continue
             slot = self.host_index.store(page_hash)
@@ -86,7 +88,7 @@ def _as_tensors(payload: PagePayload | None, page_hash: str,
         return None
     tensors = []
     for array, (dtype, shape) in zip(payload.arrays, layout):
-        expected = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+        expected = math.prod(shape) * dtype.itemsize
         if array.dtype != np.uint8 or array.size != expected:
             return None
         # A copy: arrays that Ray hands over from its object store are read-only.
