@@ -195,41 +195,60 @@ def _attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     out = torch.zeros_like(q)
     lse = (torch.full((total_q, num_heads), -math.inf, dtype=torch.float32, device=q.device)
            if return_lse else None)
-    units = _work_units(seq_lens, cu_seqlens_q, num_heads, q.device)
+    # The G heads of a group share its keys and its mask, so SDPA sees one batch entry per
+    # (sequence, group) with G heads: the mask is built once per group, K/V are broadcast views.
+    units = _work_units(seq_lens, cu_seqlens_q, num_groups, q.device)
     for unit, (k, v) in _with_keys(units, (k_cache, v_cache), block_table, acc):
         n, t = unit.positions.shape
-        num_pages = unit.num_pages
-        # The additive mask (0 visible, -inf hidden) is built as [n, Hkv, G, t, pages, 128] in
-        # one broadcast op: the G heads of a group share its keys and, row by row, its mask, so
-        # they fold into the query rows, [n, Hkv, G * t, D], and K/V stay a strided view of one
-        # gather. A float mask spares SDPA its own pass converting a boolean one.
-        key_pos = torch.arange(num_pages * BLOCK_SIZE, device=q.device).view(num_pages, BLOCK_SIZE)
-        causal = key_pos <= unit.positions[:, None, None, :, None, None]  # [n, 1, 1, t, P, 128]
-        page_bias = torch.zeros((1,) * 6, dtype=acc, device=q.device)
-        if blocks is not None:
-            chosen = blocks[unit.rows].long().view(n, t, num_groups, -1)
-            chosen = torch.where((chosen < 0) | (chosen >= num_pages), num_pages, chosen)
-            page_bias = torch.full((n, t, num_groups, num_pages + 1), -math.inf, dtype=acc,
-                                   device=q.device)
-            page_bias.scatter_(-1, chosen, 0.0)
-            page_bias = page_bias[..., :num_pages].transpose(1, 2).contiguous()[:, :, None, ..., None]
-        page_bias = page_bias.expand(n, num_groups, group_size, t, num_pages, 1)
-        bias = torch.where(causal, page_bias, -math.inf).view(n, num_groups, group_size * t, -1)
-        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [n, Hkv, S, D]
+        bias = _attention_bias(unit, blocks, num_groups, acc)  # [n, Hkv, t, S]
+        batch = n * num_groups
+        k = k.transpose(1, 2).reshape(batch, 1, -1, head_dim)  # [n * Hkv, 1, S, D]
+        v = v.transpose(1, 2).reshape(batch, 1, -1, head_dim)
         queries = q[unit.rows].to(acc).view(n, t, num_groups, group_size, head_dim)
-        queries = queries.permute(0, 2, 3, 1, 4).reshape(n, num_groups, group_size * t, head_dim)
+        queries = queries.permute(0, 2, 3, 1, 4).reshape(batch, group_size, t, head_dim)
+        bias = bias.reshape(batch, 1, t, -1)
         unit_out = torch.nn.functional.scaled_dot_product_attention(
-            queries, k, v, attn_mask=bias, scale=scale)
+            queries, k.expand(-1, group_size, -1, -1), v.expand(-1, group_size, -1, -1),
+            attn_mask=bias, scale=scale)
         # A row that sees nothing (only possible with malformed selections) yields 0.
         unit_out = unit_out.nan_to_num(0.0).view(n, num_groups, group_size, t, head_dim)
         out[unit.rows] = unit_out.permute(0, 3, 1, 2, 4).reshape(n * t, num_heads,
                                                                  head_dim).to(q.dtype)
         if lse is not None:
             scores = (queries @ k.transpose(-1, -2)) * scale
-            row_lse = (scores + bias).logsumexp(dim=-1)  # [n, Hkv, G * t]
+            row_lse = (scores + bias).logsumexp(dim=-1)  # [n * Hkv, G, t]
             row_lse = row_lse.view(n, num_groups, group_size, t).permute(0, 3, 1, 2)
             lse[unit.rows] = row_lse.reshape(n * t, num_heads).float()
     return out, lse
+
+
+def _attention_bias(unit: _WorkUnit, blocks: torch.Tensor | None, num_groups: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """The additive mask (0 visible, -inf hidden) of a unit's rows, [n, Hkv, t, pages * 128].
+
+    Built at page granularity (a row's selected pages), then made causal only from the earliest
+    local block of the unit's rows: every key before it precedes every row. A float mask spares
+    SDPA its own pass converting a boolean one."""
+    n, t = unit.positions.shape
+    num_pages = unit.num_pages
+    device = unit.positions.device
+    if blocks is None:
+        bias = torch.zeros((n, num_groups, t, num_pages * BLOCK_SIZE), dtype=dtype,
+                           device=device)
+    else:
+        chosen = blocks[unit.rows].long().view(n, t, num_groups, -1).transpose(1, 2)
+        chosen = torch.where((chosen < 0) | (chosen >= num_pages), num_pages, chosen)
+        page_bias = torch.full((n, num_groups, t, num_pages + 1), -math.inf, dtype=dtype,
+                               device=device)
+        page_bias.scatter_(-1, chosen, 0.0)
+        # contiguous: the causal fill below must not write through a broadcast view.
+        bias = page_bias[..., :num_pages, None].expand(-1, -1, -1, -1, BLOCK_SIZE).contiguous()
+        bias = bias.view(n, num_groups, t, num_pages * BLOCK_SIZE)
+    first_local = int(unit.positions.min()) // BLOCK_SIZE * BLOCK_SIZE
+    key_pos = torch.arange(first_local, num_pages * BLOCK_SIZE, device=device)
+    future = key_pos > unit.positions[:, None, :, None]  # [n, 1, t, keys from first_local]
+    bias[..., first_local:].masked_fill_(future, -math.inf)
+    return bias
 
 
 def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
