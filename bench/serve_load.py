@@ -337,6 +337,8 @@ def main() -> None:
                              "set (memory pressure)")
     parser.add_argument("--kv-host-memory", default="1GiB", help="per replica")
     parser.add_argument("--probes", type=int, default=30, help="requests per overhead figure")
+    parser.add_argument("--results", default=None,
+                        help="results file name (default: serve_load_cpu[_<workload>])")
     args = parser.parse_args()
     policies = args.policies.split(",")
 
@@ -399,7 +401,8 @@ def main() -> None:
              f"other's), so above 1 means {policies[0]} is better. Hit rates split by tier come "
              f"from the replicas' counters (pages copied back from a host tier; those pulled "
              f"from a peer land there first).\n\n## Ingress overhead\n\n{overhead_table}\n")
-    write_results(f"serve_load_cpu{'' if args.workload == 'multi-turn' else '_' + args.workload}",
+    default_name = f"serve_load_cpu{'' if args.workload == 'multi-turn' else '_' + args.workload}"
+    write_results(args.results or default_name,
                   f"Serving load: routing policies on the {args.workload} workload",
                   load_table, notes)
 
