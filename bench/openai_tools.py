@@ -67,9 +67,10 @@ def tool(name: str) -> Path:
     if not executable.exists():
         print(f"installing {requirement} into {venv} ...", flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        for step in ([*FIRST.get(name, [])], [requirement]):
-            if step:
-                subprocess.run([str(venv / "bin" / "pip"), "install", "-q", *step], check=True)
+        for packages in (FIRST.get(name, []), [requirement]):
+            if packages:
+                subprocess.run([str(venv / "bin" / "pip"), "install", "-q", *packages],
+                               check=True)
     return executable
 
 
