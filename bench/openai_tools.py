@@ -109,13 +109,11 @@ def cloze_items(count: int, context_chars: int, seed: int = 0) -> list[dict]:
     text = re.sub(r"\s+", " ", "\n\n".join(reference_topics()))
     ends = [m.end() for m in re.finditer(r"[.!?] (?=[A-Z])", text)]
     sentences = [text[a:b].strip() for a, b in zip(ends, ends[1:])]
-    usable = [i for i, s in enumerate(sentences) if 30 <= len(s) <= 200
-              and ends[i] >= context_chars]
+    sized = [i for i, s in enumerate(sentences) if 30 <= len(s) <= 200]
     rng = random.Random(seed)
     items = []
-    for index in rng.sample(usable, count):
-        others = rng.sample([s for j, s in enumerate(sentences)
-                             if 30 <= len(s) <= 200 and abs(j - index) > 50], 3)
+    for index in rng.sample([i for i in sized if ends[i] >= context_chars], count):
+        others = [sentences[j] for j in rng.sample([j for j in sized if abs(j - index) > 50], 3)]
         answer = rng.randrange(4)
         choices = others[:answer] + [sentences[index]] + others[answer:]
         items.append({"context": text[ends[index] - context_chars:ends[index]].strip(),

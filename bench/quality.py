@@ -43,6 +43,7 @@ from worker.wire import BLOCK_SIZE, SamplingParams  # noqa: E402
 
 SPARSE_TOPK = 16
 DENSE_FROM = SPARSE_TOPK * BLOCK_SIZE  # before this many tokens sparse equals dense
+DENSE_TOPK = 8192 // BLOCK_SIZE  # every block of the default model's 8,192-token context
 GPL_PATH = Path("/usr/share/common-licenses/GPL-3")
 SCORE = SamplingParams(max_tokens=0, prompt_logprobs=0)
 
@@ -83,12 +84,9 @@ def score_choices(tasks: Path, out_dir: Path, topk: int) -> None:
     from deployments.local import free_port, local_stack
 
     config_file = ServeConfigFile.load()
-    app = config_file.app_config()
-    engine = app.model.engine.model_copy(update={"topk": topk})
     # Both cores for the one replica: each choice is a whole long prefill (echo is never served
     # from the prefix cache).
-    model = app.model.model_copy(update={"engine": engine, "cpu_threads": os.cpu_count()})
-    app = app.model_copy(update={"model": model})
+    app = config_file.app_config().with_model({"topk": topk}, cpu_threads=os.cpu_count())
     with local_stack(config_file, app, http_port=free_port(),
                      grpc_port=free_port()) as endpoints:
         # lm-eval keeps the last 2,047 tokens of a request by default: let it send them all.
@@ -106,7 +104,7 @@ def multiple_choice(args) -> None:
     tasks = work / "tasks"
     if not args.report_only:
         write_tasks(tasks, args.items, context_chars=args.context_chars, ppl_topics=0)
-        for mode, topk in (("sparse", SPARSE_TOPK), ("dense", 8192 // BLOCK_SIZE)):
+        for mode, topk in (("sparse", SPARSE_TOPK), ("dense", DENSE_TOPK)):
             score_choices(tasks, work / mode, topk)
     logliks = {mode: choice_logliks(work / mode) for mode in ("sparse", "dense")}
     items = [json.loads(line) for line in (tasks / "cloze.jsonl").read_text().splitlines()]
@@ -125,8 +123,7 @@ def multiple_choice(args) -> None:
              f"{args.context_chars} characters ({min(passage_tokens)}-{max(passage_tokens)} "
              f"tokens: MSA keeps {SPARSE_TOPK} of their {min(passage_tokens) // BLOCK_SIZE + 1}-"
              f"{max(passage_tokens) // BLOCK_SIZE + 1} blocks where the choices are scored), "
-             f"scored "
-             f"by lm-eval 0.4.13's local-completions client (max_length 8192) against the "
+             f"scored by lm-eval 0.4.13's local-completions client (max_length 8192) against the "
              f"shipped stack on CPU, the default model with MSA topk {SPARSE_TOPK} and dense. "
              f"Sparse and dense pick the same choice on {agree:.0%} of items; a choice's "
              f"log-likelihood moves by {statistics.mean(moved):.4f} nats on average "

@@ -187,6 +187,14 @@ class AppConfig(_Strict):
         from_env = os.environ.get(API_KEYS_ENV, "")
         return frozenset(self.api_keys) | {k.strip() for k in from_env.split(",") if k.strip()}
 
+    def with_model(self, engine: dict[str, Any] | None = None, **deployment: Any) -> AppConfig:
+        """This config with fields of model.engine and of the model deployment replaced (the
+        CLI's --model, --tensor-parallel-size; a benchmark's topk), validated as the file is."""
+        raw = self.model.model_dump()
+        model = ModelDeployment.model_validate(
+            raw | deployment | {"engine": raw["engine"] | (engine or {})})
+        return self.model_copy(update={"model": model})
+
     @property
     def model_key(self) -> str:
         """Names this model's Redis keys; replicas and routers derive it the same way."""

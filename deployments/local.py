@@ -161,11 +161,7 @@ def up(config_path: str | Path = DEFAULT_SERVE_CONFIG, engine_overrides: dict | 
     """The embedded default: serve until Ctrl-C. engine_overrides replace fields of the
     config's model.engine (the CLI's --model, --tensor-parallel-size, ...)."""
     config_file = ServeConfigFile.load(config_path)
-    app = config_file.app_config()
-    if engine_overrides:
-        engine = app.model.engine.model_validate(
-            app.model.engine.model_dump() | engine_overrides)
-        app = app.model_copy(update={"model": app.model.model_copy(update={"engine": engine})})
+    app = config_file.app_config().with_model(engine_overrides)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

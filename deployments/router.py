@@ -136,7 +136,6 @@ class PrefixAwareRouter(ModelRouter):
         return blocks
 
 
-
 class RoundRobinRouter(ModelRouter):
     """Cycles through the replicas whatever the request: the baseline prefix-aware routing beats."""
 
