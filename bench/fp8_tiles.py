@@ -5,7 +5,9 @@ For each projection, layout (128 x 128 fp32 block scales; MXFP8 1 x 32 e8m0) and
 candidate tile runs the whole FP8 linear (activation quantization included) and the table
 gives the best one, the tile picked today and bf16 (cuBLAS for dense projections, the grouped
 GEMM for the experts), all in CUDA-graph replays, so a better pick shows as a ratio above
-today's.
+today's. Dense decode rows also time the decode GEMM as it was before K splits (one program
+per output tile): the baseline of that change, measured in the same run, and the activation
+quantization kernel alone (part of every FP8 time).
 
 Usage (CUDA): python -m bench.fp8_tiles [--out-dir DIR]
 """
@@ -18,10 +20,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
 import triton.testing
 
 from bench.common import markdown_table, write_results
 from kernels.fp8_gemm import GemmTile, fp8_linear
+from kernels.fp8_quantize import quantize_activations
 from kernels.moe_grouped_gemm import ExpertRows, TileShape, grouped_gemm
 from kernels.reference import quantize_fp8
 
@@ -30,8 +34,8 @@ PROJECTIONS = (("q_proj", 6144, 8192), ("o_proj", 8192, 6144), ("dense gate_proj
                ("dense down_proj", 12288, 6144), ("shared expert up", 6144, 3072))
 LAYOUTS = {"128x128": (128, 128, False), "MXFP8 1x32": (1, 32, True)}
 DECODE_BATCHES, PREFILL_BATCH = (8, 64), 4096
-DECODE_TILES = [(cols, 128, warps, stages) for cols in (32, 64, 128) for warps, stages in
-                ((4, 3), (4, 4), (4, 6), (4, 8))] + [(128, 128, 8, 4), (256, 128, 8, 3)]
+DECODE_TILES = ([(cols, 128, 4, 6, split) for cols in (64, 128) for split in (1, 2, 3, 4, 6, 8)]
+                + [(cols, 128, 8, 4, split) for cols in (64, 128) for split in (1, 2)])
 PREFILL_TILES = [(128, 128, 8, 3), (128, 128, 4, 4), (256, 128, 8, 3), (64, 128, 4, 4)]
 EXPERT_TILES = [TileShape(rows, cols, 128, 4, stages) for rows in (16, 32, 64)
                 for cols in (32, 64, 128) for stages in (4, 6)]
@@ -71,7 +75,19 @@ def _experts(x, chosen, first, second, shape: TileShape) -> torch.Tensor:
                         scales=second[1])
 
 
+def _before(batch: int, scale_block_k: int) -> GemmTile:
+    """The decode tile picked before K splits."""
+    rows = max(16, triton.next_power_of_2(batch))
+    return GemmTile(rows, 128 if scale_block_k < 64 and batch > 8 else 64, 128, 4, 6)
+
+
+def _tile_name(tile: GemmTile) -> str:
+    return (f"{tile.cols}x{tile.depth} w{tile.num_warps} s{tile.num_stages} "
+            f"split {tile.split_k}")
+
+
 def dense_rows() -> list[list[object]]:
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
     for name, k, n in PROJECTIONS:
         weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
@@ -80,17 +96,20 @@ def dense_rows() -> list[list[object]]:
             bf16_ms = _ms(functools.partial(F.linear, x, weight))
             for layout, spec in LAYOUTS.items():
                 q, scales = quantize_fp8(weight, *spec)
-                picked = GemmTile.for_rows(batch, scales.block_k)
-                reference = fp8_linear(x, q, scales, picked).float()
-                tiles = [picked] + [
-                    GemmTile(picked.rows, c, d, w, s)
-                    for c, d, w, s in (DECODE_TILES if batch <= 64 else PREFILL_TILES)]
+                quantize_ms = _ms(functools.partial(quantize_activations, x, scales.block_k))
+                picked = GemmTile.for_shape(batch, n, k, scales.block_k, sms)
+                before = _before(batch, scales.block_k) if batch <= 64 else picked
+                reference = fp8_linear(x, q, scales, before).float()
+                tiles = [picked, before] + [
+                    GemmTile(picked.rows, *candidate)
+                    for candidate in (DECODE_TILES if batch <= 64 else PREFILL_TILES)]
                 tiles = list(dict.fromkeys(tiles))
                 times = _best(tiles, functools.partial(fp8_linear, x, q, scales), reference)
                 best = min(times, key=times.get)
                 rows.append([name, f"{k} -> {n}", batch, layout, f"{bf16_ms * 1e3:.1f}",
+                             f"{times[before] * 1e3:.1f}", f"{bf16_ms / times[before]:.2f}x",
                              f"{times[picked] * 1e3:.1f}", f"{bf16_ms / times[picked]:.2f}x",
-                             f"{best.cols}x{best.depth} w{best.num_warps} s{best.num_stages}",
+                             f"{quantize_ms * 1e3:.1f}", _tile_name(picked), _tile_name(best),
                              f"{times[best] * 1e3:.1f}", f"{bf16_ms / times[best]:.2f}x"])
                 print(rows[-1], flush=True)
     return rows
@@ -122,8 +141,8 @@ def expert_rows() -> list[list[object]]:
             times = _best(list(dict.fromkeys([picked, *candidates])), run, reference)
             best = min(times, key=times.get)
             rows.append(["routed experts (both projections)", "128 experts, top 4", batch,
-                         layout, f"{bf16_ms * 1e3:.1f}", f"{times[picked] * 1e3:.1f}",
-                         f"{bf16_ms / times[picked]:.2f}x",
+                         layout, f"{bf16_ms * 1e3:.1f}", "", "", f"{times[picked] * 1e3:.1f}",
+                         f"{bf16_ms / times[picked]:.2f}x", "", "",
                          f"{best.rows}x{best.cols}x{best.depth} w{best.num_warps} "
                          f"s{best.num_stages}", f"{times[best] * 1e3:.1f}",
                          f"{bf16_ms / times[best]:.2f}x"])
@@ -136,14 +155,17 @@ def main() -> None:
     parser.add_argument("--out-dir", default=None)
     args = parser.parse_args()
     table = markdown_table(
-        ["GEMM", "shape", "rows", "FP8 layout", "bf16 (us)", "FP8, today's tile (us)", "vs bf16",
-         "best tile (N x K, warps, stages)", "FP8, best (us)", "vs bf16"],
+        ["GEMM", "shape", "rows", "FP8 layout", "bf16 (us)", "FP8 before (us)", "vs bf16",
+         "FP8, today's tile (us)", "vs bf16", "of which quantizing x (us)", "today's tile",
+         "best tile (N x K, warps, stages, K splits)", "FP8, best (us)", "vs bf16"],
         dense_rows() + expert_rows())
     gpu = torch.cuda.get_device_name()
     write_results("fp8_tiles_" + next((g.lower() for g in ("H100", "H200") if g in gpu), "gpu"),
                   "FP8 GEMMs (W8A8, dynamic activation scales): tiles at M3's width", table,
                   "'vs bf16' above 1 means the FP8 GEMM is faster (goal at batch 64: >= 1.6x). "
-                  "FP8 times include quantizing the activations. Dense bf16: cuBLAS (F.linear); "
+                  "FP8 times include quantizing the activations (a kernel of its own, timed alone "
+                  "in 'of which quantizing x'). 'FP8 before': the dense decode GEMM with one "
+                  "program per output tile, as before K splits. Dense bf16: cuBLAS (F.linear); "
                   "experts bf16: the same grouped GEMM with bf16 weights and its own pick of tile. "
                   "Random weights, random routing; CUDA-graph replays, median.",
                   directory=Path(args.out_dir) if args.out_dir else None)

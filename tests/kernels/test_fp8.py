@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
 
 import kernels
-from kernels import reference
+from kernels import fp8_gemm, reference
+from kernels.fp8_gemm import GemmTile
 from kernels.fp8_quantize import quantize_activations
 from kernels.reference import E4M3, dequantize_fp8, quantize_fp8
 from tests.kernels.test_moe import _layer, _swiglu
@@ -73,6 +75,14 @@ def test_fp8_linear_matches_reference(layout, rows, n, k):
     ours = kernels.fp8_linear(x, weight, scales, backend="triton")
     ref = kernels.fp8_linear(x, weight, scales, backend="reference")
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    if rows <= 64:
+        # The decode GEMM's K splits, an uneven or empty last split included (k / 16 tiles
+        # over 3 splits).
+        tile = GemmTile(max(16, triton.next_power_of_2(rows)), 32, 128, 4, 2, split_k=3)
+        torch.testing.assert_close(fp8_gemm.fp8_linear(x, weight, scales, tile), ref,
+                                   atol=1e-5, rtol=1e-5)
+        # The last split reset every arrival count: the next split GEMM starts from zero.
+        assert not fp8_gemm._arrival_counts(x.device).any()
     act = reference.dequantize_activations(
         *reference.quantize_activations(x, scales.block_k), scales.block_k)
     torch.testing.assert_close(ref, act @ dequantize_fp8(weight, scales).T)
@@ -118,6 +128,13 @@ def test_fp8_gemms_at_m3_width_on_the_gpu(layout, rows):
     ours = kernels.fp8_linear(x, weight, scales)
     ref = kernels.fp8_linear(x.float(), weight, scales, backend="reference")
     torch.testing.assert_close(ours.float(), ref, atol=3e-2, rtol=3e-2)
+    if rows <= 64:  # every split count the decode pick may take, replayed for stale counts
+        for split_k in (2, 3, 8):
+            tile = GemmTile(max(16, rows), 64, 128, 4, 6, split_k)
+            first = fp8_gemm.fp8_linear(x, weight, scales, tile)
+            torch.testing.assert_close(first.float(), ref, atol=3e-2, rtol=3e-2)
+            for _ in range(20):
+                assert torch.equal(fp8_gemm.fp8_linear(x, weight, scales, tile), first)
     x, w13, w2, weights, chosen = _layer(rows, 128, 4, 3072, 1024, seed=1, device="cuda",
                                          dtype=torch.bfloat16)
     (q13, s13), (q2, s2) = quantize_fp8(w13, *layout), quantize_fp8(w2, *layout)
