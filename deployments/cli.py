@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -164,7 +165,9 @@ def cmd_client(args) -> None:
     from deployments.client import MSAServeClient
 
     sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature,
-                "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed}
+                "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed, "n": args.n,
+                "regex": args.regex, "json_schema": (json.loads(args.json_schema.read_text())
+                                                     if args.json_schema else None)}
     with MSAServeClient(args.target, api_key=args.api_key, timeout_s=args.timeout) as client:
         try:
             if args.action == "models":
@@ -176,7 +179,12 @@ def cmd_client(args) -> None:
                          + [{"video": Path(p).read_bytes()} for p in args.video])
                 content = media + [{"text": args.text}] if media else args.text
                 reply = client.chat([{"role": "user", "content": content}], **sampling)
-                print(reply.message.content)
+                print("\n".join(_samples([c.message.content for c in reply.choices])))
+            elif (args.n or 1) > 1:  # the samples' pieces interleave: each printed whole
+                texts: dict[int, str] = {}
+                for piece in client.generate(args.text, **sampling):
+                    texts[piece.index] = texts.get(piece.index, "") + piece.text
+                print("\n".join(_samples([texts[i] for i in sorted(texts)])))
             else:
                 for piece in client.generate(args.text, **sampling):
                     sys.stdout.write(piece.text)
@@ -185,6 +193,13 @@ def cmd_client(args) -> None:
         except grpc.RpcError as exc:
             print(f"msa-serve client: {exc.code().name}: {exc.details()}", file=sys.stderr)
             sys.exit(1)
+
+
+def _samples(texts: list[str]) -> list[str]:
+    """One sample as it is; several each under a header naming its index."""
+    if len(texts) == 1:
+        return texts
+    return [f"--- sample {index} ---\n{text}" for index, text in enumerate(texts)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -253,6 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="chat: send this image before the text (repeatable; vision models)")
     p.add_argument("--video", action="append", default=[], metavar="FILE",
                    help="chat: send this video before the text (repeatable; vision models)")
+    p.add_argument("-n", type=int, default=None, help="this many samples (default 1)")
+    p.add_argument("--json-schema", type=Path, default=None, metavar="FILE",
+                   help="the reply must be JSON valid under the schema in FILE")
+    p.add_argument("--regex", default=None, help="the reply must match this regex")
     _add_sampling_args(p)
     p.set_defaults(func=cmd_client)
     return parser

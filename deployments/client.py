@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -20,9 +21,20 @@ from deployments.proto.msa_serve_pb2_grpc import MSAServeStub
 def sampling_options(max_tokens: int | None = None, temperature: float | None = None,
                      top_p: float | None = None, top_k: int | None = None,
                      seed: int | None = None, stop: Sequence[str] = (),
-                     ignore_eos: bool = False) -> pb.SamplingOptions:
+                     ignore_eos: bool = False, n: int | None = None,
+                     json_object: bool = False, json_schema: dict[str, Any] | None = None,
+                     regex: str | None = None, grammar: str | None = None
+                     ) -> pb.SamplingOptions:
+    """`json_object`, `json_schema` (a schema), `regex` and `grammar` (EBNF) constrain the
+    reply, as HTTP's response_format does; give at most one."""
+    constraints = {"json_object": json_object or None,
+                   "json_schema": None if json_schema is None else json.dumps(json_schema),
+                   "regex": regex, "grammar": grammar}
+    constraints = {k: v for k, v in constraints.items() if v is not None}
+    if len(constraints) > 1:
+        raise ValueError(f"give at most one constraint, got {sorted(constraints)}")
     options = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
-               "top_k": top_k, "seed": seed}
+               "top_k": top_k, "seed": seed, "n": n, **constraints}
     return pb.SamplingOptions(**{k: v for k, v in options.items() if v is not None},
                               stop=list(stop), ignore_eos=ignore_eos)
 

@@ -16,6 +16,7 @@ import json
 import logging
 import time
 import uuid
+from collections import defaultdict
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -55,7 +56,7 @@ from deployments.proto import msa_serve_pb2 as pb
 from deployments.tool_calls import tool_call_format
 from preprocess.sources import data_url
 from worker.checkpoint import inspect_model
-from worker.wire import SamplingParams
+from worker.wire import GuidedDecoding, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,22 @@ def _grpc_finish(reason: str | None) -> str:
 def _grpc_usage(chunk) -> pb.Usage:
     return pb.Usage(prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens,
                     cached_tokens=chunk.cached_tokens)
+
+
+def _grpc_constraint(options: pb.SamplingOptions) -> GuidedDecoding | None:
+    """SamplingOptions' structured output as HTTP's response_format gives it to the engine."""
+    kind = options.WhichOneof("constraint")
+    if kind is None or (kind == "json_object" and not options.json_object):
+        return None
+    if kind == "json_object":
+        return GuidedDecoding("json")
+    if kind == "json_schema":
+        try:
+            schema = json.loads(options.json_schema)
+        except ValueError as exc:
+            raise invalid(f"json_schema is not JSON text: {exc}") from None
+        return GuidedDecoding("json_schema", json.dumps(schema))
+    return GuidedDecoding(kind, getattr(options, kind))
 
 
 def _grpc_message(message: pb.ChatMessage) -> dict[str, Any]:
@@ -364,7 +381,8 @@ class Ingress:
             async for chunk in stream:
                 yield pb.GenerateResponse(text=chunk.delta, token_ids=chunk.token_ids,
                                           finish_reason=_grpc_finish(chunk.finish_reason),
-                                          usage=_grpc_usage(chunk), replica=chunk.replica)
+                                          usage=_grpc_usage(stream.usage), replica=chunk.replica,
+                                          index=chunk.index)
         except Exception as exc:
             raise _grpc_error(exc, grpc_context, "grpc_generate") from None
 
@@ -372,15 +390,18 @@ class Ingress:
         try:
             messages = validate_messages([_grpc_message(m) for m in request.messages])
             stream = await self._grpc_start(request, grpc_context, messages=messages)
-            text, last = [], stream.first
+            texts: dict[int, list[str]] = defaultdict(list)
             async for chunk in stream:
-                text.append(chunk.delta)
-                last = chunk
+                texts[chunk.index].append(chunk.delta)
         except Exception as exc:
             raise _grpc_error(exc, grpc_context, "grpc_chat") from None
-        return pb.ChatResponse(message=pb.ChatMessage(role="assistant", content="".join(text)),
-                               finish_reason=_grpc_finish(last.finish_reason),
-                               usage=_grpc_usage(last), replica=last.replica)
+        choices = [pb.ChatChoice(index=index, finish_reason=_grpc_finish(last.finish_reason),
+                                 message=pb.ChatMessage(role="assistant",
+                                                        content="".join(texts[index])))
+                   for index, last in sorted(stream.last.items())]
+        return pb.ChatResponse(message=choices[0].message, finish_reason=choices[0].finish_reason,
+                               usage=_grpc_usage(stream.usage), replica=stream.replica,
+                               choices=choices)
 
     async def ListModels(self, request: pb.ListModelsRequest,
                          grpc_context=None) -> pb.ListModelsResponse:
@@ -453,4 +474,5 @@ class Ingress:
             temperature=options.temperature if options.HasField("temperature") else 1.0,
             top_p=options.top_p if options.HasField("top_p") else 1.0,
             top_k=options.top_k, seed=options.seed if options.HasField("seed") else None,
-            stop=list(options.stop), ignore_eos=options.ignore_eos)
+            stop=list(options.stop), ignore_eos=options.ignore_eos,
+            n=options.n if options.HasField("n") else 1, guided=_grpc_constraint(options))

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!deployments/proto/msa_serve.proto\x12\x0cmsa_serve.v1\"\xdd\x01\n\x0fSamplingOptions\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x98\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x16.msa_serve.v1.TokenIdsH\x00\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.msa_serve.v1.SamplingOptionsB\x08\n\x06prompt\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\x7f\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.msa_serve.v1.Usage\x12\x0f\n\x07replica\x18\x05 \x01(\t\"C\n\x05Media\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\r\n\x03url\x18\x02 \x01(\tH\x00\x12\x11\n\tmime_type\x18\x03 \x01(\tB\x08\n\x06source\"q\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12$\n\x05image\x18\x02 \x01(\x0b\x32\x13.msa_serve.v1.MediaH\x00\x12$\n\x05video\x18\x03 \x01(\x0b\x32\x13.msa_serve.v1.MediaH\x00\x42\x06\n\x04part\"V\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12(\n\x05parts\x18\x03 \x03(\x0b\x32\x19.msa_serve.v1.ContentPart\"z\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12+\n\x08messages\x18\x02 \x03(\x0b\x32\x19.msa_serve.v1.ChatMessage\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.msa_serve.v1.SamplingOptions\"\x86\x01\n\x0c\x43hatResponse\x12*\n\x07message\x18\x01 \x01(\x0b\x32\x19.msa_serve.v1.ChatMessage\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.msa_serve.v1.Usage\x12\x0f\n\x07replica\x18\x04 \x01(\t\"\x13\n\x11ListModelsRequest\"$\n\x12ListModelsResponse\x12\x0e\n\x06models\x18\x01 \x03(\t\"\x0f\n\rHealthRequest\",\n\x0eHealthResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06status\x18\x02 \x01(\t\"\x93\x01\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12+\n\x08messages\x18\x03 \x03(\x0b\x32\x19.msa_serve.v1.ChatMessage\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"H\n\x10TokenizeResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\"2\n\x11\x44\x65tokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\r\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t2\xc8\x03\n\x08MSAServe\x12K\n\x08Generate\x12\x1d.msa_serve.v1.GenerateRequest\x1a\x1e.msa_serve.v1.GenerateResponse0\x01\x12=\n\x04\x43hat\x12\x19.msa_serve.v1.ChatRequest\x1a\x1a.msa_serve.v1.ChatResponse\x12O\n\nListModels\x12\x1f.msa_serve.v1.ListModelsRequest\x1a .msa_serve.v1.ListModelsResponse\x12\x43\n\x06Health\x12\x1b.msa_serve.v1.HealthRequest\x1a\x1c.msa_serve.v1.HealthResponse\x12I\n\x08Tokenize\x12\x1d.msa_serve.v1.TokenizeRequest\x1a\x1e.msa_serve.v1.TokenizeResponse\x12O\n\nDetokenize\x12\x1f.msa_serve.v1.DetokenizeRequest\x1a .msa_serve.v1.DetokenizeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!deployments/proto/msa_serve.proto\x12\x0cmsa_serve.v1\"\xd3\x02\n\x0fSamplingOptions\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x0e\n\x01n\x18\x08 \x01(\rH\x06\x88\x01\x01\x12\x15\n\x0bjson_object\x18\t \x01(\x08H\x00\x12\x15\n\x0bjson_schema\x18\n \x01(\tH\x00\x12\x0f\n\x05regex\x18\x0b \x01(\tH\x00\x12\x11\n\x07grammar\x18\x0c \x01(\tH\x00\x42\x0c\n\nconstraintB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x04\n\x02_n\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x98\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x16.msa_serve.v1.TokenIdsH\x00\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.msa_serve.v1.SamplingOptionsB\x08\n\x06prompt\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\x8e\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.msa_serve.v1.Usage\x12\x0f\n\x07replica\x18\x05 \x01(\t\x12\r\n\x05index\x18\x06 \x01(\r\"C\n\x05Media\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\r\n\x03url\x18\x02 \x01(\tH\x00\x12\x11\n\tmime_type\x18\x03 \x01(\tB\x08\n\x06source\"q\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12$\n\x05image\x18\x02 \x01(\x0b\x32\x13.msa_serve.v1.MediaH\x00\x12$\n\x05video\x18\x03 \x01(\x0b\x32\x13.msa_serve.v1.MediaH\x00\x42\x06\n\x04part\"V\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12(\n\x05parts\x18\x03 \x03(\x0b\x32\x19.msa_serve.v1.ContentPart\"z\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12+\n\x08messages\x18\x02 \x03(\x0b\x32\x19.msa_serve.v1.ChatMessage\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.msa_serve.v1.SamplingOptions\"^\n\nChatChoice\x12\r\n\x05index\x18\x01 \x01(\r\x12*\n\x07message\x18\x02 \x01(\x0b\x32\x19.msa_serve.v1.ChatMessage\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\"\xb1\x01\n\x0c\x43hatResponse\x12*\n\x07message\x18\x01 \x01(\x0b\x32\x19.msa_serve.v1.ChatMessage\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.msa_serve.v1.Usage\x12\x0f\n\x07replica\x18\x04 \x01(\t\x12)\n\x07\x63hoices\x18\x05 \x03(\x0b\x32\x18.msa_serve.v1.ChatChoice\"\x13\n\x11ListModelsRequest\"$\n\x12ListModelsResponse\x12\x0e\n\x06models\x18\x01 \x03(\t\"\x0f\n\rHealthRequest\",\n\x0eHealthResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06status\x18\x02 \x01(\t\"\x93\x01\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12+\n\x08messages\x18\x03 \x03(\x0b\x32\x19.msa_serve.v1.ChatMessage\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"H\n\x10TokenizeResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\"2\n\x11\x44\x65tokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\r\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t2\xc8\x03\n\x08MSAServe\x12K\n\x08Generate\x12\x1d.msa_serve.v1.GenerateRequest\x1a\x1e.msa_serve.v1.GenerateResponse0\x01\x12=\n\x04\x43hat\x12\x19.msa_serve.v1.ChatRequest\x1a\x1a.msa_serve.v1.ChatResponse\x12O\n\nListModels\x12\x1f.msa_serve.v1.ListModelsRequest\x1a .msa_serve.v1.ListModelsResponse\x12\x43\n\x06Health\x12\x1b.msa_serve.v1.HealthRequest\x1a\x1c.msa_serve.v1.HealthResponse\x12I\n\x08Tokenize\x12\x1d.msa_serve.v1.TokenizeRequest\x1a\x1e.msa_serve.v1.TokenizeResponse\x12O\n\nDetokenize\x12\x1f.msa_serve.v1.DetokenizeRequest\x1a .msa_serve.v1.DetokenizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,41 +32,43 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'deployments.proto.msa_serve
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGOPTIONS']._serialized_start=52
-  _globals['_SAMPLINGOPTIONS']._serialized_end=273
-  _globals['_TOKENIDS']._serialized_start=275
-  _globals['_TOKENIDS']._serialized_end=298
-  _globals['_GENERATEREQUEST']._serialized_start=301
-  _globals['_GENERATEREQUEST']._serialized_end=453
-  _globals['_USAGE']._serialized_start=455
-  _globals['_USAGE']._serialized_end=535
-  _globals['_GENERATERESPONSE']._serialized_start=537
-  _globals['_GENERATERESPONSE']._serialized_end=664
-  _globals['_MEDIA']._serialized_start=666
-  _globals['_MEDIA']._serialized_end=733
-  _globals['_CONTENTPART']._serialized_start=735
-  _globals['_CONTENTPART']._serialized_end=848
-  _globals['_CHATMESSAGE']._serialized_start=850
-  _globals['_CHATMESSAGE']._serialized_end=936
-  _globals['_CHATREQUEST']._serialized_start=938
-  _globals['_CHATREQUEST']._serialized_end=1060
-  _globals['_CHATRESPONSE']._serialized_start=1063
-  _globals['_CHATRESPONSE']._serialized_end=1197
-  _globals['_LISTMODELSREQUEST']._serialized_start=1199
-  _globals['_LISTMODELSREQUEST']._serialized_end=1218
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1220
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1256
-  _globals['_HEALTHREQUEST']._serialized_start=1258
-  _globals['_HEALTHREQUEST']._serialized_end=1273
-  _globals['_HEALTHRESPONSE']._serialized_start=1275
-  _globals['_HEALTHRESPONSE']._serialized_end=1319
-  _globals['_TOKENIZEREQUEST']._serialized_start=1322
-  _globals['_TOKENIZEREQUEST']._serialized_end=1469
-  _globals['_TOKENIZERESPONSE']._serialized_start=1471
-  _globals['_TOKENIZERESPONSE']._serialized_end=1543
-  _globals['_DETOKENIZEREQUEST']._serialized_start=1545
-  _globals['_DETOKENIZEREQUEST']._serialized_end=1595
-  _globals['_DETOKENIZERESPONSE']._serialized_start=1597
-  _globals['_DETOKENIZERESPONSE']._serialized_end=1631
-  _globals['_MSASERVE']._serialized_start=1634
-  _globals['_MSASERVE']._serialized_end=2090
+  _globals['_SAMPLINGOPTIONS']._serialized_end=391
+  _globals['_TOKENIDS']._serialized_start=393
+  _globals['_TOKENIDS']._serialized_end=416
+  _globals['_GENERATEREQUEST']._serialized_start=419
+  _globals['_GENERATEREQUEST']._serialized_end=571
+  _globals['_USAGE']._serialized_start=573
+  _globals['_USAGE']._serialized_end=653
+  _globals['_GENERATERESPONSE']._serialized_start=656
+  _globals['_GENERATERESPONSE']._serialized_end=798
+  _globals['_MEDIA']._serialized_start=800
+  _globals['_MEDIA']._serialized_end=867
+  _globals['_CONTENTPART']._serialized_start=869
+  _globals['_CONTENTPART']._serialized_end=982
+  _globals['_CHATMESSAGE']._serialized_start=984
+  _globals['_CHATMESSAGE']._serialized_end=1070
+  _globals['_CHATREQUEST']._serialized_start=1072
+  _globals['_CHATREQUEST']._serialized_end=1194
+  _globals['_CHATCHOICE']._serialized_start=1196
+  _globals['_CHATCHOICE']._serialized_end=1290
+  _globals['_CHATRESPONSE']._serialized_start=1293
+  _globals['_CHATRESPONSE']._serialized_end=1470
+  _globals['_LISTMODELSREQUEST']._serialized_start=1472
+  _globals['_LISTMODELSREQUEST']._serialized_end=1491
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1493
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1529
+  _globals['_HEALTHREQUEST']._serialized_start=1531
+  _globals['_HEALTHREQUEST']._serialized_end=1546
+  _globals['_HEALTHRESPONSE']._serialized_start=1548
+  _globals['_HEALTHRESPONSE']._serialized_end=1592
+  _globals['_TOKENIZEREQUEST']._serialized_start=1595
+  _globals['_TOKENIZEREQUEST']._serialized_end=1742
+  _globals['_TOKENIZERESPONSE']._serialized_start=1744
+  _globals['_TOKENIZERESPONSE']._serialized_end=1816
+  _globals['_DETOKENIZEREQUEST']._serialized_start=1818
+  _globals['_DETOKENIZEREQUEST']._serialized_end=1868
+  _globals['_DETOKENIZERESPONSE']._serialized_start=1870
+  _globals['_DETOKENIZERESPONSE']._serialized_end=1904
+  _globals['_MSASERVE']._serialized_start=1907
+  _globals['_MSASERVE']._serialized_end=2363
 # @@protoc_insertion_point(module_scope)

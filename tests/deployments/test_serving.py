@@ -28,6 +28,7 @@ from ray import serve
 
 from deployments.client import MSAServeClient
 from deployments.local import Endpoints, banner
+from deployments.proto import msa_serve_pb2 as pb
 from tests.deployments.stack import openai_client, serving
 from tests.preprocess.media_files import (
     data_url,
@@ -655,8 +656,9 @@ def test_a_prompt_too_long_for_the_context_is_refused_before_tokenizing(http, cl
     assert time.monotonic() - started < 10
 
 
-def test_banner_commands_work_with_api_keys_set(stack):
-    """The example commands `msa-serve up` prints send the key when keys are on, and work."""
+def test_banner_commands_work_with_api_keys_set(stack, tmp_path):
+    """The example commands `msa-serve up` prints send the key when keys are on, and work;
+    the client command prints n samples, each valid under a --json-schema."""
     text = banner(Endpoints(stack.http, stack.grpc, "tiny", None), keyed=True)
     lines = text[text.index("curl "):text.index("\n\nCtrl-C")].replace("\\\n", " ")
     curl, client = lines.split("\n  ")
@@ -668,6 +670,15 @@ def test_banner_commands_work_with_api_keys_set(stack):
     chat = subprocess.run(["bash", "-c", client + " --max-tokens 3"], env=env,
                           capture_output=True, text=True, timeout=120)
     assert chat.returncode == 0, chat.stderr
+    (tmp_path / "order.json").write_text(json.dumps(ORDER))
+    chat = subprocess.run(["bash", "-c", f"{client} -n 2 --json-schema {tmp_path}/order.json "
+                                         "--max-tokens 80 --seed 1"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert chat.returncode == 0, chat.stderr
+    samples = re.split(r"^--- sample \d ---$", chat.stdout, flags=re.M)
+    assert samples[0] == "" and len(samples) == 3, chat.stdout
+    for sample in samples[1:]:
+        jsonschema.validate(json.loads(sample), ORDER)
 
 
 # -- gRPC -------------------------------------------------------------------------------------
@@ -708,6 +719,50 @@ def test_grpc_generate_chat_and_status_codes(stack):
         assert anonymous.health()  # the one method open to all, as /health
     _wait_idle(stack)  # the request past its deadline released its pages
 
+
+
+def test_grpc_n_samples_and_structured_output(stack):
+    """gRPC has HTTP's n and response_format: n=3 seeded samples differ and all come back (a
+    streamed piece names its sample); json_schema samples all validate, a regex holds; a schema
+    that does not compile, one that is not JSON and n=0 are INVALID_ARGUMENT."""
+    three = [{"role": "user", "content": "three"}]
+    with MSAServeClient(stack.grpc, api_key=API_KEY, timeout_s=120) as grpc_client:
+        reply = grpc_client.chat(three, n=3, temperature=1.0, seed=5, max_tokens=6,
+                                 ignore_eos=True)
+        assert [c.index for c in reply.choices] == [0, 1, 2]
+        texts = [c.message.content for c in reply.choices]
+        assert len(set(texts)) == 3 and reply.message.content == texts[0]
+        assert all(c.finish_reason == "length" for c in reply.choices)
+        assert reply.usage.completion_tokens == 18
+        pieces = list(grpc_client.generate("Once upon a time", n=2, temperature=1.0, seed=3,
+                                           max_tokens=4, ignore_eos=True))
+        assert {p.index for p in pieces} == {0, 1}
+        assert sum(len(p.token_ids) for p in pieces) == 8
+        assert pieces[-1].usage.completion_tokens == 8
+
+        reply = grpc_client.chat([{"role": "user", "content": "order something"}], n=10,
+                                 seed=1, max_tokens=80, json_schema=ORDER)
+        texts = [c.message.content for c in reply.choices]
+        for text in texts:
+            jsonschema.validate(json.loads(text), ORDER)
+        assert len(set(texts)) > 5
+        text = "".join(p.text for p in grpc_client.generate("{", seed=4, max_tokens=200,
+                                                             regex="[a-c]{4}!"))
+        assert re.fullmatch("[a-c]{4}!", text)
+
+        not_json = pb.ChatRequest(messages=[pb.ChatMessage(role="user", content="x")],
+                                  sampling=pb.SamplingOptions(json_schema="{not json"))
+        for call, words in [
+            (lambda: grpc_client.chat(three, json_schema={"type": "object", "required": 5}),
+             "constraint does not compile"),
+            (lambda: grpc_client.stub.Chat(not_json, metadata=grpc_client.metadata),
+             "json_schema is not JSON"),
+            (lambda: grpc_client.chat(three, n=0), "n must be"),
+        ]:
+            with pytest.raises(grpc.RpcError) as err:
+                call()
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert words in err.value.details()
 
 # -- routing ------------------------------------------------------------------------------------
 def test_conversation_with_growing_prefix_stays_on_one_replica(http):
