@@ -11,7 +11,8 @@ its previous answer (an arrival takes the conversation that has been ready longe
 --kv-cache-memory below the working set, the replicas' device caches cannot hold every
 session: the memory-pressure case, where the host tier and pulls matter.
 
-For each policy (in one run, on the same model and machine): TTFT and TPOT percentiles,
+For each policy (in one run, on the same model and machine; `prefix_aware@W` is prefix_aware
+with routing.prefill_weight W, to compare weights): TTFT and TPOT percentiles,
 output throughput, prefix hit rate split by tier (device, host, pulled from a peer) and pulled
 pages; then the ingress overhead (a 1-token request through the Serve app, HTTP and gRPC,
 against an AsyncLLMEngine in this process).
@@ -233,6 +234,8 @@ def replica_figures(redis_url: str, model_key: str) -> dict[str, int]:
 
 
 def app_config(policy: str, args) -> AppConfig:
+    policy, _, weight = policy.partition("@")
+    routing = {"policy": policy, **({"prefill_weight": float(weight)} if weight else {})}
     return AppConfig.model_validate({
         "model": {"engine": {"model": args.model, "device": "cpu", "dtype": "float32",
                              "kv_cache_memory": args.kv_cache_memory,
@@ -241,7 +244,7 @@ def app_config(policy: str, args) -> AppConfig:
                   "num_replicas": 2, "num_cpus": 1, "cpu_threads": 1},
         "preprocess": {"num_replicas": 1, "autoscaling": None, "num_cpus": 0},
         "ingress": {"num_cpus": 0},
-        "routing": {"policy": policy},
+        "routing": routing,
         # Two replicas share this machine's cores with the load generator: allow slow lookups.
         "redis": {"lookup_timeout_ms": 50},
         "limits": {"max_tokens": 4096},
@@ -317,7 +320,7 @@ def main() -> None:
     parser.add_argument("--protocol", choices=["http", "grpc"], default="http")
     parser.add_argument("--policies", default=",".join(POLICIES[:3]),
                         help=f"comma-separated, the first is compared with the others: "
-                             f"{', '.join(POLICIES)}")
+                             f"{', '.join(POLICIES)} (prefix_aware@W: with prefill_weight W)")
     parser.add_argument("--workload", choices=list(WORKLOADS), default="multi-turn")
     parser.add_argument("--rate", type=float, default=0.5, help="requests per second (Poisson)")
     parser.add_argument("--max-tokens", type=int, default=16, help="output tokens per request")
