@@ -43,6 +43,7 @@ from deployments.openai_api import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    ResponseFormat,
     ResponseWriter,
     SampleOutput,
     TokenizeRequest,
@@ -53,6 +54,7 @@ from deployments.openai_api import (
 )
 from deployments.prefix_index import PrefixIndexLookup
 from deployments.proto import msa_serve_pb2 as pb
+from deployments.protocol import Usage
 from deployments.tool_calls import tool_call_format
 from preprocess.sources import data_url
 from worker.checkpoint import inspect_model
@@ -64,25 +66,24 @@ def _grpc_finish(reason: str | None) -> str:
     return {"length": "length", None: ""}.get(reason, "stop")
 
 
-def _grpc_usage(chunk) -> pb.Usage:
-    return pb.Usage(prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens,
-                    cached_tokens=chunk.cached_tokens)
+def _grpc_usage(usage: Usage) -> pb.Usage:
+    return pb.Usage(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                    cached_tokens=usage.cached_tokens)
 
 
 def _grpc_constraint(options: pb.SamplingOptions) -> GuidedDecoding | None:
-    """SamplingOptions' structured output as HTTP's response_format gives it to the engine."""
+    """SamplingOptions' structured output, read as HTTP's response_format."""
     kind = options.WhichOneof("constraint")
     if kind is None or (kind == "json_object" and not options.json_object):
         return None
-    if kind == "json_object":
-        return GuidedDecoding("json")
     if kind == "json_schema":
         try:
-            schema = json.loads(options.json_schema)
+            fields = {"json_schema": {"schema": json.loads(options.json_schema)}}
         except ValueError as exc:
             raise invalid(f"json_schema is not JSON text: {exc}") from None
-        return GuidedDecoding("json_schema", json.dumps(schema))
-    return GuidedDecoding(kind, getattr(options, kind))
+    else:
+        fields = {} if kind == "json_object" else {kind: getattr(options, kind)}
+    return ResponseFormat(type=kind, **fields).guided()
 
 
 def _grpc_message(message: pb.ChatMessage) -> dict[str, Any]:

@@ -1,9 +1,9 @@
 """Triton: y = x @ W^T for an e4m3 weight W with block scales, as FP8 checkpoints run (W8A8,
 dynamic activation scales). The activations are quantized per token in groups as wide as a
-weight block along K; each K tile then is one e4m3 x e4m3 tensor-core product, scaled by the
-rows' activation scales and the columns' weight scales and summed in fp32. The weight tiles go
-from memory to the tensor cores as stored: decode GEMMs read every weight byte for a few rows,
-so half the bytes of bf16 is the aim.
+weight block along K (`kernels.fp8_quantize`); each K tile then is one e4m3 x e4m3
+tensor-core product, scaled by the rows' activation scales and the columns' weight scales and
+summed in fp32. The weight tiles go from memory to the tensor cores as stored: decode GEMMs
+read every weight byte for a few rows, so half the bytes of bf16 is the aim.
 
 Decode-sized GEMMs (few rows) may split K over `split_k` programs per output tile, so a
 projection whose column tiles are fewer than the GPU's multiprocessors still keeps all of them
