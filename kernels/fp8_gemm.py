@@ -1,9 +1,15 @@
-"""Triton: y = x @ W^T for an e4m3 weight W with block scales, as FP8 checkpoints run (W8A8,
-dynamic activation scales). The activations are quantized per token in groups as wide as a
-weight block along K (`kernels.fp8_quantize`); each K tile then is one e4m3 x e4m3
-tensor-core product, scaled by the rows' activation scales and the columns' weight scales and
-summed in fp32. The weight tiles go from memory to the tensor cores as stored: decode GEMMs
-read every weight byte for a few rows, so half the bytes of bf16 is the aim.
+"""Triton: y = x @ W^T for an e4m3 weight W with block scales, in one of two modes.
+
+- W8A8 (many rows, block-scaled weights): the activations are quantized per token in groups as wide as a
+  weight block along K (`kernels.fp8_quantize`, dynamic scales as FP8 checkpoints run); each K
+  tile then is one e4m3 x e4m3 tensor-core product, scaled by the rows' activation scales and
+  the columns' weight scales and summed in fp32.
+- Weight-only (few rows, or MXFP8's 32-wide scale groups): x stays in its own dtype and each weight tile is scaled into
+  it in registers, so the products chain in one accumulator and no kernel quantizes x first;
+  a decode GEMM's time is reading the weight, whose bytes are the same in both modes.
+
+Either way the weights go from memory as stored: decode GEMMs read every weight byte for a few
+rows, so half the bytes of bf16 is the aim.
 
 Decode-sized GEMMs (few rows) may split K over `split_k` programs per output tile, so a
 projection whose column tiles are fewer than the GPU's multiprocessors still keeps all of them
@@ -12,7 +18,8 @@ count per output tile) adds them in split order, so the result does not depend o
 finished first, and resets the count for the next launch (CUDA-graph replays included). The
 counts are one buffer per device: the GEMMs run on one stream, one after another.
 
-The math is `reference.fp8_linear`."""
+Which mode a GEMM takes is `reference.fp8_weight_only`; the math of each is
+`reference.fp8_weight_only_linear` and `reference.fp8_w8a8_linear`."""
 
 from __future__ import annotations
 
@@ -24,8 +31,14 @@ import triton
 import triton.language as tl
 
 from kernels.fp8_quantize import quantize_activations
-from kernels.reference import BlockScales
-from kernels.triton_layout import fp8_depth, multiprocessors, scaled_e4m3_dot, weight_block_scales
+from kernels.reference import BlockScales, fp8_weight_only
+from kernels.triton_layout import (
+    dequantized_weight_tile,
+    fp8_depth,
+    multiprocessors,
+    scaled_e4m3_dot,
+    weight_block_scales,
+)
 
 # Output tiles one launch may split over K: the size of each device's arrival counts.
 _MAX_SPLIT_TILES = 1 << 16
@@ -33,14 +46,14 @@ _MAX_SPLIT_TILES = 1 << 16
 
 @triton.jit
 def _fp8_linear_kernel(
-    xq, xs, w, scale, out, partials, arrivals, m, n, k, stride_xm, stride_xsm, stride_wn,
+    x, xs, w, scale, out, partials, arrivals, m, n, k, stride_xm, stride_xsm, stride_wn,
     stride_sn, stride_sk, stride_om,
-    SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, E8M0: tl.constexpr, SPLIT_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, E8M0: tl.constexpr, QUANTIZED_X: tl.constexpr,
+    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    x_rows = xq + rows.to(tl.int64)[:, None] * stride_xm
+    x_rows = x + rows.to(tl.int64)[:, None] * stride_xm
     xs_rows = xs + rows.to(tl.int64) * stride_xsm
     w_cols = w + cols.to(tl.int64)[None, :] * stride_wn
     tiles_per_split = tl.cdiv(tl.cdiv(k, BLOCK_K), SPLIT_K)
@@ -53,10 +66,17 @@ def _fp8_linear_kernel(
                     other=0.0)
         b = tl.load(w_cols + ks[:, None], mask=(ks[:, None] < k) & (cols[None, :] < n),
                     other=0.0)
-        a_scale = tl.load(xs_rows + k0 // SCALE_K, mask=rows < m, other=0.0)
-        b_scale = weight_block_scales(scale, cols, k0, n, stride_sn, stride_sk, SCALE_N,
-                                      SCALE_K, E8M0)
-        acc += scaled_e4m3_dot(a, b, a_scale, b_scale, BLOCK_K)
+        if QUANTIZED_X:
+            a_scale = tl.load(xs_rows + k0 // SCALE_K, mask=rows < m, other=0.0)
+            b_scale = weight_block_scales(scale, cols, k0, n, stride_sn, stride_sk, SCALE_N,
+                                          SCALE_K, E8M0)
+            acc += scaled_e4m3_dot(a, b, a_scale, b_scale, BLOCK_K)
+        else:
+            if BLOCK_K < 16:  # tensor-core products need K >= 16
+                a = a.to(tl.float32)
+            b = dequantized_weight_tile(b, scale, k0, cols, n, k, stride_sn, stride_sk,
+                                        SCALE_N, SCALE_K, E8M0, BLOCK_K, a.dtype)
+            acc = tl.dot(a, b, acc)
     out_mask = (rows[:, None] < m) & (cols[None, :] < n)
     out_offsets = rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
     if SPLIT_K == 1:
@@ -85,24 +105,38 @@ class GemmTile:
     num_warps: int
     num_stages: int
     split_k: int = 1  # programs per output tile, each over a share of K
+    quantize_x: bool = True  # W8A8; False: weight-only (x in its own dtype)
 
     @classmethod
-    def for_shape(cls, m: int, n: int, k: int, scale_block_k: int,
-                  multiprocessors: int) -> "GemmTile":
-        # Few rows (decode) stream weights: deep pipelines keep loads in flight, and K tiles cut
-        # short by 32-wide scale groups (MXFP8) take wider column tiles to stay busy. K is
-        # split until there are about 3 programs per multiprocessor for a handful of rows, 1.5
-        # for more (each split re-reads x and adds a partial sum). Many rows (prefill) take
-        # the tensor cores' large tiles. Picked by bench/fp8_tiles.py (H200).
+    def for_shape(cls, m: int, n: int, k: int, scale_block_k: int, multiprocessors: int,
+                  weight_only: bool | None = None) -> "GemmTile":
+        # Few rows (decode) stream weights: deep pipelines keep loads in flight, and W8A8's K
+        # tiles cut short by 32-wide scale groups (MXFP8) take wider column tiles to stay busy.
+        # Weight-only tiles span scale groups, two 128-wide blocks deep where blocks are that
+        # wide, and spread over ~3 programs per multiprocessor (the weight tiles' scaling
+        # into bf16 hides behind the loads of the others). K is split until there are about 3
+        # programs per multiprocessor for a handful of rows, 1.5 for more in W8A8 (each split
+        # re-reads x and adds a partial sum). Many rows (prefill) take the tensor cores' large
+        # tiles. The mode (None: `reference.fp8_weight_only`) and tiles were picked by
+        # bench/fp8_tiles.py (H200).
+        if weight_only is None:
+            weight_only = fp8_weight_only(m, scale_block_k)
         rows = max(16, triton.next_power_of_2(m))
         narrow_k = scale_block_k < 64
         if m > 64:
+            if weight_only:
+                return cls(128, 128, 128, 8, 3, quantize_x=False)
             return cls(128, 64, 128, 4, 4) if narrow_k else cls(128, 128, 128, 8, 3)
-        cols = 128 if narrow_k and m > 8 else 64
-        col_tiles, k_tiles = -(-n // cols), -(-k // min(128, scale_block_k))
-        programs = multiprocessors * (3 if m <= 16 else 1.5)
-        split_k = max(1, min(int(programs // col_tiles), k_tiles // 8, 8))
-        return cls(rows, cols, 128, 4, 6, split_k)
+        if weight_only:
+            cols, depth, stages, per_sm = 64, 256 if scale_block_k >= 128 else 128, 4, 3
+            k_tile = depth
+        else:
+            cols = 128 if narrow_k and m > 8 else 64
+            depth, stages, per_sm = 128, 6, 3 if m <= 16 else 1.5
+            k_tile = min(depth, scale_block_k)  # the launcher's cap
+        col_tiles, k_tiles = -(-n // cols), -(-k // k_tile)
+        split_k = max(1, min(int(multiprocessors * per_sm // col_tiles), k_tiles // 8, 8))
+        return cls(rows, cols, depth, 4, stages, split_k, quantize_x=not weight_only)
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockScales,
@@ -118,8 +152,17 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockScales,
     if m == 0:
         return out.view(*x.shape[:-1], n)
     tile = tile or GemmTile.for_shape(m, n, k, scales.block_k, multiprocessors(x.device))
-    block_k = fp8_depth(min(tile.depth, max(16, triton.next_power_of_2(k))), scales.block_k)
-    xq, xs = quantize_activations(flat, scales.block_k)
+    depth = min(tile.depth, max(16, triton.next_power_of_2(k)))
+    if tile.quantize_x:
+        block_k = fp8_depth(depth, scales.block_k)
+        x_in, x_scales = quantize_activations(flat, scales.block_k)
+    else:
+        # A weight tile is scaled in registers, so it may span several scale groups along K
+        # (MXFP8's 32) as long as they tile it evenly.
+        power_of_two = scales.block_k & (scales.block_k - 1) == 0
+        block_k = depth if power_of_two and scales.block_k < depth else fp8_depth(
+            depth, scales.block_k)
+        x_in, x_scales = flat, flat  # no activation scales
     grid = (triton.cdiv(m, tile.rows), triton.cdiv(n, tile.cols), tile.split_k)
     if tile.split_k > 1:
         if grid[0] * grid[1] > _MAX_SPLIT_TILES:
@@ -130,10 +173,10 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockScales,
         partials = arrivals = out  # unused
     scale = scales.scale
     _fp8_linear_kernel[grid](
-        xq, xs, weight, scale, out, partials, arrivals, m, n, k, xq.stride(0), xs.stride(0),
-        weight.stride(0), scale.stride(0), scale.stride(1), out.stride(0),
+        x_in, x_scales, weight, scale, out, partials, arrivals, m, n, k, x_in.stride(0),
+        x_scales.stride(0), weight.stride(0), scale.stride(0), scale.stride(1), out.stride(0),
         SCALE_N=scales.block_n, SCALE_K=scales.block_k, E8M0=scales.e8m0,
-        SPLIT_K=tile.split_k, BLOCK_M=tile.rows, BLOCK_N=tile.cols, BLOCK_K=block_k,
+        QUANTIZED_X=tile.quantize_x, SPLIT_K=tile.split_k, BLOCK_M=tile.rows, BLOCK_N=tile.cols, BLOCK_K=block_k,
         num_warps=tile.num_warps, num_stages=tile.num_stages)
     return out.view(*x.shape[:-1], n)
 

@@ -7,7 +7,7 @@ so a decode step reads about the chosen experts' bytes and nothing else, and not
 layout needs the host: the sort, the padding and the tile -> expert map are tensor ops of fixed
 size, so a CUDA graph captures a step whatever the router picks.
 
-FP8 experts (e4m3 with block scales) multiply as `kernels.fp8_linear` does: the rows are
+FP8 experts (e4m3 with block scales) multiply as `reference.fp8_w8a8_linear` does: the rows are
 quantized per token in groups along K and each K tile is an e4m3 x e4m3 tensor-core product
 scaled by both sides' scales, so a decode step reads half the bytes.
 

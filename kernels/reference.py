@@ -282,7 +282,7 @@ def routed_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     w2 [E, H, I]; route_weights [T, top_k] (fp32); chosen int [T, top_k] expert ids in [0, E],
     where E marks a choice of an expert held elsewhere (expert parallelism): it adds nothing.
     Each expert that was chosen runs once on its tokens, so CPU steps cost the chosen experts
-    only. FP8 experts (`*_scales` given) multiply as `fp8_linear` does.
+    only. FP8 experts (`*_scales` given) multiply as `fp8_w8a8_linear` does.
     """
     top_k = chosen.shape[1]
     flat = chosen.flatten()
@@ -306,15 +306,17 @@ def _expert_linear(x: torch.Tensor, weights: torch.Tensor, scales: BlockScales |
                    expert: int) -> torch.Tensor:
     if scales is None:
         return F.linear(x, weights[expert])
-    return fp8_linear(x, weights[expert], scales.expert(expert))
+    return fp8_w8a8_linear(x, weights[expert], scales.expert(expert))
 
 
 # -- FP8 weights ----------------------------------------------------------------------------------
 # Checkpoints store e4m3 weights with one scale per block of the weight matrix (DeepSeek-style
 # [128, 128] blocks with fp32 scales, or MXFP8's [1, 32] groups with power-of-two e8m0 scales).
-# They run as such checkpoints declare (`activation_scheme: dynamic`, transformers' default):
-# each token's activations are quantized to e4m3 in groups as wide as a weight block along K,
-# and the product of two e4m3 tiles is scaled by both scales. A weight is multiplied as stored:
+# Many-row GEMMs run as such checkpoints declare (`activation_scheme: dynamic`, transformers'
+# default): each token's activations are quantized to e4m3 in groups as wide as a weight block
+# along K, and the product of two e4m3 tiles is scaled by both scales (W8A8). Decode-sized
+# GEMMs and MXFP8 weights instead keep the activations as they are and scale the weight
+# (weight-only), as `fp8_weight_only` says. A weight is multiplied as stored:
 # by the tensor cores (Triton), or dequantized one at a time here, so no full-precision copy of
 # the model ever exists.
 
@@ -392,8 +394,35 @@ def dequantize_activations(quantized: torch.Tensor, scales: torch.Tensor,
     return quantized.float() * scales.repeat_interleave(group, dim=-1)[..., :quantized.shape[-1]]
 
 
+# Which FP8 GEMMs keep x in its own dtype (weight-only) rather than quantizing it to e4m3
+# (W8A8): a few rows, whose time is reading the weight, and every GEMM whose weight scales come
+# in narrow groups along K (MXFP8's 32), which cut W8A8's e4m3 products to K tiles too short
+# for the tensor cores. Measured on an H200: bench/results/fp8_tiles_h200.md.
+WEIGHT_ONLY_MAX_ROWS = 16
+WEIGHT_ONLY_MAX_SCALE_K = 32
+
+
+def fp8_weight_only(rows: int, scale_block_k: int) -> bool:
+    return rows <= WEIGHT_ONLY_MAX_ROWS or scale_block_k <= WEIGHT_ONLY_MAX_SCALE_K
+
+
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockScales) -> torch.Tensor:
-    """x @ W^T for an e4m3 weight W [N, K] with block scales, x quantized per token in groups
-    of the weight's block width (`quantize_activations`); out in x's dtype."""
+    """x [..., K] @ W^T for an e4m3 weight W [N, K] with block scales, out in x's dtype:
+    weight-only or W8A8 as `fp8_weight_only` says for x's rows."""
+    rows = x.numel() // max(1, x.shape[-1])
+    if fp8_weight_only(rows, scales.block_k):
+        return fp8_weight_only_linear(x, weight, scales)
+    return fp8_w8a8_linear(x, weight, scales)
+
+
+def fp8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor,
+                           scales: BlockScales) -> torch.Tensor:
+    """x @ W^T with x as it is and the weight's scales applied to it."""
+    return F.linear(x.float(), dequantize_fp8(weight, scales)).to(x.dtype)
+
+
+def fp8_w8a8_linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockScales) -> torch.Tensor:
+    """x @ W^T with x quantized per token in groups of the weight's block width
+    (`quantize_activations`), as FP8 checkpoints' dynamic activation scheme runs."""
     act = dequantize_activations(*quantize_activations(x, scales.block_k), scales.block_k)
     return F.linear(act, dequantize_fp8(weight, scales)).to(x.dtype)

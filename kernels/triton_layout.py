@@ -317,6 +317,28 @@ def weight_block_scales(scale_base, cols, k0, n, stride_sn, stride_sk, SCALE_N: 
 
 
 @triton.jit
+def dequantized_weight_tile(b, scale_base, k0, cols, n, k, stride_sn, stride_sk,
+                            SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, E8M0: tl.constexpr,
+                            BLOCK_K: tl.constexpr, dtype: tl.constexpr):
+    """An e4m3 weight tile b [BLOCK_K, N] (K from k0) times its scales, in `dtype`. The tile
+    lies inside one scale block along K, or spans whole scale groups (SCALE_K divides
+    BLOCK_K)."""
+    if SCALE_K >= BLOCK_K:
+        scale = weight_block_scales(scale_base, cols, k0, n, stride_sn, stride_sk, SCALE_N,
+                                    SCALE_K, E8M0)
+        return (b.to(tl.float32) * scale[None, :]).to(dtype)
+    GROUPS: tl.constexpr = BLOCK_K // SCALE_K
+    groups = k0 // SCALE_K + tl.arange(0, GROUPS)
+    scale = tl.load(scale_base + groups[:, None] * stride_sk + (cols // SCALE_N)[None, :] * stride_sn,
+                    mask=(groups[:, None] < tl.cdiv(k, SCALE_K)) & (cols[None, :] < n),
+                    other=0.0).to(tl.float32)
+    if E8M0:
+        scale = tl.exp2(scale - 127.0)
+    grouped = tl.reshape(b.to(tl.float32), (GROUPS, SCALE_K, b.shape[1])) * scale[:, None, :]
+    return tl.reshape(grouped, (BLOCK_K, b.shape[1])).to(dtype)
+
+
+@triton.jit
 def scaled_e4m3_dot(a, b, a_scale, b_scale, BLOCK_K: tl.constexpr):
     """a [M, K] @ b [K, N] for e4m3 tiles, scaled by the rows' and the columns' scales: one K
     tile's contribution, in fp32."""

@@ -1,11 +1,14 @@
 """FP8 weights (e4m3 with block scales): quantization round trips within e4m3's rounding, the
 activations are quantized per token group exactly as the reference does, and the Triton GEMMs
-(dense and grouped) multiply exactly what the reference dequantizes.
+(dense, in both modes: weight-only and W8A8; grouped) multiply exactly what the reference
+dequantizes.
 
 On CPU the kernels run under Triton's interpreter at small shapes; on a CUDA machine the `gpu`
 test repeats them at M3's width in bf16."""
 
 from __future__ import annotations
+
+import itertools
 
 import pytest
 import torch
@@ -75,17 +78,27 @@ def test_fp8_linear_matches_reference(layout, rows, n, k):
     ours = kernels.fp8_linear(x, weight, scales, backend="triton")
     ref = kernels.fp8_linear(x, weight, scales, backend="reference")
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    modes = {True: reference.fp8_w8a8_linear, False: reference.fp8_weight_only_linear}
+    # The reference takes the mode the rule names: a few rows or MXFP8 weight-only.
+    weight_only = rows <= reference.WEIGHT_ONLY_MAX_ROWS or layout == (1, 32, True)
+    assert reference.fp8_weight_only(rows, scales.block_k) == weight_only
+    torch.testing.assert_close(ref, modes[not weight_only](x, weight, scales))
     if rows <= 64:
-        # The decode GEMM's K splits, an uneven or empty last split included (k / 16 tiles
-        # over 3 splits).
-        tile = GemmTile(max(16, triton.next_power_of_2(rows)), 32, 128, 4, 2, split_k=3)
-        torch.testing.assert_close(fp8_gemm.fp8_linear(x, weight, scales, tile), ref,
-                                   atol=1e-5, rtol=1e-5)
+        # The decode GEMM's K splits in both modes, an uneven or empty last split included
+        # (k / 16 tiles over 3 splits).
+        for quantize_x, mode_ref in modes.items():
+            tile = GemmTile(max(16, triton.next_power_of_2(rows)), 32, 128, 4, 2, split_k=3,
+                            quantize_x=quantize_x)
+            torch.testing.assert_close(fp8_gemm.fp8_linear(x, weight, scales, tile),
+                                       mode_ref(x, weight, scales), atol=1e-5, rtol=1e-5)
         # The last split reset every arrival count: the next split GEMM starts from zero.
         assert not fp8_gemm._arrival_counts(x.device).any()
     act = reference.dequantize_activations(
         *reference.quantize_activations(x, scales.block_k), scales.block_k)
-    torch.testing.assert_close(ref, act @ dequantize_fp8(weight, scales).T)
+    torch.testing.assert_close(modes[True](x, weight, scales),
+                               act @ dequantize_fp8(weight, scales).T)
+    torch.testing.assert_close(modes[False](x, weight, scales),
+                               x @ dequantize_fp8(weight, scales).T)
     assert ref.abs().max() > 0.1
 
 
@@ -129,10 +142,12 @@ def test_fp8_gemms_at_m3_width_on_the_gpu(layout, rows):
     ref = kernels.fp8_linear(x.float(), weight, scales, backend="reference")
     torch.testing.assert_close(ours.float(), ref, atol=3e-2, rtol=3e-2)
     if rows <= 64:  # every split count the decode pick may take, replayed for stale counts
-        for split_k in (2, 3, 8):
-            tile = GemmTile(max(16, rows), 64, 128, 4, 6, split_k)
+        modes = {True: reference.fp8_w8a8_linear, False: reference.fp8_weight_only_linear}
+        for split_k, quantize_x in itertools.product((2, 3, 8), modes):
+            tile = GemmTile(max(16, rows), 64, 128, 4, 6, split_k, quantize_x)
             first = fp8_gemm.fp8_linear(x, weight, scales, tile)
-            torch.testing.assert_close(first.float(), ref, atol=3e-2, rtol=3e-2)
+            torch.testing.assert_close(first.float(), modes[quantize_x](x.float(), weight, scales),
+                                       atol=3e-2, rtol=3e-2)
             for _ in range(20):
                 assert torch.equal(fp8_gemm.fp8_linear(x, weight, scales, tile), first)
     x, w13, w2, weights, chosen = _layer(rows, 128, 4, 3072, 1024, seed=1, device="cuda",
