@@ -2,8 +2,9 @@
 
 Public functions (fixed by shared/msa_spec.md): `select_blocks`, `sparse_attention`,
 `dense_attention`; `routed_experts`, a MoE layer's experts as grouped GEMMs; `fp8_linear`, a
-projection by an e4m3 weight with block scales (`BlockScales`). The backend is chosen by device (Triton on CUDA, the PyTorch reference
-otherwise) or forced with `backend="reference" | "triton"`.
+projection by an e4m3 weight with block scales (`BlockScales`). The backend is chosen by device
+(Triton on CUDA; on CPU `cpu_backend`, the reference but for KV-block-major prefill attention)
+or forced with `backend="reference" | "triton" | "cpu"`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from kernels import reference
+from kernels import cpu_backend, reference
 from kernels.reference import BLOCK_SIZE, E4M3, BlockScales
 
 __all__ = ["BLOCK_SIZE", "INDEX_KEY_FP8", "BlockScales", "select_blocks", "sparse_attention",
@@ -23,7 +24,7 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Index keys may also be stored as fp8 e4m3 (half the bytes of the decode scan). Only the order
 # of scores matters to the selection, so no scale is needed: see `to_index_key_dtype`.
 INDEX_KEY_FP8 = torch.float8_e4m3fn
-_BACKENDS = ("reference", "triton")
+_BACKENDS = ("reference", "triton", "cpu")
 
 
 def _triton_module():
@@ -45,10 +46,12 @@ def _resolve_backend(backend: str | None, device: torch.device):
                 return _triton_module()
             except ValueError:
                 return reference
-        return reference
+        return cpu_backend
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS} or None, got {backend!r}")
-    return reference if backend == "reference" else _triton_module()
+    if backend == "triton":
+        return _triton_module()
+    return reference if backend == "reference" else cpu_backend
 
 
 def _check(cond: bool, message: Callable[[], str]) -> None:
