@@ -38,10 +38,14 @@ def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     positions = torch.arange(first_position, first_position + rows, device=q.device)
     local = positions // BLOCK_SIZE
     out_local, lse_local = _local_blocks(q, keys, values, first_position, scale)
+    if blocks is None:  # dense: every block before a row's own, the same for every group
+        every_earlier = torch.arange(int(local.max()), device=q.device)[None, :].expand(rows, -1)
+        dense_picks = _historical_picks(every_earlier, local)
     out = torch.empty_like(q)
     for group in range(num_groups):
         heads = slice(group * group_size, (group + 1) * group_size)
-        chosen_rows, chosen_blocks = _historical_picks(blocks, group, local)
+        chosen_rows, chosen_blocks = (dense_picks if blocks is None else
+                                      _historical_picks(blocks[:, group].long(), local))
         partial_out, partial_lse = _historical_blocks(
             q[:, heads], keys[:, group], values[:, group], chosen_rows, chosen_blocks, scale)
         out[:, heads] = _merge(out_local[:, heads], lse_local[:, heads], partial_out,
@@ -79,15 +83,10 @@ def _local_blocks(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     return out, lse
 
 
-def _historical_picks(blocks: torch.Tensor | None, group: int,
+def _historical_picks(chosen: torch.Tensor,
                       local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row, block) pairs of a group's historical picks, sorted by block: rows [P], blocks
-    [P]. Dense attention picks every block before a row's own."""
-    if blocks is None:
-        candidates = torch.arange(int(local.max()), device=local.device)
-        chosen = candidates[None, :].expand(local.shape[0], -1)
-    else:
-        chosen = blocks[:, group].long()
+    """(row, block) pairs of the blocks each row chose ([t, n] ids, -1 pads) before its own,
+    sorted by block: rows [P], blocks [P]."""
     historical = (chosen >= 0) & (chosen < local[:, None])
     rows, slots = historical.nonzero(as_tuple=True)
     picked = chosen[rows, slots]

@@ -1,12 +1,13 @@
 """Triton: y = x @ W^T for an e4m3 weight W with block scales, in one of two modes.
 
-- W8A8 (many rows, block-scaled weights): the activations are quantized per token in groups as wide as a
-  weight block along K (`kernels.fp8_quantize`, dynamic scales as FP8 checkpoints run); each K
-  tile then is one e4m3 x e4m3 tensor-core product, scaled by the rows' activation scales and
-  the columns' weight scales and summed in fp32.
-- Weight-only (few rows, or MXFP8's 32-wide scale groups): x stays in its own dtype and each weight tile is scaled into
-  it in registers, so the products chain in one accumulator and no kernel quantizes x first;
-  a decode GEMM's time is reading the weight, whose bytes are the same in both modes.
+- W8A8 (many rows, block-scaled weights): the activations are quantized per token in groups
+  as wide as a weight block along K (`kernels.fp8_quantize`, dynamic scales as FP8
+  checkpoints run); each K tile then is one e4m3 x e4m3 tensor-core product, scaled by the
+  rows' activation scales and the columns' weight scales and summed in fp32.
+- Weight-only (few rows, or MXFP8's 32-wide scale groups): x stays in its own dtype and each
+  weight tile is scaled into it in registers, so the products chain in one accumulator and no
+  kernel quantizes x first; a decode GEMM's time is reading the weight, whose bytes are the
+  same in both modes.
 
 Either way the weights go from memory as stored: decode GEMMs read every weight byte for a few
 rows, so half the bytes of bf16 is the aim.
@@ -176,8 +177,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockScales,
         x_in, x_scales, weight, scale, out, partials, arrivals, m, n, k, x_in.stride(0),
         x_scales.stride(0), weight.stride(0), scale.stride(0), scale.stride(1), out.stride(0),
         SCALE_N=scales.block_n, SCALE_K=scales.block_k, E8M0=scales.e8m0,
-        QUANTIZED_X=tile.quantize_x, SPLIT_K=tile.split_k, BLOCK_M=tile.rows, BLOCK_N=tile.cols, BLOCK_K=block_k,
-        num_warps=tile.num_warps, num_stages=tile.num_stages)
+        QUANTIZED_X=tile.quantize_x, SPLIT_K=tile.split_k, BLOCK_M=tile.rows, BLOCK_N=tile.cols,
+        BLOCK_K=block_k, num_warps=tile.num_warps, num_stages=tile.num_stages)
     return out.view(*x.shape[:-1], n)
 
 

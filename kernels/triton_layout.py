@@ -310,8 +310,15 @@ def weight_block_scales(scale_base, cols, k0, n, stride_sn, stride_sk, SCALE_N: 
     tile lies inside one scale block (BLOCK_K divides SCALE_K, k0 is a multiple of BLOCK_K),
     so a column has one scale for the whole tile."""
     scale = tl.load(scale_base + (k0 // SCALE_K) * stride_sk + (cols // SCALE_N) * stride_sn,
-                    mask=cols < n, other=0.0).to(tl.float32)
-    if E8M0:  # the stored byte is the exponent of a power of two
+                    mask=cols < n, other=0.0)
+    return _scale_values(scale, E8M0)
+
+
+@triton.jit
+def _scale_values(stored, E8M0: tl.constexpr):
+    """Stored weight scales as fp32: e8m0 bytes are the exponents of powers of two."""
+    scale = stored.to(tl.float32)
+    if E8M0:
         scale = tl.exp2(scale - 127.0)
     return scale
 
@@ -329,11 +336,10 @@ def dequantized_weight_tile(b, scale_base, k0, cols, n, k, stride_sn, stride_sk,
         return (b.to(tl.float32) * scale[None, :]).to(dtype)
     GROUPS: tl.constexpr = BLOCK_K // SCALE_K
     groups = k0 // SCALE_K + tl.arange(0, GROUPS)
-    scale = tl.load(scale_base + groups[:, None] * stride_sk + (cols // SCALE_N)[None, :] * stride_sn,
-                    mask=(groups[:, None] < tl.cdiv(k, SCALE_K)) & (cols[None, :] < n),
-                    other=0.0).to(tl.float32)
-    if E8M0:
-        scale = tl.exp2(scale - 127.0)
+    offsets = groups[:, None] * stride_sk + (cols // SCALE_N)[None, :] * stride_sn
+    scale = tl.load(scale_base + offsets, other=0.0,
+                    mask=(groups[:, None] < tl.cdiv(k, SCALE_K)) & (cols[None, :] < n))
+    scale = _scale_values(scale, E8M0)
     grouped = tl.reshape(b.to(tl.float32), (GROUPS, SCALE_K, b.shape[1])) * scale[:, None, :]
     return tl.reshape(grouped, (BLOCK_K, b.shape[1])).to(dtype)
 

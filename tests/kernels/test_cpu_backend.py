@@ -46,14 +46,15 @@ def test_long_chunk_after_a_prefix(dense):
     blocks = None if dense else kernels.select_blocks(batch.q_idx, batch.k_idx_cache,
                                                       *batch.layout(), topk=4)
     args = (batch.q, batch.k_cache, batch.v_cache, *batch.layout())
-    out = (kernels.dense_attention(*args, backend="cpu") if dense
-           else kernels.sparse_attention(*args, blocks, backend="cpu"))
-    assert relative_error(out, oracle_attention(batch, blocks)[0]) < 1e-5
-    softmax_scale = 0.05
-    out = (kernels.dense_attention(*args, softmax_scale=softmax_scale, backend="cpu") if dense
-           else kernels.sparse_attention(*args, blocks, softmax_scale=softmax_scale,
-                                         backend="cpu"))
-    assert relative_error(out, oracle_attention(batch, blocks, scale=softmax_scale)[0]) < 1e-5
+
+    def attend(**options):
+        if dense:
+            return kernels.dense_attention(*args, backend="cpu", **options)
+        return kernels.sparse_attention(*args, blocks, backend="cpu", **options)
+
+    assert relative_error(attend(), oracle_attention(batch, blocks)[0]) < 1e-5
+    assert relative_error(attend(softmax_scale=0.05),
+                          oracle_attention(batch, blocks, scale=0.05)[0]) < 1e-5
 
 
 def test_log_sum_exp_comes_from_the_reference():
