@@ -10,11 +10,17 @@ to its chosen historical blocks entirely. So:
   that block's 128 keys once for all of them;
 - the partial outputs merge by log-sum-exp per row.
 The work is the selected blocks' and nothing else, and every product runs in PyTorch's CPU
-flash attention. Dense attention is the same with every historical block chosen.
+flash attention. Dense attention needs no picks: the chunk's own keys causally and every earlier
+key entirely, two flash calls and one merge.
+
+PyTorch's CPU flash attention takes fewer key heads than query heads (GQA: query head h reads
+key head h // (Hq / Hkv)), so keys are never repeated per query head.
 
 The math is `reference.sparse_attention` / `reference.dense_attention`."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,32 +38,88 @@ def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     """One sequence's chunk: q [t, Hq, D] at positions first_position.., keys/values
     [seq_len, Hkv, D] (the sequence's whole context, the chunk's own keys last), blocks
     [t, Hkv, topk] logical block ids (-1 pads) or None for dense. Returns [t, Hq, D]."""
-    rows, num_heads, head_dim = q.shape
+    if blocks is None:
+        return _dense(q, keys, values, first_position, scale)
+    rows, num_heads, _ = q.shape
     num_groups = keys.shape[1]
     group_size = num_heads // num_groups
-    positions = torch.arange(first_position, first_position + rows, device=q.device)
-    local = positions // BLOCK_SIZE
+    local = torch.arange(first_position, first_position + rows, device=q.device) // BLOCK_SIZE
     out_local, lse_local = _local_blocks(q, keys, values, first_position, scale)
-    if blocks is None:  # dense: every block before a row's own, the same for every group
-        every_earlier = torch.arange(int(local.max()), device=q.device)[None, :].expand(rows, -1)
-        dense_picks = _historical_picks(every_earlier, local)
+    key_blocks, value_blocks = _blocks_by_group(keys), _blocks_by_group(values)
+    picks = [_historical_picks(blocks[:, group].long(), local) for group in range(num_groups)]
+    # The groups take turns in one workspace: on CPU, first-touch page faults on fresh buffers
+    # this large cost about as much as the copies into them.
+    workspace = _Workspace.for_pairs(max(len(pair_rows) for pair_rows, _ in picks), group_size, q)
     out = torch.empty_like(q)
-    for group in range(num_groups):
+    for group, (chosen_rows, chosen_blocks) in enumerate(picks):
         heads = slice(group * group_size, (group + 1) * group_size)
-        chosen_rows, chosen_blocks = (dense_picks if blocks is None else
-                                      _historical_picks(blocks[:, group].long(), local))
         partial_out, partial_lse = _historical_blocks(
-            q[:, heads], keys[:, group], values[:, group], chosen_rows, chosen_blocks, scale)
+            q[:, heads], key_blocks[group], value_blocks[group], chosen_rows, chosen_blocks,
+            scale, workspace)
         out[:, heads] = _merge(out_local[:, heads], lse_local[:, heads], partial_out,
                                partial_lse, chosen_rows)
     return out
+
+
+@dataclass
+class _Workspace:
+    """Flat buffers the groups' (row, block) pairs take turns in: the gathered query rows,
+    their outputs and their log-sum-exps."""
+
+    gathered: torch.Tensor
+    out: torch.Tensor
+    lse: torch.Tensor
+
+    @classmethod
+    def for_pairs(cls, pairs: int, group_size: int, q: torch.Tensor) -> _Workspace:
+        rows = pairs * group_size
+        return cls(q.new_empty(rows * q.shape[-1]), q.new_empty(rows * q.shape[-1]),
+                   q.new_empty(rows, dtype=torch.float32))
+
+    def views(self, pairs: int, group_size: int, head_dim: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """gathered and out [pairs, G, D], lse [pairs, G]: contiguous views."""
+        rows = pairs * group_size
+        return (self.gathered[:rows * head_dim].view(pairs, group_size, head_dim),
+                self.out[:rows * head_dim].view(pairs, group_size, head_dim),
+                self.lse[:rows].view(pairs, group_size))
+
+
+def _blocks_by_group(cache: torch.Tensor) -> torch.Tensor:
+    """[seq_len, Hkv, D] -> [Hkv, blocks, 128, D], each block's keys contiguous for the flash
+    calls (the last block zero-padded: its keys past the end are never visible)."""
+    padded_len = -(-cache.shape[0] // BLOCK_SIZE) * BLOCK_SIZE
+    padded = F.pad(cache, (0, 0, 0, 0, 0, padded_len - cache.shape[0]))
+    return padded.view(-1, BLOCK_SIZE, *cache.shape[1:]).permute(2, 0, 1, 3).contiguous()
+
+
+def _heads_first(x: torch.Tensor) -> torch.Tensor:
+    """[t, H, D] -> the flash layout [1, H, t, D]."""
+    return x.transpose(0, 1)[None]
+
+
+def _dense(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, first_position: int,
+           scale: float) -> torch.Tensor:
+    """Each row over every key up to itself: the chunk's own keys causally (as many keys as
+    rows, so the top-left causal mask is the right one), the keys before the chunk entirely."""
+    queries = _heads_first(q)
+    out, lse = _flash(queries, _heads_first(keys[first_position:]),
+                      _heads_first(values[first_position:]), is_causal=True, scale=scale)
+    out, lse = out[0].transpose(0, 1), lse[0].transpose(0, 1)
+    if first_position == 0:
+        return out
+    earlier_out, earlier_lse = _flash(queries, _heads_first(keys[:first_position]),
+                                      _heads_first(values[:first_position]), scale=scale)
+    # Both lse are finite (each part sees at least one key): a two-way softmax merge.
+    earlier_out, earlier_lse = earlier_out[0].transpose(0, 1), earlier_lse[0].transpose(0, 1)
+    weight = torch.sigmoid(lse.float() - earlier_lse.float())[..., None]
+    return torch.lerp(earlier_out.float(), out.float(), weight).to(q.dtype)
 
 
 def _local_blocks(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                   first_position: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row over its own block's keys up to itself: [t, Hq, D] and lse [t, Hq]."""
     rows, num_heads, head_dim = q.shape
-    num_groups = keys.shape[1]
     first_block = first_position // BLOCK_SIZE
     last_block = (first_position + rows - 1) // BLOCK_SIZE
     num_blocks = last_block - first_block + 1
@@ -74,9 +136,7 @@ def _local_blocks(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
         # The last block's slots past the sequence's end: zeros, hidden by the causal mask.
         block_keys = F.pad(block_keys, (0, 0, 0, 0, 0, num_blocks * BLOCK_SIZE
                                         - block_keys.shape[0]))
-        block_keys = block_keys.view(num_blocks, BLOCK_SIZE, num_groups, 1, head_dim)
-        block_keys = block_keys.expand(-1, -1, -1, num_heads // num_groups, -1)
-        kv.append(block_keys.reshape(num_blocks, BLOCK_SIZE, num_heads, head_dim).transpose(1, 2))
+        kv.append(block_keys.view(num_blocks, BLOCK_SIZE, -1, head_dim).transpose(1, 2))
     out, lse = _flash(padded, *kv, is_causal=True, scale=scale)
     out = out.transpose(1, 2).reshape(-1, num_heads, head_dim)[offset:offset + rows]
     lse = lse.transpose(1, 2).reshape(-1, num_heads)[offset:offset + rows]
@@ -94,29 +154,25 @@ def _historical_picks(chosen: torch.Tensor,
     return rows[order], picked[order]
 
 
-def _historical_blocks(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                       rows: torch.Tensor, blocks: torch.Tensor,
-                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each (row, block) pair's attention over the block's keys, all of them visible:
-    [P, G, D] and lse [P, G] for a group of G query heads."""
+def _historical_blocks(q: torch.Tensor, key_blocks: torch.Tensor, value_blocks: torch.Tensor,
+                       rows: torch.Tensor, blocks: torch.Tensor, scale: float,
+                       workspace: _Workspace) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each (row, block) pair's attention over the block's keys ([blocks, 128, D]), all of
+    them visible: [P, G, D] and lse [P, G] for a group of G query heads, in the workspace."""
     pairs = rows.shape[0]
     _, group_size, head_dim = q.shape
-    out = q.new_empty(pairs, group_size, head_dim)
-    lse = q.new_empty(pairs, group_size, dtype=torch.float32)
+    gathered, out, lse = workspace.views(pairs, group_size, head_dim)
     if pairs == 0:
         return out, lse
     # The rows of one block sit together (sorted by block); their heads fold into the rows.
-    gathered = q.index_select(0, rows).view(1, 1, pairs * group_size, head_dim)
-    counts = torch.bincount(blocks).tolist()
+    torch.index_select(q, 0, rows, out=gathered)
+    gathered = gathered.view(1, 1, pairs * group_size, head_dim)
+    blocks_in_order, counts = torch.unique_consecutive(blocks, return_counts=True)
     start = 0
-    for block, count in enumerate(counts):
-        if count == 0:
-            continue
+    for block, count in zip(blocks_in_order.tolist(), counts.tolist()):
         span = slice(start * group_size, (start + count) * group_size)
-        keys_of_block = keys[block * BLOCK_SIZE:(block + 1) * BLOCK_SIZE][None, None]
-        values_of_block = values[block * BLOCK_SIZE:(block + 1) * BLOCK_SIZE][None, None]
-        block_out, block_lse = _flash(gathered[:, :, span], keys_of_block, values_of_block,
-                                      scale=scale)
+        block_out, block_lse = _flash(gathered[:, :, span], key_blocks[block][None, None],
+                                      value_blocks[block][None, None], scale=scale)
         out[start:start + count] = block_out.view(count, group_size, head_dim)
         lse[start:start + count] = block_lse.view(count, group_size)
         start += count

@@ -166,6 +166,9 @@ def select_blocks(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_table: t
     acc = _accumulation_dtype(q_idx)
     selected = torch.full((total_q, num_groups, topk), -1, dtype=torch.int32, device=q_idx.device)
     units = _work_units(seq_lens, cu_seqlens_q, num_groups, q_idx.device)
+    # Every unit's scores land in one buffer: on CPU a fresh tensor this large costs about as
+    # much in first-touch page faults as the matmul that fills it.
+    scores_buffer = q_idx.new_empty(0, dtype=acc)
     for unit, (keys,) in _with_keys(units, (k_idx_cache,), block_table, acc):
         n, t = unit.positions.shape
         # Only blocks wholly before a query's own block compete, and every key of those is
@@ -175,7 +178,11 @@ def select_blocks(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_table: t
         keys = keys[:, : num_historical * BLOCK_SIZE].permute(0, 2, 3, 1)  # [n, H_ik, Di, S]
         # H_ik == 1 broadcasts over the groups in the matmul below.
         queries = q_idx[unit.rows].to(acc).view(n, t, num_groups, index_dim).transpose(1, 2)
-        scores = queries @ keys  # [n, Hkv, t, S]
+        shape = (n, num_groups, t, num_historical * BLOCK_SIZE)
+        if scores_buffer.numel() < math.prod(shape):
+            scores_buffer = q_idx.new_empty(math.prod(shape), dtype=acc)
+        scores = torch.matmul(queries, keys,
+                              out=scores_buffer[:math.prod(shape)].view(shape))  # [n, Hkv, t, S]
         block_scores = scores.view(n, num_groups, t, num_historical, BLOCK_SIZE).amax(-1)
         block_scores = block_scores.transpose(1, 2).reshape(n * t, num_groups, num_historical)
         selected[unit.rows] = topk_with_local_block(block_scores, unit.positions.flatten(), topk)
