@@ -34,11 +34,16 @@ def dense_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                       softmax_scale)
 
 
+# Up to this many decode rows go one flash call each (a handful of ops per row); more are batched
+# by length through the reference, whose fixed cost of a few dozen ops then pays off.
+_DECODES_ONE_BY_ONE = 4
+
+
 def _attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                block_table: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
                blocks: torch.Tensor | None, softmax_scale: float | None) -> torch.Tensor:
     """Prefill chunks (more than one row of a sequence) KV-block-major, one sequence at a time;
-    decode rows through the reference, batched as it batches them."""
+    a few decode rows one flash call each, many through the reference, batched by length."""
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     cu, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
     out = torch.empty_like(q)
@@ -55,7 +60,13 @@ def _attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             out[rows] = cpu_kv_major.prefill_attention(
                 q[rows], keys, values, seq_len - q_len,
                 None if blocks is None else blocks[rows], scale)
-    if decodes:
+    if 0 < len(decodes) <= _DECODES_ONE_BY_ONE:
+        for seq in decodes:
+            pages = block_table[seq, : -(-lens[seq] // BLOCK_SIZE)].long()
+            out[cu[seq]] = cpu_kv_major.decode_attention(
+                q[cu[seq]], k_cache, v_cache, pages, lens[seq],
+                None if blocks is None else blocks[cu[seq]], scale)
+    elif decodes:
         seqs = torch.tensor(decodes, device=q.device)
         rows = cu_seqlens_q[seqs].long()
         layout = (block_table[seqs], seq_lens[seqs],

@@ -193,3 +193,29 @@ def _merge(out_local: torch.Tensor, lse_local: torch.Tensor, partial_out: torch.
     total.index_add_(0, rows, partial_out.float().mul_(weight[..., None]))
     normalizer = local_weight.index_add_(0, rows, weight)
     return total.div_(normalizer[..., None]).to(out_local.dtype)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     pages: torch.Tensor, seq_len: int, blocks: torch.Tensor | None,
+                     scale: float) -> torch.Tensor:
+    """One sequence's decode row: q [Hq, D] at position seq_len - 1 over its pages (logical
+    order) of the paged caches [pages, 128, Hkv, D], blocks [Hkv, topk] (-1 pads) or None for
+    dense. Every chosen key is visible, so it is one flash call with no mask: a group's query
+    heads fold into rows over that group's chosen blocks. Returns [Hq, D]."""
+    num_heads, head_dim = q.shape
+    num_groups = k_cache.shape[2]
+    if blocks is None:
+        keys, values = (cache.index_select(0, pages).flatten(0, 1)[:seq_len].transpose(0, 1)
+                        for cache in (k_cache, v_cache))
+    else:
+        # Every group chose as many blocks (all of them, or topk); its own block is the last.
+        count = int((blocks[0] >= 0).sum())
+        chosen_pages = pages[blocks[:, :count].long()]  # [Hkv, count]
+        groups = torch.arange(num_groups, device=q.device)[:, None]
+        visible = (count - 1) * BLOCK_SIZE + seq_len - (seq_len - 1) // BLOCK_SIZE * BLOCK_SIZE
+        keys, values = (cache[chosen_pages, :, groups].flatten(1, 2)[:, :visible]
+                        for cache in (k_cache, v_cache))
+    queries = q.view(num_groups, -1, head_dim)
+    out, _ = _flash(queries[None], keys[None].to(q.dtype), values[None].to(q.dtype),
+                    scale=scale)
+    return out.view(num_heads, head_dim)

@@ -57,6 +57,18 @@ def test_long_chunk_after_a_prefix(dense):
                           oracle_attention(batch, blocks, scale=0.05)[0]) < 1e-5
 
 
+@pytest.mark.parametrize("dense", [False, True])
+def test_many_decode_rows_go_through_the_reference(dense):
+    """More decode rows than go one flash call each: the reference's length-batched path."""
+    batch = make_batch([130, 300, 700, 900, 1300, 2100], [1] * 6, 8, 2, 16, 8, 1, seed=3)
+    blocks = None if dense else kernels.select_blocks(batch.q_idx, batch.k_idx_cache,
+                                                      *batch.layout(), topk=4)
+    args = (batch.q, batch.k_cache, batch.v_cache, *batch.layout())
+    out = (kernels.dense_attention(*args, backend="cpu") if dense
+           else kernels.sparse_attention(*args, blocks, backend="cpu"))
+    assert relative_error(out, oracle_attention(batch, blocks)[0]) < 1e-5
+
+
 def test_log_sum_exp_comes_from_the_reference():
     batch = make_batch([600], [300], 4, 2, 8, 8, 1, seed=2)
     blocks = kernels.select_blocks(batch.q_idx, batch.k_idx_cache, *batch.layout(), topk=2)
