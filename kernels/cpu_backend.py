@@ -54,7 +54,7 @@ def _attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         if q_len == 1:
             decodes.append(seq)
         elif q_len > 1:
-            pages = block_table[seq, : -(-seq_len // BLOCK_SIZE)].long()
+            pages = _pages_of(block_table, seq, seq_len)
             keys, values = (torch.index_select(cache, 0, pages).flatten(0, 1)[:seq_len]
                             .to(q.dtype) for cache in (k_cache, v_cache))
             out[rows] = cpu_kv_major.prefill_attention(
@@ -62,9 +62,8 @@ def _attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 None if blocks is None else blocks[rows], scale)
     if 0 < len(decodes) <= _DECODES_ONE_BY_ONE:
         for seq in decodes:
-            pages = block_table[seq, : -(-lens[seq] // BLOCK_SIZE)].long()
             out[cu[seq]] = cpu_kv_major.decode_attention(
-                q[cu[seq]], k_cache, v_cache, pages, lens[seq],
+                q[cu[seq]], k_cache, v_cache, _pages_of(block_table, seq, lens[seq]), lens[seq],
                 None if blocks is None else blocks[cu[seq]], scale)
     elif decodes:
         seqs = torch.tensor(decodes, device=q.device)
@@ -77,3 +76,8 @@ def _attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             out[rows] = reference.sparse_attention(q[rows], k_cache, v_cache, *layout,
                                                    blocks[rows], scale)
     return out
+
+
+def _pages_of(block_table: torch.Tensor, seq: int, seq_len: int) -> torch.Tensor:
+    """The pages holding a sequence's seq_len tokens, in logical order."""
+    return block_table[seq, : -(-seq_len // BLOCK_SIZE)].long()

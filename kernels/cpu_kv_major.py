@@ -204,18 +204,18 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     heads fold into rows over that group's chosen blocks. Returns [Hq, D]."""
     num_heads, head_dim = q.shape
     num_groups = k_cache.shape[2]
-    if blocks is None:
-        keys, values = (cache.index_select(0, pages).flatten(0, 1)[:seq_len].transpose(0, 1)
-                        for cache in (k_cache, v_cache))
+    if blocks is None:  # dense: every page, for every group
+        chosen_pages = pages.expand(num_groups, -1)
     else:
         # Every group chose as many blocks (all of them, or topk); its own block is the last.
         count = int((blocks[0] >= 0).sum())
         chosen_pages = pages[blocks[:, :count].long()]  # [Hkv, count]
-        groups = torch.arange(num_groups, device=q.device)[:, None]
-        visible = (count - 1) * BLOCK_SIZE + seq_len - (seq_len - 1) // BLOCK_SIZE * BLOCK_SIZE
-        keys, values = (cache[chosen_pages, :, groups].flatten(1, 2)[:, :visible]
-                        for cache in (k_cache, v_cache))
-    queries = q.view(num_groups, -1, head_dim)
-    out, _ = _flash(queries[None], keys[None].to(q.dtype), values[None].to(q.dtype),
+    groups = torch.arange(num_groups, device=q.device)[:, None]
+    # The own (last) block holds the keys up to the sequence's end and nothing after.
+    visible = ((chosen_pages.shape[1] - 1) * BLOCK_SIZE + seq_len
+               - (seq_len - 1) // BLOCK_SIZE * BLOCK_SIZE)
+    keys, values = (cache[chosen_pages, :, groups].flatten(1, 2)[:, :visible].to(q.dtype)
+                    for cache in (k_cache, v_cache))
+    out, _ = _flash(q.view(num_groups, -1, head_dim)[None], keys[None], values[None],
                     scale=scale)
     return out.view(num_heads, head_dim)

@@ -178,11 +178,11 @@ def select_blocks(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_table: t
         keys = keys[:, : num_historical * BLOCK_SIZE].permute(0, 2, 3, 1)  # [n, H_ik, Di, S]
         # H_ik == 1 broadcasts over the groups in the matmul below.
         queries = q_idx[unit.rows].to(acc).view(n, t, num_groups, index_dim).transpose(1, 2)
-        shape = (n, num_groups, t, num_historical * BLOCK_SIZE)
-        if scores_buffer.numel() < math.prod(shape):
-            scores_buffer = q_idx.new_empty(math.prod(shape), dtype=acc)
-        scores = torch.matmul(queries, keys,
-                              out=scores_buffer[:math.prod(shape)].view(shape))  # [n, Hkv, t, S]
+        shape = (n, num_groups, t, num_historical * BLOCK_SIZE)  # [n, Hkv, t, S]
+        size = math.prod(shape)
+        if scores_buffer.numel() < size:
+            scores_buffer = q_idx.new_empty(size, dtype=acc)
+        scores = torch.matmul(queries, keys, out=scores_buffer[:size].view(shape))
         block_scores = scores.view(n, num_groups, t, num_historical, BLOCK_SIZE).amax(-1)
         block_scores = block_scores.transpose(1, 2).reshape(n * t, num_groups, num_historical)
         selected[unit.rows] = topk_with_local_block(block_scores, unit.positions.flatten(), topk)
