@@ -2,11 +2,13 @@
 path) at M3's width, against the bf16 GEMMs they replace.
 
 For each projection, layout (128 x 128 fp32 block scales; MXFP8 1 x 32 e8m0) and batch, every
-candidate tile in both modes (W8A8: x quantized to e4m3 first; weight-only: x stays bf16) runs
-the whole FP8 linear and the table gives the best one, today's pick, the W8A8 pick (the
-baseline of weight-only decode GEMMs) and bf16 (cuBLAS for dense projections, the grouped GEMM
-for the experts), all in CUDA-graph replays, so a better pick shows as a ratio above today's.
-The activation quantization kernel is also timed alone (part of every W8A8 time).
+candidate tile of the Triton GEMM in both modes (W8A8: x quantized to e4m3 first; weight-only:
+x stays bf16) runs the whole FP8 linear and the table gives the best one, today's pick, the
+W8A8 pick (the baseline of weight-only decode GEMMs), cuBLASLt's block-scaled FP8 GEMM (128 x
+128 blocks, with our activation quantization) and bf16 (cuBLAS for dense projections, the
+grouped GEMM for the experts), all in CUDA-graph replays, so a better pick shows as a ratio
+above today's. The activation quantization kernel is also timed alone (part of every W8A8
+time).
 
 Usage (CUDA): python -m bench.fp8_tiles [--out-dir DIR]
 """
@@ -23,7 +25,7 @@ import triton
 import triton.testing
 
 from bench.common import markdown_table, write_results
-from kernels.fp8_gemm import GemmTile, fp8_linear
+from kernels.fp8_gemm import GemmTile, cublas_fp8_linear, fp8_linear, runs_on_cublas
 from kernels.fp8_quantize import quantize_activations
 from kernels.moe_grouped_gemm import ExpertRows, TileShape, grouped_gemm
 from kernels.reference import fp8_weight_only_linear, quantize_fp8
@@ -32,7 +34,7 @@ HIDDEN, INTER, EXPERTS, TOP_K = 6144, 3072, 128, 4
 PROJECTIONS = (("q_proj", 6144, 8192), ("o_proj", 8192, 6144), ("dense gate_proj", 6144, 12288),
                ("dense down_proj", 12288, 6144), ("shared expert up", 6144, 3072))
 LAYOUTS = {"128x128": (128, 128, False), "MXFP8 1x32": (1, 32, True)}
-DECODE_BATCHES, PREFILL_BATCH = (8, 64), 4096
+DECODE_BATCHES, PREFILL_BATCHES = (8, 64), (256, 4096)
 # (cols, depth, warps, stages, K splits), each in both modes (W8A8 and weight-only).
 DECODE_TILES = ([(cols, 128, 4, 6, split) for cols in (64, 128) for split in (1, 2, 4, 8)]
                 + [(cols, 128, 4, 4, split) for cols in (32, 64) for split in (2, 4)]
@@ -40,6 +42,7 @@ DECODE_TILES = ([(cols, 128, 4, 6, split) for cols in (64, 128) for split in (1,
 PREFILL_TILES = [(128, 128, 8, 3, 1), (128, 128, 4, 4, 1), (256, 128, 8, 3, 1),
                  (64, 128, 4, 4, 1)]
 MODES = {True: "W8A8", False: "weight-only"}
+CUBLAS = "cuBLASLt"
 EXPERT_TILES = [TileShape(rows, cols, 128, 4, stages) for rows in (16, 32, 64)
                 for cols in (32, 64, 128) for stages in (4, 6)]
 EXPERT_PREFILL_TILES = [TileShape(128, 128, 128, 8, 3), TileShape(128, 128, 64, 8, 3),
@@ -78,7 +81,15 @@ def _experts(x, chosen, first, second, shape: TileShape) -> torch.Tensor:
                         scales=second[1])
 
 
-def _tile_name(tile: GemmTile) -> str:
+def _dense_fp8(x, q, scales, candidate: GemmTile | str) -> torch.Tensor:
+    if candidate == CUBLAS:
+        return cublas_fp8_linear(x, q, scales)
+    return fp8_linear(x, q, scales, candidate)
+
+
+def _tile_name(tile: GemmTile | str) -> str:
+    if isinstance(tile, str):
+        return tile
     return (f"{MODES[tile.quantize_x]} {tile.cols}x{tile.depth} w{tile.num_warps} "
             f"s{tile.num_stages} split {tile.split_k}")
 
@@ -88,7 +99,7 @@ def dense_rows() -> list[list[object]]:
     rows = []
     for name, k, n in PROJECTIONS:
         weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
-        for batch in (*DECODE_BATCHES, PREFILL_BATCH):
+        for batch in (*DECODE_BATCHES, *PREFILL_BATCHES):
             x = torch.randn(batch, k, device="cuda", dtype=torch.bfloat16)
             bf16_ms = _ms(functools.partial(F.linear, x, weight))
             for layout, spec in LAYOUTS.items():
@@ -104,12 +115,18 @@ def dense_rows() -> list[list[object]]:
                     for candidate in (DECODE_TILES if batch <= 64 else PREFILL_TILES)
                     for mode in MODES]
                 tiles = list(dict.fromkeys(tiles))
-                times = _best(tiles, functools.partial(fp8_linear, x, q, scales), reference,
+                if scales.block_k == 128:  # cuBLASLt takes 128 x 128 blocks only
+                    tiles.append(CUBLAS)
+                times = _best(tiles, functools.partial(_dense_fp8, x, q, scales), reference,
                               tolerance=5e-2)
+                cublas = ([f"{times[CUBLAS] * 1e3:.1f}", f"{bf16_ms / times[CUBLAS]:.2f}x"]
+                          if CUBLAS in times else ["", ""])
+                if runs_on_cublas(batch, k, x, scales):
+                    picked = CUBLAS
                 best = min(times, key=times.get)
                 rows.append([name, f"{k} -> {n}", batch, layout, f"{bf16_ms * 1e3:.1f}",
                              f"{times[w8a8] * 1e3:.1f}", f"{bf16_ms / times[w8a8]:.2f}x",
-                             f"{quantize_ms * 1e3:.1f}", _tile_name(picked),
+                             f"{quantize_ms * 1e3:.1f}", *cublas, _tile_name(picked),
                              f"{times[picked] * 1e3:.1f}", f"{bf16_ms / times[picked]:.2f}x",
                              _tile_name(best), f"{times[best] * 1e3:.1f}",
                              f"{bf16_ms / times[best]:.2f}x"])
@@ -130,7 +147,7 @@ def expert_rows() -> list[list[object]]:
             (torch.stack([q for q, _ in pieces]),
              type(pieces[0][1])(torch.stack([s.scale for _, s in pieces]), *spec[:2]))
             for pieces in quantized]
-        for batch in (*DECODE_BATCHES, PREFILL_BATCH):
+        for batch in (*DECODE_BATCHES, PREFILL_BATCHES[-1]):
             x = torch.randn(batch, HIDDEN, device="cuda", dtype=torch.bfloat16, generator=g)
             chosen = torch.rand(batch, EXPERTS, device="cuda", generator=g).topk(TOP_K).indices
 
@@ -144,7 +161,7 @@ def expert_rows() -> list[list[object]]:
             best = min(times, key=times.get)
             rows.append(["routed experts (both projections)", "128 experts, top 4", batch,
                          layout, f"{bf16_ms * 1e3:.1f}", f"{times[picked] * 1e3:.1f}",
-                         f"{bf16_ms / times[picked]:.2f}x", "", "W8A8 (grouped GEMM)",
+                         f"{bf16_ms / times[picked]:.2f}x", "", "", "", "W8A8 (grouped GEMM)",
                          f"{times[picked] * 1e3:.1f}", f"{bf16_ms / times[picked]:.2f}x",
                          f"W8A8 {best.rows}x{best.cols}x{best.depth} w{best.num_warps} "
                          f"s{best.num_stages}", f"{times[best] * 1e3:.1f}",
@@ -159,17 +176,19 @@ def main() -> None:
     args = parser.parse_args()
     table = markdown_table(
         ["GEMM", "shape", "rows", "FP8 layout", "bf16 (us)", "W8A8 (us)", "vs bf16",
-         "of which quantizing x (us)", "today's pick", "today's pick (us)", "vs bf16",
+         "of which quantizing x (us)", "cuBLASLt (us)", "vs bf16", "today's pick", "today's pick (us)", "vs bf16",
          "best (mode, N x K, warps, stages, K splits)", "best (us)", "vs bf16"],
         dense_rows() + expert_rows())
     gpu = torch.cuda.get_device_name()
     write_results("fp8_tiles_" + next((g.lower() for g in ("H100", "H200") if g in gpu), "gpu"),
                   "FP8 GEMMs (weight-only and W8A8): tiles at M3's width", table,
                   "'vs bf16' above 1 means the FP8 GEMM is faster (goal at batch 64: >= 1.6x). "
-                  "'W8A8': e4m3 x e4m3 products with x quantized per token by a kernel of its "
-                  "own (timed alone in 'of which quantizing x', included in the W8A8 times), "
-                  "with the tile the K-split rule picks for that mode: the baseline of "
-                  "weight-only decode GEMMs, measured in the same run. 'weight-only': x stays "
+                  "'W8A8': the Triton kernel's e4m3 x e4m3 products with x quantized per token "
+                  "by a kernel of its own (timed alone in 'of which quantizing x', included in "
+                  "the W8A8 times), with the tile the K-split rule picks for that mode: the "
+                  "baseline of weight-only decode GEMMs, measured in the same run. 'cuBLASLt': "
+                  "F.scaled_mm with 1 x 128 activation and 128 x 128 weight scales, the same "
+                  "quantization of x included. 'weight-only': x stays "
                   "bf16 and each e4m3 weight tile is scaled into bf16 in registers. Dense "
                   "bf16: cuBLAS (F.linear); experts bf16: the same grouped GEMM with bf16 "
                   "weights and its own pick of tile. Random weights, random routing; CUDA-graph "

@@ -19,6 +19,12 @@ count per output tile) adds them in split order, so the result does not depend o
 finished first, and resets the count for the next launch (CUDA-graph replays included). The
 counts are one buffer per device: the GEMMs run on one stream, one after another.
 
+Many rows of a W8A8 GEMM with DeepSeek-style weights (128 x 128 fp32 block scales) on Hopper
+go to cuBLASLt's block-scaled FP8 GEMM instead (`F.scaled_mm`, 1 x 128 activation scales by
+128 x 128 weight scales): the same math, and faster than this kernel from a few hundred rows
+(bench/results/fp8_tiles_<gpu>.md). The Triton kernel keeps decode-sized GEMMs, MXFP8 and the
+layouts cuBLASLt does not take.
+
 Which mode a GEMM takes is `reference.fp8_weight_only`; the math of each is
 `reference.fp8_weight_only_linear` and `reference.fp8_w8a8_linear`."""
 
@@ -28,6 +34,7 @@ import functools
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -43,6 +50,12 @@ from kernels.triton_layout import (
 
 # Output tiles one launch may split over K: the size of each device's arrival counts.
 _MAX_SPLIT_TILES = 1 << 16
+# Rows from which a block-scaled W8A8 GEMM on Hopper runs on cuBLASLt (fp8_tiles_h200.md: the
+# Triton kernel wins at 64 rows on most projections, cuBLASLt at 256 and prefill chunks).
+CUBLAS_MIN_ROWS = 65
+# cuBLASLt's block-scaled GEMM takes whole 128-wide blocks, token counts and K blocks in
+# multiples of 4 (we pad both).
+_CUBLAS_BLOCK, _CUBLAS_PAD = 128, 4
 
 
 @triton.jit
@@ -149,6 +162,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockScales,
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
     m = flat.shape[0]
+    if tile is None and runs_on_cublas(m, k, x, scales):
+        return cublas_fp8_linear(flat, weight, scales).view(*x.shape[:-1], n)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out.view(*x.shape[:-1], n)
@@ -180,6 +195,36 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockScales,
         QUANTIZED_X=tile.quantize_x, SPLIT_K=tile.split_k, BLOCK_M=tile.rows, BLOCK_N=tile.cols,
         BLOCK_K=block_k, num_warps=tile.num_warps, num_stages=tile.num_stages)
     return out.view(*x.shape[:-1], n)
+
+
+def runs_on_cublas(m: int, k: int, x: torch.Tensor, scales: BlockScales) -> bool:
+    """Whether `fp8_linear` hands this GEMM to cuBLASLt (see the module's doc)."""
+    return (m >= CUBLAS_MIN_ROWS and not fp8_weight_only(m, scales.block_k)
+            and scales.block_n == scales.block_k == _CUBLAS_BLOCK and not scales.e8m0
+            and k % _CUBLAS_BLOCK == 0 and x.dtype in (torch.bfloat16, torch.float16)
+            and _hopper(x.device))
+
+
+def cublas_fp8_linear(flat: torch.Tensor, weight: torch.Tensor,
+                         scales: BlockScales) -> torch.Tensor:
+    """flat @ W^T through cuBLASLt, in flat's dtype: flat's rows quantized per 128-wide group with
+    token-major scales, the weight's scales as stored (K blocks zero-padded to 4)."""
+    m = flat.shape[0]
+    if m % _CUBLAS_PAD:
+        flat = F.pad(flat, (0, 0, 0, -m % _CUBLAS_PAD))
+    x_fp8, x_scales = quantize_activations(flat, _CUBLAS_BLOCK, token_major_scales=True)
+    w_scales = scales.scale
+    if w_scales.shape[1] % _CUBLAS_PAD:
+        w_scales = F.pad(w_scales, (0, -w_scales.shape[1] % _CUBLAS_PAD))
+    product = F.scaled_mm(x_fp8, weight.t(), x_scales, F.ScalingType.BlockWise1x128,
+                          w_scales.t(), F.ScalingType.BlockWise128x128, output_dtype=flat.dtype)
+    return product[:m]
+
+
+@functools.lru_cache(maxsize=None)
+def _hopper(device: torch.device) -> bool:
+    # cuBLASLt's 128 x 128 block scaling runs on SM90 only (torch refuses it elsewhere).
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
 
 
 @functools.lru_cache(maxsize=None)

@@ -15,7 +15,7 @@ from kernels.reference import AMAX_FLOOR, E4M3, E4M3_MAX
 
 
 @triton.jit
-def _quantize_groups_kernel(x, q, s, k, num_groups, stride_xm, stride_qm, stride_sm,
+def _quantize_groups_kernel(x, q, s, k, num_groups, stride_xm, stride_qm, stride_sm, stride_sg,
                             GROUP: tl.constexpr, GROUP_P2: tl.constexpr, GROUPS: tl.constexpr,
                             E4M3_MAX: tl.constexpr, AMAX_FLOOR: tl.constexpr,
                             E4M3_MIN_NORMAL: tl.constexpr):
@@ -36,23 +36,28 @@ def _quantize_groups_kernel(x, q, s, k, num_groups, stride_xm, stride_qm, stride
     rounded = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
     quantized = tl.where(tl.abs(quantized) >= E4M3_MIN_NORMAL, rounded, quantized)
     tl.store(q + row * stride_qm + ks, quantized.to(tl.float8e4nv), mask=mask)
-    tl.store(s + row * stride_sm + groups, scale, mask=groups < num_groups)
+    tl.store(s + row * stride_sm + groups * stride_sg, scale, mask=groups < num_groups)
 
 
-def quantize_activations(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(e4m3 [M, K], fp32 scales [M, ceil(K / group)]) for x [M, K] (rows contiguous)."""
+def quantize_activations(x: torch.Tensor, group: int, token_major_scales: bool = False,
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 [M, K], fp32 scales [M, ceil(K / group)]) for x [M, K] (rows contiguous); the
+    scales' strides are (1, M) when `token_major_scales`, else (groups, 1)."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     m, k = x.shape
     num_groups = -(-k // group)
     q = torch.empty(m, k, dtype=E4M3, device=x.device)
-    s = torch.empty(m, num_groups, dtype=torch.float32, device=x.device)
+    if token_major_scales:
+        s = torch.empty(num_groups, m, dtype=torch.float32, device=x.device).t()
+    else:
+        s = torch.empty(m, num_groups, dtype=torch.float32, device=x.device)
     if m == 0:
         return q, s
     group_p2 = triton.next_power_of_2(group)
     groups = max(1, min(triton.next_power_of_2(num_groups), 4096 // group_p2))
     _quantize_groups_kernel[(m, triton.cdiv(num_groups, groups))](
-        x, q, s, k, num_groups, x.stride(0), q.stride(0), s.stride(0), GROUP=group,
+        x, q, s, k, num_groups, x.stride(0), q.stride(0), s.stride(0), s.stride(1), GROUP=group,
         GROUP_P2=group_p2, GROUPS=groups, E4M3_MAX=E4M3_MAX, AMAX_FLOOR=AMAX_FLOOR,
         E4M3_MIN_NORMAL=2.0 ** -6)
     return q, s

@@ -52,10 +52,12 @@ def test_activations_quantize_per_token_group_as_the_reference_does(rows, k, gro
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, k, generator=g) * torch.rand(rows, 1, generator=g) * 100
     x[0, :group] = 0  # an all-zero group keeps a finite scale
-    ours = quantize_activations(x, group)
     ref = reference.quantize_activations(x, group)
-    assert torch.equal(ours[0].view(torch.uint8), ref[0].view(torch.uint8))
-    assert torch.equal(ours[1], ref[1])
+    for token_major in (False, True):  # the Triton GEMMs' scale layout and cuBLASLt's
+        ours = quantize_activations(x, group, token_major_scales=token_major)
+        assert torch.equal(ours[0].view(torch.uint8), ref[0].view(torch.uint8))
+        assert torch.equal(ours[1], ref[1])
+        assert ours[1].stride() == ((1, rows) if token_major else (ref[1].shape[1], 1))
     restored = reference.dequantize_activations(*ref, group)
     per_element = ref[1].repeat_interleave(group, dim=-1)[:, :k]
     assert ((restored - x).abs() <= x.abs() * 2 ** -4 + per_element * 2 ** -10).all()
@@ -134,13 +136,20 @@ def test_fp8_weights_without_matching_scales_are_refused():
                     reason="needs a CUDA GPU; CPU runs the interpreter tests above")
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", [(128, 128, False), (1, 32, True)])
-@pytest.mark.parametrize("rows", [8, 64, 512])
+@pytest.mark.parametrize("rows", [8, 64, 130, 512])
 def test_fp8_gemms_at_m3_width_on_the_gpu(layout, rows):
     weight, scales = _fp8_weight(4096, 6144, layout, seed=0, device="cuda")
     x = torch.randn(rows, 6144, device="cuda", dtype=torch.bfloat16)
     ours = kernels.fp8_linear(x, weight, scales)
     ref = kernels.fp8_linear(x.float(), weight, scales, backend="reference")
     torch.testing.assert_close(ours.float(), ref, atol=3e-2, rtol=3e-2)
+    # Prefill-sized block-scaled GEMMs go to cuBLASLt on Hopper (130 rows: padded to 132).
+    hopper = torch.cuda.get_device_capability()[0] == 9
+    assert fp8_gemm.runs_on_cublas(rows, 6144, x, scales) == (
+        hopper and rows > 64 and layout == (128, 128, False))
+    if layout == (128, 128, False) and hopper:
+        torch.testing.assert_close(fp8_gemm.cublas_fp8_linear(x, weight, scales).float(), ref,
+                                   atol=3e-2, rtol=3e-2)
     if rows <= 64:  # every split count the decode pick may take, replayed for stale counts
         modes = {True: reference.fp8_w8a8_linear, False: reference.fp8_weight_only_linear}
         for split_k, quantize_x in itertools.product((2, 3, 8), modes):
