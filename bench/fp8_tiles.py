@@ -10,7 +10,10 @@ grouped GEMM for the experts), all in CUDA-graph replays, so a better pick shows
 above today's. The activation quantization kernel is also timed alone (part of every W8A8
 time).
 
-Usage (CUDA): python -m bench.fp8_tiles [--out-dir DIR]
+`--picks-only` times only today's pick, the W8A8 pick and cuBLASLt (no sweep of tiles) and
+writes fp8_picks_<gpu>.md: the figures the goals are about, in a few minutes.
+
+Usage (CUDA): python -m bench.fp8_tiles [--picks-only] [--out-dir DIR]
 """
 
 from __future__ import annotations
@@ -94,7 +97,7 @@ def _tile_name(tile: GemmTile | str) -> str:
             f"s{tile.num_stages} split {tile.split_k}")
 
 
-def dense_rows() -> list[list[object]]:
+def dense_rows(sweep: bool) -> list[list[object]]:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
     for name, k, n in PROJECTIONS:
@@ -113,7 +116,7 @@ def dense_rows() -> list[list[object]]:
                 tiles = [picked, w8a8] + [
                     GemmTile(picked.rows, *candidate, quantize_x=mode)
                     for candidate in (DECODE_TILES if batch <= 64 else PREFILL_TILES)
-                    for mode in MODES]
+                    for mode in MODES if sweep]
                 tiles = list(dict.fromkeys(tiles))
                 if scales.block_k == 128:  # cuBLASLt takes 128 x 128 blocks only
                     tiles.append(CUBLAS)
@@ -134,7 +137,7 @@ def dense_rows() -> list[list[object]]:
     return rows
 
 
-def expert_rows() -> list[list[object]]:
+def expert_rows(sweep: bool) -> list[list[object]]:
     g = torch.Generator(device="cuda").manual_seed(0)
     w13 = torch.randn(EXPERTS, 2 * INTER, HIDDEN, device="cuda", dtype=torch.bfloat16,
                       generator=g) / HIDDEN ** 0.5
@@ -156,7 +159,8 @@ def expert_rows() -> list[list[object]]:
                                             TileShape.for_pairs(batch * TOP_K)))
             picked = TileShape.for_pairs(batch * TOP_K, s13.block_k)
             reference = run(picked).float()
-            candidates = EXPERT_TILES if batch in DECODE_BATCHES else EXPERT_PREFILL_TILES
+            candidates = (EXPERT_TILES if batch in DECODE_BATCHES else EXPERT_PREFILL_TILES
+                          ) if sweep else []
             times = _best(list(dict.fromkeys([picked, *candidates])), run, reference)
             best = min(times, key=times.get)
             rows.append(["routed experts (both projections)", "128 experts, top 4", batch,
@@ -172,15 +176,17 @@ def expert_rows() -> list[list[object]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--picks-only", action="store_true")
     parser.add_argument("--out-dir", default=None)
     args = parser.parse_args()
+    sweep = not args.picks_only
     table = markdown_table(
         ["GEMM", "shape", "rows", "FP8 layout", "bf16 (us)", "W8A8 (us)", "vs bf16",
          "of which quantizing x (us)", "cuBLASLt (us)", "vs bf16", "today's pick", "today's pick (us)", "vs bf16",
          "best (mode, N x K, warps, stages, K splits)", "best (us)", "vs bf16"],
-        dense_rows() + expert_rows())
+        dense_rows(sweep) + expert_rows(sweep))
     gpu = torch.cuda.get_device_name()
-    write_results("fp8_tiles_" + next((g.lower() for g in ("H100", "H200") if g in gpu), "gpu"),
+    write_results(("fp8_tiles_" if sweep else "fp8_picks_") + next((g.lower() for g in ("H100", "H200") if g in gpu), "gpu"),
                   "FP8 GEMMs (weight-only and W8A8): tiles at M3's width", table,
                   "'vs bf16' above 1 means the FP8 GEMM is faster (goal at batch 64: >= 1.6x). "
                   "'W8A8': the Triton kernel's e4m3 x e4m3 products with x quantized per token "
