@@ -182,11 +182,13 @@ def main() -> None:
     sweep = not args.picks_only
     table = markdown_table(
         ["GEMM", "shape", "rows", "FP8 layout", "bf16 (us)", "W8A8 (us)", "vs bf16",
-         "of which quantizing x (us)", "cuBLASLt (us)", "vs bf16", "today's pick", "today's pick (us)", "vs bf16",
+         "of which quantizing x (us)", "cuBLASLt (us)", "vs bf16", "today's pick",
+         "today's pick (us)", "vs bf16",
          "best (mode, N x K, warps, stages, K splits)", "best (us)", "vs bf16"],
         dense_rows(sweep) + expert_rows(sweep))
     gpu = torch.cuda.get_device_name()
-    write_results(("fp8_tiles_" if sweep else "fp8_picks_") + next((g.lower() for g in ("H100", "H200") if g in gpu), "gpu"),
+    gpu = next((g.lower() for g in ("H100", "H200") if g in gpu), "gpu")
+    write_results(("fp8_tiles_" if sweep else "fp8_picks_") + gpu,
                   "FP8 GEMMs (weight-only and W8A8): tiles at M3's width", table,
                   "'vs bf16' above 1 means the FP8 GEMM is faster (goal at batch 64: >= 1.6x). "
                   "'W8A8': the Triton kernel's e4m3 x e4m3 products with x quantized per token "
