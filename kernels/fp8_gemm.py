@@ -3,7 +3,9 @@
 - W8A8 (many rows, block-scaled weights): the activations are quantized per token in groups
   as wide as a weight block along K (`kernels.fp8_quantize`, dynamic scales as FP8
   checkpoints run); each K tile then is one e4m3 x e4m3 tensor-core product, scaled by the
-  rows' activation scales and the columns' weight scales and summed in fp32.
+  rows' activation scales and the columns' weight scales and summed in fp32. On Hopper the
+  e4m3 tiles come through tensor descriptors (the bulk copy engine) where rows are 16-byte
+  aligned.
 - Weight-only (few rows, or MXFP8's 32-wide scale groups): x stays in its own dtype and each
   weight tile is scaled into it in registers, so the products chain in one accumulator and no
   kernel quantizes x first; a decode GEMM's time is reading the weight, whose bytes are the
@@ -37,6 +39,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.fp8_quantize import quantize_activations
 from kernels.reference import BlockScales, fp8_weight_only
@@ -63,23 +66,29 @@ def _fp8_linear_kernel(
     x, xs, w, scale, out, partials, arrivals, m, n, k, stride_xm, stride_xsm, stride_wn,
     stride_sn, stride_sk, stride_om,
     SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, E8M0: tl.constexpr, QUANTIZED_X: tl.constexpr,
-    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TMA: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    x_rows = x + rows.to(tl.int64)[:, None] * stride_xm
+    if not TMA:
+        x_rows = x + rows.to(tl.int64)[:, None] * stride_xm
+        w_cols = w + cols.to(tl.int64)[None, :] * stride_wn
     xs_rows = xs + rows.to(tl.int64) * stride_xsm
-    w_cols = w + cols.to(tl.int64)[None, :] * stride_wn
     tiles_per_split = tl.cdiv(tl.cdiv(k, BLOCK_K), SPLIT_K)
     k_begin = tl.program_id(2) * tiles_per_split * BLOCK_K
     k_end = tl.minimum(k, k_begin + tiles_per_split * BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(x_rows + ks[None, :], mask=(rows[:, None] < m) & (ks[None, :] < k),
-                    other=0.0)
-        b = tl.load(w_cols + ks[:, None], mask=(ks[:, None] < k) & (cols[None, :] < n),
-                    other=0.0)
+        if TMA:  # x and w are tensor descriptors: zero outside the matrices
+            a = x.load([tl.program_id(0) * BLOCK_M, k0])
+            b = w.load([tl.program_id(1) * BLOCK_N, k0]).T
+        else:
+            ks = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(x_rows + ks[None, :], mask=(rows[:, None] < m) & (ks[None, :] < k),
+                        other=0.0)
+            b = tl.load(w_cols + ks[:, None], mask=(ks[:, None] < k) & (cols[None, :] < n),
+                        other=0.0)
         if QUANTIZED_X:
             a_scale = tl.load(xs_rows + k0 // SCALE_K, mask=rows < m, other=0.0)
             b_scale = weight_block_scales(scale, cols, k0, n, stride_sn, stride_sk, SCALE_N,
@@ -169,6 +178,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockScales,
         return out.view(*x.shape[:-1], n)
     tile = tile or GemmTile.for_shape(m, n, k, scales.block_k, multiprocessors(x.device))
     depth = min(tile.depth, max(16, triton.next_power_of_2(k)))
+    tma = tile.quantize_x and _tma_loads(flat, weight)
     if tile.quantize_x:
         block_k = fp8_depth(depth, scales.block_k)
         x_in, x_scales = quantize_activations(flat, scales.block_k)
@@ -188,12 +198,17 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockScales,
     else:
         partials = arrivals = out  # unused
     scale = scales.scale
+    x_arg, w_arg = x_in, weight
+    if tma:
+        x_arg = TensorDescriptor.from_tensor(x_in, [tile.rows, block_k])
+        w_arg = TensorDescriptor.from_tensor(weight, [tile.cols, block_k])
     _fp8_linear_kernel[grid](
-        x_in, x_scales, weight, scale, out, partials, arrivals, m, n, k, x_in.stride(0),
+        x_arg, x_scales, w_arg, scale, out, partials, arrivals, m, n, k, x_in.stride(0),
         x_scales.stride(0), weight.stride(0), scale.stride(0), scale.stride(1), out.stride(0),
         SCALE_N=scales.block_n, SCALE_K=scales.block_k, E8M0=scales.e8m0,
-        QUANTIZED_X=tile.quantize_x, SPLIT_K=tile.split_k, BLOCK_M=tile.rows, BLOCK_N=tile.cols,
-        BLOCK_K=block_k, num_warps=tile.num_warps, num_stages=tile.num_stages)
+        QUANTIZED_X=tile.quantize_x, TMA=tma, SPLIT_K=tile.split_k, BLOCK_M=tile.rows,
+        BLOCK_N=tile.cols, BLOCK_K=block_k, num_warps=tile.num_warps,
+        num_stages=tile.num_stages)
     return out.view(*x.shape[:-1], n)
 
 
@@ -219,6 +234,17 @@ def cublas_fp8_linear(flat: torch.Tensor, weight: torch.Tensor,
     product = F.scaled_mm(x_fp8, weight.t(), x_scales, F.ScalingType.BlockWise1x128,
                           w_scales.t(), F.ScalingType.BlockWise128x128, output_dtype=flat.dtype)
     return product[:m]
+
+
+def _tma_loads(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the W8A8 kernel loads its e4m3 tiles through tensor descriptors (the copy engine
+    of Hopper and later, emulated by Triton's interpreter), which fp8_picks_<gpu>.md measured
+    faster than pointer loads in decode GEMMs. The engine needs 16-byte aligned rows: the
+    e4m3 x and weight, one byte a value, are K bytes apart."""
+    k = weight.shape[1]
+    aligned = k % 16 == 0 and weight.data_ptr() % 16 == 0 and weight.stride(1) == 1
+    return aligned and (x.device.type == "cpu"
+                        or torch.cuda.get_device_capability(x.device)[0] >= 9)
 
 
 @functools.lru_cache(maxsize=None)
