@@ -238,9 +238,9 @@ def cublas_fp8_linear(flat: torch.Tensor, weight: torch.Tensor,
 
 def _tma_loads(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the W8A8 kernel loads its e4m3 tiles through tensor descriptors (the copy engine
-    of Hopper and later, emulated by Triton's interpreter), which fp8_picks_<gpu>.md measured
-    faster than pointer loads in decode GEMMs. The engine needs 16-byte aligned rows: the
-    e4m3 x and weight, one byte a value, are K bytes apart."""
+    of Hopper and later, emulated by Triton's interpreter), which bench/results/fp8_picks_<gpu>.md
+    measured faster than pointer loads in decode GEMMs. The engine needs 16-byte aligned rows:
+    the e4m3 x and weight, one byte a value, are K bytes apart."""
     k = weight.shape[1]
     aligned = k % 16 == 0 and weight.data_ptr() % 16 == 0 and weight.stride(1) == 1
     return aligned and (x.device.type == "cpu"
