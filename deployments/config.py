@@ -145,7 +145,9 @@ class RoutingSettings(_Strict):
     host_credit: float = Field(0.75, ge=0, le=1, description="a prefix page in a replica's "
                                                              "host tier, against one on device")
     peer_credit: float = Field(0.5, ge=0, le=1, description="a prefix page another replica "
-                                                            "holds, which this one can pull")
+                                                            "holds, which this one can pull, "
+                                                            "until this one has measured its "
+                                                            "pulls (peer_pulls.mode auto)")
     peer_pulls: PeerPulls = Field(default_factory=PeerPulls)
 
 

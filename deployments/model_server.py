@@ -40,7 +40,8 @@ class ModelServer:
                     lambda e: publisher.take_snapshot(e.block_manager.hashes_by_tier())),
                 # Stamped on the engine thread: routers count what they sent after it.
                 load=lambda: self.engine.call(
-                    lambda e: {**e.load_figures(), "at_ms": int(time.time() * 1000)}))
+                    lambda e: {**e.load_figures(), **self._pull_figures(),
+                               "at_ms": int(time.time() * 1000)}))
         self.puller = None
         pulls = app.routing.peer_pulls
         if self.engine.engine.page_exchange is not None and pulls.mode != "off":
@@ -50,6 +51,9 @@ class ModelServer:
             self.puller = PagePuller(self.engine, pulls, costs)
         logger.info("model replica ready", extra={"replica": self.replica,
                                                   "model": self.engine.engine.model_name})
+
+    def _pull_figures(self) -> dict[str, int]:
+        return self.puller.figures() if self.puller is not None else {}
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         """Streams chunks; the first one is yielded as soon as the first token exists."""

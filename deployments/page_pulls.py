@@ -30,13 +30,24 @@ logger = logging.getLogger(__name__)
 class PullCosts:
     """Seconds per page, pulled against recomputed. Recomputing is measured at start (a timed
     prefill); pulling is first estimated by a page's round trip through Ray's object store and
-    then follows the pulls made (a moving average)."""
+    then follows the pulls made (a moving average). A failed pull counts the time it wasted and
+    the recomputation that followed, so pulls from a slow or dying peer stop; with no pulls to
+    observe, the estimate drifts back to the first one (half of the way every
+    RECOVERY_HALF_LIFE_S), so they are tried again later.
+
+    `credit` is the share of a page's recomputation a pull saves: what the replica publishes
+    for routers to credit a peer's pages with (`deployments/router.py`)."""
 
     SMOOTHING = 0.3
+    RECOVERY_HALF_LIFE_S = 60.0
 
-    def __init__(self, recompute_s_per_page: float, pull_s_per_page: float):
+    def __init__(self, recompute_s_per_page: float, pull_s_per_page: float,
+                 clock=time.monotonic):
         self.recompute_s_per_page = recompute_s_per_page
-        self.pull_s_per_page = pull_s_per_page
+        self.first_pull_s_per_page = pull_s_per_page
+        self._observed = pull_s_per_page
+        self._clock = clock
+        self._observed_at = clock()
 
     @classmethod
     async def measure(cls, engine: AsyncLLMEngine, page_bytes: int) -> PullCosts:
@@ -53,12 +64,29 @@ class PullCosts:
         return costs
 
     @property
+    def pull_s_per_page(self) -> float:
+        idle = self._clock() - self._observed_at
+        weight = 0.5 ** (idle / self.RECOVERY_HALF_LIFE_S)
+        return self.first_pull_s_per_page + weight * (self._observed
+                                                      - self.first_pull_s_per_page)
+
+    @property
     def pull_is_cheaper(self) -> bool:
         return self.pull_s_per_page < self.recompute_s_per_page
 
+    @property
+    def credit(self) -> float:
+        return max(0.0, 1.0 - self.pull_s_per_page / self.recompute_s_per_page)
+
     def observe(self, pages: int, seconds: float) -> None:
         if pages:
-            self.pull_s_per_page += self.SMOOTHING * (seconds / pages - self.pull_s_per_page)
+            current = self.pull_s_per_page
+            self._observed = current + self.SMOOTHING * (seconds / pages - current)
+            self._observed_at = self._clock()
+
+    def observe_failure(self, pages: int, seconds: float) -> None:
+        """A pull of `pages` that failed after `seconds`: they are recomputed on top."""
+        self.observe(pages, seconds + pages * self.recompute_s_per_page)
 
 
 class PagePuller:
@@ -67,6 +95,13 @@ class PagePuller:
         self.settings = settings
         self.costs = costs  # None with mode "always"
         self._peers = None  # the model deployment's handle, made at the first pull
+
+    def figures(self) -> dict[str, int]:
+        """What this replica publishes beside its load for routers: the share of a page's
+        recomputation its pulls save, in percent (none where pulls are not measured)."""
+        if self.costs is None:
+            return {}
+        return {"pull_credit_pct": round(100 * self.costs.credit)}
 
     async def pull(self, page_hashes: list[str], holder: str) -> int:
         """Pulls the pages of the chain this replica lacks from `holder`: how many it took."""
@@ -83,6 +118,8 @@ class PagePuller:
         except Exception as exc:  # any failure: the request recomputes instead
             logger.warning("pulling %d pages from replica %s failed (%r); recomputing them",
                            len(wanted), holder, exc)
+            if self.costs is not None:
+                self.costs.observe_failure(len(wanted), time.perf_counter() - started)
             return 0
         if self.costs is not None:
             self.costs.observe(len(payloads), time.perf_counter() - started)

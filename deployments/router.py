@@ -9,7 +9,9 @@ costs least:
            + decode blocks
 
 the form of NVIDIA Dynamo's KV router. A page on the replica's device counts fully, one in its
-host tier `host_credit`, one that another replica holds (and this one can pull) `peer_credit`.
+host tier `host_credit`, one that another replica holds (and this one can pull) the share of
+its recomputation this replica's pulls have been saving (`pull_credit_pct`, which it publishes
+with its load: `deployments/page_pulls.PullCosts`), or `peer_credit` until it has published one.
 Queued prefill and decode blocks are what the replica last published, plus what this router
 sent it since. When the cheapest replica is not the one holding the prefix the request carries
 a `PullHint`. When Redis is down or slow it falls back to Serve's power of two choices:
@@ -56,8 +58,9 @@ def rank_replicas(prompt_tokens: int, views: dict[str, ReplicaView], costs: Rout
     for replica, view in views.items():
         credited = view.device_pages + costs.host_credit * view.host_pages
         pull = None
-        if pulls and holder != replica and views[holder].pages > view.pages:
-            credited += costs.peer_credit * (views[holder].pages - view.pages)
+        peer_credit = view.load.get("pull_credit_pct", 100 * costs.peer_credit) / 100
+        if pulls and peer_credit > 0 and holder != replica and views[holder].pages > view.pages:
+            credited += peer_credit * (views[holder].pages - view.pages)
             pull = PullHint(holder, views[holder].pages)
         queued = (view.load.get("prefill_tokens_queued", 0) / BLOCK_SIZE
                   + unpublished_prefill_blocks.get(replica, 0.0))

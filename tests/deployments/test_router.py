@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from deployments.config import RoutingSettings
+from deployments.page_pulls import PullCosts
 from deployments.prefix_index import ReplicaView
 from deployments.protocol import PullHint
 from deployments.router import rank_replicas
@@ -45,3 +46,34 @@ def test_prefill_sent_since_the_last_published_figures_counts():
     views = {"a": ReplicaView(device_pages=2), "b": ReplicaView(device_pages=2)}
     assert choose(views, unpublished={"a": 3.0}).replica == "b"
     assert choose(views, unpublished={"b": 3.0}).replica == "a"
+
+
+def test_peer_pages_are_credited_what_the_puller_measured_its_pulls_save():
+    busy = {"prefill_tokens_queued": 6 * 128, "decode_pages": 3}  # a costs 11 (see above)
+    # b's pulls have saved 90% of recomputing: 10 - 0.9 x 8 = 2.8, and it pulls.
+    views = {"a": ReplicaView(device_pages=8, load=busy),
+             "b": ReplicaView(load={"pull_credit_pct": 90})}
+    best = choose(views)
+    assert best.replica == "b" and best.pull == PullHint("a", 8)
+    assert abs(best.cost - 2.8) < 1e-9
+    # b's pulls have cost as much as recomputing: no hint, and its 10 blocks still beat a's 11.
+    views["b"] = ReplicaView(load={"pull_credit_pct": 0})
+    best = choose(views)
+    assert best.replica == "b" and best.pull is None and best.cost == 10
+    # With a less busy, a keeps its session: 10 - 8 + 2 = 4 against b's 10.
+    views["a"] = ReplicaView(device_pages=8, load={"prefill_tokens_queued": 2 * 128})
+    assert choose(views).replica == "a"
+
+
+def test_pull_costs_follow_the_pulls_made_and_recover_after_failures():
+    now = [0.0]
+    costs = PullCosts(recompute_s_per_page=0.010, pull_s_per_page=0.001, clock=lambda: now[0])
+    assert costs.pull_is_cheaper and abs(costs.credit - 0.9) < 1e-9
+    costs.observe(10, 0.03)  # 3 ms a page: 1 + 0.3 x (3 - 1) = 1.6 ms
+    assert abs(costs.pull_s_per_page - 0.0016) < 1e-9
+    for _ in range(5):  # a peer that times out: 2 s lost, then 10 pages recomputed
+        costs.observe_failure(10, 2.0)
+    assert not costs.pull_is_cheaper and costs.credit == 0
+    # No pulls while they look dear; the estimate drifts back to the first one.
+    now[0] += 20 * PullCosts.RECOVERY_HALF_LIFE_S
+    assert costs.pull_is_cheaper and abs(costs.credit - 0.9) < 1e-3
