@@ -313,6 +313,23 @@ async def direct_first_token(args) -> list[float]:
         engine.shutdown()
 
 
+def figure_rows(loads: dict[str, dict], policies: list[str], figures) -> list[list[str]]:
+    """One row per figure: each policy's value, then each other policy's against the first
+    (latencies: theirs over ours; throughput: ours over theirs; above 1, the first is better)."""
+    ours, others = loads[policies[0]], policies[1:]
+    rows = []
+    for name, key, fmt, ratio in figures:
+        row = [name] + [fmt(loads[p][key]) for p in policies]
+        if key == "output_tok_s":
+            ratio_cells = [f"{ours[key] / loads[p][key]:.2f}x" for p in others]
+        elif ratio:
+            ratio_cells = [f"{loads[p][key] / ours[key]:.2f}x" for p in others]
+        else:
+            ratio_cells = [""] * len(others)
+        rows.append(row + ratio_cells)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -340,13 +357,24 @@ def main() -> None:
                              "set (memory pressure)")
     parser.add_argument("--kv-host-memory", default="1GiB", help="per replica")
     parser.add_argument("--probes", type=int, default=30, help="requests per overhead figure")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of every policy, in turn; the table gives medians")
     parser.add_argument("--results", default=None,
                         help="results file name (default: serve_load_cpu[_<workload>])")
     args = parser.parse_args()
     policies = args.policies.split(",")
 
-    results = {policy: asyncio.run(serve_run(policy, args, overhead=index == 0))
-               for index, policy in enumerate(policies)}
+    # Each repeat runs every policy once, in turn, so slow spells of this shared machine fall on
+    # all of them; the table gives each figure's median over the repeats.
+    runs: dict[str, list[dict]] = {policy: [] for policy in policies}
+    probes = None
+    for _ in tqdm(range(args.repeats), desc="repeats", disable=args.repeats == 1):
+        for policy in policies:
+            result = asyncio.run(serve_run(policy, args, overhead=probes is None))
+            probes = probes or result
+            runs[policy].append(result["load"])
+    loads = {policy: {key: statistics.median(run[key] for run in runs[policy])
+                      for key in runs[policy][0]} for policy in policies}
     direct = asyncio.run(direct_first_token(args))
 
     ms = lambda s: f"{s * 1000:.0f} ms"  # noqa: E731
@@ -360,25 +388,23 @@ def main() -> None:
                ("- pulled from a peer", "hit_pulled", share, False),
                ("pages pulled", "pulled_pages", lambda v: f"{v:.0f}", False),
                ("replicas per session", "replicas_per_session", lambda v: f"{v:.2f}", False)]
-    ours, others = results[policies[0]]["load"], policies[1:]
-    rows = []
-    for name, key, fmt, ratio in figures:
-        row = [name] + [fmt(results[p]["load"][key]) for p in policies]
-        if key == "output_tok_s":
-            ratio_cells = [f"{ours[key] / results[p]['load'][key]:.2f}x" for p in others]
-        elif ratio:
-            ratio_cells = [f"{results[p]['load'][key] / ours[key]:.2f}x" for p in others]
-        else:
-            ratio_cells = [""] * len(others)
-        rows.append(row + ratio_cells)
     load_table = markdown_table(
-        ["figure", *policies, *(f"{p} / {policies[0]}" for p in others)], rows)
+        ["figure", *policies, *(f"{p} / {policies[0]}" for p in policies[1:])],
+        figure_rows(loads, policies, figures))
+    if args.repeats > 1:
+        goal_figures = [f for f in figures if f[1] in ("ttft_p50", "ttft_p90", "output_tok_s")]
+        per_run = [[f"{index + 1}", *row] for index in range(args.repeats)
+                   for row in figure_rows({p: runs[p][index] for p in policies}, policies,
+                                          goal_figures)]
+        load_table += "\n\nEach repeat:\n\n" + markdown_table(
+            ["repeat", "figure", *policies, *(f"{p} / {policies[0]}" for p in policies[1:])],
+            per_run)
 
     direct_p50 = statistics.median(direct)
     overhead_rows = [["AsyncLLMEngine in process (baseline)", ms(direct_p50), "", "1.00x"]]
     for name, key in [("Serve app, OpenAI HTTP", "http_first_token"),
                       ("Serve app, gRPC", "grpc_first_token")]:
-        p50 = statistics.median(results[policies[0]][key])
+        p50 = statistics.median(probes[key])
         overhead_rows.append([name, ms(p50), f"{(p50 - direct_p50) * 1000:.1f} ms",
                               f"{p50 / direct_p50:.2f}x"])
     overhead_table = markdown_table(
@@ -395,7 +421,7 @@ def main() -> None:
                  f"{args.question_tokens}-token question per prompt")
     notes = (f"Workload {args.workload}: {shape}; {args.max_tokens} output tokens per request "
              f"(ignore_eos); Poisson arrivals at {args.rate:g} requests/s over "
-             f"{args.protocol}. Two model replicas of {args.model or 'the default SmolLM2'} (fp32, "
+             f"{args.protocol}; {args.repeats} repeat(s), medians. Two model replicas of {args.model or 'the default SmolLM2'} (fp32, "
              f"1 thread each, "
              f"chunked prefill of 512 tokens per step), each with a {args.kv_cache_memory} "
              f"device KV cache and a {args.kv_host_memory} host tier, on this machine with "

@@ -24,7 +24,7 @@ counts are one buffer per device: the GEMMs run on one stream, one after another
 Many rows of a W8A8 GEMM with DeepSeek-style weights (128 x 128 fp32 block scales) on Hopper
 go to cuBLASLt's block-scaled FP8 GEMM instead (`F.scaled_mm`, 1 x 128 activation scales by
 128 x 128 weight scales): the same math, and faster than this kernel from a few hundred rows
-(bench/results/fp8_tiles_<gpu>.md). The Triton kernel keeps decode-sized GEMMs, MXFP8 and the
+(bench/results/fp8_picks_<gpu>.md). The Triton kernel keeps decode-sized GEMMs, MXFP8 and the
 layouts cuBLASLt does not take.
 
 Which mode a GEMM takes is `reference.fp8_weight_only`; the math of each is
@@ -53,7 +53,7 @@ from kernels.triton_layout import (
 
 # Output tiles one launch may split over K: the size of each device's arrival counts.
 _MAX_SPLIT_TILES = 1 << 16
-# Rows from which a block-scaled W8A8 GEMM on Hopper runs on cuBLASLt (fp8_tiles_h200.md: the
+# Rows from which a block-scaled W8A8 GEMM on Hopper runs on cuBLASLt (fp8_picks_h200.md: the
 # Triton kernel wins at 64 rows on most projections, cuBLASLt at 256 and prefill chunks).
 CUBLAS_MIN_ROWS = 65
 # cuBLASLt's block-scaled GEMM takes whole 128-wide blocks, token counts and K blocks in
@@ -221,7 +221,7 @@ def runs_on_cublas(m: int, k: int, x: torch.Tensor, scales: BlockScales) -> bool
 
 
 def cublas_fp8_linear(flat: torch.Tensor, weight: torch.Tensor,
-                         scales: BlockScales) -> torch.Tensor:
+                      scales: BlockScales) -> torch.Tensor:
     """flat @ W^T through cuBLASLt, in flat's dtype: flat's rows quantized per 128-wide group with
     token-major scales, the weight's scales as stored (K blocks zero-padded to 4)."""
     m = flat.shape[0]
