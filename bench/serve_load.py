@@ -388,17 +388,15 @@ def main() -> None:
                ("- pulled from a peer", "hit_pulled", share, False),
                ("pages pulled", "pulled_pages", lambda v: f"{v:.0f}", False),
                ("replicas per session", "replicas_per_session", lambda v: f"{v:.2f}", False)]
-    load_table = markdown_table(
-        ["figure", *policies, *(f"{p} / {policies[0]}" for p in policies[1:])],
-        figure_rows(loads, policies, figures))
+    columns = [*policies, *(f"{p} / {policies[0]}" for p in policies[1:])]
+    load_table = markdown_table(["figure", *columns], figure_rows(loads, policies, figures))
     if args.repeats > 1:
         goal_figures = [f for f in figures if f[1] in ("ttft_p50", "ttft_p90", "output_tok_s")]
         per_run = [[f"{index + 1}", *row] for index in range(args.repeats)
                    for row in figure_rows({p: runs[p][index] for p in policies}, policies,
                                           goal_figures)]
-        load_table += "\n\nEach repeat:\n\n" + markdown_table(
-            ["repeat", "figure", *policies, *(f"{p} / {policies[0]}" for p in policies[1:])],
-            per_run)
+        load_table += "\n\nEach repeat:\n\n" + markdown_table(["repeat", "figure", *columns],
+                                                                 per_run)
 
     direct_p50 = statistics.median(direct)
     overhead_rows = [["AsyncLLMEngine in process (baseline)", ms(direct_p50), "", "1.00x"]]

@@ -98,6 +98,11 @@ def _heads_first(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(0, 1)[None]
 
 
+def _rows_first(x: torch.Tensor) -> torch.Tensor:
+    """The flash layout [1, H, t, ...] -> [t, H, ...]."""
+    return x[0].transpose(0, 1)
+
+
 def _dense(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, first_position: int,
            scale: float) -> torch.Tensor:
     """Each row over every key up to itself: the chunk's own keys causally (as many keys as
@@ -105,13 +110,13 @@ def _dense(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, first_posi
     queries = _heads_first(q)
     out, lse = _flash(queries, _heads_first(keys[first_position:]),
                       _heads_first(values[first_position:]), is_causal=True, scale=scale)
-    out, lse = out[0].transpose(0, 1), lse[0].transpose(0, 1)
+    out, lse = _rows_first(out), _rows_first(lse)
     if first_position == 0:
         return out
     earlier_out, earlier_lse = _flash(queries, _heads_first(keys[:first_position]),
                                       _heads_first(values[:first_position]), scale=scale)
     # Both lse are finite (each part sees at least one key): a two-way softmax merge.
-    earlier_out, earlier_lse = earlier_out[0].transpose(0, 1), earlier_lse[0].transpose(0, 1)
+    earlier_out, earlier_lse = _rows_first(earlier_out), _rows_first(earlier_lse)
     weight = torch.sigmoid(lse.float() - earlier_lse.float())[..., None]
     return torch.lerp(earlier_out.float(), out.float(), weight).to(q.dtype)
 

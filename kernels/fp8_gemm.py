@@ -217,7 +217,8 @@ def runs_on_cublas(m: int, k: int, x: torch.Tensor, scales: BlockScales) -> bool
     return (m >= CUBLAS_MIN_ROWS and not fp8_weight_only(m, scales.block_k)
             and scales.block_n == scales.block_k == _CUBLAS_BLOCK and not scales.e8m0
             and k % _CUBLAS_BLOCK == 0 and x.dtype in (torch.bfloat16, torch.float16)
-            and _hopper(x.device))
+            # cuBLASLt's 128 x 128 block scaling runs on SM90 only (torch refuses it elsewhere).
+            and _sm_major(x.device) == 9)
 
 
 def cublas_fp8_linear(flat: torch.Tensor, weight: torch.Tensor,
@@ -243,14 +244,14 @@ def _tma_loads(x: torch.Tensor, weight: torch.Tensor) -> bool:
     the e4m3 x and weight, one byte a value, are K bytes apart."""
     k = weight.shape[1]
     aligned = k % 16 == 0 and weight.data_ptr() % 16 == 0 and weight.stride(1) == 1
-    return aligned and (x.device.type == "cpu"
-                        or torch.cuda.get_device_capability(x.device)[0] >= 9)
+    return aligned and (x.device.type == "cpu" or _sm_major(x.device) >= 9)
 
 
 @functools.lru_cache(maxsize=None)
-def _hopper(device: torch.device) -> bool:
-    # cuBLASLt's 128 x 128 block scaling runs on SM90 only (torch refuses it elsewhere).
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+def _sm_major(device: torch.device) -> int:
+    """The device's compute capability major (9: Hopper), 0 off CUDA; asked once per device,
+    not at every GEMM launch."""
+    return torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 0
 
 
 @functools.lru_cache(maxsize=None)
