@@ -42,6 +42,7 @@ import kernels  # noqa: E402
 from bench.common import kernel_times_us, markdown_table, write_results  # noqa: E402
 from bench.engine_m3 import write_config  # noqa: E402
 from worker import parallel  # noqa: E402
+from worker.engine.block_table import BlockTables  # noqa: E402
 from worker.engine.cuda_graphs import DecodeGraphs  # noqa: E402
 from worker.engine.kv_cache import KVCache  # noqa: E402
 from worker.engine.model_runner import StepInputs, forward_step  # noqa: E402
@@ -85,8 +86,9 @@ def _sequence(context: int, row: int) -> Sequence:
 
 
 def _replay_ms(graphs: DecodeGraphs, batch: ScheduledBatch) -> float:
-    graphs.run(batch)  # captures this bucket's graph and fills its buffers
-    graph = next(iter(graphs.graphs.values()))
+    inputs = graphs.prepare(batch, BlockTables(len(batch), graphs.max_pages))
+    graphs.replay(inputs)  # captures this step's graph and fills its buffers
+    graph = graphs.graphs[inputs.bucket, inputs.short]
     for _ in range(3):
         graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
