@@ -233,10 +233,12 @@ def _steps_report(results: dict, moe_layers: int, out_dir: Path | None) -> None:
              "faster; the goals: TP 2 <= 0.6x, TP 4 <= 0.35x at batch 64). 'collectives' is "
              "1 - (the same step captured without its collectives) / (the step). Prefill: one "
              "128K prompt in 16K chunks, eager, second run. FP8: e4m3 weights with 128 x 128 "
-             "fp32 block scales, activations quantized per token group (W8A8 Triton GEMMs; "
-             "each GEMM against bf16: bench/results/fp8_tiles_<gpu>.md). 'TP N + EP' deals "
-             "whole experts to ranks; tensor parallel inside the experts ('TP N') is faster at "
-             "every shape here, so it stays the default.")
+             "fp32 block scales, activations quantized per token group (decode batches on "
+             "the Triton W8A8 GEMM, prefill chunks on cuBLASLt's block-scaled FP8 GEMM; each "
+             "GEMM against bf16: bench/results/fp8_picks_<gpu>.md).")
+    if any(setup.expert_parallel for setup in results):
+        notes += (" 'TP N + EP' deals whole experts to ranks; tensor parallel inside the "
+                  "experts ('TP N') is faster at every shape here, so it stays the default.")
     write_results(f"parallel_{torch.cuda.get_device_name().split()[-1].lower()}",
                   "MiniMax-M3 across GPUs: tensor and expert parallel, FP8 weights",
                   f"## Steps\n\n{markdown_table(header, rows)}", notes, out_dir)
