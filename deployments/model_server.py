@@ -44,10 +44,11 @@ class ModelServer:
                                "at_ms": int(time.time() * 1000)}))
         self.puller = None
         pulls = app.routing.peer_pulls
-        if self.engine.engine.page_exchange is not None and pulls.mode != "off":
+        exchange = self.engine.engine.page_exchange
+        if exchange is not None and pulls.mode != "off":
             costs = None
             if pulls.mode == "auto":
-                costs = await PullCosts.measure(self.engine, self.engine.engine.page_bytes)
+                costs = await PullCosts.measure(self.engine, exchange.payload_bytes)
             self.puller = PagePuller(self.engine, pulls, costs)
         logger.info("model replica ready", extra={"replica": self.replica,
                                                   "model": self.engine.engine.model_name})

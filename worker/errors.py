@@ -27,5 +27,9 @@ class RequestFailedError(MSAServeError):
     """The engine failed while computing this request; it alone was ended, the others go on."""
 
 
+class PageTransferError(MSAServeError):
+    """KV pages could not be moved between replicas; the puller recomputes them instead."""
+
+
 class EngineDeadError(MSAServeError):
     """The engine's step loop failed; the replica must be restarted."""

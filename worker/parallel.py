@@ -106,6 +106,20 @@ def broadcast_from_rank0(payload: object = None) -> object:
     return box[0]
 
 
+def gather_to_rank0(payload: object) -> list | None:
+    """Every rank's `payload` (picklable), in rank order, on rank 0; None on the others."""
+    gathered = [None] * _state.size if _state.rank == 0 else None
+    dist.gather_object(payload, gathered, dst=0, group=_metadata_group)
+    return gathered
+
+
+def scatter_from_rank0(payloads: list | None = None) -> object:
+    """Rank r gets `payloads[r]` (rank 0 passes one per rank, the others nothing)."""
+    box = [None]
+    dist.scatter_object_list(box, payloads, src=0, group=_metadata_group)
+    return box[0]
+
+
 @dataclass(frozen=True)
 class ShardSpec:
     """How a checkpoint tensor becomes this rank's piece of a parameter: along parameter dim

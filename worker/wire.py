@@ -174,9 +174,10 @@ class PageEvent:
 
 @dataclass(frozen=True)
 class PagePayload:
-    """One prefix page's K, V and index keys of every layer, as raw bytes (numpy uint8, so
-    that Ray moves it without pickling tensors), on its way from the replica that holds it to
-    one that would otherwise recompute it. `digest` covers the chained hash and the bytes: a
+    """One prefix page's K, V and index keys of every layer (of every rank, in rank order,
+    under tensor parallelism), as raw bytes (numpy uint8, so that Ray moves it without pickling
+    tensors), on its way from the replica that holds it to one that would otherwise recompute
+    it. `digest` covers the chained hash and the bytes: a
     page whose bytes were altered on the way is refused."""
 
     page_hash: str

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from tests.worker.test_engine import assert_no_pages_held, random_prompt
+from worker.engine.page_exchange import PageExchange
+from worker.errors import PageTransferError
 from worker.prefix_hash import chain_page_hashes
-from worker.wire import BLOCK_SIZE, PageEvent, SamplingParams
+from worker.wire import BLOCK_SIZE, PageEvent, PagePayload, SamplingParams
 
 SCORED = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=5)
 
@@ -142,3 +144,33 @@ def test_a_page_whose_bytes_do_not_match_is_refused_and_recomputed(make_tiered_e
     # A page of another layout (another model, another split) is refused too.
     short = dataclasses.replace(payloads[0], arrays=payloads[0].arrays[:1])
     assert puller.page_exchange.import_(hashes[:1], [short]).refused == 1
+
+
+class _RankThatCannotStore:
+    """Stands in for a tensor-parallel replica's other rank whose host tier fails a write."""
+
+    ranks = [None]
+
+    def write_pages(self, request, shards):
+        raise PageTransferError("rank 1 could not store its shard")
+
+
+def test_pages_a_rank_could_not_store_are_forgotten_and_recomputed(make_tiered_engine):
+    """Under tensor parallelism a page is usable only with every rank's shard: when one rank
+    fails to store its shards the pull fails, and none of its pages stays in the host index."""
+    holder = make_tiered_engine(device_pages=16, host_pages=8)
+    puller = make_tiered_engine(device_pages=16, host_pages=8)
+    session = random_prompt(4 * BLOCK_SIZE + 9, seed=9)
+    holder.generate([session], SCORED, use_tqdm=False)
+    hashes = chain_of(holder, session)
+    # Two ranks' shards, as a split holder sends them.
+    payloads = [PagePayload.of(p.page_hash, p.arrays * 2)
+                for p in holder.page_exchange.export(hashes)]
+    split = PageExchange(puller.block_manager, puller.host_cache, _RankThatCannotStore())
+    with pytest.raises(PageTransferError, match="could not store"):
+        split.import_(hashes, payloads)
+    host = puller.block_manager.host
+    assert len(host) == 0 and not any(h in host for h in hashes)
+    host.check_invariants()
+    again = puller.generate([session], SCORED, use_tqdm=False)[0]
+    assert again.usage.cached_tokens == 0

@@ -1,6 +1,7 @@
 """Tensor and expert parallelism on CPU (gloo between Ray actors): the tiny MiniMax-M3 split
 over two ranks computes what one process computes, through chunked prefill, prefix-cache hits
-and paged decode; a rank that dies makes the replica report itself dead."""
+and paged decode; split replicas pull each other's pages; a rank that dies makes the replica
+report itself dead."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from worker.config import EngineConfig
 from worker.engine.cuda_graphs import DecodeGraphs
 from worker.engine.llm_engine import LLMEngine
 from worker.errors import EngineDeadError
+from worker.prefix_hash import chain_page_hashes
 from worker.tiny_model import make_m3_checkpoint
-from worker.wire import SamplingParams
+from worker.wire import BLOCK_SIZE, SamplingParams
 
 # Over the sparse threshold (topk 3 x 128 tokens), so MSA selects blocks; prefilled in chunks.
 PROMPT = [(37 * i + 11) % 250 + 10 for i in range(700)]
@@ -130,6 +132,42 @@ def test_fp8_weights_split_over_two_ranks_compute_what_one_process_computes(tmp_
     for got, expected in zip(ours.logprobs, want.logprobs, strict=True):
         assert [lp for _, lp in got.top] == pytest.approx([lp for _, lp in expected.top],
                                                           abs=5e-2)
+
+
+def test_pages_pulled_between_split_replicas_give_the_same_tokens(m3_dir, local_ray,
+                                                                  single_process):
+    """A TP 2 replica exports a prompt's pages (rank 1's shard of each page gathered to rank 0);
+    another TP 2 replica imports them (rank 1's shards scattered to its host tier) and answers
+    the prompt from them with the single process's tokens. A replica split otherwise refuses
+    them: its pages are not the same bytes."""
+    # One process holds one replica's group at a time (as each Serve replica does): the
+    # holder's pages travel as the payloads a pull carries, after it has closed.
+    holder = _engine(m3_dir, tensor_parallel_size=2, kv_host_memory="8MiB")
+    try:
+        holder.generate([PROMPT], GREEDY, use_tqdm=False)
+        full = (len(PROMPT) - 1) // BLOCK_SIZE * BLOCK_SIZE
+        hashes = chain_page_hashes(PROMPT[:full], holder.block_manager.salt)
+        payloads = holder.page_exchange.export(hashes)
+        assert [p.page_hash for p in payloads] == hashes
+        assert sum(a.size for a in payloads[0].arrays) == holder.page_exchange.payload_bytes
+    finally:
+        holder.close()
+    puller = _engine(m3_dir, tensor_parallel_size=2, kv_host_memory="8MiB")
+    try:
+        result = puller.page_exchange.import_(hashes, payloads)
+        assert (result.accepted, result.present, result.refused) == (len(hashes), 0, 0)
+        ours = puller.generate([PROMPT], GREEDY, use_tqdm=False)[0]
+    finally:
+        puller.close()
+    assert ours.usage.cached_tokens == full
+    want = single_process[0][0]
+    assert ours.new_token_ids == want.new_token_ids
+    for got, expected in zip(ours.logprobs, want.logprobs, strict=True):
+        assert [lp for _, lp in got.top] == pytest.approx([lp for _, lp in expected.top],
+                                                          abs=1e-4)
+    whole = _engine(m3_dir, kv_host_memory="8MiB")
+    assert whole.page_exchange.import_(hashes, payloads).refused == len(hashes)
+    assert whole.generate([PROMPT], GREEDY, use_tqdm=False)[0].usage.cached_tokens == 0
 
 
 def test_a_dead_rank_makes_the_replica_report_itself_dead(m3_dir, local_ray):

@@ -63,6 +63,13 @@ class HostPageIndex:
         self._emit("stored", page_hash)
         return slot
 
+    def discard(self, page_hash: str) -> None:
+        """Forgets a page whose bytes did not all land (its slot is free again)."""
+        slot = self._slots.pop(page_hash, None)
+        if slot is not None:
+            self._free.append(slot)
+            self._emit("removed", page_hash)
+
     def _emit(self, kind, page_hash: str) -> None:
         if self.listener is not None:
             self.listener(PageEvent(kind, (page_hash,), tier="host"))

@@ -156,9 +156,8 @@ class LLMEngine:
                                           enable_prefix_caching=config.enable_prefix_caching,
                                           listener=page_listener, debug_checks=config.debug_checks,
                                           host=host_index)
-        # Peer pulls read and write rank 0's pages only: not with tensor parallelism (yet).
-        self.page_exchange = (PageExchange(self.block_manager, self.host_cache)
-                              if host_slots and self.peers is None else None)
+        self.page_exchange = (PageExchange(self.block_manager, self.host_cache, self.peers)
+                              if host_slots else None)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens, self.max_model_len)
         decode_graphs = self._decode_graphs(loaded.model)

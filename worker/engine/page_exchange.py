@@ -6,6 +6,12 @@ Export reads a page from the device cache or the host tier; import checks each p
 refused, and so is every page after it: a prefix page is only usable after all of its
 predecessors, and the request recomputes from the first refused one. Both run on the engine's
 thread, between steps (`AsyncLLMEngine.call`).
+
+A tensor-parallel replica's page is every rank's shard of it (each rank holds its KV heads, at
+the same page id and host slot). Rank 0 decides where the pages lie, sends the other ranks a
+`PageRead` or `PageWrite` in the stream of step inputs, and gathers or scatters their shards
+over the metadata group; a payload carries the shards in rank order, so only a replica of the
+same split accepts it.
 """
 
 from __future__ import annotations
@@ -18,7 +24,42 @@ import torch
 
 from worker.engine.block_manager import BlockManager
 from worker.engine.kv_cache import HostKVCache
+from worker.errors import PageTransferError
 from worker.wire import PagePayload
+
+# Where a page lies on a replica: (in the device cache, page id) or (in the host tier, slot).
+PageLocation = tuple[bool, int]
+
+
+@dataclass(frozen=True)
+class PageRead:
+    """Rank 0 to the other ranks: gather your shards of these pages to rank 0."""
+
+    locations: list[PageLocation]
+
+
+@dataclass(frozen=True)
+class PageWrite:
+    """Rank 0 to the other ranks: take your shards of pages by scatter, into these host slots."""
+
+    slots: list[int]
+
+
+def read_pages(host_cache: HostKVCache, locations: list[PageLocation]
+               ) -> list[list[torch.Tensor]]:
+    """This rank's tensors of each page."""
+    host_cache.settle()  # copies queued by running steps land first
+    return [host_cache.read_device_page(where) if on_device else host_cache.read_slot(where)
+            for on_device, where in locations]
+
+
+def write_pages(host_cache: HostKVCache, slots: list[int],
+                pages: list[list[torch.Tensor]]) -> int:
+    """Stores this rank's tensors of each page in its host slot: how many pages."""
+    host_cache.settle()  # a queued copy may still read a slot about to be reused
+    for slot, tensors in zip(slots, pages, strict=True):
+        host_cache.write_slot(slot, tensors)
+    return len(slots)
 
 
 @dataclass
@@ -29,46 +70,72 @@ class ImportResult:
 
 
 class PageExchange:
-    def __init__(self, block_manager: BlockManager, host_cache: HostKVCache):
-        """block_manager: one with a host tier, whose bytes host_cache holds."""
+    def __init__(self, block_manager: BlockManager, host_cache: HostKVCache, peers=None):
+        """block_manager: one with a host tier, whose bytes host_cache holds; peers: the other
+        ranks of a tensor-parallel replica (`RankWorkers`), None in a single process."""
         self.block_manager = block_manager
         self.host_index = block_manager.host
         self.host_cache = host_cache
+        self.peers = peers
+        self.num_ranks = 1 + (len(peers.ranks) if peers is not None else 0)
         self.num_pages_pulled = 0
         self.num_pages_refused = 0
 
+    @property
+    def payload_bytes(self) -> int:
+        """Bytes of one page's payload: every rank's K, V and index keys."""
+        return self.num_ranks * sum(host[0].nbytes for host in self.host_cache.slots)
+
     def export(self, page_hashes: list[str]) -> list[PagePayload]:
         """The leading pages of the chain this replica holds, in either tier."""
-        self.host_cache.settle()  # copies queued by running steps land first
-        payloads = []
+        locations: list[PageLocation] = []
         for page_hash in page_hashes:
             page = self.block_manager.device_page(page_hash)
             if page is not None:
-                tensors = self.host_cache.read_device_page(page)
+                locations.append((True, page))
             elif (slot := self.host_index.lookup(page_hash)) is not None:
-                tensors = self.host_cache.read_slot(slot)
+                locations.append((False, slot))
             else:
                 break
-            payloads.append(PagePayload.of(page_hash, tuple(_as_bytes(t) for t in tensors)))
-        return payloads
+        if not locations:
+            return []
+        shards = [read_pages(self.host_cache, locations)]
+        if self.peers is not None:
+            shards += self.peers.read_pages(PageRead(locations))
+        return [PagePayload.of(page_hash, tuple(_as_bytes(tensor) for rank in shards
+                                                for tensor in rank[index]))
+                for index, page_hash in enumerate(page_hashes[:len(locations)])]
 
     def import_(self, page_hashes: list[str], payloads: list[PagePayload]) -> ImportResult:
         """Stores the payloads of the chain `page_hashes` (the pages asked for, in order)."""
         result = ImportResult(0, 0, 0)
-        self.host_cache.settle()  # a queued copy may still read a slot about to be reused
-        layout = self.host_cache.slot_layout()
+        rank_layout = self.host_cache.slot_layout()
+        per_rank = len(rank_layout)
+        stored, slots, pages = [], [], []
         for index, page_hash in enumerate(page_hashes):
             payload = payloads[index] if index < len(payloads) else None
-            tensors = _as_tensors(payload, page_hash, layout)
+            tensors = _as_tensors(payload, page_hash, rank_layout * self.num_ranks)
             if tensors is None:
                 result.refused = len(payloads) - index if payload is not None else 0
                 break
             if self.block_manager.holds(page_hash):
                 result.present += 1
                 continue
-            slot = self.host_index.store(page_hash)
-            self.host_cache.write_slot(slot, tensors)
+            stored.append(page_hash)
+            slots.append(self.host_index.store(page_hash))
+            pages.append(tensors)
             result.accepted += 1
+        if slots:
+            write_pages(self.host_cache, slots, [page[:per_rank] for page in pages])
+            if self.peers is not None:
+                try:
+                    self.peers.write_pages(PageWrite(slots), [
+                        [page[rank * per_rank:(rank + 1) * per_rank] for page in pages]
+                        for rank in range(1, self.num_ranks)])
+                except PageTransferError:  # a shard missing: none of the pages is usable
+                    for page_hash in stored:
+                        self.host_index.discard(page_hash)
+                    raise
         self.num_pages_pulled += result.accepted
         self.num_pages_refused += result.refused
         return result

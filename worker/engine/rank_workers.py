@@ -7,7 +7,9 @@ inputs once (host tensors, over gloo): the step's page copies to and from the ho
 of `PageTransfer`, when there are any), then `StepInputs` for an eager step, `DecodeInputs` for
 a decode step every rank replays from its own CUDA graphs (captured at the same step on every
 rank, NCCL calls included). Every rank runs the same forward and the layers' all-reduces join
-them; no per-layer call crosses a process boundary.
+them; no per-layer call crosses a process boundary. Between steps, a pull from or to a peer
+replica sends a `PageRead` or `PageWrite`, and the ranks' shards of those pages are gathered to
+or scattered from rank 0.
 
 Inside a Serve replica whose deployment reserved a placement group of N bundles (STRICT_PACK,
 one GPU each), the replica holds bundle 0 and the workers take bundles 1..N-1; offline they
@@ -24,7 +26,7 @@ import torch
 
 from worker import parallel
 from worker.config import EngineConfig
-from worker.errors import EngineDeadError
+from worker.errors import EngineDeadError, PageTransferError
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +60,7 @@ class RankWorker:
         from worker.engine.kv_cache import HostKVCache, KVCache
         from worker.engine.llm_engine import resolve_device_and_dtype
         from worker.engine.model_runner import FedTokens, forward_step
+        from worker.engine.page_exchange import PageRead, PageWrite, read_pages, write_pages
         from worker.loader import load_model
 
         config = self.config
@@ -74,6 +77,15 @@ class RankWorker:
             steps = 0
             with torch.inference_mode():
                 while (inputs := parallel.broadcast_from_rank0()) is not None:
+                    if isinstance(inputs, PageRead):  # a peer replica pulls these pages
+                        parallel.gather_to_rank0(self._shards(read_pages, host_cache,
+                                                              inputs.locations))
+                        continue
+                    if isinstance(inputs, PageWrite):  # pages pulled from a peer replica
+                        shards = parallel.scatter_from_rank0()
+                        written = self._shards(write_pages, host_cache, inputs.slots, shards)
+                        parallel.gather_to_rank0(written is not None)
+                        continue
                     try:
                         if isinstance(inputs, list):  # page copies to and from the host tier
                             host_cache.apply(inputs)
@@ -93,6 +105,15 @@ class RankWorker:
             return steps
         finally:
             parallel.shutdown()
+
+    def _shards(self, move, *args):
+        """`move(*args)` for a page exchange, or None when it failed here: rank 0 gives the
+        pull up (the puller recomputes the pages) and this rank stays in step."""
+        try:
+            return move(*args)
+        except Exception:
+            logger.exception("rank %d: page exchange failed", self.rank)
+            return None
 
 
 class RankWorkers:
@@ -132,6 +153,23 @@ class RankWorkers:
 
     def send(self, inputs) -> None:
         parallel.broadcast_from_rank0(inputs)
+
+    def read_pages(self, request) -> list[list[list[torch.Tensor]]]:
+        """Ranks 1..N-1's tensors of the pages of a `PageRead`, each rank's a list per page."""
+        self.send(request)
+        shards = parallel.gather_to_rank0(None)[1:]
+        if any(shard is None for shard in shards):
+            raise PageTransferError("a tensor-parallel rank of the holder could not read its "
+                                    "shard of the pages (its log says why)")
+        return shards
+
+    def write_pages(self, request, shards: list[list[list[torch.Tensor]]]) -> None:
+        """Hands ranks 1..N-1 their tensors of each page of a `PageWrite`, in rank order."""
+        self.send(request)
+        parallel.scatter_from_rank0([None, *shards])
+        if not all(parallel.gather_to_rank0(True)[1:]):
+            raise PageTransferError("a tensor-parallel rank could not store its shard of the "
+                                    "pulled pages (its log says why)")
 
     def stopped_rank(self) -> tuple[int, str] | None:
         """(rank, why) of a rank that has stopped (its actor died or its loop failed), or None."""
