@@ -34,8 +34,11 @@ from kernels.moe_grouped_gemm import ExpertRows, TileShape, grouped_gemm
 from kernels.reference import fp8_weight_only_linear, quantize_fp8
 
 HIDDEN, INTER, EXPERTS, TOP_K = 6144, 3072, 128, 4
-PROJECTIONS = (("q_proj", 6144, 8192), ("o_proj", 8192, 6144), ("dense gate_proj", 6144, 12288),
-               ("dense down_proj", 12288, 6144), ("shared expert up", 6144, 3072))
+# The GEMMs a layer runs: projections of one input stacked into one (`StackedLinear`): q, k, v
+# and the indexer's q and k (8192 + 512 + 512 + 512 + 128 rows); gate over up.
+PROJECTIONS = (("q, k, v, index q, k (stacked)", 6144, 9856), ("o_proj", 8192, 6144),
+               ("dense gate, up (stacked)", 6144, 24576), ("dense down_proj", 12288, 6144),
+               ("shared expert gate, up (stacked)", 6144, 6144))
 LAYOUTS = {"128x128": (128, 128, False), "MXFP8 1x32": (1, 32, True)}
 DECODE_BATCHES, PREFILL_BATCHES = (8, 64), (256, 4096)
 # (cols, depth, warps, stages, K splits), each in both modes (W8A8 and weight-only).

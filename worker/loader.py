@@ -165,11 +165,16 @@ class WeightFiller:
             scale[index].copy_(scales.scale)
         self.filled[name + fp8.SCALE_SUFFIX] = scale.numel()
 
-    def finish(self) -> nn.Module:
+    def finish(self, stack: bool = True) -> nn.Module:
+        """The loaded model; with `stack`, its projections of a shared input become one GEMM
+        each (`StackedLinear`), so its parameter names are no longer the checkpoint's."""
         wrong = sorted(n for n, p in self.params.items() if self.filled[n] != p.numel())
         if wrong:
             raise ModelLoadError(f"{self.source}: weights do not match the config: missing or "
                                  f"repeated tensors for {wrong[:5]}")
+        for module in list(self.model.modules()) if stack else []:
+            if hasattr(module, "stack_projections"):
+                module.stack_projections()
         return self.model.eval().requires_grad_(False)
 
 

@@ -289,7 +289,7 @@ def make_m3_checkpoint(path: str | Path, seed: int = 0, topk: int = 3,
     filler = WeightFiller(ModelConfig.from_hf_dict(raw), path, torch.float32,
                           torch.device("cpu"))
     filler.fill_random(seed)
-    model = filler.finish()
+    model = filler.finish(stack=False)  # named as the checkpoint names its tensors
     tensors = m3_checkpoint_tensors(model)
     if fp8_layout is not None:
         fp8_config = TINY_FP8_LAYOUTS[fp8_layout]

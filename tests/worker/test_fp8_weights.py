@@ -65,8 +65,10 @@ def test_fp8_checkpoint_loads_as_stored_and_stays_within_tolerance(fp8_dir, full
     # Every projection and expert of the language model is e4m3; the LM head, the router,
     # norms, embeddings and the vision tower are not.
     assert any(".block_sparse_moe.w13" in n for n in weights)
-    assert any(".self_attn.q_proj.weight" in n for n in weights)
-    assert any(".self_attn.index_k_proj.weight" in n for n in weights)
+    # q, k, v and the index projections, stacked whole (scales included) into one GEMM.
+    stacked = loaded.model.model.layers[1].self_attn.qkv_proj
+    assert stacked.stacked and stacked.projections[0].weight.dtype == E4M3
+    assert any(".self_attn.qkv_proj.projections.0.weight" in n for n in weights)
     assert not any(n.startswith(("lm_head", "visual", "model.embed")) or ".gate." in n
                    for n in weights)
     ours = _forward_logits(loaded, PROMPT, 3)
@@ -88,18 +90,22 @@ def test_fp8_model_multiplies_exactly_the_stored_weights(fp8_dir, monkeypatch):
     ours = _forward_logits(loaded, PROMPT, 3)
     config = json.loads((fp8_dir / "config.json").read_text())
     del config["quantization_config"]
-    # Rebuilt in full precision: a model without quantization_config, its weights set from
-    # the dequantized FP8 ones and every other tensor copied.
+    # Rebuilt in full precision: a model without quantization_config (its projections
+    # stacked as the FP8 one's are), its weights set from the dequantized FP8 ones and every
+    # other tensor copied.
     filler = WeightFiller(ModelConfig.from_hf_dict(config), fp8_dir, torch.float32, CPU)
+    filler.fill_random(seed=0)
+    plain_model = filler.finish()
+    plain_params = dict(plain_model.named_parameters())
     scales = _fp8_weights(loaded.model)
     with torch.no_grad():
         for name, param in loaded.model.named_parameters():
             if name.endswith(fp8.SCALE_SUFFIX):
                 continue
-            value = dequantize_fp8(param, scales[name]) if name in scales else param
-            filler.params[name].copy_(value)
-            filler.filled[name] = value.numel()
-    plain = type(loaded)(**{**vars(loaded), "model": filler.finish()})
+            plain_params.pop(name).copy_(
+                dequantize_fp8(param, scales[name]) if name in scales else param)
+    assert not plain_params, "both models have the same weights"
+    plain = type(loaded)(**{**vars(loaded), "model": plain_model})
     torch.testing.assert_close(ours, _forward_logits(plain, PROMPT, 3), atol=1e-4, rtol=1e-4)
 
 

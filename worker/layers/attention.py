@@ -11,13 +11,16 @@ import kernels
 from worker import parallel
 from worker.config import ModelConfig
 from worker.engine.kv_cache import AttentionMetadata, KVCache
-from worker.layers.linear import ColumnParallelLinear, RowParallelLinear
+from worker.layers.linear import ColumnParallelLinear, RowParallelLinear, stack_projections
 
 
 class GQAProjections(nn.Module):
     """A GQA attention layer's shape and its q/k/v/o projections (no biases); each model
     family adds its norms, rotary embedding and index branch, then calls `paged_attention`
-    and `output`. Under tensor parallelism `num_heads`/`num_kv_heads` are this rank's."""
+    and `output`. Under tensor parallelism `num_heads`/`num_kv_heads` are this rank's.
+
+    Loaded, q, k, v and the family's index projections (`input_projections`) become one GEMM,
+    `qkv_proj`, which returns their outputs in that order."""
 
     def __init__(self, config: ModelConfig, layer_index: int):
         super().__init__()
@@ -38,6 +41,13 @@ class GQAProjections(nn.Module):
         self.k_proj = self.per_kv_head(hidden, kv_width)
         self.v_proj = self.per_kv_head(hidden, kv_width)
         self.o_proj = RowParallelLinear(q_width, hidden)
+
+    def input_projections(self) -> list[str]:
+        """The projections of the layer's input, in the order `qkv_proj` returns them."""
+        return ["q_proj", "k_proj", "v_proj"]
+
+    def stack_projections(self) -> None:
+        stack_projections(self, self.input_projections(), into="qkv_proj")
 
     def per_kv_head(self, in_features: int, out_features: int) -> ColumnParallelLinear:
         """A projection with one block of rows per KV head, split as the KV heads are."""

@@ -26,6 +26,56 @@ class ParallelLinear(nn.Linear):
         return kernels.fp8_linear(x, self.weight, scales)
 
 
+class StackedLinear(nn.Module):
+    """Projections of one input (q, k, v and the index branch's; gate and up) as one GEMM: after
+    loading, their weights' rows are stacked into one matrix, so a step launches one GEMM (and
+    quantizes x once, with FP8 weights) where it launched one per projection, and the output
+    comes back split. Each projection keeps the rows it loaded, so its own split across ranks.
+    Projections that cannot share one matrix (one kept in full precision by
+    `modules_to_not_convert`, FP8 rows that are not whole scale blocks) stay apart."""
+
+    def __init__(self, projections: list[nn.Linear]):
+        super().__init__()
+        self.widths = [projection.out_features for projection in projections]
+        self.stacked = _stackable(projections)
+        if not self.stacked:
+            self.projections = nn.ModuleList(projections)
+            return
+        first = projections[0]
+        whole = ParallelLinear(first.in_features, sum(self.widths), bias=False, device="meta")
+        whole.weight = nn.Parameter(torch.cat([p.weight for p in projections]),
+                                    requires_grad=False)
+        block = first.__dict__.get("fp8_block")
+        if block is not None:
+            setattr(whole, "weight" + fp8.SCALE_SUFFIX, nn.Parameter(
+                torch.cat([fp8.scales(p, "weight").scale for p in projections]),
+                requires_grad=False))
+            whole.__dict__["fp8_block"] = block
+        self.projections = nn.ModuleList([whole])
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.stacked:
+            return self.projections[0](x).split(self.widths, dim=-1)
+        return tuple(projection(x) for projection in self.projections)
+
+
+def stack_projections(module: nn.Module, names: list[str], into: str) -> None:
+    """Replaces `module`'s projections `names` (loaded) by one `StackedLinear` named `into`."""
+    setattr(module, into, StackedLinear([getattr(module, name) for name in names]))
+    for name in names:
+        delattr(module, name)
+
+
+def _stackable(projections: list[nn.Linear]) -> bool:
+    dtypes = {p.weight.dtype for p in projections}
+    blocks = {p.__dict__.get("fp8_block") for p in projections}
+    if len(dtypes) > 1 or len(blocks) > 1:
+        return False
+    (block,) = blocks
+    # FP8 scales stack with their rows only where every projection is whole row blocks.
+    return block is None or all(p.out_features % block[0] == 0 for p in projections)
+
+
 class ColumnParallelLinear(ParallelLinear):
     """Output features split: each rank computes its slice of y = x W^T (its heads, its MLP
     columns), no communication. `parts`/`part` override the split for weights replicated over

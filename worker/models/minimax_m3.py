@@ -29,7 +29,12 @@ from worker.engine.kv_cache import AttentionMetadata, KVCache
 from worker.layers import fp8
 from worker.layers.attention import GQAProjections, paged_attention
 from worker.layers.fused import fused
-from worker.layers.linear import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from worker.layers.linear import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    stack_projections,
+)
 from worker.layers.norms import GemmaRMSNorm, gemma_rms_norm
 from worker.layers.rotary import apply_partial_rope, rotary_tables
 from worker.models.base import PagedCausalLM
@@ -65,22 +70,27 @@ class M3Attention(GQAProjections):
             self.index_q_norm = GemmaRMSNorm(index_dim, eps)
             self.index_k_norm = GemmaRMSNorm(index_dim, eps)
 
-    def _heads(self, proj: nn.Linear, norm: GemmaRMSNorm, x: torch.Tensor,
+    def input_projections(self) -> list[str]:
+        return super().input_projections() + ([] if self.dense
+                                              else ["index_k_proj", "index_q_proj"])
+
+    @staticmethod
+    def _heads(projected: torch.Tensor, norm: GemmaRMSNorm,
                rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """proj(x) split into heads, normed per head, then partially rotated."""
-        heads = proj(x).view(x.shape[0], -1, norm.weight.shape[0])
+        """A projection's output split into heads, normed per head, then partially rotated."""
+        heads = projected.view(projected.shape[0], -1, norm.weight.shape[0])
         return norm_and_rotate(heads, norm.weight, norm.eps, *rope)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 attn: AttentionMetadata, cache: KVCache, topk: int) -> torch.Tensor:
-        q = self._heads(self.q_proj, self.q_norm, x, rope)
-        k = self._heads(self.k_proj, self.k_norm, x, rope)
-        v = self.v_proj(x).view(x.shape[0], self.num_kv_heads, self.head_dim)
-        k_idx = None if self.dense else self._heads(self.index_k_proj, self.index_k_norm, x, rope)
+        q, k, v, *index = self.qkv_proj(x)
+        q = self._heads(q, self.q_norm, rope)
+        k = self._heads(k, self.k_norm, rope)
+        v = v.view(x.shape[0], self.num_kv_heads, self.head_dim)
+        k_idx = None if self.dense else self._heads(index[0], self.index_k_norm, rope)
         out = paged_attention(
             self.layer_index, self.dense, q, k, v, k_idx,
-            lambda: self._heads(self.index_q_proj, self.index_q_norm, x, rope),
-            attn, cache, topk)
+            lambda: self._heads(index[1], self.index_q_norm, rope), attn, cache, topk)
         return self.output(out)
 
 
@@ -119,9 +129,11 @@ class M3DenseMLP(nn.Module):
         self.up_proj = ColumnParallelLinear(config.hidden_size, intermediate)
         self.down_proj = RowParallelLinear(intermediate, config.hidden_size)
 
+    def stack_projections(self) -> None:
+        stack_projections(self, ["gate_proj", "up_proj"], into="gate_up_proj")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu_oai(self.gate_proj(x), self.up_proj(x), self.alpha,
-                                         self.limit))
+        return self.down_proj(swiglu_oai(*self.gate_up_proj(x), self.alpha, self.limit))
 
 
 class M3MoE(nn.Module):

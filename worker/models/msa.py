@@ -17,7 +17,12 @@ from worker.config import ModelConfig
 from worker.engine.kv_cache import AttentionMetadata, KVCache, local_index_key_heads
 from worker.errors import ModelLoadError
 from worker.layers.attention import GQAProjections, paged_attention
-from worker.layers.linear import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from worker.layers.linear import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    stack_projections,
+)
 from worker.layers.norms import RMSNorm
 from worker.layers.rotary import apply_rope
 from worker.models.base import PagedCausalLM
@@ -43,21 +48,25 @@ class MSAAttention(GQAProjections):
             self.index_k_proj = (self.per_kv_head(hidden, width) if msa.index_key_heads > 1
                                  else nn.Linear(hidden, width, bias=False))
 
-    def _index_keys(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+    def input_projections(self) -> list[str]:
+        return super().input_projections() + (["index_k_proj", "index_q_proj"]
+                                              if self.learned_indexer else [])
+
+    def _index_keys(self, index: list[torch.Tensor],
+                    positions: torch.Tensor) -> torch.Tensor | None:
         """New index keys [T, H_ik, Di] to cache; None when the index keys are the K cache."""
         if not self.learned_indexer:
             return None
-        msa = self.config.msa
-        k_idx = self.index_k_proj(x).view(-1, self.index_key_heads, msa.index_head_dim)
+        k_idx = index[0].view(-1, self.index_key_heads, self.config.msa.index_head_dim)
         return self._rope(k_idx, positions)
 
-    def _index_queries(self, x: torch.Tensor, q: torch.Tensor,
+    def _index_queries(self, index: list[torch.Tensor], q: torch.Tensor,
                        positions: torch.Tensor) -> torch.Tensor:
         """q_idx [T, Hkv, Di]: only computed when attention is actually sparse."""
         if not self.learned_indexer:
             # Derived indexer: a group's mean post-RoPE query scores that group's own keys.
             return q.view(q.shape[0], self.num_kv_heads, -1, self.head_dim).mean(dim=2)
-        q_idx = self.index_q_proj(x).view(-1, self.num_kv_heads, self.config.msa.index_head_dim)
+        q_idx = index[1].view(-1, self.num_kv_heads, self.config.msa.index_head_dim)
         return self._rope(q_idx, positions)
 
     def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -66,12 +75,14 @@ class MSAAttention(GQAProjections):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
                 cache: KVCache, topk: int) -> torch.Tensor:
         tokens = x.shape[0]
-        q = self._rope(self.q_proj(x).view(tokens, self.num_heads, self.head_dim), positions)
-        k = self._rope(self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim), positions)
-        v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+        q, k, v, *index = self.qkv_proj(x)
+        q = self._rope(q.view(tokens, self.num_heads, self.head_dim), positions)
+        k = self._rope(k.view(tokens, self.num_kv_heads, self.head_dim), positions)
+        v = v.view(tokens, self.num_kv_heads, self.head_dim)
         out = paged_attention(self.layer_index, self.dense, q, k, v,
-                              self._index_keys(x, positions),
-                              lambda: self._index_queries(x, q, positions), attn, cache, topk)
+                              self._index_keys(index, positions),
+                              lambda: self._index_queries(index, q, positions), attn, cache,
+                              topk)
         return self.output(out)
 
 
@@ -84,8 +95,12 @@ class MLP(nn.Module):
         self.up_proj = ColumnParallelLinear(hidden, intermediate)
         self.down_proj = RowParallelLinear(intermediate, hidden)
 
+    def stack_projections(self) -> None:
+        stack_projections(self, ["gate_proj", "up_proj"], into="gate_up_proj")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class MoE(nn.Module):
