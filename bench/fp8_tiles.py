@@ -127,7 +127,7 @@ def dense_rows(sweep: bool) -> list[list[object]]:
                               tolerance=5e-2)
                 cublas = ([f"{times[CUBLAS] * 1e3:.1f}", f"{bf16_ms / times[CUBLAS]:.2f}x"]
                           if CUBLAS in times else ["", ""])
-                if runs_on_cublas(batch, k, x, scales):
+                if runs_on_cublas(batch, n, k, x, scales):
                     picked = CUBLAS
                 best = min(times, key=times.get)
                 rows.append([name, f"{k} -> {n}", batch, layout, f"{bf16_ms * 1e3:.1f}",

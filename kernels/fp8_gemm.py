@@ -24,8 +24,8 @@ counts are one buffer per device: the GEMMs run on one stream, one after another
 Many rows of a W8A8 GEMM with DeepSeek-style weights (128 x 128 fp32 block scales) on Hopper
 go to cuBLASLt's block-scaled FP8 GEMM instead (`F.scaled_mm`, 1 x 128 activation scales by
 128 x 128 weight scales): the same math, and faster than this kernel from a few hundred rows
-(bench/results/fp8_picks_<gpu>.md). The Triton kernel keeps decode-sized GEMMs, MXFP8 and the
-layouts cuBLASLt does not take.
+(bench/results/fp8_picks_<gpu>.md), and from 64 rows in GEMMs wider than 8192. The Triton
+kernel keeps decode-sized GEMMs, MXFP8 and the layouts cuBLASLt does not take.
 
 Which mode a GEMM takes is `reference.fp8_weight_only`; the math of each is
 `reference.fp8_weight_only_linear` and `reference.fp8_w8a8_linear`."""
@@ -54,8 +54,9 @@ from kernels.triton_layout import (
 # Output tiles one launch may split over K: the size of each device's arrival counts.
 _MAX_SPLIT_TILES = 1 << 16
 # Rows from which a block-scaled W8A8 GEMM on Hopper runs on cuBLASLt (fp8_picks_h200.md: the
-# Triton kernel wins at 64 rows on most projections, cuBLASLt at 256 and prefill chunks).
-CUBLAS_MIN_ROWS = 65
+# Triton kernel wins at 64 rows on projections up to 8192 wide, cuBLASLt on wider ones, such as
+# the stacked q/k/v and gate/up, and at 256 rows and prefill chunks).
+CUBLAS_MIN_ROWS, CUBLAS_WIDE_MIN_ROWS, CUBLAS_WIDE_COLS = 65, 64, 8192
 # cuBLASLt's block-scaled GEMM takes whole 128-wide blocks, token counts and K blocks in
 # multiples of 4 (we pad both).
 _CUBLAS_BLOCK, _CUBLAS_PAD = 128, 4
@@ -171,7 +172,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockScales,
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
     m = flat.shape[0]
-    if tile is None and runs_on_cublas(m, k, x, scales):
+    if tile is None and runs_on_cublas(m, n, k, x, scales):
         return cublas_fp8_linear(flat, weight, scales).view(*x.shape[:-1], n)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
@@ -212,9 +213,10 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockScales,
     return out.view(*x.shape[:-1], n)
 
 
-def runs_on_cublas(m: int, k: int, x: torch.Tensor, scales: BlockScales) -> bool:
+def runs_on_cublas(m: int, n: int, k: int, x: torch.Tensor, scales: BlockScales) -> bool:
     """Whether `fp8_linear` hands this GEMM to cuBLASLt (see the module's doc)."""
-    return (m >= CUBLAS_MIN_ROWS and not fp8_weight_only(m, scales.block_k)
+    min_rows = CUBLAS_WIDE_MIN_ROWS if n > CUBLAS_WIDE_COLS else CUBLAS_MIN_ROWS
+    return (m >= min_rows and not fp8_weight_only(m, scales.block_k)
             and scales.block_n == scales.block_k == _CUBLAS_BLOCK and not scales.e8m0
             and k % _CUBLAS_BLOCK == 0 and x.dtype in (torch.bfloat16, torch.float16)
             # cuBLASLt's 128 x 128 block scaling runs on SM90 only (torch refuses it elsewhere).

@@ -145,10 +145,12 @@ def test_fp8_gemms_at_m3_width_on_the_gpu(layout, rows):
     ours = kernels.fp8_linear(x, weight, scales)
     ref = kernels.fp8_linear(x.float(), weight, scales, backend="reference")
     torch.testing.assert_close(ours.float(), ref, atol=3e-2, rtol=3e-2)
-    # Prefill-sized block-scaled GEMMs go to cuBLASLt on Hopper (130 rows: padded to 132).
+    # Prefill-sized block-scaled GEMMs go to cuBLASLt on Hopper (130 rows: padded to 132), and
+    # 64-row ones wider than 8192 (the stacked projections).
     hopper = torch.cuda.get_device_capability()[0] == 9
-    assert fp8_gemm.runs_on_cublas(rows, 6144, x, scales) == (
-        hopper and rows > 64 and layout == (128, 128, False))
+    for width, min_rows in ((4096, 65), (9856, 64)):
+        assert fp8_gemm.runs_on_cublas(rows, width, 6144, x, scales) == (
+            hopper and rows >= min_rows and layout == (128, 128, False))
     if layout == (128, 128, False) and hopper:
         torch.testing.assert_close(fp8_gemm.cublas_fp8_linear(x, weight, scales).float(),
                                    reference.fp8_w8a8_linear(x.float(), weight, scales),
