@@ -67,6 +67,9 @@ class ModelServer:
                                               request.request_id, tuple(prompt.mm_inputs)):
             reason = out.finish_reason.value if out.finish_reason else None
             unfinished -= out.finished
+            if not unfinished and self.publisher is not None:
+                # Routers see this request's load gone before the client's next turn comes.
+                self.publisher.publish_soon()
             # load_figures only counts (lengths of the engine's queues and page lists): read
             # here rather than through engine.call, which would hold the last chunk for a step.
             yield GenerateChunk(self.replica, out.delta, out.new_token_ids, reason,

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -68,9 +70,11 @@ class PrefixIndexPublisher:
 
     `on_page_event` is the engine's listener: it runs on the engine thread and only appends to a
     deque. A task on the replica's event loop flushes the deque and the replica's load figures
-    every `flush_interval_ms` in one pipeline (routers weigh the load, so it must be fresh) and
-    renews the TTLs every `heartbeat_s`. After Redis was unreachable the replica's sets are
-    rebuilt from a snapshot of its cache, since the events missed meanwhile are gone.
+    every `flush_interval_ms` in one pipeline (routers weigh the load, so it must be fresh), and
+    at once when `publish_soon` asks (a request finished: a client's next turn must not find
+    the replica still loaded with it), and renews the TTLs every `heartbeat_s`. After Redis was
+    unreachable the replica's sets are rebuilt from a snapshot of its cache, since the events
+    missed meanwhile are gone.
     """
 
     def __init__(self, settings: RedisSettings, model_key: str, replica: str):
@@ -83,7 +87,12 @@ class PrefixIndexPublisher:
         self._task: asyncio.Task | None = None
         self._stopping = False
         self._needs_resync = True  # the first flush replaces whatever a predecessor left
+        self._flush_now = asyncio.Event()
         self._log = _OnceLogger(f"prefix index publisher {replica}")
+
+    def publish_soon(self) -> None:  # the replica's event loop
+        """Flushes now rather than at the end of the interval."""
+        self._flush_now.set()
 
     def on_page_event(self, event: PageEvent) -> None:  # engine thread
         with self._events_lock:
@@ -113,21 +122,26 @@ class PrefixIndexPublisher:
     async def _run(self, snapshot, load) -> None:
         client = _client(self.settings)
         interval = self.settings.flush_interval_ms / 1000
-        beats_every = max(1, round(self.settings.heartbeat_s / interval))
-        tick = 0
+        renewed_at = -math.inf
         try:
             while not self._stopping:
+                self._flush_now.clear()
                 try:
                     if self._needs_resync:
                         await self._resync(client, await snapshot())
                         self._needs_resync = False
-                    await self._flush(client, await load(), renew=tick % beats_every == 0)
+                    renew = time.monotonic() - renewed_at >= self.settings.heartbeat_s
+                    await self._flush(client, await load(), renew=renew)
+                    if renew:
+                        renewed_at = time.monotonic()
                     self._log.recovered()
                 except (RedisError, OSError, asyncio.TimeoutError) as exc:
                     self._log.failed(exc)
                     self._needs_resync = True
-                tick += 1
-                await asyncio.sleep(interval)
+                try:
+                    await asyncio.wait_for(self._flush_now.wait(), interval)
+                except asyncio.TimeoutError:
+                    pass
         finally:
             await client.aclose()
 

@@ -38,6 +38,7 @@ class FakeReplica:
     def __init__(self, publisher: PrefixIndexPublisher):
         self.publisher = publisher
         self.cached: dict[str, set[str]] = {"device": set(), "host": set()}
+        self.running = 1
 
     def store(self, *hashes: str, tier: str = "device") -> None:
         self.cached[tier].update(hashes)
@@ -52,7 +53,8 @@ class FakeReplica:
             return self.publisher.take_snapshot({t: sorted(h) for t, h in self.cached.items()})
 
         async def load():
-            return {"running": 1, "waiting": 0, "kv_pages_in_use": len(self.cached["device"]),
+            return {"running": self.running, "waiting": 0,
+                    "kv_pages_in_use": len(self.cached["device"]),
                     "kv_pages_total": 8}
 
         self.publisher.start(snapshot, load)
@@ -90,6 +92,29 @@ def test_lookup_counts_leading_pages_per_replica(redis_server):
         await _until(load_published)
         await a.publisher.stop()
         await b.publisher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_finished_request_is_published_before_the_interval_ends(redis_server):
+    """`publish_soon` (a request finished) flushes the load at once, not a flush interval later:
+    routers must not find the replica still busy with it when the client's next turn comes."""
+    async def scenario():
+        settings = _settings(redis_server.url, flush_interval_ms=60_000)
+        a = FakeReplica(PrefixIndexPublisher(settings, "m", "replica-a"))
+        a.start()
+        lookup = PrefixIndexLookup(settings, "m")
+
+        async def running(count):
+            return (await lookup.replica_loads()).get("replica-a", {}).get("running") == count
+
+        await _until(lambda: running(1))  # the first flush, at start
+        a.running = 0
+        await asyncio.sleep(0.2)
+        assert await running(1), "flushed before the interval ended, unasked"
+        a.publisher.publish_soon()
+        await _until(lambda: running(0), timeout_s=1.0)
+        await a.publisher.stop()
 
     asyncio.run(scenario())
 
