@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,6 +27,9 @@ from worker.engine.block_manager import BlockManager
 from worker.engine.kv_cache import HostKVCache
 from worker.errors import PageTransferError
 from worker.wire import PagePayload
+
+if TYPE_CHECKING:  # rank_workers imports this module in its rank loop
+    from worker.engine.rank_workers import RankWorkers
 
 # Where a page lies on a replica: (in the device cache, page id) or (in the host tier, slot).
 PageLocation = tuple[bool, int]
@@ -70,7 +74,8 @@ class ImportResult:
 
 
 class PageExchange:
-    def __init__(self, block_manager: BlockManager, host_cache: HostKVCache, peers=None):
+    def __init__(self, block_manager: BlockManager, host_cache: HostKVCache,
+                 peers: RankWorkers | None = None):
         """block_manager: one with a host tier, whose bytes host_cache holds; peers: the other
         ranks of a tensor-parallel replica (`RankWorkers`), None in a single process."""
         self.block_manager = block_manager

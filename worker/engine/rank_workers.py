@@ -21,12 +21,16 @@ from __future__ import annotations
 import logging
 import socket
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from worker import parallel
 from worker.config import EngineConfig
 from worker.errors import EngineDeadError, PageTransferError
+
+if TYPE_CHECKING:
+    from worker.engine.page_exchange import PageRead, PageWrite
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +158,7 @@ class RankWorkers:
     def send(self, inputs) -> None:
         parallel.broadcast_from_rank0(inputs)
 
-    def read_pages(self, request) -> list[list[list[torch.Tensor]]]:
+    def read_pages(self, request: PageRead) -> list[list[list[torch.Tensor]]]:
         """Ranks 1..N-1's tensors of the pages of a `PageRead`, each rank's a list per page."""
         self.send(request)
         shards = parallel.gather_to_rank0(None)[1:]
@@ -163,7 +167,8 @@ class RankWorkers:
                                     "shard of the pages (its log says why)")
         return shards
 
-    def write_pages(self, request, shards: list[list[list[torch.Tensor]]]) -> None:
+    def write_pages(self, request: PageWrite,
+                    shards: list[list[list[torch.Tensor]]]) -> None:
         """Hands ranks 1..N-1 their tensors of each page of a `PageWrite`, in rank order."""
         self.send(request)
         parallel.scatter_from_rank0([None, *shards])
