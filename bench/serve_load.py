@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import random
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -47,16 +47,17 @@ from worker.wire import BLOCK_SIZE  # noqa: E402
 POLICIES = ("prefix_aware", "prefix_cache_affinity", "round_robin", "power_of_two")
 
 
-@dataclass
+@dataclasses.dataclass
 class RequestRecord:
     ttft: float
-    itls: list[float] = field(default_factory=list)  # gaps between streamed pieces
+    itls: list[float] = dataclasses.field(default_factory=list)  # gaps between streamed pieces
     completion_tokens: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0
     replica: str = ""
     session: int = 0
     turn: int = 0
+    sent_at: float = 0.0  # seconds into the run
 
     @property
     def tpot(self) -> float | None:
@@ -117,7 +118,7 @@ async def grpc_request(stub: MSAServeStub, model: str, prompt: list[int],
 
 
 # -- workloads ----------------------------------------------------------------------------------
-@dataclass
+@dataclasses.dataclass
 class Conversation:
     """A session's turns: prompt t holds every earlier prompt, an answer and a new user turn.
     Answers are filler tokens of the output length (the served answer is not read back), so
@@ -175,8 +176,9 @@ async def run_load(send, conversations: list[Conversation], args, label: str
     rng = random.Random(42)
 
     async def serve_turn(conversation: Conversation) -> None:
+        sent_at = time.perf_counter() - start
         record = await send(conversation.prompts[conversation.turn], args.max_tokens)
-        record.session, record.turn = conversation.index, conversation.turn
+        record.session, record.turn, record.sent_at = conversation.index, conversation.turn, sent_at
         records.append(record)
         bar.update()
         conversation.turn += 1
@@ -276,7 +278,8 @@ async def serve_run(policy: str, args, overhead: bool) -> dict:
             records, seconds = await run_load(send, conversations, args, policy)
             await asyncio.sleep(0.5)  # the replicas' last counters reach Redis
             figures = replica_figures(endpoints.redis.url, config.model_key)
-            result = {"load": summarize(records, seconds, figures)}
+            result = {"load": summarize(records, seconds, figures),
+                      "records": [dataclasses.asdict(r) for r in records]}
             if overhead:
                 result["http_first_token"] = await first_token_latencies(http_send, args.probes)
                 result["grpc_first_token"] = await first_token_latencies(grpc_send, args.probes)
@@ -361,6 +364,9 @@ def main() -> None:
                         help="runs of every policy, in turn; the table gives medians")
     parser.add_argument("--results", default=None,
                         help="results file name (default: serve_load_cpu[_<workload>])")
+    parser.add_argument("--records", type=Path, default=None,
+                        help="also write every request (policy, repeat, session, turn, send "
+                             "time, TTFT, replica, cached tokens) to this JSON-lines file")
     args = parser.parse_args()
     policies = args.policies.split(",")
 
@@ -368,11 +374,15 @@ def main() -> None:
     # all of them; the table gives each figure's median over the repeats.
     runs: dict[str, list[dict]] = {policy: [] for policy in policies}
     probes = None
-    for _ in tqdm(range(args.repeats), desc="repeats", disable=args.repeats == 1):
+    records = []
+    for repeat in tqdm(range(args.repeats), desc="repeats", disable=args.repeats == 1):
         for policy in policies:
             result = asyncio.run(serve_run(policy, args, overhead=probes is None))
             probes = probes or result
             runs[policy].append(result["load"])
+            records += [{"policy": policy, "repeat": repeat + 1, **r} for r in result["records"]]
+    if args.records:
+        args.records.write_text("".join(json.dumps(r) + "\n" for r in records))
     loads = {policy: {key: statistics.median(run[key] for run in runs[policy])
                       for key in runs[policy][0]} for policy in policies}
     direct = asyncio.run(direct_first_token(args))
