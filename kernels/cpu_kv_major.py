@@ -209,18 +209,21 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     heads fold into rows over that group's chosen blocks. Returns [Hq, D]."""
     num_heads, head_dim = q.shape
     num_groups = k_cache.shape[2]
-    if blocks is None:  # dense: every page, for every group
-        chosen_pages = pages.expand(num_groups, -1)
+    # Pages are gathered with index_select (whole pages, memcpy-sized rows): about twice as
+    # fast as one advanced index over pages and groups, which a decode step pays every layer.
+    if blocks is None:  # dense: every group reads every page, so one gather serves them all
+        keys, values = (torch.index_select(cache, 0, pages).flatten(0, 1)[:seq_len]
+                        .transpose(0, 1).to(q.dtype) for cache in (k_cache, v_cache))
     else:
         # Every group chose as many blocks (all of them, or topk); its own block is the last.
         count = int((blocks[0] >= 0).sum())
         chosen_pages = pages[blocks[:, :count].long()]  # [Hkv, count]
-    groups = torch.arange(num_groups, device=q.device)[:, None]
-    # The own (last) block holds the keys up to the sequence's end and nothing after.
-    visible = ((chosen_pages.shape[1] - 1) * BLOCK_SIZE + seq_len
-               - (seq_len - 1) // BLOCK_SIZE * BLOCK_SIZE)
-    keys, values = (cache[chosen_pages, :, groups].flatten(1, 2)[:, :visible].to(q.dtype)
-                    for cache in (k_cache, v_cache))
+        # The own (last) block holds the keys up to the sequence's end and nothing after.
+        visible = (count - 1) * BLOCK_SIZE + seq_len - (seq_len - 1) // BLOCK_SIZE * BLOCK_SIZE
+        keys, values = (
+            torch.stack([torch.index_select(cache[:, :, group], 0, group_pages)
+                         for group, group_pages in enumerate(chosen_pages)])
+            .flatten(1, 2)[:, :visible].to(q.dtype) for cache in (k_cache, v_cache))
     out, _ = _flash(q.view(num_groups, -1, head_dim)[None], keys[None], values[None],
                     scale=scale)
     return out.view(num_heads, head_dim)
