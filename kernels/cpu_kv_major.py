@@ -220,10 +220,18 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         chosen_pages = pages[blocks[:, :count].long()]  # [Hkv, count]
         # The own (last) block holds the keys up to the sequence's end and nothing after.
         visible = (count - 1) * BLOCK_SIZE + seq_len - (seq_len - 1) // BLOCK_SIZE * BLOCK_SIZE
-        keys, values = (
-            torch.stack([torch.index_select(cache[:, :, group], 0, group_pages)
-                         for group, group_pages in enumerate(chosen_pages)])
-            .flatten(1, 2)[:, :visible].to(q.dtype) for cache in (k_cache, v_cache))
+        keys, values = (_pages_by_group(cache, chosen_pages)[:, :visible].to(q.dtype)
+                        for cache in (k_cache, v_cache))
     out, _ = _flash(q.view(num_groups, -1, head_dim)[None], keys[None], values[None],
                     scale=scale)
     return out.view(num_heads, head_dim)
+
+
+def _pages_by_group(cache: torch.Tensor, chosen_pages: torch.Tensor) -> torch.Tensor:
+    """Each group's chosen pages of a paged cache [pages, 128, Hkv, D]: [Hkv, count * 128, D],
+    one page gather per group straight into its rows."""
+    num_groups, count = chosen_pages.shape
+    out = cache.new_empty(num_groups, count, BLOCK_SIZE, cache.shape[-1])
+    for group, group_pages in enumerate(chosen_pages):
+        torch.index_select(cache[:, :, group], 0, group_pages, out=out[group])
+    return out.flatten(1, 2)

@@ -53,12 +53,12 @@ class _WorkUnit:
     def num_pages(self) -> int:
         return -(-self.key_end // BLOCK_SIZE)
 
-    def gather(self, cache: torch.Tensor, block_table: torch.Tensor,
-               dtype: torch.dtype) -> torch.Tensor:
+    def gather(self, cache: torch.Tensor, block_table: torch.Tensor, dtype: torch.dtype,
+               zero_past_end: bool = True) -> torch.Tensor:
         """Each sequence's pages of a paged cache in logical order, [n, pages * 128, H, D]:
-        every key up to the sequence's end, so a prefill's chunks can share one gather. Slots
-        past a sequence's end are zeroed: stale contents of a reused page (even NaN) must not
-        meet the zero softmax weight of a masked key."""
+        every key up to the sequence's end, so a prefill's chunks can share one gather. With
+        `zero_past_end`, slots past a sequence's end are zeroed: stale contents of a reused page
+        (even NaN) must not meet the zero softmax weight of a masked key."""
         own_pages = -(-self.seq_lens // BLOCK_SIZE)
         pages = block_table[self.seqs, : int(own_pages.max())].long()
         columns = torch.arange(pages.shape[1], device=cache.device)
@@ -66,13 +66,15 @@ class _WorkUnit:
         # index_select copies whole pages (memcpy-sized rows): ~2x faster than fancy indexing.
         tokens = torch.index_select(cache, 0, pages.flatten()).to(dtype)
         tokens = tokens.view(len(self.seqs), -1, *cache.shape[2:])
+        if not zero_past_end:
+            return tokens
         slots = torch.arange(tokens.shape[1], device=cache.device)
         past_end = slots[None, :] >= self.seq_lens[:, None]
         return tokens.masked_fill_(past_end[:, :, None, None], 0)
 
 
 def _with_keys(units: Iterator[_WorkUnit], caches: tuple[torch.Tensor, ...],
-               block_table: torch.Tensor, dtype: torch.dtype,
+               block_table: torch.Tensor, dtype: torch.dtype, zero_past_end: bool = True,
                ) -> Iterator[tuple[_WorkUnit, list[torch.Tensor]]]:
     """Each unit with the whole pages of every cache its rows may see, [n, pages * 128, H, D].
     The chunks of one prefill slice a single gather of their sequence: a long prompt's context
@@ -81,7 +83,7 @@ def _with_keys(units: Iterator[_WorkUnit], caches: tuple[torch.Tensor, ...],
     for unit in units:
         if unit.prefill_of is None or unit.prefill_of != held_for:
             held_for = unit.prefill_of
-            held = [unit.gather(cache, block_table, dtype) for cache in caches]
+            held = [unit.gather(cache, block_table, dtype, zero_past_end) for cache in caches]
         yield unit, [keys[:, : unit.num_pages * BLOCK_SIZE] for keys in held]
 
 
@@ -169,7 +171,10 @@ def select_blocks(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_table: t
     # Every unit's scores land in one buffer: on CPU a fresh tensor this large costs about as
     # much in first-touch page faults as the matmul that fills it.
     scores_buffer = q_idx.new_empty(0, dtype=acc)
-    for unit, (keys,) in _with_keys(units, (k_idx_cache,), block_table, acc):
+    # Slots past a sequence's end need no zeroing: they lie in blocks at or after each row's
+    # own, whose scores the selection never reads.
+    for unit, (keys,) in _with_keys(units, (k_idx_cache,), block_table, acc,
+                                    zero_past_end=False):
         n, t = unit.positions.shape
         # Only blocks wholly before a query's own block compete, and every key of those is
         # causally visible: score just those pages, unmasked. The 1/sqrt(Di) scale of the

@@ -49,6 +49,25 @@ def test_select_blocks_matches_oracle(spec, topk):
     check_selection(blocks, batch, topk)
 
 
+def test_stale_slots_past_the_end_change_no_pick():
+    """The index branch scores gathered pages without zeroing the slots past each sequence's
+    end (they lie in blocks the selection never reads): NaN left there by a page's previous
+    owner must change no pick. The decode rows of 600 and 700 tokens share a unit, whose
+    scores run to token 640: past the shorter row's end."""
+    batch = make_batch([600, 700, 900, 1000], [1, 1, 1, 300], 6, 3, 16, 8, 1, seed=3)
+    clean = kernels.select_blocks(batch.q_idx, batch.k_idx_cache, *batch.layout(), topk=3)
+    poisoned = batch.k_idx_cache.clone()
+    for b, seq_len in enumerate(batch.seq_lens.tolist()):
+        last_page = int(batch.block_table[b, (seq_len - 1) // 128])
+        poisoned[last_page, (seq_len - 1) % 128 + 1:] = float("nan")
+    unused = set(range(poisoned.shape[0])) - set(batch.block_table[batch.block_table >= 0]
+                                                 .tolist())
+    poisoned[sorted(unused)] = float("nan")
+    picks = kernels.select_blocks(batch.q_idx, poisoned, *batch.layout(), topk=3)
+    assert torch.equal(picks, clean)
+    check_selection(clean, batch, 3)
+
+
 @settings(max_examples=30, deadline=None)
 @given(spec=paged_batches(), topk=st.integers(1, 6))
 def test_sparse_attention_matches_oracle(spec, topk):
