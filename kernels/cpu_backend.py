@@ -55,8 +55,8 @@ def _attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             decodes.append(seq)
         elif q_len > 1:
             pages = _pages_of(block_table, seq, seq_len)
-            keys, values = (torch.index_select(cache, 0, pages).flatten(0, 1)[:seq_len]
-                            .to(q.dtype) for cache in (k_cache, v_cache))
+            keys, values = (cpu_kv_major.sequence_tokens(cache, pages, seq_len, q.dtype)
+                            for cache in (k_cache, v_cache))
             out[rows] = cpu_kv_major.prefill_attention(
                 q[rows], keys, values, seq_len - q_len,
                 None if blocks is None else blocks[rows], scale)

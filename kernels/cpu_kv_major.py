@@ -212,8 +212,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     # Pages are gathered with index_select (whole pages, memcpy-sized rows): about twice as
     # fast as one advanced index over pages and groups, which a decode step pays every layer.
     if blocks is None:  # dense: every group reads every page, so one gather serves them all
-        keys, values = (torch.index_select(cache, 0, pages).flatten(0, 1)[:seq_len]
-                        .transpose(0, 1).to(q.dtype) for cache in (k_cache, v_cache))
+        keys, values = (sequence_tokens(cache, pages, seq_len, q.dtype).transpose(0, 1)
+                        for cache in (k_cache, v_cache))
     else:
         # Every group chose as many blocks (all of them, or topk); its own block is the last.
         count = int((blocks[0] >= 0).sum())
@@ -225,6 +225,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out, _ = _flash(q.view(num_groups, -1, head_dim)[None], keys[None], values[None],
                     scale=scale)
     return out.view(num_heads, head_dim)
+
+
+def sequence_tokens(cache: torch.Tensor, pages: torch.Tensor, seq_len: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """A sequence's seq_len tokens of a paged cache [pages, 128, Hkv, D], its pages given in
+    logical order: [seq_len, Hkv, D]."""
+    return torch.index_select(cache, 0, pages).flatten(0, 1)[:seq_len].to(dtype)
 
 
 def _pages_by_group(cache: torch.Tensor, chosen_pages: torch.Tensor) -> torch.Tensor:
