@@ -1,10 +1,11 @@
 """Modes and tile shapes of the FP8 GEMMs (`kernels/fp8_gemm.py`, the grouped MoE GEMM's FP8
 path) at M3's width, against the bf16 GEMMs they replace.
 
-For each projection, layout (128 x 128 fp32 block scales; MXFP8 1 x 32 e8m0) and batch, every
-candidate tile of the Triton GEMM in both modes (W8A8: x quantized to e4m3 first; weight-only:
-x stays bf16) runs the whole FP8 linear and the table gives the best one, today's pick, the
-W8A8 pick (the baseline of weight-only decode GEMMs), cuBLASLt's block-scaled FP8 GEMM (128 x
+For each projection, layout (128 x 128 fp32 block scales; MXFP8 1 x 32 e8m0) and batch, and
+for each projection's TP 2 and TP 4 shard at batch 64, every candidate tile of the Triton GEMM
+in both modes (W8A8: x quantized to e4m3 first; weight-only: x stays bf16) runs the whole FP8
+linear and the table gives the best one, today's pick, the W8A8 pick (the baseline of MXFP8's
+weight-only picks), cuBLASLt's block-scaled FP8 GEMM (128 x
 128 blocks, with our activation quantization) and bf16 (cuBLAS for dense projections, the
 grouped GEMM for the experts), all in CUDA-graph replays, so a better pick shows as a ratio
 above today's. The activation quantization kernel is also timed alone (part of every W8A8
@@ -34,11 +35,23 @@ from kernels.moe_grouped_gemm import ExpertRows, TileShape, grouped_gemm
 from kernels.reference import fp8_weight_only_linear, quantize_fp8
 
 HIDDEN, INTER, EXPERTS, TOP_K = 6144, 3072, 128, 4
-# The GEMMs a layer runs: projections of one input stacked into one (`StackedLinear`): q, k, v
-# and the indexer's q and k (8192 + 512 + 512 + 512 + 128 rows); gate over up.
-PROJECTIONS = (("q, k, v, index q, k (stacked)", 6144, 9856), ("o_proj", 8192, 6144),
-               ("dense gate, up (stacked)", 6144, 24576), ("dense down_proj", 12288, 6144),
-               ("shared expert gate, up (stacked)", 6144, 6144))
+
+
+def projections(tp: int) -> tuple[tuple[str, int, int], ...]:
+    """(name, K, N) of the GEMMs a layer runs on one of `tp` ranks: projections of one input
+    stacked into one (`StackedLinear`): q, k, v and the indexer's q and k (8192 + 512 + 512 +
+    512 rows split, the shared 128-row index key whole); gate over up."""
+    shard = "" if tp == 1 else f" (TP {tp} shard)"
+    return ((f"q, k, v, index q, k (stacked){shard}", 6144, 9728 // tp + 128),
+            (f"o_proj{shard}", 8192 // tp, 6144),
+            (f"dense gate, up (stacked){shard}", 6144, 24576 // tp),
+            (f"dense down_proj{shard}", 12288 // tp, 6144),
+            (f"shared expert gate, up (stacked){shard}", 6144, 6144 // tp))
+
+
+# TP shards are timed at a decode batch of 64 with 128 x 128 blocks: the goal's batch, and the
+# rows the W8A8 decode tile rule was fitted on.
+SHARDS, SHARD_BATCH, SHARD_LAYOUT = (2, 4), 64, "128x128"
 LAYOUTS = {"128x128": (128, 128, False), "MXFP8 1x32": (1, 32, True)}
 DECODE_BATCHES, PREFILL_BATCHES = (8, 64), (256, 4096)
 # (cols, depth, warps, stages, K splits), each in both modes (W8A8 and weight-only).
@@ -103,12 +116,15 @@ def _tile_name(tile: GemmTile | str) -> str:
 def dense_rows(sweep: bool) -> list[list[object]]:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
-    for name, k, n in PROJECTIONS:
+    gemms = [(gemm, (*DECODE_BATCHES, *PREFILL_BATCHES), LAYOUTS) for gemm in projections(1)]
+    gemms += [(gemm, (SHARD_BATCH,), {SHARD_LAYOUT: LAYOUTS[SHARD_LAYOUT]})
+              for tp in SHARDS for gemm in projections(tp)]
+    for (name, k, n), batches, layouts in gemms:
         weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
-        for batch in (*DECODE_BATCHES, *PREFILL_BATCHES):
+        for batch in batches:
             x = torch.randn(batch, k, device="cuda", dtype=torch.bfloat16)
             bf16_ms = _ms(functools.partial(F.linear, x, weight))
-            for layout, spec in LAYOUTS.items():
+            for layout, spec in layouts.items():
                 q, scales = quantize_fp8(weight, *spec)
                 quantize_ms = _ms(functools.partial(quantize_activations, x, scales.block_k))
                 picked = GemmTile.for_shape(batch, n, k, scales.block_k, sms)
@@ -196,8 +212,8 @@ def main() -> None:
                   "'vs bf16' above 1 means the FP8 GEMM is faster (goal at batch 64: >= 1.6x). "
                   "'W8A8': the Triton kernel's e4m3 x e4m3 products with x quantized per token "
                   "by a kernel of its own (timed alone in 'of which quantizing x', included in "
-                  "the W8A8 times), with the tile the K-split rule picks for that mode: the "
-                  "baseline of weight-only decode GEMMs, measured in the same run. 'cuBLASLt': "
+                  "the W8A8 times), with the tile the K-split rule picks for that mode (the "
+                  "baseline MXFP8's weight-only picks are measured against). 'cuBLASLt': "
                   "F.scaled_mm with 1 x 128 activation and 128 x 128 weight scales, the same "
                   "quantization of x included. 'weight-only': x stays "
                   "bf16 and each e4m3 weight tile is scaled into bf16 in registers. Dense "

@@ -1,15 +1,14 @@
 """Triton: y = x @ W^T for an e4m3 weight W with block scales, in one of two modes.
 
-- W8A8 (many rows, block-scaled weights): the activations are quantized per token in groups
+- W8A8 (block-scaled weights, at every batch): the activations are quantized per token in groups
   as wide as a weight block along K (`kernels.fp8_quantize`, dynamic scales as FP8
   checkpoints run); each K tile then is one e4m3 x e4m3 tensor-core product, scaled by the
   rows' activation scales and the columns' weight scales and summed in fp32. On Hopper the
   e4m3 tiles come through tensor descriptors (the bulk copy engine) where rows are 16-byte
   aligned.
-- Weight-only (few rows, or MXFP8's 32-wide scale groups): x stays in its own dtype and each
-  weight tile is scaled into it in registers, so the products chain in one accumulator and no
-  kernel quantizes x first; a decode GEMM's time is reading the weight, whose bytes are the
-  same in both modes.
+- Weight-only (MXFP8's 32-wide scale groups, too narrow for e4m3 tensor-core K tiles): x stays
+  in its own dtype and each weight tile is scaled into it in registers, so the products chain
+  in one accumulator and no kernel quantizes x first.
 
 Either way the weights go from memory as stored: decode GEMMs read every weight byte for a few
 rows, so half the bytes of bf16 is the aim.
@@ -24,7 +23,7 @@ counts are one buffer per device: the GEMMs run on one stream, one after another
 Many rows of a W8A8 GEMM with DeepSeek-style weights (128 x 128 fp32 block scales) on Hopper
 go to cuBLASLt's block-scaled FP8 GEMM instead (`F.scaled_mm`, 1 x 128 activation scales by
 128 x 128 weight scales): the same math, and faster than this kernel from a few hundred rows
-(bench/results/fp8_picks_<gpu>.md), and from 64 rows in GEMMs wider than 8192. The Triton
+(bench/results/fp8_picks_<gpu>.md), and from 64 rows in GEMMs 8K to 16K wide. The Triton
 kernel keeps decode-sized GEMMs, MXFP8 and the layouts cuBLASLt does not take.
 
 Which mode a GEMM takes is `reference.fp8_weight_only`; the math of each is
@@ -54,9 +53,11 @@ from kernels.triton_layout import (
 # Output tiles one launch may split over K: the size of each device's arrival counts.
 _MAX_SPLIT_TILES = 1 << 16
 # Rows from which a block-scaled W8A8 GEMM on Hopper runs on cuBLASLt (fp8_picks_h200.md: the
-# Triton kernel wins at 64 rows on projections up to 8192 wide, cuBLASLt on wider ones, such as
-# the stacked q/k/v and gate/up, and at 256 rows and prefill chunks).
-CUBLAS_MIN_ROWS, CUBLAS_WIDE_MIN_ROWS, CUBLAS_WIDE_COLS = 65, 64, 8192
+# Triton kernel wins at 64 rows on projections up to 8192 wide and on those so wide that their
+# 64-column tiles give every multiprocessor 3 programs, such as the stacked gate/up at TP 1;
+# cuBLASLt between, such as the stacked q/k/v at TP 1 and gate/up at TP 2, and at 256 rows
+# and prefill chunks).
+CUBLAS_MIN_ROWS, CUBLAS_WIDE_MIN_ROWS, CUBLAS_WIDE_COLS = 65, 64, range(8193, 16385)
 # cuBLASLt's block-scaled GEMM takes whole 128-wide blocks, token counts and K blocks in
 # multiples of 4 (we pad both).
 _CUBLAS_BLOCK, _CUBLAS_PAD = 128, 4
@@ -139,12 +140,16 @@ class GemmTile:
         # Weight-only tiles span scale groups, two 128-wide blocks deep where blocks are that
         # wide, and spread over ~3 programs per multiprocessor (the weight tiles' scaling
         # into bf16 hides behind the loads of the others). K is split until there are about 3
-        # programs per multiprocessor for a handful of rows, 1.5 for more in W8A8 (each split
-        # re-reads x and adds a partial sum). Many rows (prefill) take the tensor cores' large
-        # tiles. The mode (None: `reference.fp8_weight_only`) and tiles were picked by
-        # bench/fp8_tiles.py (H200).
+        # programs per multiprocessor for up to 16 rows, 6 stages deep in W8A8. W8A8 GEMMs of
+        # 17-64 rows aim at 2 programs per multiprocessor, each split keeping at least 16 K
+        # tiles (each split re-reads x and adds a partial sum), 4 stages deep so that 3 programs
+        # fit on a multiprocessor where the columns alone give that many. Many rows (prefill)
+        # take the tensor cores' large tiles. Tiles were picked by bench/fp8_tiles.py (H200);
+        # the 17-64-row rule is the one closest to each shape's best tile over M3's projections
+        # at TP 1, 2 and 4, the up-to-16-row one beat it there. `weight_only` None: the mode
+        # `reference.fp8_weight_only` names.
         if weight_only is None:
-            weight_only = fp8_weight_only(m, scale_block_k)
+            weight_only = fp8_weight_only(scale_block_k)
         rows = max(16, triton.next_power_of_2(m))
         narrow_k = scale_block_k < 64
         if m > 64:
@@ -152,14 +157,17 @@ class GemmTile:
                 return cls(128, 128, 128, 8, 3, quantize_x=False)
             return cls(128, 64, 128, 4, 4) if narrow_k else cls(128, 128, 128, 8, 3)
         if weight_only:
-            cols, depth, stages, per_sm = 64, 256 if scale_block_k >= 128 else 128, 4, 3
+            cols, depth, stages, per_sm, split_tiles = (
+                64, 256 if scale_block_k >= 128 else 128, 4, 3, 8)
             k_tile = depth
         else:
             cols = 128 if narrow_k and m > 8 else 64
-            depth, stages, per_sm = 128, 6, 3 if m <= 16 else 1.5
+            depth = 128
+            stages, per_sm, split_tiles = (6, 3, 8) if m <= 16 else (4, 2, 16)
             k_tile = min(depth, scale_block_k)  # the launcher's cap
         col_tiles, k_tiles = -(-n // cols), -(-k // k_tile)
-        split_k = max(1, min(int(multiprocessors * per_sm // col_tiles), k_tiles // 8, 8))
+        split_k = max(1, min(int(multiprocessors * per_sm // col_tiles), k_tiles // split_tiles,
+                             8))
         return cls(rows, cols, depth, 4, stages, split_k, quantize_x=not weight_only)
 
 
@@ -215,8 +223,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockScales,
 
 def runs_on_cublas(m: int, n: int, k: int, x: torch.Tensor, scales: BlockScales) -> bool:
     """Whether `fp8_linear` hands this GEMM to cuBLASLt (see the module's doc)."""
-    min_rows = CUBLAS_WIDE_MIN_ROWS if n > CUBLAS_WIDE_COLS else CUBLAS_MIN_ROWS
-    return (m >= min_rows and not fp8_weight_only(m, scales.block_k)
+    min_rows = CUBLAS_WIDE_MIN_ROWS if n in CUBLAS_WIDE_COLS else CUBLAS_MIN_ROWS
+    return (m >= min_rows and not fp8_weight_only(scales.block_k)
             and scales.block_n == scales.block_k == _CUBLAS_BLOCK and not scales.e8m0
             and k % _CUBLAS_BLOCK == 0 and x.dtype in (torch.bfloat16, torch.float16)
             # cuBLASLt's 128 x 128 block scaling runs on SM90 only (torch refuses it elsewhere).

@@ -15,16 +15,21 @@ from kernels.reference import AMAX_FLOOR, E4M3, E4M3_MAX
 
 
 @triton.jit
-def _quantize_groups_kernel(x, q, s, k, num_groups, stride_xm, stride_qm, stride_sm, stride_sg,
+def _quantize_groups_kernel(x, q, s, k, stride_xm, stride_qm, stride_sm, stride_sg,
                             GROUP: tl.constexpr, GROUP_P2: tl.constexpr, GROUPS: tl.constexpr,
-                            E4M3_MAX: tl.constexpr, AMAX_FLOOR: tl.constexpr,
-                            E4M3_MIN_NORMAL: tl.constexpr):
+                            EVEN: tl.constexpr, E4M3_MAX: tl.constexpr,
+                            AMAX_FLOOR: tl.constexpr, E4M3_MIN_NORMAL: tl.constexpr):
+    # One row's GROUPS groups; GROUPS divides the row's groups, so no program runs past them.
     row = tl.program_id(0).to(tl.int64)
     groups = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
     offsets = tl.arange(0, GROUP_P2)
     ks = groups[:, None] * GROUP + offsets[None, :]
-    mask = (offsets[None, :] < GROUP) & (ks < k)
-    v = tl.load(x + row * stride_xm + ks, mask=mask, other=0.0).to(tl.float32)
+    if EVEN:  # whole power-of-two groups: unmasked, vectorized loads and stores
+        mask = None
+        v = tl.load(x + row * stride_xm + ks).to(tl.float32)
+    else:
+        mask = (offsets[None, :] < GROUP) & (ks < k)
+        v = tl.load(x + row * stride_xm + ks, mask=mask, other=0.0).to(tl.float32)
     scale = tl.maximum(tl.max(tl.abs(v), axis=1), AMAX_FLOOR) / E4M3_MAX
     # Rounded division, as torch divides: the same bytes as the reference.
     quantized = tl.clamp(tl.div_rn(v, scale[:, None]), -E4M3_MAX, E4M3_MAX)
@@ -36,7 +41,7 @@ def _quantize_groups_kernel(x, q, s, k, num_groups, stride_xm, stride_qm, stride
     rounded = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
     quantized = tl.where(tl.abs(quantized) >= E4M3_MIN_NORMAL, rounded, quantized)
     tl.store(q + row * stride_qm + ks, quantized.to(tl.float8e4nv), mask=mask)
-    tl.store(s + row * stride_sm + groups * stride_sg, scale, mask=groups < num_groups)
+    tl.store(s + row * stride_sm + groups * stride_sg, scale)
 
 
 def quantize_activations(x: torch.Tensor, group: int, token_major_scales: bool = False,
@@ -55,9 +60,14 @@ def quantize_activations(x: torch.Tensor, group: int, token_major_scales: bool =
     if m == 0:
         return q, s
     group_p2 = triton.next_power_of_2(group)
-    groups = max(1, min(triton.next_power_of_2(num_groups), 4096 // group_p2))
-    _quantize_groups_kernel[(m, triton.cdiv(num_groups, groups))](
-        x, q, s, k, num_groups, x.stride(0), q.stride(0), s.stride(0), s.stride(1), GROUP=group,
-        GROUP_P2=group_p2, GROUPS=groups, E4M3_MAX=E4M3_MAX, AMAX_FLOOR=AMAX_FLOOR,
-        E4M3_MIN_NORMAL=2.0 ** -6)
+    # Small programs, many warps for a decode batch (its rows alone are too few programs to
+    # keep the GPU's loads in flight); larger ones for prefill (bench/results/fp8_picks_<gpu>.md
+    # times this kernel alone). The largest power of two dividing a row's groups: no program
+    # runs past them.
+    elements, warps = (1024, 8) if m <= 64 else (2048, 4)
+    groups = min(num_groups & -num_groups, max(1, elements // group_p2))
+    _quantize_groups_kernel[(m, num_groups // groups)](
+        x, q, s, k, x.stride(0), q.stride(0), s.stride(0), s.stride(1), GROUP=group,
+        GROUP_P2=group_p2, GROUPS=groups, EVEN=group == group_p2 and k % group == 0,
+        E4M3_MAX=E4M3_MAX, AMAX_FLOOR=AMAX_FLOOR, E4M3_MIN_NORMAL=2.0 ** -6, num_warps=warps)
     return q, s

@@ -324,11 +324,11 @@ def _expert_linear(x: torch.Tensor, weights: torch.Tensor, scales: BlockScales |
 # -- FP8 weights ----------------------------------------------------------------------------------
 # Checkpoints store e4m3 weights with one scale per block of the weight matrix (DeepSeek-style
 # [128, 128] blocks with fp32 scales, or MXFP8's [1, 32] groups with power-of-two e8m0 scales).
-# Many-row GEMMs run as such checkpoints declare (`activation_scheme: dynamic`, transformers'
-# default): each token's activations are quantized to e4m3 in groups as wide as a weight block
-# along K, and the product of two e4m3 tiles is scaled by both scales (W8A8). Decode-sized
-# GEMMs and MXFP8 weights instead keep the activations as they are and scale the weight
-# (weight-only), as `fp8_weight_only` says. A weight is multiplied as stored:
+# Block-scaled GEMMs run as such checkpoints declare (`activation_scheme: dynamic`,
+# transformers' default): each token's activations are quantized to e4m3 in groups as wide as a
+# weight block along K, and the product of two e4m3 tiles is scaled by both scales (W8A8).
+# MXFP8 weights instead keep the activations as they are and scale the weight (weight-only), as
+# `fp8_weight_only` says. A weight is multiplied as stored:
 # by the tensor cores (Triton), or dequantized one at a time here, so no full-precision copy of
 # the model ever exists.
 
@@ -407,22 +407,23 @@ def dequantize_activations(quantized: torch.Tensor, scales: torch.Tensor,
 
 
 # Which FP8 GEMMs keep x in its own dtype (weight-only) rather than quantizing it to e4m3
-# (W8A8): a few rows, whose time is reading the weight, and every GEMM whose weight scales come
-# in narrow groups along K (MXFP8's 32), which cut W8A8's e4m3 products to K tiles too short
-# for the tensor cores. Measured on an H200: bench/results/fp8_tiles_h200.md.
-WEIGHT_ONLY_MAX_ROWS = 16
+# (W8A8): those whose weight scales come in narrow groups along K (MXFP8's 32), which cut W8A8's
+# e4m3 products to K tiles too short for the tensor cores. Block-scaled weights take W8A8 at
+# every batch, decode rows included: with the activations' quantization kernel no longer
+# dominating small GEMMs it measured faster than weight-only at one to 16 rows too
+# (bench/results/fp8_picks_h200.md), and a token's math then does not depend on how many rows
+# share its step.
 WEIGHT_ONLY_MAX_SCALE_K = 32
 
 
-def fp8_weight_only(rows: int, scale_block_k: int) -> bool:
-    return rows <= WEIGHT_ONLY_MAX_ROWS or scale_block_k <= WEIGHT_ONLY_MAX_SCALE_K
+def fp8_weight_only(scale_block_k: int) -> bool:
+    return scale_block_k <= WEIGHT_ONLY_MAX_SCALE_K
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockScales) -> torch.Tensor:
     """x [..., K] @ W^T for an e4m3 weight W [N, K] with block scales, out in x's dtype:
-    weight-only or W8A8 as `fp8_weight_only` says for x's rows."""
-    rows = x.numel() // max(1, x.shape[-1])
-    if fp8_weight_only(rows, scales.block_k):
+    weight-only or W8A8 as `fp8_weight_only` says for the weight's scale groups."""
+    if fp8_weight_only(scales.block_k):
         return fp8_weight_only_linear(x, weight, scales)
     return fp8_w8a8_linear(x, weight, scales)
 

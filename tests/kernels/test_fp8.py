@@ -83,9 +83,10 @@ def test_fp8_linear_matches_reference(layout, rows, n, k):
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
     assert fp8_gemm._tma_loads(x, weight) == (k % 16 == 0)
     modes = {True: reference.fp8_w8a8_linear, False: reference.fp8_weight_only_linear}
-    # The reference takes the mode the rule names: a few rows or MXFP8 weight-only.
-    weight_only = rows <= reference.WEIGHT_ONLY_MAX_ROWS or layout == (1, 32, True)
-    assert reference.fp8_weight_only(rows, scales.block_k) == weight_only
+    # The reference takes the mode the rule names: MXFP8 weight-only, block scales W8A8 at any
+    # number of rows.
+    weight_only = layout == (1, 32, True)
+    assert reference.fp8_weight_only(scales.block_k) == weight_only
     torch.testing.assert_close(ref, modes[not weight_only](x, weight, scales))
     if rows <= 64:
         # The decode GEMM's K splits in both modes, an uneven or empty last split included
@@ -146,9 +147,9 @@ def test_fp8_gemms_at_m3_width_on_the_gpu(layout, rows):
     ref = kernels.fp8_linear(x.float(), weight, scales, backend="reference")
     torch.testing.assert_close(ours.float(), ref, atol=3e-2, rtol=3e-2)
     # Prefill-sized block-scaled GEMMs go to cuBLASLt on Hopper (130 rows: padded to 132), and
-    # 64-row ones wider than 8192 (the stacked projections).
+    # 64-row ones 8K to 16K wide (the stacked q/k/v at TP 1, gate/up at TP 2).
     hopper = torch.cuda.get_device_capability()[0] == 9
-    for width, min_rows in ((4096, 65), (9856, 64)):
+    for width, min_rows in ((4096, 65), (9856, 64), (24576, 65)):
         assert fp8_gemm.runs_on_cublas(rows, width, 6144, x, scales) == (
             hopper and rows >= min_rows and layout == (128, 128, False))
     if layout == (128, 128, False) and hopper:
