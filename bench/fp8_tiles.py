@@ -14,7 +14,10 @@ time).
 `--picks-only` times only today's pick, the W8A8 pick and cuBLASLt (no sweep of tiles) and
 writes fp8_picks_<gpu>.md: the figures the goals are about, in a few minutes.
 
-Usage (CUDA): python -m bench.fp8_tiles [--picks-only] [--out-dir DIR]
+`--modes` times weight-only against W8A8 at 1-16 rows (fp8_modes_<gpu>.md): the measurement
+behind `reference.fp8_weight_only`.
+
+Usage (CUDA): python -m bench.fp8_tiles [--picks-only | --modes] [--out-dir DIR]
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ def projections(tp: int) -> tuple[tuple[str, int, int], ...]:
 # TP shards are timed at a decode batch of 64 with 128 x 128 blocks: the goal's batch, and the
 # rows the W8A8 decode tile rule was fitted on.
 SHARDS, SHARD_BATCH, SHARD_LAYOUT = (2, 4), 64, "128x128"
+MODE_BATCHES = (1, 2, 4, 8, 16)
 LAYOUTS = {"128x128": (128, 128, False), "MXFP8 1x32": (1, 32, True)}
 DECODE_BATCHES, PREFILL_BATCHES = (8, 64), (256, 4096)
 # (cols, depth, warps, stages, K splits), each in both modes (W8A8 and weight-only).
@@ -193,11 +197,46 @@ def expert_rows(sweep: bool) -> list[list[object]]:
     return rows
 
 
+def mode_rows() -> list[list[object]]:
+    """Weight-only against W8A8 (each with its own pick of tile) at decode batches of 1-16 rows,
+    128 x 128 blocks, every projection at TP 1, 2 and 4: the measurement behind
+    `reference.fp8_weight_only`."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = []
+    for tp in (1, *SHARDS):
+        for name, k, n in projections(tp):
+            weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
+            q, scales = quantize_fp8(weight, *LAYOUTS[SHARD_LAYOUT])
+            for batch in MODE_BATCHES:
+                x = torch.randn(batch, k, device="cuda", dtype=torch.bfloat16)
+                bf16_ms = _ms(functools.partial(F.linear, x, weight))
+                times = [_ms(functools.partial(fp8_linear, x, q, scales, GemmTile.for_shape(
+                    batch, n, k, scales.block_k, sms, weight_only=mode))) for mode in (True, False)]
+                rows.append([name, f"{k} -> {n}", batch, f"{bf16_ms * 1e3:.1f}",
+                             *(f"{bf16_ms / t:.2f}x" for t in times),
+                             f"{times[0] / times[1]:.2f}x"])
+                print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--picks-only", action="store_true")
+    parser.add_argument("--modes", action="store_true",
+                        help="weight-only against W8A8 at 1-16 rows instead (fp8_modes_<gpu>.md)")
     parser.add_argument("--out-dir", default=None)
     args = parser.parse_args()
+    gpu = torch.cuda.get_device_name()
+    gpu = next((g.lower() for g in ("H100", "H200") if g in gpu), "gpu")
+    out_dir = Path(args.out_dir) if args.out_dir else None
+    if args.modes:
+        table = markdown_table(["GEMM", "shape", "rows", "bf16 (us)", "weight-only vs bf16",
+                                "W8A8 vs bf16", "W8A8 vs weight-only"], mode_rows())
+        write_results(f"fp8_modes_{gpu}", "FP8 decode GEMMs: weight-only against W8A8", table,
+                      "128 x 128 block scales. Each mode with the tile `GemmTile.for_shape` "
+                      "picks for it; W8A8 includes quantizing x. 'vs' above 1: faster. Random "
+                      "weights; CUDA-graph replays, median.", directory=out_dir)
+        return
     sweep = not args.picks_only
     table = markdown_table(
         ["GEMM", "shape", "rows", "FP8 layout", "bf16 (us)", "W8A8 (us)", "vs bf16",
@@ -205,8 +244,6 @@ def main() -> None:
          "today's pick (us)", "vs bf16",
          "best (mode, N x K, warps, stages, K splits)", "best (us)", "vs bf16"],
         dense_rows(sweep) + expert_rows(sweep))
-    gpu = torch.cuda.get_device_name()
-    gpu = next((g.lower() for g in ("H100", "H200") if g in gpu), "gpu")
     write_results(("fp8_tiles_" if sweep else "fp8_picks_") + gpu,
                   "FP8 GEMMs (weight-only and W8A8): tiles at M3's width", table,
                   "'vs bf16' above 1 means the FP8 GEMM is faster (goal at batch 64: >= 1.6x). "
@@ -220,7 +257,7 @@ def main() -> None:
                   "bf16: cuBLAS (F.linear); experts bf16: the same grouped GEMM with bf16 "
                   "weights and its own pick of tile. Random weights, random routing; CUDA-graph "
                   "replays, median.",
-                  directory=Path(args.out_dir) if args.out_dir else None)
+                  directory=out_dir)
 
 
 if __name__ == "__main__":
