@@ -10,10 +10,7 @@ is `generate` of one output token, whose result the host has read.
 
 Models: MiniMax-M3 at full width with 4 layers (random weights, bench/engine_m3.py's config) and,
 with --smol-shapes DIR (a config.json and tokenizer of SmolLM2-135M), SmolLM2's shapes.
-`--copies` times the host-tier page copies alone instead, batched (`HostKVCache.apply`) against
-page by page, at M3's and SmolLM2's page layouts.
-
-Usage (CUDA): python -m bench.host_tier [--smol-shapes DIR | --copies] [--out-dir DIR]
+Usage (CUDA): python -m bench.host_tier [--smol-shapes DIR] [--out-dir DIR]
 """
 
 from __future__ import annotations
@@ -23,7 +20,6 @@ import random
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -31,8 +27,6 @@ from bench.common import markdown_table, write_results
 from bench.engine_m3 import write_config
 from kernels import BLOCK_SIZE
 from worker.config import EngineConfig
-from worker.engine.host_tier import PageTransfer
-from worker.engine.kv_cache import HostKVCache
 from worker.engine.llm_engine import LLMEngine
 from worker.prefix_hash import chain_page_hashes
 from worker.wire import SamplingParams
@@ -82,87 +76,14 @@ def rows_for(model: str, name: str, lengths: list[int], device_pages: int) -> li
     return rows
 
 
-# (name, layers, KV heads, head dim, index-key heads, index head dim) of the page layouts timed
-# by --copies: M3 at full depth (60 layers, 4 KV heads, one shared 128-wide index key) and
-# SmolLM2-135M (30 layers, 3 KV heads of 64, no separate index keys).
-COPY_LAYOUTS = (("MiniMax-M3, 60 layers", 60, 4, 128, 1, 128), ("SmolLM2-135M", 30, 3, 64, 0, 0))
-COPY_PAGES, COPY_POOL, COPY_REPEATS = 64, 256, 5
-
-
-def page_by_page(host: HostKVCache, transfers: list[PageTransfer]) -> None:
-    """The baseline: each page copied alone, strided across the layers (the method
-    `HostKVCache.apply` replaced)."""
-    for t in transfers:
-        for slots, device in zip(host.slots, host.device_cache.tensors()):
-            if t.to_host:
-                slots[t.slot].copy_(device[:, t.page], non_blocking=True)
-            else:
-                device[:, t.page].copy_(slots[t.slot], non_blocking=True)
-
-
-def copy_rows() -> list[list[object]]:
-    """Moving COPY_PAGES pages out to the host tier and back, batched against page by page."""
-    rows = []
-    rng = random.Random(0)
-    for name, layers, heads, dim, index_heads, index_dim in COPY_LAYOUTS:
-        shapes = [(layers, COPY_POOL, BLOCK_SIZE, heads, dim)] * 2
-        if index_heads:
-            shapes.append((layers, COPY_POOL, BLOCK_SIZE, index_heads, index_dim))
-        tensors = [torch.randn(shape, device="cuda", dtype=torch.bfloat16) for shape in shapes]
-        host = HostKVCache(SimpleNamespace(k=tensors[0], tensors=lambda t=tensors: t),
-                           COPY_POOL)
-        page_bytes = sum(slot[0].nbytes for slot in host.slots)
-        pages = rng.sample(range(COPY_POOL), COPY_PAGES)
-        for slots_name, slots in (("consecutive", list(range(COPY_PAGES))),
-                                  ("scattered", rng.sample(range(COPY_POOL), COPY_PAGES))):
-            for direction in (True, False):
-                transfers = [PageTransfer(direction, p, s) for p, s in zip(pages, slots)]
-                times = {}
-                for method, run in (("page by page", page_by_page),
-                                    ("batched", HostKVCache.apply)):
-                    samples = []
-                    for _ in range(COPY_REPEATS + 1):  # the first warms the allocator up
-                        torch.cuda.synchronize()
-                        started = time.perf_counter()
-                        run(host, transfers)
-                        torch.cuda.synchronize()
-                        samples.append(time.perf_counter() - started)
-                    times[method] = sorted(samples[1:])[COPY_REPEATS // 2]
-                gbps = COPY_PAGES * page_bytes / times["batched"] / 1e9
-                rows.append([name, f"{page_bytes / 2**20:.1f}", slots_name,
-                             "out (device -> host)" if direction else "in (host -> device)",
-                             f"{times['page by page'] * 1e3:.2f}",
-                             f"{times['batched'] * 1e3:.2f}", f"{gbps:.1f}",
-                             f"{times['page by page'] / times['batched']:.1f}x"])
-                print(rows[-1], flush=True)
-        del host, tensors
-    return rows
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smol-shapes", default=None)
     parser.add_argument("--lengths", default="8192,32768")
     parser.add_argument("--device-pages", type=int, default=640)
-    parser.add_argument("--copies", action="store_true",
-                        help="time the host-tier copies alone (host_tier_copies_<gpu>.md)")
     parser.add_argument("--out-dir", default=None)
     args = parser.parse_args()
-    gpu = torch.cuda.get_device_name().split()[-1].lower()
-    out_dir = Path(args.out_dir) if args.out_dir else None
-    if args.copies:
-        table = markdown_table(["page layout", "MiB a page", "host slots", "direction",
-                                "page by page ms", "batched ms", "batched GB/s",
-                                "page by page / batched"], copy_rows())
-        write_results(f"host_tier_copies_{gpu}", "Host KV tier: page copies, batched against "
-                      "page by page", table,
-                      f"{COPY_PAGES} pages of a {COPY_POOL}-page bf16 device cache moved to or "
-                      f"from pinned host slots, wall time until the GPU is done, median of "
-                      f"{COPY_REPEATS}. 'page by page': each page copied alone per tensor, "
-                      "strided across the layers (the method before); 'batched': "
-                      "`HostKVCache.apply`.", out_dir)
-        return
     lengths = [int(n) for n in args.lengths.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         write_config(Path(tmp), moe_layers=3)
@@ -177,8 +98,9 @@ def main() -> None:
              f"cached prefix. Device cache of {args.device_pages} pages; the host tier holds "
              f"every prompt. bf16, CUDA-graph decode, overlapped scheduling, chunked prefill "
              f"of 8,192 tokens per step.")
-    write_results(f"host_tier_{gpu}", "Host KV tier: a prefix copied back against recomputed",
-                  table, notes, out_dir)
+    write_results(f"host_tier_{torch.cuda.get_device_name().split()[-1].lower()}",
+                  "Host KV tier: a prefix copied back against recomputed", table, notes,
+                  Path(args.out_dir) if args.out_dir else None)
 
 
 if __name__ == "__main__":

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from tests.worker.test_engine import assert_no_pages_held, random_prompt
-from worker.engine import kv_cache
-from worker.engine.host_tier import PageTransfer
-from worker.engine.kv_cache import HostKVCache
 from worker.engine.page_exchange import PageExchange
 from worker.errors import PageTransferError
 from worker.prefix_hash import chain_page_hashes
@@ -178,48 +174,3 @@ def test_pages_a_rank_could_not_store_are_forgotten_and_recomputed(make_tiered_e
     host.check_invariants()
     again = puller.generate([session], SCORED, use_tqdm=False)[0]
     assert again.usage.cached_tokens == 0
-
-
-@pytest.mark.parametrize("max_staged_pages", [1, 3, 64])
-def test_batched_host_copies_match_page_by_page_ones(monkeypatch, max_staged_pages):
-    """`HostKVCache.apply` batches runs of transfers; the bytes must be those of copying each
-    page in turn, with runs that reuse a slot or page, change direction or outgrow the staging
-    bound."""
-    g = torch.Generator().manual_seed(max_staged_pages)
-    layers, pages, num_slots = 3, 10, 6
-    tensors = [torch.randn(layers, pages, 4, 2, 8, generator=g) for _ in range(2)]
-    tensors.append(torch.randn(layers, pages, 4, 1, 16, generator=g).to(torch.bfloat16))
-    cache = SimpleNamespace(k=tensors[0], tensors=lambda: tensors)
-    host = HostKVCache(cache, num_slots)
-    page_bytes = sum(slot[0].nbytes for slot in host.slots)
-    monkeypatch.setattr(kv_cache, "MAX_STAGED_BYTES", max_staged_pages * page_bytes)
-    for slot in host.slots:
-        slot.copy_(torch.randn(slot.shape, generator=g).to(slot.dtype))
-    expected_device = [t.clone() for t in tensors]
-    expected_host = [s.clone() for s in host.slots]
-    transfers = []
-    for run in range(8):  # runs of one direction, consecutive and scattered slots, repeats
-        to_host = run % 2 == 0
-        first = int(torch.randint(num_slots, (1,), generator=g))
-        for i in range(int(torch.randint(1, 7, (1,), generator=g))):
-            slot = (first + i) % num_slots if run < 4 else int(
-                torch.randint(num_slots, (1,), generator=g))
-            transfers.append(PageTransfer(to_host, int(torch.randint(pages, (1,),
-                                                                     generator=g)), slot))
-    for t in transfers:
-        for h, d in zip(expected_host, expected_device):
-            if t.to_host:
-                h[t.slot] = d[:, t.page]
-            else:
-                d[:, t.page] = h[t.slot]
-    host.apply(transfers)
-    for ours, ref in zip([*tensors, *host.slots], [*expected_device, *expected_host]):
-        assert torch.equal(ours, ref)
-    # A CUDA scatter with a repeated index writes in no set order (on CPU the last one wins,
-    # so the bytes above cannot tell): no run may name a destination twice.
-    runs = list(kv_cache._runs(transfers, max_staged_pages))
-    assert [(to_host, p, s) for to_host, pages, slots in runs
-            for p, s in zip(pages, slots)] == [(t.to_host, t.page, t.slot) for t in transfers]
-    for to_host, pages, slots in runs:
-        assert len(pages) <= max_staged_pages
-        assert len(set(slots if to_host else pages)) == len(pages)

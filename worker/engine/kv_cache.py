@@ -13,7 +13,6 @@ import torch
 from kernels import to_index_key_dtype
 from worker import parallel
 from worker.config import ModelConfig
-from worker.engine.host_copies import to_device
 from worker.engine.host_tier import PageTransfer
 from worker.wire import BLOCK_SIZE
 
@@ -106,37 +105,6 @@ class KVCache:
                 k_idx, k_idx_cache.dtype)
 
 
-# Device memory one batch of host-tier copies may stage (a page of the full M3 is ~16 MB).
-MAX_STAGED_BYTES = 256 << 20
-
-
-def _runs(transfers: list[PageTransfer], max_pages: int):
-    """(to_host, pages, slots) of consecutive transfers in one direction, in order: a run ends
-    where the direction changes, at max_pages, or where its destination (a slot out, a page in)
-    repeats, since copies within a run are not ordered among themselves."""
-    run: list[PageTransfer] = []
-    targets: set[int] = set()
-    for transfer in transfers:
-        target = transfer.slot if transfer.to_host else transfer.page
-        if run and (transfer.to_host != run[0].to_host or len(run) == max_pages
-                    or target in targets):
-            yield run[0].to_host, [t.page for t in run], [t.slot for t in run]
-            run, targets = [], set()
-        run.append(transfer)
-        targets.add(target)
-    if run:
-        yield run[0].to_host, [t.page for t in run], [t.slot for t in run]
-
-
-def _slot_spans(slots: list[int]):
-    """(position in the run, first slot, count) of each stretch of consecutive host slots."""
-    first = 0
-    for i in range(1, len(slots) + 1):
-        if i == len(slots) or slots[i] != slots[i - 1] + 1:
-            yield first, slots[first], i - first
-            first = i
-
-
 class HostKVCache:
     """The host-memory tier's bytes: slots of whole pages (every layer's K, V and index keys),
     slot-major so that one page is one contiguous block per tensor. Pinned beside a CUDA cache,
@@ -149,33 +117,20 @@ class HostKVCache:
                                   pin_memory=self.pinned) for t in device_cache.tensors()]
 
     def apply(self, transfers: list[PageTransfer]) -> None:
-        """Executes a step's recorded copies in their order (`host_tier`). Each run of copies in
-        one direction moves together: on the device, one gather (or scatter) of the run's pages
-        per tensor through a staging buffer that holds each page contiguously; between host and
-        device, one copy per stretch of consecutive slots. (Copied one at a time, each page,
-        strided across the layers, took copies and an allocation of its own.)"""
-        for to_host, pages, slots in _runs(transfers, self._pages_per_run()):
-            index = to_device(pages, self.device_cache.k.device, torch.long)
-            for host, device in zip(self.slots, self.device_cache.tensors()):
-                by_page = device.transpose(0, 1)  # [pages, layers, ...], a view
-                if to_host:
-                    staged = by_page[index]
-                    for first, slot, count in _slot_spans(slots):
-                        host[slot:slot + count].copy_(staged[first:first + count],
-                                                      non_blocking=self.pinned)
-                else:
-                    staged = torch.empty((len(pages), *host.shape[1:]), dtype=host.dtype,
-                                         device=device.device)
-                    for first, slot, count in _slot_spans(slots):
-                        staged[first:first + count].copy_(host[slot:slot + count],
-                                                          non_blocking=self.pinned)
-                    by_page[index] = staged
-            # The staging buffers go back to the caching allocator at once: later work on this
-            # stream runs after the copies that read them.
+        """Executes a step's recorded copies, in their order (`host_tier`)."""
+        for transfer in transfers:
+            if transfer.to_host:
+                self.copy_out(transfer.page, transfer.slot)
+            else:
+                self.copy_in(transfer.slot, transfer.page)
 
-    def _pages_per_run(self) -> int:
-        """Pages staged at once: a run's staging buffer stays within MAX_STAGED_BYTES."""
-        return max(1, MAX_STAGED_BYTES // sum(host[0].nbytes for host in self.slots))
+    def copy_out(self, page: int, slot: int) -> None:
+        for host, device in zip(self.slots, self.device_cache.tensors()):
+            host[slot].copy_(device[:, page], non_blocking=self.pinned)
+
+    def copy_in(self, slot: int, page: int) -> None:
+        for host, device in zip(self.slots, self.device_cache.tensors()):
+            device[:, page].copy_(host[slot], non_blocking=self.pinned)
 
     def settle(self) -> None:
         """Waits for the queued copies: call it before the host reads or writes pages
