@@ -411,7 +411,7 @@ def dequantize_activations(quantized: torch.Tensor, scales: torch.Tensor,
 # e4m3 products to K tiles too short for the tensor cores. Block-scaled weights take W8A8 at
 # every batch, decode rows included: with the activations' quantization kernel no longer
 # dominating small GEMMs it measured faster than weight-only at one to 16 rows too
-# (bench/results/fp8_picks_h200.md), and a token's math then does not depend on how many rows
+# (bench/results/fp8_modes_h200.md), and a token's math then does not depend on how many rows
 # share its step.
 WEIGHT_ONLY_MAX_SCALE_K = 32
 
