@@ -52,11 +52,14 @@ def projections(tp: int) -> tuple[tuple[str, int, int], ...]:
             (f"shared expert gate, up (stacked){shard}", 6144, 6144 // tp))
 
 
-# TP shards are timed at a decode batch of 64 with 128 x 128 blocks: the goal's batch, and the
-# rows the W8A8 decode tile rule was fitted on.
-SHARDS, SHARD_BATCH, SHARD_LAYOUT = (2, 4), 64, "128x128"
-MODE_BATCHES = (1, 2, 4, 8, 16)
 LAYOUTS = {"128x128": (128, 128, False), "MXFP8 1x32": (1, 32, True)}
+# The layout the TP shard rows and the mode rows (--modes) use: the one whose decode GEMMs take
+# W8A8 (MXFP8 stays weight-only).
+BLOCK_LAYOUT = "128x128"
+# TP shards are timed at a decode batch of 64: the goal's batch, and the rows the W8A8 decode
+# tile rule was fitted on.
+SHARDS, SHARD_BATCH = (2, 4), 64
+MODE_BATCHES = (1, 2, 4, 8, 16)
 DECODE_BATCHES, PREFILL_BATCHES = (8, 64), (256, 4096)
 # (cols, depth, warps, stages, K splits), each in both modes (W8A8 and weight-only).
 DECODE_TILES = ([(cols, 128, 4, 6, split) for cols in (64, 128) for split in (1, 2, 4, 8)]
@@ -121,7 +124,7 @@ def dense_rows(sweep: bool) -> list[list[object]]:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
     gemms = [(gemm, (*DECODE_BATCHES, *PREFILL_BATCHES), LAYOUTS) for gemm in projections(1)]
-    gemms += [(gemm, (SHARD_BATCH,), {SHARD_LAYOUT: LAYOUTS[SHARD_LAYOUT]})
+    gemms += [(gemm, (SHARD_BATCH,), {BLOCK_LAYOUT: LAYOUTS[BLOCK_LAYOUT]})
               for tp in SHARDS for gemm in projections(tp)]
     for (name, k, n), batches, layouts in gemms:
         weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
@@ -206,7 +209,7 @@ def mode_rows() -> list[list[object]]:
     for tp in (1, *SHARDS):
         for name, k, n in projections(tp):
             weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
-            q, scales = quantize_fp8(weight, *LAYOUTS[SHARD_LAYOUT])
+            q, scales = quantize_fp8(weight, *LAYOUTS[BLOCK_LAYOUT])
             for batch in MODE_BATCHES:
                 x = torch.randn(batch, k, device="cuda", dtype=torch.bfloat16)
                 bf16_ms = _ms(functools.partial(F.linear, x, weight))
