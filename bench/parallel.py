@@ -20,7 +20,7 @@ Rows marked "eager glue" run the norms, rotary embeddings and activations as sep
 (`MSA_SERVE_COMPILE=0`), as before `worker/layers/fused.py`: the fusion's effect, same run.
 
 Usage (CUDA): python -m bench.parallel [--gpus 2] [--moe-layers 2] [--skip-expert-parallel]
-                                       [--profile] [--out-dir DIR]
+                                       [--profile] [--out-dir DIR] [--resume FILE]
 """
 
 from __future__ import annotations
@@ -236,12 +236,27 @@ def _steps_report(results: dict, moe_layers: int, out_dir: Path | None) -> None:
              "fp32 block scales, activations quantized per token group (decode batches on "
              "the Triton W8A8 GEMM, prefill chunks on cuBLASLt's block-scaled FP8 GEMM; each "
              "GEMM against bf16: bench/results/fp8_picks_<gpu>.md).")
-    if any(setup.expert_parallel for setup in results):
-        notes += (" 'TP N + EP' deals whole experts to ranks; tensor parallel inside the "
-                  "experts ('TP N') is faster at every shape here, so it stays the default.")
+    notes += _expert_parallel_note(results)
     write_results(f"parallel_{torch.cuda.get_device_name().split()[-1].lower()}",
                   "MiniMax-M3 across GPUs: tensor and expert parallel, FP8 weights",
                   f"## Steps\n\n{markdown_table(header, rows)}", notes, out_dir)
+
+
+def _expert_parallel_note(results: dict) -> str:
+    """How expert parallel ('TP N + EP') fares against tensor parallel inside the experts at the
+    same ranks, counted over every decode shape and the prefill: the measurement behind
+    `model.expert_parallel`'s default (off)."""
+    keys = ["prefill_s"] + [f"decode_ms_{r}x{c}" for r, c in DECODE_SHAPES]
+    pairs = [(results[setup], results[Setup(setup.size, False, False)])
+             for setup in results if setup.expert_parallel
+             and Setup(setup.size, False, False) in results]
+    if not pairs:
+        return ""
+    ratios = [ep[key] / tp[key] for ep, tp in pairs for key in keys]
+    faster = sum(ratio < 1 for ratio in ratios)
+    return (" 'TP N + EP' deals whole experts to ranks (bf16); against tensor parallel inside "
+            f"the experts ('TP N bf16', same ranks) it is faster at {faster} of {len(ratios)} "
+            f"step shapes, its steps taking {min(ratios):.2f}-{max(ratios):.2f}x as long.")
 
 
 def _short_kernel_name(name: str) -> str:
@@ -297,23 +312,32 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--skip-expert-parallel", action="store_true")
     parser.add_argument("--out-dir", type=Path, default=None)
+    parser.add_argument("--resume", type=Path, default=None,
+                        help="JSON of finished setups: read first (those are not run again), "
+                             "written after each setup, so a run cut short goes on from there")
     args = parser.parse_args()
     if args.profile:
         setups = [Setup(s, False, fp8) for fp8 in (False, True) for s in (1, args.gpus)]
     else:
         sizes = [s for s in (1, 2, 4) if s <= args.gpus]
-        setups = [Setup(s, False, False) for s in sizes]
-        setups += [Setup(s, False, False, compiled=False) for s in (1, sizes[-1])]
+        setups = [Setup(s, False, fp8) for fp8 in (False, True) for s in sizes]
         if not args.skip_expert_parallel:
             setups += [Setup(s, True, False) for s in sizes if s > 1]
-        setups += [Setup(s, False, True) for s in sizes]
+        setups += [Setup(s, False, False, compiled=False) for s in (1, sizes[-1])]
+    finished = json.loads(args.resume.read_text()) if args.resume and args.resume.exists() else {}
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         dirs = _write_configs(Path(tmp), args.moe_layers)
         for i, setup in enumerate(setups):
+            if setup.name in finished and not args.profile:
+                results[setup] = finished[setup.name]
+                continue
             results[setup] = run_setup(setup, dirs[setup.fp8], 29500 + i, args.profile)
             if not args.profile:
                 print(setup.name, results[setup], flush=True)
+                if args.resume:
+                    finished[setup.name] = results[setup]
+                    args.resume.write_text(json.dumps(finished, indent=1))
     report = _profile_report if args.profile else _steps_report
     report(results, args.moe_layers, args.out_dir)
 
