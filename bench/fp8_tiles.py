@@ -64,7 +64,8 @@ DECODE_BATCHES, PREFILL_BATCHES = (8, 64), (256, 4096)
 # (cols, depth, warps, stages, K splits), each in both modes (W8A8 and weight-only).
 DECODE_TILES = ([(cols, 128, 4, 6, split) for cols in (64, 128) for split in (1, 2, 4, 8)]
                 + [(cols, 128, 4, 4, split) for cols in (32, 64) for split in (2, 4)]
-                + [(64, 256, 4, 4, split) for split in (1, 2, 4)])
+                + [(64, 256, 4, 4, split) for split in (1, 2, 4)]
+                + [(64, 128, 4, 3, split) for split in (1, 2, 4, 8)])
 PREFILL_TILES = [(128, 128, 8, 3, 1), (128, 128, 4, 4, 1), (256, 128, 8, 3, 1),
                  (64, 128, 4, 4, 1)]
 MODES = {True: "W8A8", False: "weight-only"}
@@ -256,7 +257,8 @@ def main() -> None:
                   "baseline MXFP8's weight-only picks are measured against). 'cuBLASLt': "
                   "F.scaled_mm with 1 x 128 activation and 128 x 128 weight scales, the same "
                   "quantization of x included. 'weight-only': x stays "
-                  "bf16 and each e4m3 weight tile is scaled into bf16 in registers. Dense "
+                  "bf16 and each e4m3 weight tile is scaled into bf16 in registers, the "
+                  "operands swapped (kernels/fp8_weight_only_gemm.py). Dense "
                   "bf16: cuBLAS (F.linear); experts bf16: the same grouped GEMM with bf16 "
                   "weights and its own pick of tile. Random weights, random routing; CUDA-graph "
                   "replays, median.",

@@ -1,37 +1,30 @@
-"""Triton: y = x @ W^T for an e4m3 weight W with block scales, in one of two modes.
+"""Triton: y = x @ W^T for an e4m3 weight W with block scales, W8A8, and the dispatch of every
+dense FP8 GEMM.
 
-- W8A8 (block-scaled weights, at every batch): the activations are quantized per token in groups
-  as wide as a weight block along K (`kernels.fp8_quantize`, dynamic scales as FP8
-  checkpoints run); each K tile then is one e4m3 x e4m3 tensor-core product, scaled by the
-  rows' activation scales and the columns' weight scales and summed in fp32. On Hopper the
-  e4m3 tiles come through tensor descriptors (the bulk copy engine) where rows are 16-byte
-  aligned.
-- Weight-only (MXFP8's 32-wide scale groups, too narrow for e4m3 tensor-core K tiles): x stays
-  in its own dtype and each weight tile is scaled into it in registers, so the products chain
-  in one accumulator and no kernel quantizes x first.
-
-Either way the weights go from memory as stored: decode GEMMs read every weight byte for a few
-rows, so half the bytes of bf16 is the aim.
+W8A8 (block-scaled weights, at every batch): the activations are quantized per token in groups
+as wide as a weight block along K (`kernels.fp8_quantize`, dynamic scales as FP8 checkpoints
+run); each K tile then is one e4m3 x e4m3 tensor-core product, scaled by the rows' activation
+scales and the columns' weight scales and summed in fp32. On Hopper the e4m3 tiles come through
+tensor descriptors (the bulk copy engine) where rows are 16-byte aligned. The weights go from
+memory as stored: decode GEMMs read every weight byte for a few rows, so half the bytes of bf16
+is the aim.
 
 Decode-sized GEMMs (few rows) may split K over `split_k` programs per output tile, so a
 projection whose column tiles are fewer than the GPU's multiprocessors still keeps all of them
-streaming weights. Each split writes fp32 partial sums; the split that arrives last (an atomic
-count per output tile) adds them in split order, so the result does not depend on which
-finished first, and resets the count for the next launch (CUDA-graph replays included). The
-counts are one buffer per device: the GEMMs run on one stream, one after another.
+streaming weights (`triton_layout.store_split_k` adds the splits deterministically).
 
 Many rows of a W8A8 GEMM with DeepSeek-style weights (128 x 128 fp32 block scales) on Hopper
 go to cuBLASLt's block-scaled FP8 GEMM instead (`F.scaled_mm`, 1 x 128 activation scales by
 128 x 128 weight scales): the same math, and faster than this kernel from a few hundred rows
 (bench/results/fp8_picks_<gpu>.md), and from 64 rows in GEMMs 8K to 16K wide. The Triton
-kernel keeps decode-sized GEMMs, MXFP8 and the layouts cuBLASLt does not take.
+kernel keeps decode-sized GEMMs and the layouts cuBLASLt does not take.
 
-Which mode a GEMM takes is `reference.fp8_weight_only`; the math of each is
-`reference.fp8_weight_only_linear` and `reference.fp8_w8a8_linear`."""
+Weight-only GEMMs (MXFP8's 32-wide scale groups, too narrow for e4m3 tensor-core K tiles) run
+`kernels.fp8_weight_only_gemm`. Which mode a GEMM takes is `reference.fp8_weight_only`; the
+math of each is `reference.fp8_weight_only_linear` and `reference.fp8_w8a8_linear`."""
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -41,17 +34,20 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.fp8_quantize import quantize_activations
+from kernels.fp8_weight_only_gemm import fp8_weight_only_linear
 from kernels.reference import BlockScales, fp8_weight_only
 from kernels.triton_layout import (
-    dequantized_weight_tile,
+    MAX_SPLIT_TILES,
     fp8_depth,
     multiprocessors,
     scaled_e4m3_dot,
+    sm_major,
+    split_arrival_counts,
+    store_split_k,
+    tma_loads,
     weight_block_scales,
 )
 
-# Output tiles one launch may split over K: the size of each device's arrival counts.
-_MAX_SPLIT_TILES = 1 << 16
 # Rows from which a block-scaled W8A8 GEMM on Hopper runs on cuBLASLt (fp8_picks_h200.md: the
 # Triton kernel wins at 64 rows on projections up to 8192 wide and on those so wide that their
 # 64-column tiles give every multiprocessor 3 programs, such as the stacked gate/up at TP 1;
@@ -64,12 +60,11 @@ _CUBLAS_BLOCK, _CUBLAS_PAD = 128, 4
 
 
 @triton.jit
-def _fp8_linear_kernel(
+def _fp8_w8a8_kernel(
     x, xs, w, scale, out, partials, arrivals, m, n, k, stride_xm, stride_xsm, stride_wn,
     stride_sn, stride_sk, stride_om,
-    SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, E8M0: tl.constexpr, QUANTIZED_X: tl.constexpr,
-    TMA: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, E8M0: tl.constexpr, TMA: tl.constexpr,
+    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -91,41 +86,20 @@ def _fp8_linear_kernel(
                         other=0.0)
             b = tl.load(w_cols + ks[:, None], mask=(ks[:, None] < k) & (cols[None, :] < n),
                         other=0.0)
-        if QUANTIZED_X:
-            a_scale = tl.load(xs_rows + k0 // SCALE_K, mask=rows < m, other=0.0)
-            b_scale = weight_block_scales(scale, cols, k0, n, stride_sn, stride_sk, SCALE_N,
-                                          SCALE_K, E8M0)
-            acc += scaled_e4m3_dot(a, b, a_scale, b_scale, BLOCK_K)
-        else:
-            if BLOCK_K < 16:  # tensor-core products need K >= 16
-                a = a.to(tl.float32)
-            b = dequantized_weight_tile(b, scale, k0, cols, n, k, stride_sn, stride_sk,
-                                        SCALE_N, SCALE_K, E8M0, BLOCK_K, a.dtype)
-            acc = tl.dot(a, b, acc)
-    out_mask = (rows[:, None] < m) & (cols[None, :] < n)
-    out_offsets = rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
-    if SPLIT_K == 1:
-        tl.store(out + out_offsets, acc.to(out.dtype.element_ty), mask=out_mask)
-    else:
-        # Partials are [SPLIT_K, m, n] with out's row stride (n).
-        tl.store(partials + tl.program_id(2) * m * n + out_offsets, acc, mask=out_mask)
-        # Every thread's partial is stored before the count moves (acq_rel at GPU scope).
-        tl.debug_barrier()
-        tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-        if tl.atomic_add(arrivals + tile, 1, sem="acq_rel") == SPLIT_K - 1:
-            total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for split in range(SPLIT_K):
-                # .cg reads from L2, where the other programs' stores landed.
-                total += tl.load(partials + split * m * n + out_offsets, mask=out_mask,
-                                 cache_modifier=".cg")
-            tl.store(out + out_offsets, total.to(out.dtype.element_ty), mask=out_mask)
-            tl.atomic_xchg(arrivals + tile, 0)
+        a_scale = tl.load(xs_rows + k0 // SCALE_K, mask=rows < m, other=0.0)
+        b_scale = weight_block_scales(scale, cols, k0, n, stride_sn, stride_sk, SCALE_N,
+                                      SCALE_K, E8M0)
+        acc += scaled_e4m3_dot(a, b, a_scale, b_scale, BLOCK_K)
+    mask = (rows[:, None] < m) & (cols[None, :] < n)
+    offsets = rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
+    tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    store_split_k(acc, out, partials, arrivals, offsets, mask, tile, m * n, SPLIT_K)
 
 
 @dataclass(frozen=True)
 class GemmTile:
-    rows: int  # BLOCK_M
-    cols: int  # BLOCK_N
+    rows: int  # x's rows per program (BLOCK_M)
+    cols: int  # output columns (the weight's rows) per program (BLOCK_N)
     depth: int  # BLOCK_K before the scale block caps it
     num_warps: int
     num_stages: int
@@ -137,16 +111,16 @@ class GemmTile:
                   weight_only: bool | None = None) -> "GemmTile":
         # Few rows (decode) stream weights: deep pipelines keep loads in flight, and W8A8's K
         # tiles cut short by 32-wide scale groups (MXFP8) take wider column tiles to stay busy.
-        # Weight-only tiles span scale groups, two 128-wide blocks deep where blocks are that
-        # wide, and spread over ~3 programs per multiprocessor (the weight tiles' scaling
-        # into bf16 hides behind the loads of the others). K is split until there are about 3
-        # programs per multiprocessor for up to 16 rows, 6 stages deep in W8A8. W8A8 GEMMs of
-        # 17-64 rows aim at 2 programs per multiprocessor, each split keeping at least 16 K
-        # tiles (each split re-reads x and adds a partial sum), 4 stages deep so that 3 programs
-        # fit on a multiprocessor where the columns alone give that many. Many rows (prefill)
-        # take the tensor cores' large tiles. Tiles were picked by bench/fp8_tiles.py (H200);
-        # the 17-64-row rule is the one closest to each shape's best tile over M3's projections
-        # at TP 1, 2 and 4, the up-to-16-row one beat it there. `weight_only` None: the mode
+        # K is split until there are about 3 programs per multiprocessor for up to 16 rows,
+        # 6 stages deep in W8A8. W8A8 GEMMs of 17-64 rows aim at 2 programs per
+        # multiprocessor, each split keeping at least 16 K tiles (each split re-reads x and
+        # adds a partial sum), 4 stages deep so that 3 programs fit on a multiprocessor where
+        # the columns alone give that many. Weight-only decode tiles (x in bf16 takes more
+        # shared memory than e4m3) are 3 stages deep, so 3 programs fit on a multiprocessor,
+        # and split K the same way. Many rows (prefill) take the tensor cores' large tiles.
+        # Tiles were picked by bench/fp8_tiles.py (H200); the 17-64-row W8A8 rule is the one
+        # closest to each shape's best tile over M3's projections at TP 1, 2 and 4, the
+        # up-to-16-row one beat it there. `weight_only` None: the mode
         # `reference.fp8_weight_only` names.
         if weight_only is None:
             weight_only = fp8_weight_only(scale_block_k)
@@ -157,8 +131,7 @@ class GemmTile:
                 return cls(128, 128, 128, 8, 3, quantize_x=False)
             return cls(128, 64, 128, 4, 4) if narrow_k else cls(128, 128, 128, 8, 3)
         if weight_only:
-            cols, depth, stages, per_sm, split_tiles = (
-                64, 256 if scale_block_k >= 128 else 128, 4, 3, 8)
+            cols, depth, stages, per_sm, split_tiles = 64, 128, 3, 3, 8
             k_tile = depth
         else:
             cols = 128 if narrow_k and m > 8 else 64
@@ -182,42 +155,32 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockScales,
     m = flat.shape[0]
     if tile is None and runs_on_cublas(m, n, k, x, scales):
         return cublas_fp8_linear(flat, weight, scales).view(*x.shape[:-1], n)
+    tile = tile or GemmTile.for_shape(m, n, k, scales.block_k, multiprocessors(x.device))
+    if not tile.quantize_x:
+        return fp8_weight_only_linear(flat, weight, scales, tile).view(*x.shape[:-1], n)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out.view(*x.shape[:-1], n)
-    tile = tile or GemmTile.for_shape(m, n, k, scales.block_k, multiprocessors(x.device))
-    depth = min(tile.depth, max(16, triton.next_power_of_2(k)))
-    tma = tile.quantize_x and _tma_loads(flat, weight)
-    if tile.quantize_x:
-        block_k = fp8_depth(depth, scales.block_k)
-        x_in, x_scales = quantize_activations(flat, scales.block_k)
-    else:
-        # A weight tile is scaled in registers, so it may span several scale groups along K
-        # (MXFP8's 32) as long as they tile it evenly.
-        power_of_two = scales.block_k & (scales.block_k - 1) == 0
-        block_k = depth if power_of_two and scales.block_k < depth else fp8_depth(
-            depth, scales.block_k)
-        x_in, x_scales = flat, flat  # no activation scales
+    block_k = fp8_depth(min(tile.depth, max(16, triton.next_power_of_2(k))), scales.block_k)
+    x_in, x_scales = quantize_activations(flat, scales.block_k)
     grid = (triton.cdiv(m, tile.rows), triton.cdiv(n, tile.cols), tile.split_k)
     if tile.split_k > 1:
-        if grid[0] * grid[1] > _MAX_SPLIT_TILES:
+        if grid[0] * grid[1] > MAX_SPLIT_TILES:
             raise ValueError(f"an FP8 GEMM of {grid[0] * grid[1]} output tiles can't split K")
         partials = torch.empty(tile.split_k, m, n, dtype=torch.float32, device=x.device)
-        arrivals = _arrival_counts(x.device)
     else:
-        partials = arrivals = out  # unused
-    scale = scales.scale
+        partials = out  # unused
     x_arg, w_arg = x_in, weight
+    tma = tma_loads(x_in, weight)
     if tma:
         x_arg = TensorDescriptor.from_tensor(x_in, [tile.rows, block_k])
         w_arg = TensorDescriptor.from_tensor(weight, [tile.cols, block_k])
-    _fp8_linear_kernel[grid](
-        x_arg, x_scales, w_arg, scale, out, partials, arrivals, m, n, k, x_in.stride(0),
-        x_scales.stride(0), weight.stride(0), scale.stride(0), scale.stride(1), out.stride(0),
-        SCALE_N=scales.block_n, SCALE_K=scales.block_k, E8M0=scales.e8m0,
-        QUANTIZED_X=tile.quantize_x, TMA=tma, SPLIT_K=tile.split_k, BLOCK_M=tile.rows,
-        BLOCK_N=tile.cols, BLOCK_K=block_k, num_warps=tile.num_warps,
-        num_stages=tile.num_stages)
+    _fp8_w8a8_kernel[grid](
+        x_arg, x_scales, w_arg, scales.scale, out, partials, split_arrival_counts(x.device), m,
+        n, k, x_in.stride(0), x_scales.stride(0), weight.stride(0), scales.scale.stride(0),
+        scales.scale.stride(1), out.stride(0), SCALE_N=scales.block_n, SCALE_K=scales.block_k,
+        E8M0=scales.e8m0, TMA=tma, SPLIT_K=tile.split_k, BLOCK_M=tile.rows, BLOCK_N=tile.cols,
+        BLOCK_K=block_k, num_warps=tile.num_warps, num_stages=tile.num_stages)
     return out.view(*x.shape[:-1], n)
 
 
@@ -228,7 +191,7 @@ def runs_on_cublas(m: int, n: int, k: int, x: torch.Tensor, scales: BlockScales)
             and scales.block_n == scales.block_k == _CUBLAS_BLOCK and not scales.e8m0
             and k % _CUBLAS_BLOCK == 0 and x.dtype in (torch.bfloat16, torch.float16)
             # cuBLASLt's 128 x 128 block scaling runs on SM90 only (torch refuses it elsewhere).
-            and _sm_major(x.device) == 9)
+            and sm_major(x.device) == 9)
 
 
 def cublas_fp8_linear(flat: torch.Tensor, weight: torch.Tensor,
@@ -245,28 +208,3 @@ def cublas_fp8_linear(flat: torch.Tensor, weight: torch.Tensor,
     product = F.scaled_mm(x_fp8, weight.t(), x_scales, F.ScalingType.BlockWise1x128,
                           w_scales.t(), F.ScalingType.BlockWise128x128, output_dtype=flat.dtype)
     return product[:m]
-
-
-def _tma_loads(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the W8A8 kernel loads its e4m3 tiles through tensor descriptors (the copy engine
-    of Hopper and later, emulated by Triton's interpreter), which bench/results/fp8_picks_<gpu>.md
-    measured faster than pointer loads in decode GEMMs. The engine needs 16-byte aligned rows:
-    the e4m3 x and weight, one byte a value, are K bytes apart."""
-    k = weight.shape[1]
-    aligned = k % 16 == 0 and weight.data_ptr() % 16 == 0 and weight.stride(1) == 1
-    return aligned and (x.device.type == "cpu" or _sm_major(x.device) >= 9)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_major(device: torch.device) -> int:
-    """The device's compute capability major (9: Hopper), 0 off CUDA; asked once per device,
-    not at every GEMM launch."""
-    return torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 0
-
-
-@functools.lru_cache(maxsize=None)
-def _arrival_counts(device: torch.device) -> torch.Tensor:
-    """Each output tile's count of finished K splits: zero between launches (the last split
-    resets it), so one buffer serves every split GEMM on the device, graph replays included."""
-    return torch.zeros(_MAX_SPLIT_TILES, dtype=torch.int32, device=device)
-

@@ -324,24 +324,78 @@ def _scale_values(stored, E8M0: tl.constexpr):
 
 
 @triton.jit
-def dequantized_weight_tile(b, scale_base, k0, cols, n, k, stride_sn, stride_sk,
+def dequantized_weight_rows(w, scale_base, k0, cols, n, k, stride_sn, stride_sk,
                             SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, E8M0: tl.constexpr,
                             BLOCK_K: tl.constexpr, dtype: tl.constexpr):
-    """An e4m3 weight tile b [BLOCK_K, N] (K from k0) times its scales, in `dtype`. The tile
-    lies inside one scale block along K, or spans whole scale groups (SCALE_K divides
-    BLOCK_K)."""
+    """An e4m3 weight tile w [N, BLOCK_K] (the weight's rows `cols`, K from k0) times its scales,
+    in `dtype`. The tile lies inside one scale block along K, or spans whole scale groups
+    (SCALE_K divides BLOCK_K)."""
     if SCALE_K >= BLOCK_K:
         scale = weight_block_scales(scale_base, cols, k0, n, stride_sn, stride_sk, SCALE_N,
                                     SCALE_K, E8M0)
-        return (b.to(tl.float32) * scale[None, :]).to(dtype)
+        return (w.to(tl.float32) * scale[:, None]).to(dtype)
     GROUPS: tl.constexpr = BLOCK_K // SCALE_K
     groups = k0 // SCALE_K + tl.arange(0, GROUPS)
-    offsets = groups[:, None] * stride_sk + (cols // SCALE_N)[None, :] * stride_sn
+    offsets = (cols // SCALE_N)[:, None] * stride_sn + groups[None, :] * stride_sk
     scale = tl.load(scale_base + offsets, other=0.0,
-                    mask=(groups[:, None] < tl.cdiv(k, SCALE_K)) & (cols[None, :] < n))
+                    mask=(cols[:, None] < n) & (groups[None, :] < tl.cdiv(k, SCALE_K)))
     scale = _scale_values(scale, E8M0)
-    grouped = tl.reshape(b.to(tl.float32), (GROUPS, SCALE_K, b.shape[1])) * scale[:, None, :]
-    return tl.reshape(grouped, (BLOCK_K, b.shape[1])).to(dtype)
+    grouped = tl.reshape(w.to(tl.float32), (w.shape[0], GROUPS, SCALE_K)) * scale[:, :, None]
+    return tl.reshape(grouped, (w.shape[0], BLOCK_K)).to(dtype)
+
+
+@triton.jit
+def store_split_k(acc, out, partials, arrivals, offsets, mask, tile, split_stride,
+                  SPLIT_K: tl.constexpr):
+    """Stores an FP8 GEMM program's tile `acc` at out + offsets. With K split over SPLIT_K
+    programs (program_id(2)), each writes its fp32 partial sums to partials + split x
+    split_stride + offsets; the split that arrives last (an atomic count per output tile) adds
+    them in split order, so the result does not depend on which finished first, and resets the
+    count for the next launch (CUDA-graph replays included)."""
+    if SPLIT_K == 1:
+        tl.store(out + offsets, acc.to(out.dtype.element_ty), mask=mask)
+    else:
+        tl.store(partials + tl.program_id(2) * split_stride + offsets, acc, mask=mask)
+        # Every thread's partial is stored before the count moves (acq_rel at GPU scope).
+        tl.debug_barrier()
+        if tl.atomic_add(arrivals + tile, 1, sem="acq_rel") == SPLIT_K - 1:
+            total = tl.zeros(acc.shape, dtype=tl.float32)
+            for split in range(SPLIT_K):
+                # .cg reads from L2, where the other programs' stores landed.
+                total += tl.load(partials + split * split_stride + offsets, mask=mask,
+                                 cache_modifier=".cg")
+            tl.store(out + offsets, total.to(out.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(arrivals + tile, 0)
+
+
+# Output tiles one launch may split over K: the size of each device's arrival counts.
+MAX_SPLIT_TILES = 1 << 16
+
+
+@functools.lru_cache(maxsize=None)
+def split_arrival_counts(device: torch.device) -> torch.Tensor:
+    """Each output tile's count of finished K splits (`store_split_k`): zero between launches
+    (the last split resets it), so one buffer serves every split FP8 GEMM on the device, graph
+    replays included; the GEMMs run on one stream, one after another."""
+    return torch.zeros(MAX_SPLIT_TILES, dtype=torch.int32, device=device)
+
+
+def tma_loads(*tensors: torch.Tensor) -> bool:
+    """Whether a kernel may load these row-major matrices through tensor descriptors (the copy
+    engine of Hopper and later, emulated by Triton's interpreter), which
+    bench/results/fp8_picks_<gpu>.md measured faster than pointer loads in decode GEMMs. The
+    engine needs 16-byte aligned starts and rows."""
+    device = tensors[0].device
+    aligned = all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+                  and t.stride(0) * t.element_size() % 16 == 0 for t in tensors)
+    return aligned and (device.type == "cpu" or sm_major(device) >= 9)
+
+
+@functools.lru_cache(maxsize=None)
+def sm_major(device: torch.device) -> int:
+    """The device's compute capability major (9: Hopper), 0 off CUDA; asked once per device,
+    not at every GEMM launch."""
+    return torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 0
 
 
 @triton.jit

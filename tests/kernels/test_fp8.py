@@ -15,7 +15,7 @@ import torch
 import triton
 
 import kernels
-from kernels import fp8_gemm, reference
+from kernels import fp8_gemm, reference, triton_layout
 from kernels.fp8_gemm import GemmTile
 from kernels.fp8_quantize import quantize_activations
 from kernels.reference import E4M3, dequantize_fp8, quantize_fp8
@@ -81,7 +81,7 @@ def test_fp8_linear_matches_reference(layout, rows, n, k):
     ours = kernels.fp8_linear(x, weight, scales, backend="triton")
     ref = kernels.fp8_linear(x, weight, scales, backend="reference")
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
-    assert fp8_gemm._tma_loads(x, weight) == (k % 16 == 0)
+    assert triton_layout.tma_loads(x, weight) == (k % 16 == 0)
     modes = {True: reference.fp8_w8a8_linear, False: reference.fp8_weight_only_linear}
     # The reference takes the mode the rule names: MXFP8 weight-only, block scales W8A8 at any
     # number of rows.
@@ -97,7 +97,7 @@ def test_fp8_linear_matches_reference(layout, rows, n, k):
             torch.testing.assert_close(fp8_gemm.fp8_linear(x, weight, scales, tile),
                                        mode_ref(x, weight, scales), atol=1e-5, rtol=1e-5)
         # The last split reset every arrival count: the next split GEMM starts from zero.
-        assert not fp8_gemm._arrival_counts(x.device).any()
+        assert not triton_layout.split_arrival_counts(x.device).any()
     act = reference.dequantize_activations(
         *reference.quantize_activations(x, scales.block_k), scales.block_k)
     torch.testing.assert_close(modes[True](x, weight, scales),

@@ -1,0 +1,109 @@
+"""Triton: y = x @ W^T for an e4m3 weight W with block or group scales, weight-only: x stays in
+its own dtype and each weight tile is scaled into it in registers, so no kernel quantizes x
+first. `reference.fp8_weight_only` names the GEMMs that take this mode (MXFP8's 32-wide scale
+groups, too narrow for e4m3 tensor-core K tiles); `reference.fp8_weight_only_linear` is the
+math.
+
+The operands are swapped: a program computes a tile of y^T = W x^T, weight rows by tokens. The
+scaled weight tile is then the tensor cores' first operand, which Hopper's wgmma reads straight
+from registers (the second comes from shared memory only), so the tile is multiplied where it
+was scaled and the K tiles' products chain in one accumulator. With x first, each scaled weight
+tile would go back through shared memory before its product (bench/results/fp8_picks_<gpu>.md
+measured both). x's tokens, the few rows of a decode batch, are the tile's narrow side.
+
+Decode GEMMs split K over several programs per output tile, as the W8A8 kernel does
+(`triton_layout.store_split_k`)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from kernels.reference import BlockScales
+from kernels.triton_layout import (
+    MAX_SPLIT_TILES,
+    dequantized_weight_rows,
+    fp8_depth,
+    split_arrival_counts,
+    store_split_k,
+    tma_loads,
+)
+
+if TYPE_CHECKING:
+    from kernels.fp8_gemm import GemmTile
+
+
+@triton.jit
+def _fp8_weight_only_kernel(
+    x, w, scale, out, partials, arrivals, m, n, k, stride_xm, stride_wn, stride_sn, stride_sk,
+    stride_om,
+    SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, E8M0: tl.constexpr, TMA: tl.constexpr,
+    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Weight-row tiles first in the grid: programs side by side share x's tile in L2.
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    if not TMA:
+        w_rows = w + cols.to(tl.int64)[:, None] * stride_wn
+        x_rows = x + rows.to(tl.int64)[:, None] * stride_xm
+    tiles_per_split = tl.cdiv(tl.cdiv(k, BLOCK_K), SPLIT_K)
+    k_begin = tl.program_id(2) * tiles_per_split * BLOCK_K
+    k_end = tl.minimum(k, k_begin + tiles_per_split * BLOCK_K)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # y^T's tile
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        if TMA:  # x and w are tensor descriptors: zero outside the matrices
+            wt = w.load([tl.program_id(0) * BLOCK_N, k0])
+            xt = x.load([tl.program_id(1) * BLOCK_M, k0])
+        else:
+            ks = k0 + tl.arange(0, BLOCK_K)
+            wt = tl.load(w_rows + ks[None, :], mask=(cols[:, None] < n) & (ks[None, :] < k),
+                         other=0.0)
+            xt = tl.load(x_rows + ks[None, :], mask=(rows[:, None] < m) & (ks[None, :] < k),
+                         other=0.0)
+        wt = dequantized_weight_rows(wt, scale, k0, cols, n, k, stride_sn, stride_sk, SCALE_N,
+                                     SCALE_K, E8M0, BLOCK_K, xt.dtype)
+        acc = tl.dot(wt, xt.T, acc)
+    mask = (cols[:, None] < n) & (rows[None, :] < m)
+    offsets = rows.to(tl.int64)[None, :] * stride_om + cols[:, None]
+    tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    store_split_k(acc, out, partials, arrivals, offsets, mask, tile, m * n, SPLIT_K)
+
+
+def fp8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockScales,
+                           tile: GemmTile) -> torch.Tensor:
+    """x [M, K] (rows contiguous) @ W^T for an e4m3 weight [N, K]: out [M, N] in x's dtype.
+    `tile.rows` are x's rows per program, `tile.cols` the weight's."""
+    m, k = x.shape
+    n = weight.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    depth = min(tile.depth, max(16, triton.next_power_of_2(k)))
+    # A tile is scaled in registers, so it may span several scale groups along K (MXFP8's 32)
+    # as long as they tile it evenly.
+    power_of_two = scales.block_k & (scales.block_k - 1) == 0
+    block_k = depth if power_of_two and scales.block_k < depth else fp8_depth(
+        depth, scales.block_k)
+    grid = (triton.cdiv(n, tile.cols), triton.cdiv(m, tile.rows), tile.split_k)
+    if tile.split_k > 1:
+        if grid[0] * grid[1] > MAX_SPLIT_TILES:
+            raise ValueError(f"an FP8 GEMM of {grid[0] * grid[1]} output tiles can't split K")
+        partials = torch.empty(tile.split_k, m, n, dtype=torch.float32, device=x.device)
+    else:
+        partials = out  # unused
+    x_arg, w_arg = x, weight
+    tma = tma_loads(x, weight)
+    if tma:
+        x_arg = TensorDescriptor.from_tensor(x, [tile.rows, block_k])
+        w_arg = TensorDescriptor.from_tensor(weight, [tile.cols, block_k])
+    _fp8_weight_only_kernel[grid](
+        x_arg, w_arg, scales.scale, out, partials, split_arrival_counts(x.device), m, n, k,
+        x.stride(0), weight.stride(0), scales.scale.stride(0), scales.scale.stride(1),
+        out.stride(0), SCALE_N=scales.block_n, SCALE_K=scales.block_k, E8M0=scales.e8m0,
+        TMA=tma, SPLIT_K=tile.split_k, BLOCK_M=tile.rows, BLOCK_N=tile.cols, BLOCK_K=block_k,
+        num_warps=tile.num_warps, num_stages=tile.num_stages)
+    return out
