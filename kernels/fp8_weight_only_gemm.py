@@ -27,10 +27,10 @@ from kernels.reference import BlockScales
 from kernels.triton_layout import (
     MAX_SPLIT_TILES,
     dequantized_weight_rows,
-    fp8_depth,
     split_arrival_counts,
     store_split_k,
     tma_loads,
+    weight_only_depth,
 )
 
 if TYPE_CHECKING:
@@ -82,12 +82,8 @@ def fp8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockS
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    depth = min(tile.depth, max(16, triton.next_power_of_2(k)))
-    # A tile is scaled in registers, so it may span several scale groups along K (MXFP8's 32)
-    # as long as they tile it evenly.
-    power_of_two = scales.block_k & (scales.block_k - 1) == 0
-    block_k = depth if power_of_two and scales.block_k < depth else fp8_depth(
-        depth, scales.block_k)
+    block_k = weight_only_depth(min(tile.depth, max(16, triton.next_power_of_2(k))),
+                                scales.block_k)
     grid = (triton.cdiv(n, tile.cols), triton.cdiv(m, tile.rows), tile.split_k)
     if tile.split_k > 1:
         if grid[0] * grid[1] > MAX_SPLIT_TILES:

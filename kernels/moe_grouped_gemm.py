@@ -7,9 +7,12 @@ so a decode step reads about the chosen experts' bytes and nothing else, and not
 layout needs the host: the sort, the padding and the tile -> expert map are tensor ops of fixed
 size, so a CUDA graph captures a step whatever the router picks.
 
-FP8 experts (e4m3 with block scales) multiply as `reference.fp8_w8a8_linear` does: the rows are
-quantized per token in groups along K and each K tile is an e4m3 x e4m3 tensor-core product
-scaled by both sides' scales, so a decode step reads half the bytes.
+FP8 experts (e4m3 with block scales) read half the bytes and multiply in the mode
+`reference.fp8_weight_only` names for their scale groups, as the dense FP8 GEMMs do: W8A8
+(block scales) quantizes the rows per token in groups along K, and each K tile is an e4m3 x e4m3
+tensor-core product scaled by both sides' scales; weight-only (MXFP8's 32-wide groups) keeps
+the rows in their dtype and scales each weight tile into it in registers, the operands swapped
+as in `kernels/fp8_weight_only_gemm.py`.
 
 The math is `reference.routed_experts`; `routed_experts` here is the same contract.
 """
@@ -24,12 +27,14 @@ import triton
 import triton.language as tl
 
 from kernels.fp8_quantize import quantize_activations
-from kernels.reference import BlockScales
+from kernels.reference import BlockScales, fp8_weight_only
 from kernels.triton_layout import (
+    dequantized_weight_rows,
     dot_precision,
     fp8_depth,
     scaled_e4m3_dot,
     weight_block_scales,
+    weight_only_depth,
 )
 
 
@@ -79,8 +84,9 @@ def _grouped_gemm_kernel(
     num_pairs, num_experts, n, k, stride_am, stride_asm, stride_we, stride_wn, stride_wk,
     stride_om, stride_se, stride_sn, stride_sk,
     A_ROW_DIV: tl.constexpr, SCALED: tl.constexpr, PRECISION: tl.constexpr,
-    W_FP8: tl.constexpr, SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, E8M0: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    W_FP8: tl.constexpr, WEIGHT_ONLY: tl.constexpr, SCALE_N: tl.constexpr,
+    SCALE_K: tl.constexpr, E8M0: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     tile = tl.program_id(0)
     expert = tl.load(tile_expert + tile)
@@ -93,24 +99,54 @@ def _grouped_gemm_kernel(
     a_row = (pair // A_ROW_DIV).to(tl.int64)
     a_rows = a + a_row[:, None] * stride_am
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    w = weights + expert.to(tl.int64) * stride_we + cols[None, :] * stride_wn
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, k, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(a_rows + ks[None, :], mask=real[:, None] & (ks[None, :] < k), other=0.0)
-        wt = tl.load(w + ks[:, None] * stride_wk, mask=(ks[:, None] < k) & (cols[None, :] < n),
-                     other=0.0)
-        if W_FP8:  # e4m3 rows and weights: scale the tile's product by both sides' scales
-            x_scale = tl.load(a_scale + a_row * stride_asm + k0 // SCALE_K, mask=real, other=0.0)
-            wt_scale = weight_block_scales(w_scale + expert.to(tl.int64) * stride_se, cols, k0,
-                                           n, stride_sn, stride_sk, SCALE_N, SCALE_K, E8M0)
-            acc += scaled_e4m3_dot(x, wt, x_scale, wt_scale, BLOCK_K)
-        else:
-            acc = tl.dot(x, wt, acc, input_precision=PRECISION)
+    expert_weights = weights + expert.to(tl.int64) * stride_we
+    expert_scales = w_scale + expert.to(tl.int64) * stride_se
+    if WEIGHT_ONLY:
+        acc = _weight_only_product(a_rows, real, expert_weights, expert_scales, cols, n, k,
+                                   stride_wn, stride_wk, stride_sn, stride_sk, SCALE_N, SCALE_K,
+                                   E8M0, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        w = expert_weights + cols[None, :] * stride_wn
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, k, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(a_rows + ks[None, :], mask=real[:, None] & (ks[None, :] < k), other=0.0)
+            wt = tl.load(w + ks[:, None] * stride_wk,
+                         mask=(ks[:, None] < k) & (cols[None, :] < n), other=0.0)
+            if W_FP8:  # e4m3 rows and weights: scale the tile's product by both sides' scales
+                x_scale = tl.load(a_scale + a_row * stride_asm + k0 // SCALE_K, mask=real,
+                                  other=0.0)
+                wt_scale = weight_block_scales(expert_scales, cols, k0, n, stride_sn, stride_sk,
+                                               SCALE_N, SCALE_K, E8M0)
+                acc += scaled_e4m3_dot(x, wt, x_scale, wt_scale, BLOCK_K)
+            else:
+                acc = tl.dot(x, wt, acc, input_precision=PRECISION)
     if SCALED:
         acc *= tl.load(row_scale + pair, mask=real, other=0.0)[:, None]
     tl.store(out + pair.to(tl.int64)[:, None] * stride_om + cols[None, :],
              acc.to(out.dtype.element_ty), mask=real[:, None] & (cols[None, :] < n))
+
+
+@triton.jit
+def _weight_only_product(a_rows, real, w, w_scale, cols, n, k, stride_wn, stride_wk, stride_sn,
+                         stride_sk, SCALE_N: tl.constexpr, SCALE_K: tl.constexpr,
+                         E8M0: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The tile's rows [BLOCK_M] times an e4m3 expert's weight rows `cols`, scaled in registers,
+    in fp32 [BLOCK_M, BLOCK_N]. Operands swapped: the scaled weight tile is the tensor cores'
+    register operand and the K tiles' products chain in one accumulator
+    (`kernels/fp8_weight_only_gemm.py` says why)."""
+    w_rows = w + cols.to(tl.int64)[:, None] * stride_wn
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, k, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(a_rows + ks[None, :], mask=real[:, None] & (ks[None, :] < k), other=0.0)
+        wt = tl.load(w_rows + ks[None, :] * stride_wk,
+                     mask=(cols[:, None] < n) & (ks[None, :] < k), other=0.0)
+        wt = dequantized_weight_rows(wt, w_scale, k0, cols, n, k, stride_sn, stride_sk, SCALE_N,
+                                     SCALE_K, E8M0, BLOCK_K, x.dtype)
+        acc = tl.dot(wt, x.T, acc, input_precision=PRECISION)
+    return acc.T
 
 
 @dataclass(frozen=True)
@@ -126,11 +162,15 @@ class TileShape:
         # Decode steps read weights (a few pairs an expert: small row tiles waste nothing but
         # padding, deep K tiles keep loads in flight); prefill chunks are compute-bound and
         # take the tensor cores' big tiles. FP8 experts (`scale_block_k` given) halve the bytes
-        # a decode tile waits for, so small row tiles pay up to batch 64 (256 pairs); 32-wide
-        # scale groups cut their K tiles short and take wider ones; in prefill each K tile's
-        # scaled product is a second accumulator, so FP8 tiles stay under 128 x 128. Chosen by
-        # bench/moe_tiles.py (bf16) and bench/fp8_tiles.py (FP8) at M3's width.
+        # a decode tile waits for, so small row tiles pay up to batch 64 (256 pairs). W8A8's
+        # K tiles cut short by scale groups narrower than 64 take wider column tiles; in
+        # prefill each K tile's scaled product is a second accumulator, so FP8 tiles stay
+        # under 128 x 128. Weight-only experts (MXFP8) hold 64 weight rows a program, the
+        # tensor cores' smallest register operand, 3 stages deep (deeper measured slower).
+        # Chosen by bench/moe_tiles.py (bf16) and bench/fp8_tiles.py (FP8) at M3's width.
         if scale_block_k is not None:
+            if fp8_weight_only(scale_block_k):
+                return cls(16, 64, 128, 4, 3) if pairs <= 256 else cls(128, 64, 128, 4, 3)
             narrow_k = scale_block_k < 64
             if pairs > 256:
                 return cls(64, 128, 128, 4, 4) if narrow_k else cls(128, 128, 128, 8, 3)
@@ -150,17 +190,20 @@ def grouped_gemm(a: torch.Tensor, weights: torch.Tensor, layout: ExpertRows, num
                  scales: BlockScales | None = None) -> torch.Tensor:
     """out [num_pairs, N]: row p = a[p // a_row_div] @ weights[expert of p].T (x row_scale[p]).
     Rows of pairs whose expert is on another rank are left unwritten: zeros if `zeroed`.
-    `scales`: the weights are e4m3 with these block scales (and `a` is quantized to match)."""
+    `scales`: the weights are e4m3 with these block scales (W8A8: `a` is quantized to match)."""
     num_experts, n, k = weights.shape
     out = (torch.zeros if zeroed else torch.empty)(num_pairs, n, dtype=a.dtype, device=a.device)
     block_n = min(shape.cols, max(16, triton.next_power_of_2(n)))
     block_k = min(shape.depth, max(16, triton.next_power_of_2(k)))
-    if scales is not None:
+    weight_only = scales is not None and fp8_weight_only(scales.block_k)
+    a_scale = w_scale = weights  # unused unless the weights are e4m3
+    if weight_only:
+        block_k = weight_only_depth(block_k, scales.block_k)
+        w_scale = scales.scale
+    elif scales is not None:
         block_k = fp8_depth(block_k, scales.block_k)
         a, a_scale = quantize_activations(a, scales.block_k)
         w_scale = scales.scale
-    else:
-        a_scale = w_scale = weights  # unused
     grid = (layout.tile_expert.numel(), triton.cdiv(n, block_n))
     _grouped_gemm_kernel[grid](
         a, a_scale, weights, out, layout.rows, layout.tile_expert,
@@ -169,7 +212,8 @@ def grouped_gemm(a: torch.Tensor, weights: torch.Tensor, layout: ExpertRows, num
         weights.stride(1), weights.stride(2), out.stride(0),
         *(w_scale.stride() if scales else (0, 0, 0)),
         A_ROW_DIV=a_row_div, SCALED=row_scale is not None, PRECISION=dot_precision(out.dtype),
-        W_FP8=scales is not None, SCALE_N=scales.block_n if scales else 1,
+        W_FP8=scales is not None, WEIGHT_ONLY=weight_only,
+        SCALE_N=scales.block_n if scales else 1,
         SCALE_K=scales.block_k if scales else 1, E8M0=bool(scales and scales.e8m0),
         BLOCK_M=layout.tile_rows, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=shape.num_warps, num_stages=shape.num_stages)

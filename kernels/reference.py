@@ -294,7 +294,8 @@ def routed_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     w2 [E, H, I]; route_weights [T, top_k] (fp32); chosen int [T, top_k] expert ids in [0, E],
     where E marks a choice of an expert held elsewhere (expert parallelism): it adds nothing.
     Each expert that was chosen runs once on its tokens, so CPU steps cost the chosen experts
-    only. FP8 experts (`*_scales` given) multiply as `fp8_w8a8_linear` does.
+    only. FP8 experts (`*_scales` given) multiply as `fp8_linear` does: weight-only or W8A8 as
+    `fp8_weight_only` says for their scale groups.
     """
     top_k = chosen.shape[1]
     flat = chosen.flatten()
@@ -318,7 +319,7 @@ def _expert_linear(x: torch.Tensor, weights: torch.Tensor, scales: BlockScales |
                    expert: int) -> torch.Tensor:
     if scales is None:
         return F.linear(x, weights[expert])
-    return fp8_w8a8_linear(x, weights[expert], scales.expert(expert))
+    return fp8_linear(x, weights[expert], scales.expert(expert))
 
 
 # -- FP8 weights ----------------------------------------------------------------------------------

@@ -410,3 +410,12 @@ def scaled_e4m3_dot(a, b, a_scale, b_scale, BLOCK_K: tl.constexpr):
 def fp8_depth(depth: int, scale_block_k: int) -> int:
     """The deepest K tile up to `depth` that stays inside one scale block."""
     return min(depth, scale_block_k & -scale_block_k)  # largest power of two dividing it
+
+
+def weight_only_depth(depth: int, scale_block_k: int) -> int:
+    """A weight-only GEMM's K tile up to `depth` (a power of two): its scales are applied in
+    registers, so it may span several scale groups along K (MXFP8's 32) as long as they tile
+    it evenly."""
+    if scale_block_k & (scale_block_k - 1) == 0 and scale_block_k < depth:
+        return depth
+    return fp8_depth(depth, scale_block_k)
