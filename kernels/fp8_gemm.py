@@ -31,20 +31,20 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.fp8_quantize import quantize_activations
 from kernels.fp8_weight_only_gemm import fp8_weight_only_linear
 from kernels.reference import BlockScales, fp8_weight_only
 from kernels.triton_layout import (
-    MAX_SPLIT_TILES,
     fp8_depth,
+    gemm_operands,
     multiprocessors,
     scaled_e4m3_dot,
     sm_major,
     split_arrival_counts,
+    split_k_partials,
+    split_k_range,
     store_split_k,
-    tma_loads,
     weight_block_scales,
 )
 
@@ -72,9 +72,7 @@ def _fp8_w8a8_kernel(
         x_rows = x + rows.to(tl.int64)[:, None] * stride_xm
         w_cols = w + cols.to(tl.int64)[None, :] * stride_wn
     xs_rows = xs + rows.to(tl.int64) * stride_xsm
-    tiles_per_split = tl.cdiv(tl.cdiv(k, BLOCK_K), SPLIT_K)
-    k_begin = tl.program_id(2) * tiles_per_split * BLOCK_K
-    k_end = tl.minimum(k, k_begin + tiles_per_split * BLOCK_K)
+    k_begin, k_end = split_k_range(k, BLOCK_K, SPLIT_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         if TMA:  # x and w are tensor descriptors: zero outside the matrices
@@ -164,21 +162,11 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockScales,
     block_k = fp8_depth(min(tile.depth, max(16, triton.next_power_of_2(k))), scales.block_k)
     x_in, x_scales = quantize_activations(flat, scales.block_k)
     grid = (triton.cdiv(m, tile.rows), triton.cdiv(n, tile.cols), tile.split_k)
-    if tile.split_k > 1:
-        if grid[0] * grid[1] > MAX_SPLIT_TILES:
-            raise ValueError(f"an FP8 GEMM of {grid[0] * grid[1]} output tiles can't split K")
-        partials = torch.empty(tile.split_k, m, n, dtype=torch.float32, device=x.device)
-    else:
-        partials = out  # unused
-    x_arg, w_arg = x_in, weight
-    tma = tma_loads(x_in, weight)
-    if tma:
-        x_arg = TensorDescriptor.from_tensor(x_in, [tile.rows, block_k])
-        w_arg = TensorDescriptor.from_tensor(weight, [tile.cols, block_k])
+    x_arg, w_arg, tma = gemm_operands(x_in, weight, tile.rows, tile.cols, block_k)
     _fp8_w8a8_kernel[grid](
-        x_arg, x_scales, w_arg, scales.scale, out, partials, split_arrival_counts(x.device), m,
-        n, k, x_in.stride(0), x_scales.stride(0), weight.stride(0), scales.scale.stride(0),
-        scales.scale.stride(1), out.stride(0), SCALE_N=scales.block_n, SCALE_K=scales.block_k,
+        x_arg, x_scales, w_arg, scales.scale, out, split_k_partials(grid, m, out),
+        split_arrival_counts(x.device), m, n, k, x_in.stride(0), x_scales.stride(0),
+        weight.stride(0), scales.scale.stride(0), scales.scale.stride(1), out.stride(0), SCALE_N=scales.block_n, SCALE_K=scales.block_k,
         E8M0=scales.e8m0, TMA=tma, SPLIT_K=tile.split_k, BLOCK_M=tile.rows, BLOCK_N=tile.cols,
         BLOCK_K=block_k, num_warps=tile.num_warps, num_stages=tile.num_stages)
     return out.view(*x.shape[:-1], n)

@@ -21,15 +21,15 @@ from typing import TYPE_CHECKING
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.reference import BlockScales
 from kernels.triton_layout import (
-    MAX_SPLIT_TILES,
     dequantized_weight_rows,
+    gemm_operands,
     split_arrival_counts,
+    split_k_partials,
+    split_k_range,
     store_split_k,
-    tma_loads,
     weight_only_depth,
 )
 
@@ -50,9 +50,7 @@ def _fp8_weight_only_kernel(
     if not TMA:
         w_rows = w + cols.to(tl.int64)[:, None] * stride_wn
         x_rows = x + rows.to(tl.int64)[:, None] * stride_xm
-    tiles_per_split = tl.cdiv(tl.cdiv(k, BLOCK_K), SPLIT_K)
-    k_begin = tl.program_id(2) * tiles_per_split * BLOCK_K
-    k_end = tl.minimum(k, k_begin + tiles_per_split * BLOCK_K)
+    k_begin, k_end = split_k_range(k, BLOCK_K, SPLIT_K)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # y^T's tile
     for k0 in range(k_begin, k_end, BLOCK_K):
         if TMA:  # x and w are tensor descriptors: zero outside the matrices
@@ -85,19 +83,10 @@ def fp8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockS
     block_k = weight_only_depth(min(tile.depth, max(16, triton.next_power_of_2(k))),
                                 scales.block_k)
     grid = (triton.cdiv(n, tile.cols), triton.cdiv(m, tile.rows), tile.split_k)
-    if tile.split_k > 1:
-        if grid[0] * grid[1] > MAX_SPLIT_TILES:
-            raise ValueError(f"an FP8 GEMM of {grid[0] * grid[1]} output tiles can't split K")
-        partials = torch.empty(tile.split_k, m, n, dtype=torch.float32, device=x.device)
-    else:
-        partials = out  # unused
-    x_arg, w_arg = x, weight
-    tma = tma_loads(x, weight)
-    if tma:
-        x_arg = TensorDescriptor.from_tensor(x, [tile.rows, block_k])
-        w_arg = TensorDescriptor.from_tensor(weight, [tile.cols, block_k])
+    x_arg, w_arg, tma = gemm_operands(x, weight, tile.rows, tile.cols, block_k)
     _fp8_weight_only_kernel[grid](
-        x_arg, w_arg, scales.scale, out, partials, split_arrival_counts(x.device), m, n, k,
+        x_arg, w_arg, scales.scale, out, split_k_partials(grid, m, out),
+        split_arrival_counts(x.device), m, n, k,
         x.stride(0), weight.stride(0), scales.scale.stride(0), scales.scale.stride(1),
         out.stride(0), SCALE_N=scales.block_n, SCALE_K=scales.block_k, E8M0=scales.e8m0,
         TMA=tma, SPLIT_K=tile.split_k, BLOCK_M=tile.rows, BLOCK_N=tile.cols, BLOCK_K=block_k,

@@ -345,6 +345,15 @@ def dequantized_weight_rows(w, scale_base, k0, cols, n, k, stride_sn, stride_sk,
 
 
 @triton.jit
+def split_k_range(k, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """[k_begin, k_end): this program's share of K (program_id(2) of SPLIT_K), whole K tiles;
+    the last share may be short or empty."""
+    tiles_per_split = tl.cdiv(tl.cdiv(k, BLOCK_K), SPLIT_K)
+    k_begin = tl.program_id(2) * tiles_per_split * BLOCK_K
+    return k_begin, tl.minimum(k, k_begin + tiles_per_split * BLOCK_K)
+
+
+@triton.jit
 def store_split_k(acc, out, partials, arrivals, offsets, mask, tile, split_stride,
                   SPLIT_K: tl.constexpr):
     """Stores an FP8 GEMM program's tile `acc` at out + offsets. With K split over SPLIT_K
@@ -378,6 +387,29 @@ def split_arrival_counts(device: torch.device) -> torch.Tensor:
     (the last split resets it), so one buffer serves every split FP8 GEMM on the device, graph
     replays included; the GEMMs run on one stream, one after another."""
     return torch.zeros(MAX_SPLIT_TILES, dtype=torch.int32, device=device)
+
+
+def split_k_partials(grid: tuple[int, int, int], m: int, out: torch.Tensor) -> torch.Tensor:
+    """fp32 partial sums [split_k, m, n] for an FP8 GEMM launched on `grid` (row tiles, column
+    tiles, K splits) into `out` [m, n] (`store_split_k`); `out` itself where K is not split (the
+    kernel does not touch it then)."""
+    tiles, split_k = grid[0] * grid[1], grid[2]
+    if split_k == 1:
+        return out
+    if tiles > MAX_SPLIT_TILES:
+        raise ValueError(f"an FP8 GEMM of {tiles} output tiles can't split K")
+    return torch.empty(split_k, m, out.shape[1], dtype=torch.float32, device=out.device)
+
+
+def gemm_operands(x: torch.Tensor, weight: torch.Tensor, x_rows: int, weight_rows: int,
+                  block_k: int) -> tuple[object, object, bool]:
+    """x and the weight as a GEMM kernel loads them: tensor descriptors of [x_rows, block_k] and
+    [weight_rows, block_k] tiles where `tma_loads` allows, else the tensors themselves (pointer
+    loads); and whether they are descriptors."""
+    if not tma_loads(x, weight):
+        return x, weight, False
+    return (TensorDescriptor.from_tensor(x, [x_rows, block_k]),
+            TensorDescriptor.from_tensor(weight, [weight_rows, block_k]), True)
 
 
 def tma_loads(*tensors: torch.Tensor) -> bool:
