@@ -162,8 +162,10 @@ class VisionConfig:
 class FP8Config:
     """FP8 weights as a checkpoint's `quantization_config` describes them (transformers'
     FineGrainedFP8Config): e4m3 weights, one scale per [block_n, block_k] block of each
-    matrix, fp32 scales or e8m0 powers of two (MXFP8: [1, 32] groups); activations quantized
-    per token as the GEMMs run ("dynamic", the only activation scheme). Projections named in
+    matrix, fp32 scales or e8m0 powers of two (MXFP8: [1, 32] groups). Activations are
+    quantized per token group as the GEMMs run ("dynamic", the only activation scheme read),
+    except where the scale groups are as narrow as MXFP8's: those GEMMs keep the activations in
+    the model's dtype (`reference.fp8_weight_only`). Projections named in
     `modules_to_not_convert` (MiniMax's `ignored_layers`), the LM head, the router and the
     vision tower stay in the model's dtype."""
 
