@@ -166,9 +166,10 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockScales,
     _fp8_w8a8_kernel[grid](
         x_arg, x_scales, w_arg, scales.scale, out, split_k_partials(grid, m, out),
         split_arrival_counts(x.device), m, n, k, x_in.stride(0), x_scales.stride(0),
-        weight.stride(0), scales.scale.stride(0), scales.scale.stride(1), out.stride(0), SCALE_N=scales.block_n, SCALE_K=scales.block_k,
-        E8M0=scales.e8m0, TMA=tma, SPLIT_K=tile.split_k, BLOCK_M=tile.rows, BLOCK_N=tile.cols,
-        BLOCK_K=block_k, num_warps=tile.num_warps, num_stages=tile.num_stages)
+        weight.stride(0), scales.scale.stride(0), scales.scale.stride(1), out.stride(0),
+        SCALE_N=scales.block_n, SCALE_K=scales.block_k, E8M0=scales.e8m0, TMA=tma,
+        SPLIT_K=tile.split_k, BLOCK_M=tile.rows, BLOCK_N=tile.cols, BLOCK_K=block_k,
+        num_warps=tile.num_warps, num_stages=tile.num_stages)
     return out.view(*x.shape[:-1], n)
 
 

@@ -285,9 +285,8 @@ def dot_precision(dtype: torch.dtype) -> str:
 # runs under the other part's scan: 0.97-1.03x (8 x 128K, Hq 64: 127.6 -> 125.9 us at best).
 # Finding each attention row's sequence before the wait (the step's layout is no kernel's
 # output), so that it overlaps the rule: decode steps 0.3-1.3% faster, not worth the exception.
-@functools.lru_cache(maxsize=None)
 def dependent_launch(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    return sm_major(device) >= 9
 
 
 @triton.jit
