@@ -5,14 +5,14 @@ For each projection, layout (128 x 128 fp32 block scales; MXFP8 1 x 32 e8m0) and
 for each projection's TP 2 and TP 4 shard at batch 64, every candidate tile of the Triton GEMM
 in both modes (W8A8: x quantized to e4m3 first; weight-only: x stays bf16) runs the whole FP8
 linear and the table gives the best one, today's pick, the W8A8 pick (the baseline of MXFP8's
-weight-only picks), cuBLASLt's block-scaled FP8 GEMM (128 x
-128 blocks, with our activation quantization) and bf16 (cuBLAS for dense projections, the
-grouped GEMM for the experts), all in CUDA-graph replays, so a better pick shows as a ratio
-above today's. The activation quantization kernel is also timed alone (part of every W8A8
-time).
+weight-only picks), the cuBLAS path (cuBLASLt's block-scaled FP8 GEMM for 128 x 128 blocks,
+with our activation quantization; for MXFP8, the weight dequantized to bf16, then cuBLAS) and
+bf16 (cuBLAS for dense projections, the grouped GEMM for the experts), all in CUDA-graph
+replays, so a better pick shows as a ratio above today's. The activation quantization kernel is
+also timed alone (part of every W8A8 time).
 
-`--picks-only` times only today's pick, the W8A8 pick and cuBLASLt (no sweep of tiles) and
-writes fp8_picks_<gpu>.md: the figures the goals are about, in a few minutes.
+`--picks-only` times only today's pick, the W8A8 pick and the cuBLAS path (no sweep of tiles)
+and writes fp8_picks_<gpu>.md: the figures the goals are about, in a few minutes.
 
 `--modes` times weight-only against W8A8 at 1-16 rows (fp8_modes_<gpu>.md): the measurement
 behind `reference.fp8_weight_only`.
@@ -32,7 +32,14 @@ import triton
 import triton.testing
 
 from bench.common import markdown_table, write_results
-from kernels.fp8_gemm import GemmTile, cublas_fp8_linear, fp8_linear, runs_on_cublas
+from kernels.fp8_gemm import (
+    GemmTile,
+    cublas_fp8_linear,
+    dequantized_linear,
+    fp8_linear,
+    runs_dequantized,
+    runs_on_cublas,
+)
 from kernels.fp8_quantize import quantize_activations
 from kernels.moe_grouped_gemm import ExpertRows, TileShape, grouped_gemm
 from kernels.reference import fp8_weight_only, fp8_weight_only_linear, quantize_fp8
@@ -60,7 +67,8 @@ BLOCK_LAYOUT = "128x128"
 # tile rule was fitted on.
 SHARDS, SHARD_BATCH = (2, 4), 64
 MODE_BATCHES = (1, 2, 4, 8, 16)
-DECODE_BATCHES, PREFILL_BATCHES = (8, 64), (256, 4096)
+# 128-1024 rows: where a GEMM leaves its decode kernel for cuBLAS.
+DECODE_BATCHES, PREFILL_BATCHES = (8, 64), (128, 256, 1024, 4096)
 # (cols, depth, warps, stages, K splits), each in both modes (W8A8 and weight-only).
 DECODE_TILES = ([(cols, 128, 4, 6, split) for cols in (64, 128) for split in (1, 2, 4, 8)]
                 + [(cols, 128, 4, 4, split) for cols in (32, 64) for split in (2, 4)]
@@ -69,7 +77,7 @@ DECODE_TILES = ([(cols, 128, 4, 6, split) for cols in (64, 128) for split in (1,
 PREFILL_TILES = [(128, 128, 8, 3, 1), (128, 128, 4, 4, 1), (256, 128, 8, 3, 1),
                  (64, 128, 4, 4, 1)]
 MODES = {True: "W8A8", False: "weight-only"}
-CUBLAS = "cuBLASLt"
+CUBLAS, DEQUANTIZED = "cuBLASLt", "dequantized + cuBLAS"
 EXPERT_TILES = [TileShape(rows, cols, 128, 4, stages) for rows in (16, 32, 64)
                 for cols in (32, 64, 128) for stages in (3, 4, 6)]
 EXPERT_PREFILL_TILES = [TileShape(128, 128, 128, 8, 3), TileShape(128, 128, 64, 8, 3),
@@ -112,6 +120,8 @@ def _experts(x, chosen, first, second, shape: TileShape) -> torch.Tensor:
 def _dense_fp8(x, q, scales, candidate: GemmTile | str) -> torch.Tensor:
     if candidate == CUBLAS:
         return cublas_fp8_linear(x, q, scales)
+    if candidate == DEQUANTIZED:
+        return dequantized_linear(x, q, scales)
     return fp8_linear(x, q, scales, candidate)
 
 
@@ -146,14 +156,18 @@ def dense_rows(sweep: bool) -> list[list[object]]:
                     for candidate in (DECODE_TILES if batch <= 64 else PREFILL_TILES)
                     for mode in MODES if sweep]
                 tiles = list(dict.fromkeys(tiles))
-                if scales.block_k == 128:  # cuBLASLt takes 128 x 128 blocks only
-                    tiles.append(CUBLAS)
+                # cuBLASLt's FP8 GEMM takes 128 x 128 blocks only; weight-only layouts reach
+                # cuBLAS through a dequantized weight.
+                library = CUBLAS if scales.block_k == 128 else DEQUANTIZED
+                tiles.append(library)
                 times = _best(tiles, functools.partial(_dense_fp8, x, q, scales), reference,
                               tolerance=5e-2)
-                cublas = ([f"{times[CUBLAS] * 1e3:.1f}", f"{bf16_ms / times[CUBLAS]:.2f}x"]
-                          if CUBLAS in times else ["", ""])
+                cublas = ([f"{times[library] * 1e3:.1f}", f"{bf16_ms / times[library]:.2f}x"]
+                          if library in times else ["", ""])
                 if runs_on_cublas(batch, n, k, x, scales):
                     picked = CUBLAS
+                elif runs_dequantized(batch, scales):
+                    picked = DEQUANTIZED
                 best = min(times, key=times.get)
                 rows.append([name, f"{k} -> {n}", batch, layout, f"{bf16_ms * 1e3:.1f}",
                              f"{times[w8a8] * 1e3:.1f}", f"{bf16_ms / times[w8a8]:.2f}x",
@@ -247,7 +261,7 @@ def main() -> None:
     sweep = not args.picks_only
     table = markdown_table(
         ["GEMM", "shape", "rows", "FP8 layout", "bf16 (us)", "W8A8 (us)", "vs bf16",
-         "of which quantizing x (us)", "cuBLASLt (us)", "vs bf16", "today's pick",
+         "of which quantizing x (us)", "cuBLAS path (us)", "vs bf16", "today's pick",
          "today's pick (us)", "vs bf16",
          "best (mode, N x K, warps, stages, K splits)", "best (us)", "vs bf16"],
         dense_rows(sweep) + expert_rows(sweep))
@@ -257,9 +271,11 @@ def main() -> None:
                   "'W8A8': the Triton kernel's e4m3 x e4m3 products with x quantized per token "
                   "by a kernel of its own (timed alone in 'of which quantizing x', included in "
                   "the W8A8 times), with the tile the K-split rule picks for that mode (the "
-                  "baseline MXFP8's weight-only picks are measured against). 'cuBLASLt': "
-                  "F.scaled_mm with 1 x 128 activation and 128 x 128 weight scales, the same "
-                  "quantization of x included. 'weight-only': x stays "
+                  "baseline MXFP8's weight-only picks are measured against). 'cuBLAS path': "
+                  "for 128 x 128 blocks cuBLASLt's F.scaled_mm with 1 x 128 activation and "
+                  "128 x 128 weight scales, the same quantization of x included; for MXFP8 "
+                  "the weight dequantized to bf16 by kernels/fp8_dequantize.py, then cuBLAS "
+                  "(F.linear), both timed. 'weight-only': x stays "
                   "bf16 and each e4m3 weight tile is scaled into bf16 in registers, the "
                   "operands swapped (kernels/fp8_weight_only_gemm.py). Dense "
                   "bf16: cuBLAS (F.linear); experts bf16: the same grouped GEMM with bf16 "

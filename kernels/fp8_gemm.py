@@ -20,8 +20,11 @@ go to cuBLASLt's block-scaled FP8 GEMM instead (`F.scaled_mm`, 1 x 128 activatio
 kernel keeps decode-sized GEMMs and the layouts cuBLASLt does not take.
 
 Weight-only GEMMs (MXFP8's 32-wide scale groups, too narrow for e4m3 tensor-core K tiles) run
-`kernels.fp8_weight_only_gemm`. Which mode a GEMM takes is `reference.fp8_weight_only`; the
-math of each is `reference.fp8_weight_only_linear` and `reference.fp8_w8a8_linear`."""
+`kernels.fp8_weight_only_gemm` up to a few hundred rows; with more (prefill chunks) the weight is
+dequantized into x's dtype in one pass (`kernels.fp8_dequantize`, held for this GEMM only) and
+multiplied by cuBLAS, which beats scaling each weight tile again for every tile of rows. Which
+mode a GEMM takes is `reference.fp8_weight_only`; the math of each is
+`reference.fp8_weight_only_linear` and `reference.fp8_w8a8_linear`."""
 
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.fp8_dequantize import dequantize_weight
 from kernels.fp8_quantize import quantize_activations
 from kernels.fp8_weight_only_gemm import fp8_weight_only_linear
 from kernels.reference import BlockScales, fp8_weight_only
@@ -54,6 +58,11 @@ from kernels.triton_layout import (
 # cuBLASLt between, such as the stacked q/k/v at TP 1 and gate/up at TP 2, and at 256 rows
 # and prefill chunks).
 CUBLAS_MIN_ROWS, CUBLAS_WIDE_MIN_ROWS, CUBLAS_WIDE_COLS = 65, 64, range(8193, 16385)
+# Rows from which a weight-only GEMM dequantizes its weight and runs cuBLAS: any GEMM with more
+# rows than a decode tile holds (fp8_picks_h200.md: from 128 rows this is faster on most of M3's
+# projections at TP 1 and on all at TP 4, and the in-register kernel's many-row tile costs as
+# much at 65 rows as at 128).
+DEQUANTIZED_MIN_ROWS = 65
 # cuBLASLt's block-scaled GEMM takes whole 128-wide blocks, token counts and K blocks in
 # multiples of 4 (we pad both).
 _CUBLAS_BLOCK, _CUBLAS_PAD = 128, 4
@@ -153,6 +162,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockScales,
     m = flat.shape[0]
     if tile is None and runs_on_cublas(m, n, k, x, scales):
         return cublas_fp8_linear(flat, weight, scales).view(*x.shape[:-1], n)
+    if tile is None and runs_dequantized(m, scales):
+        return dequantized_linear(flat, weight, scales).view(*x.shape[:-1], n)
     tile = tile or GemmTile.for_shape(m, n, k, scales.block_k, multiprocessors(x.device))
     if not tile.quantize_x:
         return fp8_weight_only_linear(flat, weight, scales, tile).view(*x.shape[:-1], n)
@@ -181,6 +192,17 @@ def runs_on_cublas(m: int, n: int, k: int, x: torch.Tensor, scales: BlockScales)
             and k % _CUBLAS_BLOCK == 0 and x.dtype in (torch.bfloat16, torch.float16)
             # cuBLASLt's 128 x 128 block scaling runs on SM90 only (torch refuses it elsewhere).
             and sm_major(x.device) == 9)
+
+
+def runs_dequantized(m: int, scales: BlockScales) -> bool:
+    """Whether `fp8_linear` dequantizes the weight and hands this GEMM to cuBLAS."""
+    return m >= DEQUANTIZED_MIN_ROWS and fp8_weight_only(scales.block_k)
+
+
+def dequantized_linear(flat: torch.Tensor, weight: torch.Tensor,
+                       scales: BlockScales) -> torch.Tensor:
+    """flat @ W^T, the weight dequantized into flat's dtype for this product only."""
+    return F.linear(flat, dequantize_weight(weight, scales, flat.dtype))
 
 
 def cublas_fp8_linear(flat: torch.Tensor, weight: torch.Tensor,

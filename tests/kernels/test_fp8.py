@@ -16,6 +16,7 @@ import triton
 
 import kernels
 from kernels import fp8_gemm, reference, triton_layout
+from kernels.fp8_dequantize import dequantize_weight
 from kernels.fp8_gemm import GemmTile
 from kernels.fp8_quantize import quantize_activations
 from kernels.reference import E4M3, dequantize_fp8, quantize_fp8
@@ -107,6 +108,31 @@ def test_fp8_linear_matches_reference(layout, rows, n, k):
     assert ref.abs().max() > 0.1
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_dequantized_weight_is_exactly_the_references(layout):
+    weight, scales = _fp8_weight(96, 152, layout, seed=3)
+    assert torch.equal(dequantize_weight(weight, scales, torch.float32),
+                       dequantize_fp8(weight, scales))
+    if scales.e8m0:  # e4m3 values times powers of two are exact in bf16 too (no rounding)
+        ours = dequantize_weight(weight, scales, torch.bfloat16)
+        assert ours.dtype == torch.bfloat16
+        assert torch.equal(ours.float(), dequantize_fp8(weight, scales))
+
+
+def test_many_row_weight_only_gemms_dequantize_the_weight_once():
+    rows = fp8_gemm.DEQUANTIZED_MIN_ROWS
+    x = torch.randn(rows, 160, generator=torch.Generator().manual_seed(2))
+    for layout in LAYOUTS:
+        weight, scales = _fp8_weight(96, 160, layout, seed=4)
+        weight_only = reference.fp8_weight_only(scales.block_k)
+        assert fp8_gemm.runs_dequantized(rows, scales) == weight_only
+        assert not fp8_gemm.runs_dequantized(rows - 1, scales)
+        if weight_only:
+            torch.testing.assert_close(kernels.fp8_linear(x, weight, scales, backend="triton"),
+                                       reference.fp8_weight_only_linear(x, weight, scales),
+                                       atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("layout", [(16, 16, False), (1, 32, True)])
 def test_grouped_gemm_with_fp8_experts_matches_reference(layout):
     x, w13, w2, weights, chosen = _layer(40, 8, 4, 64, 32, seed=5)
@@ -149,6 +175,8 @@ def test_fp8_gemms_at_m3_width_on_the_gpu(layout, rows):
     # Prefill-sized block-scaled GEMMs go to cuBLASLt on Hopper (130 rows: padded to 132), and
     # 64-row ones 8K to 16K wide (the stacked q/k/v at TP 1, gate/up at TP 2).
     hopper = torch.cuda.get_device_capability()[0] == 9
+    assert fp8_gemm.runs_dequantized(rows, scales) == (
+        rows >= fp8_gemm.DEQUANTIZED_MIN_ROWS and layout == (1, 32, True))
     for width, min_rows in ((4096, 65), (9856, 64), (24576, 65)):
         assert fp8_gemm.runs_on_cublas(rows, width, 6144, x, scales) == (
             hopper and rows >= min_rows and layout == (128, 128, False))
