@@ -25,7 +25,6 @@ import triton.language as tl
 from kernels.reference import BlockScales
 from kernels.triton_layout import (
     dequantized_weight_rows,
-    gemm_operands,
     split_arrival_counts,
     split_k_partials,
     split_k_range,
@@ -41,27 +40,25 @@ if TYPE_CHECKING:
 def _fp8_weight_only_kernel(
     x, w, scale, out, partials, arrivals, m, n, k, stride_xm, stride_wn, stride_sn, stride_sk,
     stride_om,
-    SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, E8M0: tl.constexpr, TMA: tl.constexpr,
-    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, E8M0: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Weight-row tiles first in the grid: programs side by side share x's tile in L2.
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    if not TMA:
-        w_rows = w + cols.to(tl.int64)[:, None] * stride_wn
-        x_rows = x + rows.to(tl.int64)[:, None] * stride_xm
+    w_rows = w + cols.to(tl.int64)[:, None] * stride_wn
+    x_rows = x + rows.to(tl.int64)[:, None] * stride_xm
     k_begin, k_end = split_k_range(k, BLOCK_K, SPLIT_K)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # y^T's tile
     for k0 in range(k_begin, k_end, BLOCK_K):
-        if TMA:  # x and w are tensor descriptors: zero outside the matrices
-            wt = w.load([tl.program_id(0) * BLOCK_N, k0])
-            xt = x.load([tl.program_id(1) * BLOCK_M, k0])
-        else:
-            ks = k0 + tl.arange(0, BLOCK_K)
-            wt = tl.load(w_rows + ks[None, :], mask=(cols[:, None] < n) & (ks[None, :] < k),
-                         other=0.0)
-            xt = tl.load(x_rows + ks[None, :], mask=(rows[:, None] < m) & (ks[None, :] < k),
-                         other=0.0)
+        # Pointer loads, not tensor descriptors: with descriptors (TMA) Triton 3.6's pipelined
+        # loop now and then summed garbage on an H200 (5 of 20,145 launches over M3's decode
+        # shapes, none with pointer loads; bench/results/fp8_picks_h200.md).
+        ks = k0 + tl.arange(0, BLOCK_K)
+        wt = tl.load(w_rows + ks[None, :], mask=(cols[:, None] < n) & (ks[None, :] < k),
+                     other=0.0)
+        xt = tl.load(x_rows + ks[None, :], mask=(rows[:, None] < m) & (ks[None, :] < k),
+                     other=0.0)
         wt = dequantized_weight_rows(wt, scale, k0, cols, n, k, stride_sn, stride_sk, SCALE_N,
                                      SCALE_K, E8M0, BLOCK_K, xt.dtype)
         acc = tl.dot(wt, xt.T, acc)
@@ -83,12 +80,11 @@ def fp8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockS
     block_k = weight_only_depth(min(tile.depth, max(16, triton.next_power_of_2(k))),
                                 scales.block_k)
     grid = (triton.cdiv(n, tile.cols), triton.cdiv(m, tile.rows), tile.split_k)
-    x_arg, w_arg, tma = gemm_operands(x, weight, tile.rows, tile.cols, block_k)
     _fp8_weight_only_kernel[grid](
-        x_arg, w_arg, scales.scale, out, split_k_partials(grid, m, out),
+        x, weight, scales.scale, out, split_k_partials(grid, m, out),
         split_arrival_counts(x.device), m, n, k,
         x.stride(0), weight.stride(0), scales.scale.stride(0), scales.scale.stride(1),
         out.stride(0), SCALE_N=scales.block_n, SCALE_K=scales.block_k, E8M0=scales.e8m0,
-        TMA=tma, SPLIT_K=tile.split_k, BLOCK_M=tile.rows, BLOCK_N=tile.cols, BLOCK_K=block_k,
+        SPLIT_K=tile.split_k, BLOCK_M=tile.rows, BLOCK_N=tile.cols, BLOCK_K=block_k,
         num_warps=tile.num_warps, num_stages=tile.num_stages)
     return out
