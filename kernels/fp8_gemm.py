@@ -124,7 +124,8 @@ class GemmTile:
         # adds a partial sum), 4 stages deep so that 3 programs fit on a multiprocessor where
         # the columns alone give that many. Weight-only decode tiles (x in bf16 takes more
         # shared memory than e4m3) are 3 stages deep, so 3 programs fit on a multiprocessor,
-        # and split K the same way. Many rows (prefill) take the tensor cores' large tiles.
+        # and split K the same way. Many rows (prefill) take the tensor cores' large tiles
+        # (`fp8_linear` runs weight-only GEMMs of that many rows dequantized on cuBLAS instead).
         # Tiles were picked by bench/fp8_tiles.py (H200); the 17-64-row W8A8 rule is the one
         # closest to each shape's best tile over M3's projections at TP 1, 2 and 4, the
         # up-to-16-row one beat it there. `weight_only` None: the mode
