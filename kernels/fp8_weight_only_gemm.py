@@ -24,12 +24,12 @@ import triton.language as tl
 
 from kernels.reference import BlockScales
 from kernels.triton_layout import (
-    dequantized_weight_rows,
     split_arrival_counts,
     split_k_partials,
     split_k_range,
     store_split_k,
     weight_only_depth,
+    weight_only_product,
 )
 
 if TYPE_CHECKING:
@@ -49,19 +49,12 @@ def _fp8_weight_only_kernel(
     w_rows = w + cols.to(tl.int64)[:, None] * stride_wn
     x_rows = x + rows.to(tl.int64)[:, None] * stride_xm
     k_begin, k_end = split_k_range(k, BLOCK_K, SPLIT_K)
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # y^T's tile
-    for k0 in range(k_begin, k_end, BLOCK_K):
-        # Pointer loads, not tensor descriptors: with descriptors (TMA) Triton 3.6's pipelined
-        # loop now and then summed garbage on an H200 (5 of 20,145 launches over M3's decode
-        # shapes, none with pointer loads; bench/results/fp8_picks_h200.md).
-        ks = k0 + tl.arange(0, BLOCK_K)
-        wt = tl.load(w_rows + ks[None, :], mask=(cols[:, None] < n) & (ks[None, :] < k),
-                     other=0.0)
-        xt = tl.load(x_rows + ks[None, :], mask=(rows[:, None] < m) & (ks[None, :] < k),
-                     other=0.0)
-        wt = dequantized_weight_rows(wt, scale, k0, cols, n, k, stride_sn, stride_sk, SCALE_N,
-                                     SCALE_K, E8M0, BLOCK_K, xt.dtype)
-        acc = tl.dot(wt, xt.T, acc)
+    # Pointer loads, not tensor descriptors: with descriptors (TMA) Triton 3.6's pipelined loop
+    # now and then summed garbage on an H200 (5 of 20,145 launches over M3's decode shapes, none
+    # with pointer loads; bench/results/fp8_picks_h200.md).
+    acc = weight_only_product(x_rows, rows < m, w_rows, 1, scale, cols, n, k, k_begin, k_end,
+                              stride_sn, stride_sk, SCALE_N, SCALE_K, E8M0, None, BLOCK_M,
+                              BLOCK_N, BLOCK_K)  # y^T's tile
     mask = (cols[:, None] < n) & (rows[None, :] < m)
     offsets = rows.to(tl.int64)[None, :] * stride_om + cols[:, None]
     tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)

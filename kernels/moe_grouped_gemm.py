@@ -29,12 +29,12 @@ import triton.language as tl
 from kernels.fp8_quantize import quantize_activations
 from kernels.reference import BlockScales, fp8_weight_only
 from kernels.triton_layout import (
-    dequantized_weight_rows,
     dot_precision,
     fp8_depth,
     scaled_e4m3_dot,
     weight_block_scales,
     weight_only_depth,
+    weight_only_product,
 )
 
 
@@ -102,9 +102,10 @@ def _grouped_gemm_kernel(
     expert_weights = weights + expert.to(tl.int64) * stride_we
     expert_scales = w_scale + expert.to(tl.int64) * stride_se
     if WEIGHT_ONLY:
-        acc = _weight_only_product(a_rows, real, expert_weights, expert_scales, cols, n, k,
-                                   stride_wn, stride_wk, stride_sn, stride_sk, SCALE_N, SCALE_K,
-                                   E8M0, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        w_rows = expert_weights + cols.to(tl.int64)[:, None] * stride_wn
+        acc = weight_only_product(a_rows, real, w_rows, stride_wk, expert_scales, cols, n, k, 0,
+                                  k, stride_sn, stride_sk, SCALE_N, SCALE_K, E8M0, PRECISION,
+                                  BLOCK_M, BLOCK_N, BLOCK_K).T
     else:
         w = expert_weights + cols[None, :] * stride_wn
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -125,28 +126,6 @@ def _grouped_gemm_kernel(
         acc *= tl.load(row_scale + pair, mask=real, other=0.0)[:, None]
     tl.store(out + pair.to(tl.int64)[:, None] * stride_om + cols[None, :],
              acc.to(out.dtype.element_ty), mask=real[:, None] & (cols[None, :] < n))
-
-
-@triton.jit
-def _weight_only_product(a_rows, real, w, w_scale, cols, n, k, stride_wn, stride_wk, stride_sn,
-                         stride_sk, SCALE_N: tl.constexpr, SCALE_K: tl.constexpr,
-                         E8M0: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The tile's rows [BLOCK_M] times an e4m3 expert's weight rows `cols`, scaled in registers,
-    in fp32 [BLOCK_M, BLOCK_N]. Operands swapped: the scaled weight tile is the tensor cores'
-    register operand and the K tiles' products chain in one accumulator
-    (`kernels/fp8_weight_only_gemm.py` says why)."""
-    w_rows = w + cols.to(tl.int64)[:, None] * stride_wn
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    for k0 in range(0, k, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(a_rows + ks[None, :], mask=real[:, None] & (ks[None, :] < k), other=0.0)
-        wt = tl.load(w_rows + ks[None, :] * stride_wk,
-                     mask=(cols[:, None] < n) & (ks[None, :] < k), other=0.0)
-        wt = dequantized_weight_rows(wt, w_scale, k0, cols, n, k, stride_sn, stride_sk, SCALE_N,
-                                     SCALE_K, E8M0, BLOCK_K, x.dtype)
-        acc = tl.dot(wt, x.T, acc, input_precision=PRECISION)
-    return acc.T
 
 
 @dataclass(frozen=True)
