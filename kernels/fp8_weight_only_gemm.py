@@ -12,7 +12,9 @@ tile would go back through shared memory before its product (bench/results/fp8_p
 measured both). x's tokens, the few rows of a decode batch, are the tile's narrow side.
 
 Decode GEMMs split K over several programs per output tile, as the W8A8 kernel does
-(`triton_layout.store_split_k`)."""
+(`triton_layout.store_split_k`). The weight loads through pointers; x's tile comes through a
+tensor descriptor (the bulk copy engine) when a batch fills the 64-row decode tile
+(`loads_x_by_descriptor`)."""
 
 from __future__ import annotations
 
@@ -24,10 +26,12 @@ import triton.language as tl
 
 from kernels.reference import BlockScales
 from kernels.triton_layout import (
+    TensorDescriptor,
     split_arrival_counts,
     split_k_partials,
     split_k_range,
     store_split_k,
+    tma_loads,
     weight_only_depth,
     weight_only_product,
 )
@@ -35,26 +39,29 @@ from kernels.triton_layout import (
 if TYPE_CHECKING:
     from kernels.fp8_gemm import GemmTile
 
+# Rows from which x's tile loads through a tensor descriptor: at 64 rows, a full decode tile,
+# descriptor loads ran faster on every M3 projection at TP 1, 2 and 4; at 1-33 rows pointer
+# loads, which skip the tile's missing rows, ran as fast or faster (fp8_picks_h200.md).
+X_DESC_MIN_ROWS = 64
+
 
 @triton.jit
 def _fp8_weight_only_kernel(
     x, w, scale, out, partials, arrivals, m, n, k, stride_xm, stride_wn, stride_sn, stride_sk,
     stride_om,
-    SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, E8M0: tl.constexpr, SPLIT_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, E8M0: tl.constexpr, X_DESC: tl.constexpr,
+    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Weight-row tiles first in the grid: programs side by side share x's tile in L2.
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     w_rows = w + cols.to(tl.int64)[:, None] * stride_wn
-    x_rows = x + rows.to(tl.int64)[:, None] * stride_xm
+    row0 = tl.program_id(1) * BLOCK_M
+    x_rows = x if X_DESC else x + rows.to(tl.int64)[:, None] * stride_xm
     k_begin, k_end = split_k_range(k, BLOCK_K, SPLIT_K)
-    # Pointer loads, not tensor descriptors: with descriptors (TMA) Triton 3.6's pipelined loop
-    # now and then summed garbage on an H200 (5 of 20,145 launches over M3's decode shapes, none
-    # with pointer loads; bench/results/fp8_picks_h200.md).
-    acc = weight_only_product(x_rows, rows < m, w_rows, 1, scale, cols, n, k, k_begin, k_end,
-                              stride_sn, stride_sk, SCALE_N, SCALE_K, E8M0, None, BLOCK_M,
-                              BLOCK_N, BLOCK_K)  # y^T's tile
+    acc = weight_only_product(x_rows, rows < m, row0, w_rows, 1, scale, cols, n, k, k_begin,
+                              k_end, stride_sn, stride_sk, SCALE_N, SCALE_K, E8M0, None, X_DESC,
+                              BLOCK_M, BLOCK_N, BLOCK_K)  # y^T's tile
     mask = (cols[:, None] < n) & (rows[None, :] < m)
     offsets = rows.to(tl.int64)[None, :] * stride_om + cols[:, None]
     tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
@@ -73,11 +80,18 @@ def fp8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockS
     block_k = weight_only_depth(min(tile.depth, max(16, triton.next_power_of_2(k))),
                                 scales.block_k)
     grid = (triton.cdiv(n, tile.cols), triton.cdiv(m, tile.rows), tile.split_k)
+    x_desc = loads_x_by_descriptor(x)
+    x_arg = TensorDescriptor.from_tensor(x, [tile.rows, block_k]) if x_desc else x
     _fp8_weight_only_kernel[grid](
-        x, weight, scales.scale, out, split_k_partials(grid, m, out),
+        x_arg, weight, scales.scale, out, split_k_partials(grid, m, out),
         split_arrival_counts(x.device), m, n, k,
         x.stride(0), weight.stride(0), scales.scale.stride(0), scales.scale.stride(1),
         out.stride(0), SCALE_N=scales.block_n, SCALE_K=scales.block_k, E8M0=scales.e8m0,
-        SPLIT_K=tile.split_k, BLOCK_M=tile.rows, BLOCK_N=tile.cols, BLOCK_K=block_k,
+        X_DESC=x_desc, SPLIT_K=tile.split_k, BLOCK_M=tile.rows, BLOCK_N=tile.cols, BLOCK_K=block_k,
         num_warps=tile.num_warps, num_stages=tile.num_stages)
     return out
+
+
+def loads_x_by_descriptor(x: torch.Tensor) -> bool:
+    """Whether `fp8_weight_only_linear` loads x [M, K] through a tensor descriptor."""
+    return x.shape[0] >= X_DESC_MIN_ROWS and tma_loads(x)

@@ -103,9 +103,9 @@ def _grouped_gemm_kernel(
     expert_scales = w_scale + expert.to(tl.int64) * stride_se
     if WEIGHT_ONLY:
         w_rows = expert_weights + cols.to(tl.int64)[:, None] * stride_wn
-        acc = weight_only_product(a_rows, real, w_rows, stride_wk, expert_scales, cols, n, k, 0,
-                                  k, stride_sn, stride_sk, SCALE_N, SCALE_K, E8M0, PRECISION,
-                                  BLOCK_M, BLOCK_N, BLOCK_K).T
+        acc = weight_only_product(a_rows, real, 0, w_rows, stride_wk, expert_scales, cols, n, k,
+                                  0, k, stride_sn, stride_sk, SCALE_N, SCALE_K, E8M0, PRECISION,
+                                  False, BLOCK_M, BLOCK_N, BLOCK_K).T
     else:
         w = expert_weights + cols[None, :] * stride_wn
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)

@@ -344,23 +344,32 @@ def dequantized_weight_rows(w, scale_base, k0, cols, n, k, stride_sn, stride_sk,
 
 
 @triton.jit
-def weight_only_product(x_rows, x_real, w_rows, stride_wk, scale_base, cols, n, k, k_begin,
-                        k_end, stride_sn, stride_sk, SCALE_N: tl.constexpr,
+def weight_only_product(x_rows, x_real, x_row0, w_rows, stride_wk, scale_base, cols, n, k,
+                        k_begin, k_end, stride_sn, stride_sk, SCALE_N: tl.constexpr,
                         SCALE_K: tl.constexpr, E8M0: tl.constexpr, PRECISION: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                        X_DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
     """Weight-only FP8 products over K in [k_begin, k_end), operands swapped: the fp32 tile
     [BLOCK_N, BLOCK_M] of y^T = W x^T for the e4m3 weight rows `cols` (`w_rows`: their starts,
-    K elements `stride_wk` apart) and the rows of x starting at `x_rows` (contiguous along K;
-    `x_real` masks the tile's rows that exist). Each weight tile is scaled into x's dtype in
-    registers, where it is the tensor cores' register operand, so the K tiles' products chain
-    in one accumulator (`kernels/fp8_weight_only_gemm.py` says why). PRECISION: `tl.dot`'s
-    input precision (None: Triton's default)."""
+    K elements `stride_wk` apart) and BLOCK_M rows of x: with X_DESC, `x_rows` is x's tensor
+    descriptor and x_row0 the first row (zero past x's end); else `x_rows` holds the rows'
+    starts (contiguous along K) and `x_real` masks the rows that exist. Each weight tile is
+    scaled into x's dtype in registers, where it is the tensor cores' register operand, so the
+    K tiles' products chain in one accumulator (`kernels/fp8_weight_only_gemm.py` says why).
+    The weight always loads through pointers: Triton 3.6's pipelined loop summed garbage now
+    and then when a descriptor-loaded tile was scaled in registers (fp8_picks_h200.md); x's
+    tile goes to the tensor cores as loaded. PRECISION: `tl.dot`'s input precision (None:
+    Triton's default)."""
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         wt = tl.load(w_rows + ks[None, :] * stride_wk,
                      mask=(cols[:, None] < n) & (ks[None, :] < k), other=0.0)
-        xt = tl.load(x_rows + ks[None, :], mask=x_real[:, None] & (ks[None, :] < k), other=0.0)
+        if X_DESC:
+            xt = x_rows.load([x_row0, k0])
+        else:
+            xt = tl.load(x_rows + ks[None, :], mask=x_real[:, None] & (ks[None, :] < k),
+                         other=0.0)
         wt = dequantized_weight_rows(wt, scale_base, k0, cols, n, k, stride_sn, stride_sk,
                                      SCALE_N, SCALE_K, E8M0, BLOCK_K, xt.dtype)
         acc = tl.dot(wt, xt.T, acc, input_precision=PRECISION)

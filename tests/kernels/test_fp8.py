@@ -16,7 +16,7 @@ import torch
 import triton
 
 import kernels
-from kernels import fp8_gemm, reference, triton_layout
+from kernels import fp8_gemm, fp8_weight_only_gemm, reference, triton_layout
 from kernels.fp8_dequantize import dequantize_weight
 from kernels.fp8_gemm import GemmTile
 from kernels.fp8_quantize import quantize_activations
@@ -74,7 +74,9 @@ def _fp8_weight(n: int, k: int, layout, seed: int, device="cpu"):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("rows", [1, 37, 130])  # a decode row, a few, a prefill chunk's tiles
+# A decode row, a few, a full decode tile (x through a tensor descriptor in the weight-only
+# kernel), a prefill chunk's tiles.
+@pytest.mark.parametrize("rows", [1, 37, 64, 130])
 # Partial tiles; whole tiles only; rows of e4m3 not 16-byte aligned (pointer loads, not TMA).
 @pytest.mark.parametrize("n,k", [(96, 160), (128, 256), (96, 152)])
 def test_fp8_linear_matches_reference(layout, rows, n, k):
@@ -84,6 +86,9 @@ def test_fp8_linear_matches_reference(layout, rows, n, k):
     ref = kernels.fp8_linear(x, weight, scales, backend="reference")
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
     assert triton_layout.tma_loads(x, weight) == (k % 16 == 0)
+    # fp32 x's rows are 16-byte aligned at every K here: the weight-only kernel's x descriptor
+    # depends on the rows alone.
+    assert fp8_weight_only_gemm.loads_x_by_descriptor(x) == (rows >= 64)
     modes = {True: reference.fp8_w8a8_linear, False: reference.fp8_weight_only_linear}
     # The reference takes the mode the rule names: MXFP8 weight-only, block scales W8A8 at any
     # number of rows.
@@ -195,8 +200,9 @@ def test_fp8_gemms_at_m3_width_on_the_gpu(layout, rows):
             first = fp8_gemm.fp8_linear(x, weight, scales, tile)
             torch.testing.assert_close(first.float(), modes[quantize_x](x.float(), weight, scales),
                                        atol=3e-2, rtol=3e-2)
-            # 33 rows (a partial tile) and 100 replays: where tensor-descriptor loads in the
-            # weight-only kernel once returned garbage now and then.
+            # 33 rows (a partial tile) and 100 replays: where tensor-descriptor loads of the
+            # weight in the weight-only kernel once returned garbage now and then; 64 rows
+            # load x through a descriptor.
             for _ in range(100):
                 assert torch.equal(fp8_gemm.fp8_linear(x, weight, scales, tile), first)
     x, w13, w2, weights, chosen = _layer(rows, 128, 4, 3072, 1024, seed=1, device="cuda",
