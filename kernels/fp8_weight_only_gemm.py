@@ -40,8 +40,9 @@ if TYPE_CHECKING:
     from kernels.fp8_gemm import GemmTile
 
 # Rows from which x's tile loads through a tensor descriptor: at 64 rows, a full decode tile,
-# descriptor loads ran faster on every M3 projection at TP 1, 2 and 4; at 1-33 rows pointer
-# loads, which skip the tile's missing rows, ran as fast or faster (fp8_picks_h200.md).
+# descriptor loads ran faster on 14 of M3's 15 projections and shards at TP 1, 2 and 4 (the
+# 15th tied); at 1-33 rows pointer loads, which skip the tile's missing rows, ran as fast or
+# faster in geometric mean (fp8_picks_h200.md).
 X_DESC_MIN_ROWS = 64
 
 
