@@ -1,0 +1,54 @@
+"""Triton: the K splits of a decode-sized FP8 GEMM added into its output.
+
+An FP8 GEMM whose K is split over several programs per output tile (`fp8_gemm`,
+`fp8_weight_only_gemm`: decode batches, whose column tiles alone are too few programs to keep
+every multiprocessor streaming weights) writes each split's fp32 partial sums
+(`triton_layout.store_split_k`). This kernel adds them in split order, so the sum does not
+depend on which program finished first, and writes the output in its dtype. On Hopper it
+launches while the GEMM runs (programmatic dependent launch) and waits there for the GEMM's
+stores. Summing inside the GEMM instead, by the split that arrived last at a per-tile count,
+held every program until its partial sums had landed (bench/results/fp8_picks_<gpu>.md)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton_layout import dependent_launch, wait_for_previous_kernel
+
+# Output elements per program: a decode GEMM's few hundred thousand sums take a few hundred
+# programs.
+_BLOCK = 2048
+
+
+@triton.jit
+def _sum_splits_kernel(partials, out, total, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
+                       USE_PDL: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < total
+    wait_for_previous_kernel(USE_PDL)  # the GEMM's partial sums
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for split in tl.static_range(SPLIT_K):  # every split's load in flight at once
+        acc += tl.load(partials + split * total + offsets, mask=mask)
+    tl.store(out + offsets, acc.to(out.dtype.element_ty), mask=mask)
+
+
+def split_k_partials(split_k: int, out: torch.Tensor) -> torch.Tensor:
+    """fp32 partial sums [split_k, M, N] for a GEMM into `out` [M, N] with K split `split_k`
+    ways; `out` itself where K is not split (the GEMM then stores its sums there)."""
+    if split_k == 1:
+        return out
+    return torch.empty(split_k, *out.shape, dtype=torch.float32, device=out.device)
+
+
+def sum_splits(partials: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out [M, N] (contiguous) = partials [S, M, N] summed over S in order; nothing to add
+    where `partials` is `out` (K not split)."""
+    if partials is out or out.numel() == 0:
+        return out
+    pdl = dependent_launch(out.device)
+    _sum_splits_kernel[(triton.cdiv(out.numel(), _BLOCK),)](
+        partials, out, out.numel(), SPLIT_K=partials.shape[0], BLOCK=_BLOCK, USE_PDL=pdl,
+        num_warps=4, launch_pdl=pdl)
+    return out
