@@ -11,7 +11,7 @@ is the aim.
 
 Decode-sized GEMMs (few rows) may split K over `split_k` programs per output tile, so a
 projection whose column tiles are fewer than the GPU's multiprocessors still keeps all of them
-streaming weights (`kernels.split_k_sum` adds the splits, in order, after the GEMM).
+streaming weights (`kernels.split_k_sum` says how the splits are added, in order).
 
 Many rows of a W8A8 GEMM with DeepSeek-style weights (128 x 128 fp32 block scales) on Hopper
 go to cuBLASLt's block-scaled FP8 GEMM instead (`F.scaled_mm`, 1 x 128 activation scales by
@@ -39,7 +39,7 @@ from kernels.fp8_dequantize import dequantize_weight
 from kernels.fp8_quantize import quantize_activations
 from kernels.fp8_weight_only_gemm import fp8_weight_only_linear
 from kernels.reference import BlockScales, fp8_weight_only
-from kernels.split_k_sum import split_k_partials, sum_splits
+from kernels.split_k_sum import split_k_partials, sum_splits, sums_in_gemm
 from kernels.triton_layout import (
     dependent_launch,
     fp8_depth,
@@ -47,6 +47,7 @@ from kernels.triton_layout import (
     multiprocessors,
     scaled_e4m3_dot,
     sm_major,
+    split_arrival_counts,
     split_k_range,
     store_split_k,
     weight_block_scales,
@@ -70,11 +71,11 @@ _CUBLAS_BLOCK, _CUBLAS_PAD = 128, 4
 
 @triton.jit
 def _fp8_w8a8_kernel(
-    x, xs, w, scale, out, partials, m, n, k, stride_xm, stride_xsm, stride_wn, stride_sn,
-    stride_sk, stride_om,
+    x, xs, w, scale, out, partials, arrivals, m, n, k, stride_xm, stride_xsm, stride_wn,
+    stride_sn, stride_sk, stride_om,
     SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, E8M0: tl.constexpr, TMA: tl.constexpr,
-    SPLIT_K: tl.constexpr, USE_PDL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, SUM_IN_GEMM: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -100,7 +101,9 @@ def _fp8_w8a8_kernel(
         acc += scaled_e4m3_dot(a, b, a_scale, b_scale, BLOCK_K)
     mask = (rows[:, None] < m) & (cols[None, :] < n)
     offsets = rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
-    store_split_k(acc, out, partials, offsets, mask, m * n, SPLIT_K, USE_PDL)
+    tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    store_split_k(acc, out, partials, arrivals, offsets, mask, tile, m * n, SPLIT_K, SUM_IN_GEMM,
+                  USE_PDL)
 
 
 @dataclass(frozen=True)
@@ -175,15 +178,18 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockScales,
     x_in, x_scales = quantize_activations(flat, scales.block_k)
     grid = (triton.cdiv(m, tile.rows), triton.cdiv(n, tile.cols), tile.split_k)
     x_arg, w_arg, tma = gemm_operands(x_in, weight, tile.rows, tile.cols, block_k)
-    partials = split_k_partials(tile.split_k, out)
+    in_gemm = sums_in_gemm(tile.rows)
+    partials = split_k_partials(grid, out, in_gemm)
     _fp8_w8a8_kernel[grid](
-        x_arg, x_scales, w_arg, scales.scale, out, partials, m, n, k, x_in.stride(0),
-        x_scales.stride(0), weight.stride(0), scales.scale.stride(0), scales.scale.stride(1),
-        out.stride(0), SCALE_N=scales.block_n, SCALE_K=scales.block_k, E8M0=scales.e8m0,
-        TMA=tma, SPLIT_K=tile.split_k, USE_PDL=dependent_launch(x.device), BLOCK_M=tile.rows,
-        BLOCK_N=tile.cols, BLOCK_K=block_k, num_warps=tile.num_warps,
-        num_stages=tile.num_stages)
-    return sum_splits(partials, out).view(*x.shape[:-1], n)
+        x_arg, x_scales, w_arg, scales.scale, out, partials, split_arrival_counts(x.device), m,
+        n, k, x_in.stride(0), x_scales.stride(0), weight.stride(0), scales.scale.stride(0),
+        scales.scale.stride(1), out.stride(0), SCALE_N=scales.block_n, SCALE_K=scales.block_k,
+        E8M0=scales.e8m0, TMA=tma, SPLIT_K=tile.split_k, SUM_IN_GEMM=in_gemm,
+        USE_PDL=dependent_launch(x.device), BLOCK_M=tile.rows, BLOCK_N=tile.cols,
+        BLOCK_K=block_k, num_warps=tile.num_warps, num_stages=tile.num_stages)
+    if not in_gemm:
+        sum_splits(partials, out)
+    return out.view(*x.shape[:-1], n)
 
 
 def runs_on_cublas(m: int, n: int, k: int, x: torch.Tensor, scales: BlockScales) -> bool:

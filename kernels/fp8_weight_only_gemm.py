@@ -25,10 +25,11 @@ import triton
 import triton.language as tl
 
 from kernels.reference import BlockScales
-from kernels.split_k_sum import split_k_partials, sum_splits
+from kernels.split_k_sum import split_k_partials, sum_splits, sums_in_gemm
 from kernels.triton_layout import (
     TensorDescriptor,
     dependent_launch,
+    split_arrival_counts,
     split_k_range,
     store_split_k,
     tma_loads,
@@ -48,10 +49,11 @@ X_DESC_MIN_ROWS = 64
 
 @triton.jit
 def _fp8_weight_only_kernel(
-    x, w, scale, out, partials, m, n, k, stride_xm, stride_wn, stride_sn, stride_sk, stride_om,
+    x, w, scale, out, partials, arrivals, m, n, k, stride_xm, stride_wn, stride_sn, stride_sk,
+    stride_om,
     SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, E8M0: tl.constexpr, X_DESC: tl.constexpr,
-    SPLIT_K: tl.constexpr, USE_PDL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, SUM_IN_GEMM: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Weight-row tiles first in the grid: programs side by side share x's tile in L2.
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -65,7 +67,9 @@ def _fp8_weight_only_kernel(
                               BLOCK_M, BLOCK_N, BLOCK_K)  # y^T's tile
     mask = (cols[:, None] < n) & (rows[None, :] < m)
     offsets = rows.to(tl.int64)[None, :] * stride_om + cols[:, None]
-    store_split_k(acc, out, partials, offsets, mask, m * n, SPLIT_K, USE_PDL)
+    tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    store_split_k(acc, out, partials, arrivals, offsets, mask, tile, m * n, SPLIT_K, SUM_IN_GEMM,
+                  USE_PDL)
 
 
 def fp8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockScales,
@@ -82,14 +86,18 @@ def fp8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockS
     grid = (triton.cdiv(n, tile.cols), triton.cdiv(m, tile.rows), tile.split_k)
     x_desc = loads_x_by_descriptor(x)
     x_arg = TensorDescriptor.from_tensor(x, [tile.rows, block_k]) if x_desc else x
-    partials = split_k_partials(tile.split_k, out)
+    in_gemm = sums_in_gemm(tile.rows)
+    partials = split_k_partials(grid, out, in_gemm)
     _fp8_weight_only_kernel[grid](
-        x_arg, weight, scales.scale, out, partials, m, n, k, x.stride(0), weight.stride(0),
-        scales.scale.stride(0), scales.scale.stride(1), out.stride(0), SCALE_N=scales.block_n,
-        SCALE_K=scales.block_k, E8M0=scales.e8m0, X_DESC=x_desc, SPLIT_K=tile.split_k,
+        x_arg, weight, scales.scale, out, partials, split_arrival_counts(x.device), m, n, k,
+        x.stride(0), weight.stride(0), scales.scale.stride(0), scales.scale.stride(1),
+        out.stride(0), SCALE_N=scales.block_n, SCALE_K=scales.block_k, E8M0=scales.e8m0,
+        X_DESC=x_desc, SPLIT_K=tile.split_k, SUM_IN_GEMM=in_gemm,
         USE_PDL=dependent_launch(x.device), BLOCK_M=tile.rows, BLOCK_N=tile.cols,
         BLOCK_K=block_k, num_warps=tile.num_warps, num_stages=tile.num_stages)
-    return sum_splits(partials, out)
+    if not in_gemm:
+        sum_splits(partials, out)
+    return out
 
 
 def loads_x_by_descriptor(x: torch.Tensor) -> bool:

@@ -3,11 +3,15 @@
 An FP8 GEMM whose K is split over several programs per output tile (`fp8_gemm`,
 `fp8_weight_only_gemm`: decode batches, whose column tiles alone are too few programs to keep
 every multiprocessor streaming weights) writes each split's fp32 partial sums
-(`triton_layout.store_split_k`). This kernel adds them in split order, so the sum does not
-depend on which program finished first, and writes the output in its dtype. On Hopper it
-launches while the GEMM runs (programmatic dependent launch) and waits there for the GEMM's
-stores. Summing inside the GEMM instead, by the split that arrived last at a per-tile count,
-held every program until its partial sums had landed (bench/results/fp8_picks_<gpu>.md)."""
+(`triton_layout.store_split_k`), and they are added in split order, so the sum does not depend
+on which program finished first, in one of two places:
+
+- small partial tiles (up to 16 rows of x): by the split that arrives last at a per-tile count,
+  inside the GEMM; no second launch.
+- larger ones: by this kernel, which on Hopper launches while the GEMM runs (programmatic
+  dependent launch) and waits there for the GEMM's stores. Summed inside the GEMM, a 64-row
+  tile's partials held every program until they had landed, which cost more than the launch
+  (bench/results/fp8_picks_<gpu>.md measured both)."""
 
 from __future__ import annotations
 
@@ -15,8 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_layout import dependent_launch, wait_for_previous_kernel
+from kernels.triton_layout import MAX_SPLIT_TILES, dependent_launch, wait_for_previous_kernel
 
+# Rows of x per tile up to which the GEMM adds its own K splits.
+SUM_IN_GEMM_MAX_ROWS = 16
 # Output elements per program: a decode GEMM's few hundred thousand sums take a few hundred
 # programs.
 _BLOCK = 2048
@@ -34,11 +40,21 @@ def _sum_splits_kernel(partials, out, total, SPLIT_K: tl.constexpr, BLOCK: tl.co
     tl.store(out + offsets, acc.to(out.dtype.element_ty), mask=mask)
 
 
-def split_k_partials(split_k: int, out: torch.Tensor) -> torch.Tensor:
-    """fp32 partial sums [split_k, M, N] for a GEMM into `out` [M, N] with K split `split_k`
-    ways; `out` itself where K is not split (the GEMM then stores its sums there)."""
+def sums_in_gemm(tile_rows: int) -> bool:
+    """Whether a split GEMM with `tile_rows` rows of x per tile adds its K splits itself."""
+    return tile_rows <= SUM_IN_GEMM_MAX_ROWS
+
+
+def split_k_partials(grid: tuple[int, int, int], out: torch.Tensor,
+                     in_gemm: bool) -> torch.Tensor:
+    """fp32 partial sums [split_k, M, N] for a GEMM launched on `grid` (row tiles, column tiles,
+    K splits) into `out` [M, N]; `out` itself where K is not split (the GEMM then stores its
+    sums there). `in_gemm`: the GEMM adds the splits (one arrival count per output tile)."""
+    tiles, split_k = grid[0] * grid[1], grid[2]
     if split_k == 1:
         return out
+    if in_gemm and tiles > MAX_SPLIT_TILES:
+        raise ValueError(f"an FP8 GEMM of {tiles} output tiles can't add its K splits")
     return torch.empty(split_k, *out.shape, dtype=torch.float32, device=out.device)
 
 

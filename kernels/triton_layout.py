@@ -386,16 +386,44 @@ def split_k_range(k, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
 
 
 @triton.jit
-def store_split_k(acc, out, partials, offsets, mask, split_stride, SPLIT_K: tl.constexpr,
-                  USE_PDL: tl.constexpr):
-    """Stores an FP8 GEMM program's tile `acc` at out + offsets; with K split over SPLIT_K
-    programs (program_id(2)), its fp32 partial sums at partials + split x split_stride +
-    offsets instead, which `split_k_sum.sum_splits` adds up (and may launch now)."""
+def store_split_k(acc, out, partials, arrivals, offsets, mask, tile, split_stride,
+                  SPLIT_K: tl.constexpr, SUM_IN_GEMM: tl.constexpr, USE_PDL: tl.constexpr):
+    """Stores an FP8 GEMM program's tile `acc` at out + offsets. With K split over SPLIT_K
+    programs (program_id(2)), each writes its fp32 partial sums to partials + split x
+    split_stride + offsets instead. SUM_IN_GEMM: the split that arrives last (an atomic count
+    per output tile) adds them in split order, so the result does not depend on which finished
+    first, and resets the count for the next launch (CUDA-graph replays included); else
+    `split_k_sum.sum_splits` adds them, and may launch now (`split_k_sum.sums_in_gemm` says
+    which)."""
     if SPLIT_K == 1:
         tl.store(out + offsets, acc.to(out.dtype.element_ty), mask=mask)
+    elif SUM_IN_GEMM:
+        tl.store(partials + tl.program_id(2) * split_stride + offsets, acc, mask=mask)
+        # Every thread's partial is stored before the count moves (acq_rel at GPU scope).
+        tl.debug_barrier()
+        if tl.atomic_add(arrivals + tile, 1, sem="acq_rel") == SPLIT_K - 1:
+            total = tl.zeros(acc.shape, dtype=tl.float32)
+            for split in range(SPLIT_K):
+                # .cg reads from L2, where the other programs' stores landed.
+                total += tl.load(partials + split * split_stride + offsets, mask=mask,
+                                 cache_modifier=".cg")
+            tl.store(out + offsets, total.to(out.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(arrivals + tile, 0)
     else:
         release_next_kernel(USE_PDL)
         tl.store(partials + tl.program_id(2) * split_stride + offsets, acc, mask=mask)
+
+
+# Output tiles one launch may split over K: the size of each device's arrival counts.
+MAX_SPLIT_TILES = 1 << 16
+
+
+@functools.lru_cache(maxsize=None)
+def split_arrival_counts(device: torch.device) -> torch.Tensor:
+    """Each output tile's count of finished K splits (`store_split_k`): zero between launches
+    (the last split resets it), so one buffer serves every split FP8 GEMM on the device, graph
+    replays included; the GEMMs run on one stream, one after another."""
+    return torch.zeros(MAX_SPLIT_TILES, dtype=torch.int32, device=device)
 
 
 def gemm_operands(x: torch.Tensor, weight: torch.Tensor, x_rows: int, weight_rows: int,

@@ -97,12 +97,15 @@ def test_fp8_linear_matches_reference(layout, rows, n, k):
     torch.testing.assert_close(ref, modes[not weight_only](x, weight, scales))
     if rows <= 64:
         # The decode GEMM's K splits in both modes, an uneven or empty last split included
-        # (k / 16 tiles over 3 splits).
+        # (k / 16 tiles over 3 splits), added inside the GEMM (16-row tiles) or after it.
+        tile_rows = max(16, triton.next_power_of_2(rows))
+        assert split_k_sum.sums_in_gemm(tile_rows) == (rows == 1)
         for quantize_x, mode_ref in modes.items():
-            tile = GemmTile(max(16, triton.next_power_of_2(rows)), 32, 128, 4, 2, split_k=3,
-                            quantize_x=quantize_x)
+            tile = GemmTile(tile_rows, 32, 128, 4, 2, split_k=3, quantize_x=quantize_x)
             torch.testing.assert_close(fp8_gemm.fp8_linear(x, weight, scales, tile),
                                        mode_ref(x, weight, scales), atol=1e-5, rtol=1e-5)
+        # The last split reset every arrival count: the next split GEMM starts from zero.
+        assert not triton_layout.split_arrival_counts(x.device).any()
     act = reference.dequantize_activations(
         *reference.quantize_activations(x, scales.block_k), scales.block_k)
     torch.testing.assert_close(modes[True](x, weight, scales),
@@ -115,8 +118,8 @@ def test_fp8_linear_matches_reference(layout, rows, n, k):
 def test_split_k_partials_add_up_in_split_order():
     partials = torch.randn(5, 3, 700, generator=torch.Generator().manual_seed(3)) * 1e4
     out = torch.empty(3, 700)  # fp32: the interpreter's bf16 casts may round differently
-    assert split_k_sum.split_k_partials(1, out) is out
-    assert split_k_sum.split_k_partials(5, out).shape == partials.shape
+    assert split_k_sum.split_k_partials((1, 2, 1), out, in_gemm=False) is out
+    assert split_k_sum.split_k_partials((1, 2, 5), out, in_gemm=False).shape == partials.shape
     ordered = partials[0] + partials[1] + partials[2] + partials[3] + partials[4]
     assert torch.equal(split_k_sum.sum_splits(partials, out), ordered)
     assert split_k_sum.sum_splits(out, out) is out
