@@ -39,15 +39,13 @@ from kernels.fp8_dequantize import dequantize_weight
 from kernels.fp8_quantize import quantize_activations
 from kernels.fp8_weight_only_gemm import fp8_weight_only_linear
 from kernels.reference import BlockScales, fp8_weight_only
-from kernels.split_k_sum import split_k_partials, sum_splits, sums_in_gemm
+from kernels.split_k_sum import SplitSums
 from kernels.triton_layout import (
-    dependent_launch,
     fp8_depth,
     gemm_operands,
     multiprocessors,
     scaled_e4m3_dot,
     sm_major,
-    split_arrival_counts,
     split_k_range,
     store_split_k,
     weight_block_scales,
@@ -178,17 +176,15 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockScales,
     x_in, x_scales = quantize_activations(flat, scales.block_k)
     grid = (triton.cdiv(m, tile.rows), triton.cdiv(n, tile.cols), tile.split_k)
     x_arg, w_arg, tma = gemm_operands(x_in, weight, tile.rows, tile.cols, block_k)
-    in_gemm = sums_in_gemm(tile.rows)
-    partials = split_k_partials(grid, out, in_gemm)
+    splits = SplitSums.plan(grid, out, tile.rows)
     _fp8_w8a8_kernel[grid](
-        x_arg, x_scales, w_arg, scales.scale, out, partials, split_arrival_counts(x.device), m,
-        n, k, x_in.stride(0), x_scales.stride(0), weight.stride(0), scales.scale.stride(0),
+        x_arg, x_scales, w_arg, scales.scale, out, splits.partials, splits.arrivals, m, n, k,
+        x_in.stride(0), x_scales.stride(0), weight.stride(0), scales.scale.stride(0),
         scales.scale.stride(1), out.stride(0), SCALE_N=scales.block_n, SCALE_K=scales.block_k,
-        E8M0=scales.e8m0, TMA=tma, SPLIT_K=tile.split_k, SUM_IN_GEMM=in_gemm,
-        USE_PDL=dependent_launch(x.device), BLOCK_M=tile.rows, BLOCK_N=tile.cols,
-        BLOCK_K=block_k, num_warps=tile.num_warps, num_stages=tile.num_stages)
-    if not in_gemm:
-        sum_splits(partials, out)
+        E8M0=scales.e8m0, TMA=tma, SPLIT_K=tile.split_k, BLOCK_M=tile.rows, BLOCK_N=tile.cols,
+        BLOCK_K=block_k, num_warps=tile.num_warps, num_stages=tile.num_stages,
+        **splits.constants)
+    splits.finish()
     return out.view(*x.shape[:-1], n)
 
 

@@ -25,11 +25,9 @@ import triton
 import triton.language as tl
 
 from kernels.reference import BlockScales
-from kernels.split_k_sum import split_k_partials, sum_splits, sums_in_gemm
+from kernels.split_k_sum import SplitSums
 from kernels.triton_layout import (
     TensorDescriptor,
-    dependent_launch,
-    split_arrival_counts,
     split_k_range,
     store_split_k,
     tma_loads,
@@ -86,18 +84,14 @@ def fp8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockS
     grid = (triton.cdiv(n, tile.cols), triton.cdiv(m, tile.rows), tile.split_k)
     x_desc = loads_x_by_descriptor(x)
     x_arg = TensorDescriptor.from_tensor(x, [tile.rows, block_k]) if x_desc else x
-    in_gemm = sums_in_gemm(tile.rows)
-    partials = split_k_partials(grid, out, in_gemm)
+    splits = SplitSums.plan(grid, out, tile.rows)
     _fp8_weight_only_kernel[grid](
-        x_arg, weight, scales.scale, out, partials, split_arrival_counts(x.device), m, n, k,
-        x.stride(0), weight.stride(0), scales.scale.stride(0), scales.scale.stride(1),
-        out.stride(0), SCALE_N=scales.block_n, SCALE_K=scales.block_k, E8M0=scales.e8m0,
-        X_DESC=x_desc, SPLIT_K=tile.split_k, SUM_IN_GEMM=in_gemm,
-        USE_PDL=dependent_launch(x.device), BLOCK_M=tile.rows, BLOCK_N=tile.cols,
-        BLOCK_K=block_k, num_warps=tile.num_warps, num_stages=tile.num_stages)
-    if not in_gemm:
-        sum_splits(partials, out)
-    return out
+        x_arg, weight, scales.scale, out, splits.partials, splits.arrivals, m, n, k, x.stride(0),
+        weight.stride(0), scales.scale.stride(0), scales.scale.stride(1), out.stride(0),
+        SCALE_N=scales.block_n, SCALE_K=scales.block_k, E8M0=scales.e8m0, X_DESC=x_desc,
+        SPLIT_K=tile.split_k, BLOCK_M=tile.rows, BLOCK_N=tile.cols, BLOCK_K=block_k,
+        num_warps=tile.num_warps, num_stages=tile.num_stages, **splits.constants)
+    return splits.finish()
 
 
 def loads_x_by_descriptor(x: torch.Tensor) -> bool:

@@ -15,11 +15,18 @@ on which program finished first, in one of two places:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_layout import MAX_SPLIT_TILES, dependent_launch, wait_for_previous_kernel
+from kernels.triton_layout import (
+    MAX_SPLIT_TILES,
+    dependent_launch,
+    split_arrival_counts,
+    wait_for_previous_kernel,
+)
 
 # Rows of x per tile up to which the GEMM adds its own K splits.
 SUM_IN_GEMM_MAX_ROWS = 16
@@ -45,17 +52,38 @@ def sums_in_gemm(tile_rows: int) -> bool:
     return tile_rows <= SUM_IN_GEMM_MAX_ROWS
 
 
-def split_k_partials(grid: tuple[int, int, int], out: torch.Tensor,
-                     in_gemm: bool) -> torch.Tensor:
-    """fp32 partial sums [split_k, M, N] for a GEMM launched on `grid` (row tiles, column tiles,
-    K splits) into `out` [M, N]; `out` itself where K is not split (the GEMM then stores its
-    sums there). `in_gemm`: the GEMM adds the splits (one arrival count per output tile)."""
-    tiles, split_k = grid[0] * grid[1], grid[2]
-    if split_k == 1:
-        return out
-    if in_gemm and tiles > MAX_SPLIT_TILES:
-        raise ValueError(f"an FP8 GEMM of {tiles} output tiles can't add its K splits")
-    return torch.empty(split_k, *out.shape, dtype=torch.float32, device=out.device)
+@dataclass(frozen=True)
+class SplitSums:
+    """Where an FP8 GEMM launched on `grid` (row tiles, column tiles, K splits) stores its sums
+    and how its K splits are added: `partials` and `arrivals` are the kernel's buffers
+    (`triton_layout.store_split_k`), `constants` its SUM_IN_GEMM and USE_PDL; `finish()` after
+    the launch returns `out`."""
+
+    out: torch.Tensor
+    partials: torch.Tensor  # fp32 [split_k, M, N]; `out` itself where K is not split
+    arrivals: torch.Tensor
+    in_gemm: bool
+
+    @classmethod
+    def plan(cls, grid: tuple[int, int, int], out: torch.Tensor, tile_rows: int) -> "SplitSums":
+        tiles, split_k = grid[0] * grid[1], grid[2]
+        in_gemm = sums_in_gemm(tile_rows)
+        if split_k == 1:
+            partials = out
+        elif in_gemm and tiles > MAX_SPLIT_TILES:
+            raise ValueError(f"an FP8 GEMM of {tiles} output tiles can't add its K splits")
+        else:
+            partials = torch.empty(split_k, *out.shape, dtype=torch.float32, device=out.device)
+        return cls(out, partials, split_arrival_counts(out.device), in_gemm)
+
+    @property
+    def constants(self) -> dict[str, bool]:
+        return {"SUM_IN_GEMM": self.in_gemm, "USE_PDL": dependent_launch(self.out.device)}
+
+    def finish(self) -> torch.Tensor:
+        if not self.in_gemm:
+            sum_splits(self.partials, self.out)
+        return self.out
 
 
 def sum_splits(partials: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

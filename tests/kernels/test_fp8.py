@@ -118,8 +118,8 @@ def test_fp8_linear_matches_reference(layout, rows, n, k):
 def test_split_k_partials_add_up_in_split_order():
     partials = torch.randn(5, 3, 700, generator=torch.Generator().manual_seed(3)) * 1e4
     out = torch.empty(3, 700)  # fp32: the interpreter's bf16 casts may round differently
-    assert split_k_sum.split_k_partials((1, 2, 1), out, in_gemm=False) is out
-    assert split_k_sum.split_k_partials((1, 2, 5), out, in_gemm=False).shape == partials.shape
+    assert split_k_sum.SplitSums.plan((1, 2, 1), out, tile_rows=64).partials is out
+    assert split_k_sum.SplitSums.plan((1, 2, 5), out, tile_rows=64).partials.shape == (5, 3, 700)
     ordered = partials[0] + partials[1] + partials[2] + partials[3] + partials[4]
     assert torch.equal(split_k_sum.sum_splits(partials, out), ordered)
     assert split_k_sum.sum_splits(out, out) is out
