@@ -13,6 +13,9 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).parent / "results"
+# What a person wrote from this line on in a committed results file (why a rule is what it is,
+# experiments not committed as scripts) outlives the benchmark's next run of that file.
+KEPT_MARKER = "<!-- kept across runs: written by hand below, not by the benchmark -->"
 
 
 def device_description() -> str:
@@ -73,15 +76,19 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
 def write_results(name: str, title: str, table: str, notes: str = "",
                   directory: Path | None = None) -> Path:
     """Prints the table and writes <directory or bench/results>/<name>.md with device, commit
-    and date (a device machine writes elsewhere and the file is copied back)."""
+    and date (a device machine writes elsewhere and the file is copied back), followed by the
+    committed file's sections from `KEPT_MARKER` on."""
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     text = (f"# {title}\n\n- device: {device_description()}\n- commit: {git_commit()}\n"
             f"- date: {stamp}\n- torch: {torch.__version__}\n\n{table}\n")
     if notes:
         text += f"\n{notes.strip()}\n"
+    print(text)
+    committed = RESULTS / f"{name}.md"
+    if committed.exists() and KEPT_MARKER in (old := committed.read_text()):
+        text += "\n" + old[old.index(KEPT_MARKER):]
     directory = directory or RESULTS
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}.md"
     path.write_text(text)
-    print(text)
     return path

@@ -267,24 +267,12 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-# Programmatic dependent launch (Hopper+): the kernels of a decode step's chain (index scan ->
-# selection rule -> attention -> merge) are launched so that each one's launch and prologue
-# overlap the tail of the one before; each waits for its predecessor's memory before its first
-# load and store (any input may be the predecessor's output, and its outputs may reuse memory
-# the predecessor reads).
-# Where the chain's time goes (H100, 8 x 128K, Hq 64, kernel ends in one graph replay): the scan
-# ends at 100.3 us, the rule 5.9 us later, the attention 15.3 after it, the merge 3.5 after that.
-# Two ways to let the attention overlap the scan instead were measured on an H100 (8 x 128K,
-# Hq 64: this chain 128 us) and not kept. A persistent kernel walking one queue of scan and
-# attention items, synchronised by atomic tickets and flags: 160 us, its scan alone 133 us
-# against 104 (per-item claims, tickets and pipeline restarts, at the 2 programs per SM its
-# registers allow). This scan chained by per-row flags to one tail kernel (rule, attention,
-# merge) launched while the scan runs: 172 us; without its single-program LSE merge (~22 us)
-# and redundant per-split rule (~11 us) it would still take 117 us. Splitting the batch into two
-# such chains on two streams (with stream priorities or without), so that one part's attention
-# runs under the other part's scan: 0.97-1.03x (8 x 128K, Hq 64: 127.6 -> 125.9 us at best).
-# Finding each attention row's sequence before the wait (the step's layout is no kernel's
-# output), so that it overlaps the rule: decode steps 0.3-1.3% faster, not worth the exception.
+# Programmatic dependent launch (Hopper+): a kernel that follows another in a chain (a decode
+# step's index scan -> selection rule -> attention -> merge; an FP8 GEMM -> the sum of its K
+# splits) is launched so that its launch and prologue overlap the tail of the one before; it
+# waits for its predecessor's memory before its first load and store (any input may be the
+# predecessor's output, and its outputs may reuse memory the predecessor reads). The ways of
+# overlapping the chain further that were measured and not kept: bench/results/kernels_h100.md.
 def dependent_launch(device: torch.device) -> bool:
     return sm_major(device) >= 9
 
