@@ -34,35 +34,20 @@ from kernels.triton_layout import (
     segments_of,
 )
 
-# Launch shapes, from H100 sweeps. Decode (M = the groups of a key head): warps 4/8 x stages
-# 2/3/4 x programs per SM 2/4/8 x pages per iteration 1/2, TMA page loads, keys as the MMA's
-# A operand, fp8 keys widened by bit operations (bf16 and fp8 keys, 8 x 128K and 1 x 1M):
-# 4 warps, 2 stages, 4 programs per SM, plain loads and the native conversion are within 2% of
-# the best everywhere. The rest of the gap to copy bandwidth is ~12 us that every launch pays
-# (32 x 128K runs at 97%; a graph replay of one one-element kernel alone takes 5 us). It is not
-# imbalance: pages claimed from an atomic counter (1-4 a claim, after a static share of 0 to 7/8,
-# 3-6 programs per SM) were 1.00-1.13x slower everywhere (8 x 128K, Hq 64: 105.3 -> 106.4 us at
-# best). Nor the prologue: each row's sequence and position in one round trip instead of two
-# saved 0-0.5%. All rows' pages are laid end to end and cut into one even range per
-# program: a mixed batch (32 rows, 256K to 1K) scans in 71 us instead of 196 with each row split
-# alike (fp8 keys 45 instead of 176), 8 x 4K in a table 128K wide (a CUDA graph's) in 12.4
-# instead of 28.6; uniform batches pay ~1 us for the row lookup (8 x 128K, Hq 64, 104.0 ->
-# 105.2; 64 x 4K 36.2 -> 38.2).
-# Prefill (query tiles, compute-bound): M 64/128/256 x warps 4/8 x stages 2/3 on 128K,
-# 16K + 158K, 9,844 + 39K (Hq16/Hkv2) and 16K + 68K (Hq64/Hkv4): M 128 with 8 warps is the best
-# everywhere (M 256 spills). With no causal mask and the heaviest tiles first, against M 64 /
-# 4 warps / masked: 128K 12.9 -> 8.0 ms (553 TFLOP/s), 16K + 158K 4.4 -> 2.5, 9,844 + 39K
-# 1.08 -> 0.46, Hq64 16K + 68K 3.8 -> 2.3.
+# Launch shapes, from H100 sweeps (bench/results/kernels_h100.md, 'index_scoring', lists what
+# was swept and measured against them). Decode (M = the groups of a key head): 4 warps, 2
+# stages, 4 programs per SM, plain loads and the native fp8 conversion; all rows' pages are laid
+# end to end and cut into one even range per program, so a batch of unlike contexts keeps every
+# program busy. Prefill (query tiles, compute-bound): M 128 with 8 warps (M 256 spills), no
+# causal mask, the heaviest tiles first.
 DECODE_WARPS = 4
 PREFILL_WARPS = 8
 PREFILL_PACKED_ROWS = 128  # M of a prefill program: query rows x the groups of a key head
 NUM_STAGES = 2
 PROGRAMS_PER_SM = 4  # split-K target: programs per SM over the whole grid
 # Prefill keeps each row's top-k in the scan (no score round trip, no rule kernel) when its
-# tiles fill the GPU without split-K. H100, select: 128K prompt 9.42 -> 7.44 ms, 16K rows
-# after 158K 2.79 -> 2.37, Hq64 16K + 68K 2.64 -> 2.23 (2 tiles per SM); 9,844 rows (1.2 tiles
-# per SM) 0.52 -> 0.61, so split-K wins below ~1.5. Not with fp8 keys: their widening and the
-# running top-k together spill (128K 11.2 -> 13.1 ms).
+# tiles fill the GPU without split-K; split-K wins below ~1.5 tiles per SM. Not with fp8 keys:
+# their widening and the running top-k together spill (H100: kernels_h100.md).
 TOPK_IN_SCAN_MIN_TILES_PER_SM = 1.5
 
 
@@ -82,8 +67,8 @@ def _page_scores(q, k_idx, physical, key_head, stride_kp, stride_kt, stride_kh, 
 @triton.jit
 def _widened_queries(q, WIDEN_FP8_TO_FP16: tl.constexpr):
     if WIDEN_FP8_TO_FP16:
-        # e4m3 -> fp16 is one native conversion (-> bf16 is several; the 8 x 128K scan 68 ->
-        # 62 us on an H100); fp16 holds every e4m3 value and bf16's precision, and index
+        # e4m3 -> fp16 is one native conversion (-> bf16 is several, a slower scan:
+        # kernels_h100.md); fp16 holds every e4m3 value and bf16's precision, and index
         # queries saturate at its +-65504 range.
         q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
     return q
@@ -124,7 +109,7 @@ def _decode_block_scores_kernel(
     starts = ends - pages
     # One loop over the range, its row looked up per page (a few reductions over the rows),
     # so the loads stay software-pipelined across rows: a loop per row touched, nested in a
-    # while, ran its pages unpipelined (8 x 128K, Hq 64, on an H100: 110 us against 105).
+    # while, ran its pages unpipelined and slower (kernels_h100.md).
     for item in tl.range(first, last, num_stages=NUM_STAGES):
         this = (starts <= item) & (item < ends)  # the one row that holds this page
         row = tl.sum(tl.where(this, rows, 0), axis=0)
@@ -279,8 +264,8 @@ def _scan(q_idx, k_idx_cache, block_table, seq_lens, cu_seqlens_q, topk: int | N
         scores, positions = _score_outputs(total_q, num_groups, max_pages, device)
         selected = positions  # unwritten
         # Split by the tiles that hold rows (all of them in a uniform step), not the grid's
-        # upper bound: its spare tiles return at once. H100, multi-token decode select: fp8 keys
-        # 1.08-1.14x faster (32 x 32K x q4 80.7 -> 71.0 us), bf16 0.96-1.04x.
+        # upper bound: its spare tiles return at once (multi-token decode selection ran faster
+        # with fp8 keys, as fast with bf16: kernels_h100.md).
         splits = max(1, min(max_pages, programs // max(1, triton.cdiv(total_q, rows) * key_heads)))
     if total_q:
         _index_block_scores_kernel[(tiles.num_tiles, key_heads, splits)](

@@ -25,8 +25,8 @@ from kernels.triton_layout import (
 PROGRAMS_PER_SM = 4  # fewer (row, group) pairs than this per SM: spread heads over programs
 DECODE_TILE_VALUES = 4096  # partial values a decode program loads at once
 # Rows a prefill program merges one after the other: a gated merge that stands aside still
-# launches its grid (`GatedOutput`; H100, 32K rows: ~41 us of empty programs at one row each,
-# ~14 us at 4, which cost nothing when they merge).
+# launches its grid (`GatedOutput`), whose empty programs cost less the more rows each takes;
+# merging rows in turn costs nothing when it runs (kernels_h100.md, 'lse_merge').
 PREFILL_ROWS_PER_PROGRAM = 4
 
 
@@ -125,8 +125,8 @@ def merge_partials(partial_out: torch.Tensor, partial_lse: torch.Tensor, out: to
     pdl = chained and dependent_launch(out.device)
     all_heads = triton.next_power_of_2(group)
     if total_q * num_groups >= PROGRAMS_PER_SM * multiprocessors(out.device):
-        # Enough (row, group) programs to hide latency: all heads, slot by slot (measured on
-        # an H100 at 16K rows x 16 slots: 0.41 ms, against 1.5 ms loading 4 slots at once).
+        # Enough (row, group) programs to hide latency: all heads, slot by slot (faster than
+        # loading several slots at once: kernels_h100.md).
         block_h, slot_chunk = all_heads, 1
         rows_per_program = PREFILL_ROWS_PER_PROGRAM
     else:  # decode: heads spread over programs, every slot of a head loaded at once

@@ -35,7 +35,7 @@ from kernels.triton_layout import (
 
 _PACKED_ROWS = 128  # M of one program: query rows x query heads of the group
 # From an H100 sweep of (packed rows 64/128/256) x (4/8 warps), Hq16/Hkv2: 128 rows with
-# 4 warps was best, 2.95 ms against 3.96 ms with 8 warps on a 16K chunk after a 68K prefix.
+# 4 warps (kernels_h100.md, 'prefill_kv_major').
 NUM_WARPS = 4
 # Query rows per launch, bounding the partials (rows x Hq x topk x D) to ~2 GiB: a 128K
 # prompt is then a few launches, each still loading a block once for all of its rows.
@@ -104,8 +104,8 @@ class BlockWork:
 
 SCAN_BLOCK = 4096  # segments per step of the one-program scan
 # Query rows per program of the counting sort's two per-row passes: a gated fallback that
-# stands aside still launches their grids (`GatedOutput`; H100, 32K rows: ~42 us of empty
-# programs at one row each, ~6 us at 8; no change when they run).
+# stands aside still launches their grids (`GatedOutput`), whose empty programs cost less the
+# more rows each takes; no change when they run (kernels_h100.md).
 SORT_ROWS_PER_PROGRAM = 8
 
 

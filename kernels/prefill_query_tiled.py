@@ -42,8 +42,7 @@ from kernels.triton_layout import (
 )
 
 # Launch shape from H100 sweeps, Hq16/Hkv2, prompts with coherent selections: M 128 with 8
-# warps (4 warps: 1.6x slower; M 256: 2-4x); with the skip-through-reference softmax, stages
-# 2 / 3 / 4 at 32K 1.39 / 1.40 / 1.40 ms, at 128K 5.71 / 5.75 / 5.86 ms.
+# warps, 2 stages (bench/results/kernels_h100.md, 'prefill_query_tiled').
 _PACKED_ROWS = 128  # M of one program: query rows x query heads of the group
 NUM_WARPS = 8
 NUM_STAGES = 2
@@ -51,13 +50,12 @@ NUM_STAGES = 2
 # tiles included), and the fewest pages a split walks (its partial output round-trips through
 # HBM). H100 sweep of 1/2/4/8 x 2/4/8: 2 programs per SM is the best or within 4% at every
 # shape; pages per split change nothing measurable. Dense decode (the engine's dense layers and
-# baseline): 8 x 32K, Hq16/Hkv2 528 -> 120 us, Hq64/Hkv4 543 -> 211 us.
+# baseline) gains most (kernels_h100.md).
 PROGRAMS_PER_SM = 2
 MIN_PAGES_PER_SPLIT = 4
 # A union entry is its block id, plus _SOME_ROWS when only some of the tile's rows chose it:
-# only those entries pay for the per-row check. H100, 32K prompt, FlexAttention's selection
-# (1.40 ms there): masking every entry's scores 1.46-1.49 ms; skipping rows through the softmax
-# reference point, checked on every entry 1.43, only on flagged entries 1.37.
+# only those entries pay for the per-row check, which skips rows through the softmax reference
+# point: the fastest of the variants measured (kernels_h100.md).
 _SOME_ROWS = tl.constexpr(1 << 24)
 _BLOCK_ID = tl.constexpr((1 << 24) - 1)
 _PAD = tl.constexpr((1 << 31) - 1)  # sorts after every block id

@@ -18,8 +18,7 @@ from kernels.triton_layout import dependent_launch, release_next_kernel, wait_fo
 
 # Block scores per thread, and at most 8 warps: the repeated max is a chain of reductions,
 # each one's cross-warp step costs a shared-memory round trip, but a warp with many scores
-# walks them serially. H100, graph, 8 rows x 4 groups: 1,024 pages 11.2 us on 1 warp, 9.9 on
-# 4 (8 scores per thread); 8,192 pages 15.7 on 8 warps, 16.3 on 16.
+# walks them serially (H100 timings: bench/results/kernels_h100.md, 'topk_select').
 SCORES_PER_THREAD = 8
 MAX_WARPS = 8
 # A CUDA graph's block table is as wide as the longest context it serves (8,192 pages at 1M),

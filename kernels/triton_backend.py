@@ -45,35 +45,24 @@ def dense_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return out
 
 
-# Measured crossover on an H100 (random selections, CUDA-graph time: a chunk this short takes
-# ~0.1 ms on the GPU, so eager timings measure the host's launches instead). With its CSR built
-# by a counting sort the KV-major kernel beats query-major from a number of rows of chunk that
-# grows with the group G (query heads a KV head): a row's partials are G x topk x D.
-# - G = 8 (Hq16/Hkv2) from 256 rows: 128 rows 0.98x, 192 0.88x, 256 1.22x, 512 1.36x, 768
-#   1.57x, 16K rows after 68K 2.4x; over short sequences too (16 x 64 rows 1.25x, 8 x 96 1.21x,
-#   4 x 171 1.30x).
-# - G = 16 (Hq64/Hkv4) from 1,024 rows: 256 rows 0.83x, 384 0.93x, 512 1.07x, 1,024 1.17x,
-#   4K 1.22x, 16K after 68K 1.25x, a 32K prompt 1.21x; 4 x 171 rows 0.97x, 8 x 96 0.98x,
-#   16 x 64 1.13x, 8 x 350 1.03x.
-# Wider groups were not measured and stay on query-major. Fewer rows a sequence are decodes
-# (multi-token: below).
+# Where the KV-major kernel (its CSR built by a counting sort) beats query-major: from a number
+# of rows of chunk that grows with the group G (query heads a KV head), since a row's partials
+# are G x topk x D. Measured on an H100 with random selections in CUDA graphs (a chunk this
+# short is too quick for eager timings, which would measure the host's launches):
+# bench/results/kernels_h100.md, 'triton_backend'. Wider groups were not measured and stay on
+# query-major. Fewer rows a sequence are decodes (multi-token: below).
 KV_MAJOR_MIN_ROWS = {8: 256, 16: 1024}  # the widest group -> the fewest rows of chunk
 KV_MAJOR_MIN_ROWS_PER_SEQ = 64
 # The query-tiled kernel pays per block in its tiles' unions, so it wins when neighbouring
-# queries chose alike. H100, Hq16/Hkv2 (bench/results/kernels_h100.md): selections shared per
-# 128 queries (union ~1 x topk) 1.40 ms on a 32K prompt (FlexAttention 1.39; an earlier sweep
-# had KV-major at 4.65, query-major at 8.40); unrelated selections (union 12.5 x topk) 7.90 ms
-# against query-major's 4.69 and KV-major's 2.15 at 16K rows after 68K.
-# Below 8K rows the fallback takes ~0.6 ms at most (KV-major at 4K rows after 30K): building
-# the unions and launching both kernels would cost more than the tiled kernel can save there.
+# queries chose alike and loses when they did not (kernels_h100.md). Below 8K rows the fallback
+# is quick enough that building the unions and launching both kernels would cost more than the
+# tiled kernel can save there.
 QUERY_TILED_MIN_ROWS = 8192
 QUERY_TILED_MAX_UNION = 2.0  # mean union per tile, in units of topk
 # Multi-token decode (2..16 rows a sequence, e.g. speculative tokens): the query-tiled kernel
 # with a tile per request and split-K loads each page any of its tokens chose once for all of
-# them, where query-major loads it once per token that chose it. H100, attention alone: tokens
-# that chose alike (a trained model's) 8 x 32K x q16 50 -> 36 us, 32 x 32K x q4 58 -> 53, q8
-# 34 -> 33 (query-major's repeats hit L2); unrelated random picks cost 1.1x (8 x 32K x q8
-# 64 -> 73 us, Hq64 8 x 128K x q16 193 -> 211).
+# them, where query-major loads it once per token that chose it: faster when the tokens chose
+# alike (a trained model's), a little slower on unrelated random picks (kernels_h100.md).
 MULTI_TOKEN_MAX_ROWS = 16
 
 
@@ -94,8 +83,7 @@ def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     # are launched into the same buffers and a flag on the device lets one of them write, so
     # the look costs no host sync (the other kernel's programs return after one load). The
     # two run on two streams: the fallback's empty programs, when it stands aside, then fill
-    # SMs beside the query-tiled kernel's instead of after them (H100, a coherent 32K prompt:
-    # 1.41 -> 1.38 ms; unchanged where the fallback runs).
+    # SMs beside the query-tiled kernel's instead of after them (kernels_h100.md).
     unions = prefill_query_tiled.TileUnions.for_attention(blocks, cu_seqlens_q, group,
                                                           block_table.shape[1])
     alike = unions.alike(blocks.shape[2], QUERY_TILED_MAX_UNION)
