@@ -55,9 +55,9 @@ def _fp8_weight_only_kernel(
 ):
     # Weight-row tiles first in the grid: programs side by side share x's tile in L2.
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    w_rows = w + cols.to(tl.int64)[:, None] * stride_wn
     row0 = tl.program_id(1) * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
+    w_rows = w + cols.to(tl.int64)[:, None] * stride_wn
     x_rows = x if X_DESC else x + rows.to(tl.int64)[:, None] * stride_xm
     k_begin, k_end = split_k_range(k, BLOCK_K, SPLIT_K)
     acc = weight_only_product(x_rows, rows < m, row0, w_rows, 1, scale, cols, n, k, k_begin,
