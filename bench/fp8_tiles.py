@@ -1,7 +1,8 @@
 """Modes and tile shapes of the FP8 GEMMs (`kernels/fp8_gemm.py`, the grouped MoE GEMM's FP8
 path) at M3's width, against the bf16 GEMMs they replace.
 
-For each projection, layout (128 x 128 fp32 block scales; MXFP8 1 x 32 e8m0) and batch, and
+For each projection, layout (128 x 128 fp32 block scales; MXFP8 1 x 32 e8m0 as stored, run
+weight-only; MXFP8 regrouped into 1 x 128 blocks as served by default, run W8A8) and batch, and
 for each projection's TP 2 and TP 4 shard at batch 64, every candidate tile of the Triton GEMM
 in both modes (W8A8: x quantized to e4m3 first; weight-only: x stays bf16) runs the whole FP8
 linear and the table gives the best one, today's pick, the W8A8 pick (the baseline of MXFP8's
@@ -42,7 +43,12 @@ from kernels.fp8_gemm import (
 )
 from kernels.fp8_quantize import quantize_activations
 from kernels.moe_grouped_gemm import ExpertRows, TileShape, grouped_gemm
-from kernels.reference import fp8_weight_only, fp8_weight_only_linear, quantize_fp8
+from kernels.reference import (
+    fp8_weight_only,
+    fp8_weight_only_linear,
+    quantize_fp8,
+    regroup_mxfp8,
+)
 
 HIDDEN, INTER, EXPERTS, TOP_K = 6144, 3072, 128, 4
 
@@ -59,9 +65,15 @@ def projections(tp: int) -> tuple[tuple[str, int, int], ...]:
             (f"shared expert gate, up (stacked){shard}", 6144, 6144 // tp))
 
 
-LAYOUTS = {"128x128": (128, 128, False), "MXFP8 1x32": (1, 32, True)}
-# The layout the TP shard rows and the mode rows (--modes) use: the one whose decode GEMMs take
-# W8A8 (MXFP8 stays weight-only).
+def _mxfp8_regrouped(weight: torch.Tensor):
+    return regroup_mxfp8(*quantize_fp8(weight, 1, 32, e8m0=True))
+
+
+# Layout name -> how a weight [..., N, K] is quantized into it.
+LAYOUTS = {"128x128": functools.partial(quantize_fp8, block_n=128, block_k=128),
+           "MXFP8 1x32": functools.partial(quantize_fp8, block_n=1, block_k=32, e8m0=True),
+           "MXFP8 regrouped 1x128": _mxfp8_regrouped}
+# The layout the TP shard rows and the mode rows (--modes) use.
 BLOCK_LAYOUT = "128x128"
 # TP shards are timed at a decode batch of 64: the goal's batch, and the rows the W8A8 decode
 # tile rule was fitted on.
@@ -143,8 +155,8 @@ def dense_rows(sweep: bool) -> list[list[object]]:
         for batch in batches:
             x = torch.randn(batch, k, device="cuda", dtype=torch.bfloat16)
             bf16_ms = _ms(functools.partial(F.linear, x, weight))
-            for layout, spec in layouts.items():
-                q, scales = quantize_fp8(weight, *spec)
+            for layout, quantize in layouts.items():
+                q, scales = quantize(weight)
                 quantize_ms = _ms(functools.partial(quantize_activations, x, scales.block_k))
                 picked = GemmTile.for_shape(batch, n, k, scales.block_k, sms)
                 w8a8 = GemmTile.for_shape(batch, n, k, scales.block_k, sms, weight_only=False)
@@ -186,12 +198,8 @@ def expert_rows(sweep: bool) -> list[list[object]]:
     w2 = torch.randn(EXPERTS, HIDDEN, INTER, device="cuda", dtype=torch.bfloat16,
                      generator=g) / INTER ** 0.5
     rows = []
-    for layout, spec in LAYOUTS.items():
-        quantized = [[quantize_fp8(w, *spec) for w in weights] for weights in (w13, w2)]
-        (q13, s13), (q2, s2) = [
-            (torch.stack([q for q, _ in pieces]),
-             type(pieces[0][1])(torch.stack([s.scale for _, s in pieces]), *spec[:2]))
-            for pieces in quantized]
+    for layout, quantize in LAYOUTS.items():
+        (q13, s13), (q2, s2) = [_quantize_experts(weights, quantize) for weights in (w13, w2)]
         for batch in (*DECODE_BATCHES, PREFILL_BATCHES[-1]):
             x = torch.randn(batch, HIDDEN, device="cuda", dtype=torch.bfloat16, generator=g)
             chosen = torch.rand(batch, EXPERTS, device="cuda", generator=g).topk(TOP_K).indices
@@ -218,6 +226,18 @@ def expert_rows(sweep: bool) -> list[list[object]]:
     return rows
 
 
+def _quantize_experts(weights: torch.Tensor, quantize):
+    """`quantize` one expert at a time (bounds the temporaries), stacked, each expert's scales
+    in the memory layout `quantize` gives them."""
+    pieces = [quantize(w) for w in weights]
+    scales = torch.stack([s.scale.transpose(0, 1) for _, s in pieces]).transpose(1, 2)
+    first = pieces[0][1]
+    if first.scale.stride(0) != 1:  # row-major scales (all but the regrouped ones)
+        scales = scales.contiguous()
+    return (torch.stack([q for q, _ in pieces]),
+            type(first)(scales, first.block_n, first.block_k))
+
+
 def mode_rows() -> list[list[object]]:
     """Weight-only against W8A8 (each with its own pick of tile) at decode batches of 1-16 rows,
     128 x 128 blocks, every projection at TP 1, 2 and 4: the measurement behind
@@ -227,7 +247,7 @@ def mode_rows() -> list[list[object]]:
     for tp in (1, *SHARDS):
         for name, k, n in projections(tp):
             weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
-            q, scales = quantize_fp8(weight, *LAYOUTS[BLOCK_LAYOUT])
+            q, scales = LAYOUTS[BLOCK_LAYOUT](weight)
             for batch in MODE_BATCHES:
                 x = torch.randn(batch, k, device="cuda", dtype=torch.bfloat16)
                 bf16_ms = _ms(functools.partial(F.linear, x, weight))
@@ -273,9 +293,13 @@ def main() -> None:
                   "the W8A8 times), with the tile the K-split rule picks for that mode (the "
                   "baseline MXFP8's weight-only picks are measured against). 'cuBLAS path': "
                   "for 128 x 128 blocks cuBLASLt's F.scaled_mm with 1 x 128 activation and "
-                  "128 x 128 weight scales, the same quantization of x included; for MXFP8 "
+                  "128 x 128 (or regrouped MXFP8's 1 x 128) weight scales, the same "
+                  "quantization of x included; for MXFP8 1 x 32 "
                   "the weight dequantized to bf16 by kernels/fp8_dequantize.py, then cuBLAS "
-                  "(F.linear), both timed. 'weight-only': x stays "
+                  "(F.linear), both timed. 'MXFP8 regrouped 1x128': the MXFP8 weights as "
+                  "served by default (`mxfp8_mode: w8a8`), their 32-wide groups regrouped into "
+                  "128-wide blocks at load (reference.regroup_mxfp8), run W8A8; 'MXFP8 1x32': "
+                  "as stored (`mxfp8_mode: weight_only`). 'weight-only': x stays "
                   "bf16 and each e4m3 weight tile is scaled into bf16 in registers, the "
                   "operands swapped (kernels/fp8_weight_only_gemm.py). Dense "
                   "bf16: cuBLAS (F.linear); experts bf16: the same grouped GEMM with bf16 "

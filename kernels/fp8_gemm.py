@@ -1,7 +1,8 @@
 """Triton: y = x @ W^T for an e4m3 weight W with block scales, W8A8, and the dispatch of every
 dense FP8 GEMM.
 
-W8A8 (block-scaled weights, at every batch): the activations are quantized per token in groups
+W8A8 (block-scaled weights, and MXFP8 weights regrouped into 1 x 128 blocks at load by
+`reference.regroup_mxfp8`; at every batch): the activations are quantized per token in groups
 as wide as a weight block along K (`kernels.fp8_quantize`, dynamic scales as FP8 checkpoints
 run); each K tile then is one e4m3 x e4m3 tensor-core product, scaled by the rows' activation
 scales and the columns' weight scales and summed in fp32. On Hopper the e4m3 tiles come through
@@ -13,13 +14,14 @@ Decode-sized GEMMs (few rows) may split K over `split_k` programs per output til
 projection whose column tiles are fewer than the GPU's multiprocessors still keeps all of them
 streaming weights (`kernels.split_k_sum` says how the splits are added, in order).
 
-Many rows of a W8A8 GEMM with DeepSeek-style weights (128 x 128 fp32 block scales) on Hopper
-go to cuBLASLt's block-scaled FP8 GEMM instead (`F.scaled_mm`, 1 x 128 activation scales by
-128 x 128 weight scales): the same math, and faster than this kernel from a few hundred rows
-(bench/results/fp8_picks_<gpu>.md), and from 64 rows in GEMMs 8K to 16K wide. The Triton
-kernel keeps decode-sized GEMMs and the layouts cuBLASLt does not take.
+Many rows of a W8A8 GEMM with DeepSeek-style weights (128 x 128 fp32 block scales) or regrouped
+MXFP8 ones (1 x 128) on Hopper go to cuBLASLt's block-scaled FP8 GEMM instead (`F.scaled_mm`,
+1 x 128 activation scales by the weight's): the same math, and faster than this kernel from a
+few hundred rows (bench/results/fp8_picks_<gpu>.md), and from 64 rows in GEMMs 8K to 16K wide.
+The Triton kernel keeps decode-sized GEMMs and the layouts cuBLASLt does not take.
 
-Weight-only GEMMs (MXFP8's 32-wide scale groups, too narrow for e4m3 tensor-core K tiles) run
+Weight-only GEMMs (MXFP8's 32-wide scale groups kept as stored, `mxfp8_mode: weight_only`: too
+narrow for e4m3 tensor-core K tiles) run
 `kernels.fp8_weight_only_gemm` up to a few hundred rows; with more (prefill chunks) the weight is
 dequantized into x's dtype in one pass (`kernels.fp8_dequantize`, held for this GEMM only) and
 multiplied by cuBLAS, which beats scaling each weight tile again for every tile of rows. Which
@@ -120,17 +122,15 @@ class GemmTile:
         # Few rows (decode) stream weights: deep pipelines keep loads in flight, and W8A8's K
         # tiles cut short by 32-wide scale groups (MXFP8) take wider column tiles to stay busy.
         # K is split until there are about 3 programs per multiprocessor for up to 16 rows,
-        # 6 stages deep in W8A8. W8A8 GEMMs of 17-64 rows aim at 2 programs per
-        # multiprocessor, each split keeping at least 16 K tiles (each split re-reads x and
-        # adds a partial sum), 4 stages deep so that 3 programs fit on a multiprocessor where
-        # the columns alone give that many. Weight-only decode tiles (x in bf16 takes more
-        # shared memory than e4m3) are 3 stages deep, so 3 programs fit on a multiprocessor,
-        # and split K the same way. Many rows (prefill) take the tensor cores' large tiles
-        # (`fp8_linear` runs weight-only GEMMs of that many rows dequantized on cuBLAS instead).
-        # Tiles were picked by bench/fp8_tiles.py (H200); the 17-64-row W8A8 rule is the one
-        # closest to each shape's best tile over M3's projections at TP 1, 2 and 4, the
-        # up-to-16-row one beat it there. `weight_only` None: the mode
-        # `reference.fp8_weight_only` names.
+        # 6 stages deep in W8A8. Weight-only decode tiles (x in bf16 takes more shared memory
+        # than e4m3) are 3 stages deep, so 3 programs fit on a multiprocessor, and split K
+        # the same way. W8A8 GEMMs of 17-64 rows are 4 stages deep and split K as
+        # `_even_waves_split` says: a program's work is long enough there that a wave leaving
+        # multiprocessors idle costs more than adding one more split's partial sums. Many rows
+        # (prefill) take the tensor cores' large tiles (`fp8_linear` runs weight-only GEMMs of
+        # that many rows dequantized on cuBLAS instead). Tiles were picked by
+        # bench/fp8_tiles.py (H200) over M3's projections at TP 1, 2 and 4. `weight_only`
+        # None: the mode `reference.fp8_weight_only` names.
         if weight_only is None:
             weight_only = fp8_weight_only(scale_block_k)
         rows = max(16, triton.next_power_of_2(m))
@@ -139,18 +139,32 @@ class GemmTile:
             if weight_only:
                 return cls(128, 128, 128, 8, 3, quantize_x=False)
             return cls(128, 64, 128, 4, 4) if narrow_k else cls(128, 128, 128, 8, 3)
-        if weight_only:
-            cols, depth, stages, per_sm, split_tiles = 64, 128, 3, 3, 8
-            k_tile = depth
-        else:
-            cols = 128 if narrow_k and m > 8 else 64
-            depth = 128
-            stages, per_sm, split_tiles = (6, 3, 8) if m <= 16 else (4, 2, 16)
-            k_tile = min(depth, scale_block_k)  # the launcher's cap
+        cols = 128 if narrow_k and m > 8 and not weight_only else 64
+        depth = 128
+        k_tile = depth if weight_only else min(depth, scale_block_k)  # the launcher's cap
         col_tiles, k_tiles = -(-n // cols), -(-k // k_tile)
-        split_k = max(1, min(int(multiprocessors * per_sm // col_tiles), k_tiles // split_tiles,
-                             8))
+        if weight_only or m <= 16:
+            stages = 3 if weight_only else 6
+            split_k = max(1, min(multiprocessors * 3 // col_tiles, k_tiles // 8, 8))
+        else:
+            stages = 4
+            split_k = _even_waves_split(col_tiles, k_tiles, multiprocessors)
         return cls(rows, cols, depth, 4, stages, split_k, quantize_x=not weight_only)
+
+
+def _even_waves_split(col_tiles: int, k_tiles: int, multiprocessors: int) -> int:
+    """K splits (1-4) whose programs leave the fewest multiprocessor slots idle in the waves
+    they run in, with at most 3 programs per multiprocessor (3 fit at 4 stages) and at least
+    8 K tiles per split; of equally full waves, the fewest splits (each split re-reads x and
+    adds a partial sum)."""
+    candidates = [split for split in range(1, 5) if split == 1 or (
+        k_tiles // split >= 8 and col_tiles * split <= 3 * multiprocessors)]
+
+    def last_wave_filled(split: int) -> float:
+        programs = col_tiles * split
+        return programs / (multiprocessors * -(-programs // multiprocessors))
+
+    return max(candidates, key=lambda split: (last_wave_filled(split), -split))
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockScales,
@@ -191,11 +205,19 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockScales,
 def runs_on_cublas(m: int, n: int, k: int, x: torch.Tensor, scales: BlockScales) -> bool:
     """Whether `fp8_linear` hands this GEMM to cuBLASLt (see the module's doc)."""
     min_rows = CUBLAS_WIDE_MIN_ROWS if n in CUBLAS_WIDE_COLS else CUBLAS_MIN_ROWS
-    return (m >= min_rows and not fp8_weight_only(scales.block_k)
-            and scales.block_n == scales.block_k == _CUBLAS_BLOCK and not scales.e8m0
+    return (m >= min_rows and scales.block_k == _CUBLAS_BLOCK and not scales.e8m0
             and k % _CUBLAS_BLOCK == 0 and x.dtype in (torch.bfloat16, torch.float16)
-            # cuBLASLt's 128 x 128 block scaling runs on SM90 only (torch refuses it elsewhere).
+            and (scales.block_n == _CUBLAS_BLOCK or _row_block_scales_fit(k, scales))
+            # cuBLASLt's block scaling runs on SM90 only (torch refuses it elsewhere).
             and sm_major(x.device) == 9)
+
+
+def _row_block_scales_fit(k: int, scales: BlockScales) -> bool:
+    """Whether cuBLASLt takes these 1 x 128 weight scales as stored: K-block-major (as
+    `regroup_mxfp8_` stores them) and whole multiples of 4 K blocks, since padding them would
+    copy them into another layout."""
+    return (scales.block_n == 1 and scales.scale.stride(0) == 1
+            and (k // _CUBLAS_BLOCK) % _CUBLAS_PAD == 0)
 
 
 def runs_dequantized(m: int, scales: BlockScales) -> bool:
@@ -212,14 +234,19 @@ def dequantized_linear(flat: torch.Tensor, weight: torch.Tensor,
 def cublas_fp8_linear(flat: torch.Tensor, weight: torch.Tensor,
                       scales: BlockScales) -> torch.Tensor:
     """flat @ W^T through cuBLASLt, in flat's dtype: flat's rows quantized per 128-wide group with
-    token-major scales, the weight's scales as stored (K blocks zero-padded to 4)."""
+    token-major scales, the weight's 128 x 128 scales as stored (K blocks zero-padded to 4) or
+    its 1 x 128 ones as stored (K-block-major)."""
     m = flat.shape[0]
     if m % _CUBLAS_PAD:
         flat = F.pad(flat, (0, 0, 0, -m % _CUBLAS_PAD))
     x_fp8, x_scales = quantize_activations(flat, _CUBLAS_BLOCK, token_major_scales=True)
-    w_scales = scales.scale
-    if w_scales.shape[1] % _CUBLAS_PAD:
-        w_scales = F.pad(w_scales, (0, -w_scales.shape[1] % _CUBLAS_PAD))
-    product = F.scaled_mm(x_fp8, weight.t(), x_scales, F.ScalingType.BlockWise1x128,
-                          w_scales.t(), F.ScalingType.BlockWise128x128, output_dtype=flat.dtype)
+    if scales.block_n == 1:
+        w_scales, w_scaling = scales.scale, F.ScalingType.BlockWise1x128
+    else:
+        w_scales, w_scaling = scales.scale, F.ScalingType.BlockWise128x128
+        if w_scales.shape[1] % _CUBLAS_PAD:
+            w_scales = F.pad(w_scales, (0, -w_scales.shape[1] % _CUBLAS_PAD))
+        w_scales = w_scales.t()
+    product = F.scaled_mm(x_fp8, weight.t(), x_scales, F.ScalingType.BlockWise1x128, w_scales,
+                          w_scaling, output_dtype=flat.dtype)
     return product[:m]

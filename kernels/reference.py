@@ -328,8 +328,10 @@ def _expert_linear(x: torch.Tensor, weights: torch.Tensor, scales: BlockScales |
 # Block-scaled GEMMs run as such checkpoints declare (`activation_scheme: dynamic`,
 # transformers' default): each token's activations are quantized to e4m3 in groups as wide as a
 # weight block along K, and the product of two e4m3 tiles is scaled by both scales (W8A8).
-# MXFP8 weights instead keep the activations as they are and scale the weight (weight-only), as
-# `fp8_weight_only` says. A weight is multiplied as stored:
+# MXFP8 weights are served as W8A8 too, regrouped at load into 1 x 128 blocks
+# (`regroup_mxfp8`); kept as stored (`mxfp8_mode: weight_only`), their 32-wide groups are too
+# narrow for e4m3 products, so they keep the activations as they are and scale the weight
+# (weight-only), as `fp8_weight_only` says. A weight is multiplied as stored:
 # by the tensor cores (Triton), or dequantized one at a time here, so no full-precision copy of
 # the model ever exists.
 
@@ -388,6 +390,42 @@ def quantize_fp8(weight: torch.Tensor, block_n: int, block_k: int,
     quantized = (blocks / scale[..., :, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX)
     quantized = quantized.view(*lead, rows * block_n, cols * block_k)[..., :n, :k]
     return quantized.to(E4M3).contiguous(), BlockScales(stored.contiguous(), block_n, block_k)
+
+
+# MXFP8 weights regrouped for W8A8 (`regroup_mxfp8`): each row's 32-wide groups within a 128-wide
+# K block take the largest of their power-of-two scales, and the e4m3 values of a group with a
+# smaller scale are multiplied by the ratio, a power of two. That is exact while a value stays a
+# normal e4m3 number: only values below 2 ** -6 of their new scale (under 2 ** -13.8 of the
+# block's largest magnitude) lose bits, each at most 2 ** -10 of that scale, far below e4m3's own
+# rounding. A 128-wide K tile is then one e4m3 x e4m3 tensor-core product with one scale per row
+# and column.
+REGROUPED_BLOCK_K = 128
+
+
+def regroups_to_w8a8(scales: BlockScales) -> bool:
+    """Whether `regroup_mxfp8` takes weights with these scales: e8m0 groups along K narrower
+    than a regrouped block and dividing it (MXFP8's [1, 32])."""
+    return (scales.e8m0 and scales.block_n == 1 and scales.block_k < REGROUPED_BLOCK_K
+            and REGROUPED_BLOCK_K % scales.block_k == 0)
+
+
+def regroup_mxfp8(weight: torch.Tensor, scales: BlockScales) -> tuple[torch.Tensor, BlockScales]:
+    """(e4m3 weight, fp32 [1, 128] block scales) standing for the e4m3 `weight` [..., N, K] with
+    narrow e8m0 groups (`regroups_to_w8a8`), as described above. A last K block shorter than
+    128 regroups the groups it has. The scales are stored K-block-major, as the GEMMs read them
+    (one per weight row for a K tile, adjacent) and cuBLASLt's 1 x 128 scaling takes them."""
+    *lead, n, k = weight.shape
+    group, blocks = scales.block_k, -(-k // REGROUPED_BLOCK_K)
+    per_block = REGROUPED_BLOCK_K // group
+    # Padding groups get exponent 0 (2 ** -127): never a block's largest where it has a real one.
+    exponents = F.pad(scales.scale.int(), (0, blocks * per_block - scales.scale.shape[-1]))
+    exponents = exponents.view(*lead, n, blocks, per_block)
+    top = exponents.amax(dim=-1, keepdim=True)
+    ratio = torch.exp2((exponents - top).float()).repeat_interleave(group, dim=-1)
+    regrouped = (weight.float() * ratio.flatten(-2)[..., :k]).to(E4M3)
+    block_scales = torch.exp2(top.squeeze(-1).float() - E8M0_BIAS)
+    k_block_major = block_scales.transpose(-1, -2).contiguous().transpose(-1, -2)
+    return regrouped, BlockScales(k_block_major, 1, REGROUPED_BLOCK_K)
 
 
 def quantize_activations(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:

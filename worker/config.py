@@ -163,9 +163,10 @@ class FP8Config:
     """FP8 weights as a checkpoint's `quantization_config` describes them (transformers'
     FineGrainedFP8Config): e4m3 weights, one scale per [block_n, block_k] block of each
     matrix, fp32 scales or e8m0 powers of two (MXFP8: [1, 32] groups). Activations are
-    quantized per token group as the GEMMs run ("dynamic", the only activation scheme read),
-    except where the scale groups are as narrow as MXFP8's: those GEMMs keep the activations in
-    the model's dtype (`reference.fp8_weight_only`). Projections named in
+    quantized per token group as the GEMMs run ("dynamic", the only activation scheme read);
+    MXFP8 weights are regrouped into [1, 128] blocks for that once loaded, or, with
+    `EngineConfig.mxfp8_mode: weight_only`, keep their groups and the activations stay in the
+    model's dtype (`reference.fp8_weight_only`). Projections named in
     `modules_to_not_convert` (MiniMax's `ignored_layers`), the LM head, the router and the
     vision tower stay in the model's dtype."""
 
@@ -430,6 +431,10 @@ def parse_bytes(value: int | str) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
 
 
+# How MXFP8 checkpoints' GEMMs run (`EngineConfig.mxfp8_mode`).
+MXFP8Mode = Literal["w8a8", "weight_only"]
+
+
 class EngineConfig(BaseModel):
     """Everything one model replica needs to start. Embedded in serve_config.yaml."""
 
@@ -458,6 +463,13 @@ class EngineConfig(BaseModel):
     expert_parallel: bool = Field(
         False, description="with tensor_parallel_size > 1, deal whole MoE experts out to the "
                            "ranks instead of slicing every expert")
+    mxfp8_mode: MXFP8Mode = Field(
+        "w8a8", description="MXFP8 checkpoints: 'w8a8' regroups each weight row's 32-wide e8m0 "
+                            "groups into 128-wide blocks once loaded (the same e4m3 bytes; only "
+                            "values under 2^-6 of their block's scale round) and quantizes "
+                            "activations per token in 128-wide groups, as block-scaled FP8 "
+                            "runs: e4m3 tensor-core products, the faster mode; 'weight_only' "
+                            "keeps the stored groups and the activations in the model dtype")
     max_num_seqs: int = Field(64, ge=1)
     max_num_batched_tokens: int = Field(2048, ge=16)
     max_model_len: int | None = Field(None, ge=1)

@@ -24,7 +24,7 @@ from worker.checkpoint import (
     resolve_model_path,
     weight_shards,
 )
-from worker.config import ModelConfig
+from worker.config import ModelConfig, MXFP8Mode
 from worker.errors import ModelLoadError
 from worker.layers import fp8
 from worker.layers.norms import GemmaRMSNorm, RMSNorm
@@ -40,14 +40,16 @@ class LoadedModel(ModelInfo):
 
 
 def load_model(path: str | Path | None, dtype: torch.dtype, device: torch.device,
-               name: str | None = None, load_format: str = "auto") -> LoadedModel:
+               name: str | None = None, load_format: str = "auto",
+               mxfp8_mode: MXFP8Mode = "w8a8") -> LoadedModel:
     """path None -> the embedded default model; a directory -> safetensors; *.gguf -> GGUF.
-    load_format "dummy": a directory's config and tokenizer with random weights, none read."""
+    load_format "dummy": a directory's config and tokenizer with random weights, none read.
+    mxfp8_mode: how MXFP8 weights are served (`EngineConfig.mxfp8_mode`)."""
     resolved = resolve_model_path(path)
     if load_format == "dummy":
-        loaded = _load_dummy(resolved, dtype, device)
+        loaded = _load_dummy(resolved, dtype, device, mxfp8_mode)
     elif resolved.is_dir():
-        loaded = _load_safetensors_dir(resolved, dtype, device)
+        loaded = _load_safetensors_dir(resolved, dtype, device, mxfp8_mode)
     else:
         loaded = _load_gguf(resolved, dtype, device)
     apply_served_name(loaded, path, name)
@@ -66,9 +68,10 @@ class WeightFiller:
     shapes against the config; `finish` checks that every weight was filled exactly once."""
 
     def __init__(self, config: ModelConfig, source: Path, dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, mxfp8_mode: MXFP8Mode = "w8a8"):
         self.config = config
         self.source = source
+        self.mxfp8_mode = mxfp8_mode
         with torch.device("meta"):
             model = model_class(config)(config).to(dtype)
         if config.fp8 is not None:  # after .to(dtype), which would widen the e4m3 weights
@@ -167,7 +170,9 @@ class WeightFiller:
 
     def finish(self, stack: bool = True) -> nn.Module:
         """The loaded model; with `stack`, its projections of a shared input become one GEMM
-        each (`StackedLinear`), so its parameter names are no longer the checkpoint's."""
+        each (`StackedLinear`), so its parameter names are no longer the checkpoint's. MXFP8
+        weights are then regrouped for W8A8 (`fp8.regroup_mxfp8_`) unless `mxfp8_mode` is
+        weight_only."""
         wrong = sorted(n for n, p in self.params.items() if self.filled[n] != p.numel())
         if wrong:
             raise ModelLoadError(f"{self.source}: weights do not match the config: missing or "
@@ -175,27 +180,31 @@ class WeightFiller:
         for module in list(self.model.modules()) if stack else []:
             if hasattr(module, "stack_projections"):
                 module.stack_projections()
+        if self.mxfp8_mode == "w8a8":
+            fp8.regroup_mxfp8_(self.model)
         return self.model.eval().requires_grad_(False)
 
 
-def _load_dummy(path: Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+def _load_dummy(path: Path, dtype: torch.dtype, device: torch.device,
+                mxfp8_mode: MXFP8Mode) -> LoadedModel:
     if not path.is_dir():
         raise ModelLoadError(f"load_format 'dummy' needs a directory with config.json and a "
                              f"tokenizer, got {path}")
     info, _ = describe_safetensors_dir(path)
-    filler = WeightFiller(info.config, path, dtype, device)
+    filler = WeightFiller(info.config, path, dtype, device, mxfp8_mode)
     filler.fill_random(seed=0)
     return LoadedModel(**vars(info), model=filler.finish())
 
 
-def _load_safetensors_dir(path: Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+def _load_safetensors_dir(path: Path, dtype: torch.dtype, device: torch.device,
+                          mxfp8_mode: MXFP8Mode) -> LoadedModel:
     from safetensors import safe_open
 
     info, files = describe_safetensors_dir(path)
     if not files:
         raise ModelLoadError(f"{path} has no *.safetensors weights (load_format 'dummy' runs "
                              "a config without weights, randomly initialised)")
-    filler = WeightFiller(info.config, path, dtype, device)
+    filler = WeightFiller(info.config, path, dtype, device, mxfp8_mode)
     shards = weight_shards(path, files)
     for shard in tqdm(shards, desc="loading weights", unit="shard", disable=len(shards) < 2):
         try:

@@ -26,6 +26,14 @@ from tests.kernels.test_moe import _layer, _swiglu
 # (block_n, block_k, e8m0): DeepSeek-style blocks with fp32 scales, MXFP8's groups of 32 with
 # power-of-two scales, and a block that does not divide the matrix (partial edge blocks).
 LAYOUTS = [(128, 128, False), (1, 32, True), (16, 48, False)]
+# MXFP8 weights as served by default: regrouped into 1 x 128 blocks once loaded.
+REGROUPED = "MXFP8 regrouped to 1 x 128"
+
+
+def _quantize(weight: torch.Tensor, layout):
+    if layout == REGROUPED:
+        return reference.regroup_mxfp8(*quantize_fp8(weight, 1, 32, True))
+    return quantize_fp8(weight, *layout)
 
 
 @pytest.mark.parametrize("block_n,block_k,e8m0", LAYOUTS)
@@ -49,6 +57,47 @@ def test_quantized_weights_round_trip_within_e4m3_rounding(block_n, block_k, e8m
         assert quantized.float().abs().amax() == 448
 
 
+@pytest.mark.parametrize("k", [256, 200])  # whole 128-wide blocks; a last block of 2.25 groups
+def test_regrouped_mxfp8_weights_stand_for_the_stored_ones(k):
+    g = torch.Generator().manual_seed(k)
+    weight = torch.randn(2, 64, k, generator=g) / k ** 0.5
+    weight[..., 3] *= 2 ** 9  # an outlier input channel: its group's scale 9 powers of two up
+    stored, groups = quantize_fp8(weight, 1, 32, e8m0=True)
+    assert reference.regroups_to_w8a8(groups)
+    assert not reference.regroups_to_w8a8(quantize_fp8(weight, 128, 128)[1])
+    regrouped, blocks = reference.regroup_mxfp8(stored, groups)
+    assert (blocks.block_n, blocks.block_k) == (1, 128) and not blocks.e8m0
+    assert blocks.scale.shape == (2, 64, -(-k // 128))
+    assert blocks.scale.stride()[1:] == (1, 64)  # K-block-major: a K tile's row scales adjacent
+    assert torch.equal(torch.exp2(torch.log2(blocks.scale).round()), blocks.scale)
+    # Each block's scale is its largest group scale; each value is the stored one, but for the
+    # values under 2^-6 of the block's scale, which round by at most half a subnormal step.
+    block_of = blocks.scale.repeat_interleave(128, -1)[..., :k]
+    old, new = dequantize_fp8(stored, groups), dequantize_fp8(regrouped, blocks)
+    tiny = old.abs() < block_of * 2 ** -6
+    assert torch.equal(new[~tiny], old[~tiny])
+    assert ((new - old).abs() <= block_of * 2 ** -10).all()
+    assert tiny.any() and (new != old).any()  # the outlier's blocks do round some values
+    assert ((new - old).norm() / old.norm()) < 1e-3
+    # A block whose groups share a scale is copied bit for bit (the second: no outlier there).
+    same = (groups.scale[..., 4:8] == groups.scale[..., 4:5]).all(-1)
+    assert same.any()
+    assert torch.equal(regrouped[..., 128:][same].view(torch.uint8),
+                       stored[..., 128:][same].view(torch.uint8))
+
+
+def test_17_to_64_row_w8a8_gemms_split_k_so_their_waves_fill_the_gpu():
+    # (output columns, K): M3's projections at TP 1, 2 and 4 on 132 multiprocessors, against
+    # the split each measured fastest at (or within 2% of) in bench/results/fp8_picks_h200.md.
+    fastest = {(6144, 8192): 4, (6144, 12288): 4, (24576, 6144): 1, (9856, 6144): 2,
+               (4992, 6144): 3, (2560, 6144): 3, (6144, 2048): 1, (1536, 6144): 4}
+    for (n, k), split in fastest.items():
+        assert GemmTile.for_shape(64, n, k, 128, 132).split_k == split, (n, k)
+    # 8 K tiles per split at least; the other decode rules are unchanged.
+    assert GemmTile.for_shape(64, 6144, 1024, 128, 132).split_k == 1
+    assert GemmTile.for_shape(16, 6144, 8192, 128, 132).split_k == 4
+
+
 @pytest.mark.parametrize("rows,k,group", [(37, 160, 128), (5, 200, 48), (130, 64, 32)])
 def test_activations_quantize_per_token_group_as_the_reference_does(rows, k, group):
     g = torch.Generator().manual_seed(rows)
@@ -68,12 +117,12 @@ def test_activations_quantize_per_token_group_as_the_reference_does(rows, k, gro
 
 def _fp8_weight(n: int, k: int, layout, seed: int, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    weight, scales = quantize_fp8(torch.randn(n, k, generator=g) / k ** 0.5, *layout)
+    weight, scales = _quantize(torch.randn(n, k, generator=g) / k ** 0.5, layout)
     return weight.to(device), type(scales)(scales.scale.to(device), scales.block_n,
                                            scales.block_k)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", [*LAYOUTS, REGROUPED])
 # A decode row, a few, a full decode tile (x through a tensor descriptor in the weight-only
 # kernel), a prefill chunk's tiles.
 @pytest.mark.parametrize("rows", [1, 37, 64, 130])
@@ -150,11 +199,11 @@ def test_many_row_weight_only_gemms_dequantize_the_weight_once():
                                        atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("layout", [(16, 16, False), (1, 32, True)])
+@pytest.mark.parametrize("layout", [(16, 16, False), (1, 32, True), REGROUPED])
 def test_grouped_gemm_with_fp8_experts_matches_reference(layout):
     x, w13, w2, weights, chosen = _layer(40, 8, 4, 64, 32, seed=5)
-    q13, s13 = quantize_fp8(w13, *layout)
-    q2, s2 = quantize_fp8(w2, *layout)
+    q13, s13 = _quantize(w13, layout)
+    q2, s2 = _quantize(w2, layout)
     ours = kernels.routed_experts(x, q13, q2, weights, chosen, _swiglu, s13, s2,
                                   backend="triton")
     ref = kernels.routed_experts(x, q13, q2, weights, chosen, _swiglu, s13, s2,
@@ -181,7 +230,7 @@ def test_fp8_weights_without_matching_scales_are_refused():
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="needs a CUDA GPU; CPU runs the interpreter tests above")
 @pytest.mark.gpu
-@pytest.mark.parametrize("layout", [(128, 128, False), (1, 32, True)])
+@pytest.mark.parametrize("layout", [(128, 128, False), (1, 32, True), REGROUPED])
 @pytest.mark.parametrize("rows", [8, 33, 64, 130, 512])
 def test_fp8_gemms_at_m3_width_on_the_gpu(layout, rows):
     weight, scales = _fp8_weight(4096, 6144, layout, seed=0, device="cuda")
@@ -189,15 +238,16 @@ def test_fp8_gemms_at_m3_width_on_the_gpu(layout, rows):
     ours = kernels.fp8_linear(x, weight, scales)
     ref = kernels.fp8_linear(x.float(), weight, scales, backend="reference")
     torch.testing.assert_close(ours.float(), ref, atol=3e-2, rtol=3e-2)
-    # Prefill-sized block-scaled GEMMs go to cuBLASLt on Hopper (130 rows: padded to 132), and
-    # 64-row ones 8K to 16K wide (the stacked q/k/v at TP 1, gate/up at TP 2).
+    # Prefill-sized block-scaled GEMMs (regrouped MXFP8 too) go to cuBLASLt on Hopper (130
+    # rows: padded to 132), and 64-row ones 8K to 16K wide (the stacked q/k/v at TP 1, gate/up
+    # at TP 2).
     hopper = torch.cuda.get_device_capability()[0] == 9
     assert fp8_gemm.runs_dequantized(rows, scales) == (
         rows >= fp8_gemm.DEQUANTIZED_MIN_ROWS and layout == (1, 32, True))
     for width, min_rows in ((4096, 65), (9856, 64), (24576, 65)):
         assert fp8_gemm.runs_on_cublas(rows, width, 6144, x, scales) == (
-            hopper and rows >= min_rows and layout == (128, 128, False))
-    if layout == (128, 128, False) and hopper:
+            hopper and rows >= min_rows and layout != (1, 32, True))
+    if layout != (1, 32, True) and hopper:
         torch.testing.assert_close(fp8_gemm.cublas_fp8_linear(x, weight, scales).float(),
                                    reference.fp8_w8a8_linear(x.float(), weight, scales),
                                    atol=3e-2, rtol=3e-2)
@@ -218,7 +268,7 @@ def test_fp8_gemms_at_m3_width_on_the_gpu(layout, rows):
                 assert torch.equal(fp8_gemm.fp8_linear(x, weight, scales, tile), first)
     x, w13, w2, weights, chosen = _layer(rows, 128, 4, 3072, 1024, seed=1, device="cuda",
                                          dtype=torch.bfloat16)
-    (q13, s13), (q2, s2) = quantize_fp8(w13, *layout), quantize_fp8(w2, *layout)
+    (q13, s13), (q2, s2) = _quantize(w13, layout), _quantize(w2, layout)
     ours = kernels.routed_experts(x, q13, q2, weights, chosen, _swiglu, s13, s2)
     ref = kernels.routed_experts(x, q13, q2, weights, chosen, _swiglu, s13, s2,
                                  backend="reference")

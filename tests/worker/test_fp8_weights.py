@@ -71,6 +71,10 @@ def test_fp8_checkpoint_loads_as_stored_and_stays_within_tolerance(fp8_dir, full
     assert any(".self_attn.qkv_proj.projections.0.weight" in n for n in weights)
     assert not any(n.startswith(("lm_head", "visual", "model.embed")) or ".gate." in n
                    for n in weights)
+    _assert_within_tolerance(loaded, full_precision)
+
+
+def _assert_within_tolerance(loaded, full_precision) -> None:
     ours = _forward_logits(loaded, PROMPT, 3)
     ref = _forward_logits(full_precision, PROMPT, 3)
     relative = ((ours - ref).norm() / ref.norm()).item()
@@ -78,6 +82,30 @@ def test_fp8_checkpoint_loads_as_stored_and_stays_within_tolerance(fp8_dir, full
     kl = (log_ref.exp() * (log_ref - log_ours)).sum(-1).mean().item()
     assert 0 < relative < MAX_RELATIVE_ERROR
     assert kl < MAX_MEAN_KL
+
+
+def test_mxfp8_weights_are_regrouped_once_loaded_unless_kept_weight_only(tmp_path,
+                                                                          full_precision):
+    """By default MXFP8's 32-wide groups become 128-wide blocks (their GEMMs run W8A8) standing
+    for the same weights; `mxfp8_mode: weight_only` keeps the stored groups. Both modes stay
+    within the stated tolerance of full precision."""
+    path = make_m3_checkpoint(tmp_path / "mxfp8", seed=SEED, fp8_layout="mxfp8")
+    served = load_model(path, torch.float32, CPU)
+    kept = load_model(path, torch.float32, CPU, mxfp8_mode="weight_only")
+    served_scales, kept_scales = _fp8_weights(served.model), _fp8_weights(kept.model)
+    assert served_scales.keys() == kept_scales.keys() and served_scales
+    served_params = dict(served.model.named_parameters())
+    kept_params = dict(kept.model.named_parameters())
+    for name, blocks in served_scales.items():
+        groups = kept_scales[name]
+        assert (blocks.block_n, blocks.block_k, blocks.e8m0) == (1, 128, False)
+        assert (groups.block_n, groups.block_k, groups.e8m0) == (1, 32, True)
+        assert blocks.scale.stride(-2) == 1  # K-block-major, as the GEMMs read them
+        stored = dequantize_fp8(kept_params[name], groups)
+        regrouped = dequantize_fp8(served_params[name], blocks)
+        assert (regrouped - stored).norm() <= 1e-3 * stored.norm(), name
+    _assert_within_tolerance(served, full_precision)
+    _assert_within_tolerance(kept, full_precision)
 
 
 def test_fp8_model_multiplies_exactly_the_stored_weights(fp8_dir, monkeypatch):

@@ -137,7 +137,7 @@ class LLMEngine:
         """The model, KV cache, scheduling state and runner (on every rank's layers)."""
         config = self.config
         loaded = load_model(config.model, self.dtype, self.device, config.served_model_name,
-                            config.load_format)
+                            config.load_format, config.mxfp8_mode)
         self.model_name = loaded.name
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer

@@ -73,7 +73,7 @@ class RankWorker:
                             self.init_method, device, COLLECTIVE_TIMEOUT_S)
         try:
             model = load_model(config.model, dtype, device, config.served_model_name,
-                               config.load_format).model
+                               config.load_format, config.mxfp8_mode).model
             setup: CacheSetup = parallel.broadcast_from_rank0()
             cache = KVCache(model.config, setup.num_pages, dtype, device, setup.index_key_dtype)
             host_cache = HostKVCache(cache, setup.host_slots) if setup.host_slots else None

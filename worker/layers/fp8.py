@@ -5,23 +5,29 @@ stacked along its output rows: w1 over w3 in the fused expert projection). `quan
 those of a model built on the meta device into e4m3 parameters with a `<name>_scale_inv`
 parameter beside each (the checkpoint's name for the scales), so loading copies the stored
 bytes and nothing is ever held in full precision. The kernels multiply by them as they are
-(`kernels.fp8_linear`, `kernels.routed_experts`).
+(`kernels.fp8_linear`, `kernels.routed_experts`), except that MXFP8 weights are regrouped once
+loaded (`regroup_mxfp8_`, unless `mxfp8_mode: weight_only`): same bytes, wider scale blocks.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import torch
 from torch import nn
 
 from kernels import E4M3, BlockScales
+from kernels.reference import REGROUPED_BLOCK_K, regroup_mxfp8, regroups_to_w8a8
 from worker.config import FP8Config
 from worker.errors import ModelLoadError
 from worker.parallel import set_shard
 
 SCALE_SUFFIX = "_scale_inv"
 E8M0_STORAGE = torch.uint8  # e8m0 exponents, as the kernels read them
+# Weight rows regrouped at a time (`regroup_mxfp8_`): bounds the fp32 temporaries to a few hundred
+# MB at M3's width.
+REGROUP_ROWS = 4096
 
 
 def quantize_(model: nn.Module, config: FP8Config) -> None:
@@ -40,6 +46,36 @@ def scales(module: nn.Module, name: str) -> BlockScales | None:
     if block is None:
         return None
     return BlockScales(getattr(module, name + SCALE_SUFFIX), *block)
+
+
+def regroup_mxfp8_(model: nn.Module) -> None:
+    """Regroups the loaded MXFP8 weights of `model` into [1, 128] blocks in place
+    (`reference.regroup_mxfp8`), so their GEMMs run W8A8. Their scales become fp32 and are stored
+    K-block-major: the scales a program reads for one K tile (one per weight row) are adjacent,
+    and cuBLASLt's 1 x 128 block scaling takes them in that layout."""
+    with torch.no_grad():
+        for module in model.modules():
+            _regroup_module(module)
+
+
+def _regroup_module(module: nn.Module) -> None:
+    names = [name for name in getattr(module, "fp8_weights", {})
+             if (found := scales(module, name)) is not None and regroups_to_w8a8(found)]
+    for name in names:
+        weight, stored = getattr(module, name), scales(module, name)
+        *lead, n, k = weight.shape
+        regrouped = torch.empty(*lead, -(-k // REGROUPED_BLOCK_K), n,
+                                device=weight.device).transpose(-1, -2)
+        for index in itertools.product(*map(range, lead)):
+            for row in range(0, n, REGROUP_ROWS):
+                rows = slice(row, row + REGROUP_ROWS)
+                values, block_scales = regroup_mxfp8(
+                    weight[index][rows], BlockScales(stored.scale[index][rows], 1, stored.block_k))
+                weight[index][rows] = values
+                regrouped[index][rows] = block_scales.scale
+        setattr(module, name + SCALE_SUFFIX, nn.Parameter(regrouped, requires_grad=False))
+    if names:
+        module.__dict__["fp8_block"] = (1, REGROUPED_BLOCK_K)
 
 
 def _exempt(module_name: str, patterns: tuple[str, ...]) -> bool:
