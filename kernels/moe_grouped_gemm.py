@@ -9,10 +9,10 @@ size, so a CUDA graph captures a step whatever the router picks.
 
 FP8 experts (e4m3 with block scales) read half the bytes and multiply in the mode
 `reference.fp8_weight_only` names for their scale groups, as the dense FP8 GEMMs do: W8A8
-(block scales) quantizes the rows per token in groups along K, and each K tile is an e4m3 x e4m3
-tensor-core product scaled by both sides' scales; weight-only (MXFP8's 32-wide groups) keeps
-the rows in their dtype and scales each weight tile into it in registers, the operands swapped
-as in `kernels/fp8_weight_only_gemm.py`.
+(block scales, MXFP8 regrouped into 1 x 128 blocks) quantizes the rows per token in groups
+along K, and each K tile is an e4m3 x e4m3 tensor-core product scaled by both sides' scales;
+weight-only (MXFP8's 32-wide groups as stored) keeps the rows in their dtype and scales each
+weight tile into it in registers, the operands swapped as in `kernels/fp8_weight_only_gemm.py`.
 
 The math is `reference.routed_experts`; `routed_experts` here is the same contract.
 """

@@ -139,8 +139,8 @@ def test_fp8_linear_matches_reference(layout, rows, n, k):
     # depends on the rows alone.
     assert fp8_weight_only_gemm.loads_x_by_descriptor(x) == (rows >= 64)
     modes = {True: reference.fp8_w8a8_linear, False: reference.fp8_weight_only_linear}
-    # The reference takes the mode the rule names: MXFP8 weight-only, block scales W8A8 at any
-    # number of rows.
+    # The reference takes the mode the rule names: MXFP8 as stored weight-only, block scales
+    # (regrouped MXFP8 too) W8A8 at any number of rows.
     weight_only = layout == (1, 32, True)
     assert reference.fp8_weight_only(scales.block_k) == weight_only
     torch.testing.assert_close(ref, modes[not weight_only](x, weight, scales))
