@@ -16,6 +16,7 @@ import re
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from kernels import E4M3, BlockScales
 from kernels.reference import REGROUPED_BLOCK_K, regroup_mxfp8, regroups_to_w8a8
@@ -53,14 +54,17 @@ def regroup_mxfp8_(model: nn.Module) -> None:
     (`reference.regroup_mxfp8`), so their GEMMs run W8A8. Their scales become fp32 and are stored
     K-block-major: the scales a program reads for one K tile (one per weight row) are adjacent,
     and cuBLASLt's 1 x 128 block scaling takes them in that layout."""
+    modules = [(module, names) for module in model.modules()
+               if (names := [name for name in getattr(module, "fp8_weights", {})
+                             if (found := scales(module, name)) is not None
+                             and regroups_to_w8a8(found)])]
     with torch.no_grad():
-        for module in model.modules():
-            _regroup_module(module)
+        for module, names in tqdm(modules, desc="regrouping MXFP8 weights", unit="module",
+                                  disable=len(modules) < 8, leave=False):
+            _regroup_module(module, names)
 
 
-def _regroup_module(module: nn.Module) -> None:
-    names = [name for name in getattr(module, "fp8_weights", {})
-             if (found := scales(module, name)) is not None and regroups_to_w8a8(found)]
+def _regroup_module(module: nn.Module, names: list[str]) -> None:
     for name in names:
         weight, stored = getattr(module, name), scales(module, name)
         *lead, n, k = weight.shape
@@ -74,8 +78,7 @@ def _regroup_module(module: nn.Module) -> None:
                 weight[index][rows] = values
                 regrouped[index][rows] = block_scales.scale
         setattr(module, name + SCALE_SUFFIX, nn.Parameter(regrouped, requires_grad=False))
-    if names:
-        module.__dict__["fp8_block"] = (1, REGROUPED_BLOCK_K)
+    module.__dict__["fp8_block"] = (1, REGROUPED_BLOCK_K)
 
 
 def _exempt(module_name: str, patterns: tuple[str, ...]) -> bool:
