@@ -16,11 +16,17 @@ chunks, eager.
 `--profile` instead lists each kernel's GPU time in one batch-64 x 32K decode step at TP 1 and
 at TP `--gpus` (bf16 and FP8): what does not shrink as the ranks grow.
 
+`--fp8 mxfp8` runs the FP8 rows with the released checkpoint's MXFP8 weights as served
+(regrouped into 1 x 128 blocks, `mxfp8_mode: w8a8`) instead of 128 x 128 block scales, beside
+bf16 at each split, and writes parallel_mxfp8_<gpu>.md (the expert-parallel and eager-glue rows,
+which do not depend on the FP8 layout, stay in parallel_<gpu>.md).
+
 Rows marked "eager glue" run the norms, rotary embeddings and activations as separate torch ops
 (`MSA_SERVE_COMPILE=0`), as before `worker/layers/fused.py`: the fusion's effect, same run.
 
 Usage (CUDA): python -m bench.parallel [--gpus 2] [--moe-layers 2] [--skip-expert-parallel]
-                                       [--profile] [--out-dir DIR] [--resume FILE]
+                                       [--fp8 block|mxfp8] [--profile] [--out-dir DIR]
+                                       [--resume FILE]
 """
 
 from __future__ import annotations
@@ -58,7 +64,23 @@ POOL_PAGES = 2048  # shared by every decode row: 256K tokens per layer
 REPLAYS = 20
 PROFILE_SHAPE = (64, 32768)
 PROFILE_ROWS = 30  # the costliest kernels at TP N, one row each
-FP8_BLOCK = {"quant_method": "fp8", "fmt": "float8_e4m3fn", "weight_block_size": [128, 128]}
+# --fp8 -> (the rows' label, the checkpoint's quantization_config, the results' note)
+FP8_LAYOUTS = {
+    "block": ("FP8", {"quant_method": "fp8", "fmt": "float8_e4m3fn",
+                      "weight_block_size": [128, 128]},
+              "FP8: e4m3 weights with 128 x 128 fp32 block scales, activations quantized per "
+              "token group (decode batches on the Triton W8A8 GEMM, prefill chunks on "
+              "cuBLASLt's block-scaled FP8 GEMM; each GEMM against bf16: "
+              "bench/results/fp8_picks_<gpu>.md)."),
+    "mxfp8": ("MXFP8", {"quant_method": "mxfp8", "fmt": "float8_e4m3fn",
+                        "weight_block_size": [1, 32], "scale_fmt": "ue8m0"},
+              "MXFP8: e4m3 weights with an e8m0 scale per 32 along K, as the released M3 "
+              "checkpoint stores them, served as `mxfp8_mode: w8a8` does: regrouped into "
+              "1 x 128 blocks once loaded, activations quantized per token group (decode "
+              "batches on the Triton W8A8 GEMM, prefill chunks on cuBLASLt's 1 x 128 block "
+              "scaling; each GEMM against bf16: bench/results/fp8_picks_<gpu>.md, 'MXFP8 "
+              "regrouped 1x128'). The expert-parallel and eager-glue rows: parallel_<gpu>.md."),
+}
 
 
 @dataclass(frozen=True)
@@ -67,11 +89,13 @@ class Setup:
     expert_parallel: bool
     fp8: bool
     compiled: bool = True  # the elementwise glue fused by torch.compile (worker/layers/fused.py)
+    fp8_layout: str = "block"  # a key of FP8_LAYOUTS
 
     @property
     def name(self) -> str:
-        return (f"TP {self.size}" + (" + EP" if self.expert_parallel else "")
-                + (" FP8" if self.fp8 else " bf16") + ("" if self.compiled else ", eager glue"))
+        weights = FP8_LAYOUTS[self.fp8_layout][0] if self.fp8 else "bf16"
+        return (f"TP {self.size}" + (" + EP" if self.expert_parallel else "") + f" {weights}"
+                + ("" if self.compiled else ", eager glue"))
 
 
 def _sequence(context: int, row: int) -> Sequence:
@@ -189,7 +213,7 @@ def run_setup(setup: Setup, model_dir: Path, port: int, profile: bool = False) -
         return dict(results[setup])
 
 
-def _write_configs(tmp: Path, moe_layers: int) -> dict[bool, Path]:
+def _write_configs(tmp: Path, moe_layers: int, fp8_layout: str) -> dict[bool, Path]:
     """The bf16 and FP8 model directories, keyed by `fp8`."""
     dirs = {}
     for fp8 in (False, True):
@@ -201,7 +225,7 @@ def _write_configs(tmp: Path, moe_layers: int) -> dict[bool, Path]:
         text = config["text_config"]
         text["vocab_size"] = -(-text["vocab_size"] // 64) * 64
         if fp8:
-            config["quantization_config"] = FP8_BLOCK
+            config["quantization_config"] = FP8_LAYOUTS[fp8_layout][1]
         (dirs[fp8] / "config.json").write_text(json.dumps(config))
     return dirs
 
@@ -212,7 +236,14 @@ def _model_note(moe_layers: int) -> str:
             "expert), random weights.")
 
 
-def _steps_report(results: dict, moe_layers: int, out_dir: Path | None) -> None:
+def _results_name(kind: str, fp8_layout: str) -> str:
+    """parallel[_profile][_mxfp8]_<gpu>: each FP8 layout's runs in files of their own."""
+    layout = "" if fp8_layout == "block" else f"_{fp8_layout}"
+    return f"{kind}{layout}_{torch.cuda.get_device_name().split()[-1].lower()}"
+
+
+def _steps_report(results: dict, moe_layers: int, fp8_layout: str,
+                  out_dir: Path | None) -> None:
     baseline = results[Setup(1, False, False)]
     header = ["setup", "weights/GPU (GiB)", "prefill 128K (s)", "vs TP 1 bf16"]
     for requests, context in DECODE_SHAPES:
@@ -232,13 +263,11 @@ def _steps_report(results: dict, moe_layers: int, out_dir: Path | None) -> None:
              f"captured), {REPLAYS} replays; 'vs TP 1 bf16' is the step time's ratio (lower is "
              "faster; the goals: TP 2 <= 0.6x, TP 4 <= 0.35x at batch 64). 'collectives' is "
              "1 - (the same step captured without its collectives) / (the step). Prefill: one "
-             "128K prompt in 16K chunks, eager, second run. FP8: e4m3 weights with 128 x 128 "
-             "fp32 block scales, activations quantized per token group (decode batches on "
-             "the Triton W8A8 GEMM, prefill chunks on cuBLASLt's block-scaled FP8 GEMM; each "
-             "GEMM against bf16: bench/results/fp8_picks_<gpu>.md).")
+             "128K prompt in 16K chunks, eager, second run. " + FP8_LAYOUTS[fp8_layout][2])
     notes += _expert_parallel_note(results)
-    write_results(f"parallel_{torch.cuda.get_device_name().split()[-1].lower()}",
-                  "MiniMax-M3 across GPUs: tensor and expert parallel, FP8 weights",
+    write_results(_results_name("parallel", fp8_layout),
+                  "MiniMax-M3 across GPUs: tensor and expert parallel, "
+                  f"{FP8_LAYOUTS[fp8_layout][0]} weights",
                   f"## Steps\n\n{markdown_table(header, rows)}", notes, out_dir)
 
 
@@ -265,7 +294,8 @@ def _short_kernel_name(name: str) -> str:
     return name[:110].replace("|", "/")
 
 
-def _profile_report(results: dict, moe_layers: int, out_dir: Path | None) -> None:
+def _profile_report(results: dict, moe_layers: int, fp8_layout: str,
+                    out_dir: Path | None) -> None:
     sections = []
     for fp8 in (False, True):
         one, *split = [(s, r["kernels_us"]) for s, r in results.items() if s.fp8 == fp8]
@@ -294,13 +324,14 @@ def _profile_report(results: dict, moe_layers: int, out_dir: Path | None) -> Non
                 line += [f"{totals[setup]:.1f}",
                          f"{totals[setup] * setup.size / totals[one[0]]:.2f}"]
             rows.append(line)
-        sections.append(f"## {'FP8' if fp8 else 'bf16'}\n\n{markdown_table(header, rows)}")
+        label = FP8_LAYOUTS[fp8_layout][0] if fp8 else "bf16"
+        sections.append(f"## {label}\n\n{markdown_table(header, rows)}")
     requests, context = PROFILE_SHAPE
     notes = (_model_note(moe_layers) + f" GPU time of each kernel in one {requests} x "
              f"{context // 1024}K CUDA-graph decode step on rank 0 (torch.profiler, "
              f"{REPLAYS} replays). 'x N / TP 1' is the kernel's time at TP N times N over its "
              "time at TP 1: 1.00 means it splits perfectly, N means it does not shrink at all.")
-    write_results(f"parallel_profile_{torch.cuda.get_device_name().split()[-1].lower()}",
+    write_results(_results_name("parallel_profile", fp8_layout),
                   "MiniMax-M3 decode kernels across GPUs: what does not split",
                   "\n\n".join(sections), notes, out_dir)
 
@@ -311,23 +342,25 @@ def main() -> None:
     parser.add_argument("--moe-layers", type=int, default=2)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--skip-expert-parallel", action="store_true")
+    parser.add_argument("--fp8", choices=sorted(FP8_LAYOUTS), default="block",
+                        help="the FP8 rows' weights: 128 x 128 block scales, or MXFP8 as the "
+                             "released checkpoint stores them, served regrouped")
     parser.add_argument("--out-dir", type=Path, default=None)
     parser.add_argument("--resume", type=Path, default=None,
                         help="JSON of finished setups: read first (those are not run again), "
                              "written after each setup, so a run cut short goes on from there")
     args = parser.parse_args()
-    if args.profile:
-        setups = [Setup(s, False, fp8) for fp8 in (False, True) for s in (1, args.gpus)]
-    else:
-        sizes = [s for s in (1, 2, 4) if s <= args.gpus]
-        setups = [Setup(s, False, fp8) for fp8 in (False, True) for s in sizes]
+    sizes = (1, args.gpus) if args.profile else [s for s in (1, 2, 4) if s <= args.gpus]
+    setups = ([Setup(s, False, False) for s in sizes]
+              + [Setup(s, False, True, fp8_layout=args.fp8) for s in sizes])
+    if not args.profile and args.fp8 == "block":
         if not args.skip_expert_parallel:
             setups += [Setup(s, True, False) for s in sizes if s > 1]
         setups += [Setup(s, False, False, compiled=False) for s in (1, sizes[-1])]
     finished = json.loads(args.resume.read_text()) if args.resume and args.resume.exists() else {}
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        dirs = _write_configs(Path(tmp), args.moe_layers)
+        dirs = _write_configs(Path(tmp), args.moe_layers, args.fp8)
         for i, setup in enumerate(setups):
             if setup.name in finished and not args.profile:
                 results[setup] = finished[setup.name]
@@ -339,7 +372,7 @@ def main() -> None:
                     finished[setup.name] = results[setup]
                     args.resume.write_text(json.dumps(finished, indent=1))
     report = _profile_report if args.profile else _steps_report
-    report(results, args.moe_layers, args.out_dir)
+    report(results, args.moe_layers, args.fp8, args.out_dir)
 
 
 if __name__ == "__main__":
