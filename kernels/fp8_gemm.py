@@ -240,10 +240,11 @@ def cublas_fp8_linear(flat: torch.Tensor, weight: torch.Tensor,
     if m % _CUBLAS_PAD:
         flat = F.pad(flat, (0, 0, 0, -m % _CUBLAS_PAD))
     x_fp8, x_scales = quantize_activations(flat, _CUBLAS_BLOCK, token_major_scales=True)
+    w_scales = scales.scale
     if scales.block_n == 1:
-        w_scales, w_scaling = scales.scale, F.ScalingType.BlockWise1x128
+        w_scaling = F.ScalingType.BlockWise1x128
     else:
-        w_scales, w_scaling = scales.scale, F.ScalingType.BlockWise128x128
+        w_scaling = F.ScalingType.BlockWise128x128
         if w_scales.shape[1] % _CUBLAS_PAD:
             w_scales = F.pad(w_scales, (0, -w_scales.shape[1] % _CUBLAS_PAD))
         w_scales = w_scales.t()

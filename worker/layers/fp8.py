@@ -12,6 +12,7 @@ loaded (`regroup_mxfp8_`, unless `mxfp8_mode: weight_only`): same bytes, wider s
 from __future__ import annotations
 
 import itertools
+import logging
 import re
 
 import torch
@@ -23,6 +24,8 @@ from kernels.reference import REGROUPED_BLOCK_K, regroup_mxfp8, regroups_to_w8a8
 from worker.config import FP8Config
 from worker.errors import ModelLoadError
 from worker.parallel import set_shard
+
+logger = logging.getLogger(__name__)
 
 SCALE_SUFFIX = "_scale_inv"
 E8M0_STORAGE = torch.uint8  # e8m0 exponents, as the kernels read them
@@ -62,6 +65,9 @@ def regroup_mxfp8_(model: nn.Module) -> None:
         for module, names in tqdm(modules, desc="regrouping MXFP8 weights", unit="module",
                                   disable=len(modules) < 8, leave=False):
             _regroup_module(module, names)
+    if modules:
+        logger.info("regrouped MXFP8 weights into 1 x 128 blocks (mxfp8_mode w8a8)",
+                    extra={"modules": len(modules)})
 
 
 def _regroup_module(module: nn.Module, names: list[str]) -> None:
