@@ -64,22 +64,31 @@ POOL_PAGES = 2048  # shared by every decode row: 256K tokens per layer
 REPLAYS = 20
 PROFILE_SHAPE = (64, 32768)
 PROFILE_ROWS = 30  # the costliest kernels at TP N, one row each
-# --fp8 -> (the rows' label, the checkpoint's quantization_config, the results' note)
+
+
+@dataclass(frozen=True)
+class FP8Layout:
+    label: str  # the rows' name for these weights
+    quantization_config: dict  # the checkpoint's
+    note: str  # what the results file says of them
+
+
+# --fp8 -> the FP8 rows' weights
 FP8_LAYOUTS = {
-    "block": ("FP8", {"quant_method": "fp8", "fmt": "float8_e4m3fn",
-                      "weight_block_size": [128, 128]},
-              "FP8: e4m3 weights with 128 x 128 fp32 block scales, activations quantized per "
-              "token group (decode batches on the Triton W8A8 GEMM, prefill chunks on "
-              "cuBLASLt's block-scaled FP8 GEMM; each GEMM against bf16: "
-              "bench/results/fp8_picks_<gpu>.md)."),
-    "mxfp8": ("MXFP8", {"quant_method": "mxfp8", "fmt": "float8_e4m3fn",
-                        "weight_block_size": [1, 32], "scale_fmt": "ue8m0"},
-              "MXFP8: e4m3 weights with an e8m0 scale per 32 along K, as the released M3 "
-              "checkpoint stores them, served as `mxfp8_mode: w8a8` does: regrouped into "
-              "1 x 128 blocks once loaded, activations quantized per token group (decode "
-              "batches on the Triton W8A8 GEMM, prefill chunks on cuBLASLt's 1 x 128 block "
-              "scaling; each GEMM against bf16: bench/results/fp8_picks_<gpu>.md, 'MXFP8 "
-              "regrouped 1x128'). The expert-parallel and eager-glue rows: parallel_<gpu>.md."),
+    "block": FP8Layout(
+        "FP8", {"quant_method": "fp8", "fmt": "float8_e4m3fn", "weight_block_size": [128, 128]},
+        "FP8: e4m3 weights with 128 x 128 fp32 block scales, activations quantized per token "
+        "group (decode batches on the Triton W8A8 GEMM, prefill chunks on cuBLASLt's "
+        "block-scaled FP8 GEMM; each GEMM against bf16: bench/results/fp8_picks_<gpu>.md)."),
+    "mxfp8": FP8Layout(
+        "MXFP8", {"quant_method": "mxfp8", "fmt": "float8_e4m3fn", "weight_block_size": [1, 32],
+                  "scale_fmt": "ue8m0"},
+        "MXFP8: e4m3 weights with an e8m0 scale per 32 along K, as the released M3 checkpoint "
+        "stores them, served as `mxfp8_mode: w8a8` does: regrouped into 1 x 128 blocks once "
+        "loaded, activations quantized per token group (decode batches on the Triton W8A8 "
+        "GEMM, prefill chunks on cuBLASLt's 1 x 128 block scaling; each GEMM against bf16: "
+        "bench/results/fp8_picks_<gpu>.md, 'MXFP8 regrouped 1x128'). The expert-parallel and "
+        "eager-glue rows: parallel_<gpu>.md."),
 }
 
 
@@ -93,7 +102,7 @@ class Setup:
 
     @property
     def name(self) -> str:
-        weights = FP8_LAYOUTS[self.fp8_layout][0] if self.fp8 else "bf16"
+        weights = FP8_LAYOUTS[self.fp8_layout].label if self.fp8 else "bf16"
         return (f"TP {self.size}" + (" + EP" if self.expert_parallel else "") + f" {weights}"
                 + ("" if self.compiled else ", eager glue"))
 
@@ -225,7 +234,7 @@ def _write_configs(tmp: Path, moe_layers: int, fp8_layout: str) -> dict[bool, Pa
         text = config["text_config"]
         text["vocab_size"] = -(-text["vocab_size"] // 64) * 64
         if fp8:
-            config["quantization_config"] = FP8_LAYOUTS[fp8_layout][1]
+            config["quantization_config"] = FP8_LAYOUTS[fp8_layout].quantization_config
         (dirs[fp8] / "config.json").write_text(json.dumps(config))
     return dirs
 
@@ -263,11 +272,11 @@ def _steps_report(results: dict, moe_layers: int, fp8_layout: str,
              f"captured), {REPLAYS} replays; 'vs TP 1 bf16' is the step time's ratio (lower is "
              "faster; the goals: TP 2 <= 0.6x, TP 4 <= 0.35x at batch 64). 'collectives' is "
              "1 - (the same step captured without its collectives) / (the step). Prefill: one "
-             "128K prompt in 16K chunks, eager, second run. " + FP8_LAYOUTS[fp8_layout][2])
+             "128K prompt in 16K chunks, eager, second run. " + FP8_LAYOUTS[fp8_layout].note)
     notes += _expert_parallel_note(results)
     write_results(_results_name("parallel", fp8_layout),
                   "MiniMax-M3 across GPUs: tensor and expert parallel, "
-                  f"{FP8_LAYOUTS[fp8_layout][0]} weights",
+                  f"{FP8_LAYOUTS[fp8_layout].label} weights",
                   f"## Steps\n\n{markdown_table(header, rows)}", notes, out_dir)
 
 
@@ -324,7 +333,7 @@ def _profile_report(results: dict, moe_layers: int, fp8_layout: str,
                 line += [f"{totals[setup]:.1f}",
                          f"{totals[setup] * setup.size / totals[one[0]]:.2f}"]
             rows.append(line)
-        label = FP8_LAYOUTS[fp8_layout][0] if fp8 else "bf16"
+        label = FP8_LAYOUTS[fp8_layout].label if fp8 else "bf16"
         sections.append(f"## {label}\n\n{markdown_table(header, rows)}")
     requests, context = PROFILE_SHAPE
     notes = (_model_note(moe_layers) + f" GPU time of each kernel in one {requests} x "

@@ -57,22 +57,23 @@ def regroup_mxfp8_(model: nn.Module) -> None:
     (`reference.regroup_mxfp8`), so their GEMMs run W8A8. Their scales become fp32 and are stored
     K-block-major: the scales a program reads for one K tile (one per weight row) are adjacent,
     and cuBLASLt's 1 x 128 block scaling takes them in that layout."""
-    modules = [(module, names) for module in model.modules()
-               if (names := [name for name in getattr(module, "fp8_weights", {})
-                             if (found := scales(module, name)) is not None
-                             and regroups_to_w8a8(found)])]
+    modules = [(module, stored) for module in model.modules()
+               if (stored := {name: found for name in getattr(module, "fp8_weights", {})
+                              if (found := scales(module, name)) is not None
+                              and regroups_to_w8a8(found)})]
     with torch.no_grad():
-        for module, names in tqdm(modules, desc="regrouping MXFP8 weights", unit="module",
-                                  disable=len(modules) < 8, leave=False):
-            _regroup_module(module, names)
+        for module, stored in tqdm(modules, desc="regrouping MXFP8 weights", unit="module",
+                                   disable=len(modules) < 8, leave=False):
+            _regroup_module(module, stored)
     if modules:
         logger.info("regrouped MXFP8 weights into 1 x 128 blocks (mxfp8_mode w8a8)",
                     extra={"modules": len(modules)})
 
 
-def _regroup_module(module: nn.Module, names: list[str]) -> None:
-    for name in names:
-        weight, stored = getattr(module, name), scales(module, name)
+def _regroup_module(module: nn.Module, stored: dict[str, BlockScales]) -> None:
+    """Regroups `module`'s weights named in `stored` (their MXFP8 scales)."""
+    for name, groups in stored.items():
+        weight = getattr(module, name)
         *lead, n, k = weight.shape
         regrouped = torch.empty(*lead, -(-k // REGROUPED_BLOCK_K), n,
                                 device=weight.device).transpose(-1, -2)
@@ -80,7 +81,7 @@ def _regroup_module(module: nn.Module, names: list[str]) -> None:
             for row in range(0, n, REGROUP_ROWS):
                 rows = slice(row, row + REGROUP_ROWS)
                 values, block_scales = regroup_mxfp8(
-                    weight[index][rows], BlockScales(stored.scale[index][rows], 1, stored.block_k))
+                    weight[index][rows], BlockScales(groups.scale[index][rows], 1, groups.block_k))
                 weight[index][rows] = values
                 regrouped[index][rows] = block_scales.scale
         setattr(module, name + SCALE_SUFFIX, nn.Parameter(regrouped, requires_grad=False))
