@@ -1,9 +1,10 @@
 """Modes and tile shapes of the FP8 GEMMs (`kernels/fp8_gemm.py`, the grouped MoE GEMM's FP8
 path) at M3's width, against the bf16 GEMMs they replace.
 
-For each projection, layout (128 x 128 fp32 block scales; MXFP8 1 x 32 e8m0 as stored, run
-weight-only; MXFP8 regrouped into 1 x 128 blocks as served by default, run W8A8) and batch, and
-for each projection's TP 2 and TP 4 shard at batch 64, every candidate tile of the Triton GEMM
+For each projection, layout (128 x 128 fp32 block scales with the per-row copy dense weights are
+served with; MXFP8 1 x 32 e8m0 as stored, run weight-only; MXFP8 regrouped into 1 x 128 blocks
+as served by default, run W8A8) and batch, and for each projection's TP 2 and TP 4 shard at the
+decode batches (128 x 128), every candidate tile of the Triton GEMM
 in both modes (W8A8: x quantized to e4m3 first; weight-only: x stays bf16) runs the whole FP8
 linear and the table gives the best one, today's pick, the W8A8 pick (the baseline of MXFP8's
 weight-only picks), the cuBLAS path (cuBLASLt's block-scaled FP8 GEMM for 128 x 128 blocks,
@@ -24,6 +25,7 @@ Usage (CUDA): python -m bench.fp8_tiles [--picks-only | --modes] [--out-dir DIR]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 from pathlib import Path
 
@@ -46,6 +48,7 @@ from kernels.moe_grouped_gemm import ExpertRows, TileShape, grouped_gemm
 from kernels.reference import (
     fp8_weight_only,
     fp8_weight_only_linear,
+    per_row_scales,
     quantize_fp8,
     regroup_mxfp8,
 )
@@ -69,18 +72,25 @@ def _mxfp8_regrouped(weight: torch.Tensor):
     return regroup_mxfp8(*quantize_fp8(weight, 1, 32, e8m0=True))
 
 
-# Layout name -> how a weight [..., N, K] is quantized into it.
-LAYOUTS = {"128x128": functools.partial(quantize_fp8, block_n=128, block_k=128),
+def _blocks_with_rows(weight: torch.Tensor):
+    """128 x 128 blocks as dense weights are served: with a per-row copy of their scales
+    (`fp8.spread_block_scales_`; the experts' stacking drops it, as the loader leaves them)."""
+    quantized, blocks = quantize_fp8(weight, 128, 128)
+    rows = per_row_scales(blocks, weight.shape[-2])
+    return quantized, dataclasses.replace(blocks, per_row=rows.scale)
+
+
+# Layout name -> how a weight [..., N, K] is quantized into it, as served.
+LAYOUTS = {"128x128": _blocks_with_rows,
            "MXFP8 1x32": functools.partial(quantize_fp8, block_n=1, block_k=32, e8m0=True),
            "MXFP8 regrouped 1x128": _mxfp8_regrouped}
 # The layout the TP shard rows and the mode rows (--modes) use.
 BLOCK_LAYOUT = "128x128"
-# TP shards are timed at a decode batch of 64: the goal's batch, and the rows the W8A8 decode
-# tile rule was fitted on.
-SHARDS, SHARD_BATCH = (2, 4), 64
 MODE_BATCHES = (1, 2, 4, 8, 16)
-# 128-1024 rows: where a GEMM leaves its decode kernel for cuBLAS.
-DECODE_BATCHES, PREFILL_BATCHES = (8, 64), (128, 256, 1024, 4096)
+# 128-1024 rows: where a GEMM leaves its decode kernel for cuBLAS; one row, where narrow GEMMs
+# stay on the Triton kernel.
+DECODE_BATCHES, PREFILL_BATCHES = (1, 8, 64), (128, 256, 1024, 4096)
+SHARDS = (2, 4)  # timed at the decode batches
 # (cols, depth, warps, stages, K splits), each in both modes (W8A8 and weight-only).
 DECODE_TILES = ([(cols, 128, 4, 6, split) for cols in (64, 128) for split in (1, 2, 4, 8)]
                 + [(cols, 128, 4, 4, split) for cols in (32, 64) for split in (2, 4)]
@@ -148,7 +158,7 @@ def dense_rows(sweep: bool) -> list[list[object]]:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
     gemms = [(gemm, (*DECODE_BATCHES, *PREFILL_BATCHES), LAYOUTS) for gemm in projections(1)]
-    gemms += [(gemm, (SHARD_BATCH,), {BLOCK_LAYOUT: LAYOUTS[BLOCK_LAYOUT]})
+    gemms += [(gemm, DECODE_BATCHES, {BLOCK_LAYOUT: LAYOUTS[BLOCK_LAYOUT]})
               for tp in SHARDS for gemm in projections(tp)]
     for (name, k, n), batches, layouts in gemms:
         weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
@@ -292,8 +302,9 @@ def main() -> None:
                   "by a kernel of its own (timed alone in 'of which quantizing x', included in "
                   "the W8A8 times), with the tile the K-split rule picks for that mode (the "
                   "baseline MXFP8's weight-only picks are measured against). 'cuBLAS path': "
-                  "for 128 x 128 blocks cuBLASLt's F.scaled_mm with 1 x 128 activation and "
-                  "128 x 128 (or regrouped MXFP8's 1 x 128) weight scales, the same "
+                  "cuBLASLt's F.scaled_mm with 1 x 128 activation scales and the weight "
+                  "scales it takes at that batch (128 x 128 blocks: their per-row 1 x 128 copy "
+                  "up to 64 rows, the blocks from 128; regrouped MXFP8: its 1 x 128), the same "
                   "quantization of x included; for MXFP8 1 x 32 "
                   "the weight dequantized to bf16 by kernels/fp8_dequantize.py, then cuBLAS "
                   "(F.linear), both timed. 'MXFP8 regrouped 1x128': the MXFP8 weights as "

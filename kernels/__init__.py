@@ -264,6 +264,10 @@ def _check_weight(name: str, weight: torch.Tensor, scales: BlockScales | None, i
     _check(tuple(scales.scale.shape) == expected,
            lambda: f"{name} {tuple(weight.shape)} in blocks of [{scales.block_n}, "
                    f"{scales.block_k}] needs scales {expected}, got {tuple(scales.scale.shape)}")
+    _check(scales.per_row is None
+           or tuple(scales.per_row.shape) == (*lead, n, expected[-1]),
+           lambda: f"{name} {tuple(weight.shape)}'s per-row scales must be "
+                   f"{(*lead, n, expected[-1])}, got {tuple(scales.per_row.shape)}")
     _check(scales.scale.dtype in (torch.float32, torch.uint8),
            lambda: f"{name}'s scales must be fp32 or uint8 e8m0, got {scales.scale.dtype}")
     _check(impl is reference or scales.block_k % 16 == 0,

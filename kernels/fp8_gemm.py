@@ -14,11 +14,15 @@ Decode-sized GEMMs (few rows) may split K over `split_k` programs per output til
 projection whose column tiles are fewer than the GPU's multiprocessors still keeps all of them
 streaming weights (`kernels.split_k_sum` says how the splits are added, in order).
 
-Many rows of a W8A8 GEMM with DeepSeek-style weights (128 x 128 fp32 block scales) or regrouped
-MXFP8 ones (1 x 128) on Hopper go to cuBLASLt's block-scaled FP8 GEMM instead (`F.scaled_mm`,
-1 x 128 activation scales by the weight's): the same math, and faster than this kernel from a
-few hundred rows (bench/results/fp8_picks_<gpu>.md), and from 64 rows in GEMMs 8K to 16K wide.
-The Triton kernel keeps decode-sized GEMMs and the layouts cuBLASLt does not take.
+On Hopper a W8A8 GEMM goes to cuBLASLt's block-scaled FP8 GEMM instead (`F.scaled_mm`, x's
+1 x 128 scales by the weight's) where that measured faster (bench/results/fp8_picks_<gpu>.md).
+cuBLASLt runs decode batches far faster with 1 x 128 weight scales (one per weight row) than
+with 128 x 128 ones, and prefill chunks slower: decode batches take the 1 x 128 scales (the
+per-row copy `worker.layers.fp8` keeps of 128 x 128 ones, or regrouped MXFP8's own) at every
+batch but a single row of a narrow GEMM; more rows take 128 x 128 scales from a few hundred
+rows (from 64 in GEMMs 8K to 16K wide, where no per-row copy is kept), and regrouped MXFP8's
+1 x 128 ones always. The Triton kernel keeps the rest, the layouts cuBLASLt does not take, and
+other GPUs.
 
 Weight-only GEMMs (MXFP8's 32-wide scale groups kept as stored, `mxfp8_mode: weight_only`: too
 narrow for e4m3 tensor-core K tiles) run
@@ -53,12 +57,18 @@ from kernels.triton_layout import (
     weight_block_scales,
 )
 
-# Rows from which a block-scaled W8A8 GEMM on Hopper runs on cuBLASLt (fp8_picks_h200.md: the
-# Triton kernel wins at 64 rows on projections up to 8192 wide and on those so wide that their
-# 64-column tiles give every multiprocessor 3 programs, such as the stacked gate/up at TP 1;
-# cuBLASLt between, such as the stacked q/k/v at TP 1 and gate/up at TP 2, and at 256 rows
-# and prefill chunks).
+# Rows from which a W8A8 GEMM with 128 x 128 weight scales on Hopper runs on cuBLASLt with them
+# (fp8_picks_h200.md: the Triton kernel wins at 64 rows on projections up to 8192 wide and on
+# those so wide that their 64-column tiles give every multiprocessor 3 programs, such as the
+# stacked gate/up at TP 1; cuBLASLt between, such as the stacked q/k/v at TP 1 and gate/up at
+# TP 2, and at 256 rows and prefill chunks).
 CUBLAS_MIN_ROWS, CUBLAS_WIDE_MIN_ROWS, CUBLAS_WIDE_COLS = 65, 64, range(8193, 16385)
+# Up to this many rows, a W8A8 GEMM with 1 x 128 weight scales (per row) runs on cuBLASLt with
+# them (fp8_picks_h200.md: faster than the Triton kernel, and than cuBLASLt with 128 x 128
+# scales, at 1 to 64 rows; from 128 rows the 128 x 128 ones win), except a single row of a
+# GEMM at most ROW_SCALES_NARROW_COLS wide: its few 128-column tiles leave most multiprocessors
+# idle, where the Triton kernel splits K (M3's shared expert at TP 2 and 4, q/k/v at TP 4).
+ROW_SCALES_MAX_ROWS, ROW_SCALES_NARROW_COLS = 64, 3072
 # Rows from which a weight-only GEMM dequantizes its weight and runs cuBLAS: any GEMM with more
 # rows than a decode tile holds (fp8_picks_h200.md: from 128 rows this is faster on most of M3's
 # projections at TP 1 and on all at TP 4, and the in-register kernel's many-row tile costs as
@@ -204,20 +214,31 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockScales,
 
 def runs_on_cublas(m: int, n: int, k: int, x: torch.Tensor, scales: BlockScales) -> bool:
     """Whether `fp8_linear` hands this GEMM to cuBLASLt (see the module's doc)."""
-    min_rows = CUBLAS_WIDE_MIN_ROWS if n in CUBLAS_WIDE_COLS else CUBLAS_MIN_ROWS
-    return (m >= min_rows and scales.block_k == _CUBLAS_BLOCK and not scales.e8m0
-            and k % _CUBLAS_BLOCK == 0 and x.dtype in (torch.bfloat16, torch.float16)
-            and (scales.block_n == _CUBLAS_BLOCK or _row_block_scales_fit(k, scales))
+    if not (scales.block_k == _CUBLAS_BLOCK and not scales.e8m0 and k % _CUBLAS_BLOCK == 0
+            and x.dtype in (torch.bfloat16, torch.float16)
             # cuBLASLt's block scaling runs on SM90 only (torch refuses it elsewhere).
-            and sm_major(x.device) == 9)
+            and sm_major(x.device) == 9):
+        return False
+    if _cublas_row_scales(m, k, scales) is not None:
+        return m > 1 or n > ROW_SCALES_NARROW_COLS
+    if scales.block_n != _CUBLAS_BLOCK:
+        return False
+    return m >= (CUBLAS_WIDE_MIN_ROWS if n in CUBLAS_WIDE_COLS else CUBLAS_MIN_ROWS)
 
 
-def _row_block_scales_fit(k: int, scales: BlockScales) -> bool:
-    """Whether cuBLASLt takes these 1 x 128 weight scales as stored: K-block-major (as
-    `regroup_mxfp8_` stores them) and whole multiples of 4 K blocks, since padding them would
-    copy them into another layout."""
-    return (scales.block_n == 1 and scales.scale.stride(0) == 1
-            and (k // _CUBLAS_BLOCK) % _CUBLAS_PAD == 0)
+def _cublas_row_scales(m: int, k: int, scales: BlockScales) -> torch.Tensor | None:
+    """The 1 x 128 weight scales cuBLASLt runs this GEMM with, or None for 128 x 128 (or none):
+    regrouped MXFP8's own at any rows, a per-row copy of 128 x 128 ones for decode batches;
+    only K-block-major (as `worker.layers.fp8` stores them) and in whole multiples of 4 K
+    blocks, since padding them would copy them into another layout."""
+    if scales.block_n == 1:
+        row_scales = scales.scale
+    elif scales.per_row is not None and m <= ROW_SCALES_MAX_ROWS:
+        row_scales = scales.per_row
+    else:
+        return None
+    fits = row_scales.stride(0) == 1 and (k // _CUBLAS_BLOCK) % _CUBLAS_PAD == 0
+    return row_scales if fits else None
 
 
 def runs_dequantized(m: int, scales: BlockScales) -> bool:
@@ -234,17 +255,18 @@ def dequantized_linear(flat: torch.Tensor, weight: torch.Tensor,
 def cublas_fp8_linear(flat: torch.Tensor, weight: torch.Tensor,
                       scales: BlockScales) -> torch.Tensor:
     """flat @ W^T through cuBLASLt, in flat's dtype: flat's rows quantized per 128-wide group with
-    token-major scales, the weight's 128 x 128 scales as stored (K blocks zero-padded to 4) or
-    its 1 x 128 ones as stored (K-block-major)."""
+    token-major scales, the weight's 1 x 128 scales where `_cublas_row_scales` gives them, else
+    its 128 x 128 ones as stored (K blocks zero-padded to 4)."""
     m = flat.shape[0]
-    if m % _CUBLAS_PAD:
-        flat = F.pad(flat, (0, 0, 0, -m % _CUBLAS_PAD))
-    x_fp8, x_scales = quantize_activations(flat, _CUBLAS_BLOCK, token_major_scales=True)
-    w_scales = scales.scale
-    if scales.block_n == 1:
+    # The rows cuBLASLt needs past m are left unwritten: a product row depends on its own row of
+    # x alone, and those rows are cut off.
+    x_fp8, x_scales = quantize_activations(flat, _CUBLAS_BLOCK, token_major_scales=True,
+                                           rows=m + -m % _CUBLAS_PAD)
+    w_scales = _cublas_row_scales(m, weight.shape[1], scales)
+    if w_scales is not None:
         w_scaling = F.ScalingType.BlockWise1x128
     else:
-        w_scaling = F.ScalingType.BlockWise128x128
+        w_scaling, w_scales = F.ScalingType.BlockWise128x128, scales.scale
         if w_scales.shape[1] % _CUBLAS_PAD:
             w_scales = F.pad(w_scales, (0, -w_scales.shape[1] % _CUBLAS_PAD))
         w_scales = w_scales.t()

@@ -45,18 +45,20 @@ def _quantize_groups_kernel(x, q, s, k, stride_xm, stride_qm, stride_sm, stride_
 
 
 def quantize_activations(x: torch.Tensor, group: int, token_major_scales: bool = False,
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(e4m3 [M, K], fp32 scales [M, ceil(K / group)]) for x [M, K] (rows contiguous); the
-    scales' strides are (1, M) when `token_major_scales`, else (groups, 1)."""
+                         rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 [R, K], fp32 scales [R, ceil(K / group)]) for x [M, K] (rows contiguous); the
+    scales' strides are (1, R) when `token_major_scales`, else (groups, 1). R is `rows` (M when
+    None): rows past M are left unwritten, for a GEMM that takes whole multiples of rows."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     m, k = x.shape
+    rows = m if rows is None else rows
     num_groups = -(-k // group)
-    q = torch.empty(m, k, dtype=E4M3, device=x.device)
+    q = torch.empty(rows, k, dtype=E4M3, device=x.device)
     if token_major_scales:
-        s = torch.empty(num_groups, m, dtype=torch.float32, device=x.device).t()
+        s = torch.empty(num_groups, rows, dtype=torch.float32, device=x.device).t()
     else:
-        s = torch.empty(m, num_groups, dtype=torch.float32, device=x.device)
+        s = torch.empty(rows, num_groups, dtype=torch.float32, device=x.device)
     if m == 0:
         return q, s
     group_p2 = triton.next_power_of_2(group)

@@ -344,11 +344,15 @@ AMAX_FLOOR = 1e-10  # an all-zero group still gets a finite scale
 @dataclass(frozen=True)
 class BlockScales:
     """How an e4m3 weight [..., N, K] dequantizes: w[..., n, k] * scale[..., n // block_n,
-    k // block_k]. `scale` is fp32, or uint8 e8m0 exponents (the value 2 ** (e - 127))."""
+    k // block_k]. `scale` is fp32, or uint8 e8m0 exponents (the value 2 ** (e - 127)).
+    `per_row`, where a loader adds it, holds the same scales in a second layout some GEMMs read
+    faster: repeated for each weight row, K-block-major (`per_row_scales`); the math is
+    `scale`'s."""
 
     scale: torch.Tensor
     block_n: int
     block_k: int
+    per_row: torch.Tensor | None = None
 
     @property
     def e8m0(self) -> bool:
@@ -424,8 +428,22 @@ def regroup_mxfp8(weight: torch.Tensor, scales: BlockScales) -> tuple[torch.Tens
     ratio = torch.exp2((exponents - top).float()).repeat_interleave(group, dim=-1)
     regrouped = (weight.float() * ratio.flatten(-2)[..., :k]).to(E4M3)
     block_scales = torch.exp2(top.squeeze(-1).float() - E8M0_BIAS)
-    k_block_major = block_scales.transpose(-1, -2).contiguous().transpose(-1, -2)
-    return regrouped, BlockScales(k_block_major, 1, REGROUPED_BLOCK_K)
+    return regrouped, BlockScales(k_block_major(block_scales), 1, REGROUPED_BLOCK_K)
+
+
+def per_row_scales(scales: BlockScales, rows: int) -> BlockScales:
+    """The same weights' scales with blocks one weight row tall: each block's scale repeated
+    for its rows ([..., N, K / block_k], block_n 1), stored K-block-major as `regroup_mxfp8`'s:
+    one scale per weight row and K block."""
+    repeated = scales.scale.repeat_interleave(scales.block_n, dim=-2)[..., :rows, :]
+    return BlockScales(k_block_major(repeated), 1, scales.block_k)
+
+
+def k_block_major(row_scales: torch.Tensor) -> torch.Tensor:
+    """Scales [..., N, K blocks] with the N of one K block adjacent in memory: the scales a GEMM
+    program reads for one K tile (one per weight row), and cuBLASLt's 1 x 128 weight scaling's
+    layout."""
+    return row_scales.transpose(-1, -2).contiguous().transpose(-1, -2)
 
 
 def quantize_activations(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -172,7 +172,8 @@ class WeightFiller:
         """The loaded model; with `stack`, its projections of a shared input become one GEMM
         each (`StackedLinear`), so its parameter names are no longer the checkpoint's. MXFP8
         weights are then regrouped for W8A8 (`fp8.regroup_mxfp8_`) unless `mxfp8_mode` is
-        weight_only."""
+        weight_only, and the dense projections' block scales copied per weight row
+        (`fp8.spread_block_scales_`)."""
         wrong = sorted(n for n, p in self.params.items() if self.filled[n] != p.numel())
         if wrong:
             raise ModelLoadError(f"{self.source}: weights do not match the config: missing or "
@@ -182,6 +183,7 @@ class WeightFiller:
                 module.stack_projections()
         if self.mxfp8_mode == "w8a8":
             fp8.regroup_mxfp8_(self.model)
+        fp8.spread_block_scales_(self.model)
         return self.model.eval().requires_grad_(False)
 
 

@@ -240,9 +240,12 @@ def m3_checkpoint_tensors(model: MiniMaxM3ForCausalLM) -> dict[str, torch.Tensor
 
 # FP8 layouts of the tiny M3 (`make-tiny-model --fp8`): fp32 block scales as in DeepSeek-style
 # checkpoints, at a block size the toy widths split into under tensor parallel 2 (a [128, 128]
-# block would cover a toy matrix whole), and MXFP8's [1, 32] groups with e8m0 scales.
+# block would cover a toy matrix whole), and MXFP8's [1, 32] groups with e8m0 scales. Blocks
+# 16 wide along K run weight-only; "wide-block" ones are wide enough for W8A8 (one process only:
+# TP 2's shards of the toy widths are not whole 64-wide blocks).
 TINY_FP8_LAYOUTS = {
     "block": FP8Config(block_n=16, block_k=16, modules_to_not_convert=("lm_head",)),
+    "wide-block": FP8Config(block_n=16, block_k=64, modules_to_not_convert=("lm_head",)),
     "mxfp8": FP8Config(block_n=1, block_k=32, e8m0_scales=True,
                        modules_to_not_convert=("lm_head",)),
 }

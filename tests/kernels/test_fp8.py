@@ -26,13 +26,19 @@ from tests.kernels.test_moe import _layer, _swiglu
 # (block_n, block_k, e8m0): DeepSeek-style blocks with fp32 scales, MXFP8's groups of 32 with
 # power-of-two scales, and a block that does not divide the matrix (partial edge blocks).
 LAYOUTS = [(128, 128, False), (1, 32, True), (16, 48, False)]
-# MXFP8 weights as served by default: regrouped into 1 x 128 blocks once loaded.
+# MXFP8 weights as served by default: regrouped into 1 x 128 blocks once loaded. Dense 128 x 128
+# block-scaled weights as served: with a copy of their scales per weight row.
 REGROUPED = "MXFP8 regrouped to 1 x 128"
+SPREAD = "128 x 128 blocks with a per-row copy"
 
 
 def _quantize(weight: torch.Tensor, layout):
     if layout == REGROUPED:
         return reference.regroup_mxfp8(*quantize_fp8(weight, 1, 32, True))
+    if layout == SPREAD:
+        quantized, blocks = quantize_fp8(weight, 128, 128)
+        rows = reference.per_row_scales(blocks, weight.shape[-2])
+        return quantized, dataclasses.replace(blocks, per_row=rows.scale)
     return quantize_fp8(weight, *layout)
 
 
@@ -86,6 +92,17 @@ def test_regrouped_mxfp8_weights_stand_for_the_stored_ones(k):
                        stored[..., 128:][same].view(torch.uint8))
 
 
+def test_block_scales_spread_per_row_stand_for_the_same_weights():
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(2, 40, 200, generator=g)  # partial blocks along both dims
+    quantized, blocks = quantize_fp8(weight, 16, 48)
+    rows = reference.per_row_scales(blocks, 40)
+    assert (rows.block_n, rows.block_k, rows.e8m0) == (1, 48, False)
+    assert rows.scale.shape == (2, 40, 5) and rows.scale.stride()[1:] == (1, 40)
+    assert torch.equal(rows.scale[:, 17], blocks.scale[:, 1])
+    assert torch.equal(dequantize_fp8(quantized, rows), dequantize_fp8(quantized, blocks))
+
+
 def test_17_to_64_row_w8a8_gemms_split_k_so_their_waves_fill_the_gpu():
     # (output columns, K): M3's projections at TP 1, 2 and 4 on 132 multiprocessors, against
     # the split each measured fastest at (or within 2% of) in bench/results/fp8_picks_h200.md.
@@ -109,6 +126,11 @@ def test_activations_quantize_per_token_group_as_the_reference_does(rows, k, gro
         assert torch.equal(ours[0].view(torch.uint8), ref[0].view(torch.uint8))
         assert torch.equal(ours[1], ref[1])
         assert ours[1].stride() == ((1, rows) if token_major else (ref[1].shape[1], 1))
+    # Whole multiples of rows for cuBLASLt: the rows past x's are left to the caller.
+    padded = quantize_activations(x, group, token_major_scales=True, rows=rows + 3)
+    assert padded[0].shape == (rows + 3, k) and padded[1].stride() == (1, rows + 3)
+    assert torch.equal(padded[0][:rows].view(torch.uint8), ref[0].view(torch.uint8))
+    assert torch.equal(padded[1][:rows], ref[1])
     restored = reference.dequantize_activations(*ref, group)
     per_element = ref[1].repeat_interleave(group, dim=-1)[:, :k]
     assert ((restored - x).abs() <= x.abs() * 2 ** -4 + per_element * 2 ** -10).all()
@@ -118,8 +140,9 @@ def test_activations_quantize_per_token_group_as_the_reference_does(rows, k, gro
 def _fp8_weight(n: int, k: int, layout, seed: int, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     weight, scales = _quantize(torch.randn(n, k, generator=g) / k ** 0.5, layout)
-    return weight.to(device), type(scales)(scales.scale.to(device), scales.block_n,
-                                           scales.block_k)
+    per_row = None if scales.per_row is None else scales.per_row.to(device)
+    return weight.to(device), dataclasses.replace(scales, scale=scales.scale.to(device),
+                                                  per_row=per_row)
 
 
 @pytest.mark.parametrize("layout", [*LAYOUTS, REGROUPED])
@@ -230,21 +253,25 @@ def test_fp8_weights_without_matching_scales_are_refused():
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="needs a CUDA GPU; CPU runs the interpreter tests above")
 @pytest.mark.gpu
-@pytest.mark.parametrize("layout", [(128, 128, False), (1, 32, True), REGROUPED])
-@pytest.mark.parametrize("rows", [8, 33, 64, 130, 512])
+@pytest.mark.parametrize("layout", [(128, 128, False), (1, 32, True), REGROUPED, SPREAD])
+@pytest.mark.parametrize("rows", [1, 8, 33, 64, 130, 512])
 def test_fp8_gemms_at_m3_width_on_the_gpu(layout, rows):
     weight, scales = _fp8_weight(4096, 6144, layout, seed=0, device="cuda")
     x = torch.randn(rows, 6144, device="cuda", dtype=torch.bfloat16)
     ours = kernels.fp8_linear(x, weight, scales)
     ref = kernels.fp8_linear(x.float(), weight, scales, backend="reference")
     torch.testing.assert_close(ours.float(), ref, atol=3e-2, rtol=3e-2)
-    # Prefill-sized block-scaled GEMMs (regrouped MXFP8 too) go to cuBLASLt on Hopper (130
-    # rows: padded to 132), and 64-row ones 8K to 16K wide (the stacked q/k/v at TP 1, gate/up
-    # at TP 2).
+    # On Hopper, GEMMs with 1 x 128 weight scales (regrouped MXFP8 at any rows, the per-row copy
+    # of 128 x 128 ones up to 64) go to cuBLASLt at every batch but a single row of a narrow
+    # one (33 and 130 rows: padded to 36 and 132); with 128 x 128 scales prefill-sized ones
+    # do, and 64-row ones 8K to 16K wide (the stacked q/k/v at TP 1, gate/up at TP 2).
     hopper = torch.cuda.get_device_capability()[0] == 9
     assert fp8_gemm.runs_dequantized(rows, scales) == (
         rows >= fp8_gemm.DEQUANTIZED_MIN_ROWS and layout == (1, 32, True))
-    for width, min_rows in ((4096, 65), (9856, 64), (24576, 65)):
+    per_row = layout == REGROUPED or layout == SPREAD and rows <= 64
+    for width, min_rows in ((1536, 65), (4096, 65), (9856, 64), (24576, 65)):
+        if per_row:
+            min_rows = 2 if width <= fp8_gemm.ROW_SCALES_NARROW_COLS else 1
         assert fp8_gemm.runs_on_cublas(rows, width, 6144, x, scales) == (
             hopper and rows >= min_rows and layout != (1, 32, True))
     if layout != (1, 32, True) and hopper:

@@ -108,6 +108,28 @@ def test_mxfp8_weights_are_regrouped_once_loaded_unless_kept_weight_only(tmp_pat
     _assert_within_tolerance(kept, full_precision)
 
 
+def test_dense_block_scales_get_a_per_row_copy_once_loaded(tmp_path):
+    """Block scales wide enough along K for W8A8: once loaded, the dense projections also hold
+    their scales repeated per weight row (K-block-major, cuBLASLt's 1 x 128 layout), standing
+    for exactly the same weights, and not saved with the model; the experts do not."""
+    path = make_m3_checkpoint(tmp_path / "wide-block", seed=SEED, fp8_layout="wide-block")
+    loaded = load_model(path, torch.float32, CPU)
+    params = dict(loaded.model.named_parameters())
+    copied = 0
+    for name, blocks in _fp8_weights(loaded.model).items():
+        assert (blocks.block_n, blocks.block_k) == (16, 64), name
+        if ".block_sparse_moe.w" in name:
+            assert blocks.per_row is None, name
+            continue
+        assert blocks.per_row.stride(0) == 1, name
+        rows = BlockScales(blocks.per_row, 1, 64)
+        assert torch.equal(dequantize_fp8(params[name], rows),
+                           dequantize_fp8(params[name], blocks)), name
+        copied += 1
+    assert copied >= 4 * 2  # every layer's q/k/v stack and o_proj at least
+    assert not any(n.endswith(fp8.ROW_SCALE_SUFFIX) for n in loaded.model.state_dict())
+
+
 def test_fp8_model_multiplies_exactly_the_stored_weights(fp8_dir, monkeypatch):
     """The same model with every e4m3 weight replaced by its dequantized fp32 values gives the
     same logits once activations are left unquantized: the weights are multiplied as the

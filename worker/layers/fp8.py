@@ -5,8 +5,10 @@ stacked along its output rows: w1 over w3 in the fused expert projection). `quan
 those of a model built on the meta device into e4m3 parameters with a `<name>_scale_inv`
 parameter beside each (the checkpoint's name for the scales), so loading copies the stored
 bytes and nothing is ever held in full precision. The kernels multiply by them as they are
-(`kernels.fp8_linear`, `kernels.routed_experts`), except that MXFP8 weights are regrouped once
-loaded (`regroup_mxfp8_`, unless `mxfp8_mode: weight_only`): same bytes, wider scale blocks.
+(`kernels.fp8_linear`, `kernels.routed_experts`), except that once loaded MXFP8 weights are
+regrouped (`regroup_mxfp8_`, unless `mxfp8_mode: weight_only`: same bytes, wider scale blocks)
+and the dense projections' block scales get a per-row copy (`spread_block_scales_`) for the
+GEMMs that run faster with it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,13 @@ from torch import nn
 from tqdm import tqdm
 
 from kernels import E4M3, BlockScales
-from kernels.reference import REGROUPED_BLOCK_K, regroup_mxfp8, regroups_to_w8a8
+from kernels.reference import (
+    REGROUPED_BLOCK_K,
+    fp8_weight_only,
+    per_row_scales,
+    regroup_mxfp8,
+    regroups_to_w8a8,
+)
 from worker.config import FP8Config
 from worker.errors import ModelLoadError
 from worker.parallel import set_shard
@@ -28,6 +36,7 @@ from worker.parallel import set_shard
 logger = logging.getLogger(__name__)
 
 SCALE_SUFFIX = "_scale_inv"
+ROW_SCALE_SUFFIX = "_row_scale"  # `spread_block_scales_`'s per-row copy of the scales
 E8M0_STORAGE = torch.uint8  # e8m0 exponents, as the kernels read them
 # Weight rows regrouped at a time (`regroup_mxfp8_`): bounds the fp32 temporaries to a few hundred
 # MB at M3's width.
@@ -49,7 +58,8 @@ def scales(module: nn.Module, name: str) -> BlockScales | None:
     block = module.__dict__.get("fp8_block")
     if block is None:
         return None
-    return BlockScales(getattr(module, name + SCALE_SUFFIX), *block)
+    return BlockScales(getattr(module, name + SCALE_SUFFIX), *block,
+                       per_row=getattr(module, name + ROW_SCALE_SUFFIX, None))
 
 
 def regroup_mxfp8_(model: nn.Module) -> None:
@@ -68,6 +78,29 @@ def regroup_mxfp8_(model: nn.Module) -> None:
     if modules:
         logger.info("regrouped MXFP8 weights into 1 x 128 blocks (mxfp8_mode w8a8)",
                     extra={"modules": len(modules)})
+
+
+def spread_block_scales_(model: nn.Module) -> None:
+    """Gives the loaded dense FP8 projections of `model` whose scale blocks span several weight
+    rows (DeepSeek-style 128 x 128) a second copy of their scales, repeated for each weight row
+    and stored K-block-major (`reference.per_row_scales`: `BlockScales.per_row`), the layout
+    regrouped MXFP8 has. cuBLASLt's block-scaled GEMM runs decode batches far faster with
+    1 x 128 weight scales than with 128 x 128 ones, and prefill chunks slower
+    (bench/results/fp8_picks_<gpu>.md), so `kernels.fp8_linear` takes each where it wins. The
+    copy costs 4 bytes per 128 weights. The experts keep their blocks alone (the grouped GEMM is
+    tuned for them), and so do weight-only layouts (never on cuBLASLt's FP8 path)."""
+    modules = [(module, name, blocks) for module in model.modules()
+               for name in getattr(module, "fp8_weights", {})
+               if (blocks := scales(module, name)) is not None and blocks.block_n > 1
+               and getattr(module, name).dim() == 2 and not fp8_weight_only(blocks.block_k)]
+    with torch.no_grad():
+        for module, name, blocks in modules:
+            rows = per_row_scales(blocks, getattr(module, name).shape[0])
+            # A buffer, not a parameter: it is derived, never loaded or saved.
+            module.register_buffer(name + ROW_SCALE_SUFFIX, rows.scale, persistent=False)
+    if modules:
+        logger.info("copied dense FP8 projections' block scales per weight row",
+                    extra={"projections": len(modules)})
 
 
 def _regroup_module(module: nn.Module, stored: dict[str, BlockScales]) -> None:
