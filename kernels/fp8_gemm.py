@@ -19,7 +19,8 @@ On Hopper a W8A8 GEMM goes to cuBLASLt's block-scaled FP8 GEMM instead (`F.scale
 cuBLASLt runs decode batches far faster with 1 x 128 weight scales (one per weight row) than
 with 128 x 128 ones, and prefill chunks slower: decode batches take the 1 x 128 scales (the
 per-row copy `worker.layers.fp8` keeps of 128 x 128 ones, or regrouped MXFP8's own) at every
-batch but a single row of a narrow GEMM; more rows take 128 x 128 scales from a few hundred
+batch but a single row of a narrow GEMM (and, with 128 x 128 blocks, 17-64 rows of a very wide
+one); more rows take 128 x 128 scales from a few hundred
 rows (from 64 in GEMMs 8K to 16K wide, where no per-row copy is kept), and regrouped MXFP8's
 1 x 128 ones always. The Triton kernel keeps the rest, the layouts cuBLASLt does not take, and
 other GPUs.
@@ -68,7 +69,10 @@ CUBLAS_MIN_ROWS, CUBLAS_WIDE_MIN_ROWS, CUBLAS_WIDE_COLS = 65, 64, range(8193, 16
 # scales, at 1 to 64 rows; from 128 rows the 128 x 128 ones win), except a single row of a
 # GEMM at most ROW_SCALES_NARROW_COLS wide: its few 128-column tiles leave most multiprocessors
 # idle, where the Triton kernel splits K (M3's shared expert at TP 2 and 4, q/k/v at TP 4).
-ROW_SCALES_MAX_ROWS, ROW_SCALES_NARROW_COLS = 64, 3072
+# With 128 x 128 blocks at hand the Triton kernel also keeps 17-64-row GEMMs wider than
+# ROW_SCALES_WIDE_COLS, whose 64-column tiles alone give every multiprocessor 3 programs (the
+# stacked gate/up at TP 1).
+ROW_SCALES_MAX_ROWS, ROW_SCALES_NARROW_COLS, ROW_SCALES_WIDE_COLS = 64, 3072, 16384
 # Rows from which a weight-only GEMM dequantizes its weight and runs cuBLAS: any GEMM with more
 # rows than a decode tile holds (fp8_picks_h200.md: from 128 rows this is faster on most of M3's
 # projections at TP 1 and on all at TP 4, and the in-register kernel's many-row tile costs as
@@ -220,7 +224,9 @@ def runs_on_cublas(m: int, n: int, k: int, x: torch.Tensor, scales: BlockScales)
             and sm_major(x.device) == 9):
         return False
     if _cublas_row_scales(m, k, scales) is not None:
-        return m > 1 or n > ROW_SCALES_NARROW_COLS
+        if m == 1 and n <= ROW_SCALES_NARROW_COLS:
+            return False
+        return scales.block_n == 1 or m <= 16 or n <= ROW_SCALES_WIDE_COLS
     if scales.block_n != _CUBLAS_BLOCK:
         return False
     return m >= (CUBLAS_WIDE_MIN_ROWS if n in CUBLAS_WIDE_COLS else CUBLAS_MIN_ROWS)

@@ -250,6 +250,35 @@ def test_fp8_weights_without_matching_scales_are_refused():
         kernels.fp8_linear(x, *_fp8_weight(32, 64, (1, 8, False), seed=0), backend="triton")
 
 
+def test_fp8_gemm_paths_on_hopper(monkeypatch):
+    """Which GEMMs `fp8_linear` hands to cuBLASLt on Hopper (the measurements behind each rule:
+    bench/results/fp8_picks_h200.md), and which MXFP8 ones it dequantizes."""
+    monkeypatch.setattr(fp8_gemm, "sm_major", lambda device: 9)
+    x = torch.empty(1, 6144, dtype=torch.bfloat16)
+    narrow, wide, widest = 1536, 9856, 24576  # shared expert at TP 4, q/k/v and gate/up at TP 1
+    paths = {}
+    for layout in [(128, 128, False), (1, 32, True), REGROUPED, SPREAD]:
+        _, scales = _quantize(torch.randn(128, 6144), layout)
+        paths[layout] = {(rows, n): fp8_gemm.runs_on_cublas(rows, n, 6144, x, scales)
+                         for rows in (1, 8, 33, 64, 130) for n in (narrow, wide, widest)}
+        assert [fp8_gemm.runs_dequantized(rows, scales) for rows in (64, 65)] == (
+            [False, True] if layout == (1, 32, True) else [False, False])
+    assert not any(paths[(1, 32, True)].values())  # weight-only: never cuBLASLt's FP8 GEMM
+    # 128 x 128 scales alone: prefill-sized GEMMs, and 64-row ones 8K to 16K wide.
+    assert {key for key, cublas in paths[(128, 128, False)].items() if cublas} == {
+        (64, wide), (130, narrow), (130, wide), (130, widest)}
+    # 1 x 128 scales (regrouped MXFP8 at every batch; a per-row copy of 128 x 128 ones up to 64
+    # rows): every batch but a single row of a narrow GEMM, and with the blocks at hand, not
+    # 17-64 rows of the widest.
+    triton_kept = {(1, narrow)}
+    assert {key for key, cublas in paths[REGROUPED].items() if not cublas} == triton_kept
+    assert {key for key, cublas in paths[SPREAD].items() if not cublas} == triton_kept | {
+        (33, widest), (64, widest)}
+    # 1 x 128 scales in whole multiples of 4 K blocks only (padding would copy them).
+    _, scales = _quantize(torch.randn(128, 640), REGROUPED)
+    assert not fp8_gemm.runs_on_cublas(8, wide, 640, x, scales)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="needs a CUDA GPU; CPU runs the interpreter tests above")
 @pytest.mark.gpu
@@ -261,19 +290,9 @@ def test_fp8_gemms_at_m3_width_on_the_gpu(layout, rows):
     ours = kernels.fp8_linear(x, weight, scales)
     ref = kernels.fp8_linear(x.float(), weight, scales, backend="reference")
     torch.testing.assert_close(ours.float(), ref, atol=3e-2, rtol=3e-2)
-    # On Hopper, GEMMs with 1 x 128 weight scales (regrouped MXFP8 at any rows, the per-row copy
-    # of 128 x 128 ones up to 64) go to cuBLASLt at every batch but a single row of a narrow
-    # one (33 and 130 rows: padded to 36 and 132); with 128 x 128 scales prefill-sized ones
-    # do, and 64-row ones 8K to 16K wide (the stacked q/k/v at TP 1, gate/up at TP 2).
+    # Which path runs which GEMM: test_fp8_gemm_paths_on_hopper (33 and 130 rows on cuBLASLt:
+    # padded to 36 and 132).
     hopper = torch.cuda.get_device_capability()[0] == 9
-    assert fp8_gemm.runs_dequantized(rows, scales) == (
-        rows >= fp8_gemm.DEQUANTIZED_MIN_ROWS and layout == (1, 32, True))
-    per_row = layout == REGROUPED or layout == SPREAD and rows <= 64
-    for width, min_rows in ((1536, 65), (4096, 65), (9856, 64), (24576, 65)):
-        if per_row:
-            min_rows = 2 if width <= fp8_gemm.ROW_SCALES_NARROW_COLS else 1
-        assert fp8_gemm.runs_on_cublas(rows, width, 6144, x, scales) == (
-            hopper and rows >= min_rows and layout != (1, 32, True))
     if layout != (1, 32, True) and hopper:
         torch.testing.assert_close(fp8_gemm.cublas_fp8_linear(x, weight, scales).float(),
                                    reference.fp8_w8a8_linear(x.float(), weight, scales),
