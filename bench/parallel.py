@@ -205,7 +205,10 @@ def _rank_main(rank: int, setup: Setup, model_dir: str, port: int, results: dict
         model, topk = loaded.model, loaded.config.msa.topk
         cache = KVCache(loaded.config, POOL_PAGES, torch.bfloat16, device,
                         kernels.INDEX_KEY_FP8)
-        weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+        # Buffers too: the per-row copy of block scales (`fp8.spread_block_scales_`) is weight
+        # memory a replica holds.
+        weights_gib = sum(t.numel() * t.element_size()
+                          for t in [*model.parameters(), *model.buffers()]) / 2**30
         with torch.inference_mode():
             row = (_profile if profile else _measure)(model, cache, topk)
         if rank == 0:

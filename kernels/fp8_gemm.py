@@ -17,13 +17,12 @@ streaming weights (`kernels.split_k_sum` says how the splits are added, in order
 On Hopper a W8A8 GEMM goes to cuBLASLt's block-scaled FP8 GEMM instead (`F.scaled_mm`, x's
 1 x 128 scales by the weight's) where that measured faster (bench/results/fp8_picks_<gpu>.md).
 cuBLASLt runs decode batches far faster with 1 x 128 weight scales (one per weight row) than
-with 128 x 128 ones, and prefill chunks slower: decode batches take the 1 x 128 scales (the
-per-row copy `worker.layers.fp8` keeps of 128 x 128 ones, or regrouped MXFP8's own) at every
-batch but a single row of a narrow GEMM (and, with 128 x 128 blocks, 17-64 rows of a very wide
-one); more rows take 128 x 128 scales from a few hundred
-rows (from 64 in GEMMs 8K to 16K wide, where no per-row copy is kept), and regrouped MXFP8's
-1 x 128 ones always. The Triton kernel keeps the rest, the layouts cuBLASLt does not take, and
-other GPUs.
+with 128 x 128 ones, and prefill chunks slower. So decode batches take 1 x 128 scales (the
+per-row copy `worker.layers.fp8` keeps of 128 x 128 ones, or regrouped MXFP8's own), but for a
+single row of a narrow GEMM and, with 128 x 128 blocks at hand, 17-64 rows of a very wide one;
+more rows take 128 x 128 scales (without a per-row copy, from 64 rows in GEMMs 8K to 16K wide),
+and regrouped MXFP8's 1 x 128 ones. The Triton kernel keeps the rest, the layouts cuBLASLt does
+not take, and other GPUs.
 
 Weight-only GEMMs (MXFP8's 32-wide scale groups kept as stored, `mxfp8_mode: weight_only`: too
 narrow for e4m3 tensor-core K tiles) run
@@ -69,10 +68,11 @@ CUBLAS_MIN_ROWS, CUBLAS_WIDE_MIN_ROWS, CUBLAS_WIDE_COLS = 65, 64, range(8193, 16
 # scales, at 1 to 64 rows; from 128 rows the 128 x 128 ones win), except a single row of a
 # GEMM at most ROW_SCALES_NARROW_COLS wide: its few 128-column tiles leave most multiprocessors
 # idle, where the Triton kernel splits K (M3's shared expert at TP 2 and 4, q/k/v at TP 4).
-# With 128 x 128 blocks at hand the Triton kernel also keeps 17-64-row GEMMs wider than
-# ROW_SCALES_WIDE_COLS, whose 64-column tiles alone give every multiprocessor 3 programs (the
-# stacked gate/up at TP 1).
-ROW_SCALES_MAX_ROWS, ROW_SCALES_NARROW_COLS, ROW_SCALES_WIDE_COLS = 64, 3072, 16384
+# With 128 x 128 blocks at hand the Triton kernel also keeps GEMMs of ROW_SCALES_WIDE_MIN_ROWS
+# to 64 rows wider than ROW_SCALES_WIDE_COLS, whose 64-column tiles alone give every
+# multiprocessor 3 programs (the stacked gate/up at TP 1).
+ROW_SCALES_MAX_ROWS, ROW_SCALES_NARROW_COLS = 64, 3072
+ROW_SCALES_WIDE_MIN_ROWS, ROW_SCALES_WIDE_COLS = 17, 16384
 # Rows from which a weight-only GEMM dequantizes its weight and runs cuBLAS: any GEMM with more
 # rows than a decode tile holds (fp8_picks_h200.md: from 128 rows this is faster on most of M3's
 # projections at TP 1 and on all at TP 4, and the in-register kernel's many-row tile costs as
@@ -226,7 +226,8 @@ def runs_on_cublas(m: int, n: int, k: int, x: torch.Tensor, scales: BlockScales)
     if _cublas_row_scales(m, k, scales) is not None:
         if m == 1 and n <= ROW_SCALES_NARROW_COLS:
             return False
-        return scales.block_n == 1 or m <= 16 or n <= ROW_SCALES_WIDE_COLS
+        return (scales.block_n == 1 or m < ROW_SCALES_WIDE_MIN_ROWS
+                or n <= ROW_SCALES_WIDE_COLS)
     if scales.block_n != _CUBLAS_BLOCK:
         return False
     return m >= (CUBLAS_WIDE_MIN_ROWS if n in CUBLAS_WIDE_COLS else CUBLAS_MIN_ROWS)
