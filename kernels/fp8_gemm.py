@@ -69,10 +69,10 @@ CUBLAS_MIN_ROWS, CUBLAS_WIDE_MIN_ROWS, CUBLAS_WIDE_COLS = 65, 64, range(8193, 16
 # GEMM at most ROW_SCALES_NARROW_COLS wide: its few 128-column tiles leave most multiprocessors
 # idle, where the Triton kernel splits K (M3's shared expert at TP 2 and 4, q/k/v at TP 4).
 # With 128 x 128 blocks at hand the Triton kernel also keeps GEMMs of ROW_SCALES_WIDE_MIN_ROWS
-# to 64 rows wider than ROW_SCALES_WIDE_COLS, whose 64-column tiles alone give every
-# multiprocessor 3 programs (the stacked gate/up at TP 1).
+# to 64 rows wider than ROW_SCALES_WIDE_COLS: the same very wide GEMMs as above, whose
+# 64-column tiles alone give every multiprocessor 3 programs (the stacked gate/up at TP 1).
 ROW_SCALES_MAX_ROWS, ROW_SCALES_NARROW_COLS = 64, 3072
-ROW_SCALES_WIDE_MIN_ROWS, ROW_SCALES_WIDE_COLS = 17, 16384
+ROW_SCALES_WIDE_MIN_ROWS, ROW_SCALES_WIDE_COLS = 17, CUBLAS_WIDE_COLS[-1]
 # Rows from which a weight-only GEMM dequantizes its weight and runs cuBLAS: any GEMM with more
 # rows than a decode tile holds (fp8_picks_h200.md: from 128 rows this is faster on most of M3's
 # projections at TP 1 and on all at TP 4, and the in-register kernel's many-row tile costs as

@@ -58,8 +58,10 @@ def scales(module: nn.Module, name: str) -> BlockScales | None:
     block = module.__dict__.get("fp8_block")
     if block is None:
         return None
+    # Looked up in the buffers directly: every FP8 GEMM call asks, and most modules have no
+    # copy, where getattr's miss raises and catches an AttributeError each time.
     return BlockScales(getattr(module, name + SCALE_SUFFIX), *block,
-                       per_row=getattr(module, name + ROW_SCALE_SUFFIX, None))
+                       per_row=module._buffers.get(name + ROW_SCALE_SUFFIX))
 
 
 def regroup_mxfp8_(model: nn.Module) -> None:
