@@ -19,7 +19,11 @@ and writes fp8_picks_<gpu>.md: the figures the goals are about, in a few minutes
 `--modes` times weight-only against W8A8 at 1-16 rows (fp8_modes_<gpu>.md): the measurement
 behind `reference.fp8_weight_only`.
 
-Usage (CUDA): python -m bench.fp8_tiles [--picks-only | --modes] [--out-dir DIR]
+`--norm-chains` times the projections a norm feeds (q/k/v, the dense gate/up) with the norm
+before them, x quantized in the norm's kernel or in the GEMM's (fp8_norm_<gpu>.md), and each
+GEMM alone.
+
+Usage (CUDA): python -m bench.fp8_tiles [--picks-only | --modes | --norm-chains] [--out-dir DIR]
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import triton.testing
 from bench.common import markdown_table, write_results
 from kernels.fp8_gemm import (
     GemmTile,
+    activation_layout,
     cublas_fp8_linear,
     dequantized_linear,
     fp8_linear,
@@ -52,8 +57,22 @@ from kernels.reference import (
     quantize_fp8,
     regroup_mxfp8,
 )
+from kernels.rms_norm_quantize import gemma_rms_norm_quantized
+from worker.layers.norms import gemma_rms_norm
 
 HIDDEN, INTER, EXPERTS, TOP_K = 6144, 3072, 128, 4
+EPS = 1e-6
+NORM_CHAIN_NOTES = (
+    "'vs bf16' above 1: the FP8 chain is faster (goal at batch 64: the FP8 GEMMs >= 1.6x the "
+    "bf16 ones). Each projection is timed after the Gemma RMSNorm that feeds it in M3 "
+    "(compiled by torch.compile, as served), in one CUDA graph: bf16 weights (cuBLAS); FP8 "
+    "weights with the GEMM quantizing x in a kernel of its own (as served before "
+    "kernels/rms_norm_quantize.py); FP8 weights with the norm quantizing x as the GEMM takes it "
+    "(`activation_layout`: 'GEMM path'), as served now. 'GEMM alone': the bf16 GEMM on the "
+    "norm's output and the FP8 GEMM on x quantized, nothing else in the graph. '128x128': the "
+    "dense weights' blocks with their per-row copy; 'MXFP8 regrouped 1x128': MXFP8 as served "
+    "(MXFP8 kept weight-only takes x unquantized and is left out). Random weights; CUDA-graph "
+    "replays, median.")
 
 
 def projections(tp: int) -> tuple[tuple[str, int, int], ...]:
@@ -270,16 +289,81 @@ def mode_rows() -> list[list[object]]:
     return rows
 
 
+def _bf16_chain(x, norm_weight, weight) -> torch.Tensor:
+    return F.linear(gemma_rms_norm(x, norm_weight, EPS), weight)
+
+
+def _fp8_chain(x, norm_weight, q, scales, quantized_as=None) -> torch.Tensor:
+    """The norm, then the FP8 GEMM: x quantized by the norm's kernel in `quantized_as`, or (None)
+    by the GEMM's own."""
+    if quantized_as is None:
+        return fp8_linear(gemma_rms_norm(x, norm_weight, EPS), q, scales)
+    return fp8_linear(gemma_rms_norm_quantized(x, norm_weight, EPS, quantized_as), q, scales)
+
+
+def norm_chain_rows() -> list[list[object]]:
+    """The projections fed by a norm (q/k/v and the dense gate/up, TP 1 and shards) at decode
+    batches and a prefill chunk: the Gemma RMSNorm (compiled, as served) and the bf16 GEMM,
+    against the FP8 GEMM after the norm (quantizing x in a kernel of its own) and after the norm
+    that quantizes x (`kernels.rms_norm_quantize`, as served); and each GEMM alone, x at hand."""
+    rows = []
+    fed = [(tp, gemm) for tp in (1, *SHARDS) for gemm in projections(tp)
+           if gemm[0].startswith(("q, k, v", "dense gate"))]
+    for tp, (name, k, n) in fed:
+        weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
+        norm_weight = torch.randn(k, device="cuda", dtype=torch.bfloat16) * 0.1
+        layouts = LAYOUTS if tp == 1 else {BLOCK_LAYOUT: LAYOUTS[BLOCK_LAYOUT]}
+        for batch in (*DECODE_BATCHES, PREFILL_BATCHES[-1]):
+            x = torch.randn(batch, k, device="cuda", dtype=torch.bfloat16)
+            normed = gemma_rms_norm(x, norm_weight, EPS)
+            norm_ms = _ms(functools.partial(gemma_rms_norm, x, norm_weight, EPS))
+            bf16_ms = _ms(functools.partial(_bf16_chain, x, norm_weight, weight))
+            bf16_gemm_ms = _ms(functools.partial(F.linear, normed, weight))
+            for layout, quantize in layouts.items():
+                q, scales = quantize(weight)
+                quantized_as = activation_layout(x, q, scales)
+                if quantized_as is None:  # weight-only: x goes in as the norm leaves it
+                    continue
+                fused = functools.partial(gemma_rms_norm_quantized, x, norm_weight, EPS,
+                                          quantized_as)
+                unfused_ms = _ms(functools.partial(_fp8_chain, x, norm_weight, q, scales))
+                fused_ms = _ms(functools.partial(_fp8_chain, x, norm_weight, q, scales,
+                                                 quantized_as))
+                gemm_ms = _ms(functools.partial(fp8_linear, fused(), q, scales))
+                rows.append([name, f"{k} -> {n}", batch, layout, f"{bf16_ms * 1e3:.1f}",
+                             f"{unfused_ms * 1e3:.1f}", f"{bf16_ms / unfused_ms:.2f}x",
+                             f"{fused_ms * 1e3:.1f}", f"{bf16_ms / fused_ms:.2f}x",
+                             f"{bf16_gemm_ms * 1e3:.1f}", f"{gemm_ms * 1e3:.1f}",
+                             f"{bf16_gemm_ms / gemm_ms:.2f}x", f"{norm_ms * 1e3:.1f}",
+                             f"{_ms(fused) * 1e3:.1f}",
+                             CUBLAS if quantized_as.token_major else "Triton W8A8"])
+                print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--picks-only", action="store_true")
     parser.add_argument("--modes", action="store_true",
                         help="weight-only against W8A8 at 1-16 rows instead (fp8_modes_<gpu>.md)")
+    parser.add_argument("--norm-chains", action="store_true",
+                        help="the norm and the projection it feeds, x quantized in the norm or "
+                             "in the GEMM, instead (fp8_norm_<gpu>.md)")
     parser.add_argument("--out-dir", default=None)
     args = parser.parse_args()
     gpu = torch.cuda.get_device_name()
     gpu = next((g.lower() for g in ("H100", "H200") if g in gpu), "gpu")
     out_dir = Path(args.out_dir) if args.out_dir else None
+    if args.norm_chains:
+        table = markdown_table(
+            ["GEMM", "shape", "rows", "FP8 layout", "bf16: norm, GEMM (us)",
+             "FP8: norm, GEMM quantizing x (us)", "vs bf16", "FP8: norm quantizing x, GEMM (us)",
+             "vs bf16", "bf16 GEMM alone (us)", "FP8 GEMM alone, x quantized (us)", "vs bf16",
+             "norm alone (us)", "norm quantizing x alone (us)", "GEMM path"],
+            norm_chain_rows())
+        write_results(f"fp8_norm_{gpu}", "FP8 projections fed by a norm: x quantized in the norm",
+                      table, NORM_CHAIN_NOTES, directory=out_dir)
+        return
     if args.modes:
         table = markdown_table(["GEMM", "shape", "rows", "bf16 (us)", "weight-only vs bf16",
                                 "W8A8 vs bf16", "W8A8 vs weight-only"], mode_rows())

@@ -2,7 +2,9 @@
 
 Public functions (fixed by shared/msa_spec.md): `select_blocks`, `sparse_attention`,
 `dense_attention`; `routed_experts`, a MoE layer's experts as grouped GEMMs; `fp8_linear`, a
-projection by an e4m3 weight with block scales (`BlockScales`). The backend is chosen by device
+projection by an e4m3 weight with block scales (`BlockScales`), and for the norm that feeds one
+`fp8_activation_layout` and `gemma_rms_norm_quantized` (its input quantized as the GEMM takes
+it, in the norm's kernel: `QuantizedRows`). The backend is chosen by device
 (Triton on CUDA; on CPU `cpu_backend`, the reference but for KV-block-major prefill attention)
 or forced with `backend="reference" | "triton" | "cpu"`.
 """
@@ -15,10 +17,11 @@ from collections.abc import Callable
 import torch
 
 from kernels import cpu_backend, reference
-from kernels.reference import BLOCK_SIZE, E4M3, BlockScales
+from kernels.reference import BLOCK_SIZE, E4M3, ActivationLayout, BlockScales, QuantizedRows
 
 __all__ = ["BLOCK_SIZE", "INDEX_KEY_FP8", "BlockScales", "select_blocks", "sparse_attention",
-           "dense_attention", "routed_experts", "fp8_linear", "to_index_key_dtype"]
+           "dense_attention", "routed_experts", "fp8_linear", "fp8_activation_layout",
+           "gemma_rms_norm_quantized", "ActivationLayout", "QuantizedRows", "to_index_key_dtype"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Index keys may also be stored as fp8 e4m3 (half the bytes of the decode scan). Only the order
@@ -241,16 +244,48 @@ def routed_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                                w2_scales)
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockScales,
+def fp8_linear(x: torch.Tensor | QuantizedRows, weight: torch.Tensor, scales: BlockScales,
                backend: str | None = None) -> torch.Tensor:
     """x [..., K] @ W^T for an e4m3 weight W [N, K] with block scales: out [..., N] in x's
-    dtype (see `reference.fp8_linear`)."""
+    dtype (see `reference.fp8_linear`). x may come quantized already (Triton backend), as
+    `fp8_activation_layout` said for this weight: out [M, N]."""
+    if isinstance(x, QuantizedRows):
+        _check(weight.dim() == 2 and x.values.shape[1] == weight.shape[1],
+               lambda: f"weight must be [N, K={x.values.shape[1]}], got {tuple(weight.shape)}")
+        impl = _triton_module()
+        _check_weight("weight", weight, scales, impl)
+        _check(x.layout.group == (128 if x.layout.token_major else scales.block_k),
+               lambda: f"x was quantized in groups of {x.layout.group}, not as this weight's "
+                       "GEMM takes it: ask fp8_activation_layout")
+        return impl.fp8_linear(x, weight, scales)
     _check_float("x", x, backend)
     _check(weight.dim() == 2 and x.shape[-1] == weight.shape[1],
            lambda: f"weight must be [N, K={x.shape[-1]}], got {tuple(weight.shape)}")
     impl = _resolve_backend(backend, x.device)
     _check_weight("weight", weight, scales, impl)
     return impl.fp8_linear(x, weight, scales)
+
+
+def fp8_activation_layout(x: torch.Tensor, weight: torch.Tensor,
+                          scales: BlockScales) -> ActivationLayout | None:
+    """How `fp8_linear` would quantize x [M, K] for this weight, so the kernel producing x can
+    quantize it as it goes (`gemma_rms_norm_quantized`); None where x goes in as it is (the
+    reference and CPU backends, weight-only and dequantized GEMMs)."""
+    if x.device.type != "cuda" or _resolve_backend(None, x.device) is reference:
+        return None
+    return _triton_module().activation_layout(x, weight, scales)
+
+
+def gemma_rms_norm_quantized(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                             layout: ActivationLayout) -> QuantizedRows:
+    """`reference.gemma_rms_norm` of x [M, K] quantized as `layout` says (from
+    `fp8_activation_layout`), in one Triton kernel: for `fp8_linear`."""
+    _check(x.dim() == 2 and tuple(weight.shape) == (x.shape[1],),
+           lambda: f"x must be [M, K] and weight [K], got {tuple(x.shape)}, "
+                   f"{tuple(weight.shape)}")
+    _check(layout.rows >= x.shape[0],
+           lambda: f"the layout writes {layout.rows} rows, fewer than x's {x.shape[0]}")
+    return _triton_module().gemma_rms_norm_quantized(x, weight, eps, layout)
 
 
 def _check_weight(name: str, weight: torch.Tensor, scales: BlockScales | None, impl) -> None:

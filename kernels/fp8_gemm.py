@@ -4,7 +4,8 @@ dense FP8 GEMM.
 W8A8 (block-scaled weights, and MXFP8 weights regrouped into 1 x 128 blocks at load by
 `reference.regroup_mxfp8`; at every batch): the activations are quantized per token in groups
 as wide as a weight block along K (`kernels.fp8_quantize`, dynamic scales as FP8 checkpoints
-run); each K tile then is one e4m3 x e4m3 tensor-core product, scaled by the rows' activation
+run; or by the kernel that produced them, the norm before q/k/v: `activation_layout` says how
+the GEMM takes them, and `fp8_linear` takes them quantized); each K tile then is one e4m3 x e4m3 tensor-core product, scaled by the rows' activation
 scales and the columns' weight scales and summed in fp32. On Hopper the e4m3 tiles come through
 tensor descriptors (the bulk copy engine) where rows are 16-byte aligned. The weights go from
 memory as stored: decode GEMMs read every weight byte for a few rows, so half the bytes of bf16
@@ -42,9 +43,9 @@ import triton
 import triton.language as tl
 
 from kernels.fp8_dequantize import dequantize_weight
-from kernels.fp8_quantize import quantize_activations
+from kernels.fp8_quantize import quantize_rows
 from kernels.fp8_weight_only_gemm import fp8_weight_only_linear
-from kernels.reference import BlockScales, fp8_weight_only
+from kernels.reference import ActivationLayout, BlockScales, QuantizedRows, fp8_weight_only
 from kernels.split_k_sum import SplitSums
 from kernels.triton_layout import (
     fp8_depth,
@@ -181,39 +182,70 @@ def _even_waves_split(col_tiles: int, k_tiles: int, multiprocessors: int) -> int
     return max(candidates, key=lambda split: (last_wave_filled(split), -split))
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockScales,
+def fp8_linear(x: torch.Tensor | QuantizedRows, weight: torch.Tensor, scales: BlockScales,
                tile: GemmTile | None = None) -> torch.Tensor:
-    """Same contract as `reference.fp8_linear`; x [..., K], weight [N, K] e4m3. `tile`
-    overrides the tile choice (bench/fp8_tiles.py sweeps them)."""
+    """Same contract as `reference.fp8_linear`; x [..., K], weight [N, K] e4m3. x may come
+    quantized already, as `activation_layout` says (out [M, N] then). `tile` overrides the tile
+    choice (bench/fp8_tiles.py sweeps them)."""
+    if isinstance(x, QuantizedRows):
+        return w8a8_linear(x, weight, scales, tile)
     n, k = weight.shape
     flat = x.reshape(-1, k)
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
     m = flat.shape[0]
-    if tile is None and runs_on_cublas(m, n, k, x, scales):
-        return cublas_fp8_linear(flat, weight, scales).view(*x.shape[:-1], n)
-    if tile is None and runs_dequantized(m, scales):
-        return dequantized_linear(flat, weight, scales).view(*x.shape[:-1], n)
-    tile = tile or GemmTile.for_shape(m, n, k, scales.block_k, multiprocessors(x.device))
-    if not tile.quantize_x:
+    if tile is None:
+        if runs_dequantized(m, scales):
+            return dequantized_linear(flat, weight, scales).view(*x.shape[:-1], n)
+        layout = activation_layout(flat, weight, scales)
+    elif tile.quantize_x:
+        layout = ActivationLayout(scales.block_k, token_major=False, rows=m)
+    else:
+        layout = None
+    if layout is None:
+        tile = tile or GemmTile.for_shape(m, n, k, scales.block_k, multiprocessors(x.device))
         return fp8_weight_only_linear(flat, weight, scales, tile).view(*x.shape[:-1], n)
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    return w8a8_linear(quantize_rows(flat, layout), weight, scales, tile).view(*x.shape[:-1], n)
+
+
+def activation_layout(x: torch.Tensor, weight: torch.Tensor,
+                      scales: BlockScales) -> ActivationLayout | None:
+    """How `fp8_linear` takes x [M, K] quantized for this weight: cuBLASLt's layout where it runs
+    the GEMM (`runs_on_cublas`), else the Triton W8A8 kernel's; None where x stays as it is
+    (weight-only and dequantized GEMMs)."""
+    if fp8_weight_only(scales.block_k):
+        return None
+    m, (n, k) = x.shape[0], weight.shape
+    if runs_on_cublas(m, n, k, x, scales):
+        return ActivationLayout(_CUBLAS_BLOCK, token_major=True, rows=m + -m % _CUBLAS_PAD)
+    return ActivationLayout(scales.block_k, token_major=False, rows=m)
+
+
+def w8a8_linear(x: QuantizedRows, weight: torch.Tensor, scales: BlockScales,
+                tile: GemmTile | None = None) -> torch.Tensor:
+    """x @ W^T [M, N] in x's dtype, for x quantized in cuBLASLt's layout (token-major scales:
+    `cublas_w8a8_linear`) or the Triton kernel's (`tile`: None for `GemmTile.for_shape`'s)."""
+    if x.layout.token_major:
+        return cublas_w8a8_linear(x, weight, scales)
+    n, k = weight.shape
+    m = x.count
+    out = torch.empty(m, n, dtype=x.dtype, device=weight.device)
     if m == 0:
-        return out.view(*x.shape[:-1], n)
+        return out
+    tile = tile or GemmTile.for_shape(m, n, k, scales.block_k, multiprocessors(weight.device))
     block_k = fp8_depth(min(tile.depth, max(16, triton.next_power_of_2(k))), scales.block_k)
-    x_in, x_scales = quantize_activations(flat, scales.block_k)
     grid = (triton.cdiv(m, tile.rows), triton.cdiv(n, tile.cols), tile.split_k)
-    x_arg, w_arg, tma = gemm_operands(x_in, weight, tile.rows, tile.cols, block_k)
+    x_arg, w_arg, tma = gemm_operands(x.values, weight, tile.rows, tile.cols, block_k)
     splits = SplitSums.plan(grid, out, tile.rows)
     _fp8_w8a8_kernel[grid](
-        x_arg, x_scales, w_arg, scales.scale, out, splits.partials, splits.arrivals, m, n, k,
-        x_in.stride(0), x_scales.stride(0), weight.stride(0), scales.scale.stride(0),
+        x_arg, x.scales, w_arg, scales.scale, out, splits.partials, splits.arrivals, m, n, k,
+        x.values.stride(0), x.scales.stride(0), weight.stride(0), scales.scale.stride(0),
         scales.scale.stride(1), out.stride(0), SCALE_N=scales.block_n, SCALE_K=scales.block_k,
         E8M0=scales.e8m0, TMA=tma, SPLIT_K=tile.split_k, BLOCK_M=tile.rows, BLOCK_N=tile.cols,
         BLOCK_K=block_k, num_warps=tile.num_warps, num_stages=tile.num_stages,
         **splits.constants)
     splits.finish()
-    return out.view(*x.shape[:-1], n)
+    return out
 
 
 def runs_on_cublas(m: int, n: int, k: int, x: torch.Tensor, scales: BlockScales) -> bool:
@@ -261,15 +293,19 @@ def dequantized_linear(flat: torch.Tensor, weight: torch.Tensor,
 
 def cublas_fp8_linear(flat: torch.Tensor, weight: torch.Tensor,
                       scales: BlockScales) -> torch.Tensor:
-    """flat @ W^T through cuBLASLt, in flat's dtype: flat's rows quantized per 128-wide group with
-    token-major scales, the weight's 1 x 128 scales where `_cublas_row_scales` gives them, else
-    its 128 x 128 ones as stored (K blocks zero-padded to 4)."""
+    """flat @ W^T through cuBLASLt (`cublas_w8a8_linear`), flat [M, K] quantized for it here."""
     m = flat.shape[0]
-    # The rows cuBLASLt needs past m are left unwritten: a product row depends on its own row of
-    # x alone, and those rows are cut off.
-    x_fp8, x_scales = quantize_activations(flat, _CUBLAS_BLOCK, token_major_scales=True,
-                                           rows=m + -m % _CUBLAS_PAD)
-    w_scales = _cublas_row_scales(m, weight.shape[1], scales)
+    layout = ActivationLayout(_CUBLAS_BLOCK, token_major=True, rows=m + -m % _CUBLAS_PAD)
+    return cublas_w8a8_linear(quantize_rows(flat, layout), weight, scales)
+
+
+def cublas_w8a8_linear(x: QuantizedRows, weight: torch.Tensor,
+                       scales: BlockScales) -> torch.Tensor:
+    """x @ W^T through cuBLASLt, in x's dtype: x's rows quantized per 128-wide group with
+    token-major scales (rows padded to a multiple of 4, cut off here), the weight's 1 x 128
+    scales where `_cublas_row_scales` gives them, else its 128 x 128 ones as stored (K blocks
+    zero-padded to 4)."""
+    w_scales = _cublas_row_scales(x.count, weight.shape[1], scales)
     if w_scales is not None:
         w_scaling = F.ScalingType.BlockWise1x128
     else:
@@ -277,6 +313,6 @@ def cublas_fp8_linear(flat: torch.Tensor, weight: torch.Tensor,
         if w_scales.shape[1] % _CUBLAS_PAD:
             w_scales = F.pad(w_scales, (0, -w_scales.shape[1] % _CUBLAS_PAD))
         w_scales = w_scales.t()
-    product = F.scaled_mm(x_fp8, weight.t(), x_scales, F.ScalingType.BlockWise1x128, w_scales,
-                          w_scaling, output_dtype=flat.dtype)
-    return product[:m]
+    product = F.scaled_mm(x.values, weight.t(), x.scales, F.ScalingType.BlockWise1x128,
+                          w_scales, w_scaling, output_dtype=x.dtype)
+    return product[:x.count]

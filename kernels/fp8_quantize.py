@@ -3,7 +3,10 @@ scheme of FP8 checkpoints), so the FP8 GEMMs multiply e4m3 by e4m3 on the tensor
 weight tiles go from memory to the tensor cores untouched.
 
 Each group's largest magnitude maps to e4m3's largest value; its scale is stored in fp32. The
-math is `reference.quantize_activations`."""
+math is `reference.quantize_activations`; the layout (group width, scales token-major or not,
+rows written) is the GEMM's, `reference.ActivationLayout`. Kernels that produce activations and
+quantize them in the same pass (`kernels.rms_norm_quantize`) share `to_e4m3` and
+`empty_quantized`."""
 
 from __future__ import annotations
 
@@ -11,7 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.reference import AMAX_FLOOR, E4M3, E4M3_MAX
+from kernels.reference import AMAX_FLOOR, E4M3, E4M3_MAX, ActivationLayout, QuantizedRows
+
+E4M3_MIN_NORMAL = 2.0 ** -6
 
 
 @triton.jit
@@ -31,6 +36,13 @@ def _quantize_groups_kernel(x, q, s, k, stride_xm, stride_qm, stride_sm, stride_
         mask = (offsets[None, :] < GROUP) & (ks < k)
         v = tl.load(x + row * stride_xm + ks, mask=mask, other=0.0).to(tl.float32)
     scale = tl.maximum(tl.max(tl.abs(v), axis=1), AMAX_FLOOR) / E4M3_MAX
+    tl.store(q + row * stride_qm + ks, to_e4m3(v, scale, E4M3_MAX, E4M3_MIN_NORMAL), mask=mask)
+    tl.store(s + row * stride_sm + groups * stride_sg, scale)
+
+
+@triton.jit
+def to_e4m3(v, scale, E4M3_MAX: tl.constexpr, E4M3_MIN_NORMAL: tl.constexpr):
+    """Groups of fp32 values v [groups, width] divided by their scales [groups], as e4m3."""
     # Rounded division, as torch divides: the same bytes as the reference.
     quantized = tl.clamp(tl.div_rn(v, scale[:, None]), -E4M3_MAX, E4M3_MAX)
     # Normal values are rounded to e4m3's 3 mantissa bits (to nearest, ties to even) in the
@@ -40,28 +52,31 @@ def _quantize_groups_kernel(x, q, s, k, stride_xm, stride_qm, stride_sm, stride_
     bits = quantized.to(tl.int32, bitcast=True)
     rounded = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
     quantized = tl.where(tl.abs(quantized) >= E4M3_MIN_NORMAL, rounded, quantized)
-    tl.store(q + row * stride_qm + ks, quantized.to(tl.float8e4nv), mask=mask)
-    tl.store(s + row * stride_sm + groups * stride_sg, scale)
+    return quantized.to(tl.float8e4nv)
 
 
-def quantize_activations(x: torch.Tensor, group: int, token_major_scales: bool = False,
-                         rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(e4m3 [R, K], fp32 scales [R, ceil(K / group)]) for x [M, K] (rows contiguous); the
-    scales' strides are (1, R) when `token_major_scales`, else (groups, 1). R is `rows` (M when
-    None): rows past M are left unwritten, for a GEMM that takes whole multiples of rows."""
+def empty_quantized(x: torch.Tensor, layout: ActivationLayout) -> QuantizedRows:
+    """The buffers a kernel quantizing x [M, K] as `layout` says writes into."""
+    k = x.shape[-1]
+    groups = -(-k // layout.group)
+    values = torch.empty(layout.rows, k, dtype=E4M3, device=x.device)
+    if layout.token_major:
+        scales = torch.empty(groups, layout.rows, dtype=torch.float32, device=x.device).t()
+    else:
+        scales = torch.empty(layout.rows, groups, dtype=torch.float32, device=x.device)
+    return QuantizedRows(values, scales, layout, x.shape[0], x.dtype)
+
+
+def quantize_rows(x: torch.Tensor, layout: ActivationLayout) -> QuantizedRows:
+    """x [M, K] (rows contiguous) quantized per token in groups, as `layout` says."""
     if x.stride(-1) != 1:
         x = x.contiguous()
+    out = empty_quantized(x, layout)
     m, k = x.shape
-    rows = m if rows is None else rows
-    num_groups = -(-k // group)
-    q = torch.empty(rows, k, dtype=E4M3, device=x.device)
-    if token_major_scales:
-        s = torch.empty(num_groups, rows, dtype=torch.float32, device=x.device).t()
-    else:
-        s = torch.empty(rows, num_groups, dtype=torch.float32, device=x.device)
     if m == 0:
-        return q, s
-    group_p2 = triton.next_power_of_2(group)
+        return out
+    group_p2 = triton.next_power_of_2(layout.group)
+    num_groups = out.scales.shape[1]
     # Small programs, many warps for a decode batch (its rows alone are too few programs to
     # keep the GPU's loads in flight); larger ones for prefill (bench/results/fp8_picks_<gpu>.md
     # times this kernel alone). The largest power of two dividing a row's groups: no program
@@ -69,7 +84,17 @@ def quantize_activations(x: torch.Tensor, group: int, token_major_scales: bool =
     elements, warps = (1024, 8) if m <= 64 else (2048, 4)
     groups = min(num_groups & -num_groups, max(1, elements // group_p2))
     _quantize_groups_kernel[(m, num_groups // groups)](
-        x, q, s, k, x.stride(0), q.stride(0), s.stride(0), s.stride(1), GROUP=group,
-        GROUP_P2=group_p2, GROUPS=groups, EVEN=group == group_p2 and k % group == 0,
-        E4M3_MAX=E4M3_MAX, AMAX_FLOOR=AMAX_FLOOR, E4M3_MIN_NORMAL=2.0 ** -6, num_warps=warps)
-    return q, s
+        x, out.values, out.scales, k, x.stride(0), out.values.stride(0), out.scales.stride(0),
+        out.scales.stride(1), GROUP=layout.group, GROUP_P2=group_p2, GROUPS=groups,
+        EVEN=layout.group == group_p2 and k % layout.group == 0, E4M3_MAX=E4M3_MAX,
+        AMAX_FLOOR=AMAX_FLOOR, E4M3_MIN_NORMAL=E4M3_MIN_NORMAL, num_warps=warps)
+    return out
+
+
+def quantize_activations(x: torch.Tensor, group: int, token_major_scales: bool = False,
+                         rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 [R, K], fp32 scales [R, ceil(K / group)]) for x [M, K]: `quantize_rows` with R
+    `rows` (M when None)."""
+    layout = ActivationLayout(group, token_major_scales, x.shape[0] if rows is None else rows)
+    quantized = quantize_rows(x, layout)
+    return quantized.values, quantized.scales

@@ -396,6 +396,19 @@ def quantize_fp8(weight: torch.Tensor, block_n: int, block_k: int,
     return quantized.to(E4M3).contiguous(), BlockScales(stored.contiguous(), block_n, block_k)
 
 
+def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) over the last dim, in fp32 (the RMSNorms differ only in how they scale it)."""
+    x32 = x.float()
+    return x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def gemma_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma's (MiniMax-M3's) RMSNorm: scales by `1 + weight` (weights are stored zero-centred),
+    in fp32, out in x's dtype. The first half of `kernels.rms_norm_quantize`, whose second half
+    is `quantize_activations` of this output."""
+    return (rms_normalize(x, eps) * (1.0 + weight.float())).to(x.dtype)
+
+
 # MXFP8 weights regrouped for W8A8 (`regroup_mxfp8`): each row's 32-wide groups within a 128-wide
 # K block take the largest of their power-of-two scales, and the e4m3 values of a group with a
 # smaller scale are multiplied by the ratio, a power of two. That is exact while a value stays a
@@ -455,6 +468,30 @@ def quantize_activations(x: torch.Tensor, group: int) -> tuple[torch.Tensor, tor
     scale = padded.abs().amax(dim=-1).clamp(min=AMAX_FLOOR) / E4M3_MAX
     quantized = (padded / scale[..., None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
     return quantized.flatten(-2)[..., :k], scale
+
+
+@dataclass(frozen=True)
+class ActivationLayout:
+    """How a W8A8 GEMM takes its activations quantized (`quantize_activations`' math): groups of
+    `group` along K; scales token-major (strides (1, rows): cuBLASLt's) or row-major (the Triton
+    GEMM's); `rows` rows written, a whole multiple for cuBLASLt (those past x's are left
+    unwritten: a product row depends on its own row of x alone, and the GEMM cuts them off)."""
+
+    group: int
+    token_major: bool
+    rows: int
+
+
+@dataclass(frozen=True)
+class QuantizedRows:
+    """Activations x [M, K] quantized as `layout` says, ready for a W8A8 GEMM: what a kernel that
+    produces x (a norm) hands the projection after it, so x is never quantized on its own."""
+
+    values: torch.Tensor  # e4m3 [layout.rows, K]
+    scales: torch.Tensor  # fp32 [layout.rows, ceil(K / layout.group)]
+    layout: ActivationLayout
+    count: int  # M: x's rows
+    dtype: torch.dtype  # x's dtype, the GEMM's output dtype
 
 
 def dequantize_activations(quantized: torch.Tensor, scales: torch.Tensor,

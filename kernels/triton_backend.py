@@ -8,13 +8,14 @@ import torch
 import torch.nn.functional as F
 
 from kernels import prefill_kv_major, prefill_query_tiled, query_major, reference
-from kernels.fp8_gemm import fp8_linear
+from kernels.fp8_gemm import activation_layout, fp8_linear
 from kernels.index_scoring import select_blocks
 from kernels.moe_grouped_gemm import routed_experts
+from kernels.rms_norm_quantize import gemma_rms_norm_quantized
 from kernels.triton_layout import AttentionShape, GatedOutput
 
 __all__ = ["select_blocks", "sparse_attention", "dense_attention", "routed_experts",
-           "fp8_linear"]
+           "fp8_linear", "activation_layout", "gemma_rms_norm_quantized"]
 
 
 def dense_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

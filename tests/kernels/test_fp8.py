@@ -16,7 +16,14 @@ import torch
 import triton
 
 import kernels
-from kernels import fp8_gemm, fp8_weight_only_gemm, reference, split_k_sum, triton_layout
+from kernels import (
+    fp8_gemm,
+    fp8_weight_only_gemm,
+    reference,
+    rms_norm_quantize,
+    split_k_sum,
+    triton_layout,
+)
 from kernels.fp8_dequantize import dequantize_weight
 from kernels.fp8_gemm import GemmTile
 from kernels.fp8_quantize import quantize_activations
@@ -135,6 +142,55 @@ def test_activations_quantize_per_token_group_as_the_reference_does(rows, k, gro
     per_element = ref[1].repeat_interleave(group, dim=-1)[:, :k]
     assert ((restored - x).abs() <= x.abs() * 2 ** -4 + per_element * 2 ** -10).all()
     assert (ref[0].float().abs().amax(dim=-1)[1:] == 448).all()
+
+
+@pytest.mark.parametrize("rows,k,group,token_major", [
+    (37, 160, 128, False),  # a last group of 32 (masked)
+    (5, 192, 64, True),  # cuBLASLt's layout, rows padded to 8
+    (3, 200, 48, False)])  # groups not a power of two wide
+def test_norm_and_quantization_in_one_kernel_match_the_norm_then_the_quantization(
+        rows, k, group, token_major):
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, k, generator=g) * torch.rand(rows, 1, generator=g) * 30
+    weight = torch.randn(k, generator=g) * 0.5
+    x[1, :group] = 0  # a group of zeros keeps a finite scale
+    layout = reference.ActivationLayout(group, token_major, rows + 3 if token_major else rows)
+    ours = rms_norm_quantize.gemma_rms_norm_quantized(x, weight, 1e-6, layout)
+    want_values, want_scales = reference.quantize_activations(
+        reference.gemma_rms_norm(x, weight, 1e-6), group)
+    assert ours.values.shape == (layout.rows, k) and ours.count == rows
+    assert ours.scales.stride() == ((1, layout.rows) if token_major else (-(-k // group), 1))
+    # The row's rms may differ from torch's in its last bit (another summation order): scales
+    # agree to fp32 rounding, and values to one e4m3 step where a value sits on a rounding
+    # boundary (2 ** -3 of it; 2 ** -9 of its scale below e4m3's normal range).
+    torch.testing.assert_close(ours.scales[:rows], want_scales, rtol=1e-6, atol=0)
+    same = ours.values[:rows].view(torch.uint8) == want_values.view(torch.uint8)
+    assert same.float().mean() > 0.99
+    got, want = (reference.dequantize_activations(values, scales, group) for values, scales in
+                 [(ours.values[:rows], ours.scales[:rows]), (want_values, want_scales)])
+    step = want.abs() * 2 ** -3 + want_scales.repeat_interleave(group, -1)[:, :k] * 2 ** -9
+    assert ((got - want).abs() <= step).all()
+
+
+@pytest.mark.parametrize("layout", [(16, 64, False), REGROUPED])
+def test_fp8_linear_takes_x_quantized_by_the_norm(layout):
+    """The W8A8 GEMM given x quantized by the norm's kernel (in the layout
+    `activation_layout` names off Hopper: the Triton kernel's) multiplies what the reference
+    multiplies for the norm's output."""
+    weight, scales = _fp8_weight(96, 256, layout, seed=3)
+    g = torch.Generator().manual_seed(5)
+    x, norm_weight = torch.randn(7, 256, generator=g), torch.randn(256, generator=g)
+    quantized_as = fp8_gemm.activation_layout(x, weight, scales)
+    assert quantized_as == reference.ActivationLayout(scales.block_k, False, 7)
+    normed = rms_norm_quantize.gemma_rms_norm_quantized(x, norm_weight, 1e-6, quantized_as)
+    ours = kernels.fp8_linear(normed, weight, scales)
+    want = reference.fp8_w8a8_linear(reference.gemma_rms_norm(x, norm_weight, 1e-6), weight,
+                                     scales)
+    torch.testing.assert_close(ours, want, atol=1e-3, rtol=1e-3)
+    assert want.abs().max() > 0.1
+    wrong_group = dataclasses.replace(normed, layout=dataclasses.replace(quantized_as, group=32))
+    with pytest.raises(ValueError, match="quantized in groups of 32.*fp8_activation_layout"):
+        kernels.fp8_linear(wrong_group, weight, scales)
 
 
 def _fp8_weight(n: int, k: int, layout, seed: int, device="cpu"):
@@ -274,6 +330,20 @@ def test_fp8_gemm_paths_on_hopper(monkeypatch):
     assert {key for key, cublas in paths[REGROUPED].items() if not cublas} == triton_kept
     assert {key for key, cublas in paths[SPREAD].items() if not cublas} == triton_kept | {
         (33, widest), (64, widest)}
+    # The layout a norm quantizes x in for each: cuBLASLt's (token-major scales, rows padded
+    # to 4) where it runs the GEMM, the Triton kernel's elsewhere, none for weight-only.
+    for layout, scales in [(layout, _quantize(torch.randn(128, 6144), layout)[1])
+                           for layout in paths]:
+        weight = torch.empty(widest, 6144, dtype=E4M3)
+        for rows in (1, 33, 130):
+            x_rows = torch.empty(rows, 6144, dtype=torch.bfloat16)
+            quantized_as = fp8_gemm.activation_layout(x_rows, weight, scales)
+            if layout == (1, 32, True):
+                assert quantized_as is None
+            elif paths[layout][rows, widest]:
+                assert quantized_as == reference.ActivationLayout(128, True, -(-rows // 4) * 4)
+            else:
+                assert quantized_as == reference.ActivationLayout(scales.block_k, False, rows)
     # 1 x 128 scales in whole multiples of 4 K blocks only (padding would copy them).
     _, scales = _quantize(torch.randn(128, 640), REGROUPED)
     assert not fp8_gemm.runs_on_cublas(8, wide, 640, x, scales)
@@ -319,3 +389,30 @@ def test_fp8_gemms_at_m3_width_on_the_gpu(layout, rows):
     ref = kernels.routed_experts(x, q13, q2, weights, chosen, _swiglu, s13, s2,
                                  backend="reference")
     torch.testing.assert_close(ours.float(), ref.float(), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU; CPU runs the interpreter tests above")
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", [(128, 128, False), REGROUPED, SPREAD])
+@pytest.mark.parametrize("rows", [1, 8, 64, 130])
+def test_norm_quantized_gemms_at_m3_width_on_the_gpu(layout, rows):
+    """q/k/v's norm quantizing x for the GEMM (cuBLASLt's layout or the Triton kernel's, as
+    `activation_layout` picks at each batch on this GPU), in bf16: the same bytes as the norm
+    then the quantization kernel, up to the rms's last bit, and the same product."""
+    weight, scales = _fp8_weight(9856, 6144, layout, seed=0, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(rows)
+    x = torch.randn(rows, 6144, device="cuda", dtype=torch.bfloat16, generator=g) * 4
+    norm_weight = torch.randn(6144, device="cuda", dtype=torch.bfloat16, generator=g) * 0.2
+    quantized_as = fp8_gemm.activation_layout(x, weight, scales)
+    normed = kernels.gemma_rms_norm_quantized(x, norm_weight, 1e-6, quantized_as)
+    unfused = reference.gemma_rms_norm(x, norm_weight, 1e-6)
+    values, x_scales = quantize_activations(unfused, quantized_as.group)
+    assert (normed.values[:rows].view(torch.uint8) == values.view(torch.uint8)).float().mean(
+        ) > 0.99
+    torch.testing.assert_close(normed.scales[:rows], x_scales, rtol=1e-6, atol=0)
+    ours = kernels.fp8_linear(normed, weight, scales).float()
+    torch.testing.assert_close(ours, kernels.fp8_linear(unfused, weight, scales).float(),
+                               atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(ours, reference.fp8_w8a8_linear(unfused.float(), weight, scales),
+                               atol=3e-2, rtol=3e-2)

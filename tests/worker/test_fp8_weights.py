@@ -15,8 +15,9 @@ import textwrap
 import pytest
 import torch
 
-from kernels import reference
-from kernels.reference import E4M3, BlockScales, dequantize_fp8
+import kernels
+from kernels import fp8_gemm, reference
+from kernels.reference import E4M3, ActivationLayout, BlockScales, dequantize_fp8
 from tests.worker.test_model import _forward_logits
 from worker import parallel
 from worker.config import ModelConfig
@@ -128,6 +129,29 @@ def test_dense_block_scales_get_a_per_row_copy_once_loaded(tmp_path):
         copied += 1
     assert copied >= 4 * 2  # every layer's q/k/v stack and o_proj at least
     assert not any(n.endswith(fp8.ROW_SCALE_SUFFIX) for n in loaded.model.state_dict())
+
+
+def test_norms_hand_their_fp8_projections_x_quantized(tmp_path, monkeypatch):
+    """Where the Triton backend runs the FP8 GEMMs (CUDA; here its interpreter, the layout
+    asked for on CPU too), the norms before q/k/v and before the dense MLPs quantize x in their
+    own kernel, as the GEMM takes it: the same logits as the norm, then the GEMM quantizing."""
+    path = make_m3_checkpoint(tmp_path / "wide-block", seed=SEED, fp8_layout="wide-block")
+    loaded = load_model(path, torch.float32, CPU)
+    prompt = PROMPT[:40]
+    unfused = _forward_logits(loaded, prompt, 3)
+    layouts = []
+
+    def layout_on_cpu(x, weight, scales):
+        layouts.append(fp8_gemm.activation_layout(x, weight, scales))
+        return layouts[-1]
+
+    monkeypatch.setattr(kernels, "fp8_activation_layout", layout_on_cpu)
+    fused = _forward_logits(loaded, prompt, 3)
+    layers = loaded.model.model.layers
+    dense_mlps = sum(hasattr(layer, "mlp") for layer in layers)
+    assert dense_mlps >= 1
+    assert layouts == [ActivationLayout(64, False, len(prompt))] * (len(layers) + dense_mlps)
+    torch.testing.assert_close(fused, unfused, atol=1e-3, rtol=1e-3)
 
 
 def test_fp8_model_multiplies_exactly_the_stored_weights(fp8_dir, monkeypatch):

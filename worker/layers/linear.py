@@ -19,11 +19,17 @@ class ParallelLinear(nn.Linear):
 
     fp8_weights = {"weight": 1}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | kernels.QuantizedRows) -> torch.Tensor:
         scales = fp8.scales(self, "weight")
         if scales is None:
             return F.linear(x, self.weight)
         return kernels.fp8_linear(x, self.weight, scales)
+
+    def input_layout(self, x: torch.Tensor) -> kernels.ActivationLayout | None:
+        """How this projection's FP8 GEMM takes x [M, K] quantized, for the norm before it to
+        quantize as it goes (`kernels.fp8_activation_layout`); None: give it x as it is."""
+        scales = fp8.scales(self, "weight")
+        return None if scales is None else kernels.fp8_activation_layout(x, self.weight, scales)
 
 
 class StackedLinear(nn.Module):
@@ -53,10 +59,15 @@ class StackedLinear(nn.Module):
             whole.__dict__["fp8_block"] = block
         self.projections = nn.ModuleList([whole])
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, x: torch.Tensor | kernels.QuantizedRows) -> tuple[torch.Tensor, ...]:
         if self.stacked:
             return self.projections[0](x).split(self.widths, dim=-1)
         return tuple(projection(x) for projection in self.projections)
+
+    def input_layout(self, x: torch.Tensor) -> kernels.ActivationLayout | None:
+        """`ParallelLinear.input_layout` of the stacked GEMM; None for projections apart (each
+        would quantize x its own way)."""
+        return self.projections[0].input_layout(x) if self.stacked else None
 
 
 def stack_projections(module: nn.Module, names: list[str], into: str) -> None:

@@ -6,13 +6,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import kernels
+from kernels import reference
+from kernels.reference import rms_normalize
 from worker.layers.fused import fused
-
-
-def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / rms(x) over the last dim, in fp32 (the norms differ only in how they scale it)."""
-    x32 = x.float()
-    return x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
 
 
 @fused
@@ -20,10 +17,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * rms_normalize(x, eps).to(x.dtype)
 
 
-@fused
-def gemma_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Scales by `1 + weight` (weights are stored zero-centred)."""
-    return (rms_normalize(x, eps) * (1.0 + weight.float())).to(x.dtype)
+gemma_rms_norm = fused(reference.gemma_rms_norm)
 
 
 class RMSNorm(nn.Module):
@@ -42,5 +36,10 @@ class GemmaRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gemma_rms_norm(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, quantized: kernels.ActivationLayout | None = None
+                ) -> torch.Tensor | kernels.QuantizedRows:
+        """The normed x, or, given the layout an FP8 projection takes (`input_layout`), the
+        normed x quantized for it by the same kernel."""
+        if quantized is None:
+            return gemma_rms_norm(x, self.weight, self.eps)
+        return kernels.gemma_rms_norm_quantized(x, self.weight, self.eps, quantized)

@@ -81,12 +81,13 @@ class M3Attention(GQAProjections):
         heads = projected.view(projected.shape[0], -1, norm.weight.shape[0])
         return norm_and_rotate(heads, norm.weight, norm.eps, *rope)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                attn: AttentionMetadata, cache: KVCache, topk: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | kernels.QuantizedRows,
+                rope: tuple[torch.Tensor, torch.Tensor], attn: AttentionMetadata, cache: KVCache,
+                topk: int) -> torch.Tensor:
         q, k, v, *index = self.qkv_proj(x)
         q = self._heads(q, self.q_norm, rope)
         k = self._heads(k, self.k_norm, rope)
-        v = v.view(x.shape[0], self.num_kv_heads, self.head_dim)
+        v = v.view(v.shape[0], self.num_kv_heads, self.head_dim)
         k_idx = None if self.dense else self._heads(index[0], self.index_k_norm, rope)
         out = paged_attention(
             self.layer_index, self.dense, q, k, v, k_idx,
@@ -132,7 +133,7 @@ class M3DenseMLP(nn.Module):
     def stack_projections(self) -> None:
         stack_projections(self, ["gate_proj", "up_proj"], into="gate_up_proj")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | kernels.QuantizedRows) -> torch.Tensor:
         return self.down_proj(swiglu_oai(*self.gate_up_proj(x), self.alpha, self.limit))
 
 
@@ -205,10 +206,15 @@ class M3DecoderLayer(nn.Module):
             self.mlp = M3DenseMLP(config, config.m3.dense_intermediate_size)
 
     def forward(self, x, rope, attn: AttentionMetadata, cache: KVCache, topk: int):
-        x = x + self.self_attn(self.input_layernorm(x), rope, attn, cache, topk)
-        h = self.post_attention_layernorm(x)
-        mlp = self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
-        return x + parallel.all_reduce(mlp(h))
+        # With FP8 q/k/v (and dense MLP) weights the norms hand their projections x quantized
+        # (`GemmaRMSNorm.forward`). The MoE's router and experts take the norm's x as it is.
+        normed = self.input_layernorm(x, self.self_attn.qkv_proj.input_layout(x))
+        x = x + self.self_attn(normed, rope, attn, cache, topk)
+        if hasattr(self, "block_sparse_moe"):
+            mlp, layout = self.block_sparse_moe, None
+        else:
+            mlp, layout = self.mlp, self.mlp.gate_up_proj.input_layout(x)
+        return x + parallel.all_reduce(mlp(self.post_attention_layernorm(x, layout)))
 
 
 class M3TextModel(nn.Module):

@@ -1,0 +1,61 @@
+"""Triton: Gemma's RMSNorm with its output quantized to e4m3 per token group, in one kernel, for
+the W8A8 projection the norm feeds (MiniMax-M3's q/k/v and dense MLP inputs).
+
+Unfused, the norm writes x in bf16 and the FP8 GEMM's own quantization kernel reads it back: a
+second launch at every layer of every decode step, which costs a decode-sized GEMM a tenth of
+its time (bench/results/fp8_picks_<gpu>.md). Here one program holds a whole row: it normalizes,
+rounds to x's dtype (so the bytes are those of the norm then the quantization), and quantizes
+the row's groups as the GEMM takes them (`reference.ActivationLayout`). The math is
+`reference.quantize_activations(reference.gemma_rms_norm(x, weight, eps), group)`."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.fp8_quantize import E4M3_MIN_NORMAL, empty_quantized, to_e4m3
+from kernels.reference import AMAX_FLOOR, E4M3_MAX, ActivationLayout, QuantizedRows
+
+
+@triton.jit
+def _gemma_rms_norm_quantize_kernel(
+    x, weight, q, s, k, eps, stride_xm, stride_qm, stride_sm, stride_sg,
+    GROUP: tl.constexpr, GROUP_P2: tl.constexpr, GROUPS_P2: tl.constexpr,
+    E4M3_MAX: tl.constexpr, AMAX_FLOOR: tl.constexpr, E4M3_MIN_NORMAL: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    groups = tl.arange(0, GROUPS_P2)
+    offsets = tl.arange(0, GROUP_P2)
+    ks = groups[:, None] * GROUP + offsets[None, :]
+    mask = (offsets[None, :] < GROUP) & (ks < k)
+    v = tl.load(x + row * stride_xm + ks, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(tl.sum(v * v, axis=1), axis=0) / k + eps)
+    w = tl.load(weight + ks, mask=mask, other=0.0).to(tl.float32)
+    # Rounded to x's dtype as the unfused norm's output is, then quantized from there.
+    normed = (v * rstd * (1.0 + w)).to(x.dtype.element_ty).to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(normed), axis=1), AMAX_FLOOR) / E4M3_MAX
+    tl.store(q + row * stride_qm + ks, to_e4m3(normed, scale, E4M3_MAX, E4M3_MIN_NORMAL),
+             mask=mask)
+    tl.store(s + row * stride_sm + groups * stride_sg, scale, mask=groups * GROUP < k)
+
+
+def gemma_rms_norm_quantized(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                             layout: ActivationLayout) -> QuantizedRows:
+    """x [M, K] normed by `reference.gemma_rms_norm` and quantized as `layout` says."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    out = empty_quantized(x, layout)
+    m, k = x.shape
+    if m == 0:
+        return out
+    group_p2 = triton.next_power_of_2(layout.group)
+    groups_p2 = triton.next_power_of_2(out.scales.shape[1])
+    # A whole row per program: its elements spread so each thread holds a few dozen.
+    warps = min(16, max(4, groups_p2 * group_p2 // 512))
+    _gemma_rms_norm_quantize_kernel[(m,)](
+        x, weight, out.values, out.scales, k, eps, x.stride(0), out.values.stride(0),
+        out.scales.stride(0), out.scales.stride(1), GROUP=layout.group, GROUP_P2=group_p2,
+        GROUPS_P2=groups_p2, E4M3_MAX=E4M3_MAX, AMAX_FLOOR=AMAX_FLOOR,
+        E4M3_MIN_NORMAL=E4M3_MIN_NORMAL, num_warps=warps)
+    return out
