@@ -45,13 +45,15 @@ def to_e4m3(v, scale, E4M3_MAX: tl.constexpr, E4M3_MIN_NORMAL: tl.constexpr):
     """Groups of fp32 values v [groups, width] divided by their scales [groups], as e4m3."""
     # Rounded division, as torch divides: the same bytes as the reference.
     quantized = tl.clamp(tl.div_rn(v, scale[:, None]), -E4M3_MAX, E4M3_MAX)
-    # Normal values are rounded to e4m3's 3 mantissa bits (to nearest, ties to even) in the
-    # fp32 bits, so the cast below is exact: Triton's interpreter, which the CPU tests run,
-    # drops the carry when a cast rounds up into the next power of two. Subnormals are left
-    # to the cast.
+    # Values are rounded to e4m3's precision (to nearest, ties to even) in fp32 first, so the
+    # cast below is exact: Triton's interpreter, which the CPU tests run, drops the carry when a
+    # cast rounds up into the next power of two. Normal values: 3 mantissa bits, in the fp32
+    # bits. Subnormals: multiples of 2 ** -9, by adding and taking away a number whose fp32
+    # spacing is 2 ** -9.
     bits = quantized.to(tl.int32, bitcast=True)
     rounded = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
-    quantized = tl.where(tl.abs(quantized) >= E4M3_MIN_NORMAL, rounded, quantized)
+    subnormal = (quantized + 24576.0) - 24576.0  # 1.5 * 2 ** 14
+    quantized = tl.where(tl.abs(quantized) >= E4M3_MIN_NORMAL, rounded, subnormal)
     return quantized.to(tl.float8e4nv)
 
 

@@ -3,9 +3,10 @@ the W8A8 projection the norm feeds (MiniMax-M3's q/k/v and dense MLP inputs).
 
 Unfused, the norm writes x in bf16 and the FP8 GEMM's own quantization kernel reads it back: a
 second launch at every layer of every decode step, which costs a decode-sized GEMM a tenth of
-its time (bench/results/fp8_picks_<gpu>.md). Here one program holds a whole row: it normalizes,
-rounds to x's dtype (so the bytes are those of the norm then the quantization), and quantizes
-the row's groups as the GEMM takes them (`reference.ActivationLayout`). The math is
+its time (bench/results/fp8_picks_<gpu>.md). Here each program sums its row's squares, then
+normalizes its share of the row's groups, rounds them to x's dtype (so the bytes are those of
+the norm then the quantization) and quantizes them as the GEMM takes them
+(`reference.ActivationLayout`). The math is
 `reference.quantize_activations(reference.gemma_rms_norm(x, weight, eps), group)`."""
 
 from __future__ import annotations
@@ -20,24 +21,29 @@ from kernels.reference import AMAX_FLOOR, E4M3_MAX, ActivationLayout, QuantizedR
 
 @triton.jit
 def _gemma_rms_norm_quantize_kernel(
-    x, weight, q, s, k, eps, stride_xm, stride_qm, stride_sm, stride_sg,
-    GROUP: tl.constexpr, GROUP_P2: tl.constexpr, GROUPS_P2: tl.constexpr,
+    x, weight, q, s, k, num_groups, eps, stride_xm, stride_qm, stride_sm, stride_sg,
+    GROUP: tl.constexpr, GROUP_P2: tl.constexpr, GROUPS: tl.constexpr, ROW_P2: tl.constexpr,
     E4M3_MAX: tl.constexpr, AMAX_FLOOR: tl.constexpr, E4M3_MIN_NORMAL: tl.constexpr,
 ):
+    # GROUPS groups of one row; every program of the row sums the whole row's squares (the
+    # others' loads of it hit the cache).
     row = tl.program_id(0).to(tl.int64)
-    groups = tl.arange(0, GROUPS_P2)
+    x_row = x + row * stride_xm
+    whole = tl.arange(0, ROW_P2)
+    v = tl.load(x_row + whole, mask=whole < k, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(v * v, axis=0) / k + eps)
+    groups = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
     offsets = tl.arange(0, GROUP_P2)
     ks = groups[:, None] * GROUP + offsets[None, :]
     mask = (offsets[None, :] < GROUP) & (ks < k)
-    v = tl.load(x + row * stride_xm + ks, mask=mask, other=0.0).to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(tl.sum(v * v, axis=1), axis=0) / k + eps)
+    v = tl.load(x_row + ks, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(weight + ks, mask=mask, other=0.0).to(tl.float32)
     # Rounded to x's dtype as the unfused norm's output is, then quantized from there.
     normed = (v * rstd * (1.0 + w)).to(x.dtype.element_ty).to(tl.float32)
     scale = tl.maximum(tl.max(tl.abs(normed), axis=1), AMAX_FLOOR) / E4M3_MAX
     tl.store(q + row * stride_qm + ks, to_e4m3(normed, scale, E4M3_MAX, E4M3_MIN_NORMAL),
              mask=mask)
-    tl.store(s + row * stride_sm + groups * stride_sg, scale, mask=groups * GROUP < k)
+    tl.store(s + row * stride_sm + groups * stride_sg, scale, mask=groups < num_groups)
 
 
 def gemma_rms_norm_quantized(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -50,12 +56,19 @@ def gemma_rms_norm_quantized(x: torch.Tensor, weight: torch.Tensor, eps: float,
     if m == 0:
         return out
     group_p2 = triton.next_power_of_2(layout.group)
-    groups_p2 = triton.next_power_of_2(out.scales.shape[1])
-    # A whole row per program: its elements spread so each thread holds a few dozen.
-    warps = min(16, max(4, groups_p2 * group_p2 // 512))
-    _gemma_rms_norm_quantize_kernel[(m,)](
-        x, weight, out.values, out.scales, k, eps, x.stride(0), out.values.stride(0),
-        out.scales.stride(0), out.scales.stride(1), GROUP=layout.group, GROUP_P2=group_p2,
-        GROUPS_P2=groups_p2, E4M3_MAX=E4M3_MAX, AMAX_FLOOR=AMAX_FLOOR,
-        E4M3_MIN_NORMAL=E4M3_MIN_NORMAL, num_warps=warps)
+    num_groups = out.scales.shape[1]
+    # A decode batch's rows alone are too few programs to keep loads in flight: each row is
+    # split into programs of about 1024 elements, as `fp8_quantize` splits it. Prefill chunks
+    # take a row per program, which reads the row from memory once.
+    if m <= 64:
+        groups, warps = max(1, 1024 // group_p2), 8
+    else:
+        groups, warps = triton.next_power_of_2(num_groups), 8
+    groups = min(groups, triton.next_power_of_2(num_groups))
+    _gemma_rms_norm_quantize_kernel[(m, triton.cdiv(num_groups, groups))](
+        x, weight, out.values, out.scales, k, num_groups, eps, x.stride(0),
+        out.values.stride(0), out.scales.stride(0), out.scales.stride(1), GROUP=layout.group,
+        GROUP_P2=group_p2, GROUPS=groups, ROW_P2=triton.next_power_of_2(k),
+        E4M3_MAX=E4M3_MAX, AMAX_FLOOR=AMAX_FLOOR, E4M3_MIN_NORMAL=E4M3_MIN_NORMAL,
+        num_warps=warps)
     return out

@@ -127,6 +127,8 @@ def test_activations_quantize_per_token_group_as_the_reference_does(rows, k, gro
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, k, generator=g) * torch.rand(rows, 1, generator=g) * 100
     x[0, :group] = 0  # an all-zero group keeps a finite scale
+    # A value that rounds up out of e4m3's subnormals into its smallest normal, 2 ** -6.
+    x[2, 1] = x[2, :group].abs().max() / 448 * (2 ** -6 - 2 ** -11)
     ref = reference.quantize_activations(x, group)
     for token_major in (False, True):  # the Triton GEMMs' scale layout and cuBLASLt's
         ours = quantize_activations(x, group, token_major_scales=token_major)
@@ -146,8 +148,8 @@ def test_activations_quantize_per_token_group_as_the_reference_does(rows, k, gro
 
 @pytest.mark.parametrize("rows,k,group,token_major", [
     (37, 160, 128, False),  # a last group of 32 (masked)
-    (5, 192, 64, True),  # cuBLASLt's layout, rows padded to 8
-    (3, 200, 48, False)])  # groups not a power of two wide
+    (5, 1100, 64, True),  # cuBLASLt's layout, rows padded; 2 programs a row, the last part-full
+    (70, 200, 48, False)])  # a prefill chunk (a row per program); groups not a power of two
 def test_norm_and_quantization_in_one_kernel_match_the_norm_then_the_quantization(
         rows, k, group, token_major):
     g = torch.Generator().manual_seed(rows)
