@@ -78,15 +78,17 @@ FP8_LAYOUTS = {
     "block": FP8Layout(
         "FP8", {"quant_method": "fp8", "fmt": "float8_e4m3fn", "weight_block_size": [128, 128]},
         "FP8: e4m3 weights with 128 x 128 fp32 block scales, activations quantized per token "
-        "group (dense decode GEMMs on cuBLASLt's block-scaled FP8 GEMM with the scales' "
-        "per-row copy, prefill chunks with the blocks, the experts on the Triton grouped "
-        "GEMM; each GEMM against bf16: bench/results/fp8_picks_<gpu>.md)."),
+        "group, by the norm before q/k/v and the dense MLP (dense decode GEMMs on cuBLASLt's "
+        "block-scaled FP8 GEMM with the scales' per-row copy, prefill chunks with the blocks, "
+        "the experts on the Triton grouped GEMM; each GEMM against bf16: "
+        "bench/results/fp8_picks_<gpu>.md, fp8_norm_<gpu>.md)."),
     "mxfp8": FP8Layout(
         "MXFP8", {"quant_method": "mxfp8", "fmt": "float8_e4m3fn", "weight_block_size": [1, 32],
                   "scale_fmt": "ue8m0"},
         "MXFP8: e4m3 weights with an e8m0 scale per 32 along K, as the released M3 checkpoint "
         "stores them, served as `mxfp8_mode: w8a8` does: regrouped into 1 x 128 blocks once "
-        "loaded, activations quantized per token group (dense GEMMs on cuBLASLt's 1 x 128 "
+        "loaded, activations quantized per token group, by the norm before q/k/v and the "
+        "dense MLP (dense GEMMs on cuBLASLt's 1 x 128 "
         "block scaling, the experts on the Triton grouped GEMM; each GEMM against bf16: "
         "bench/results/fp8_picks_<gpu>.md, 'MXFP8 regrouped 1x128'). The expert-parallel and "
         "eager-glue rows: parallel_<gpu>.md."),
