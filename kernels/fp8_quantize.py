@@ -57,8 +57,12 @@ def to_e4m3(v, scale, E4M3_MAX: tl.constexpr, E4M3_MIN_NORMAL: tl.constexpr):
     return quantized.to(tl.float8e4nv)
 
 
-def empty_quantized(x: torch.Tensor, layout: ActivationLayout) -> QuantizedRows:
-    """The buffers a kernel quantizing x [M, K] as `layout` says writes into."""
+def empty_quantized(x: torch.Tensor, layout: ActivationLayout) -> tuple[torch.Tensor,
+                                                                         QuantizedRows]:
+    """x [M, K] with contiguous rows, and the buffers a kernel quantizing it as `layout` says
+    writes into."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
     k = x.shape[-1]
     groups = -(-k // layout.group)
     values = torch.empty(layout.rows, k, dtype=E4M3, device=x.device)
@@ -66,19 +70,16 @@ def empty_quantized(x: torch.Tensor, layout: ActivationLayout) -> QuantizedRows:
         scales = torch.empty(groups, layout.rows, dtype=torch.float32, device=x.device).t()
     else:
         scales = torch.empty(layout.rows, groups, dtype=torch.float32, device=x.device)
-    return QuantizedRows(values, scales, layout, x.shape[0], x.dtype)
+    return x, QuantizedRows(values, scales, layout, x.shape[0], x.dtype)
 
 
 def quantize_rows(x: torch.Tensor, layout: ActivationLayout) -> QuantizedRows:
-    """x [M, K] (rows contiguous) quantized per token in groups, as `layout` says."""
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    out = empty_quantized(x, layout)
-    m, k = x.shape
+    """x [M, K] quantized per token in groups, as `layout` says."""
+    x, out = empty_quantized(x, layout)
+    (m, k), num_groups = x.shape, out.scales.shape[1]
     if m == 0:
         return out
     group_p2 = triton.next_power_of_2(layout.group)
-    num_groups = out.scales.shape[1]
     # Small programs, many warps for a decode batch (its rows alone are too few programs to
     # keep the GPU's loads in flight); larger ones for prefill (bench/results/fp8_picks_<gpu>.md
     # times this kernel alone). The largest power of two dividing a row's groups: no program

@@ -49,26 +49,18 @@ def _gemma_rms_norm_quantize_kernel(
 def gemma_rms_norm_quantized(x: torch.Tensor, weight: torch.Tensor, eps: float,
                              layout: ActivationLayout) -> QuantizedRows:
     """x [M, K] normed by `reference.gemma_rms_norm` and quantized as `layout` says."""
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    out = empty_quantized(x, layout)
-    m, k = x.shape
+    x, out = empty_quantized(x, layout)
+    (m, k), num_groups = x.shape, out.scales.shape[1]
     if m == 0:
         return out
-    group_p2 = triton.next_power_of_2(layout.group)
-    num_groups = out.scales.shape[1]
+    group_p2, row_groups = triton.next_power_of_2(layout.group), triton.next_power_of_2(num_groups)
     # A decode batch's rows alone are too few programs to keep loads in flight: each row is
     # split into programs of about 1024 elements, as `fp8_quantize` splits it. Prefill chunks
     # take a row per program, which reads the row from memory once.
-    if m <= 64:
-        groups, warps = max(1, 1024 // group_p2), 8
-    else:
-        groups, warps = triton.next_power_of_2(num_groups), 8
-    groups = min(groups, triton.next_power_of_2(num_groups))
+    groups = min(row_groups, max(1, 1024 // group_p2)) if m <= 64 else row_groups
     _gemma_rms_norm_quantize_kernel[(m, triton.cdiv(num_groups, groups))](
         x, weight, out.values, out.scales, k, num_groups, eps, x.stride(0),
         out.values.stride(0), out.scales.stride(0), out.scales.stride(1), GROUP=layout.group,
         GROUP_P2=group_p2, GROUPS=groups, ROW_P2=triton.next_power_of_2(k),
-        E4M3_MAX=E4M3_MAX, AMAX_FLOOR=AMAX_FLOOR, E4M3_MIN_NORMAL=E4M3_MIN_NORMAL,
-        num_warps=warps)
+        E4M3_MAX=E4M3_MAX, AMAX_FLOOR=AMAX_FLOOR, E4M3_MIN_NORMAL=E4M3_MIN_NORMAL, num_warps=8)
     return out
