@@ -254,7 +254,8 @@ def fp8_linear(x: torch.Tensor | QuantizedRows, weight: torch.Tensor, scales: Bl
                lambda: f"weight must be [N, K={x.values.shape[1]}], got {tuple(weight.shape)}")
         impl = _triton_module()
         _check_weight("weight", weight, scales, impl)
-        _check(x.layout.group == (128 if x.layout.token_major else scales.block_k),
+        # Both GEMMs take x in groups as wide as the weight's blocks (cuBLASLt's are 128).
+        _check(x.layout.group == scales.block_k,
                lambda: f"x was quantized in groups of {x.layout.group}, not as this weight's "
                        "GEMM takes it: ask fp8_activation_layout")
         return impl.fp8_linear(x, weight, scales)
@@ -271,9 +272,10 @@ def fp8_activation_layout(x: torch.Tensor, weight: torch.Tensor,
     """How `fp8_linear` would quantize x [M, K] for this weight, so the kernel producing x can
     quantize it as it goes (`gemma_rms_norm_quantized`); None where x goes in as it is (the
     reference and CPU backends, weight-only and dequantized GEMMs)."""
-    if x.device.type != "cuda" or _resolve_backend(None, x.device) is reference:
+    if x.device.type != "cuda":
         return None
-    return _triton_module().activation_layout(x, weight, scales)
+    impl = _resolve_backend(None, x.device)
+    return None if impl is reference else impl.activation_layout(x, weight, scales)
 
 
 def gemma_rms_norm_quantized(x: torch.Tensor, weight: torch.Tensor, eps: float,

@@ -218,8 +218,13 @@ def activation_layout(x: torch.Tensor, weight: torch.Tensor,
         return None
     m, (n, k) = x.shape[0], weight.shape
     if runs_on_cublas(m, n, k, x, scales):
-        return ActivationLayout(_CUBLAS_BLOCK, token_major=True, rows=m + -m % _CUBLAS_PAD)
+        return _cublas_layout(m)
     return ActivationLayout(scales.block_k, token_major=False, rows=m)
+
+
+def _cublas_layout(m: int) -> ActivationLayout:
+    """cuBLASLt's: 128-wide groups, token-major scales, rows padded to a multiple of 4."""
+    return ActivationLayout(_CUBLAS_BLOCK, token_major=True, rows=m + -m % _CUBLAS_PAD)
 
 
 def w8a8_linear(x: QuantizedRows, weight: torch.Tensor, scales: BlockScales,
@@ -295,9 +300,7 @@ def dequantized_linear(flat: torch.Tensor, weight: torch.Tensor,
 def cublas_fp8_linear(flat: torch.Tensor, weight: torch.Tensor,
                       scales: BlockScales) -> torch.Tensor:
     """flat @ W^T through cuBLASLt (`cublas_w8a8_linear`), flat [M, K] quantized for it here."""
-    m = flat.shape[0]
-    layout = ActivationLayout(_CUBLAS_BLOCK, token_major=True, rows=m + -m % _CUBLAS_PAD)
-    return cublas_w8a8_linear(quantize_rows(flat, layout), weight, scales)
+    return cublas_w8a8_linear(quantize_rows(flat, _cublas_layout(flat.shape[0])), weight, scales)
 
 
 def cublas_w8a8_linear(x: QuantizedRows, weight: torch.Tensor,
