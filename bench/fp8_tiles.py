@@ -19,11 +19,11 @@ and writes fp8_picks_<gpu>.md: the figures the goals are about, in a few minutes
 `--modes` times weight-only against W8A8 at 1-16 rows (fp8_modes_<gpu>.md): the measurement
 behind `reference.fp8_weight_only`.
 
-`--norm-chains` times the projections a norm feeds (q/k/v, the dense gate/up) with the norm
-before them, x quantized in the norm's kernel or in the GEMM's (fp8_norm_<gpu>.md), and each
-GEMM alone.
+`--chains` times the projections whose x a kernel of ours produces (q/k/v and the dense gate/up
+after their norm, o_proj after decode attention's merge) with that kernel before them, x
+quantized in it or in the GEMM's own kernel (fp8_chains_<gpu>.md), and each GEMM alone.
 
-Usage (CUDA): python -m bench.fp8_tiles [--picks-only | --modes | --norm-chains] [--out-dir DIR]
+Usage (CUDA): python -m bench.fp8_tiles [--picks-only | --modes | --chains] [--out-dir DIR]
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -49,8 +50,12 @@ from kernels.fp8_gemm import (
     runs_on_cublas,
 )
 from kernels.fp8_quantize import quantize_activations
+from kernels.lse_merge import merge_partials
 from kernels.moe_grouped_gemm import ExpertRows, TileShape, grouped_gemm
+from kernels.query_major import decode_splits
 from kernels.reference import (
+    ActivationLayout,
+    QuantizedRows,
     fp8_weight_only,
     fp8_weight_only_linear,
     per_row_scales,
@@ -58,21 +63,26 @@ from kernels.reference import (
     regroup_mxfp8,
 )
 from kernels.rms_norm_quantize import gemma_rms_norm_quantized
+from kernels.triton_layout import AttentionShape
 from worker.layers.norms import gemma_rms_norm
 
 HIDDEN, INTER, EXPERTS, TOP_K = 6144, 3072, 128, 4
 EPS = 1e-6
-NORM_CHAIN_NOTES = (
+CHAIN_NOTES = (
     "'vs bf16' above 1: the FP8 chain is faster (goal at batch 64: the FP8 GEMMs >= 1.6x the "
-    "bf16 ones). Each projection is timed after the Gemma RMSNorm that feeds it in M3 "
-    "(compiled by torch.compile, as served), in one CUDA graph: bf16 weights (cuBLAS); FP8 "
-    "weights with the GEMM quantizing x in a kernel of its own (as served before "
-    "kernels/rms_norm_quantize.py); FP8 weights with the norm quantizing x as the GEMM takes it "
-    "(`activation_layout`: 'GEMM path'), as served now. 'GEMM alone': the bf16 GEMM on the "
-    "norm's output and the FP8 GEMM on x quantized, nothing else in the graph. '128x128': the "
-    "dense weights' blocks with their per-row copy; 'MXFP8 regrouped 1x128': MXFP8 as served "
-    "(MXFP8 kept weight-only takes x unquantized and is left out). Random weights; CUDA-graph "
-    "replays, median.")
+    "bf16 ones). Each projection is timed after the kernel that produces its x in M3, in one "
+    "CUDA graph: for q/k/v and the dense gate/up the Gemma RMSNorm (compiled by torch.compile, "
+    "as served), for o_proj the log-sum-exp merge of decode's split attention (the splits the "
+    "query-major kernel runs at those rows and heads; rows it does not split have no merge and "
+    "are left out; random partials). bf16 weights (cuBLAS); FP8 weights with the GEMM quantizing "
+    "x in a kernel of its own; FP8 weights with the producer quantizing x as the GEMM takes it "
+    "(`activation_layout`: 'GEMM path': kernels/rms_norm_quantize.py, kernels/lse_merge.py), as "
+    "served. 'GEMM alone': the bf16 GEMM on the producer's output and the FP8 GEMM on x "
+    "quantized, nothing else in the graph. '128x128': the dense weights' blocks with their "
+    "per-row copy; 'MXFP8 regrouped 1x128': MXFP8 as served (MXFP8 kept weight-only takes x "
+    "unquantized and is left out). Random weights; CUDA-graph replays, median.")
+# M3's attention: query and KV heads at TP 1, head width, blocks each query attends.
+QUERY_HEADS, KV_HEADS, HEAD_DIM, TOPK = 64, 4, 128, 16
 
 
 def projections(tp: int) -> tuple[tuple[str, int, int], ...]:
@@ -289,55 +299,90 @@ def mode_rows() -> list[list[object]]:
     return rows
 
 
-def _bf16_chain(x, norm_weight, weight) -> torch.Tensor:
-    return F.linear(gemma_rms_norm(x, norm_weight, EPS), weight)
+@dataclasses.dataclass(frozen=True)
+class Chain:
+    """The kernel that produces an FP8 projection's input x [M, K] in M3 (as served), alone and
+    quantizing x as the GEMM takes it."""
+
+    fed_by: str
+    produce: Callable[[], torch.Tensor]
+    produce_quantized: Callable[[ActivationLayout], QuantizedRows]
 
 
-def _fp8_chain(x, norm_weight, q, scales, quantized_as=None) -> torch.Tensor:
-    """The norm, then the FP8 GEMM: x quantized by the norm's kernel in `quantized_as`, or (None)
-    by the GEMM's own."""
-    if quantized_as is None:
-        return fp8_linear(gemma_rms_norm(x, norm_weight, EPS), q, scales)
-    return fp8_linear(gemma_rms_norm_quantized(x, norm_weight, EPS, quantized_as), q, scales)
+def _chain_cells(chain: Chain, weight, q, scales, quantized_as: ActivationLayout) -> list[str]:
+    """bf16: the producer, then cuBLAS; FP8: the producer, then the GEMM quantizing x in a kernel
+    of its own; FP8: the producer quantizing x, then the GEMM (as served); each GEMM alone, x at
+    hand; each producer alone. All in CUDA graphs."""
+    x, quantized = chain.produce(), chain.produce_quantized(quantized_as)
+    bf16_ms = _ms(lambda: F.linear(chain.produce(), weight))
+    unfused_ms = _ms(lambda: fp8_linear(chain.produce(), q, scales))
+    fused_ms = _ms(lambda: fp8_linear(chain.produce_quantized(quantized_as), q, scales))
+    bf16_gemm_ms = _ms(functools.partial(F.linear, x, weight))
+    gemm_ms = _ms(functools.partial(fp8_linear, quantized, q, scales))
+    producer_ms = _ms(chain.produce)
+    quantizing_ms = _ms(functools.partial(chain.produce_quantized, quantized_as))
+    return [f"{bf16_ms * 1e3:.1f}", f"{unfused_ms * 1e3:.1f}", f"{bf16_ms / unfused_ms:.2f}x",
+            f"{fused_ms * 1e3:.1f}", f"{bf16_ms / fused_ms:.2f}x", f"{bf16_gemm_ms * 1e3:.1f}",
+            f"{gemm_ms * 1e3:.1f}", f"{bf16_gemm_ms / gemm_ms:.2f}x",
+            f"{producer_ms * 1e3:.1f}", f"{quantizing_ms * 1e3:.1f}",
+            CUBLAS if quantized_as.token_major else "Triton W8A8"]
 
 
-def norm_chain_rows() -> list[list[object]]:
-    """The projections fed by a norm (q/k/v and the dense gate/up, TP 1 and shards) at decode
-    batches and a prefill chunk: the Gemma RMSNorm (compiled, as served) and the bf16 GEMM,
-    against the FP8 GEMM after the norm (quantizing x in a kernel of its own) and after the norm
-    that quantizes x (`kernels.rms_norm_quantize`, as served); and each GEMM alone, x at hand."""
+def _norm_chain(x: torch.Tensor, norm_weight: torch.Tensor) -> Chain:
+    """The Gemma RMSNorm before q/k/v and the dense MLP: compiled by torch.compile, and
+    `kernels.rms_norm_quantize`."""
+    return Chain("norm", functools.partial(gemma_rms_norm, x, norm_weight, EPS),
+                 functools.partial(gemma_rms_norm_quantized, x, norm_weight, EPS))
+
+
+def _merge_chain(rows: int, num_heads: int, num_groups: int) -> Chain:
+    """The log-sum-exp merge that ends decode's split attention before o_proj, over the
+    splits the query-major kernel runs at these rows (random partials)."""
+    splits = decode_splits(rows, num_groups, TOPK, torch.device("cuda"))
+    shape = AttentionShape(rows, num_heads, HEAD_DIM, num_groups, num_heads // num_groups,
+                           TOPK, HEAD_DIM ** -0.5)
+    like = torch.empty(0, device="cuda", dtype=torch.bfloat16)  # the queries' dtype and device
+    partial_out = torch.randn(rows, num_groups, splits, shape.group, HEAD_DIM, device="cuda")
+    partial_lse = torch.randn(rows, num_groups, splits, shape.group, device="cuda") * 4
+
+    def merge(quantized_as: ActivationLayout | None = None):
+        out, lse = shape.outputs(like, quantized=quantized_as)
+        merge_partials(partial_out, partial_lse, out, lse, num_groups, splits)
+        return out if quantized_as is not None else out.view(rows, -1)
+
+    return Chain(f"attention's merge ({splits} splits)", merge, merge)
+
+
+def chain_rows() -> list[list[object]]:
+    """Each projection fed by a kernel that can quantize its x at decode batches (TP 1 and
+    shards): q/k/v and the dense gate/up after their norm (and a prefill chunk), o_proj after
+    decode attention's merge where the rows split; every weight layout run W8A8."""
     rows = []
-    fed = [(tp, gemm) for tp in (1, *SHARDS) for gemm in projections(tp)
-           if gemm[0].startswith(("q, k, v", "dense gate"))]
-    for tp, (name, k, n) in fed:
-        weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
-        norm_weight = torch.randn(k, device="cuda", dtype=torch.bfloat16) * 0.1
+    for tp in (1, *SHARDS):
         layouts = LAYOUTS if tp == 1 else {BLOCK_LAYOUT: LAYOUTS[BLOCK_LAYOUT]}
-        for batch in (*DECODE_BATCHES, PREFILL_BATCHES[-1]):
-            x = torch.randn(batch, k, device="cuda", dtype=torch.bfloat16)
-            normed = gemma_rms_norm(x, norm_weight, EPS)
-            norm_ms = _ms(functools.partial(gemma_rms_norm, x, norm_weight, EPS))
-            bf16_ms = _ms(functools.partial(_bf16_chain, x, norm_weight, weight))
-            bf16_gemm_ms = _ms(functools.partial(F.linear, normed, weight))
+        for name, k, n in projections(tp):
+            if name.startswith("o_proj"):
+                num_groups = max(1, KV_HEADS // tp)
+                chains = [(batch, _merge_chain(batch, QUERY_HEADS // tp, num_groups))
+                          for batch in (*DECODE_BATCHES, 128)
+                          if decode_splits(batch, num_groups, TOPK, torch.device("cuda")) > 1]
+            elif name.startswith(("q, k, v", "dense gate")):
+                norm_weight = torch.randn(k, device="cuda", dtype=torch.bfloat16) * 0.1
+                chains = [(batch, _norm_chain(torch.randn(batch, k, device="cuda",
+                                                          dtype=torch.bfloat16), norm_weight))
+                          for batch in (*DECODE_BATCHES, PREFILL_BATCHES[-1])]
+            else:
+                continue
+            weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
             for layout, quantize in layouts.items():
                 q, scales = quantize(weight)
-                quantized_as = activation_layout(x, q, scales)
-                if quantized_as is None:  # weight-only: x goes in as the norm leaves it
-                    continue
-                fused = functools.partial(gemma_rms_norm_quantized, x, norm_weight, EPS,
-                                          quantized_as)
-                unfused_ms = _ms(functools.partial(_fp8_chain, x, norm_weight, q, scales))
-                fused_ms = _ms(functools.partial(_fp8_chain, x, norm_weight, q, scales,
-                                                 quantized_as))
-                gemm_ms = _ms(functools.partial(fp8_linear, fused(), q, scales))
-                rows.append([name, f"{k} -> {n}", batch, layout, f"{bf16_ms * 1e3:.1f}",
-                             f"{unfused_ms * 1e3:.1f}", f"{bf16_ms / unfused_ms:.2f}x",
-                             f"{fused_ms * 1e3:.1f}", f"{bf16_ms / fused_ms:.2f}x",
-                             f"{bf16_gemm_ms * 1e3:.1f}", f"{gemm_ms * 1e3:.1f}",
-                             f"{bf16_gemm_ms / gemm_ms:.2f}x", f"{norm_ms * 1e3:.1f}",
-                             f"{_ms(fused) * 1e3:.1f}",
-                             CUBLAS if quantized_as.token_major else "Triton W8A8"])
-                print(rows[-1], flush=True)
+                for batch, chain in chains:
+                    quantized_as = activation_layout(chain.produce(), q, scales)
+                    if quantized_as is None:  # weight-only: x goes in as it is produced
+                        continue
+                    rows.append([name, f"{k} -> {n}", batch, layout, chain.fed_by,
+                                 *_chain_cells(chain, weight, q, scales, quantized_as)])
+                    print(rows[-1], flush=True)
     return rows
 
 
@@ -346,23 +391,25 @@ def main() -> None:
     parser.add_argument("--picks-only", action="store_true")
     parser.add_argument("--modes", action="store_true",
                         help="weight-only against W8A8 at 1-16 rows instead (fp8_modes_<gpu>.md)")
-    parser.add_argument("--norm-chains", action="store_true",
-                        help="the norm and the projection it feeds, x quantized in the norm or "
-                             "in the GEMM, instead (fp8_norm_<gpu>.md)")
+    parser.add_argument("--chains", action="store_true",
+                        help="the kernel producing a projection's x and the projection, x "
+                             "quantized in that kernel or in the GEMM, instead "
+                             "(fp8_chains_<gpu>.md)")
     parser.add_argument("--out-dir", default=None)
     args = parser.parse_args()
     gpu = torch.cuda.get_device_name()
     gpu = next((g.lower() for g in ("H100", "H200") if g in gpu), "gpu")
     out_dir = Path(args.out_dir) if args.out_dir else None
-    if args.norm_chains:
+    if args.chains:
         table = markdown_table(
-            ["GEMM", "shape", "rows", "FP8 layout", "bf16: norm, GEMM (us)",
-             "FP8: norm, GEMM quantizing x (us)", "vs bf16", "FP8: norm quantizing x, GEMM (us)",
+            ["GEMM", "shape", "rows", "FP8 layout", "x from", "bf16: x, GEMM (us)",
+             "FP8: x, GEMM quantizing x (us)", "vs bf16", "FP8: x quantized, GEMM (us)",
              "vs bf16", "bf16 GEMM alone (us)", "FP8 GEMM alone, x quantized (us)", "vs bf16",
-             "norm alone (us)", "norm quantizing x alone (us)", "GEMM path"],
-            norm_chain_rows())
-        write_results(f"fp8_norm_{gpu}", "FP8 projections fed by a norm: x quantized in the norm",
-                      table, NORM_CHAIN_NOTES, directory=out_dir)
+             "x alone (us)", "x quantized alone (us)", "GEMM path"],
+            chain_rows())
+        write_results(f"fp8_chains_{gpu}",
+                      "FP8 projections with x quantized by the kernel that produces it", table,
+                      CHAIN_NOTES, directory=out_dir)
         return
     if args.modes:
         table = markdown_table(["GEMM", "shape", "rows", "bf16 (us)", "weight-only vs bf16",

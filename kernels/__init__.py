@@ -2,11 +2,12 @@
 
 Public functions (fixed by shared/msa_spec.md): `select_blocks`, `sparse_attention`,
 `dense_attention`; `routed_experts`, a MoE layer's experts as grouped GEMMs; `fp8_linear`, a
-projection by an e4m3 weight with block scales (`BlockScales`), and for the norm that feeds one
-`fp8_activation_layout` and `gemma_rms_norm_quantized` (its input quantized as the GEMM takes
-it, in the norm's kernel: `QuantizedRows`). The backend is chosen by device
-(Triton on CUDA; on CPU `cpu_backend`, the reference but for KV-block-major prefill attention)
-or forced with `backend="reference" | "triton" | "cpu"`.
+projection by an e4m3 weight with block scales (`BlockScales`). For the kernel that feeds an FP8
+projection, `fp8_activation_layout` says how the GEMM takes x quantized (`QuantizedRows`), so
+that kernel quantizes it as it writes it: `gemma_rms_norm_quantized` for q/k/v and the dense
+MLP, `sparse_attention(quantized=...)` for o_proj. The backend is chosen by device (Triton on
+CUDA; on CPU `cpu_backend`, the reference but for KV-block-major prefill attention) or forced
+with `backend="reference" | "triton" | "cpu"`.
 """
 
 from __future__ import annotations
@@ -184,8 +185,15 @@ def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      block_table: torch.Tensor, seq_lens: torch.Tensor,
                      cu_seqlens_q: torch.Tensor, blocks: torch.Tensor,
                      softmax_scale: float | None = None, return_lse: bool = False,
-                     backend: str | None = None, check_indices: bool = True):
-    """Exact attention over the selected blocks: out [total_q, Hq, D] (, lse [total_q, Hq])."""
+                     backend: str | None = None, check_indices: bool = True,
+                     quantized: ActivationLayout | None = None):
+    """Exact attention over the selected blocks: out [total_q, Hq, D] (, lse [total_q, Hq]).
+
+    quantized: out as [total_q, Hq * D] quantized for the FP8 o_proj after it, in the layout
+    `fp8_activation_layout` gave for it (Triton backend): `QuantizedRows`, no lse. Decode's
+    merge of split attention writes it so, sparing the GEMM a quantization kernel."""
+    _check(quantized is None or (backend in (None, "triton") and not return_lse),
+           lambda: "quantized output comes from the Triton backend, without the lse")
     pages_per_query = _validate_attention(q, k_cache, v_cache, block_table, seq_lens,
                                           cu_seqlens_q, backend, check_indices)
     _check_int32("blocks", blocks, 3)
@@ -198,9 +206,15 @@ def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         in_range = (blocks >= -1) & (blocks.long() < pages_per_query[:, None, None])
         _check(bool(in_range.all()),
                lambda: "blocks holds ids outside [-1, pages of the query's sequence)")
-    impl = _resolve_backend(backend, q.device)
-    return impl.sparse_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
-                                 blocks, softmax_scale, return_lse)
+    if quantized is None:
+        impl = _resolve_backend(backend, q.device)
+        return impl.sparse_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
+                                     blocks, softmax_scale, return_lse)
+    _check(quantized.rows >= q.shape[0],
+           lambda: f"the layout writes {quantized.rows} rows, fewer than q's {q.shape[0]}")
+    return _triton_module().sparse_attention(q, k_cache, v_cache, block_table, seq_lens,
+                                             cu_seqlens_q, blocks, softmax_scale,
+                                             quantized=quantized)
 
 
 def dense_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

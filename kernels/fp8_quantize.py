@@ -5,8 +5,8 @@ weight tiles go from memory to the tensor cores untouched.
 Each group's largest magnitude maps to e4m3's largest value; its scale is stored in fp32. The
 math is `reference.quantize_activations`; the layout (group width, scales token-major or not,
 rows written) is the GEMM's, `reference.ActivationLayout`. Kernels that produce activations and
-quantize them in the same pass (`kernels.rms_norm_quantize`) share `to_e4m3` and
-`empty_quantized`."""
+quantize them in the same pass (`kernels.rms_norm_quantize`, `kernels.lse_merge`) share
+`to_e4m3` and `quantized_buffers`."""
 
 from __future__ import annotations
 
@@ -57,20 +57,26 @@ def to_e4m3(v, scale, E4M3_MAX: tl.constexpr, E4M3_MIN_NORMAL: tl.constexpr):
     return quantized.to(tl.float8e4nv)
 
 
+def quantized_buffers(count: int, width: int, dtype: torch.dtype, device: torch.device,
+                      layout: ActivationLayout) -> QuantizedRows:
+    """Unwritten buffers for `count` rows of `width` values in `dtype`, quantized as `layout`
+    says: what a kernel producing those rows fills for the GEMM after it."""
+    groups = -(-width // layout.group)
+    values = torch.empty(layout.rows, width, dtype=E4M3, device=device)
+    if layout.token_major:
+        scales = torch.empty(groups, layout.rows, dtype=torch.float32, device=device).t()
+    else:
+        scales = torch.empty(layout.rows, groups, dtype=torch.float32, device=device)
+    return QuantizedRows(values, scales, layout, count, dtype)
+
+
 def empty_quantized(x: torch.Tensor, layout: ActivationLayout) -> tuple[torch.Tensor,
                                                                          QuantizedRows]:
     """x [M, K] with contiguous rows, and the buffers a kernel quantizing it as `layout` says
     writes into."""
     if x.stride(-1) != 1:
         x = x.contiguous()
-    k = x.shape[-1]
-    groups = -(-k // layout.group)
-    values = torch.empty(layout.rows, k, dtype=E4M3, device=x.device)
-    if layout.token_major:
-        scales = torch.empty(groups, layout.rows, dtype=torch.float32, device=x.device).t()
-    else:
-        scales = torch.empty(layout.rows, groups, dtype=torch.float32, device=x.device)
-    return x, QuantizedRows(values, scales, layout, x.shape[0], x.dtype)
+    return x, quantized_buffers(x.shape[0], x.shape[1], x.dtype, x.device, layout)
 
 
 def quantize_rows(x: torch.Tensor, layout: ActivationLayout) -> QuantizedRows:

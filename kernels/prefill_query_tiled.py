@@ -335,7 +335,7 @@ def _launch(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, shape: Att
     splits = max(1, min(PROGRAMS_PER_SM * multiprocessors(q.device) // units,
                         most_pages // MIN_PAGES_PER_SPLIT))
     # Partials in the inputs' precision, as the KV-major kernel's.
-    partial_out, partial_lse = split_outputs(out, lse, shape.num_groups, splits, q.dtype)
+    partial_out, partial_lse = split_outputs(shape, out, lse, splits, q.dtype)
     gate_flag, gate = GatedOutput.launch_args(gated, cu_seqlens_q)
     _query_tiled_kernel[(tiles.num_tiles, shape.num_groups, splits)](
         q, page_rows(k_cache), page_rows(v_cache), block_table, seq_lens, cu_seqlens_q, blocks,

@@ -14,8 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.fp8_quantize import quantize_rows
 from kernels.lse_merge import merge_partials, split_outputs
-from kernels.reference import BLOCK_SIZE
+from kernels.reference import BLOCK_SIZE, ActivationLayout
 from kernels.triton_layout import (
     LOG2E,
     AttentionShape,
@@ -96,18 +97,20 @@ def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      block_table: torch.Tensor, seq_lens: torch.Tensor,
                      cu_seqlens_q: torch.Tensor, blocks: torch.Tensor,
                      softmax_scale: float | None = None, return_lse: bool = False,
-                     gated: GatedOutput | None = None):
-    """gated: write there, only if its flag says so."""
+                     gated: GatedOutput | None = None,
+                     quantized: ActivationLayout | None = None):
+    """gated: write there, only if its flag says so. quantized: out [T, Hq * D] as o_proj's FP8
+    GEMM takes it (`QuantizedRows`), by the merge where the rows are split and a head is one
+    scale group, else by a quantization kernel after."""
     shape = AttentionShape.of(q, k_cache, blocks, softmax_scale)
     total_q, head_dim = shape.total_q, shape.head_dim
     num_groups, group, topk = shape.num_groups, shape.group, shape.topk
-    splits = max(1, min(topk, PROGRAMS_PER_SM * multiprocessors(q.device)
-                        // max(1, total_q * num_groups)))
+    splits = decode_splits(total_q, num_groups, topk, q.device)
     blocks_per_split = triton.cdiv(topk, splits)
-    splits = triton.cdiv(topk, blocks_per_split)
+    merge_quantizes = (quantized is not None and splits > 1 and quantized.group == head_dim)
     # One split writes the final output directly; several write float32 partials to merge.
-    out, row_lse = shape.outputs(q, gated)
-    partial_out, partial_lse = split_outputs(out, row_lse, num_groups, splits, torch.float32)
+    out, row_lse = shape.outputs(q, gated, quantized if merge_quantizes else None)
+    partial_out, partial_lse = split_outputs(shape, out, row_lse, splits, torch.float32)
     if total_q:
         num_seqs = seq_lens.shape[0]
         gate_flag, gate = GatedOutput.launch_args(gated, cu_seqlens_q)
@@ -124,4 +127,14 @@ def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if splits > 1:
         merge_partials(partial_out, partial_lse, out, row_lse, num_groups, splits,
                        chained=True, gated=gated)
+    if quantized is not None and not merge_quantizes:
+        out = quantize_rows(out.view(total_q, -1), quantized)
     return (out, row_lse) if return_lse else out
+
+
+def decode_splits(total_q: int, num_groups: int, topk: int, device: torch.device) -> int:
+    """How many splits of its selected blocks each (row, KV group) runs in: enough programs to
+    fill the GPU, every split at least one block and none empty."""
+    splits = max(1, min(topk, PROGRAMS_PER_SM * multiprocessors(device)
+                        // max(1, total_q * num_groups)))
+    return triton.cdiv(topk, triton.cdiv(topk, splits))

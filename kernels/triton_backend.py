@@ -9,8 +9,10 @@ import torch.nn.functional as F
 
 from kernels import prefill_kv_major, prefill_query_tiled, query_major, reference
 from kernels.fp8_gemm import activation_layout, fp8_linear
+from kernels.fp8_quantize import quantize_rows
 from kernels.index_scoring import select_blocks
 from kernels.moe_grouped_gemm import routed_experts
+from kernels.reference import ActivationLayout
 from kernels.rms_norm_quantize import gemma_rms_norm_quantized
 from kernels.triton_layout import AttentionShape, GatedOutput
 
@@ -70,21 +72,35 @@ MULTI_TOKEN_MAX_ROWS = 16
 def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_table: torch.Tensor, seq_lens: torch.Tensor,
                      cu_seqlens_q: torch.Tensor, blocks: torch.Tensor,
-                     softmax_scale: float | None = None, return_lse: bool = False):
+                     softmax_scale: float | None = None, return_lse: bool = False,
+                     quantized: ActivationLayout | None = None):
+    """quantized: out [T, Hq * D] quantized as that layout says (`QuantizedRows`, no lse):
+    decode's merge quantizes it as it writes; other steps quantize their output after."""
     args = (q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, blocks, softmax_scale)
     group = q.shape[1] // k_cache.shape[2]
     kv_major = _takes_kv_major(q.shape[0], seq_lens.shape[0], group)
     rows_per_seq = -(-q.shape[0] // max(1, seq_lens.shape[0]))
     if not kv_major and 2 <= rows_per_seq <= MULTI_TOKEN_MAX_ROWS:
-        return prefill_query_tiled.sparse_attention(*args, return_lse)
+        result = prefill_query_tiled.sparse_attention(*args, return_lse)
+    elif q.shape[0] < QUERY_TILED_MIN_ROWS and not kv_major:
+        return query_major.sparse_attention(*args, return_lse, quantized=quantized)
+    elif q.shape[0] < QUERY_TILED_MIN_ROWS:
+        result = prefill_kv_major.sparse_attention(*args, return_lse)
+    else:
+        result = _long_chunk(args, group, kv_major, block_table, return_lse)
+    return result if quantized is None else quantize_rows(result.flatten(1), quantized)
+
+
+def _long_chunk(args: tuple, group: int, kv_major: bool, block_table: torch.Tensor,
+                return_lse: bool):
+    """A long prefill chunk: the query-tiled kernel if its tiles' rows chose alike, else the
+    fallback (KV-major or query-major). Both kernels are launched into the same buffers and a
+    flag on the device lets one of them write, so the look costs no host sync (the other
+    kernel's programs return after one load). The two run on two streams: the fallback's empty
+    programs, when it stands aside, then fill SMs beside the query-tiled kernel's instead of
+    after them (kernels_h100.md)."""
+    q, k_cache, _, _, _, cu_seqlens_q, blocks, softmax_scale = args
     fallback = prefill_kv_major if kv_major else query_major
-    if q.shape[0] < QUERY_TILED_MIN_ROWS:
-        return fallback.sparse_attention(*args, return_lse)
-    # A long prefill chunk: the query-tiled kernel if its tiles' rows chose alike. Both kernels
-    # are launched into the same buffers and a flag on the device lets one of them write, so
-    # the look costs no host sync (the other kernel's programs return after one load). The
-    # two run on two streams: the fallback's empty programs, when it stands aside, then fill
-    # SMs beside the query-tiled kernel's instead of after them (kernels_h100.md).
     unions = prefill_query_tiled.TileUnions.for_attention(blocks, cu_seqlens_q, group,
                                                           block_table.shape[1])
     alike = unions.alike(blocks.shape[2], QUERY_TILED_MAX_UNION)

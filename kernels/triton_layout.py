@@ -10,6 +10,9 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from kernels.fp8_quantize import quantized_buffers
+from kernels.reference import ActivationLayout, QuantizedRows
+
 # Scores are scaled by log2(e) so the kernels' softmax runs on exp2.
 LOG2E = 1.4426950408889634
 
@@ -35,14 +38,19 @@ class AttentionShape:
                    blocks.shape[2], head_dim ** -0.5 if softmax_scale is None else softmax_scale)
 
     def outputs(self, q: torch.Tensor, gated: "GatedOutput | None" = None,
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                quantized: ActivationLayout | None = None,
+                ) -> tuple[torch.Tensor | QuantizedRows, torch.Tensor]:
         """(out [T, Hq, D] in the queries' dtype, lse float32 [T, Hq]): the gated buffers, or
-        new ones."""
+        new ones; out as [T, Hq * D] quantized as `quantized` says, for a kernel that writes it
+        so."""
         if gated is not None:
             return gated.out, gated.lse
-        return (torch.empty(self.total_q, self.num_heads, self.head_dim, dtype=q.dtype,
-                            device=q.device),
-                torch.empty(self.total_q, self.num_heads, dtype=torch.float32, device=q.device))
+        lse = torch.empty(self.total_q, self.num_heads, dtype=torch.float32, device=q.device)
+        if quantized is not None:
+            return quantized_buffers(self.total_q, self.num_heads * self.head_dim, q.dtype,
+                                     q.device, quantized), lse
+        return torch.empty(self.total_q, self.num_heads, self.head_dim, dtype=q.dtype,
+                           device=q.device), lse
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,15 @@ with NaN-poisoned memory so an unwritten output cannot pass.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 import kernels
-from kernels import index_scoring, prefill_kv_major, prefill_query_tiled, query_major
+from kernels import index_scoring, prefill_kv_major, prefill_query_tiled, query_major, reference
+from kernels.fp8_quantize import quantize_rows
+from kernels.reference import ActivationLayout
 from tests.kernels.paged_batch import check_selection, make_batch, relative_error
 
 # (seq_lens, q_lens): fresh prefill, prefix + chunk, decode, multi-token decode; pages scattered,
@@ -361,6 +365,38 @@ def test_triton_attention_with_all_blocks_equals_dense(impl):
     assert relative_error(sparse, dense.double()) < 1e-5
 
 
+@pytest.mark.parametrize("layout", ["decode", "prefill+decode", "multi-token-decode"])
+@pytest.mark.parametrize("group", [16, 32], ids=["a-head-a-group", "two-heads-a-group"])
+@pytest.mark.parametrize("token_major", [False, True], ids=["rows-scales", "token-major-scales"])
+def test_sparse_attention_hands_o_proj_its_output_quantized(layout, group, token_major,
+                                                            monkeypatch):
+    """quantized=layout: out [T, Hq * D] quantized as o_proj's FP8 GEMM takes it, the same bytes
+    as the output, then the quantization kernel. Decode's merge of split rows quantizes a head
+    per scale group as it writes; other steps (one split, the query-tiled kernel) and wider
+    groups quantize after. Rows past T (cuBLASLt's padding to 4) stay unwritten."""
+    batch = _batch(layout, (8, 1, 1), seed=3).to(dtype=torch.bfloat16)
+    blocks = kernels.select_blocks(batch.q_idx, batch.k_idx_cache, *batch.layout(), topk=3)
+    args = (batch.q, batch.k_cache, batch.v_cache, *batch.layout(), blocks)
+    out = kernels.sparse_attention(*args, backend="triton").flatten(1)
+    rows = out.shape[0]
+    quantized_as = ActivationLayout(group, token_major, rows + -rows % 4)
+    quantized_after = []
+    monkeypatch.setattr(query_major, "quantize_rows",
+                        lambda x, how: quantized_after.append(x) or quantize_rows(x, how))
+    got = kernels.sparse_attention(*args, quantized=quantized_as)
+    want = quantize_rows(out, quantized_as)
+    assert (got.layout, got.count, got.dtype) == (quantized_as, rows, torch.bfloat16)
+    assert torch.equal(got.values[:rows].view(torch.uint8), want.values[:rows].view(torch.uint8))
+    assert torch.equal(got.scales[:rows], want.scales[:rows])
+    merged_in_splits = query_major.decode_splits(rows, 1, 3, batch.q.device) > 1
+    merge_quantizes = layout != "multi-token-decode" and merged_in_splits and group == 16
+    assert merge_quantizes == (layout == "decode" and group == 16)  # the cases cover each path
+    assert bool(quantized_after) == (layout != "multi-token-decode" and not merge_quantizes)
+    for wrong in ({"return_lse": True}, {"backend": "reference"}):
+        with pytest.raises(ValueError, match="Triton backend, without the lse"):
+            kernels.sparse_attention(*args, quantized=quantized_as, **wrong)
+
+
 # -- real shapes on a GPU (the device machine; skipped in CI) -------------------------------------
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
                                    reason="needs a CUDA GPU; CPU runs the interpreter tests above")
@@ -455,3 +491,38 @@ def test_kernels_at_real_shapes_bf16(heads, shape, monkeypatch):
     ref_fp8 = kernels.select_blocks(batch.q_idx.float(), fp8_keys, *batch.layout(), topk=16,
                                     backend="reference")
     assert (ours_fp8.sort(-1).values == ref_fp8.sort(-1).values).float().mean().item() > 0.97
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads", [(64, 4), (16, 1)], ids=["TP1", "TP4-shard"])
+@pytest.mark.parametrize("rows", [1, 64, 130])
+def test_attention_quantized_for_o_proj_at_m3_width_on_the_gpu(heads, rows):
+    """Decode at M3's width in bf16, attention handing o_proj its output quantized (by the merge
+    where this GPU splits the rows, else after): in the layout `activation_layout` picks for
+    o_proj's 128 x 128-block weight at that batch, and in the Triton GEMM's, the same bytes
+    as the output, then the quantization kernel, into poisoned memory; o_proj the same
+    product."""
+    from kernels import fp8_gemm
+
+    num_heads, num_kv_heads = heads
+    batch = make_batch([2200] * rows, [1] * rows, num_heads, num_kv_heads, 128, 128, 1,
+                       seed=rows).to(device="cuda", dtype=torch.bfloat16)
+    blocks = kernels.select_blocks(batch.q_idx, batch.k_idx_cache, *batch.layout(), topk=16)
+    args = (batch.q, batch.k_cache, batch.v_cache, *batch.layout(), blocks)
+    out = kernels.sparse_attention(*args).flatten(1)
+    g = torch.Generator(device="cuda").manual_seed(rows)
+    weight = torch.randn(6144, out.shape[1], device="cuda", dtype=torch.bfloat16, generator=g)
+    weight, scales = reference.quantize_fp8(weight / out.shape[1] ** 0.5, 128, 128)
+    scales = dataclasses.replace(scales, per_row=reference.per_row_scales(scales, 6144).scale)
+    served = fp8_gemm.activation_layout(out, weight, scales)
+    for quantized_as in (served, ActivationLayout(128, False, rows)):
+        _poison_allocator()
+        got = kernels.sparse_attention(*args, quantized=quantized_as)
+        want = quantize_rows(out, quantized_as)
+        assert torch.equal(got.values[:rows].view(torch.uint8),
+                           want.values[:rows].view(torch.uint8)), quantized_as
+        assert torch.equal(got.scales[:rows], want.scales[:rows]), quantized_as
+    product = kernels.fp8_linear(kernels.sparse_attention(*args, quantized=served), weight,
+                                 scales)
+    assert torch.equal(product, kernels.fp8_linear(out, weight, scales))

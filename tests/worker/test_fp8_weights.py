@@ -5,6 +5,7 @@ tolerance of the full-precision model."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -21,6 +22,7 @@ from kernels.reference import E4M3, ActivationLayout, BlockScales, dequantize_fp
 from tests.worker.test_model import _forward_logits
 from worker import parallel
 from worker.config import ModelConfig
+from worker.engine.kv_cache import AttentionMetadata, KVCache
 from worker.errors import ModelLoadError
 from worker.layers import fp8
 from worker.loader import WeightFiller, load_model
@@ -131,26 +133,60 @@ def test_dense_block_scales_get_a_per_row_copy_once_loaded(tmp_path):
     assert not any(n.endswith(fp8.ROW_SCALE_SUFFIX) for n in loaded.model.state_dict())
 
 
-def test_norms_hand_their_fp8_projections_x_quantized(tmp_path, monkeypatch):
+def _prefill_then_decode(loaded, prompt: list[int], topk: int):
+    """Prefills all but prompt's last token into a fresh cache; returns a function giving the
+    logits of the decode step of the last token (which may run again: it rewrites its slot)."""
+    pages = -(-len(prompt) // 128)
+    cache = KVCache(loaded.config, pages, torch.float32, CPU)
+    block_table = torch.arange(pages, dtype=torch.int32)[None]
+
+    def step(start: int, end: int) -> torch.Tensor:
+        attn = AttentionMetadata(
+            cu_seqlens_q=torch.tensor([0, end - start], dtype=torch.int32),
+            seq_lens=torch.tensor([end], dtype=torch.int32), block_table=block_table,
+            slot_mapping=torch.arange(start, end), max_seq_len=end)
+        with torch.inference_mode():
+            hidden = loaded.model(torch.tensor(prompt[start:end]), torch.arange(start, end),
+                                  attn, cache, topk)
+            return loaded.model.compute_logits(hidden)
+
+    step(0, len(prompt) - 1)
+    return functools.partial(step, len(prompt) - 1, len(prompt))
+
+
+def test_fp8_projections_take_x_quantized_by_the_kernel_before_them(tmp_path, monkeypatch):
     """Where the Triton backend runs the FP8 GEMMs (CUDA; here its interpreter, the layout
     asked for on CPU too), the norms before q/k/v and before the dense MLPs quantize x in their
-    own kernel, as the GEMM takes it: the same logits as the norm, then the GEMM quantizing."""
+    own kernel, as the GEMM takes it, and sparse attention hands o_proj its output quantized:
+    the same logits as each GEMM quantizing x itself."""
     path = make_m3_checkpoint(tmp_path / "wide-block", seed=SEED, fp8_layout="wide-block")
     loaded = load_model(path, torch.float32, CPU)
-    prompt = PROMPT[:40]
-    unfused = _forward_logits(loaded, prompt, 3)
-    layouts = []
+    prompt = (PROMPT * 2)[:400]  # over topk (3) pages: layers 1-3 attend sparsely
+    decode = _prefill_then_decode(loaded, prompt, topk=3)
+    unfused = decode()
+    layouts, handed_quantized = [], []
+    fp8_linear = kernels.fp8_linear
 
     def layout_on_cpu(x, weight, scales):
         layouts.append(fp8_gemm.activation_layout(x, weight, scales))
         return layouts[-1]
 
+    def recording_fp8_linear(x, weight, scales):
+        handed_quantized.append(isinstance(x, kernels.QuantizedRows))
+        return fp8_linear(x, weight, scales)
+
     monkeypatch.setattr(kernels, "fp8_activation_layout", layout_on_cpu)
-    fused = _forward_logits(loaded, prompt, 3)
+    monkeypatch.setattr(kernels, "fp8_linear", recording_fp8_linear)
+    fused = decode()
     layers = loaded.model.model.layers
     dense_mlps = sum(hasattr(layer, "mlp") for layer in layers)
-    assert dense_mlps >= 1
-    assert layouts == [ActivationLayout(64, False, len(prompt))] * (len(layers) + dense_mlps)
+    sparse_layers = sum(not layer.self_attn.dense for layer in layers)
+    assert dense_mlps >= 1 and sparse_layers >= 1
+    # Asked by each layer's input norm and attention, and the dense MLPs' norms.
+    assert layouts == [ActivationLayout(64, False, 1)] * (2 * len(layers) + dense_mlps)
+    # q/k/v everywhere, o_proj after sparse attention (dense attention's SDPA hands its output
+    # as it is), the dense MLPs' gate/up.
+    assert sum(handed_quantized) == len(layers) + sparse_layers + dense_mlps
     torch.testing.assert_close(fused, unfused, atol=1e-3, rtol=1e-3)
 
 

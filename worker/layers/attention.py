@@ -53,20 +53,32 @@ class GQAProjections(nn.Module):
         """A projection with one block of rows per KV head, split as the KV heads are."""
         return ColumnParallelLinear(in_features, out_features, self.kv_parts, self.kv_part)
 
-    def output(self, attention: torch.Tensor) -> torch.Tensor:
-        """o_proj of the heads' outputs [T, heads, D], summed over the ranks' heads."""
-        return parallel.all_reduce(self.o_proj(attention.reshape(attention.shape[0], -1)))
+    def output_layout(self, q: torch.Tensor) -> kernels.ActivationLayout | None:
+        """How o_proj's FP8 GEMM takes the heads' outputs (shaped as q [T, heads, D]) quantized,
+        for the attention kernel to quantize them as it writes them (`paged_attention`)."""
+        return self.o_proj.input_layout(q.flatten(1))
+
+    def output(self, attention: torch.Tensor | kernels.QuantizedRows) -> torch.Tensor:
+        """o_proj of the heads' outputs [T, heads, D] (or as `output_layout` quantized them),
+        summed over the ranks' heads."""
+        if isinstance(attention, torch.Tensor):
+            attention = attention.reshape(attention.shape[0], -1)
+        return parallel.all_reduce(self.o_proj(attention))
 
 
 def paged_attention(layer_index: int, dense: bool, q: torch.Tensor, k: torch.Tensor,
                     v: torch.Tensor, k_idx: torch.Tensor | None,
                     index_queries: Callable[[], torch.Tensor], attn: AttentionMetadata,
-                    cache: KVCache, topk: int) -> torch.Tensor:
+                    cache: KVCache, topk: int,
+                    quantized: kernels.ActivationLayout | None = None,
+                    ) -> torch.Tensor | kernels.QuantizedRows:
     """Writes this step's K/V (and index keys) into the paged cache, then attends: exactly over
     every visible block in dense layers and short contexts, else over the index branch's picks.
 
     q [T, Hq, D]; k, v [T, Hkv, D]; index_queries() -> q_idx [T, Hkv, Di], only called when
-    attention is sparse. Returns [T, Hq, D]."""
+    attention is sparse. Returns [T, Hq, D], or given o_proj's layout
+    (`GQAProjections.output_layout`) that output quantized for o_proj where the paged sparse
+    kernel runs (the eager dense path, SDPA over gathered pages, hands it as it is)."""
     cache.write(layer_index, attn.slot_mapping, k, v, k_idx)
     k_cache, v_cache, k_idx_cache = cache.layer(layer_index)
     layout = (attn.block_table, attn.seq_lens, attn.cu_seqlens_q)
@@ -78,6 +90,8 @@ def paged_attention(layer_index: int, dense: bool, q: torch.Tensor, k: torch.Ten
         # A CUDA-graph step: the same dense attention, as the paged kernel.
         width = attn.all_blocks.shape[1] if dense else topk
         blocks = attn.all_blocks[:, None, :width].expand(-1, k.shape[1], -1)
-        return kernels.sparse_attention(q, k_cache, v_cache, *layout, blocks, **checks)
+        return kernels.sparse_attention(q, k_cache, v_cache, *layout, blocks, **checks,
+                                        quantized=quantized)
     blocks = kernels.select_blocks(index_queries(), k_idx_cache, *layout, topk=topk, **checks)
-    return kernels.sparse_attention(q, k_cache, v_cache, *layout, blocks, **checks)
+    return kernels.sparse_attention(q, k_cache, v_cache, *layout, blocks, **checks,
+                                    quantized=quantized)

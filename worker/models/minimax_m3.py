@@ -91,7 +91,8 @@ class M3Attention(GQAProjections):
         k_idx = None if self.dense else self._heads(index[0], self.index_k_norm, rope)
         out = paged_attention(
             self.layer_index, self.dense, q, k, v, k_idx,
-            lambda: self._heads(index[1], self.index_q_norm, rope), attn, cache, topk)
+            lambda: self._heads(index[1], self.index_q_norm, rope), attn, cache, topk,
+            self.output_layout(q))
         return self.output(out)
 
 

@@ -82,7 +82,7 @@ class MSAAttention(GQAProjections):
         out = paged_attention(self.layer_index, self.dense, q, k, v,
                               self._index_keys(index, positions),
                               lambda: self._index_queries(index, q, positions), attn, cache,
-                              topk)
+                              topk, self.output_layout(q))
         return self.output(out)
 
 
