@@ -30,7 +30,11 @@ from kernels.triton_layout import (
 )
 
 PROGRAMS_PER_SM = 4  # fewer (row, group) pairs than this per SM: spread heads over programs
-DECODE_TILE_VALUES = 4096  # partial values a decode program loads at once
+# A decode program loads this many partial values at once, with one warp: small programs, many
+# of them, keep the most loads in flight for a merge of a few rows (H200: 1.5-3.2x faster than
+# 4096 values on four warps; bench/results/fp8_chains_h200.md, 'The decode merge's tiles').
+DECODE_TILE_VALUES = 1024
+DECODE_WARPS = 1
 # Rows a prefill program merges one after the other: a gated merge that stands aside still
 # launches its grid (`GatedOutput`), whose empty programs cost less the more rows each takes;
 # merging rows in turn costs nothing when it runs (kernels_h100.md, 'lse_merge').
@@ -157,11 +161,11 @@ def merge_partials(partial_out: torch.Tensor, partial_lse: torch.Tensor,
         # Enough (row, group) programs to hide latency: all heads, slot by slot (faster than
         # loading several slots at once: kernels_h100.md).
         block_h, slot_chunk = all_heads, 1
-        rows_per_program = PREFILL_ROWS_PER_PROGRAM
+        rows_per_program, warps = PREFILL_ROWS_PER_PROGRAM, 4
     else:  # decode: heads spread over programs, every slot of a head loaded at once
         block_h = max(1, min(all_heads, DECODE_TILE_VALUES // (block_s * head_dim)))
         slot_chunk = block_s
-        rows_per_program = 1
+        rows_per_program, warps = 1, DECODE_WARPS
     gate_flag, gate = GatedOutput.launch_args(gated, partial_lse)
     _merge_kernel[(triton.cdiv(total_q, rows_per_program), num_groups,
                    triton.cdiv(group, block_h))](
@@ -171,4 +175,5 @@ def merge_partials(partial_out: torch.Tensor, partial_lse: torch.Tensor,
         HEAD_DIM=head_dim, SLOTS=slots, SLOT_CHUNK=slot_chunk,
         ROWS_PER_PROGRAM=rows_per_program, HAS_BLOCKS=blocks is not None, QUANTIZE=quantize,
         ROUND_TO=_ROUND_TO[round_to], E4M3_MAX=E4M3_MAX, AMAX_FLOOR=AMAX_FLOOR,
-        E4M3_MIN_NORMAL=E4M3_MIN_NORMAL, USE_PDL=pdl, GATE=gate, launch_pdl=pdl)
+        E4M3_MIN_NORMAL=E4M3_MIN_NORMAL, USE_PDL=pdl, GATE=gate, num_warps=warps,
+        launch_pdl=pdl)

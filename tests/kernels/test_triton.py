@@ -495,7 +495,8 @@ def test_kernels_at_real_shapes_bf16(heads, shape, monkeypatch):
 
 @requires_cuda
 @pytest.mark.gpu
-@pytest.mark.parametrize("heads", [(64, 4), (16, 1)], ids=["TP1", "TP4-shard"])
+@pytest.mark.parametrize("heads", [(64, 4), (32, 2), (16, 1)],
+                         ids=["TP1", "TP2-shard", "TP4-shard"])
 @pytest.mark.parametrize("rows", [1, 64, 130])
 def test_attention_quantized_for_o_proj_at_m3_width_on_the_gpu(heads, rows):
     """Decode at M3's width in bf16, attention handing o_proj its output quantized (by the merge
