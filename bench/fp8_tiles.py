@@ -20,8 +20,9 @@ and writes fp8_picks_<gpu>.md: the figures the goals are about, in a few minutes
 behind `reference.fp8_weight_only`.
 
 `--chains` times the projections whose x a kernel of ours produces (q/k/v and the dense gate/up
-after their norm, o_proj after decode attention's merge) with that kernel before them, x
-quantized in it or in the GEMM's own kernel (fp8_chains_<gpu>.md), and each GEMM alone.
+after their norm, o_proj after decode attention's merge, the down projections after their
+SwiGLU) with that kernel before them, x quantized in it or in the GEMM's own kernel
+(fp8_chains_<gpu>.md), and each GEMM alone.
 
 Usage (CUDA): python -m bench.fp8_tiles [--picks-only | --modes | --chains] [--out-dir DIR]
 """
@@ -63,26 +64,31 @@ from kernels.reference import (
     regroup_mxfp8,
 )
 from kernels.rms_norm_quantize import gemma_rms_norm_quantized
+from kernels.swiglu_quantize import swiglu_oai_quantized
 from kernels.triton_layout import AttentionShape
 from worker.layers.norms import gemma_rms_norm
+from worker.models.minimax_m3 import swiglu_oai
 
 HIDDEN, INTER, EXPERTS, TOP_K = 6144, 3072, 128, 4
 EPS = 1e-6
 CHAIN_NOTES = (
     "'vs bf16' above 1: the FP8 chain is faster (goal at batch 64: the FP8 GEMMs >= 1.6x the "
     "bf16 ones). Each projection is timed after the kernel that produces its x in M3, in one "
-    "CUDA graph: for q/k/v and the dense gate/up the Gemma RMSNorm (compiled by torch.compile, "
-    "as served), for o_proj the log-sum-exp merge of decode's split attention (the splits the "
+    "CUDA graph: for q/k/v and the dense gate/up the Gemma RMSNorm, for the dense and shared "
+    "experts' down_proj the SwiGLU-OAI (both compiled by torch.compile, as served), for o_proj "
+    "the log-sum-exp merge of decode's split attention (the splits the "
     "query-major kernel runs at those rows and heads; rows it does not split have no merge and "
     "are left out; random partials). bf16 weights (cuBLAS); FP8 weights with the GEMM quantizing "
     "x in a kernel of its own; FP8 weights with the producer quantizing x as the GEMM takes it "
-    "(`activation_layout`: 'GEMM path': kernels/rms_norm_quantize.py, kernels/lse_merge.py), as "
-    "served. 'GEMM alone': the bf16 GEMM on the producer's output and the FP8 GEMM on x "
-    "quantized, nothing else in the graph. '128x128': the dense weights' blocks with their "
+    "(`activation_layout`: 'GEMM path': kernels/rms_norm_quantize.py, kernels/lse_merge.py, "
+    "kernels/swiglu_quantize.py), as served. 'GEMM alone': the bf16 GEMM on the producer's "
+    "output and the FP8 GEMM on x quantized, nothing else in the graph. '128x128': the dense "
+    "weights' blocks with their "
     "per-row copy; 'MXFP8 regrouped 1x128': MXFP8 as served (MXFP8 kept weight-only takes x "
     "unquantized and is left out). Random weights; CUDA-graph replays, median.")
 # M3's attention: query and KV heads at TP 1, head width, blocks each query attends.
 QUERY_HEADS, KV_HEADS, HEAD_DIM, TOPK = 64, 4, 128, 16
+SWIGLU_ALPHA, SWIGLU_LIMIT = 1.702, 7.0  # M3's swiglu_alpha, swiglu_limit
 
 
 def projections(tp: int) -> tuple[tuple[str, int, int], ...]:
@@ -94,7 +100,8 @@ def projections(tp: int) -> tuple[tuple[str, int, int], ...]:
             (f"o_proj{shard}", 8192 // tp, 6144),
             (f"dense gate, up (stacked){shard}", 6144, 24576 // tp),
             (f"dense down_proj{shard}", 12288 // tp, 6144),
-            (f"shared expert gate, up (stacked){shard}", 6144, 6144 // tp))
+            (f"shared expert gate, up (stacked){shard}", 6144, 6144 // tp),
+            (f"shared expert down_proj{shard}", 3072 // tp, 6144))
 
 
 def _mxfp8_regrouped(weight: torch.Tensor):
@@ -353,10 +360,20 @@ def _merge_chain(rows: int, num_heads: int, num_groups: int) -> Chain:
     return Chain(f"attention's merge ({splits} splits)", merge, merge)
 
 
+def _swiglu_chain(rows: int, width: int) -> Chain:
+    """The MLP's SwiGLU-OAI before its down projection: compiled by torch.compile (as served),
+    and `kernels.swiglu_quantize`, on the stacked gate/up projection's two halves."""
+    projected = torch.randn(rows, 2 * width, device="cuda", dtype=torch.bfloat16) * 4
+    gate, up = projected.chunk(2, dim=-1)
+    return Chain("SwiGLU", functools.partial(swiglu_oai, gate, up, SWIGLU_ALPHA, SWIGLU_LIMIT),
+                 functools.partial(swiglu_oai_quantized, gate, up, SWIGLU_ALPHA, SWIGLU_LIMIT))
+
+
 def chain_rows() -> list[list[object]]:
     """Each projection fed by a kernel that can quantize its x at decode batches (TP 1 and
-    shards): q/k/v and the dense gate/up after their norm (and a prefill chunk), o_proj after
-    decode attention's merge where the rows split; every weight layout run W8A8."""
+    shards): q/k/v and the dense gate/up after their norm, the dense and shared experts'
+    down_proj after their SwiGLU (and these at a prefill chunk), o_proj after decode
+    attention's merge where the rows split; every weight layout run W8A8."""
     rows = []
     for tp in (1, *SHARDS):
         layouts = LAYOUTS if tp == 1 else {BLOCK_LAYOUT: LAYOUTS[BLOCK_LAYOUT]}
@@ -370,6 +387,9 @@ def chain_rows() -> list[list[object]]:
                 norm_weight = torch.randn(k, device="cuda", dtype=torch.bfloat16) * 0.1
                 chains = [(batch, _norm_chain(torch.randn(batch, k, device="cuda",
                                                           dtype=torch.bfloat16), norm_weight))
+                          for batch in (*DECODE_BATCHES, PREFILL_BATCHES[-1])]
+            elif "down_proj" in name:
+                chains = [(batch, _swiglu_chain(batch, k))
                           for batch in (*DECODE_BATCHES, PREFILL_BATCHES[-1])]
             else:
                 continue

@@ -5,7 +5,8 @@ Public functions (fixed by shared/msa_spec.md): `select_blocks`, `sparse_attenti
 projection by an e4m3 weight with block scales (`BlockScales`). For the kernel that feeds an FP8
 projection, `fp8_activation_layout` says how the GEMM takes x quantized (`QuantizedRows`), so
 that kernel quantizes it as it writes it: `gemma_rms_norm_quantized` for q/k/v and the dense
-MLP, `sparse_attention(quantized=...)` for o_proj. The backend is chosen by device (Triton on
+MLP, `sparse_attention(quantized=...)` for o_proj, `swiglu_oai_quantized` for the MLPs' down
+projections. The backend is chosen by device (Triton on
 CUDA; on CPU `cpu_backend`, the reference but for KV-block-major prefill attention) or forced
 with `backend="reference" | "triton" | "cpu"`.
 """
@@ -22,7 +23,8 @@ from kernels.reference import BLOCK_SIZE, E4M3, ActivationLayout, BlockScales, Q
 
 __all__ = ["BLOCK_SIZE", "INDEX_KEY_FP8", "BlockScales", "select_blocks", "sparse_attention",
            "dense_attention", "routed_experts", "fp8_linear", "fp8_activation_layout",
-           "gemma_rms_norm_quantized", "ActivationLayout", "QuantizedRows", "to_index_key_dtype"]
+           "gemma_rms_norm_quantized", "swiglu_oai_quantized", "ActivationLayout",
+           "QuantizedRows", "to_index_key_dtype"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Index keys may also be stored as fp8 e4m3 (half the bytes of the decode scan). Only the order
@@ -302,6 +304,19 @@ def gemma_rms_norm_quantized(x: torch.Tensor, weight: torch.Tensor, eps: float,
     _check(layout.rows >= x.shape[0],
            lambda: f"the layout writes {layout.rows} rows, fewer than x's {x.shape[0]}")
     return _triton_module().gemma_rms_norm_quantized(x, weight, eps, layout)
+
+
+def swiglu_oai_quantized(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float,
+                         layout: ActivationLayout) -> QuantizedRows:
+    """`reference.swiglu_oai` of gate and up [M, I] quantized as `layout` says (from
+    `fp8_activation_layout` for the down projection after it), in one Triton kernel: for
+    `fp8_linear`."""
+    _check(gate.dim() == 2 and gate.shape == up.shape,
+           lambda: f"gate and up must be [M, I] alike, got {tuple(gate.shape)}, "
+                   f"{tuple(up.shape)}")
+    _check(layout.rows >= gate.shape[0],
+           lambda: f"the layout writes {layout.rows} rows, fewer than gate's {gate.shape[0]}")
+    return _triton_module().swiglu_oai_quantized(gate, up, alpha, limit, layout)
 
 
 def _check_weight(name: str, weight: torch.Tensor, scales: BlockScales | None, impl) -> None:

@@ -49,10 +49,12 @@ def to_e4m3(v, scale, E4M3_MAX: tl.constexpr, E4M3_MIN_NORMAL: tl.constexpr):
     # cast below is exact: Triton's interpreter, which the CPU tests run, drops the carry when a
     # cast rounds up into the next power of two. Normal values: 3 mantissa bits, in the fp32
     # bits. Subnormals: multiples of 2 ** -9, by adding and taking away a number whose fp32
-    # spacing is 2 ** -9.
+    # spacing is 2 ** -9, on the magnitude (a negative value that rounds to zero stays -0, as
+    # torch's cast leaves it).
     bits = quantized.to(tl.int32, bitcast=True)
     rounded = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
-    subnormal = (quantized + 24576.0) - 24576.0  # 1.5 * 2 ** 14
+    magnitude = (tl.abs(quantized) + 24576.0) - 24576.0  # 1.5 * 2 ** 14
+    subnormal = tl.where(bits < 0, -magnitude, magnitude)
     quantized = tl.where(tl.abs(quantized) >= E4M3_MIN_NORMAL, rounded, subnormal)
     return quantized.to(tl.float8e4nv)
 

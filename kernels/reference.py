@@ -409,6 +409,15 @@ def gemma_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     return (rms_normalize(x, eps) * (1.0 + weight.float())).to(x.dtype)
 
 
+def swiglu_oai(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """MiniMax-M3's SwiGLU-OAI: (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), with
+    g = gate clamped above at limit; in fp32, out in gate's dtype. The first half of
+    `kernels.swiglu_quantize`, whose second half is `quantize_activations` of this output."""
+    g = gate.float().clamp(max=limit)
+    u = up.float().clamp(min=-limit, max=limit)
+    return ((u + 1.0) * g * torch.sigmoid(g * alpha)).to(gate.dtype)
+
+
 # MXFP8 weights regrouped for W8A8 (`regroup_mxfp8`): each row's 32-wide groups within a 128-wide
 # K block take the largest of their power-of-two scales, and the e4m3 values of a group with a
 # smaller scale are multiplied by the ratio, a power of two. That is exact while a value stays a

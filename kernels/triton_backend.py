@@ -14,10 +14,12 @@ from kernels.index_scoring import select_blocks
 from kernels.moe_grouped_gemm import routed_experts
 from kernels.reference import ActivationLayout
 from kernels.rms_norm_quantize import gemma_rms_norm_quantized
+from kernels.swiglu_quantize import swiglu_oai_quantized
 from kernels.triton_layout import AttentionShape, GatedOutput
 
 __all__ = ["select_blocks", "sparse_attention", "dense_attention", "routed_experts",
-           "fp8_linear", "activation_layout", "gemma_rms_norm_quantized"]
+           "fp8_linear", "activation_layout", "gemma_rms_norm_quantized",
+           "swiglu_oai_quantized"]
 
 
 def dense_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

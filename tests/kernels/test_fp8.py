@@ -22,6 +22,7 @@ from kernels import (
     reference,
     rms_norm_quantize,
     split_k_sum,
+    swiglu_quantize,
     triton_layout,
 )
 from kernels.fp8_dequantize import dequantize_weight
@@ -129,7 +130,10 @@ def test_activations_quantize_per_token_group_as_the_reference_does(rows, k, gro
     x[0, :group] = 0  # an all-zero group keeps a finite scale
     # A value that rounds up out of e4m3's subnormals into its smallest normal, 2 ** -6.
     x[2, 1] = x[2, :group].abs().max() / 448 * (2 ** -6 - 2 ** -11)
+    # A negative value too small for e4m3: -0, as torch's cast makes it.
+    x[2, 2] = -x[2, :group].abs().max() / 448 * 2 ** -12
     ref = reference.quantize_activations(x, group)
+    assert ref[0][2, 2].view(torch.uint8) == 0x80
     for token_major in (False, True):  # the Triton GEMMs' scale layout and cuBLASLt's
         ours = quantize_activations(x, group, token_major_scales=token_major)
         assert torch.equal(ours[0].view(torch.uint8), ref[0].view(torch.uint8))
@@ -171,6 +175,34 @@ def test_norm_and_quantization_in_one_kernel_match_the_norm_then_the_quantizatio
     got, want = (reference.dequantize_activations(values, scales, group) for values, scales in
                  [(ours.values[:rows], ours.scales[:rows]), (want_values, want_scales)])
     step = want.abs() * 2 ** -3 + want_scales.repeat_interleave(group, -1)[:, :k] * 2 ** -9
+    assert ((got - want).abs() <= step).all()
+
+
+@pytest.mark.parametrize("rows,width,group,token_major", [
+    (37, 160, 128, False),  # a last group of 32 (masked)
+    (5, 1100, 64, True),  # cuBLASLt's layout, rows padded; 2 programs a row, the last part-full
+    (70, 200, 48, False)])  # a prefill chunk; groups not a power of two
+def test_swiglu_and_quantization_in_one_kernel_match_the_swiglu_then_the_quantization(
+        rows, width, group, token_major):
+    """gate and up as the stacked gate/up projection hands them (views of its columns), some
+    values past the clamps: the same bytes as SwiGLU-OAI, then the quantization kernel."""
+    g = torch.Generator().manual_seed(rows)
+    projected = torch.randn(rows, 2 * width, generator=g) * 4
+    gate, up = projected.chunk(2, dim=-1)
+    gate[1, :group] = -100  # a group of (near) zeros keeps a finite scale
+    layout = reference.ActivationLayout(group, token_major, rows + 3 if token_major else rows)
+    ours = swiglu_quantize.swiglu_oai_quantized(gate, up, 1.702, 7.0, layout)
+    want_values, want_scales = reference.quantize_activations(
+        reference.swiglu_oai(gate, up, 1.702, 7.0), group)
+    assert ours.values.shape == (layout.rows, width) and ours.count == rows
+    # exp may differ from torch's in its last bit: scales agree to fp32 rounding, and values to
+    # one e4m3 step where a value sits on a rounding boundary.
+    torch.testing.assert_close(ours.scales[:rows], want_scales, rtol=1e-6, atol=0)
+    same = ours.values[:rows].view(torch.uint8) == want_values.view(torch.uint8)
+    assert same.float().mean() > 0.99
+    got, want = (reference.dequantize_activations(values, scales, group) for values, scales in
+                 [(ours.values[:rows], ours.scales[:rows]), (want_values, want_scales)])
+    step = want.abs() * 2 ** -3 + want_scales.repeat_interleave(group, -1)[:, :width] * 2 ** -9
     assert ((got - want).abs() <= step).all()
 
 
@@ -417,4 +449,34 @@ def test_norm_quantized_gemms_at_m3_width_on_the_gpu(layout, rows):
     torch.testing.assert_close(ours, kernels.fp8_linear(unfused, weight, scales).float(),
                                atol=3e-2, rtol=3e-2)
     torch.testing.assert_close(ours, reference.fp8_w8a8_linear(unfused.float(), weight, scales),
+                               atol=3e-2, rtol=3e-2)
+
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU; CPU runs the interpreter tests above")
+@pytest.mark.gpu
+@pytest.mark.parametrize("width", [12288, 3072], ids=["dense-down", "shared-expert-down"])
+@pytest.mark.parametrize("rows", [1, 64, 130])
+def test_swiglu_quantized_down_proj_at_m3_width_on_the_gpu(width, rows):
+    """The MLP's activation quantizing x for its down projection (in the layout
+    `activation_layout` picks for the served 128 x 128-block weight at each batch), in bf16:
+    the same bytes as the compiled activation, then the quantization kernel, up to exp's last
+    bit, and the same product."""
+    from worker.models.minimax_m3 import swiglu_oai
+
+    weight, scales = _fp8_weight(6144, width, SPREAD, seed=1, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(rows)
+    projected = torch.randn(rows, 2 * width, device="cuda", dtype=torch.bfloat16,
+                            generator=g) * 4
+    gate, up = projected.chunk(2, dim=-1)
+    unfused = swiglu_oai(gate, up, 1.702, 7.0)
+    quantized_as = fp8_gemm.activation_layout(unfused, weight, scales)
+    activated = kernels.swiglu_oai_quantized(gate, up, 1.702, 7.0, quantized_as)
+    values, x_scales = quantize_activations(unfused, quantized_as.group)
+    assert (activated.values[:rows].view(torch.uint8) == values.view(torch.uint8)).float(
+        ).mean() > 0.99
+    torch.testing.assert_close(activated.scales[:rows], x_scales, rtol=1e-2, atol=0)
+    ours = kernels.fp8_linear(activated, weight, scales).float()
+    torch.testing.assert_close(ours, kernels.fp8_linear(unfused, weight, scales).float(),
                                atol=3e-2, rtol=3e-2)

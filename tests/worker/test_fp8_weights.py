@@ -157,8 +157,9 @@ def _prefill_then_decode(loaded, prompt: list[int], topk: int):
 def test_fp8_projections_take_x_quantized_by_the_kernel_before_them(tmp_path, monkeypatch):
     """Where the Triton backend runs the FP8 GEMMs (CUDA; here its interpreter, the layout
     asked for on CPU too), the norms before q/k/v and before the dense MLPs quantize x in their
-    own kernel, as the GEMM takes it, and sparse attention hands o_proj its output quantized:
-    the same logits as each GEMM quantizing x itself."""
+    own kernel, as the GEMM takes it, sparse attention hands o_proj its output quantized and
+    the MLPs' (and shared experts') activation hands down_proj its own: the same logits as each
+    GEMM quantizing x itself."""
     path = make_m3_checkpoint(tmp_path / "wide-block", seed=SEED, fp8_layout="wide-block")
     loaded = load_model(path, torch.float32, CPU)
     prompt = (PROMPT * 2)[:400]  # over topk (3) pages: layers 1-3 attend sparsely
@@ -182,11 +183,12 @@ def test_fp8_projections_take_x_quantized_by_the_kernel_before_them(tmp_path, mo
     dense_mlps = sum(hasattr(layer, "mlp") for layer in layers)
     sparse_layers = sum(not layer.self_attn.dense for layer in layers)
     assert dense_mlps >= 1 and sparse_layers >= 1
-    # Asked by each layer's input norm and attention, and the dense MLPs' norms.
-    assert layouts == [ActivationLayout(64, False, 1)] * (2 * len(layers) + dense_mlps)
-    # q/k/v everywhere, o_proj after sparse attention (dense attention's SDPA hands its output
-    # as it is), the dense MLPs' gate/up.
-    assert sum(handed_quantized) == len(layers) + sparse_layers + dense_mlps
+    # Asked by each layer's input norm, attention and MLP activation (dense or the shared
+    # expert's), and the dense MLPs' norms.
+    assert layouts == [ActivationLayout(64, False, 1)] * (3 * len(layers) + dense_mlps)
+    # q/k/v and down_proj everywhere, o_proj after sparse attention (dense attention's SDPA
+    # hands its output as it is), the dense MLPs' gate/up.
+    assert sum(handed_quantized) == 2 * len(layers) + sparse_layers + dense_mlps
     torch.testing.assert_close(fused, unfused, atol=1e-3, rtol=1e-3)
 
 

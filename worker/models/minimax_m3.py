@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 import kernels
+from kernels import reference
 from worker import parallel
 from worker.config import ModelConfig
 from worker.engine.kv_cache import AttentionMetadata, KVCache
@@ -96,11 +97,7 @@ class M3Attention(GQAProjections):
         return self.output(out)
 
 
-@fused
-def swiglu_oai(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
-    gate = gate.clamp(max=limit)
-    up = up.clamp(min=-limit, max=limit)
-    return (up + 1.0) * gate * torch.sigmoid(gate * alpha)
+swiglu_oai = fused(reference.swiglu_oai)
 
 
 @fused
@@ -135,7 +132,13 @@ class M3DenseMLP(nn.Module):
         stack_projections(self, ["gate_proj", "up_proj"], into="gate_up_proj")
 
     def forward(self, x: torch.Tensor | kernels.QuantizedRows) -> torch.Tensor:
-        return self.down_proj(swiglu_oai(*self.gate_up_proj(x), self.alpha, self.limit))
+        gate, up = self.gate_up_proj(x)
+        # With an FP8 down_proj the activation hands it x quantized, in the activation's kernel.
+        layout = self.down_proj.input_layout(gate)
+        if layout is None:
+            return self.down_proj(swiglu_oai(gate, up, self.alpha, self.limit))
+        return self.down_proj(kernels.swiglu_oai_quantized(gate, up, self.alpha, self.limit,
+                                                           layout))
 
 
 class M3MoE(nn.Module):
