@@ -150,25 +150,24 @@ def test_activations_quantize_per_token_group_as_the_reference_does(rows, k, gro
     assert (ref[0].float().abs().amax(dim=-1)[1:] == 448).all()
 
 
-@pytest.mark.parametrize("rows,k,group,token_major", [
+# (rows, K, group, token-major scales) for the kernels that quantize what they produce.
+QUANTIZING_PRODUCER_CASES = pytest.mark.parametrize("rows,k,group,token_major", [
     (37, 160, 128, False),  # a last group of 32 (masked)
     (5, 1100, 64, True),  # cuBLASLt's layout, rows padded; 2 programs a row, the last part-full
-    (70, 200, 48, False)])  # a prefill chunk (a row per program); groups not a power of two
-def test_norm_and_quantization_in_one_kernel_match_the_norm_then_the_quantization(
-        rows, k, group, token_major):
-    g = torch.Generator().manual_seed(rows)
-    x = torch.randn(rows, k, generator=g) * torch.rand(rows, 1, generator=g) * 30
-    weight = torch.randn(k, generator=g) * 0.5
-    x[1, :group] = 0  # a group of zeros keeps a finite scale
-    layout = reference.ActivationLayout(group, token_major, rows + 3 if token_major else rows)
-    ours = rms_norm_quantize.gemma_rms_norm_quantized(x, weight, 1e-6, layout)
-    want_values, want_scales = reference.quantize_activations(
-        reference.gemma_rms_norm(x, weight, 1e-6), group)
+    (70, 200, 48, False)])  # a prefill chunk; groups not a power of two
+
+
+def _assert_quantized_as_the_reference(ours: reference.QuantizedRows, x: torch.Tensor,
+                                       layout: reference.ActivationLayout) -> None:
+    """A producer's quantized output against `reference.quantize_activations` of its output x
+    [M, K] in `layout`. The producer's arithmetic may differ from torch's in a last bit (a sum's
+    order, exp): scales agree to fp32 rounding, and values to one e4m3 step where a value sits
+    on a rounding boundary (2 ** -3 of it; 2 ** -9 of its scale below e4m3's normal range)."""
+    (rows, k), group = x.shape, layout.group
+    want_values, want_scales = reference.quantize_activations(x, group)
     assert ours.values.shape == (layout.rows, k) and ours.count == rows
-    assert ours.scales.stride() == ((1, layout.rows) if token_major else (-(-k // group), 1))
-    # The row's rms may differ from torch's in its last bit (another summation order): scales
-    # agree to fp32 rounding, and values to one e4m3 step where a value sits on a rounding
-    # boundary (2 ** -3 of it; 2 ** -9 of its scale below e4m3's normal range).
+    assert ours.scales.stride() == ((1, layout.rows) if layout.token_major
+                                    else (-(-k // group), 1))
     torch.testing.assert_close(ours.scales[:rows], want_scales, rtol=1e-6, atol=0)
     same = ours.values[:rows].view(torch.uint8) == want_values.view(torch.uint8)
     assert same.float().mean() > 0.99
@@ -178,32 +177,29 @@ def test_norm_and_quantization_in_one_kernel_match_the_norm_then_the_quantizatio
     assert ((got - want).abs() <= step).all()
 
 
-@pytest.mark.parametrize("rows,width,group,token_major", [
-    (37, 160, 128, False),  # a last group of 32 (masked)
-    (5, 1100, 64, True),  # cuBLASLt's layout, rows padded; 2 programs a row, the last part-full
-    (70, 200, 48, False)])  # a prefill chunk; groups not a power of two
-def test_swiglu_and_quantization_in_one_kernel_match_the_swiglu_then_the_quantization(
-        rows, width, group, token_major):
-    """gate and up as the stacked gate/up projection hands them (views of its columns), some
-    values past the clamps: the same bytes as SwiGLU-OAI, then the quantization kernel."""
+@QUANTIZING_PRODUCER_CASES
+def test_norm_and_quantization_in_one_kernel_match_the_norm_then_the_quantization(
+        rows, k, group, token_major):
     g = torch.Generator().manual_seed(rows)
-    projected = torch.randn(rows, 2 * width, generator=g) * 4
-    gate, up = projected.chunk(2, dim=-1)
+    x = torch.randn(rows, k, generator=g) * torch.rand(rows, 1, generator=g) * 30
+    weight = torch.randn(k, generator=g) * 0.5
+    x[1, :group] = 0  # a group of zeros keeps a finite scale
+    layout = reference.ActivationLayout(group, token_major, rows + 3 if token_major else rows)
+    ours = rms_norm_quantize.gemma_rms_norm_quantized(x, weight, 1e-6, layout)
+    _assert_quantized_as_the_reference(ours, reference.gemma_rms_norm(x, weight, 1e-6), layout)
+
+
+@QUANTIZING_PRODUCER_CASES
+def test_swiglu_and_quantization_in_one_kernel_match_the_swiglu_then_the_quantization(
+        rows, k, group, token_major):
+    """gate and up as the stacked gate/up projection hands them (views of its columns), some
+    values past the clamps."""
+    g = torch.Generator().manual_seed(rows)
+    gate, up = (torch.randn(rows, 2 * k, generator=g) * 4).chunk(2, dim=-1)
     gate[1, :group] = -100  # a group of (near) zeros keeps a finite scale
     layout = reference.ActivationLayout(group, token_major, rows + 3 if token_major else rows)
     ours = swiglu_quantize.swiglu_oai_quantized(gate, up, 1.702, 7.0, layout)
-    want_values, want_scales = reference.quantize_activations(
-        reference.swiglu_oai(gate, up, 1.702, 7.0), group)
-    assert ours.values.shape == (layout.rows, width) and ours.count == rows
-    # exp may differ from torch's in its last bit: scales agree to fp32 rounding, and values to
-    # one e4m3 step where a value sits on a rounding boundary.
-    torch.testing.assert_close(ours.scales[:rows], want_scales, rtol=1e-6, atol=0)
-    same = ours.values[:rows].view(torch.uint8) == want_values.view(torch.uint8)
-    assert same.float().mean() > 0.99
-    got, want = (reference.dequantize_activations(values, scales, group) for values, scales in
-                 [(ours.values[:rows], ours.scales[:rows]), (want_values, want_scales)])
-    step = want.abs() * 2 ** -3 + want_scales.repeat_interleave(group, -1)[:, :width] * 2 ** -9
-    assert ((got - want).abs() <= step).all()
+    _assert_quantized_as_the_reference(ours, reference.swiglu_oai(gate, up, 1.702, 7.0), layout)
 
 
 @pytest.mark.parametrize("layout", [(16, 64, False), REGROUPED])
