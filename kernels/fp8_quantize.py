@@ -81,6 +81,14 @@ def empty_quantized(x: torch.Tensor, layout: ActivationLayout) -> tuple[torch.Te
     return x, quantized_buffers(x.shape[0], x.shape[1], x.dtype, x.device, layout)
 
 
+def program_size(rows: int) -> tuple[int, int]:
+    """(values, warps) of a program that quantizes a share of a row, for `rows` rows: small
+    programs with many warps for a decode batch (its rows alone are too few programs to keep
+    the GPU's loads in flight), larger ones for prefill chunks (bench/results/fp8_picks_<gpu>.md
+    times `quantize_rows` alone)."""
+    return (1024, 8) if rows <= 64 else (2048, 4)
+
+
 def quantize_rows(x: torch.Tensor, layout: ActivationLayout) -> QuantizedRows:
     """x [M, K] quantized per token in groups, as `layout` says."""
     x, out = empty_quantized(x, layout)
@@ -88,11 +96,8 @@ def quantize_rows(x: torch.Tensor, layout: ActivationLayout) -> QuantizedRows:
     if m == 0:
         return out
     group_p2 = triton.next_power_of_2(layout.group)
-    # Small programs, many warps for a decode batch (its rows alone are too few programs to
-    # keep the GPU's loads in flight); larger ones for prefill (bench/results/fp8_picks_<gpu>.md
-    # times this kernel alone). The largest power of two dividing a row's groups: no program
-    # runs past them.
-    elements, warps = (1024, 8) if m <= 64 else (2048, 4)
+    # The largest power of two dividing a row's groups: no program runs past them.
+    elements, warps = program_size(m)
     groups = min(num_groups & -num_groups, max(1, elements // group_p2))
     _quantize_groups_kernel[(m, num_groups // groups)](
         x, out.values, out.scales, k, x.stride(0), out.values.stride(0), out.scales.stride(0),

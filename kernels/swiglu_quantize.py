@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.fp8_quantize import E4M3_MIN_NORMAL, quantized_buffers, to_e4m3
+from kernels.fp8_quantize import E4M3_MIN_NORMAL, program_size, quantized_buffers, to_e4m3
 from kernels.reference import AMAX_FLOOR, E4M3_MAX, ActivationLayout, QuantizedRows
 
 
@@ -53,9 +53,7 @@ def swiglu_oai_quantized(gate: torch.Tensor, up: torch.Tensor, alpha: float, lim
         return out
     num_groups = out.scales.shape[1]
     group_p2 = triton.next_power_of_2(layout.group)
-    # Programs of about 1024 values for decode batches (their rows alone are too few programs
-    # to keep loads in flight), 2048 for prefill chunks, as `fp8_quantize` sizes them.
-    elements, warps = (1024, 8) if m <= 64 else (2048, 4)
+    elements, warps = program_size(m)
     groups = min(triton.next_power_of_2(num_groups), max(1, elements // group_p2))
     _swiglu_oai_quantize_kernel[(m, triton.cdiv(num_groups, groups))](
         gate, up, out.values, out.scales, width, num_groups, alpha, limit, gate.stride(0),
