@@ -4,8 +4,8 @@ dense FP8 GEMM.
 W8A8 (block-scaled weights, and MXFP8 weights regrouped into 1 x 128 blocks at load by
 `reference.regroup_mxfp8`; at every batch): the activations are quantized per token in groups
 as wide as a weight block along K (`kernels.fp8_quantize`, dynamic scales as FP8 checkpoints
-run), or come quantized by the kernel that produced them (the norm before q/k/v:
-`activation_layout` says how the GEMM takes them); each K tile then is one e4m3 x e4m3
+run), or come quantized by the kernel that produced them (the norm, decode attention's merge,
+SwiGLU: `activation_layout` says how the GEMM takes them); each K tile then is one e4m3 x e4m3
 tensor-core product, scaled by the rows' activation scales and the columns' weight scales and
 summed in fp32. On Hopper the e4m3 tiles come through
 tensor descriptors (the bulk copy engine) where rows are 16-byte aligned. The weights go from

@@ -5,8 +5,8 @@ weight tiles go from memory to the tensor cores untouched.
 Each group's largest magnitude maps to e4m3's largest value; its scale is stored in fp32. The
 math is `reference.quantize_activations`; the layout (group width, scales token-major or not,
 rows written) is the GEMM's, `reference.ActivationLayout`. Kernels that produce activations and
-quantize them in the same pass (`kernels.rms_norm_quantize`, `kernels.lse_merge`) share
-`to_e4m3` and `quantized_buffers`."""
+quantize them in the same pass (`kernels.rms_norm_quantize`, `kernels.lse_merge`,
+`kernels.swiglu_quantize`) share `to_e4m3` and `quantized_buffers`."""
 
 from __future__ import annotations
 

@@ -494,7 +494,8 @@ class ActivationLayout:
 @dataclass(frozen=True)
 class QuantizedRows:
     """Activations x [M, K] quantized as `layout` says, ready for a W8A8 GEMM: what a kernel that
-    produces x (a norm) hands the projection after it, so x is never quantized on its own."""
+    produces x (a norm, attention's merge, SwiGLU) hands the projection after it, so x is never
+    quantized on its own."""
 
     values: torch.Tensor  # e4m3 [layout.rows, K]
     scales: torch.Tensor  # fp32 [layout.rows, ceil(K / layout.group)]

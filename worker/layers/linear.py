@@ -26,7 +26,7 @@ class ParallelLinear(nn.Linear):
         return kernels.fp8_linear(x, self.weight, scales)
 
     def input_layout(self, x: torch.Tensor) -> kernels.ActivationLayout | None:
-        """How this projection's FP8 GEMM takes x [M, K] quantized, for the norm before it to
+        """How this projection's FP8 GEMM takes x [M, K] quantized, for the kernel producing x to
         quantize as it goes (`kernels.fp8_activation_layout`); None: give it x as it is."""
         scales = fp8.scales(self, "weight")
         return None if scales is None else kernels.fp8_activation_layout(x, self.weight, scales)
