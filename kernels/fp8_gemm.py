@@ -20,10 +20,10 @@ On Hopper a W8A8 GEMM goes to cuBLASLt's block-scaled FP8 GEMM instead (`F.scale
 1 x 128 scales by the weight's) where that measured faster (bench/results/fp8_picks_<gpu>.md).
 cuBLASLt runs decode batches far faster with 1 x 128 weight scales (one per weight row) than
 with 128 x 128 ones, and prefill chunks slower. So decode batches take 1 x 128 scales (the
-per-row copy `worker.layers.fp8` keeps of 128 x 128 ones, or regrouped MXFP8's own), but for a
-single row of a narrow GEMM and, with 128 x 128 blocks at hand, 17-64 rows of a very wide one;
-more rows take 128 x 128 scales (without a per-row copy, from 64 rows in GEMMs 8K to 16K wide),
-and regrouped MXFP8's 1 x 128 ones. The Triton kernel keeps the rest, the layouts cuBLASLt does
+per-row copy `worker.layers.fp8` keeps of 128 x 128 ones, up to 64 rows or, on narrower
+GEMMs, more, or regrouped MXFP8's own), but for a single row of a narrow GEMM and, with 128 x 128
+blocks at hand, 17-64 rows of a very wide one; more rows take 128 x 128 scales (without a
+per-row copy, from 64 rows in GEMMs 8K to 16K wide), and regrouped MXFP8's 1 x 128 ones. The Triton kernel keeps the rest, the layouts cuBLASLt does
 not take, and other GPUs.
 
 Weight-only GEMMs (MXFP8's 32-wide scale groups kept as stored, `mxfp8_mode: weight_only`: too
@@ -65,16 +65,21 @@ from kernels.triton_layout import (
 # stacked gate/up at TP 1; cuBLASLt between, such as the stacked q/k/v at TP 1 and gate/up at
 # TP 2, and at 256 rows and prefill chunks).
 CUBLAS_MIN_ROWS, CUBLAS_WIDE_MIN_ROWS, CUBLAS_WIDE_COLS = 65, 64, range(8193, 16385)
-# Up to this many rows, a W8A8 GEMM with 1 x 128 weight scales (per row) runs on cuBLASLt with
-# them (fp8_picks_h200.md: faster than the Triton kernel, and than cuBLASLt with 128 x 128
-# scales, at 1 to 64 rows; from 128 rows the 128 x 128 ones win), except a single row of a
-# GEMM at most ROW_SCALES_NARROW_COLS wide: its few 128-column tiles leave most multiprocessors
-# idle, where the Triton kernel splits K (M3's shared expert at TP 2 and 4, q/k/v at TP 4).
-# With 128 x 128 blocks at hand the Triton kernel also keeps GEMMs of ROW_SCALES_WIDE_MIN_ROWS
-# to 64 rows wider than ROW_SCALES_WIDE_COLS: the same very wide GEMMs as above, whose
-# 64-column tiles alone give every multiprocessor 3 programs (the stacked gate/up at TP 1).
-ROW_SCALES_MAX_ROWS, ROW_SCALES_NARROW_COLS = 64, 3072
+# A W8A8 GEMM with 1 x 128 weight scales (per row) runs on cuBLASLt with them (fp8_picks_h200.md:
+# faster than the Triton kernel at decode batches), except a single row of a GEMM at most
+# ROW_SCALES_NARROW_COLS wide: its few 128-column tiles leave most multiprocessors idle, where
+# the Triton kernel splits K (M3's shared expert at TP 2 and 4, q/k/v at TP 4). With 128 x 128
+# blocks at hand the Triton kernel also keeps GEMMs of ROW_SCALES_WIDE_MIN_ROWS to 64 rows wider
+# than ROW_SCALES_WIDE_COLS: the same very wide GEMMs as above, whose 64-column tiles alone give
+# every multiprocessor 3 programs (the stacked gate/up at TP 1).
+ROW_SCALES_NARROW_COLS = 3072
 ROW_SCALES_WIDE_MIN_ROWS, ROW_SCALES_WIDE_COLS = 17, CUBLAS_WIDE_COLS[-1]
+# cuBLASLt takes 128 x 128 weight scales' per-row copy instead of the blocks up to
+# ROW_SCALES_MAX_ROWS rows, and past them in GEMMs of at most ROW_SCALES_MAX_OUTPUTS outputs
+# (rows x columns) (fp8_picks_h200.md, 'Per-row scales past 64 rows': the per-row GEMM's time
+# grows with its outputs, while the blocks' takes about as long at 256 rows as at 1 on GEMMs at
+# most 3072 wide; past 64 rows the two meet at about 640K outputs).
+ROW_SCALES_MAX_ROWS, ROW_SCALES_MAX_OUTPUTS = 64, 640 * 1024
 # Rows from which a weight-only GEMM dequantizes its weight and runs cuBLAS: any GEMM with more
 # rows than a decode tile holds (fp8_picks_h200.md: from 128 rows this is faster on most of M3's
 # projections at TP 1 and on all at TP 4, and the in-register kernel's many-row tile costs as
@@ -261,7 +266,7 @@ def runs_on_cublas(m: int, n: int, k: int, x: torch.Tensor, scales: BlockScales)
             # cuBLASLt's block scaling runs on SM90 only (torch refuses it elsewhere).
             and sm_major(x.device) == 9):
         return False
-    if _cublas_row_scales(m, k, scales) is not None:
+    if _cublas_row_scales(m, n, k, scales) is not None:
         if m == 1 and n <= ROW_SCALES_NARROW_COLS:
             return False
         return (scales.block_n == 1 or m < ROW_SCALES_WIDE_MIN_ROWS
@@ -271,14 +276,15 @@ def runs_on_cublas(m: int, n: int, k: int, x: torch.Tensor, scales: BlockScales)
     return m >= (CUBLAS_WIDE_MIN_ROWS if n in CUBLAS_WIDE_COLS else CUBLAS_MIN_ROWS)
 
 
-def _cublas_row_scales(m: int, k: int, scales: BlockScales) -> torch.Tensor | None:
+def _cublas_row_scales(m: int, n: int, k: int, scales: BlockScales) -> torch.Tensor | None:
     """The 1 x 128 weight scales cuBLASLt runs this GEMM with, or None for 128 x 128 (or none):
-    regrouped MXFP8's own at any rows, a per-row copy of 128 x 128 ones for decode batches;
-    only K-block-major (as `worker.layers.fp8` stores them) and in whole multiples of 4 K
-    blocks, since padding them would copy them into another layout."""
+    regrouped MXFP8's own at any rows, a per-row copy of 128 x 128 ones for decode batches (see
+    ROW_SCALES_MAX_OUTPUTS); only K-block-major (as `worker.layers.fp8` stores them) and in
+    whole multiples of 4 K blocks, since padding them would copy them into another layout."""
     if scales.block_n == 1:
         row_scales = scales.scale
-    elif scales.per_row is not None and m <= ROW_SCALES_MAX_ROWS:
+    elif scales.per_row is not None and (m <= ROW_SCALES_MAX_ROWS
+                                         or m * n <= ROW_SCALES_MAX_OUTPUTS):
         row_scales = scales.per_row
     else:
         return None
@@ -309,7 +315,7 @@ def cublas_w8a8_linear(x: QuantizedRows, weight: torch.Tensor,
     token-major scales (rows padded to a multiple of 4, cut off here), the weight's 1 x 128
     scales where `_cublas_row_scales` gives them, else its 128 x 128 ones as stored (K blocks
     zero-padded to 4)."""
-    w_scales = _cublas_row_scales(x.count, weight.shape[1], scales)
+    w_scales = _cublas_row_scales(x.count, *weight.shape, scales)
     if w_scales is not None:
         w_scaling = F.ScalingType.BlockWise1x128
     else:

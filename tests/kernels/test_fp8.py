@@ -377,13 +377,22 @@ def test_fp8_gemm_paths_on_hopper(monkeypatch):
     # 1 x 128 scales in whole multiples of 4 K blocks only (padding would copy them).
     _, scales = _quantize(torch.randn(128, 640), REGROUPED)
     assert not fp8_gemm.runs_on_cublas(8, wide, 640, x, scales)
+    # cuBLASLt takes the per-row copy of 128 x 128 scales up to 64 rows, and past them up to
+    # 640K outputs.
+    _, spread = _quantize(torch.randn(128, 6144), SPREAD)
+    takes_rows = {(m, n): fp8_gemm._cublas_row_scales(m, n, 6144, spread) is not None
+                  for m, n in [(256, 2560), (257, 2560), (213, 3072), (214, 3072), (106, 6144),
+                               (107, 6144), (64, widest), (65, widest)]}
+    assert takes_rows == {(256, 2560): True, (257, 2560): False, (213, 3072): True,
+                          (214, 3072): False, (106, 6144): True, (107, 6144): False,
+                          (64, widest): True, (65, widest): False}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="needs a CUDA GPU; CPU runs the interpreter tests above")
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", [(128, 128, False), (1, 32, True), REGROUPED, SPREAD])
-@pytest.mark.parametrize("rows", [1, 8, 33, 64, 130, 512])
+@pytest.mark.parametrize("rows", [1, 8, 33, 64, 96, 130, 512])
 def test_fp8_gemms_at_m3_width_on_the_gpu(layout, rows):
     weight, scales = _fp8_weight(4096, 6144, layout, seed=0, device="cuda")
     x = torch.randn(rows, 6144, device="cuda", dtype=torch.bfloat16)
