@@ -20,11 +20,11 @@ On Hopper a W8A8 GEMM goes to cuBLASLt's block-scaled FP8 GEMM instead (`F.scale
 1 x 128 scales by the weight's) where that measured faster (bench/results/fp8_picks_<gpu>.md).
 cuBLASLt runs decode batches far faster with 1 x 128 weight scales (one per weight row) than
 with 128 x 128 ones, and prefill chunks slower. So decode batches take 1 x 128 scales (the
-per-row copy `worker.layers.fp8` keeps of 128 x 128 ones, up to 64 rows or, on narrower
-GEMMs, more, or regrouped MXFP8's own), but for a single row of a narrow GEMM and, with 128 x 128
+per-row copy `worker.layers.fp8` keeps of 128 x 128 ones: up to 64 rows, and more on narrow
+GEMMs; or regrouped MXFP8's own), but for a single row of a narrow GEMM and, with 128 x 128
 blocks at hand, 17-64 rows of a very wide one; more rows take 128 x 128 scales (without a
-per-row copy, from 64 rows in GEMMs 8K to 16K wide), and regrouped MXFP8's 1 x 128 ones. The Triton kernel keeps the rest, the layouts cuBLASLt does
-not take, and other GPUs.
+per-row copy, from 64 rows in GEMMs 8K to 16K wide), and regrouped MXFP8's 1 x 128 ones. The
+Triton kernel keeps the rest, the layouts cuBLASLt does not take, and other GPUs.
 
 Weight-only GEMMs (MXFP8's 32-wide scale groups kept as stored, `mxfp8_mode: weight_only`: too
 narrow for e4m3 tensor-core K tiles) run
