@@ -4,7 +4,7 @@ path) at M3's width, against the bf16 GEMMs they replace.
 For each projection, layout (128 x 128 fp32 block scales with the per-row copy dense weights are
 served with; MXFP8 1 x 32 e8m0 as stored, run weight-only; MXFP8 regrouped into 1 x 128 blocks
 as served by default, run W8A8) and batch, and for each projection's TP 2 and TP 4 shard at the
-decode batches (128 x 128), every candidate tile of the Triton GEMM
+decode batches and 128 rows (128 x 128), every candidate tile of the Triton GEMM
 in both modes (W8A8: x quantized to e4m3 first; weight-only: x stays bf16) runs the whole FP8
 linear and the table gives the best one, today's pick, the W8A8 pick (the baseline of MXFP8's
 weight-only picks), the cuBLAS path (cuBLASLt's block-scaled FP8 GEMM for 128 x 128 blocks,
@@ -136,7 +136,9 @@ MODE_BATCHES = (1, 2, 4, 8, 16)
 # 128-1024 rows: where a GEMM leaves its decode kernel for cuBLAS; one row, where narrow GEMMs
 # stay on the Triton kernel.
 DECODE_BATCHES, PREFILL_BATCHES = (1, 8, 64), (128, 256, 1024, 4096)
-SHARDS = (2, 4)  # timed at the decode batches
+# The TP shards, timed at the decode batches and at 128 rows: there the narrowest keep the
+# per-row copy of their scales on cuBLASLt (`fp8_gemm.ROW_SCALES_MAX_OUTPUTS`).
+SHARDS, SHARD_BATCHES = (2, 4), (*DECODE_BATCHES, 128)
 # (cols, depth, warps, stages, K splits), each in both modes (W8A8 and weight-only).
 DECODE_TILES = ([(cols, 128, 4, 6, split) for cols in (64, 128) for split in (1, 2, 4, 8)]
                 + [(cols, 128, 4, 4, split) for cols in (32, 64) for split in (2, 4)]
@@ -233,7 +235,7 @@ def dense_rows(sweep: bool) -> list[list[object]]:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
     gemms = [(gemm, (*DECODE_BATCHES, *PREFILL_BATCHES), LAYOUTS) for gemm in projections(1)]
-    gemms += [(gemm, DECODE_BATCHES, {BLOCK_LAYOUT: LAYOUTS[BLOCK_LAYOUT]})
+    gemms += [(gemm, SHARD_BATCHES, {BLOCK_LAYOUT: LAYOUTS[BLOCK_LAYOUT]})
               for tp in SHARDS for gemm in projections(tp)]
     for (name, k, n), batches, layouts in gemms:
         weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
