@@ -23,10 +23,10 @@ and writes fp8_picks_<gpu>.md: the figures the goals are about, in a few minutes
 `--modes` times weight-only against W8A8 at 1-16 rows (fp8_modes_<gpu>.md): the measurement
 behind `reference.fp8_weight_only`.
 
-`--chains` times the projections whose x a kernel of ours produces (q/k/v and the dense gate/up
-after their norm, o_proj after decode attention's merge, the down projections after their
-SwiGLU) with that kernel before them, x quantized in it or in the GEMM's own kernel
-(fp8_chains_<gpu>.md), and each GEMM alone.
+`--chains` times the projections whose x a kernel of ours produces (q/k/v, the dense and the
+shared expert's gate/up after their norm, o_proj after decode attention's merge, the down
+projections after their SwiGLU) with that kernel before them, x quantized in it or in the
+GEMM's own kernel (fp8_chains_<gpu>.md), and each GEMM alone.
 
 Usage (CUDA): python -m bench.fp8_tiles [--picks-only | --modes | --chains] [--out-dir DIR]
 """
@@ -80,8 +80,10 @@ EPS = 1e-6
 CHAIN_NOTES = (
     "'vs bf16' above 1: the FP8 chain is faster (goal at batch 64: the FP8 GEMMs >= 1.6x the "
     "bf16 ones). Each projection is timed after the kernel that produces its x in M3, in one "
-    "CUDA graph: for q/k/v and the dense gate/up the Gemma RMSNorm, for the dense and shared "
-    "experts' down_proj the SwiGLU-OAI (both compiled by torch.compile, as served), for o_proj "
+    "CUDA graph: for q/k/v, the dense gate/up and the shared expert's gate/up the Gemma "
+    "RMSNorm (the MoE's quantizing kernel also writes its bf16 output, which the router and the "
+    "routed experts take), for the dense and shared experts' down_proj the SwiGLU-OAI (both "
+    "compiled by torch.compile, as served), for o_proj "
     "the log-sum-exp merge of decode's split attention (the splits the "
     "query-major kernel runs at those rows and heads; rows it does not split have no merge and "
     "are left out; random partials). bf16 weights (cuBLAS); FP8 weights with the GEMM quantizing "
@@ -393,6 +395,17 @@ def _norm_chain(x: torch.Tensor, norm_weight: torch.Tensor) -> Chain:
                  functools.partial(gemma_rms_norm_quantized, x, norm_weight, EPS))
 
 
+def _moe_norm_chain(x: torch.Tensor, norm_weight: torch.Tensor) -> Chain:
+    """The Gemma RMSNorm before the MoE, whose router and routed experts take its output as it
+    is: compiled by torch.compile, and `kernels.rms_norm_quantize` writing it both as it is and
+    quantized for the shared expert's gate/up."""
+    def normed_and_quantized(quantized_as: ActivationLayout) -> QuantizedRows:
+        return gemma_rms_norm_quantized(x, norm_weight, EPS, quantized_as, torch.empty_like(x))
+
+    return Chain("norm, in bf16 too", functools.partial(gemma_rms_norm, x, norm_weight, EPS),
+                 normed_and_quantized)
+
+
 def _merge_chain(rows: int, num_heads: int, num_groups: int) -> Chain:
     """The log-sum-exp merge that ends decode's split attention before o_proj, over the
     splits the query-major kernel runs at these rows (random partials)."""
@@ -422,9 +435,10 @@ def _swiglu_chain(rows: int, width: int) -> Chain:
 
 def chain_rows() -> list[list[object]]:
     """Each projection fed by a kernel that can quantize its x at decode batches (TP 1 and
-    shards): q/k/v and the dense gate/up after their norm, the dense and shared experts'
-    down_proj after their SwiGLU (and these at a prefill chunk), o_proj after decode
-    attention's merge where the rows split; every weight layout run W8A8."""
+    shards): q/k/v, the dense gate/up and the shared expert's gate/up after their norm, the
+    dense and shared experts' down_proj after their SwiGLU (and these at a prefill chunk),
+    o_proj after decode attention's merge where the rows split; every weight layout run
+    W8A8."""
     rows = []
     for tp in (1, *SHARDS):
         layouts = LAYOUTS if tp == 1 else {BLOCK_LAYOUT: LAYOUTS[BLOCK_LAYOUT]}
@@ -434,16 +448,15 @@ def chain_rows() -> list[list[object]]:
                 chains = [(batch, _merge_chain(batch, QUERY_HEADS // tp, num_groups))
                           for batch in (*DECODE_BATCHES, 128)
                           if decode_splits(batch, num_groups, TOPK, torch.device("cuda")) > 1]
-            elif name.startswith(("q, k, v", "dense gate")):
-                norm_weight = torch.randn(k, device="cuda", dtype=torch.bfloat16) * 0.1
-                chains = [(batch, _norm_chain(torch.randn(batch, k, device="cuda",
-                                                          dtype=torch.bfloat16), norm_weight))
-                          for batch in (*DECODE_BATCHES, PREFILL_BATCHES[-1])]
             elif "down_proj" in name:
                 chains = [(batch, _swiglu_chain(batch, k))
                           for batch in (*DECODE_BATCHES, PREFILL_BATCHES[-1])]
-            else:
-                continue
+            else:  # after a norm
+                norm_weight = torch.randn(k, device="cuda", dtype=torch.bfloat16) * 0.1
+                norm_chain = _moe_norm_chain if name.startswith("shared") else _norm_chain
+                chains = [(batch, norm_chain(torch.randn(batch, k, device="cuda",
+                                                         dtype=torch.bfloat16), norm_weight))
+                          for batch in (*DECODE_BATCHES, PREFILL_BATCHES[-1])]
             weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
             bf16_copies = cold_copies(weight)
             for layout, quantize in layouts.items():

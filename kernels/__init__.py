@@ -295,15 +295,21 @@ def fp8_activation_layout(x: torch.Tensor, weight: torch.Tensor,
 
 
 def gemma_rms_norm_quantized(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                             layout: ActivationLayout) -> QuantizedRows:
+                             layout: ActivationLayout,
+                             plain: torch.Tensor | None = None) -> QuantizedRows:
     """`reference.gemma_rms_norm` of x [M, K] quantized as `layout` says (from
-    `fp8_activation_layout`), in one Triton kernel: for `fp8_linear`."""
+    `fp8_activation_layout`), in one Triton kernel: for `fp8_linear`. `plain` ([M, K], x's
+    dtype), where given, also receives the normed x unquantized, from the same kernel."""
     _check(x.dim() == 2 and tuple(weight.shape) == (x.shape[1],),
            lambda: f"x must be [M, K] and weight [K], got {tuple(x.shape)}, "
                    f"{tuple(weight.shape)}")
     _check(layout.rows >= x.shape[0],
            lambda: f"the layout writes {layout.rows} rows, fewer than x's {x.shape[0]}")
-    return _triton_module().gemma_rms_norm_quantized(x, weight, eps, layout)
+    _check(plain is None or (plain.shape == x.shape and plain.dtype == x.dtype
+                             and plain.stride(-1) == 1),
+           lambda: f"plain must be x's shape {tuple(x.shape)} and dtype {x.dtype} with "
+                   f"contiguous rows, got {tuple(plain.shape)} {plain.dtype}")
+    return _triton_module().gemma_rms_norm_quantized(x, weight, eps, layout, plain)
 
 
 def swiglu_oai_quantized(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float,

@@ -185,8 +185,16 @@ def test_norm_and_quantization_in_one_kernel_match_the_norm_then_the_quantizatio
     weight = torch.randn(k, generator=g) * 0.5
     x[1, :group] = 0  # a group of zeros keeps a finite scale
     layout = reference.ActivationLayout(group, token_major, rows + 3 if token_major else rows)
+    want = reference.gemma_rms_norm(x, weight, 1e-6)
     ours = rms_norm_quantize.gemma_rms_norm_quantized(x, weight, 1e-6, layout)
-    _assert_quantized_as_the_reference(ours, reference.gemma_rms_norm(x, weight, 1e-6), layout)
+    _assert_quantized_as_the_reference(ours, want, layout)
+    # Asked for the normed x too (the MoE's experts beside its FP8 shared expert): the same
+    # quantized bytes, and the normed rows themselves.
+    plain = torch.full_like(x, float("nan"))
+    both = rms_norm_quantize.gemma_rms_norm_quantized(x, weight, 1e-6, layout, plain)
+    assert torch.equal(both.values[:rows].view(torch.uint8), ours.values[:rows].view(torch.uint8))
+    torch.testing.assert_close(both.scales[:rows], ours.scales[:rows], rtol=0, atol=0)
+    torch.testing.assert_close(plain, want, rtol=1e-5, atol=1e-5)
 
 
 @QUANTIZING_PRODUCER_CASES
@@ -444,8 +452,13 @@ def test_norm_quantized_gemms_at_m3_width_on_the_gpu(layout, rows):
     x = torch.randn(rows, 6144, device="cuda", dtype=torch.bfloat16, generator=g) * 4
     norm_weight = torch.randn(6144, device="cuda", dtype=torch.bfloat16, generator=g) * 0.2
     quantized_as = fp8_gemm.activation_layout(x, weight, scales)
-    normed = kernels.gemma_rms_norm_quantized(x, norm_weight, 1e-6, quantized_as)
+    plain = torch.empty_like(x)
+    normed = kernels.gemma_rms_norm_quantized(x, norm_weight, 1e-6, quantized_as, plain)
     unfused = reference.gemma_rms_norm(x, norm_weight, 1e-6)
+    # The normed rows as the MoE's experts take them: the compiled norm's bf16, up to its last
+    # bit (the rms sums in another order).
+    torch.testing.assert_close(plain, unfused, rtol=2 ** -7, atol=0)
+    assert (plain == unfused).float().mean() > 0.99
     values, x_scales = quantize_activations(unfused, quantized_as.group)
     assert (normed.values[:rows].view(torch.uint8) == values.view(torch.uint8)).float().mean(
         ) > 0.99

@@ -156,9 +156,10 @@ def _prefill_then_decode(loaded, prompt: list[int], topk: int):
 
 def test_fp8_projections_take_x_quantized_by_the_kernel_before_them(tmp_path, monkeypatch):
     """Where the Triton backend runs the FP8 GEMMs (CUDA; here its interpreter, the layout
-    asked for on CPU too), the norms before q/k/v and before the dense MLPs quantize x in their
-    own kernel, as the GEMM takes it, sparse attention hands o_proj its output quantized and
-    the MLPs' (and shared experts') activation hands down_proj its own: the same logits as each
+    asked for on CPU too), the norms before q/k/v, the dense MLPs and the shared experts
+    quantize x in their own kernel, as the GEMM takes it (the MoE's norm handing its router and
+    routed experts x as it is too), sparse attention hands o_proj its output quantized and the
+    MLPs' (and shared experts') activation hands down_proj its own: the same logits as each
     GEMM quantizing x itself."""
     path = make_m3_checkpoint(tmp_path / "wide-block", seed=SEED, fp8_layout="wide-block")
     loaded = load_model(path, torch.float32, CPU)
@@ -183,12 +184,12 @@ def test_fp8_projections_take_x_quantized_by_the_kernel_before_them(tmp_path, mo
     dense_mlps = sum(hasattr(layer, "mlp") for layer in layers)
     sparse_layers = sum(not layer.self_attn.dense for layer in layers)
     assert dense_mlps >= 1 and sparse_layers >= 1
-    # Asked by each layer's input norm, attention and MLP activation (dense or the shared
-    # expert's), and the dense MLPs' norms.
-    assert layouts == [ActivationLayout(64, False, 1)] * (3 * len(layers) + dense_mlps)
-    # q/k/v and down_proj everywhere, o_proj after sparse attention (dense attention's SDPA
-    # hands its output as it is), the dense MLPs' gate/up.
-    assert sum(handed_quantized) == 2 * len(layers) + sparse_layers + dense_mlps
+    # Asked by each layer's two norms, attention and MLP activation (dense or the shared
+    # expert's).
+    assert layouts == [ActivationLayout(64, False, 1)] * (4 * len(layers))
+    # q/k/v, gate/up (dense or the shared expert's) and down_proj everywhere, o_proj after
+    # sparse attention (dense attention's SDPA hands its output as it is).
+    assert sum(handed_quantized) == 3 * len(layers) + sparse_layers
     torch.testing.assert_close(fused, unfused, atol=1e-3, rtol=1e-3)
 
 

@@ -43,3 +43,11 @@ class GemmaRMSNorm(nn.Module):
         if quantized is None:
             return gemma_rms_norm(x, self.weight, self.eps)
         return kernels.gemma_rms_norm_quantized(x, self.weight, self.eps, quantized)
+
+    def normed_and_quantized(self, x: torch.Tensor, quantized: kernels.ActivationLayout
+                             ) -> tuple[torch.Tensor, kernels.QuantizedRows]:
+        """The normed x both as it is and quantized as `quantized` says, from one kernel: for
+        layers that take x in both forms (the MoE's experts and its FP8 shared expert)."""
+        plain = torch.empty_like(x, memory_format=torch.contiguous_format)
+        return plain, kernels.gemma_rms_norm_quantized(x, self.weight, self.eps, quantized,
+                                                       plain)

@@ -183,7 +183,10 @@ class M3MoE(nn.Module):
     def activation(self, projected: torch.Tensor) -> torch.Tensor:
         return swiglu_oai_stacked(projected, self.alpha, self.limit)  # w13: w1 (gate) over w3
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor,
+                shared_x: kernels.QuantizedRows | None = None) -> torch.Tensor:
+        """`shared_x`: x quantized for an FP8 shared expert by the norm before (else it takes
+        x, as the router and the routed experts do)."""
         weights, chosen = self.route(x)
         if parallel.state().expert_parallel:
             # Choices of other ranks' experts become the id one past ours: the kernels skip it.
@@ -194,7 +197,8 @@ class M3MoE(nn.Module):
         # reference runs each chosen expert once on its tokens.
         routed = kernels.routed_experts(x, self.w13, self.w2, weights, chosen, self.activation,
                                         fp8.scales(self, "w13"), fp8.scales(self, "w2"))
-        return torch.add(self.shared_experts(x), routed, alpha=self.scaling)
+        shared = self.shared_experts(x if shared_x is None else shared_x)
+        return torch.add(shared, routed, alpha=self.scaling)
 
 
 class M3DecoderLayer(nn.Module):
@@ -211,14 +215,22 @@ class M3DecoderLayer(nn.Module):
 
     def forward(self, x, rope, attn: AttentionMetadata, cache: KVCache, topk: int):
         # With FP8 q/k/v (and dense MLP) weights the norms hand their projections x quantized
-        # (`GemmaRMSNorm.forward`). The MoE's router and experts take the norm's x as it is.
+        # (`GemmaRMSNorm.forward`).
         normed = self.input_layernorm(x, self.self_attn.qkv_proj.input_layout(x))
         x = x + self.self_attn(normed, rope, attn, cache, topk)
-        if hasattr(self, "block_sparse_moe"):
-            mlp, layout = self.block_sparse_moe, None
-        else:
-            mlp, layout = self.mlp, self.mlp.gate_up_proj.input_layout(x)
-        return x + parallel.all_reduce(mlp(self.post_attention_layernorm(x, layout)))
+        return x + parallel.all_reduce(self._mlp(x))
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        if not hasattr(self, "block_sparse_moe"):
+            layout = self.mlp.gate_up_proj.input_layout(x)
+            return self.mlp(self.post_attention_layernorm(x, layout))
+        # The router and the routed experts take the normed x as it is; an FP8 shared expert
+        # takes it quantized too, from the norm's kernel.
+        moe = self.block_sparse_moe
+        layout = moe.shared_experts.gate_up_proj.input_layout(x)
+        if layout is None:
+            return moe(self.post_attention_layernorm(x))
+        return moe(*self.post_attention_layernorm.normed_and_quantized(x, layout))
 
 
 class M3TextModel(nn.Module):
