@@ -78,7 +78,8 @@ FP8_LAYOUTS = {
     "block": FP8Layout(
         "FP8", {"quant_method": "fp8", "fmt": "float8_e4m3fn", "weight_block_size": [128, 128]},
         "FP8: e4m3 weights with 128 x 128 fp32 block scales, activations quantized per token "
-        "group, by the kernel before each GEMM (the norm before q/k/v and the dense MLP, "
+        "group, by the kernel before each GEMM (the norm before q/k/v, the dense MLP and the "
+        "shared expert, "
         "decode attention's merge before o_proj, SwiGLU before down_proj; dense decode GEMMs "
         "on cuBLASLt's "
         "block-scaled FP8 GEMM with the scales' per-row copy, prefill chunks with the blocks, "

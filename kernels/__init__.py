@@ -4,9 +4,10 @@ Public functions (fixed by shared/msa_spec.md): `select_blocks`, `sparse_attenti
 `dense_attention`; `routed_experts`, a MoE layer's experts as grouped GEMMs; `fp8_linear`, a
 projection by an e4m3 weight with block scales (`BlockScales`). For the kernel that feeds an FP8
 projection, `fp8_activation_layout` says how the GEMM takes x quantized (`QuantizedRows`), so
-that kernel quantizes it as it writes it: `gemma_rms_norm_quantized` for q/k/v and the dense
-MLP, `sparse_attention(quantized=...)` for o_proj, `swiglu_oai_quantized` for the MLPs' down
-projections. The backend is chosen by device (Triton on
+that kernel quantizes it as it writes it: `gemma_rms_norm_quantized` for q/k/v, the dense MLP
+and the shared expert (the MoE's norm writing x as it is too, for the router and the routed
+experts), `sparse_attention(quantized=...)` for o_proj, `swiglu_oai_quantized` for the MLPs'
+down projections. The backend is chosen by device (Triton on
 CUDA; on CPU `cpu_backend`, the reference but for KV-block-major prefill attention) or forced
 with `backend="reference" | "triton" | "cpu"`.
 """

@@ -197,6 +197,18 @@ def test_norm_and_quantization_in_one_kernel_match_the_norm_then_the_quantizatio
     torch.testing.assert_close(plain, want, rtol=1e-5, atol=1e-5)
 
 
+def test_norm_quantized_refuses_buffers_it_cannot_fill():
+    """Too few rows in the layout, or a `plain` buffer of another shape or dtype: a clear error
+    before any kernel runs."""
+    x, weight = torch.randn(4, 256), torch.randn(256)
+    layout = reference.ActivationLayout(128, False, 4)
+    with pytest.raises(ValueError, match="writes 3 rows, fewer than x's 4"):
+        kernels.gemma_rms_norm_quantized(x, weight, 1e-6, dataclasses.replace(layout, rows=3))
+    for plain in (torch.empty(4, 128), torch.empty(4, 256, dtype=torch.bfloat16)):
+        with pytest.raises(ValueError, match=r"plain must be x's shape \(4, 256\)"):
+            kernels.gemma_rms_norm_quantized(x, weight, 1e-6, layout, plain)
+
+
 @QUANTIZING_PRODUCER_CASES
 def test_swiglu_and_quantization_in_one_kernel_match_the_swiglu_then_the_quantization(
         rows, k, group, token_major):
