@@ -23,8 +23,9 @@ from kernels.reference import AMAX_FLOOR, E4M3_MAX, ActivationLayout, QuantizedR
 @triton.jit
 def _gemma_rms_norm_quantize_kernel(
     x, weight, q, s, plain, k, num_groups, eps, stride_xm, stride_qm, stride_sm, stride_sg,
-    stride_pm, STORE_PLAIN: tl.constexpr, GROUP: tl.constexpr, GROUP_P2: tl.constexpr, GROUPS: tl.constexpr, ROW_P2: tl.constexpr,
-    E4M3_MAX: tl.constexpr, AMAX_FLOOR: tl.constexpr, E4M3_MIN_NORMAL: tl.constexpr,
+    stride_pm, STORE_PLAIN: tl.constexpr, GROUP: tl.constexpr, GROUP_P2: tl.constexpr,
+    GROUPS: tl.constexpr, ROW_P2: tl.constexpr, E4M3_MAX: tl.constexpr,
+    AMAX_FLOOR: tl.constexpr, E4M3_MIN_NORMAL: tl.constexpr,
 ):
     # GROUPS groups of one row; every program of the row sums the whole row's squares (the
     # others' loads of it hit the cache).
@@ -68,7 +69,6 @@ def gemma_rms_norm_quantized(x: torch.Tensor, weight: torch.Tensor, eps: float,
         x, weight, out.values, out.scales, out.values if plain is None else plain, k, num_groups,
         eps, x.stride(0), out.values.stride(0), out.scales.stride(0), out.scales.stride(1),
         0 if plain is None else plain.stride(0), STORE_PLAIN=plain is not None,
-        GROUP=layout.group,
-        GROUP_P2=group_p2, GROUPS=groups, ROW_P2=triton.next_power_of_2(k),
+        GROUP=layout.group, GROUP_P2=group_p2, GROUPS=groups, ROW_P2=triton.next_power_of_2(k),
         E4M3_MAX=E4M3_MAX, AMAX_FLOOR=AMAX_FLOOR, E4M3_MIN_NORMAL=E4M3_MIN_NORMAL, num_warps=8)
     return out
