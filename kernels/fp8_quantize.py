@@ -6,7 +6,7 @@ Each group's largest magnitude maps to e4m3's largest value; its scale is stored
 math is `reference.quantize_activations`; the layout (group width, scales token-major or not,
 rows written) is the GEMM's, `reference.ActivationLayout`. Kernels that produce activations and
 quantize them in the same pass (`kernels.rms_norm_quantize`, `kernels.lse_merge`,
-`kernels.swiglu_quantize`) share `to_e4m3` and `quantized_buffers`."""
+`kernels.swiglu_quantize`) share `quantize_groups` and `quantized_buffers`."""
 
 from __future__ import annotations
 
@@ -35,13 +35,22 @@ def _quantize_groups_kernel(x, q, s, k, stride_xm, stride_qm, stride_sm, stride_
     else:
         mask = (offsets[None, :] < GROUP) & (ks < k)
         v = tl.load(x + row * stride_xm + ks, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(v), axis=1), AMAX_FLOOR) / E4M3_MAX
-    tl.store(q + row * stride_qm + ks, to_e4m3(v, scale, E4M3_MAX, E4M3_MIN_NORMAL), mask=mask)
+    quantized, scale = quantize_groups(v, E4M3_MAX, AMAX_FLOOR, E4M3_MIN_NORMAL)
+    tl.store(q + row * stride_qm + ks, quantized, mask=mask)
     tl.store(s + row * stride_sm + groups * stride_sg, scale)
 
 
 @triton.jit
-def to_e4m3(v, scale, E4M3_MAX: tl.constexpr, E4M3_MIN_NORMAL: tl.constexpr):
+def quantize_groups(v, E4M3_MAX: tl.constexpr, AMAX_FLOOR: tl.constexpr,
+                    E4M3_MIN_NORMAL: tl.constexpr):
+    """Groups of fp32 values v [groups, width] as e4m3, each group's largest magnitude mapped to
+    e4m3's largest value: (e4m3 [groups, width], fp32 scales [groups])."""
+    scale = tl.maximum(tl.max(tl.abs(v), axis=1), AMAX_FLOOR) / E4M3_MAX
+    return _to_e4m3(v, scale, E4M3_MAX, E4M3_MIN_NORMAL), scale
+
+
+@triton.jit
+def _to_e4m3(v, scale, E4M3_MAX: tl.constexpr, E4M3_MIN_NORMAL: tl.constexpr):
     """Groups of fp32 values v [groups, width] divided by their scales [groups], as e4m3."""
     # Rounded division, as torch divides: the same bytes as the reference.
     quantized = tl.clamp(tl.div_rn(v, scale[:, None]), -E4M3_MAX, E4M3_MAX)

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.fp8_quantize import E4M3_MIN_NORMAL, to_e4m3
+from kernels.fp8_quantize import E4M3_MIN_NORMAL, quantize_groups
 from kernels.reference import AMAX_FLOOR, E4M3_MAX, QuantizedRows
 from kernels.triton_layout import (
     AttentionShape,
@@ -68,10 +68,9 @@ def _merge_kernel(
             cells = out + row * stride_ot + heads[:, None] * stride_oh + dims[None, :]
             if QUANTIZE:
                 # Rounded to the queries' dtype first: the bytes of the output, then quantized.
-                result = result.to(ROUND_TO).to(tl.float32)
-                scale = tl.maximum(tl.max(tl.abs(result), axis=1), AMAX_FLOOR) / E4M3_MAX
-                tl.store(cells, to_e4m3(result, scale, E4M3_MAX, E4M3_MIN_NORMAL),
-                         mask=head_ok[:, None])
+                quantized, scale = quantize_groups(result.to(ROUND_TO).to(tl.float32),
+                                                   E4M3_MAX, AMAX_FLOOR, E4M3_MIN_NORMAL)
+                tl.store(cells, quantized, mask=head_ok[:, None])
                 tl.store(scales + row * stride_st + heads * stride_sh, scale, mask=head_ok)
             else:
                 tl.store(cells, result.to(out.dtype.element_ty), mask=head_ok[:, None])

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.fp8_quantize import E4M3_MIN_NORMAL, empty_quantized, to_e4m3
+from kernels.fp8_quantize import E4M3_MIN_NORMAL, empty_quantized, quantize_groups
 from kernels.reference import AMAX_FLOOR, E4M3_MAX, ActivationLayout, QuantizedRows
 
 
@@ -44,10 +44,9 @@ def _gemma_rms_norm_quantize_kernel(
     rounded = (v * rstd * (1.0 + w)).to(x.dtype.element_ty)
     if STORE_PLAIN:
         tl.store(plain + row * stride_pm + ks, rounded, mask=mask)
-    normed = rounded.to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(normed), axis=1), AMAX_FLOOR) / E4M3_MAX
-    tl.store(q + row * stride_qm + ks, to_e4m3(normed, scale, E4M3_MAX, E4M3_MIN_NORMAL),
-             mask=mask)
+    quantized, scale = quantize_groups(rounded.to(tl.float32), E4M3_MAX, AMAX_FLOOR,
+                                       E4M3_MIN_NORMAL)
+    tl.store(q + row * stride_qm + ks, quantized, mask=mask)
     tl.store(s + row * stride_sm + groups * stride_sg, scale, mask=groups < num_groups)
 
 

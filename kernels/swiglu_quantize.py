@@ -15,7 +15,12 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.fp8_quantize import E4M3_MIN_NORMAL, program_size, quantized_buffers, to_e4m3
+from kernels.fp8_quantize import (
+    E4M3_MIN_NORMAL,
+    program_size,
+    quantize_groups,
+    quantized_buffers,
+)
 from kernels.reference import AMAX_FLOOR, E4M3_MAX, ActivationLayout, QuantizedRows
 
 
@@ -36,9 +41,8 @@ def _swiglu_oai_quantize_kernel(
     u = tl.clamp(u, -limit, limit)
     # Rounded to the projections' dtype as the unfused activation's output is, then quantized.
     act = ((u + 1.0) * g * tl.sigmoid(g * alpha)).to(gate.dtype.element_ty).to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(act), axis=1), AMAX_FLOOR) / E4M3_MAX
-    tl.store(q + row * stride_qm + ks, to_e4m3(act, scale, E4M3_MAX, E4M3_MIN_NORMAL),
-             mask=mask)
+    quantized, scale = quantize_groups(act, E4M3_MAX, AMAX_FLOOR, E4M3_MIN_NORMAL)
+    tl.store(q + row * stride_qm + ks, quantized, mask=mask)
     tl.store(s + row * stride_sm + groups * stride_sg, scale, mask=groups < num_groups)
 
 
