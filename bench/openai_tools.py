@@ -44,7 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import markdown_table, write_results  # noqa: E402
 from deployments.config import ServeConfigFile  # noqa: E402
-from deployments.local import Endpoints, free_port, local_stack  # noqa: E402
+from deployments.local import Endpoints, local_stack  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS_DIR = ROOT / ".tools"
@@ -254,8 +254,7 @@ def main() -> None:
     tokenizer_dir = export_tokenizer(work / "tokenizer")
     config_file = ServeConfigFile.load()
     rows = []
-    with local_stack(config_file, config_file.app_config(), http_port=free_port(),
-                     grpc_port=free_port()) as endpoints:
+    with local_stack(config_file, config_file.app_config(), on_free_ports=True) as endpoints:
         if "lm-eval" in chosen:
             tasks = write_tasks(work / "tasks", args.cloze_items, context_chars=1500,
                                 ppl_topics=4)

@@ -81,14 +81,13 @@ def score_choices(tasks: Path, out_dir: Path, topk: int) -> None:
     """lm-eval's msa_cloze against the shipped stack serving the default model at `topk`."""
     from bench.openai_tools import lm_eval
     from deployments.config import ServeConfigFile
-    from deployments.local import free_port, local_stack
+    from deployments.local import local_stack
 
     config_file = ServeConfigFile.load()
     # Both cores for the one replica: each choice is a whole long prefill (echo is never served
     # from the prefix cache).
     app = config_file.app_config().with_model({"topk": topk}, cpu_threads=os.cpu_count())
-    with local_stack(config_file, app, http_port=free_port(),
-                     grpc_port=free_port()) as endpoints:
+    with local_stack(config_file, app, on_free_ports=True) as endpoints:
         # lm-eval keeps the last 2,047 tokens of a request by default: let it send them all.
         run, results = lm_eval(endpoints, ["msa_cloze"], tasks, out_dir, ",max_length=8192",
                                log_samples=True)

@@ -40,7 +40,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import markdown_table, write_results  # noqa: E402
 from deployments.config import AppConfig, ServeConfigFile  # noqa: E402
-from deployments.local import free_port, local_stack  # noqa: E402
+from deployments.local import local_stack  # noqa: E402
 from deployments.proto import msa_serve_pb2 as pb  # noqa: E402
 from deployments.proto.msa_serve_pb2_grpc import MSAServeStub  # noqa: E402
 from worker.wire import BLOCK_SIZE  # noqa: E402
@@ -265,8 +265,7 @@ async def first_token_latencies(send, count: int) -> list[float]:
 
 async def serve_run(policy: str, args, overhead: bool) -> dict:
     config = app_config(policy, args)
-    with local_stack(ServeConfigFile.load(), config, http_port=free_port(),
-                     grpc_port=free_port(), num_cpus=4) as endpoints:
+    with local_stack(ServeConfigFile.load(), config, on_free_ports=True, num_cpus=4) as endpoints:
         conversations = WORKLOADS[args.workload](args, _vocab(args.model))
         async with httpx.AsyncClient(base_url=endpoints.http, timeout=600) as client, \
                 grpc.aio.insecure_channel(endpoints.grpc) as channel:

@@ -10,7 +10,6 @@ import contextlib
 import logging
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -22,18 +21,13 @@ from pathlib import Path
 import redis
 
 from deployments.config import DEFAULT_SERVE_CONFIG, AppConfig, ServeConfigFile
+from worker.ports import free_port, free_ports
 
 logger = logging.getLogger(__name__)
 
 
 class LocalStackError(RuntimeError):
     """A local component (redis-server, Ray, Serve) could not start; the message says why."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -95,8 +89,12 @@ class Endpoints:
 @contextlib.contextmanager
 def local_stack(config_file: ServeConfigFile, app: AppConfig, http_port: int | None = None,
                 grpc_port: int | None = None, num_cpus: int | None = None,
-                http_host: str | None = None) -> Iterator[Endpoints]:
-    """Runs the application on a local Ray until the block exits; tears everything down."""
+                http_host: str | None = None,
+                on_free_ports: bool = False) -> Iterator[Endpoints]:
+    """Runs the application on a local Ray until the block exits; tears everything down.
+
+    on_free_ports: Serve's proxies listen on two free ports instead (tests and benchmarks, which
+    may run beside a server on the config's ports)."""
     import ray
     from ray import serve
 
@@ -108,6 +106,8 @@ def local_stack(config_file: ServeConfigFile, app: AppConfig, http_port: int | N
             update={"url": redis_server.url})})
     http_options = {**config_file.http_options}
     grpc_options = {**config_file.grpc_options}
+    if on_free_ports:
+        http_port, grpc_port = free_ports(2)
     if http_port is not None:
         http_options["port"] = http_port
     if http_host is not None:

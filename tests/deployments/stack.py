@@ -9,15 +9,14 @@ from collections.abc import Iterator
 import openai
 
 from deployments.config import AppConfig, ServeConfigFile
-from deployments.local import Endpoints, free_port, local_stack
+from deployments.local import Endpoints, local_stack
 
 
 @contextlib.contextmanager
 def serving(app: dict, num_cpus: int) -> Iterator[Endpoints]:
     """`app` as serve_config.yaml's application section writes it, on free ports."""
-    with local_stack(ServeConfigFile.load(), AppConfig.model_validate(app),
-                     http_port=free_port(), grpc_port=free_port(),
-                     num_cpus=num_cpus) as endpoints:
+    with local_stack(ServeConfigFile.load(), AppConfig.model_validate(app), num_cpus=num_cpus,
+                     on_free_ports=True) as endpoints:
         yield endpoints
 
 

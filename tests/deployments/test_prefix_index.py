@@ -7,8 +7,9 @@ import asyncio
 import pytest
 
 from deployments.config import RedisSettings
-from deployments.local import LocalRedis, free_port
+from deployments.local import LocalRedis
 from deployments.prefix_index import PrefixIndexLookup, PrefixIndexPublisher, pages_key
+from worker.ports import free_port
 from worker.wire import PageEvent
 
 

@@ -19,7 +19,6 @@ are plain actors asking for one GPU (CPU: one core) each.
 from __future__ import annotations
 
 import logging
-import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,6 +27,7 @@ import torch
 from worker import parallel
 from worker.config import EngineConfig
 from worker.errors import EngineDeadError, PageTransferError
+from worker.ports import free_port
 
 if TYPE_CHECKING:
     from worker.engine.page_exchange import PageRead, PageWrite
@@ -131,7 +131,8 @@ class RankWorkers:
         if not ray.is_initialized():
             ray.init(log_to_driver=False, configure_logging=False)
         size = config.tensor_parallel_size
-        init_method = f"tcp://{ray.util.get_node_ip_address()}:{_free_port()}"
+        rendezvous_port = free_port(host="")  # every address: the ranks may run on other nodes
+        init_method = f"tcp://{ray.util.get_node_ip_address()}:{rendezvous_port}"
         group = ray.util.get_current_placement_group()
         on_gpu = device.type == "cuda"
         actor = ray.remote(RankWorker)
@@ -220,9 +221,3 @@ class RankWorkers:
 
 def rank_worker_name(owner_actor_id: str, rank: int) -> str:
     return f"msa-rank{rank}-of-{owner_actor_id}"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
