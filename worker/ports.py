@@ -8,9 +8,9 @@ import socket
 from pathlib import Path
 
 # Ray's processes take random ports from the kernel's ephemeral range up to 65535, and its
-# workers take 10002-19999 (ray.init's defaults). A port picked in either range can be taken by
-# Ray between our pick and our server's bind: Serve's proxy once failed to bind that way in CI.
-# The ports between the two ranges are left to us.
+# workers take ports the kernel hands out (ray.init) or 10002-19999 (`ray start`'s default). A
+# port picked in those ranges can be taken by Ray between our pick and our server's bind: Serve's
+# proxy once failed to bind that way in CI. The ports between the two ranges are left to us.
 RAY_WORKER_PORTS_END = 20000
 _EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 _EPHEMERAL_START_ELSEWHERE = 32768  # Linux's default, and below macOS's 49152
