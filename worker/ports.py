@@ -31,7 +31,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     """`count` distinct free ports: each stays bound while the next is picked, so none repeats."""
-    ours = range(RAY_WORKER_PORTS_END, ephemeral_ports_start())
+    # A kernel configured to hand out ports below Ray's worker range leaves us none: then port 0,
+    # the kernel's pick.
+    ours = range(RAY_WORKER_PORTS_END, ephemeral_ports_start()) or range(1)
     held: list[socket.socket] = []
     try:
         while len(held) < count:
@@ -43,13 +45,12 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
 
 
 def _bind_one(host: str, ours: range) -> socket.socket:
-    """A socket bound to a free port in `ours`, or to any free port where `ours` is empty (a
-    kernel configured to hand out ports below Ray's worker range leaves us none)."""
+    """A socket bound to a free port in `ours`."""
     pick = random.SystemRandom()
-    for _ in range(_TRIES if ours else 1):
+    for _ in range(_TRIES):
         sock = socket.socket()
         try:
-            sock.bind((host, pick.choice(ours) if ours else 0))
+            sock.bind((host, pick.choice(ours)))
             return sock
         except OSError:
             sock.close()

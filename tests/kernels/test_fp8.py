@@ -482,7 +482,6 @@ def test_norm_quantized_gemms_at_m3_width_on_the_gpu(layout, rows):
                                atol=3e-2, rtol=3e-2)
 
 
-
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="needs a CUDA GPU; CPU runs the interpreter tests above")
 @pytest.mark.gpu
